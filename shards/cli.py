@@ -1,0 +1,69 @@
+"""The arguments every entry point shares: --config, --profile, --set, --dry-run.
+
+Each entry point builds its parser with `parser(...)`, adds its own flags, and calls `load(args)`.
+A bad config ends the program with its one-line message (exit 2), never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from shards import config as config_mod
+
+REPO_ROOT = str(config_mod.DEFAULT_CONFIG.parent)
+
+
+def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("configuration (shared by every entry point)")
+    g.add_argument("--config", default=None, help="pipelines.yaml to read (default: the repository's)")
+    g.add_argument("--profile", default=None, help="named profile in the config: real, demo, ...")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config value, e.g. --set training.stages.1k.lr=1e-5 (repeatable)")
+    g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
+    return p
+
+
+def load(args: argparse.Namespace) -> config_mod.Config:
+    try:
+        return config_mod.load(args.config, args.profile, args.overrides)
+    except config_mod.ConfigError as e:
+        fail(str(e))
+
+
+def fail(message: str) -> "typing.NoReturn":  # noqa: F821
+    """One-line error and exit status 2."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def print_plan(plan: dict) -> None:
+    """What --dry-run prints: the resolved plan as JSON."""
+    print(json.dumps(plan, indent=2, default=str))
+
+
+def init_ray(cfg: config_mod.Config, runtime_env: dict | None = None):
+    """Join the cluster `ray job submit` runs us in, or start a local one; quiet on a laptop."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if ray.is_initialized():
+        return ray
+    runtime_env = dict(runtime_env or {})
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, runtime_env=runtime_env or None)
+    else:
+        # A local cluster: workers import this checkout the way the driver does.
+        env_vars = runtime_env.setdefault("env_vars", {})
+        env_vars.setdefault("PYTHONPATH", os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
+        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, ignore_reinit_error=True,
+                 runtime_env=runtime_env)
+    return ray

@@ -1,0 +1,360 @@
+"""`pipelines.yaml` -> typed dataclasses, validated once at the edge.
+
+The file has one section per stage plus `models`, and a `profiles:` mapping whose entries are
+deep-merged over the base before validation (`real`: the published models; `demo`: tiny models
+built offline). `--set a.b.c=value` overrides any key after the profile. Every error is one line
+naming the key path, e.g. `training.stages.2k.lr: expected float, got 'fast'`.
+
+Each stage owns its section's dataclass here, because the config file is part of the contract.
+Model references are a local path or a hub id; relative paths are resolved against the folder
+of the config file when they exist there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line and starts with the key path."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: join the cluster `ray job submit` set up, else start a local one
+    num_cpus: Optional[int] = None  # only for a local cluster
+
+
+@dataclass
+class ClipModel:
+    arch: str = "ViT-L-14-quickgelu"  # LAION heads were trained on OpenAI L/14 (QuickGELU) embeddings
+    weights: str = "openai"  # open_clip pretrained tag, or a local weights file
+    config_dir: Optional[str] = None  # folder of extra open_clip model-config JSONs (tiny offline models)
+
+
+@dataclass
+class Models:
+    clip: ClipModel = field(default_factory=ClipModel)
+    aesthetic_head: str = "sac+logos+ava1-l14-linearMSE.pth"
+    nsfw_head: Optional[str] = None  # LAION clip-autokeras-binary-nsfw weights, local
+    watermark: Optional[str] = None  # LAION watermark detector weights (timm efficientnet_b3a), local
+    t5: str = "google/t5-v1_1-xxl"  # T5 encoder folder or hub id (tokenizer in the same place)
+    vae: str = "stabilityai/sdxl-vae"  # diffusers AutoencoderKL folder or hub id
+    dit: str = "XL/2"  # a named size in training/model.py
+    dit_weights: Optional[str] = None  # PixArt-Sigma checkpoint to start from (.pth / .safetensors / diffusers dir)
+
+
+@dataclass
+class Resources:
+    """How a Ray actor pool is sized."""
+
+    batch_size: int = 16
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    concurrency: int = 1
+
+
+@dataclass
+class DownloadConfig:
+    processes: int = 2
+    threads: int = 16
+    timeout: int = 10
+    retries: int = 1
+    shard_size: int = 1000  # URLs per img2dataset shard: the unit of work and of resumption
+    per_domain_limit: int = 4  # concurrent requests per domain (politeness)
+    user_agent_token: Optional[str] = "sigmaforge"
+    disallowed_header_directives: list[str] = field(
+        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+    )
+    distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
+
+
+@dataclass
+class QualityConfig:
+    enabled: bool = True
+    min_sharpness: float = 20.0  # variance of the Laplacian on a 512-px grey copy
+    min_contrast: float = 10.0  # std of grey levels (0..255)
+    min_brightness: float = 10.0  # mean grey level
+    max_brightness: float = 245.0
+
+
+@dataclass
+class ThresholdFilter:
+    enabled: bool = True
+    threshold: float = 0.5
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = True
+    phash_radius: int = 4  # Hamming distance on a 64-bit perceptual hash
+    clip_similarity: Optional[float] = 0.96  # cosine similarity on CLIP embeddings; None: off
+
+
+@dataclass
+class CurationConfig:
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+    min_tier: Literal["1k", "2k", "4k"] = "1k"
+    max_pixels: int = 64_000_000  # decompression-bomb guard, well above 4K (3840x2160 = 8.3 MP)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    aesthetic: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(True, 5.0))
+    aesthetic_resources: Resources = field(default_factory=Resources)
+    nsfw: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.5))
+    watermark: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.8))
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    shard_size: int = 1000  # kept images per output shard
+
+
+@dataclass
+class Captioner:
+    backend: Literal["hf", "share-captioner"] = "hf"
+    model: str = ""  # local folder or hub id
+    revision: Optional[str] = None
+    trust_remote_code: bool = False  # only on explicit opt-in
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    prompt: str = "Describe this image in detail."
+    max_new_tokens: int = 300
+    generate: dict[str, Any] = field(default_factory=dict)  # extra generate() kwargs
+    max_pixels: Optional[int] = None  # Qwen2.5-VL style cap for 4K inputs
+    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env for this backend's actors
+    resources: Resources = field(default_factory=lambda: Resources(batch_size=8))
+
+
+@dataclass
+class CaptioningConfig:
+    captioner: str = "share-captioner"  # a key of `captioners`
+    captioners: dict[str, Captioner] = field(default_factory=dict)
+    strip_openings: bool = True  # drop "The image shows ..." style openings
+    token_budget: int = 300  # T5 tokens PixArt-Sigma keeps
+
+
+@dataclass
+class EncodeConfig:
+    t5_max_length: int = 300
+    t5_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # SDXL VAE overflows in fp16
+    vae_tiling: bool = False  # for 2K/4K on small GPUs; tiles can show faint seams in latents
+    vae_slicing: bool = False
+    shard_bytes: int = 1_000_000_000
+    t5_resources: Resources = field(default_factory=lambda: Resources(batch_size=32))
+    vae_resources: Resources = field(default_factory=lambda: Resources(batch_size=4))
+
+
+@dataclass
+class Stage:
+    parent: Optional[str] = None  # stage whose output this one starts from
+    data: Optional[str] = None  # ENCDIR; default from --data
+    tier: str = "1k"  # which encoded tier (bucket table) it trains on
+    vae: Optional[str] = None  # latents must come from this VAE; None: models.vae
+    pe_interpolation: float = 2.0  # resolution / 512
+    multi_scale: bool = True  # False: fixed square position embedding (the 256 stage)
+    kv_compress: bool = False
+    kv_compress_layers: list[int] = field(default_factory=list)
+    kv_compress_ratio: int = 2
+    optimizer: Literal["adamw", "came"] = "adamw"
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 0.01
+    grad_accum: int = 1
+    batch_size: int = 4  # per process
+    steps: int = 1000
+    real_prompt_ratio: float = 0.5
+    cfg_dropout: float = 0.1
+    mixed_precision: Literal["no", "bf16"] = "bf16"
+    grad_checkpointing: bool = False
+    ema_decay: Optional[float] = 0.9999  # None: no EMA copy (the official trainer keeps none)
+    snr_gamma: Optional[float] = None
+    seed: int = 0
+
+
+@dataclass
+class TrainingConfig:
+    out: str = "runs"  # RUNDIR parent: runs/<stage>
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 500
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 20
+    cfg_scale: float = 4.5
+    num_workers: int = 2
+    stages: dict[str, Stage] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    models: Models = field(default_factory=Models)
+    ray: RayConfig = field(default_factory=RayConfig)
+    curation: CurationConfig = field(default_factory=CurationConfig)
+    captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    profile: Optional[str] = None  # set by the loader
+    source: Optional[str] = None  # the file it came from
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+def load(path: str | Path | None = None, profile: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read, merge the profile, apply `key=value` overrides, validate. Raises ConfigError."""
+    path = Path(path or DEFAULT_CONFIG)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    profiles = raw.pop("profiles", {}) or {}
+    if profile is not None:
+        if profile not in profiles:
+            raise ConfigError(f"profiles.{profile}: no such profile; choose one of {sorted(profiles)}")
+        raw = _merge(raw, profiles[profile] or {})
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item}: expected key=value")
+        _set_path(raw, key.strip().split("."), yaml.safe_load(value))
+    cfg = _build(Config, raw, "")
+    cfg.profile, cfg.source = profile, str(path)
+    _resolve_paths(cfg, path.parent)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(keys)}: cannot set inside a non-mapping")
+    node[keys[-1]] = value
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Validate `value` against the type `tp`, building dataclasses; `where` is the key path."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where or '<top>'}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        for k in value:
+            if k not in names:
+                raise ConfigError(f"{_join(where, k)}: unknown key (known: {', '.join(sorted(names))})")
+        return tp(**{k: _build(hints[k], v, _join(where, k)) for k, v in value.items()})
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _build(a, value, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _build(args[1], v, _join(where, str(k))) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected int, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected bool, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `256` as a number where a name was meant
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected str, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _resolve_paths(cfg: Config, base: Path) -> None:
+    """Turn relative model paths that exist beside the config file into absolute ones.
+
+    A value that is not a path there stays as written (a hub id such as `google/t5-v1_1-xxl`).
+    Files that must exist locally (aesthetic head, NSFW head, watermark) are checked when the
+    stage that needs them loads them, so a missing file is reported by the stage that uses it.
+    """
+
+    def fix(value: str | None) -> str | None:
+        if value is None or value.startswith(("/", "~")):
+            return value
+        candidate = base / value
+        return str(candidate.resolve()) if candidate.exists() or value.startswith(("./", ".cache")) else value
+
+    m = cfg.models
+    m.t5, m.vae, m.aesthetic_head = fix(m.t5), fix(m.vae), fix(m.aesthetic_head)
+    m.nsfw_head, m.watermark, m.dit_weights = fix(m.nsfw_head), fix(m.watermark), fix(m.dit_weights)
+    m.clip.config_dir = fix(m.clip.config_dir)
+    if m.clip.weights != "openai":
+        m.clip.weights = fix(m.clip.weights)
+    for cap in cfg.captioning.captioners.values():
+        cap.model = fix(cap.model)
+    for stage in cfg.training.stages.values():
+        stage.data, stage.vae = fix(stage.data), fix(stage.vae)
+    cfg.training.out = fix(cfg.training.out) if cfg.training.out.startswith(".") else cfg.training.out
+
+
+def require_file(path: str | None, key: str) -> Path:
+    """A config value that must name an existing local file; one-line error otherwise."""
+    if not path:
+        raise ConfigError(f"{key}: not set")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError(f"{key}: file not found: {path}")
+    return p

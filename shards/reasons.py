@@ -1,0 +1,48 @@
+"""The closed list of status and reason codes every stage writes instead of raising on bad data."""
+
+KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
+STATUSES = (KEPT, REJECTED, FAILED)
+
+# Download / decode failures (status=failed)
+HTTP_ERROR = "http_error"          # any other HTTP status; specific codes are written as http_<code>
+TIMEOUT = "timeout"
+CONNECTION = "connection_error"
+INVALID_URL = "invalid_url"        # not http(s), unparsable
+OPT_OUT = "opt_out"                # X-Robots-Tag noai/noimageai/... honoured
+NOT_AN_IMAGE = "not_an_image"      # HTML served as .jpg, truncated or corrupt bytes
+DECOMPRESSION_BOMB = "decompression_bomb"
+DOWNLOAD_ERROR = "download_error"  # anything else the downloader reported
+
+# Curation decisions (status=rejected)
+TOO_SMALL = "too_small"
+ASPECT_RATIO = "aspect_ratio"
+LOW_QUALITY = "low_quality"
+LOW_AESTHETIC = "low_aesthetic"
+NSFW = "nsfw"
+WATERMARK = "watermark"
+DUPLICATE = "duplicate"
+
+# Later stages (status=failed)
+CAPTION_ERROR = "caption_error"
+EMPTY_CAPTION = "empty_caption"
+MISSING_CAPTION = "missing_caption"
+ENCODE_ERROR = "encode_error"
+NON_FINITE = "non_finite"          # NaN/Inf in an encoder output
+CORRUPT_SHARD = "corrupt_shard"
+NOT_IN_TIER = "not_in_tier"
+
+REASONS = (
+    HTTP_ERROR, TIMEOUT, CONNECTION, INVALID_URL, OPT_OUT, NOT_AN_IMAGE, DECOMPRESSION_BOMB,
+    DOWNLOAD_ERROR, TOO_SMALL, ASPECT_RATIO, LOW_QUALITY, LOW_AESTHETIC, NSFW, WATERMARK,
+    DUPLICATE, CAPTION_ERROR, EMPTY_CAPTION, MISSING_CAPTION, ENCODE_ERROR, NON_FINITE,
+    CORRUPT_SHARD, NOT_IN_TIER,
+)
+
+
+def http_reason(code: int) -> str:
+    """Stable reason for an HTTP status: http_404, http_500, ..."""
+    return f"http_{int(code)}"
+
+
+def is_reason(code: str) -> bool:
+    return code in REASONS or (code.startswith("http_") and code[5:].isdigit())
