@@ -1,0 +1,91 @@
+"""pipelines.yaml validation: every error is one line naming the key path."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shards import config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "pipelines.yaml"
+    p.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return p
+
+
+def base() -> dict:
+    return yaml.safe_load((ROOT / "pipelines.yaml").read_text())
+
+
+def test_shipped_config_loads_in_every_profile():
+    for profile in (None, "real", "demo"):
+        cfg = config.load(ROOT / "pipelines.yaml", profile)
+        assert set(cfg.training.stages) == {"256", "vae", "512", "1k", "2k", "4k", "kv"}
+        assert cfg.training.stages["2k"].parent == "1k"
+    real, demo = config.load(profile="real"), config.load(profile="demo")
+    assert real.models.t5 == "google/t5-v1_1-xxl" and real.curation.aesthetic.enabled
+    assert demo.models.t5.endswith(".cache/tiny/t5") and Path(demo.models.t5).is_absolute()
+    assert not demo.curation.aesthetic.enabled  # random tiny head never drops images
+    assert demo.training.stages["256"].steps < real.training.stages["256"].steps
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["training"]["stages"]["2k"].update(lr="fast"), "training.stages.2k.lr: expected float, got 'fast'"),
+        (lambda d: d["curation"].update(colour="red"), "curation.colour: unknown key"),
+        (lambda d: d["curation"]["download"].update(timeout="10s"), "curation.download.timeout: expected int, got '10s'"),
+        (lambda d: d["curation"].update(min_tier="8k"), "curation.min_tier: expected one of ['1k', '2k', '4k'], got '8k'"),
+        (lambda d: d["training"]["stages"]["kv"].update(kv_compress_layers="all"), "training.stages.kv.kv_compress_layers: expected a list"),
+        (lambda d: d["curation"]["aesthetic"].update(enabled="yes"), "curation.aesthetic.enabled: expected bool, got 'yes'"),
+        (lambda d: d.update(models=[1, 2]), "models: expected a mapping"),
+        (lambda d: d["captioning"]["captioners"]["hf"].update(backend="gpt"), "captioning.captioners.hf.backend: expected one of"),
+    ],
+)
+def test_bad_values_name_the_key_path(tmp_path, mutate, message):
+    data = base()
+    mutate(data)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(write(tmp_path, data))
+    assert str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="config file not found"):
+        config.load(tmp_path / "missing.yaml")
+    with pytest.raises(config.ConfigError, match="not valid YAML"):
+        config.load(write(tmp_path, "models: [unclosed"))
+    with pytest.raises(config.ConfigError, match=r"profiles.nope: no such profile"):
+        config.load(ROOT / "pipelines.yaml", "nope")
+
+
+def test_overrides_apply_after_profile():
+    cfg = config.load(profile="demo", overrides=["training.stages.256.batch_size=3", "curation.aesthetic.threshold=6.5"])
+    assert cfg.training.stages["256"].batch_size == 3
+    assert cfg.curation.aesthetic.threshold == 6.5
+    with pytest.raises(config.ConfigError, match="training.stages.256.batch_size: expected int"):
+        config.load(profile="demo", overrides=["training.stages.256.batch_size=big"])
+    with pytest.raises(config.ConfigError, match="expected key=value"):
+        config.load(overrides=["training.out"])
+
+
+def test_missing_required_file_is_one_line():
+    with pytest.raises(config.ConfigError, match=r"^models.aesthetic_head: file not found: /nope.pth$"):
+        config.require_file("/nope.pth", "models.aesthetic_head")
+
+
+def test_entry_point_reports_config_error_without_traceback(tmp_path):
+    data = base()
+    data["training"]["stages"]["2k"]["lr"] = "fast"
+    bad = write(tmp_path, data)
+    code = "import sys; from shards import cli; p = cli.parser('x', 'd', 'x --config f'); cli.load(p.parse_args(sys.argv[1:]))"
+    r = subprocess.run([sys.executable, "-c", code, "--config", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: training.stages.2k.lr: expected float, got 'fast'"
