@@ -70,7 +70,8 @@ def render(seed: int, width: int, height: int) -> Image.Image:
             draw.ellipse([x0, y0, x0 + w, y0 + h], fill=colour, outline=(0, 0, 0), width=max(2, width // 300))
         else:
             draw.rectangle([x0, y0, x0 + w, y0 + h], fill=colour, outline=(255, 255, 255), width=max(2, width // 300))
-    return img
+    grain = Image.effect_noise((width, height), 40).convert("RGB")
+    return Image.blend(img, grain, 0.06)
 
 
 def encode(img: Image.Image, fmt: str) -> bytes:
