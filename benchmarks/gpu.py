@@ -1,0 +1,195 @@
+"""The GPU benchmark: real sizes, random weights, bf16 -> benchmarks/results/gpu.md.
+
+On a CUDA machine (the lead runs it when a GPU is lent; one call, ~5 min):
+  - DiT-XL/2 train step (bf16 autocast, fp32 weights, fused AdamW step included) and peak memory at
+    the 1K, 2K and 4K square buckets, with and without KV compression (blocks 14-27, r = 2), at the
+    per-GPU batch sizes of pipelines.yaml (1k: 12, 2k: 4, 4k: 1 with gradient checkpointing);
+  - T5 encoder of t5-v1_1-xxl size (4.7B encoder params): captions/s at 300 tokens, batches padded
+    to 300 vs padded only to the longest caption (lengths ~ PixArt-Σ recaptions, 100-250 tokens);
+  - SDXL-layout VAE encode: images/s at 1024² and 2048².
+`--smoke` runs the same code at tiny sizes on CPU (tests the script; numbers are meaningless).
+
+Usage: python -m benchmarks.gpu [--smoke] [--out benchmarks/results/gpu.md]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from training.model import DiT_models  # noqa: E402
+
+REAL = dict(
+    dit="XL/2", caption_channels=4096, buckets={"1K": (1024, 12, False), "2K": (2048, 4, False), "4K": (2880, 1, True)},
+    kv_layers=list(range(14, 28)),
+    t5=dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
+    t5_batch=32, t5_batches=4,
+    vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2), vae_sizes=(1024, 2048), vae_batch=2,
+    warmup=2, repeats=5,
+)
+SMOKE = dict(
+    dit="tiny", caption_channels=32, buckets={"1K": (64, 2, False), "2K": (128, 1, False), "4K": (160, 1, True)},
+    kv_layers=[2, 3],
+    t5=dict(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
+    t5_batch=4, t5_batches=2,
+    vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1), vae_sizes=(64, 128), vae_batch=1,
+    warmup=1, repeats=1,
+)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(fn, device, warmup: int, repeats: int) -> tuple[float, float]:
+    """(median seconds per call, peak GiB allocated; 0 on CPU)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return sorted(times)[len(times) // 2], peak
+
+
+def dit_rows(p, device, autocast) -> list[str]:
+    rows = []
+    for name, (res, batch, ckpt) in p["buckets"].items():
+        for kv in (False, True):
+            model = opt = None
+            try:
+                torch.manual_seed(0)
+                model = DiT_models[p["dit"]](input_size=res // 8, pe_interpolation=res / 512,
+                                             caption_channels=p["caption_channels"],
+                                             kv_compress_layers=p["kv_layers"] if kv else ()).to(device).train()
+                model.grad_checkpointing = ckpt
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+                x = torch.randn(batch, 4, res // 8, res // 8, device=device)
+                t = torch.randint(0, 1000, (batch,), device=device)
+                y = torch.randn(batch, 300, p["caption_channels"], device=device)
+                mask = torch.zeros(batch, 300, dtype=torch.bool, device=device)
+                mask[:, :200] = True
+
+                def step():
+                    with autocast():
+                        loss = model(x, t, y, mask).float().square().mean()
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                sec, peak = measure(step, device, p["warmup"], p["repeats"])
+                rows.append(f"| {name} ({res}²) | {(res // 16) ** 2} | {batch} | {'yes' if ckpt else 'no'} | "
+                            f"{'on' if kv else 'off'} | {sec:.3f} | {batch / sec:.2f} | {peak:.1f} |")
+            except torch.OutOfMemoryError:
+                rows.append(f"| {name} ({res}²) | {(res // 16) ** 2} | {batch} | {'yes' if ckpt else 'no'} | "
+                            f"{'on' if kv else 'off'} | OOM | | |")
+            print(rows[-1], flush=True)
+            del model, opt
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def t5_rows(p, device, dtype) -> list[str]:
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(feed_forward_proj="gated-gelu", is_encoder_decoder=True, pad_token_id=0, eos_token_id=1,
+                   decoder_start_token_id=0, **p["t5"])
+    with torch.device(device):
+        enc = T5EncoderModel(cfg).to(dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    n = p["t5_batch"] * p["t5_batches"]
+    lengths = torch.randint(100, 251, (n,), generator=g).sort().values  # sorted: what valid-length batching does
+    ids = torch.randint(3, cfg.vocab_size, (n, 300), generator=g)
+    rows = []
+    for mode in ("padded to 300", "valid length"):
+        def run():
+            with torch.no_grad():
+                for b in range(p["t5_batches"]):
+                    lens = lengths[b * p["t5_batch"]:(b + 1) * p["t5_batch"]]
+                    width = 300 if mode == "padded to 300" else int(lens.max())
+                    mask = (torch.arange(width)[None] < lens[:, None]).long()
+                    enc(input_ids=ids[b * p["t5_batch"]:(b + 1) * p["t5_batch"], :width].to(device),
+                        attention_mask=mask.to(device))
+
+        sec, peak = measure(run, device, 1, max(1, p["repeats"] // 2))
+        rows.append(f"| {mode} | {p['t5_batch']} | {n / sec:.1f} | {peak:.1f} |")
+        print(rows[-1], flush=True)
+    del enc
+    return rows
+
+
+def vae_rows(p, device, dtype) -> list[str]:
+    from diffusers import AutoencoderKL
+
+    with torch.device(device):
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            latent_channels=4, scaling_factor=0.13025, **p["vae"]).to(dtype).eval()
+    rows = []
+    for size in p["vae_sizes"]:
+        x = torch.randn(p["vae_batch"], 3, size, size, device=device, dtype=dtype)
+
+        def run():
+            with torch.no_grad():
+                vae.encode(x).latent_dist.mean
+
+        try:
+            sec, peak = measure(run, device, 1, max(1, p["repeats"] // 2))
+            rows.append(f"| {size}² | {p['vae_batch']} | {p['vae_batch'] / sec:.2f} | {peak:.1f} |")
+        except torch.OutOfMemoryError:
+            rows.append(f"| {size}² | {p['vae_batch']} | OOM | |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script runs")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.md"))
+    args = ap.parse_args()
+    p = SMOKE if args.smoke else REAL
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("error: benchmarks/gpu.py needs a CUDA device (use --smoke to test it on CPU)")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    dtype = torch.bfloat16
+    card = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke run)"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype)
+
+    t0 = time.time()
+    head = [f"## GPU: {card}", "", f"torch {torch.__version__}; random weights; bf16. Command: "
+            f"`python -m benchmarks.gpu{' --smoke' if args.smoke else ''}`.", ""]
+    dit = [f"### DiT-{p['dit']} train step (bf16 autocast, AdamW step included; KV compression on blocks "
+           f"{p['kv_layers'][0]}-{p['kv_layers'][-1]}, r = 2; caption 300 tokens, 200 valid)", "",
+           "| bucket | tokens | batch | grad ckpt | KV | s/step | images/s | peak GiB |", "|---|---|---|---|---|---|---|---|",
+           *dit_rows(p, device, autocast)]
+    t5 = ["", f"### T5 encoder (t5-v1_1-xxl size: d_model {p['t5']['d_model']}, {p['t5']['num_layers']} layers), "
+          "300-token limit, caption lengths 100-250", "",
+          "| batches | batch | captions/s | peak GiB |", "|---|---|---|---|", *t5_rows(p, device, dtype)]
+    vae = ["", "### VAE encode (SDXL layout)", "", "| size | batch | images/s | peak GiB |", "|---|---|---|---|",
+           *vae_rows(p, device, dtype)]
+    text = "\n".join(head + dit + t5 + vae) + f"\n\nTotal run time {time.time() - t0:.0f} s.\n"
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

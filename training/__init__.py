@@ -1,0 +1,1 @@
+"""The DiT, its diffusion process, checkpoints, sampling and export (see model.py, diffusion.py, convert.py)."""

@@ -1,0 +1,340 @@
+"""Checkpoint compatibility: our state dict <-> diffusers `PixArtTransformer2DModel`, official `.pth`.
+
+Our parameter names ARE the official PixArt names, so an official checkpoint needs no renaming:
+
+    official `.pth`                          ours                    diffusers
+    {'state_dict': ..., 'optimizer', ...}    (unwrapped)             -
+    pos_embed (fixed 1 x T x D buffer)       (dropped: recomputed)   (dropped)
+    x_embedder.proj                          same                    pos_embed.proj
+    t_embedder.mlp.0 / .2                    same                    adaln_single.emb.timestep_embedder.linear_1 / _2
+    t_block.1                                same                    adaln_single.linear
+    y_embedder.y_proj.fc1 / .fc2             same                    caption_projection.linear_1 / _2
+    y_embedder.y_embedding (null caption)    same                    (dropped: diffusers encodes "" with T5)
+    blocks.i.scale_shift_table               same                    transformer_blocks.i.scale_shift_table
+    blocks.i.attn.qkv (split 3, dim 0)       same                    transformer_blocks.i.attn1.to_q / to_k / to_v
+    blocks.i.attn.proj                       same                    transformer_blocks.i.attn1.to_out.0
+    blocks.i.attn.sr / .norm (KV compress)   same                    (none: diffusers cannot express it)
+    blocks.i.cross_attn.q_linear             same                    transformer_blocks.i.attn2.to_q
+    blocks.i.cross_attn.kv_linear (split 2)  same                    transformer_blocks.i.attn2.to_k / to_v
+    blocks.i.cross_attn.proj                 same                    transformer_blocks.i.attn2.to_out.0
+    blocks.i.mlp.fc1 / .fc2                  same                    transformer_blocks.i.ff.net.0.proj / ff.net.2
+    final_layer.linear                       same                    proj_out
+    final_layer.scale_shift_table            same                    scale_shift_table
+
+PixArt-α 1024 checkpoints carry micro-condition embedders (`csize_embedder`, `ar_embedder`); Σ has
+none, so they are refused. Loading never unpickles arbitrary objects: `.pth` goes through
+`torch.load(weights_only=True)`; everything we write is safetensors.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+# (our name, diffusers name) for every tensor that maps one to one; {i} is the block index.
+_RENAMES = [
+    ("x_embedder.proj", "pos_embed.proj"),
+    ("t_embedder.mlp.0", "adaln_single.emb.timestep_embedder.linear_1"),
+    ("t_embedder.mlp.2", "adaln_single.emb.timestep_embedder.linear_2"),
+    ("t_block.1", "adaln_single.linear"),
+    ("y_embedder.y_proj.fc1", "caption_projection.linear_1"),
+    ("y_embedder.y_proj.fc2", "caption_projection.linear_2"),
+    ("final_layer.linear", "proj_out"),
+    ("final_layer.scale_shift_table", "scale_shift_table"),
+    ("blocks.{i}.scale_shift_table", "transformer_blocks.{i}.scale_shift_table"),
+    ("blocks.{i}.attn.proj", "transformer_blocks.{i}.attn1.to_out.0"),
+    ("blocks.{i}.cross_attn.q_linear", "transformer_blocks.{i}.attn2.to_q"),
+    ("blocks.{i}.cross_attn.proj", "transformer_blocks.{i}.attn2.to_out.0"),
+    ("blocks.{i}.mlp.fc1", "transformer_blocks.{i}.ff.net.0.proj"),
+    ("blocks.{i}.mlp.fc2", "transformer_blocks.{i}.ff.net.2"),
+]
+# Fused projections: ours (one tensor) <-> diffusers (chunks along dim 0, in this order).
+_SPLITS = [
+    ("blocks.{i}.attn.qkv", ["transformer_blocks.{i}.attn1.to_q", "transformer_blocks.{i}.attn1.to_k",
+                             "transformer_blocks.{i}.attn1.to_v"]),
+    ("blocks.{i}.cross_attn.kv_linear", ["transformer_blocks.{i}.attn2.to_k", "transformer_blocks.{i}.attn2.to_v"]),
+]
+NULL_CAPTION_KEY = "y_embedder.y_embedding"
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message says which key and why."""
+
+
+def _depth(keys, prefix: str) -> int:
+    idx = {int(m.group(1)) for k in keys if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
+
+
+def _pairs(depth: int):
+    """Expand the {i} templates: [(ours, diffusers)] and [(ours, [diffusers chunks])]."""
+    renames, splits = [], []
+    for ours, theirs in _RENAMES:
+        for i in range(depth) if "{i}" in ours else [None]:
+            renames.append((ours.format(i=i), theirs.format(i=i)))
+    for ours, chunks in _SPLITS:
+        for i in range(depth):
+            splits.append((ours.format(i=i), [c.format(i=i) for c in chunks]))
+    return renames, splits
+
+
+def to_diffusers(state_dict: dict) -> dict:
+    """Our (= official) names -> diffusers `PixArtTransformer2DModel` names. Refuses KV compression."""
+    compressed = sorted({int(k.split(".")[1]) for k in state_dict if re.match(r"blocks\.\d+\.attn\.(sr|norm)\.", k)})
+    if compressed:
+        raise ConversionError(f"blocks {compressed} use KV compression (attn.sr/attn.norm), which diffusers' "
+                              "PixArtTransformer2DModel cannot express; export a model trained without it")
+    sd = {k: v for k, v in state_dict.items() if k not in (NULL_CAPTION_KEY, "pos_embed")}
+    renames, splits = _pairs(_depth(sd, "blocks."))
+    out = {}
+    for ours, theirs in renames:
+        for suffix in (".weight", ".bias", ""):
+            if ours + suffix in sd and (suffix or ours.endswith("scale_shift_table")):
+                out[theirs + suffix] = sd.pop(ours + suffix)
+    for ours, chunks in splits:
+        for suffix in (".weight", ".bias"):
+            parts = sd.pop(ours + suffix).chunk(len(chunks), dim=0)
+            out.update({c + suffix: p.contiguous() for c, p in zip(chunks, parts)})
+    if sd:
+        raise ConversionError(f"no diffusers name for {sorted(sd)[:5]}")
+    return out
+
+
+def from_diffusers(state_dict: dict) -> dict:
+    """diffusers names -> ours. The result has no null caption: set it with `set_null_caption`."""
+    sd = dict(state_dict)
+    extra = [k for k in sd if k.startswith("adaln_single.emb.resolution_embedder")
+             or k.startswith("adaln_single.emb.aspect_ratio_embedder")]
+    if extra:
+        raise ConversionError(f"{extra[0]}: micro-conditions (use_additional_conditions) are PixArt-α only")
+    renames, splits = _pairs(_depth(sd, "transformer_blocks."))
+    out = {}
+    for ours, theirs in renames:
+        for suffix in (".weight", ".bias", ""):
+            if theirs + suffix in sd and (suffix or theirs.endswith("scale_shift_table")):
+                out[ours + suffix] = sd.pop(theirs + suffix)
+    for ours, chunks in splits:
+        for suffix in (".weight", ".bias"):
+            out[ours + suffix] = torch.cat([sd.pop(c + suffix) for c in chunks], dim=0)
+    if sd:
+        raise ConversionError(f"unexpected diffusers keys {sorted(sd)[:5]}")
+    return out
+
+
+def from_official(state_dict: dict) -> dict:
+    """An official PixArt-Σ `.pth` (whole file or its 'state_dict') -> ours: unwrap, drop `pos_embed`."""
+    sd = state_dict.get("state_dict", state_dict)
+    micro = [k for k in sd if k.startswith(("csize_embedder.", "ar_embedder."))]
+    if micro:
+        raise ConversionError(f"{micro[0]}: micro-conditions belong to PixArt-α 1024, not PixArt-Σ")
+    return {k: v for k, v in sd.items() if k != "pos_embed"}
+
+
+def load_into(model: torch.nn.Module, state_dict: dict) -> None:
+    """Strict load that tolerates only a missing null caption (diffusers has none)."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if k != NULL_CAPTION_KEY]
+    if missing or unexpected:
+        raise ConversionError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoints of any of the three kinds
+# ---------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Our state dict from: our `.safetensors`, a diffusers transformer/pipeline folder or weights
+    file, or an official `.pth` (read with weights_only=True, never a full unpickle)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
+        files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
+        if not files:
+            raise ConversionError(f"{path}: no diffusion_pytorch_model*.safetensors (a diffusers transformer folder)")
+        sd = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        return from_diffusers(sd)
+    if not path.exists():
+        raise ConversionError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        sd = load_file(str(path))
+        return from_diffusers(sd) if "adaln_single.linear.weight" in sd else sd
+    if path.suffix in (".pth", ".pt", ".bin"):
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle with arbitrary objects: refuse rather than execute it
+            raise ConversionError(f"{path}: not loadable with weights_only=True ({type(e).__name__})") from None
+        return from_official(sd)
+    raise ConversionError(f"{path}: unknown checkpoint format (want .safetensors, .pth or a diffusers folder)")
+
+
+def infer_arch(state_dict: dict) -> dict:
+    """Model kwargs readable from the weights alone (not num_heads, not the position setup)."""
+    w = state_dict["x_embedder.proj.weight"]  # [D, C_in, p, p]
+    depth = _depth(state_dict, "blocks.")
+    kv_layers = [i for i in range(depth) if f"blocks.{i}.attn.sr.weight" in state_dict]
+    arch = dict(hidden_size=w.shape[0], in_channels=w.shape[1], patch_size=w.shape[2], depth=depth,
+                caption_channels=state_dict["y_embedder.y_proj.fc1.weight"].shape[1],
+                learn_sigma=state_dict["final_layer.linear.weight"].shape[0] == 2 * w.shape[1] * w.shape[2] ** 2,
+                mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
+                kv_compress_layers=kv_layers)
+    if kv_layers:
+        arch["kv_compress_ratio"] = state_dict[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1]
+    if NULL_CAPTION_KEY in state_dict:
+        arch["model_max_length"] = state_dict[NULL_CAPTION_KEY].shape[0]
+    return arch
+
+
+def diffusers_config(model, sample_size: int | None = None) -> dict:
+    """The `PixArtTransformer2DModel` config for `model`, with the two keys whose defaults are wrong
+    for Σ always written: `use_additional_conditions` (diffusers turns it on when sample_size is
+    128) and `interpolation_scale` (diffusers derives sample_size // 64: 1 at 256 px, not 0.5).
+
+    diffusers takes base_size = sample_size // patch_size, so the scale is chosen to keep
+    base_size / interpolation_scale (the span of the position grid) equal to ours.
+    """
+    sample_size = sample_size or model.input_size
+    scale = model.pe_interpolation * (sample_size // model.patch_size) / model.base_size
+    return {
+        "_class_name": "PixArtTransformer2DModel",
+        "num_attention_heads": model.num_heads,
+        "attention_head_dim": model.hidden_size // model.num_heads,
+        "in_channels": model.in_channels,
+        "out_channels": model.out_channels,
+        "num_layers": model.depth,
+        "cross_attention_dim": model.hidden_size,
+        "caption_channels": model.y_embedding.shape[1],
+        "sample_size": sample_size,
+        "patch_size": model.patch_size,
+        "interpolation_scale": scale,
+        "use_additional_conditions": False,
+        "activation_fn": "gelu-approximate",
+        "attention_bias": True,
+        "norm_type": "ada_norm_single",
+        "norm_elementwise_affine": False,
+        "norm_eps": 1e-6,
+        "num_embeds_ada_norm": 1000,
+        "dropout": 0.0,
+        "upcast_attention": False,
+        "attention_type": "default",
+    }
+
+
+def save_diffusers(model, out_dir: str | Path, sample_size: int | None = None) -> Path:
+    """Write a diffusers transformer folder: `config.json` + `diffusion_pytorch_model.safetensors`.
+
+    Refuses a KV-compressed model (ConversionError) before writing anything.
+    """
+    import diffusers
+    from safetensors.torch import save_file
+
+    from shards.atomic import atomic_path, write_text
+
+    weights = to_diffusers({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "diffusion_pytorch_model.safetensors") as tmp:
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+    config = diffusers_config(model, sample_size)
+    config["_diffusers_version"] = diffusers.__version__
+    write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+
+# ---------------------------------------------------------------------------------------------
+# A ready model from a run folder or a checkpoint file
+# ---------------------------------------------------------------------------------------------
+
+
+def find_run_checkpoint(run: str | Path) -> Path:
+    """The newest weights in a run folder: the highest step number in the path, EMA preferred."""
+    run = Path(run)
+    if not run.is_dir():
+        raise ConversionError(f"{run}: run folder not found")
+    files = [p for p in run.rglob("*.safetensors") if "optim" not in p.name]
+    if not files:
+        raise ConversionError(f"{run}: no .safetensors checkpoint in the run folder")
+
+    def rank(p: Path):
+        steps = [int(s) for s in re.findall(r"\d+", str(p.relative_to(run)))]
+        return (max(steps, default=-1), "ema" in p.name, p.stat().st_mtime)
+
+    return max(files, key=rank)
+
+
+def position_setup(stage=None) -> dict:
+    """`input_size` / `pe_interpolation` / `multi_scale` of a stage (a `shards.config.Stage`).
+
+    Without a stage: the span every official stage uses (base_size / pe_interpolation = 32, i.e.
+    latent 64 at pe 1.0), which gives the same embedding as any of them at every size.
+    """
+    if stage is None:
+        return dict(input_size=64, pe_interpolation=1.0, multi_scale=True)
+    from shards.buckets import TIER_TABLES
+
+    resolution = int(TIER_TABLES.get(stage.tier, stage.tier))
+    return dict(input_size=resolution // 8, pe_interpolation=stage.pe_interpolation, multi_scale=stage.multi_scale)
+
+
+def load_model(path: str | Path, size: str, **position) -> "torch.nn.Module":
+    """A `PixArtSigma` shaped like the checkpoint's weights (num_heads from the named `size`)."""
+    from training.model import DiT_models, PixArtSigma
+
+    sd = load_checkpoint(path)
+    arch = infer_arch(sd)
+    if size not in DiT_models:
+        raise ConversionError(f"models.dit: unknown size {size!r}; choose one of {list(DiT_models)}")
+    with torch.device("meta"):
+        named = DiT_models[size]()
+    if named.hidden_size != arch["hidden_size"]:
+        raise ConversionError(f"{path}: hidden size {arch['hidden_size']} does not match models.dit={size} "
+                              f"({named.hidden_size})")
+    model = PixArtSigma(num_heads=named.num_heads, **{**arch, **position})
+    load_into(model, sd)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# training/export
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    from shards import cli
+
+    p = cli.parser("training/export", "Write a run's DiT as a diffusers PixArtTransformer2DModel folder "
+                   "(loads into PixArtSigmaPipeline). KV-compressed models are refused: diffusers cannot express them.",
+                   "training/export --run runs/1k --diffusers out/transformer")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder: its newest checkpoint (EMA preferred); the folder name picks the stage")
+    src.add_argument("--ckpt", help="a checkpoint: our .safetensors, an official .pth, or a diffusers folder")
+    p.add_argument("--diffusers", required=True, metavar="OUTDIR", help="folder to write config.json + weights into")
+    p.add_argument("--stage", help="stage whose resolution and pe_interpolation to record (default: the run's name)")
+    args = p.parse_args(argv)
+    cfg = cli.load(args)
+    stage_name = args.stage or (Path(args.run).name if args.run else None)
+    stage = cfg.training.stages.get(stage_name) if stage_name else None
+    if args.stage and stage is None:
+        cli.fail(f"--stage {args.stage}: no such stage; choose one of {sorted(cfg.training.stages)}")
+    try:
+        ckpt = Path(args.ckpt) if args.ckpt else find_run_checkpoint(args.run)
+        position = position_setup(stage)
+        if stage is None:  # a bare checkpoint: record the released 1024 setup
+            position = dict(input_size=128, pe_interpolation=2.0, multi_scale=True)
+        if args.dry_run:
+            cli.print_plan({"checkpoint": str(ckpt), "stage": stage_name if stage else None, "dit": cfg.models.dit,
+                            **position, "out": args.diffusers})
+            return
+        model = load_model(ckpt, cfg.models.dit, **position)
+        out = save_diffusers(model, args.diffusers)
+    except ConversionError as e:
+        cli.fail(str(e))
+    print(f"wrote {out} ({ckpt.name}, sample_size {model.input_size}, interpolation_scale "
+          f"{diffusers_config(model)['interpolation_scale']})")
