@@ -33,7 +33,7 @@ def build(root: str | Path) -> Path:
     t5.build_tiny(root / "t5")
     vae.build_tiny(root / "vae")
     aesthetic.build_tiny(root / "clip", root / "aesthetic.pth")
-    hf.build_tiny(root / "captioner", tokenizer_from=root / "t5")
+    hf.build_tiny(root / "captioner")
     stamp.write_text("ok\n")
     return root
 

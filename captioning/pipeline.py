@@ -1,0 +1,249 @@
+"""The recaptioning stage: curated shards -> one caption parquet per shard, as a Ray Data flow.
+
+    shard paths --read_shard (tasks)--> one row per sample (key, image bytes, original caption)
+                --captioner (actor pool, config resources)--> caption, status, reason
+                --driver: clean, count T5 tokens, write CAPDIR/NNNNN.parquet once a shard is complete
+
+The shard is the unit of work and of resumption: a finished shard has its parquet (written
+atomically), so a rerun skips it and a killed run loses only the shards in flight. The driver
+never touches pixels: it lists each tar's keys (headers only) to know when a shard is complete,
+and does text work only. Images are decoded and downscaled in the captioner actors.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tarfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from shards import atomic, format, reasons
+from shards.config import Captioner, Config, ConfigError
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading curated shards
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_keys(path: str | Path) -> list[str]:
+    """Sample keys of a curated tar in member order (WebDataset: the name up to the first dot)."""
+    keys: dict[str, None] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if member.isfile():
+                keys.setdefault(Path(member.name).name.split(".", 1)[0], None)
+    return list(keys)
+
+
+def read_shard(item: dict) -> list[dict]:
+    """One row per sample: the first image member's original bytes (b"" if none), and the .txt caption."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(item["shard"]) as tar:
+        for member in tar:
+            if member.isfile():
+                key, _, ext = Path(member.name).name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    rows = []
+    for index, (key, members) in enumerate(samples.items()):
+        image = next((members[e] for e in format.IMAGE_EXTS if e in members), b"")
+        text = members.get(format.CAPTION_EXT, b"").decode("utf-8", errors="replace").strip()
+        rows.append({"shard": item["shard"], "index": index, "key": key, "image": image, "original_caption": text})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+
+def select(cfg: Config, name: str | None) -> tuple[str, Captioner]:
+    """The named captioner's settings, checked: one-line ConfigError otherwise."""
+    name = name or cfg.captioning.captioner
+    where = f"captioning.captioners.{name}"
+    if name not in cfg.captioning.captioners:
+        raise ConfigError(f"{where}: no such captioner; choose one of {sorted(cfg.captioning.captioners)}")
+    cap = cfg.captioning.captioners[name]
+    if not cap.model:
+        raise ConfigError(f"{where}.model: not set")
+    if cap.backend == "share-captioner" and not cap.trust_remote_code:
+        raise ConfigError(f"{where}.trust_remote_code: Share-Captioner is remote code (InternLM-XComposer) and "
+                          "runs only on explicit opt-in; set it to true to load it")
+    return name, cap
+
+
+def captioner_id(cap: Captioner) -> str:
+    """What the `captioner` column records: model id + revision ('local' for a folder)."""
+    return f"{cap.model}@{cap.revision or ('local' if Path(cap.model).exists() else 'main')}"
+
+
+def plan(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
+    """Everything a run will do, resolved; `--dry-run` prints it."""
+    paths = format.expand_shards(shards)
+    if not paths:
+        raise ConfigError(f"--shards {shards}: matches no shard")
+    missing = [str(p) for p in paths if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"--shards {missing[0]}: no such file ({len(missing)} missing)")
+    name, cap = select(cfg, name)
+    done = [str(p) for p in paths if format.caption_file(out, p).exists()]
+    return {
+        "shards": [str(p) for p in paths], "out": str(out), "done": done,
+        "todo": [str(p) for p in paths if str(p) not in set(done)],
+        "captioner": name, "captioner_id": captioner_id(cap), "backend": cap.backend, "model": cap.model,
+        "prompt": cap.prompt, "max_new_tokens": cap.max_new_tokens, "generate": cap.generate,
+        "dtype": cap.dtype, "max_pixels": cap.max_pixels, "runtime_env": cap.runtime_env,
+        "resources": vars(cap.resources), "strip_openings": cfg.captioning.strip_openings,
+        "token_budget": cfg.captioning.token_budget, "t5_tokenizer": cfg.models.t5,
+    }
+
+
+def backend(cap: Captioner) -> tuple[type, dict]:
+    """The actor class for a captioner and its constructor arguments (a plain dict, not the config)."""
+    common = dict(model=cap.model, prompt=cap.prompt, revision=cap.revision, dtype=cap.dtype,
+                  max_new_tokens=cap.max_new_tokens, generate=dict(cap.generate),
+                  trust_remote_code=cap.trust_remote_code)
+    if cap.backend == "share-captioner":
+        from captioning.share_captioner import ShareCaptioner
+
+        return ShareCaptioner, common
+    from captioning.hf import HFCaptioner
+
+    return HFCaptioner, {**common, "max_pixels": cap.max_pixels}
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
+    """Caption every unfinished shard; returns the run summary (also printed as JSON)."""
+    from shards import cli
+
+    p = plan(cfg, shards, out, name)
+    _, cap = select(cfg, p["captioner"])
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic.clean_temp(out)  # a killed run's half-written parquet never counts
+    summary = {"shards": len(p["shards"]), "skipped": len(p["done"]), "written": 0, "corrupt_shards": [],
+               "captions": 0, "failed": {}, "over_budget": 0, "token_budget": p["token_budget"]}
+    expected: dict[str, int] = {}
+    for shard in p["todo"]:
+        try:
+            expected[shard] = len(shard_keys(shard))
+        except (tarfile.TarError, OSError, EOFError) as e:  # reported; the next run retries it
+            print(f"{shard}: {reasons.CORRUPT_SHARD} ({e}); skipped", file=sys.stderr)
+            summary["corrupt_shards"].append(shard)
+    for shard in [s for s, n in expected.items() if n == 0]:
+        print(_write(out, shard, [], cap, None, cfg)["line"], file=sys.stderr)
+        summary["written"] += 1
+        del expected[shard]
+    if not expected:
+        print(json.dumps(summary))
+        return summary
+
+    ray = cli.init_ray(cfg)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts captions, not blocks
+    from shards import t5
+
+    tokenizer = t5.load_tokenizer(cfg.models.t5)
+    cls, kwargs = backend(cap)
+    r = cap.resources
+    ds = ray.data.from_items([{"shard": s} for s in expected], override_num_blocks=len(expected))
+    ds = ds.flat_map(read_shard)
+    ds = ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=r.batch_size, num_gpus=r.num_gpus,
+                        num_cpus=r.num_cpus, compute=ray.data.ActorPoolStrategy(size=r.concurrency),
+                        batch_format="numpy", runtime_env=cap.runtime_env or None)
+
+    pending: dict[str, list[dict]] = defaultdict(list)
+    failed: Counter = Counter()
+    bar = _progress(sum(expected.values()))
+    for row in ds.iter_rows():
+        shard = row["shard"]
+        pending[shard].append(row)
+        bar.update(1)
+        if len(pending[shard]) == expected[shard]:
+            stats = _write(out, shard, pending.pop(shard), cap, tokenizer, cfg)
+            bar.write(stats["line"], file=sys.stderr)
+            summary["written"] += 1
+            summary["captions"] += stats["kept"]
+            summary["over_budget"] += stats["over_budget"]
+            failed.update(stats["failed"])
+            bar.set_postfix(shards=f"{summary['written']}/{len(expected)}", refresh=False)
+    bar.close()
+    if pending:  # a reader and the header listing disagreed: a bug, not bad data
+        raise RuntimeError(f"incomplete shards after the run: {sorted(pending)}")
+    summary["failed"] = dict(failed)
+    print(json.dumps(summary))
+    return summary
+
+
+def _write(out: str, shard: str, rows: list[dict], cap: Captioner, tokenizer, cfg: Config) -> dict:
+    """Finish one shard's rows and write its parquet atomically; returns its counts."""
+    import pyarrow as pa
+
+    from captioning import postprocess
+
+    rows = sorted(rows, key=lambda r: r["index"])
+    if rows:
+        postprocess.finish_rows(rows, tokenizer, cfg.captioning.strip_openings)
+    cid = captioner_id(cap)
+    columns = {
+        "key": [r["key"] for r in rows],
+        "caption": [r["caption"] for r in rows],
+        "captioner": [cid] * len(rows),
+        "prompt": [cap.prompt] * len(rows),
+        "original_caption": [r["original_caption"] for r in rows],
+        "num_tokens": pa.array([r["num_tokens"] for r in rows], pa.int32()),
+        "status": [r["status"] for r in rows],
+        "reason": [r["reason"] for r in rows],
+    }
+    assert list(columns) == format.CAPTION_COLUMNS
+    types = {c: pa.string() for c in format.CAPTION_COLUMNS if c != "num_tokens"}
+    table = pa.table({c: columns[c] if c == "num_tokens" else pa.array(columns[c], types[c]) for c in columns})
+    path = format.caption_file(out, shard)
+    atomic.write_parquet(path, table)
+    kept = [r for r in rows if r["status"] == reasons.KEPT]
+    stats = {"kept": len(kept), "failed": Counter(r["reason"] for r in rows if r["status"] != reasons.KEPT),
+             "over_budget": sum(r["num_tokens"] > cfg.captioning.token_budget for r in kept)}
+    stats["line"] = (f"{path.name}: {len(rows)} rows, {stats['kept']} captions, {sum(stats['failed'].values())} "
+                     f"failed, {stats['over_budget']} over {cfg.captioning.token_budget} T5 tokens")
+    return stats
+
+
+def _progress(total: int):
+    """Captions/s and ETA on a terminal; silent in logs (`ray job submit`), where per-shard lines report."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="caption", desc="recaption", disable=not sys.stderr.isatty(),
+                smoothing=0.05, mininterval=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    from shards import cli
+
+    p = cli.parser("captioning/recaption",
+                   "Caption curated WebDataset shards with Share-Captioner or an HF vision-language model; "
+                   "one parquet per shard, resumable.",
+                   "captioning/recaption --shards 'cur/shards/{00000..00041}.tar' --out caps --profile demo")
+    p.add_argument("--shards", required=True,
+                   help="curated shards: a brace pattern ('d/{00000..00041}.tar'), a glob or a directory")
+    p.add_argument("--out", required=True, help="CAPDIR: NNNNN.parquet per input shard")
+    p.add_argument("--captioner", default=None,
+                   help="a key of captioning.captioners in the config (default: captioning.captioner)")
+    args = p.parse_args(argv)
+    cfg = cli.load(args)
+    try:
+        if args.dry_run:
+            cli.print_plan(plan(cfg, args.shards, args.out, args.captioner))
+            return
+        run(cfg, args.shards, args.out, args.captioner)
+    except ConfigError as e:
+        cli.fail(str(e))

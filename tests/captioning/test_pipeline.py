@@ -1,0 +1,120 @@
+"""The recaption stage end to end through Ray with the real tiny LLaVA: outputs, failure rows, resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from captioning import pipeline
+from shards import format as fmt
+from shards import reasons
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+
+
+def _cli(cap_models, *args):
+    return [sys.executable, str(ROOT / "captioning" / "recaption"), "--profile", "demo",
+            "--set", f"captioning.captioners.hf.model={cap_models['captioner']}",
+            "--set", f"models.t5={cap_models['t5']}", *args]
+
+
+def test_end_to_end_through_ray(ray_local, cap_cfg, cap_models, make_shards, tmp_path):
+    from shards import t5
+
+    shards = make_shards(tmp_path / "cur", 2, 5, corrupt={"000010003"})
+    capdir = tmp_path / "caps"
+    summary = pipeline.run(cap_cfg, str(tmp_path / "cur" / "shards" / "{00000..00001}.tar"), str(capdir))
+    assert summary["written"] == 2 and summary["skipped"] == 0
+    assert summary["captions"] + sum(summary["failed"].values()) == 10
+    assert summary["failed"].get(reasons.NOT_AN_IMAGE) == 1
+
+    tok = t5.load_tokenizer(str(cap_models["t5"]))
+    for shard in shards:
+        table = pq.read_table(fmt.caption_file(capdir, shard))
+        assert table.column_names == fmt.CAPTION_COLUMNS
+        rows = table.to_pylist()
+        assert [r["key"] for r in rows] == [f"{fmt.shard_index(shard):05d}{i:04d}" for i in range(5)]  # tar order
+        for r in rows:
+            assert r["captioner"] == f"{cap_models['captioner']}@local"
+            assert r["prompt"] == "Describe this image in detail."
+            assert r["original_caption"] == f"alt text {r['key']}"
+            if r["key"] == "000010003":
+                assert (r["status"], r["reason"], r["caption"], r["num_tokens"]) == (
+                    reasons.FAILED, reasons.NOT_AN_IMAGE, "", 0)
+            elif r["status"] == reasons.KEPT:
+                assert r["reason"] == "" and r["caption"] == " ".join(r["caption"].split())
+                assert r["num_tokens"] == len(tok(r["caption"]).input_ids)
+            else:  # the random-weight model may emit only special tokens: an empty caption is a failure row
+                assert r["reason"] == reasons.EMPTY_CAPTION
+    assert not list(capdir.glob(".*.tmp"))
+
+    before = {p.name: p.stat().st_mtime_ns for p in capdir.iterdir()}
+    again = pipeline.run(cap_cfg, str(tmp_path / "cur" / "shards"), str(capdir))  # a directory works too
+    assert (again["skipped"], again["written"]) == (2, 0)
+    assert {p.name: p.stat().st_mtime_ns for p in capdir.iterdir()} == before
+
+
+def test_dry_run_and_bad_input_messages(cap_models, make_shards, tmp_path):
+    make_shards(tmp_path / "cur", 3, 1)
+    (tmp_path / "caps").mkdir()
+    (tmp_path / "caps" / "00001.parquet").write_bytes(b"done earlier")
+    out = subprocess.run(_cli(cap_models, "--shards", str(tmp_path / "cur" / "shards" / "*.tar"),
+                              "--out", str(tmp_path / "caps"), "--dry-run"),
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert [Path(p).name for p in plan["todo"]] == ["00000.tar", "00002.tar"]
+    assert plan["backend"] == "hf" and plan["resources"]["batch_size"] == 8
+
+    bad = subprocess.run(_cli(cap_models, "--shards", str(tmp_path / "nope" / "{00000..00003}.tar"),
+                              "--out", str(tmp_path / "caps")), env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --shards ") and "no such file" in bad.stderr
+    bad = subprocess.run(_cli(cap_models, "--shards", str(tmp_path / "cur" / "shards"), "--out", str(tmp_path / "c2"),
+                              "--captioner", "llava-9000"), env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "captioning.captioners.llava-9000: no such captioner" in bad.stderr
+
+
+def test_resume_after_kill(ray_local, cap_models, make_cfg, make_shards, tmp_path):
+    """Kill a run once some shards are written; the rerun skips them and leaves no partial file."""
+    n = 6
+    make_shards(tmp_path / "cur", n, 4)
+    capdir = tmp_path / "caps"
+    overrides = ["captioning.captioners.hf.max_new_tokens=48", "captioning.captioners.hf.resources.batch_size=4"]
+    cmd = _cli(cap_models, "--shards", str(tmp_path / "cur" / "shards"), "--out", str(capdir),
+               *[a for o in overrides for a in ("--set", o)])
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and not list(capdir.glob("*.parquet")) and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (its own session)
+        proc.wait()
+    first = {p.name: p.stat().st_mtime_ns for p in capdir.glob("*.parquet")}
+    assert 1 <= len(first) < n, proc.stdout.read().decode()[-2000:]
+    (capdir / ".00005.parquet.killed.tmp").write_bytes(b"half a file")  # what a kill mid-write leaves
+
+    # The rerun, in-process; a 3-token budget so the over-budget report has something to count.
+    summary = pipeline.run(make_cfg(*overrides, "captioning.token_budget=3"), str(tmp_path / "cur" / "shards"), str(capdir))
+    assert summary["skipped"] == len(first) and summary["written"] == n - len(first)
+    rerun = [pq.read_table(p).to_pylist() for p in sorted(capdir.glob("*.parquet")) if p.name not in first]
+    assert summary["over_budget"] == sum(r["num_tokens"] > 3 for rows in rerun for r in rows) > 0
+    assert sorted(p.name for p in capdir.iterdir()) == [fmt.caption_file("", f"{i:05d}.tar").name for i in range(n)]
+    assert {name: (capdir / name).stat().st_mtime_ns for name in first} == first  # finished shards untouched
+    for i in range(n):
+        assert pq.read_table(capdir / f"{i:05d}.parquet").num_rows == 4
+
+
+def test_unreadable_tar_is_reported_and_left_for_the_next_run(cap_cfg, tmp_path):
+    bad = tmp_path / "cur" / "shards" / "00000.tar"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\x00garbage" * 200)  # not a tar: listing fails before any Ray work
+    summary = pipeline.run(cap_cfg, str(bad), str(tmp_path / "caps"))
+    assert summary["corrupt_shards"] == [str(bad)] and summary["written"] == 0
+    assert not list((tmp_path / "caps").iterdir())
