@@ -5,7 +5,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test demo tiny bench clean
+.PHONY: setup test demo tiny bench clean chromium
 setup: .venv/.installed
 
 .venv/.installed: pyproject.toml
@@ -17,7 +17,10 @@ setup: .venv/.installed
 tiny: setup          ## build the tiny offline models into .cache/tiny
 	$(PY) -m demo.tiny_models .cache/tiny
 
-test: setup
+chromium:            ## Debian's chromium for the report tests (installed if missing and root)
+	tools/ensure-chromium
+
+test: setup chromium
 	$(PY) -m pytest -q
 
 demo: setup

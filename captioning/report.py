@@ -1,0 +1,116 @@
+"""The caption report: one self-contained HTML page per caption run, `CAPDIR/report.html`.
+
+What a person checks before encoding: how long the new captions are (characters and T5 tokens,
+with PixArt-Sigma's 300-token budget drawn), what share runs over the budget and will be
+truncated at encode time, which rows failed and why, and examples side by side: the image, the
+new caption and the original alt text. Images come from the curated shards when they are given
+(`shards`); without them the examples are text only.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from shards import atomic, format, pages, reasons
+
+REPORT = "report.html"
+EXAMPLES = 12  # spread over the token-length distribution, shortest to longest
+CAPTION_FILE = re.compile(r"^\d{5}\.parquet$")
+
+
+def read_captions(capdir: str | Path):
+    """All CAPDIR/NNNNN.parquet rows as one DataFrame, with a `shard` column (the file stem)."""
+    import pandas as pd
+
+    files = sorted(p for p in Path(capdir).glob("*.parquet") if CAPTION_FILE.match(p.name))
+    if not files:
+        raise FileNotFoundError(f"{capdir}: no caption files (NNNNN.parquet)")
+    frames = [pd.read_parquet(p, columns=format.CAPTION_COLUMNS).assign(shard=p.stem) for p in files]
+    df = pd.concat(frames, ignore_index=True)
+    for col in ("caption", "original_caption", "status", "reason", "captioner", "prompt"):
+        df[col] = df[col].fillna("").astype(str)
+    return df
+
+
+def _shard_paths(shards) -> dict[str, Path]:
+    """{stem: tar path} from a list of paths, or a brace pattern / glob / directory string."""
+    if shards is None:
+        return {}
+    paths = format.expand_shards(shards) if isinstance(shards, (str, Path)) else [Path(s) for s in shards]
+    return {Path(p).name.split(".")[0]: Path(p) for p in paths}
+
+
+def _examples(rows, shard_paths: dict[str, Path], budget: int) -> str:
+    images: dict[str, bytes] = {}
+    for stem, group in rows.groupby("shard"):
+        if stem in shard_paths and shard_paths[stem].is_file():
+            images.update(pages.tar_images(shard_paths[stem], set(group["key"])))
+    out = []
+    for _, r in rows.iterrows():
+        uri = pages.thumbnail_uri(images[r["key"]]) if r["key"] in images else None
+        over = " over" if r["num_tokens"] > budget else ""
+        picture = f'<img alt="{pages.esc(r["key"])}" src="{uri}">' if uri else '<div class="muted">(no image)</div>'
+        out.append(
+            f'<div class="example" data-key="{pages.esc(r["key"])}"><div>{picture}</div><div class="text">'
+            f'<b>{pages.esc(r["key"])}</b> <span class="tokens{over}">{int(r["num_tokens"])} T5 tokens, '
+            f'{len(r["caption"]):,} characters{" (over budget: truncated at encode)" if over else ""}</span>'
+            f'<div class="caption new">{pages.esc(r["caption"])}</div>'
+            f'<div class="caption original muted">alt text: {pages.esc(r["original_caption"]) or "(none)"}</div>'
+            f"</div></div>")
+    return "".join(out)
+
+
+def build(capdir: str | Path, shards=None, token_budget: int = 300) -> str:
+    """The report's HTML for a caption folder; `shards`: the curated shards it captioned (optional)."""
+    import numpy as np
+
+    capdir = Path(capdir)
+    df = read_captions(capdir)
+    kept = df[df["status"] == reasons.KEPT]
+    failed = df[df["status"] != reasons.KEPT]
+    chars = kept["caption"].str.len()
+    tokens = kept["num_tokens"].astype(int)
+    over = int((tokens > token_budget).sum())
+    share = f"{100 * over / max(len(kept), 1):.1f}%"
+    summary = [("caption files", int(df["shard"].nunique())), ("rows", len(df)), ("captions", len(kept)),
+               ("failed", len(failed)), (f"over {token_budget} T5 tokens (truncated at encode)", over),
+               ("share truncated", share),
+               ("mean characters", f"{chars.mean():.0f}" if len(kept) else "-"),
+               ("mean T5 tokens", f"{tokens.mean():.0f}" if len(kept) else "-")]
+    body = [f'<p class="muted">{pages.esc(capdir.resolve())}</p>', "<h2>Summary</h2>",
+            pages.table(["", "value"], summary, "summary"),
+            pages.table(["captioner", "prompt", "rows"],
+                       [(c, p, int(n)) for (c, p), n in df.groupby(["captioner", "prompt"]).size().items()],
+                       "captioners")]
+    if len(failed):
+        body.append(pages.table(["status", "reason", "rows"],
+                               [(s, r, int(n)) for (s, r), n in failed.groupby(["status", "reason"]).size().items()],
+                               "failed"))
+    alt = kept["original_caption"].str.len()
+    body += ["<h2>Lengths</h2>", '<div class="plots">',
+             pages.histogram("tokens", tokens, "New captions: T5 tokens", "T5 tokens (</s> included)",
+                            [("budget", token_budget)]),
+             pages.histogram("chars", chars, "New captions: characters", "characters",
+                            [("mean", round(float(chars.mean())))] if len(kept) else []),
+             pages.histogram("alt-chars", alt[alt > 0], "Original alt text: characters", "characters"),
+             "</div>"]
+    # examples spread evenly over the token-length order, so short, typical and long ones all show
+    ordered = kept.sort_values(["num_tokens", "key"], kind="stable")
+    picks = ordered.iloc[np.unique(np.linspace(0, len(ordered) - 1, min(EXAMPLES, len(ordered))).round().astype(int))] \
+        if len(ordered) else ordered
+    body += [f'<h2>Examples ({len(picks)} of {len(kept):,}, shortest to longest)</h2>',
+             f'<section data-gallery="examples" data-count="{len(picks)}">'
+             f"{_examples(picks, _shard_paths(shards), token_budget)}</section>"]
+    if len(failed):
+        body += ["<h2>Failed rows</h2>",
+                 pages.table(["key", "shard", "reason"],
+                            [(r["key"], r["shard"], r["reason"]) for _, r in failed.head(50).iterrows()],
+                            "failed-rows")]
+    return pages.page(f"Caption report: {capdir.name}", "\n".join(body))
+
+
+def write_caption_report(capdir: str | Path, shards=None, token_budget: int = 300) -> Path:
+    """Write CAPDIR/report.html atomically; returns its path. Call at the end of a recaption run."""
+    out = Path(capdir) / REPORT
+    atomic.write_text(out, build(capdir, shards, token_budget))
+    return out
