@@ -139,8 +139,7 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
         summary["written"] += 1
         del expected[shard]
     if not expected:
-        print(json.dumps(summary))
-        return summary
+        return _finish(summary, out, p, cfg)
 
     ray = cli.init_ray(cfg)
     import ray.data
@@ -176,6 +175,14 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     if pending:  # a reader and the header listing disagreed: a bug, not bad data
         raise RuntimeError(f"incomplete shards after the run: {sorted(pending)}")
     summary["failed"] = dict(failed)
+    return _finish(summary, out, p, cfg)
+
+
+def _finish(summary: dict, out: str, p: dict, cfg: Config) -> dict:
+    """Print the summary and (re)write CAPDIR/report.html over every finished shard."""
+    from captioning.report import write_caption_report
+
+    summary["report"] = str(write_caption_report(out, shards=p["shards"], token_budget=cfg.captioning.token_budget))
     print(json.dumps(summary))
     return summary
 

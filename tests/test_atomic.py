@@ -1,0 +1,25 @@
+"""Atomic writes: all or nothing, readable by others, temp files cleaned."""
+import os
+
+import pytest
+
+from shards import atomic
+
+
+def test_atomic_write_is_all_or_nothing(tmp_path):
+    target = tmp_path / "a" / "out.txt"
+    atomic.write_text(target, "first")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "first"
+    assert [p.name for p in target.parent.iterdir()] == ["out.txt"]  # no temp left behind
+    assert oct(os.stat(target).st_mode & 0o777) == oct(0o666 & ~atomic._UMASK)
+
+
+def test_clean_temp_removes_leftovers(tmp_path):
+    (tmp_path / ".x.parquet.abc.tmp").write_text("partial")
+    (tmp_path / "keep.parquet").write_text("done")
+    assert atomic.clean_temp(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.parquet"]
