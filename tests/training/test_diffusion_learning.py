@@ -8,7 +8,6 @@ DPM-Solver++ and CFG must land closer to that prompt's latent than to any other 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,24 +15,16 @@ import torch
 from training.diffusion import GaussianDiffusion, sample
 from training.model import DiT_models
 
-ROOT = Path(__file__).resolve().parents[2]
 COLOURS = {"a red square": (220, 30, 30), "a green field": (30, 200, 60), "a blue sky": (40, 60, 230),
            "a yellow lamp": (240, 220, 40)}
 TOKENS = 16  # model_max_length of the toy model: 300 would only add padding (masked) and CPU time
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tiny_models):
     from shards import t5, vae
 
-    try:
-        from demo import tiny_models
-
-        root = tiny_models.build(ROOT / ".cache" / "tiny")
-    except ImportError:  # other families' builders not written yet: build only what we need
-        root = tmp_path_factory.mktemp("tiny")
-        t5.build_tiny(root / "t5")
-        vae.build_tiny(root / "vae")
+    root = tiny_models
     tok, enc = t5.load_tokenizer(root / "t5"), t5.load_t5(root / "t5", "float32")
     autoenc = vae.load_vae(root / "vae")
     pixels = torch.stack([torch.tensor(c, dtype=torch.float32)[:, None, None].expand(3, 32, 32) / 127.5 - 1

@@ -17,19 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def tiny_t5_vae(tmp_path_factory):
-    """Tiny T5 and VAE: the shared .cache/tiny set when it builds, else the same builders into tmp."""
-    try:
-        from demo import tiny_models
-
-        root = tiny_models.build(ROOT / ".cache" / "tiny")
-    except ImportError:  # other families' builders not written yet: build only what we need
-        from shards import t5, vae
-
-        root = tmp_path_factory.mktemp("tiny")
-        t5.build_tiny(root / "t5")
-        vae.build_tiny(root / "vae")
-    return root / "t5", root / "vae"
+def tiny_t5_vae(tiny_models):
+    """The shared tiny T5 and VAE (tests/conftest.py builds them once)."""
+    return tiny_models / "t5", tiny_models / "vae"
 
 
 def sample(tiny_t5_vae, *args):
