@@ -62,6 +62,8 @@ def test_bad_files(tmp_path):
         config.load(tmp_path / "missing.yaml")
     with pytest.raises(config.ConfigError, match="not valid YAML"):
         config.load(write(tmp_path, "models: [unclosed"))
+    with pytest.raises(config.ConfigError, match=r"not valid YAML \(duplicate key 'timeout' at line 4\)"):
+        config.load(write(tmp_path, "curation:\n  download: {retries: 1}\n  timeout: 1\n  timeout: 2\n"))
     with pytest.raises(config.ConfigError, match=r"profiles.nope: no such profile"):
         config.load(ROOT / "pipelines.yaml", "nope")
 
