@@ -1,0 +1,55 @@
+"""Checkpoints: complete-or-absent folders, keep last K, weights_only trainer state, what sampling picks."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from training import checkpoint, convert, train
+
+
+def _sd(v: float) -> dict:
+    return {"a.weight": torch.full((3, 2), v), "b.bias": torch.arange(4.0) + v}
+
+
+def test_save_keeps_the_last_k_and_round_trips(tmp_path):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=1e-3)
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    opt.step()
+    for step in (2, 4, 6):
+        checkpoint.save(tmp_path, step, _sd(step), _sd(-step), {"optimizer": opt.state_dict(), "rng": [train.rng_state()],
+                                                                  "data_epoch": step}, keep=2)
+    assert checkpoint.list_steps(tmp_path) == [4, 6]
+    last = checkpoint.latest(tmp_path)
+    assert last.name == "step-0000006"
+    assert torch.equal(checkpoint.load_weights(last / "model.safetensors")["a.weight"], torch.full((3, 2), 6.0))
+    state = checkpoint.load_state(last)  # torch.load(weights_only=True): no arbitrary unpickling
+    assert state["step"] == 6 and state["data_epoch"] == 6
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=1e-3)
+    fresh.load_state_dict(state["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # sampling and export pick the newest EMA weights of the run
+    assert convert.find_run_checkpoint(tmp_path) == last / "ema.safetensors"
+
+
+def test_rng_states_restore_exactly(tmp_path):
+    checkpoint.save(tmp_path, 1, _sd(1), None, {"rng": [train.rng_state()]}, keep=1)
+    expected = (random.random(), torch.rand(3), __import__("numpy").random.rand())
+    train.set_rng_state(checkpoint.load_state(checkpoint.latest(tmp_path))["rng"][0])
+    again = (random.random(), torch.rand(3), __import__("numpy").random.rand())
+    assert expected[0] == again[0] and torch.equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_a_half_written_checkpoint_is_never_picked(tmp_path):
+    checkpoint.save(tmp_path, 2, _sd(2), None, {}, keep=2)
+    partial = checkpoint.folder(tmp_path) / checkpoint.PARTIAL  # what kill -9 during save leaves
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert checkpoint.latest(tmp_path).name == "step-0000002"
+    assert convert.find_run_checkpoint(tmp_path).parent.name == "step-0000002"
+    assert checkpoint.clean_partial(tmp_path) and not partial.exists()
+    # a failing write (here: a tensor safetensors refuses) leaves the previous checkpoint as it was
+    with pytest.raises(Exception):
+        checkpoint.save(tmp_path, 4, {"x": object()}, None, {}, keep=1)
+    assert checkpoint.list_steps(tmp_path) == [2]

@@ -1,0 +1,112 @@
+"""training/finetune end to end on tiny encoded data: every stage chained, resume after kill -9, NaN stop, logs."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint, train
+
+from tests.training import encdata
+
+ROOT = Path(__file__).resolve().parents[2]
+CHAIN = ["256", "vae", "512", "1k", "2k", "4k", "kv"]
+TIER = {"256": "256", "vae": "256", "512": "512", "1k": "1k", "2k": "2k", "4k": "4k", "kv": "4k"}
+
+
+@pytest.fixture(scope="module")
+def enc(tmp_path_factory):
+    return encdata.write_all(tmp_path_factory.mktemp("enc"))
+
+
+def losses(log: Path) -> dict[int, float]:
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"step (\d+)/\d+ loss ([\d.]+)", log.read_text())}
+
+
+def test_every_stage_chains_from_its_parent(enc, tmp_path, tiny_models, capsys):
+    runs = tmp_path / "runs"
+    for stage in CHAIN:
+        train.main(encdata.args(stage, enc[TIER[stage]], runs, "--set", "training.checkpoint_every=1", steps=1,
+                                batch=1))
+        out = capsys.readouterr().out
+        assert checkpoint.list_steps(runs / stage) == [1], stage
+        if stage != "256":
+            parent = CHAIN[CHAIN.index(stage) - 1]
+            assert f"initialised from {runs / parent}/checkpoints/step-0000001/model.safetensors" in out, out
+    assert "4 KV-compression tensors at their average init" in out  # demo kv stage: layer 1 (sr + norm)
+    kv = checkpoint.load_weights(runs / "kv" / "checkpoints" / "step-0000001" / "model.safetensors")
+    four = checkpoint.load_weights(runs / "4k" / "checkpoints" / "step-0000001" / "model.safetensors")
+    assert set(kv) - set(four) == {f"blocks.1.attn.{m}.{p}" for m in ("sr", "norm") for p in ("weight", "bias")}
+    # rerunning a finished stage resumes and does nothing
+    train.main(encdata.args("512", enc["512"], runs, steps=1))
+    out = capsys.readouterr().out
+    assert "resuming from step 1" in out and "nothing to do" in out
+
+
+def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
+    runs = tmp_path / "runs"
+    train.main(encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
+                            "--set", "training.sample_every=2", "--set", "training.sample_steps=2",
+                            "--set", "training.sample_prompts=[a red fox, a small house]", steps=2))
+    rundir = runs / "512"
+    lines = [l for l in (rundir / "log.txt").read_text().splitlines() if l.startswith("step ")]
+    assert len(lines) == 2 and all(k in lines[-1] for k in ("loss", "lr", "grad_norm", "samples/s", "step_time"))
+    assert list((rundir / "tb").glob("events.out.tfevents.*"))
+    from PIL import Image
+
+    grid = Image.open(rundir / "samples" / "step-0000002.png")
+    assert grid.size == (2 * 512, 512)  # two prompts side by side at the stage's resolution
+    assert sorted(p.name for p in (rundir / "checkpoints" / "step-0000002").iterdir()) == \
+        ["ema.safetensors", "model.safetensors", "trainer.pt"]
+
+
+def _cmd(enc, runs, steps):
+    return [sys.executable, "training/finetune", *encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
+                                                               "--set", "training.checkpoint_every=2", steps=steps)]
+
+
+def test_resume_after_kill_9_continues_the_same_loss_curve(enc, tmp_path, capsys):
+    steps = 8
+    ref = tmp_path / "ref"
+    train.main(encdata.args("512", enc["512"], ref, "--set", "training.stages.512.parent=null",
+                            "--set", "training.checkpoint_every=2", steps=steps))
+    capsys.readouterr()
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(_cmd(enc, runs, steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not checkpoint.list_steps(runs / "512") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint.list_steps(runs / "512")[-1]
+    r = subprocess.run(_cmd(enc, runs, steps), cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming from step {killed_at}" in r.stdout
+    a, b = losses(ref / "512" / "log.txt"), losses(runs / "512" / "log.txt")
+    assert set(range(killed_at + 1, steps + 1)) <= set(b)
+    for s in range(killed_at + 1, steps + 1):
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
+    wa = checkpoint.load_weights(ref / "512" / "checkpoints" / f"step-{steps:07d}" / "model.safetensors")
+    wb = checkpoint.load_weights(runs / "512" / "checkpoints" / f"step-{steps:07d}" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+    assert checkpoint.list_steps(runs / "512") == [steps - 2, steps]  # keep_checkpoints: 2
+
+
+def test_nan_loss_stops_with_step_and_keys_and_saves_nothing(tmp_path, capsys):
+    data = encdata.write(tmp_path / "enc", "512", {(64, 64): 1}, nan_key="512-00000")  # in every batch
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as e:
+        train.main(encdata.args("512", data, runs, "--set", "training.stages.512.parent=null",
+                                "--set", "training.checkpoint_every=1", steps=3))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "step 1: non-finite loss nan" in err and "512-00000" in err and "last checkpoint: none" in err
+    assert checkpoint.list_steps(runs / "512") == []
