@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 from shards import cli
 from training import checkpoint, stages
@@ -371,11 +372,13 @@ def train(cfg, run: dict) -> None:
                 writer.add_scalar(tag, v, step)
             writer.flush()
             win_loss, win_n, win_t = 0.0, 0, 0.0
-        if sampler is not None and step % tc.sample_every == 0:
+        if sampler is not None and (step % tc.sample_every == 0 or step == total):
             png = sampler(ema if ema is not None else model, autocast)
             from shards.atomic import write_bytes
 
             write_bytes(rundir / "samples" / f"step-{step:07d}.png", png)
+            grid = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))  # [H, W, 3] uint8
+            writer.add_image(f"samples/{run['stage']}", grid, step, dataformats="HWC")
         if step % tc.checkpoint_every == 0 or step == total:
             states = [rng_state()]
             if ddp:  # every rank's RNG state, gathered as bytes (all_gather_object cannot carry tensors here)
@@ -396,6 +399,9 @@ def train(cfg, run: dict) -> None:
     if master:
         writer.close()
         log.close()
+        from training.summary import write_summary
+
+        write_summary(rundir)  # RUNDIR/summary.html: loss curves and the latest grid
     if ddp:
         dist.destroy_process_group()
 

@@ -65,6 +65,12 @@ def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
     assert grid.size == (2 * 512, 512)  # two prompts side by side at the stage's resolution
     assert sorted(p.name for p in (rundir / "checkpoints" / "step-0000002").iterdir()) == \
         ["ema.safetensors", "model.safetensors", "trainer.pt"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(rundir / "tb")).Reload()
+    assert "train/loss" in events.Tags()["scalars"] and "samples/512" in events.Tags()["images"]
+    page = (rundir / "summary.html").read_text()
+    assert "<img" in page and "loss" in page
 
 
 def _cmd(enc, runs, steps):
