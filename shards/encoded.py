@@ -1,0 +1,251 @@
+"""The training-shard format (ENCDIR), version 1: member names, dtypes, fingerprint, writer, reader.
+
+    ENCDIR/info.json                       dataset facts: FORMAT_VERSION, fingerprint, tier, bucket table,
+                                           T5 id/dim/max length, VAE id, scaling factor, latent channels
+    ENCDIR/index.parquet                   one row per input sample (INDEX_COLUMNS), encoded or not
+    ENCDIR/shards/<H>x<W>/<fp8>-NNNNN.tar  training shards: samples of one bucket only, ~shard_bytes each
+    ENCDIR/shards/<H>x<W>/<fp8>-NNNNN.parquet   the tar's rows: its commit marker (written after the tar)
+
+Members of one sample (WebDataset: the key is the name up to the first dot):
+
+    KEY.json              {"key", "bucket", "bucket_hw": [h, w], "size": [h, w] (decoded original),
+                           "resized": [h, w], "crop_box": [left, top, right, bottom] (in the resized image),
+                           "captions": {"recaption": str, "original": str}, "t5_lengths": {...},
+                           "source": input shard name, "fingerprint", "format_version"}
+    KEY.t5.safetensors    "recaption": [n, C] fp16, "original": [m, C] fp16: only the n <= 300 valid
+                          tokens (`</s>` included); "original" is absent when the sample has none
+    KEY.vae.safetensors   "mean", "std": [4, H/8, W/8] fp16, the VAE latent distribution at the bucket
+                          size; metadata "scaling_factor"
+
+Tensors are safetensors (no pickle; bf16-capable; ~40x faster to read than `.npz` at scale).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from shards import atomic
+
+FORMAT_VERSION = 1
+PREPROCESS = "resize-cover(bicubic;lanczos>=2048)+center-crop+[-1,1]"  # bump when shards/vae.py's preprocessing changes
+
+INFO, INDEX, SHARDS = "info.json", "index.parquet", "shards"
+JSON, T5, VAE = "json", "t5.safetensors", "vae.safetensors"  # member suffixes
+INDEX_COLUMNS = [
+    "key", "status", "reason", "shard", "bucket", "bucket_h", "bucket_w", "width", "height",
+    "t5_len_recaption", "t5_len_original", "source", "fingerprint",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint and dataset facts
+# ---------------------------------------------------------------------------------------------
+
+
+def fingerprint(t5_id: str, t5_dtype: str, max_length: int, vae_id: str, vae_dtype: str,
+                vae_tiling: bool, table: str) -> str:
+    """What decides a sample's bytes: encoder and VAE ids and dtypes, token budget, bucket table,
+    preprocessing and format version. A changed fingerprint means the sample is re-encoded."""
+    facts = dict(format=FORMAT_VERSION, preprocess=PREPROCESS, t5=t5_id, t5_dtype=t5_dtype, max_length=max_length,
+                 vae=vae_id, vae_dtype=vae_dtype, vae_tiling=vae_tiling, table=table)
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_id(path: str) -> str:
+    """A short, stable name of a model for the fingerprint: the hub id as given, or for a local
+    folder a hash of its config and of 1 MiB samples (start, middle, end) of each weights file:
+    other weights of the same architecture (e.g. SDXL VAE vs its fp16-fix) get another id, without
+    reading a 10 GB T5 in full."""
+    p = Path(path)
+    if not p.exists():
+        return str(path)
+    h = hashlib.sha256()
+    for f in sorted(p.glob("*.json")) + sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            for offset in sorted({0, max(0, size // 2 - 2**19), max(0, size - 2**20)}):
+                fh.seek(offset)
+                h.update(fh.read(2**20))
+    return f"{p.name}:{h.hexdigest()[:16]}"
+
+
+def read_info(encdir: str | Path) -> dict:
+    """ENCDIR/info.json: `scaling_factor`, `latent_channels`, `t5_dim`, `max_length`, `tier`, ...
+
+    Training reads it to refuse latents from a VAE other than the one it decodes with.
+    """
+    path = Path(encdir) / INFO
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not an encoded dataset (run shards/encode first)")
+    info = json.loads(path.read_text())
+    if info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {info.get('format_version')}, this code reads {FORMAT_VERSION}")
+    return info
+
+
+def write_info(encdir: str | Path, info: dict) -> None:
+    atomic.write_text(Path(encdir) / INFO, json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
+
+
+def bucket_dir(bucket_hw: tuple[int, int]) -> str:
+    return f"{SHARDS}/{bucket_hw[0]}x{bucket_hw[1]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Members: tensors <-> bytes
+# ---------------------------------------------------------------------------------------------
+
+
+def pack_t5(features: dict[str, torch.Tensor]) -> bytes:
+    """{"recaption": [n, C], "original": [m, C]} -> safetensors bytes, fp16."""
+    return st_save({k: v.to(torch.float16, copy=True).contiguous() for k, v in features.items()})
+
+
+def pack_vae(mean: torch.Tensor, std: torch.Tensor, scaling_factor: float) -> bytes:
+    """Latent distribution [C, h, w] each -> safetensors bytes, fp16."""
+    tensors = {"mean": mean.to(torch.float16, copy=True).contiguous(), "std": std.to(torch.float16, copy=True).contiguous()}
+    return st_save(tensors, metadata={"scaling_factor": repr(float(scaling_factor))})
+
+
+def unpack(data: bytes) -> dict[str, torch.Tensor]:
+    return st_load(data)
+
+
+def all_finite(data: bytes) -> bool:
+    """Whether every stored (fp16) tensor is finite: fp16 overflow shows up here as Inf."""
+    return all(bool(torch.isfinite(t).all()) for t in st_load(data).values())
+
+
+def decode_sample(sample: dict) -> dict:
+    """A raw WebDataset sample (bytes by suffix) -> {"__key__", "meta", "t5": {...}, "vae": {...}}.
+
+    This is the `.safetensors` handler webdataset lacks; use it as a `.map(...)` stage.
+    """
+    return {"__key__": sample["__key__"], "__url__": sample.get("__url__"), "meta": json.loads(sample[JSON]),
+            "t5": st_load(sample[T5]), "vae": st_load(sample[VAE])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer: one bucket's shards, rolled by size, committed atomically
+# ---------------------------------------------------------------------------------------------
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: same input, same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+class BucketWriter:
+    """Writes one bucket's samples into `<fp8>-NNNNN.tar` files of about `shard_bytes` each.
+
+    A tar is written to a temp name and renamed when full (or on `close`); its `.parquet` of rows is
+    written after it and marks it complete. A tar without its parquet is an interrupted write.
+    """
+
+    def __init__(self, encdir: str | Path, bucket_hw: tuple[int, int], fp: str, shard_bytes: int):
+        self.encdir, self.folder = Path(encdir), Path(encdir) / bucket_dir(bucket_hw)
+        self.fp, self.shard_bytes = fp, shard_bytes
+        self.tar = self.tmp = self.path = None
+        self.rows: list[dict] = []
+        self.size = 0
+        self.written: list[dict] = []  # rows of committed tars
+
+    def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        n = 0
+        while (self.folder / f"{self.fp[:8]}-{n:05d}.tar").exists():
+            n += 1
+        self.path = self.folder / f"{self.fp[:8]}-{n:05d}.tar"
+        self.tmp = self.folder / f".{self.path.name}.tmp"
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+
+    def write(self, meta: dict, t5: bytes, vae: bytes, row: dict) -> None:
+        if self.tar is None:
+            self._open()
+        key = meta["key"]
+        for suffix, data in ((JSON, json.dumps(meta, sort_keys=True).encode()), (T5, t5), (VAE, vae)):
+            _add(self.tar, f"{key}.{suffix}", data)
+            self.size += len(data) + 1024  # header + padding, roughly
+        self.rows.append({**row, "shard": str(self.path.relative_to(self.encdir))})
+        if self.size >= self.shard_bytes:
+            self._commit()
+
+    def _commit(self) -> None:
+        import pyarrow as pa
+
+        self.tar.close()
+        self.tmp.replace(self.path)
+        atomic.write_parquet(self.path.with_suffix(".parquet"), pa.Table.from_pylist(self.rows))
+        self.written.extend(self.rows)
+        self.tar, self.rows, self.size = None, [], 0
+
+    def close(self) -> list[dict]:
+        """Commit the open tar; the rows of every tar this writer committed."""
+        if self.tar is not None:
+            self._commit()
+        return self.written
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the layout
+# ---------------------------------------------------------------------------------------------
+
+
+def committed_shards(encdir: str | Path) -> list[Path]:
+    """Every training tar whose row file exists, sorted."""
+    root = Path(encdir) / SHARDS
+    return sorted(p for p in root.glob("*/*.tar") if p.with_suffix(".parquet").exists())
+
+
+def committed_rows(encdir: str | Path):
+    """The rows of every committed tar, as one pandas DataFrame (empty if none)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frames = [pq.read_table(p.with_suffix(".parquet")).to_pandas() for p in committed_shards(encdir)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=INDEX_COLUMNS)
+
+
+def remove_incomplete(encdir: str | Path) -> int:
+    """Delete temp files, tars without their row file (an interrupted run) and row files without
+    their tar (a lost shard); returns how many."""
+    n = 0
+    for folder in (Path(encdir) / SHARDS).glob("*"):
+        n += atomic.clean_temp(folder)
+        for tar in folder.glob("*.tar"):
+            if not tar.with_suffix(".parquet").exists():
+                tar.unlink()
+                n += 1
+        for rows in folder.glob("*.parquet"):
+            if not rows.with_suffix(".tar").exists():  # its tar was lost: its samples get re-encoded
+                rows.unlink()
+                n += 1
+    return n
+
+
+def remove_stale(encdir: str | Path, fp: str) -> int:
+    """Delete committed shards written under another fingerprint (their samples get re-encoded)."""
+    n = 0
+    for tar in committed_shards(encdir):
+        if not tar.name.startswith(fp[:8] + "-"):
+            tar.with_suffix(".parquet").unlink()
+            tar.unlink()
+            n += 1
+    return n
+
+
+def shards_by_bucket(encdir: str | Path) -> dict[str, list[str]]:
+    """{"<H>x<W>": [tar paths]} of the committed training shards."""
+    out: dict[str, list[str]] = {}
+    for tar in committed_shards(encdir):
+        out.setdefault(tar.parent.name, []).append(str(tar))
+    return out

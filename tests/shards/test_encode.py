@@ -1,0 +1,210 @@
+"""shards/encode end to end on real Ray: tier rule, failures as rows, shard layout, resume, entry point."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from shards import encode_stage, encoded, reasons, t5, vae
+from tests.shards.synthetic import ROOT, image_bytes, sample, truncate, write_curated
+
+EXPECTED = {  # key -> (status, reason)
+    "000000001": ("kept", ""), "000000002": ("kept", ""), "000000003": ("rejected", reasons.NOT_IN_TIER),
+    "000000004": ("kept", ""), "000000005": ("failed", reasons.NOT_AN_IMAGE),
+    "000000010": ("kept", ""), "000000011": ("failed", reasons.CAPTION_ERROR), "000000012": ("kept", ""),
+    "000000013": ("failed", reasons.MISSING_CAPTION), "000000014": ("kept", ""), "000000015": ("kept", ""),
+    "000000020": ("failed", reasons.CORRUPT_SHARD), "000000021": ("failed", reasons.CORRUPT_SHARD),
+}
+SHARDS = [
+    [sample(1, 300, 260), sample(2, 512, 256), sample(3, 200, 200), sample(4, 260, 300, ext="png"),
+     sample(5, 300, 300, data=b"<html>not an image</html>")],
+    [sample(10, 300, 260), sample(11, 300, 260), sample(12, 256, 256, ext="webp"), sample(13, 300, 260),
+     sample(14, 310, 270), sample(15, 320, 280)],
+    [sample(20, 300, 260), sample(21, 300, 260)],
+]
+
+
+def encode_args(root: Path, models: dict, *extra: str) -> list[str]:
+    return ["--images", str(root / "curated" / "shards" / "*.tar"), "--captions", str(root / "captions"),
+            "--out", str(root / "enc"), "--tier", "256", "--profile", "demo",
+            "--set", f"models.t5={models['t5']}", "--set", f"models.vae={models['vae']}",
+            "--set", "encode.shard_bytes=40000", "--set", "encode.vae_resources.batch_size=3", *extra]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, shard_models, ray_local):
+    root = tmp_path_factory.mktemp("encode")
+    write_curated(root, SHARDS, skip_captions={"000000013"}, failed_captions={"000000011"})
+    truncate(root / "curated" / "shards" / "00002.tar", 0.6)
+    encode_stage.main(encode_args(root, shard_models))
+    return root
+
+
+def index(root: Path) -> pd.DataFrame:
+    return pq.read_table(root / "enc" / encoded.INDEX).to_pandas().set_index("key")
+
+
+def read_tar(path: Path) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, _, suffix = m.name.partition(".")
+            out.setdefault(key, {})[suffix] = tar.extractfile(m).read()
+    return out
+
+
+def test_every_sample_has_a_row_with_its_reason(first_run):
+    idx = index(first_run)
+    assert {k: (r.status, r.reason) for k, r in idx.iterrows()} == EXPECTED
+    kept = idx[idx.status == "kept"]
+    assert (kept.shard != "").all() and (idx[idx.status != "kept"].shard == "").all()
+    assert kept.loc["000000002", "bucket"] == "0.5" and (kept.loc["000000002", ["bucket_h", "bucket_w"]] == [176, 352]).all()
+    assert kept.loc["000000004", "bucket_h"] == 272  # portrait 260x300 -> 1.13 bucket (272x240)
+
+
+def test_shards_group_by_bucket_and_roll_by_size(first_run):
+    idx = index(first_run)
+    enc = first_run / "enc"
+    tars = encoded.committed_shards(enc)
+    assert all(t.with_suffix(".parquet").exists() for t in tars)
+    for tar in tars:
+        samples = read_tar(tar)
+        hws = {tuple(json.loads(s["json"])["bucket_hw"]) for s in samples.values()}
+        assert len(hws) == 1 and tar.parent.name == "{}x{}".format(*hws.pop())
+        assert all(set(s) == {"json", "t5.safetensors", "vae.safetensors"} for s in samples.values())
+    in_088 = [t for t in tars if t.parent.name == "240x272"]
+    assert len(in_088) >= 2  # 4 samples of ~20 kB with shard_bytes=40000
+    assert sorted(idx[idx.bucket_h == 240].index) == ["000000001", "000000010", "000000014", "000000015"]
+
+
+def test_stored_tensors_match_the_libraries(first_run, shard_models):
+    """Stored features = T5EncoderModel on the valid tokens; stored mean = AutoencoderKL latent mean (fp16)."""
+    from diffusers import AutoencoderKL
+    from transformers import T5EncoderModel
+
+    idx = index(first_run)
+    sample10 = read_tar(first_run / "enc" / idx.loc["000000010", "shard"])["000000010"]
+    meta = json.loads(sample10["json"])
+    feats, lat = encoded.unpack(sample10["t5.safetensors"]), encoded.unpack(sample10["vae.safetensors"])
+    tok = t5.load_tokenizer(shard_models["t5"])
+    model = T5EncoderModel.from_pretrained(shard_models["t5"]).eval()
+    for source in ("recaption", "original"):
+        ids = tok(meta["captions"][source], return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = model(input_ids=ids).last_hidden_state[0]
+        assert feats[source].dtype == torch.float16 and feats[source].shape == ref.shape
+        assert meta["t5_lengths"][source] == ref.shape[0] == idx.loc["000000010", f"t5_len_{source}"]
+        torch.testing.assert_close(feats[source].float(), ref, atol=2e-3, rtol=2e-3)
+    img = vae.open_image(image_bytes(300, 260, 10))
+    pixels, box = vae.preprocess(img, (240, 272))
+    assert meta["crop_box"] == list(box) and meta["size"] == [260, 300] and meta["bucket_hw"] == [240, 272]
+    with torch.no_grad():
+        ref = AutoencoderKL.from_pretrained(shard_models["vae"]).eval().encode(pixels[None]).latent_dist
+    assert lat["mean"].shape == (4, 30, 34) and lat["mean"].dtype == torch.float16
+    torch.testing.assert_close(lat["mean"].float(), ref.mean[0], atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lat["std"].float(), ref.std[0], atol=2e-3, rtol=2e-3)
+
+
+def test_info_records_vae_and_null_caption(first_run):
+    from shards import loader
+
+    info = encoded.read_info(first_run / "enc")
+    assert info["scaling_factor"] == 0.13025 and info["latent_channels"] == 4 and info["tier"] == "256"
+    assert info["t5_dim"] == 32 and info["max_length"] == 300
+    assert loader.null_caption(first_run / "enc").shape == (300, 32)
+    loader.check_vae(first_run / "enc", 0.13025, 4)
+    with pytest.raises(ValueError, match="scaling_factor"):
+        loader.check_vae(first_run / "enc", 0.18215, 4)
+
+
+def test_rerun_encodes_only_what_is_missing(first_run, shard_models):
+    """A lost shard and a caption that arrived since: only those samples are encoded; the rest stays byte-identical."""
+    enc = first_run / "enc"
+    lost = enc / index(first_run).loc["000000002", "shard"]
+    lost.unlink()
+    before = {p: p.read_bytes() for p in encoded.committed_shards(enc)}
+    cap = first_run / "captions" / "00001.parquet"
+    rows = pq.read_table(cap).to_pylist()
+    rows.append({**rows[0], "key": "000000013", "caption": "a fox near a lake"})
+    pq.write_table(pq.read_table(cap).from_pylist(rows), cap)
+    summary = encode_stage.run(_cfg(shard_models), str(first_run / "curated" / "shards" / "*.tar"),
+                               str(first_run / "captions"), str(enc), "256")
+    assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 1  # the lost tar's row file
+    after = {p: p.read_bytes() for p in encoded.committed_shards(enc)}
+    assert all(after[p] == data for p, data in before.items()) and len(after) == len(before) + 2
+    idx = index(first_run)
+    assert idx.loc["000000013", "status"] == "kept" and idx.loc["000000002", "status"] == "kept"
+    assert {k: (r.status, r.reason) for k, r in idx.drop("000000013").iterrows()} == \
+        {k: v for k, v in EXPECTED.items() if k != "000000013"}
+
+
+def _cfg(models):
+    from shards import config
+
+    return config.load(ROOT / "pipelines.yaml", "demo", [f"models.t5={models['t5']}", f"models.vae={models['vae']}",
+                                                         "encode.shard_bytes=40000"])
+
+
+def test_other_tier_into_same_out_is_refused(first_run, shard_models, capsys):
+    args = encode_args(first_run, shard_models)
+    args[args.index("--tier") + 1] = "512"
+    with pytest.raises(SystemExit) as e:
+        encode_stage.main(args)
+    assert e.value.code == 2 and "holds tier 256" in capsys.readouterr().err
+
+
+def test_fingerprint_change_marks_shards_stale(first_run, shard_models, tmp_path):
+    cfg = _cfg(shard_models)
+    fp = encode_stage.plan(cfg, "x", "y", "z", "256")["fingerprint"]
+    cfg.encode.t5_max_length = 120
+    assert encode_stage.plan(cfg, "x", "y", "z", "256")["fingerprint"] != fp
+    cfg.encode.t5_max_length = 300
+    cfg.models.vae = str(vae.build_tiny(tmp_path / "vae", seed=1))  # same name, config and size; other weights
+    assert encode_stage.plan(cfg, "x", "y", "z", "256")["fingerprint"] != fp
+    cfg.models.vae = str(vae.build_tiny(tmp_path / "again" / "vae"))  # the same weights rebuilt elsewhere
+    assert encode_stage.plan(cfg, "x", "y", "z", "256")["fingerprint"] == fp
+    enc = first_run / "enc"
+    n = len(encoded.committed_shards(enc))
+    assert encoded.remove_stale(enc, fp) == 0 and len(encoded.committed_shards(enc)) == n
+    assert encoded.remove_stale(enc, "0" * 16) == n and encoded.committed_shards(enc) == []
+
+
+def test_entry_point_help_and_dry_run(tmp_path, shard_models, capsys):
+    with pytest.raises(SystemExit) as e:
+        encode_stage.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert e.value.code == 0 and "--tier" in help_text and "example:" in help_text
+    exe = [sys.executable, str(ROOT / "shards" / "encode")]
+    write_curated(tmp_path, [[sample(1, 300, 260)]])
+    out = subprocess.run([*exe, *encode_args(tmp_path, shard_models), "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert plan["shards"] == 1 and plan["table"] == "256" and len(plan["fingerprint"]) == 16
+    out = subprocess.run([*exe, *encode_args(tmp_path / "nothing", shard_models)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.startswith("error: --images") and "\n" == out.stderr[-1]
+
+
+def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
+    """tarfile alone reads such a cut as a shorter, valid archive; the stage must not."""
+    shards, caps = write_curated(tmp_path, [[sample(1, 300, 260), sample(2, 300, 260)]])
+    tar_path = shards / "00000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+    end_of_first = members[2].offset_data + ((members[2].size + 511) // 512) * 512  # after 000000001's 3 members
+    tar_path.write_bytes(tar_path.read_bytes()[:end_of_first])
+    (caps / "00000.parquet").unlink()  # and no caption file: the keys read before the cut are still listed
+    task = {"shard": str(tar_path), "captions": str(caps / "00000.parquet"), "done": []}
+    rows = list(encode_stage.read_shard(task, "256"))
+    assert [(r["key"], r["status"], r["reason"]) for r in rows] == [("000000001", "failed", reasons.CORRUPT_SHARD)]
+    write_curated(tmp_path / "ok", [[sample(1, 300, 260), sample(2, 300, 260)]])
+    ok = tmp_path / "ok"
+    task = {"shard": str(ok / "curated" / "shards" / "00000.tar"), "captions": str(ok / "nope.parquet"), "done": ["000000002"]}
+    rows = list(encode_stage.read_shard(task, "256"))
+    assert [(r["key"], r["reason"]) for r in rows] == [("000000001", reasons.MISSING_CAPTION)]  # 2 is done: skipped
