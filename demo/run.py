@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -75,7 +76,8 @@ def main() -> None:
 
 def print_summary(out: Path, n_urls: int, sample: Path, timings: dict) -> None:
     manifest = pq.read_table(out / "curated" / "manifest.parquet").to_pandas()
-    captions = pq.read_table(out / "captions").to_pandas() if (out / "captions").exists() else None
+    caption_files = sorted((out / "captions").glob("*.parquet"))
+    captions = pd.concat([pd.read_parquet(f) for f in caption_files]) if caption_files else None
     index = pq.read_table(out / "encoded" / "index.parquet").to_pandas()
     log = (out / "runs" / "256" / "log.txt")
     last_loss = _last_loss(log)
@@ -85,12 +87,14 @@ def print_summary(out: Path, n_urls: int, sample: Path, timings: dict) -> None:
     print("curation   ", ", ".join(f"{k}: {v}" for k, v in manifest["status"].value_counts().items()))
     reasons = manifest[manifest["status"] != "kept"]["reason"].value_counts()
     print("  reasons  ", ", ".join(f"{k}: {v}" for k, v in reasons.items()))
-    print("  tiers    ", ", ".join(f"{k}: {v}" for k, v in manifest["tier"].dropna().value_counts().items()))
+    kept = manifest[manifest["status"] == "kept"]
+    print("  tiers    ", ", ".join(f"{k}: {v}" for k, v in kept["tier"].value_counts().items()), "(kept)")
     print(f"  shards    {len(list((out / 'curated' / 'shards').glob('*.tar')))} in {out / 'curated' / 'shards'}")
+    print(f"  report    {out / 'curated' / 'report.html'}")
     if captions is not None:
-        ok = captions[captions["status"] == "kept"] if "kept" in set(captions["status"]) else captions[captions["status"] != "failed"]
+        ok = captions[captions["status"] != "failed"]
         print(f"captions    {len(ok)} of {len(captions)} in {out / 'captions'}")
-    print(f"encoded     {int((index['status'] == 'kept').sum()) if 'status' in index else len(index)} samples at tier 256 in {out / 'encoded'}")
+    print(f"encoded     {int((index['status'] == 'kept').sum())} samples at tier 256 in {out / 'encoded'}")
     print(f"training    final loss {last_loss} ({out / 'runs' / '256'})")
     print(f"sample      {sample}")
     print("time        " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

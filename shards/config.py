@@ -69,17 +69,16 @@ class Resources:
 
 @dataclass
 class DownloadConfig:
-    processes: int = 2
-    threads: int = 16
+    processes: int = 2  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
+    threads: int = 16  # requests in flight per shard
     timeout: int = 10
     retries: int = 1
     shard_size: int = 1000  # URLs per img2dataset shard: the unit of work and of resumption
-    per_domain_limit: int = 4  # concurrent requests per domain (politeness)
+    per_domain_limit: int = 4  # concurrent requests per domain (politeness); exact when >= processes
     user_agent_token: Optional[str] = "sigmaforge"
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
     )
-    distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
 
 
 @dataclass
@@ -218,7 +217,7 @@ def load(path: str | Path | None = None, profile: str | None = None, overrides: 
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
@@ -237,6 +236,19 @@ def load(path: str | Path | None = None, profile: str | None = None, overrides: 
     cfg.profile, cfg.source = profile, str(path)
     _resolve_paths(cfg, path.parent)
     return cfg
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key {key!r} at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def to_dict(cfg: Config) -> dict:
