@@ -179,10 +179,13 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
 
 
 def _finish(summary: dict, out: str, p: dict, cfg: Config) -> dict:
-    """Print the summary and (re)write CAPDIR/report.html over every finished shard."""
-    from captioning.report import write_caption_report
+    """Print the summary; (re)write CAPDIR/report.html when a shard was written or it is missing."""
+    from captioning.report import REPORT, write_caption_report
 
-    summary["report"] = str(write_caption_report(out, shards=p["shards"], token_budget=cfg.captioning.token_budget))
+    report = Path(out) / REPORT
+    if summary["written"] or not report.exists():
+        write_caption_report(out, shards=p["shards"], token_budget=cfg.captioning.token_budget)
+    summary["report"] = str(report)
     print(json.dumps(summary))
     return summary
 
