@@ -183,7 +183,7 @@ def _finish(summary: dict, out: str, p: dict, cfg: Config) -> dict:
     from captioning.report import REPORT, write_caption_report
 
     report = Path(out) / REPORT
-    if summary["written"] or not report.exists():
+    if (summary["written"] or not report.exists()) and any(Path(out).glob("*.parquet")):
         write_caption_report(out, shards=p["shards"], token_budget=cfg.captioning.token_budget)
     summary["report"] = str(report)
     print(json.dumps(summary))
