@@ -84,6 +84,7 @@ def test_data_mismatches_are_caught_before_training(cfg, tmp_path):
         train.prepare(deep, args)
     enc_sq = encdata.write(tmp_path / "e2", "256", {(240, 272): 2})  # no 256x256 bucket
     args.stage, args.data = "256", str(enc_sq)
+    cfg = config.load(ROOT / "pipelines.yaml", "demo", ["training.stages.256.multi_scale=false"])  # as in `real`
     with pytest.raises(StageError, match="single-scale .* needs the 256x256 bucket"):
         train.prepare(cfg, args)
     enc8 = encdata.write(tmp_path / "e3", "256", {(256, 256): 2}, latent_channels=8)
