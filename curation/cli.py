@@ -1,0 +1,47 @@
+"""`curation/run.py`: arguments, input checks, plan, then the pipeline."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from shards import cli, config
+
+EXAMPLE = "python curation/run.py --urls urls.parquet --out curated --profile demo"
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    p = cli.parser("curation/run.py", "Curate a URL list into high-resolution image shards + a manifest "
+                   "(download, tiers, quality, aesthetics, dedup) on Ray.", EXAMPLE)
+    p.add_argument("--urls", required=True, help="URL list: .parquet, .csv or .jsonl with a `url` column "
+                   "(optional `caption`; other columns are carried into the manifest)")
+    p.add_argument("--out", required=True, help="output folder (rerun with the same arguments to resume)")
+    args = p.parse_args(argv)
+    cfg = cli.load(args)
+    try:
+        config.require_file(cfg.models.aesthetic_head, "models.aesthetic_head")
+        if cfg.curation.nsfw.enabled:
+            config.require_file(cfg.models.nsfw_head, "models.nsfw_head (curation.nsfw.enabled)")
+        if cfg.curation.watermark.enabled:
+            config.require_file(cfg.models.watermark, "models.watermark (curation.watermark.enabled)")
+        if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
+            config.require_file(cfg.models.clip.weights, "models.clip.weights")
+    except config.ConfigError as e:
+        cli.fail(str(e))
+    from curation import download, pipeline
+
+    if args.dry_run:
+        cur = cfg.curation
+        cli.print_plan({"urls": args.urls, "out": args.out, "profile": cfg.profile,
+                        "clip": vars(cfg.models.clip), "aesthetic_head": cfg.models.aesthetic_head,
+                        "curation": json.loads(json.dumps(cur, default=vars))})
+        return
+    try:
+        stats = pipeline.run(args.urls, args.out, cfg)
+    except download.InputError as e:
+        cli.fail(str(e))
+    except FileNotFoundError as e:
+        cli.fail(str(e).splitlines()[0])
+    print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)

@@ -1,0 +1,261 @@
+"""Download with img2dataset, one shard per Ray task, politely; failures become reason codes.
+
+The URL list is cut into input shards of `download.shard_size` rows (`_work/input/NNNNN.parquet`,
+carried columns included), each row keyed by its position in the list. A download shard runs
+img2dataset's own `Downloader` (what its Ray distributor runs per shard) with originals kept
+(`resize_mode="no"`, `disable_all_reencoding`), retries, a timeout and its X-Robots-Tag opt-out
+handling on; only http(s) URLs reach it, the rest are `invalid_url`. As in img2dataset, a shard
+is done once its `NNNNN_stats.json` exists, so a rerun skips it.
+
+Politeness: img2dataset has no per-domain limit, so each worker process wraps img2dataset's
+`download_image` in a per-domain semaphore of `per_domain_limit // concurrent shards` (at least
+1) permits: with `per_domain_limit >= processes` no domain ever sees more than `per_domain_limit`
+requests in flight from the whole run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+import threading
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shards import atomic, reasons
+
+KEY_DIGITS = 10  # row index in the URL list, zero-padded: sortable, no dots
+URL_COL, CAPTION_COL = "url", "caption"
+I2D_KEY = "sf_key"  # our key, carried through img2dataset as an extra column
+
+
+class InputError(ValueError):
+    """A bad URL list; the message is one line naming the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# URL list -> input shards
+# ---------------------------------------------------------------------------------------------
+
+
+def _batches(path: Path, rows: int) -> Iterator[pa.RecordBatch]:
+    """Stream a parquet / csv / jsonl file as record batches (never the whole list in memory)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=rows)
+    elif suffix == ".csv":
+        from pyarrow import csv
+
+        yield from csv.open_csv(path, read_options=csv.ReadOptions(block_size=1 << 22))
+    elif suffix in (".jsonl", ".json"):
+        import pandas as pd
+
+        for chunk in pd.read_json(path, lines=True, chunksize=rows, dtype=False):
+            yield pa.RecordBatch.from_pandas(chunk, preserve_index=False)
+    else:
+        raise InputError(f"{path}: unsupported format {suffix or '(none)'}; use .parquet, .csv or .jsonl")
+
+
+def split_input(path: str | Path, work: Path, shard_size: int) -> int:
+    """Write `work/NNNNN.parquet` input shards (key + input columns); returns the shard count.
+
+    Done once: a `.complete` file records the count, so a rerun reads the same shards.
+    """
+    path, work = Path(path), Path(work)
+    done = work / ".complete"
+    if done.exists():
+        return int(done.read_text())
+    if not path.is_file():
+        raise InputError(f"{path}: URL list not found")
+    work.mkdir(parents=True, exist_ok=True)
+    n_rows, n_shards, pending = 0, 0, []
+    try:
+        for batch in _batches(path, shard_size):
+            if URL_COL not in batch.schema.names:
+                raise InputError(f"{path}: no '{URL_COL}' column (columns: {', '.join(batch.schema.names)})")
+            pending.append(batch)
+            while sum(len(b) for b in pending) >= shard_size:
+                n_rows, n_shards, pending = _flush(work, pending, shard_size, n_rows, n_shards)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader error is a bad input file
+        raise InputError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if pending and sum(len(b) for b in pending):
+        n_rows, n_shards, _ = _flush(work, pending, shard_size, n_rows, n_shards)
+    if n_rows == 0:
+        raise InputError(f"{path}: the URL list is empty")
+    atomic.write_text(done, str(n_shards))
+    return n_shards
+
+
+def _flush(work: Path, pending: list, size: int, n_rows: int, n_shards: int):
+    table = pa.Table.from_batches(pending).combine_chunks()
+    head, rest = table.slice(0, size), table.slice(size)
+    keys = pa.array([f"{n_rows + i:0{KEY_DIGITS}d}" for i in range(len(head))])
+    head = head.rename_columns([_carried_name(c) for c in head.column_names])
+    head = head.cast(pa.schema([f.with_type(pa.string()) if f.name == URL_COL else f for f in head.schema]))
+    atomic.write_parquet(work / f"{n_shards:05d}.parquet", head.add_column(0, "key", keys))
+    return n_rows + len(head), n_shards + 1, rest.to_batches()
+
+
+def _carried_name(col: str) -> str:
+    """Input columns keep their names unless they clash with a manifest column (then `input_<name>`)."""
+    from shards.format import MANIFEST_COLUMNS
+
+    return f"input_{col}" if col in MANIFEST_COLUMNS and col != URL_COL else col
+
+
+def invalid_url(url) -> bool:
+    """True unless an http(s) URL with a host."""
+    if not isinstance(url, str):
+        return True
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return True
+    return parts.scheme.lower() not in ("http", "https") or not parts.hostname
+
+
+# ---------------------------------------------------------------------------------------------
+# One download shard
+# ---------------------------------------------------------------------------------------------
+
+_domain_locks: dict[str, threading.BoundedSemaphore] = {}
+_domain_guard = threading.Lock()
+_domain_limit = [0]
+
+
+def _install_domain_limit(limit: int) -> None:
+    """Wrap img2dataset's `download_image` (module global) in a per-domain semaphore, once per process."""
+    from img2dataset import downloader
+
+    with _domain_guard:
+        if _domain_limit[0] != limit:
+            _domain_locks.clear()
+            _domain_limit[0] = limit
+    if getattr(downloader.download_image, "_per_domain", False):
+        return
+    original = downloader.download_image
+
+    def polite(row, *args, **kwargs):
+        host = (urlsplit(row[1]).hostname or "").lower()
+        with _domain_guard:
+            sem = _domain_locks.setdefault(host, threading.BoundedSemaphore(_domain_limit[0]))
+        with sem:
+            return original(row, *args, **kwargs)
+
+    polite._per_domain = True
+    downloader.download_image = polite
+
+
+def stats_path(folder: Path, shard: int) -> Path:
+    return Path(folder) / f"{shard:05d}_stats.json"
+
+
+def download_shard(input_shard: Path, folder: Path, shard: int, *, threads: int, timeout: int, retries: int,
+                   per_domain_limit: int, concurrent_shards: int, user_agent_token: str | None,
+                   disallowed_header_directives: list[str]) -> None:
+    """Run img2dataset on one input shard's http(s) URLs into `folder/NNNNN.{tar,parquet}` + stats."""
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    folder = Path(folder)
+    if stats_path(folder, shard).exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(input_shard, columns=["key", URL_COL])
+    valid = [i for i, u in enumerate(table[URL_COL].to_pylist()) if not invalid_url(u)]
+    todo = pa.table({URL_COL: table[URL_COL].take(valid), I2D_KEY: table["key"].take(valid)})
+    feather = folder / f".{shard:05d}.input.feather"  # img2dataset deletes it when the shard is done
+    with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, todo.schema) as writer:
+        writer.write_table(todo)
+    _install_domain_limit(max(1, per_domain_limit // max(1, concurrent_shards)))
+    resizer = Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True)
+    downloader = Downloader(
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=threads, save_caption=False,
+        extract_exif=False, output_folder=str(folder), column_list=[URL_COL, I2D_KEY], timeout=timeout,
+        number_sample_per_shard=max(10, len(table)), oom_shard_count=5, compute_hash=None, verify_hash_type=None,
+        encode_format="jpg", retries=retries, user_agent_token=user_agent_token,
+        disallowed_header_directives=disallowed_header_directives or None,
+    )
+    ok, _ = downloader((shard, str(feather)))
+    if not ok:
+        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a finished download shard back
+# ---------------------------------------------------------------------------------------------
+
+
+def download_reason(error: str | None) -> str:
+    """img2dataset's error message -> a stable reason code."""
+    e = (error or "").lower()
+    if "x-robots-tag" in e:
+        return reasons.OPT_OUT
+    if e.startswith("http error "):
+        code = e[len("http error "):].split(":")[0].strip()
+        return reasons.http_reason(int(code)) if code.isdigit() else reasons.HTTP_ERROR
+    if "timed out" in e or "timeout" in e:
+        return reasons.TIMEOUT
+    if "refused" in e or "reset" in e or "name or service" in e or "nodename" in e or "urlopen error" in e:
+        return reasons.CONNECTION
+    return reasons.DOWNLOAD_ERROR
+
+
+def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
+    """One dict per input row: key, url, reason ("" if downloaded), image bytes, tar offset/size.
+
+    The tar is streamed member by member, so memory holds one image at a time.
+    """
+    inputs = pq.read_table(input_shard, columns=["key", URL_COL])
+    urls = dict(zip(inputs["key"].to_pylist(), inputs[URL_COL].to_pylist()))
+    status: dict[str, dict] = {}
+    meta_file = Path(folder) / f"{shard:05d}.parquet"
+    if meta_file.exists():
+        for r in pq.read_table(meta_file, columns=[I2D_KEY, "key", "status", "error_message"]).to_pylist():
+            status[r[I2D_KEY]] = r
+    i2d_to_ours = {r["key"]: k for k, r in status.items() if r["status"] == "success"}
+    seen: set[str] = set()
+    tar_path = Path(folder) / f"{shard:05d}.tar"
+    if tar_path.exists():
+        with tarfile.open(tar_path, "r|") as tar:  # streaming mode: one member at a time
+            for m in tar:
+                stem, _, ext = m.name.partition(".")
+                ours = i2d_to_ours.get(stem)
+                if ext != "jpg" or ours is None or ours in seen:
+                    continue
+                data = tar.extractfile(m).read()
+                seen.add(ours)
+                yield {"key": ours, URL_COL: urls[ours], "reason": "", "image": data,
+                       "src": str(tar_path), "offset": m.offset_data, "size": m.size}
+    for key, url in urls.items():
+        if key in seen:
+            continue
+        if invalid_url(url):
+            reason = reasons.INVALID_URL
+        elif key in status and status[key]["status"] != "success":
+            reason = download_reason(status[key]["error_message"])
+        else:
+            reason = reasons.DOWNLOAD_ERROR  # img2dataset lost it (a crashed shard)
+        yield {"key": key, URL_COL: url if isinstance(url, str) else "", "reason": reason, "image": b"",
+               "src": "", "offset": 0, "size": 0}
+
+
+def shard_stats(folder: Path) -> dict:
+    """img2dataset's per-shard stats, summed: count, successes, failed_to_download, ... and statuses."""
+    total: dict = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "duration": 0.0,
+                   "status_dict": {}}
+    for p in sorted(Path(folder).glob("*_stats.json")):
+        s = json.loads(p.read_text())
+        for k in ("count", "successes", "failed_to_download", "failed_to_resize", "duration"):
+            total[k] += s.get(k, 0) or 0
+        for k, v in (s.get("status_dict") or {}).items():
+            total["status_dict"][k] = total["status_dict"].get(k, 0) + v
+    total["shards"] = len(list(Path(folder).glob("*_stats.json")))
+    total["duration"] = round(total["duration"], 3) if not math.isnan(total["duration"]) else None
+    return total

@@ -1,0 +1,53 @@
+"""img2dataset on one shard against the loopback server: originals kept, reasons, per-domain limit."""
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curation import download
+
+
+def _shard(tmp_path, urls):
+    work = tmp_path / "input"
+    pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "urls.parquet")
+    assert download.split_input(tmp_path / "urls.parquet", work, 100) == 1
+    return work / "00000.parquet"
+
+
+def _run(src, folder, limit, threads=8):
+    download.download_shard(src, folder, 0, threads=threads, timeout=2, retries=0, per_domain_limit=limit,
+                            concurrent_shards=1, user_agent_token="sigmaforge",
+                            disallowed_header_directives=["noai", "noimageai"])
+
+
+def test_download_shard_keeps_bytes_and_reports_reasons(server, image_dir, tmp_path):
+    f = server.fault_urls()
+    urls = [f"{server.url}/square-1k.jpg", f"{server.url}/portrait-1k.png", f["http_404"], f["opt_out"],
+            f["connection_error"], "ftp://example.invalid/x.jpg"]
+    src = _shard(tmp_path, urls)
+    _run(src, tmp_path / "dl", limit=4)
+    assert download.stats_path(tmp_path / "dl", 0).exists()
+    rows = {r["url"]: r for r in download.iter_shard(src, tmp_path / "dl", 0)}
+    assert len(rows) == len(urls)
+    for name in ("square-1k.jpg", "portrait-1k.png"):
+        r = rows[f"{server.url}/{name}"]
+        assert r["reason"] == "" and r["image"] == (image_dir / name).read_bytes()  # served bytes, untouched
+        with open(r["src"], "rb") as fh:  # the recorded offset points at the same bytes
+            fh.seek(r["offset"])
+            assert hashlib.sha256(fh.read(r["size"])).digest() == hashlib.sha256(r["image"]).digest()
+    assert [rows[u]["reason"] for u in urls[2:]] == ["http_404", "opt_out", "connection_error", "invalid_url"]
+    n = len(server.requests)
+    _run(src, tmp_path / "dl", limit=4)  # done shard (stats file): not downloaded again
+    assert len(server.requests) == n
+
+
+def test_per_domain_limit(server, tmp_path):
+    urls = [f"{server.url}/delay/300/small.jpg?i={i}" for i in range(8)]
+    src = _shard(tmp_path, urls)
+    server.max_inflight = 0
+    _run(src, tmp_path / "limited", limit=2)
+    assert server.max_inflight == 2  # 8 threads, but never more than 2 requests in flight to the host
+    rows = list(download.iter_shard(src, tmp_path / "limited", 0))
+    assert all(r["reason"] == "" for r in rows)
