@@ -333,6 +333,9 @@ def run(urls: str | Path, out: str | Path, cfg: Config) -> dict:
     atomic.write_text(out / "stats.json", json.dumps(stats, indent=2, default=str) + "\n")
     for tar in downloads.glob("*.tar"):  # every kept image now lives in shards/: free the disk
         tar.unlink()
+    from curation.report import write_report
+
+    write_report(out, cur)  # report.html last: the manifest and stats.json it reads are complete
     return stats
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -116,6 +115,8 @@ def test_shards_hold_original_bytes_sorted(curated, image_dir):
     thumbs = {p.stem for p in (out / "thumbs").glob("*.jpg")}  # for the report's galleries of rejected images
     assert m.loc[["small.jpg", "panorama.jpg", "near-small.jpg"], "key"].isin(thumbs).all()
     assert not m.loc[m.status != "rejected", "key"].isin(thumbs).any()
+    page = (out / "report.html").read_text()  # written last by the run itself
+    assert "report" in page.lower() and page.count("data:image/png;base64") >= 2
 
 
 def test_aesthetic_threshold_decides_on_recorded_scores(curated):
