@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Iterator
 
@@ -229,7 +230,7 @@ def write_outputs(out: Path, work: Path, n_shards: int, decisions: dict, cur: Cu
     write_task = ray.remote(num_cpus=0.25)(writer.write_shard)
     thumbs_task = ray.remote(num_cpus=0.25)(report.save_rejected_thumbnails)
     shard_dir = out / "shards"
-    in_flight, members, kept = [], [], 0
+    in_flight, members, kept, thumbs = [], [], 0, defaultdict(int)
     first = pq.read_table(work / "input" / "00000.parquet")
     carried = [c for c in first.column_names if c not in ("key", "url")]
     schema = _manifest_schema(first.schema, carried)
@@ -246,9 +247,13 @@ def write_outputs(out: Path, work: Path, n_shards: int, decisions: dict, cur: Cu
     with atomic.atomic_path(out / MANIFEST) as tmp, pq.ParquetWriter(tmp, schema) as manifest:
         for i in range(n_shards):
             rows = manifest_rows(work, i, decisions, carried)
-            rejected = [{"key": m["key"], "reason": r["reason"], "src": m["src"], "offset": m["offset"],
-                         "size": m["size"]} for r, m in rows if r["status"] == reasons.REJECTED and m["src"]]
-            if rejected:  # a few per reason, for the report's galleries, while the download tar exists
+            rejected = []  # the report's galleries show a few per reason: thumbnail only those (decoding 4K costs)
+            for r, m in rows:
+                if r["status"] == reasons.REJECTED and m["src"] and thumbs[r["reason"]] < report.THUMBS_PER_REASON:
+                    thumbs[r["reason"]] += 1
+                    rejected.append({"key": m["key"], "reason": r["reason"], "src": m["src"], "offset": m["offset"],
+                                     "size": m["size"]})
+            if rejected:  # while the download tar still exists
                 in_flight.append(thumbs_task.remote(str(out), rejected))
             for row, member in rows:
                 if row["status"] == reasons.KEPT:
