@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from shards import reasons
+from captioning.batch import caption_batch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -119,28 +118,7 @@ class HFCaptioner:
         return prompt  # task-token models (Florence-2: "<MORE_DETAILED_CAPTION>") take the prompt as is
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        captions, statuses, why = [""] * n, [reasons.KEPT] * n, [""] * n
-        images, rows = [], []
-        for i, data in enumerate(batch["image"]):
-            try:
-                images.append(decode_image(bytes(data), self.target, self.max_pixels))
-                rows.append(i)
-            except Exception:  # PIL raises many types for bad bytes; the row records it
-                statuses[i], why[i] = reasons.FAILED, reasons.NOT_AN_IMAGE
-        if rows:
-            try:
-                for i, text in zip(rows, self.generate(images)):
-                    captions[i] = text
-            except Exception as e:  # e.g. out of memory on one odd batch: fail its rows, keep the shard
-                print(f"caption_error on keys {[batch['key'][i] for i in rows][:4]}...: {type(e).__name__}: {e}",
-                      file=sys.stderr)
-                for i in rows:
-                    statuses[i], why[i] = reasons.FAILED, reasons.CAPTION_ERROR
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(caption=np.array(captions, dtype=object), status=np.array(statuses, dtype=object),
-                   reason=np.array(why, dtype=object))
-        return out
+        return caption_batch(batch, lambda data: decode_image(data, self.target, self.max_pixels), self.generate)
 
     @torch.inference_mode()
     def generate(self, images: list) -> list[str]:

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import sys
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from shards import reasons
+from captioning.batch import caption_batch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 USER, BOT = "<|User|>:", "\n<|Bot|>:"
@@ -62,28 +61,8 @@ class ShareCaptioner:
             self.seg_after = self.model.encode_text(f"{prompt}{self.model.eoh}{BOT}", add_special_tokens=False)  # [1, t2, C]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["key"])
-        captions, statuses, why = [""] * n, [reasons.KEPT] * n, [""] * n
-        pixels, rows = [], []
-        for i, data in enumerate(batch["image"]):
-            try:
-                pixels.append(self.model.vis_processor(_decode(bytes(data))))  # [3, 224, 224]
-                rows.append(i)
-            except Exception:  # PIL raises many types for bad bytes; the row records it
-                statuses[i], why[i] = reasons.FAILED, reasons.NOT_AN_IMAGE
-        if rows:
-            try:
-                for i, text in zip(rows, self.generate(torch.stack(pixels))):
-                    captions[i] = text
-            except Exception as e:  # one odd batch fails its rows, not the shard
-                print(f"caption_error on keys {[batch['key'][i] for i in rows][:4]}: {type(e).__name__}: {e}",
-                      file=sys.stderr)
-                for i in rows:
-                    statuses[i], why[i] = reasons.FAILED, reasons.CAPTION_ERROR
-        out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(caption=np.array(captions, dtype=object), status=np.array(statuses, dtype=object),
-                   reason=np.array(why, dtype=object))
-        return out
+        return caption_batch(batch, lambda data: self.model.vis_processor(_decode(data)),  # [3, 224, 224] each
+                             lambda pixels: self.generate(torch.stack(pixels)))
 
     def inputs_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         """Prompt assembly of the official script: [USER seg, image tokens, prompt + eoh + BOT seg]."""
