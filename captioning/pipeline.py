@@ -17,7 +17,7 @@ import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from shards import atomic, format, reasons
+from shards import atomic, format, progress, reasons
 from shards.config import Captioner, Config, ConfigError
 
 
@@ -144,7 +144,6 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     ray = cli.init_ray(cfg)
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts captions, not blocks
     from shards import t5
 
     tokenizer = t5.load_tokenizer(cfg.models.t5)
@@ -158,14 +157,14 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
 
     pending: dict[str, list[dict]] = defaultdict(list)
     failed: Counter = Counter()
-    bar = _progress(sum(expected.values()))
+    bar = progress.bar(sum(expected.values()), "caption", "recaption")
     for row in ds.iter_rows():
         shard = row["shard"]
         pending[shard].append(row)
         bar.update(1)
         if len(pending[shard]) == expected[shard]:
             stats = _write(out, shard, pending.pop(shard), cap, tokenizer, cfg)
-            bar.write(stats["line"], file=sys.stderr)
+            progress.say(stats["line"], file=sys.stderr)
             summary["written"] += 1
             summary["captions"] += stats["kept"]
             summary["over_budget"] += stats["over_budget"]
@@ -221,14 +220,6 @@ def _write(out: str, shard: str, rows: list[dict], cap: Captioner, tokenizer, cf
     stats["line"] = (f"{path.name}: {len(rows)} rows, {stats['kept']} captions, {sum(stats['failed'].values())} "
                      f"failed, {stats['over_budget']} over {cfg.captioning.token_budget} T5 tokens")
     return stats
-
-
-def _progress(total: int):
-    """Captions/s and ETA on a terminal; silent in logs (`ray job submit`), where per-shard lines report."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="caption", desc="recaption", disable=not sys.stderr.isatty(),
-                smoothing=0.05, mininterval=1.0)
 
 
 # ---------------------------------------------------------------------------------------------

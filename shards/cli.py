@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NoReturn
 
 from shards import config as config_mod
 
@@ -38,7 +39,7 @@ def load(args: argparse.Namespace) -> config_mod.Config:
         fail(str(e))
 
 
-def fail(message: str) -> "typing.NoReturn":  # noqa: F821
+def fail(message: str) -> NoReturn:
     """One-line error and exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -52,8 +53,10 @@ def print_plan(plan: dict) -> None:
 def init_ray(cfg: config_mod.Config, runtime_env: dict | None = None):
     """Join the cluster `ray job submit` runs us in, or start a local one; quiet on a laptop."""
     import ray
+    from ray.data import DataContext
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    DataContext.get_current().enable_progress_bars = False  # each stage has its own: shards.progress
     if ray.is_initialized():
         return ray
     runtime_env = dict(runtime_env or {})

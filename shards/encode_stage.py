@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import buckets, encoded, reasons
+from shards import buckets, encoded, progress, reasons
 from shards import format as fmt
 
 KEPT, REJECTED, FAILED = reasons.KEPT, reasons.REJECTED, reasons.FAILED
@@ -318,16 +318,22 @@ def run(cfg, images: str, captions: str, out: str, tier: str) -> dict:
     writers: dict[tuple[int, int], encoded.BucketWriter] = {}
     failures: list[dict] = []
     if tasks:
-        for batch in _dataset(ray, tasks, cfg, tier).iter_batches(batch_size=64, batch_format="numpy"):
-            for i in range(len(batch["key"])):
-                row = {k: batch[k][i] for k in ROW}
-                if row["status"] != KEPT:
-                    failures.append(_index_row(row, fp, shard=""))
-                    continue
-                hw = (int(row["bucket_h"]), int(row["bucket_w"]))
-                if hw not in writers:
-                    writers[hw] = encoded.BucketWriter(encdir, hw, fp, e.shard_bytes)
-                writers[hw].write(_meta(row, fp), row["t5"], row["vae"], _index_row(row, fp, shard=""))
+        with progress.bar(_to_encode(tasks), "sample", f"encode {tier}") as bar:
+            for batch in _dataset(ray, tasks, cfg, tier).iter_batches(batch_size=64, batch_format="numpy"):
+                bar.update(len(batch["key"]))
+                for i in range(len(batch["key"])):
+                    row = {k: batch[k][i] for k in ROW}
+                    if row["status"] != KEPT:
+                        failures.append(_index_row(row, fp, shard=""))
+                        continue
+                    hw = (int(row["bucket_h"]), int(row["bucket_w"]))
+                    if hw not in writers:
+                        writers[hw] = encoded.BucketWriter(encdir, hw, fp, e.shard_bytes)
+                    committed = len(writers[hw].written)
+                    writers[hw].write(_meta(row, fp), row["t5"], row["vae"], _index_row(row, fp, shard=""))
+                    if len(writers[hw].written) > committed:  # a shard was completed: the log's progress line
+                        progress.say(f"encode {tier}: {hw[0]}x{hw[1]} shard committed, "
+                                     f"{sum(len(w.written) for w in writers.values())} samples encoded so far")
     for w in writers.values():
         w.close()
 
@@ -338,6 +344,16 @@ def run(cfg, images: str, captions: str, out: str, tier: str) -> dict:
     return dict(out=str(encdir), fingerprint=fp, encoded_now=sum(len(w.written) for w in writers.values()),
                 removed_stale_or_partial=removed, total=len(index),
                 counts={f"{s}/{r}" if r else s: int(n) for (s, r), n in counts.items()}, seconds=round(time.time() - t0, 1))
+
+
+def _to_encode(tasks: list[dict]) -> int | None:
+    """Samples left to encode, from the caption files' row counts (one row per sample); None if one is missing."""
+    import pyarrow.parquet as pq
+
+    try:
+        return sum(pq.ParquetFile(t["captions"]).metadata.num_rows - len(t["done"]) for t in tasks)
+    except (OSError, ValueError):  # reported per sample as missing_caption; the bar just has no ETA
+        return None
 
 
 def _dataset(ray, tasks: list[dict], cfg, tier: str):

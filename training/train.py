@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from shards import cli
+from shards import cli, progress
 from training import checkpoint, stages
 from training.stages import StageError
 
@@ -302,7 +302,7 @@ def train(cfg, run: dict) -> None:
     log = open(rundir / "log.txt", "a") if master else None
 
     def say(line: str) -> None:
-        print(line, flush=True)
+        progress.say(line)
         log.write(line + "\n")
         log.flush()
 
@@ -313,6 +313,7 @@ def train(cfg, run: dict) -> None:
         say(f"stage {run['stage']} already at step {step} of {total}: nothing to do")
 
     win_loss, win_n, win_t = 0.0, 0, 0.0
+    bar = progress.bar(total, "step", f"train {run['stage']}", initial=step, quiet=not master)
     while step < total:
         t0 = time.time()
         lr = stage.lr * min(1.0, (step + 1) / max(1, stage.warmup_steps))  # linear warm-up, then constant
@@ -361,6 +362,8 @@ def train(cfg, run: dict) -> None:
             update_ema(ema, model, ema_decay(stage.ema_decay, step))
         step += 1
         win_loss, win_n, win_t = win_loss + loss_val, win_n + 1, win_t + time.time() - t0
+        bar.set_postfix(loss=f"{loss_val:.4f}", refresh=False)
+        bar.update(1)
 
         if master and (step % tc.log_every == 0 or step == total):
             step_time = win_t / win_n
@@ -396,6 +399,7 @@ def train(cfg, run: dict) -> None:
                 dist.barrier()
             if step < total:
                 its = streams(step)
+    bar.close()
     if master:
         writer.close()
         log.close()

@@ -1,6 +1,7 @@
 """The recaption stage end to end through Ray with the real tiny LLaVA: outputs, failure rows, resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 from captioning import pipeline
 from shards import format as fmt
 from shards import reasons
+from tests.terminal import RATE_AND_ETA, on_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -29,7 +31,10 @@ def test_end_to_end_through_ray(ray_local, cap_cfg, cap_models, make_shards, tmp
 
     shards = make_shards(tmp_path / "cur", 2, 5, corrupt={"000010003"})
     capdir = tmp_path / "caps"
-    summary = pipeline.run(cap_cfg, str(tmp_path / "cur" / "shards" / "{00000..00001}.tar"), str(capdir))
+    with on_terminal() as tty:  # as in a user's shell: a progress bar with rate and ETA, per-shard lines above it
+        summary = pipeline.run(cap_cfg, str(tmp_path / "cur" / "shards" / "{00000..00001}.tar"), str(capdir))
+    assert "recaption: 100%" in tty.text and "10/10" in tty.text, tty.text
+    assert re.search(RATE_AND_ETA.format(unit="caption"), tty.text) and "00001.parquet: 5 rows" in tty.text, tty.text
     assert summary["written"] == 2 and summary["skipped"] == 0
     assert summary["captions"] + sum(summary["failed"].values()) == 10
     assert summary["failed"].get(reasons.NOT_AN_IMAGE) == 1

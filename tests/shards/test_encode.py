@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -14,6 +15,7 @@ import torch
 
 from shards import encode_stage, encoded, reasons, t5, vae
 from tests.shards.synthetic import ROOT, image_bytes, sample, truncate, write_curated
+from tests.terminal import RATE_AND_ETA, on_terminal
 
 EXPECTED = {  # key -> (status, reason)
     "000000001": ("kept", ""), "000000002": ("kept", ""), "000000003": ("rejected", reasons.NOT_IN_TIER),
@@ -134,8 +136,10 @@ def test_rerun_encodes_only_what_is_missing(first_run, shard_models):
     rows = pq.read_table(cap).to_pylist()
     rows.append({**rows[0], "key": "000000013", "caption": "a fox near a lake"})
     pq.write_table(pq.read_table(cap).from_pylist(rows), cap)
-    summary = encode_stage.run(_cfg(shard_models), str(first_run / "curated" / "shards" / "*.tar"),
-                               str(first_run / "captions"), str(enc), "256")
+    with on_terminal() as tty:  # as in a user's shell: a progress bar with rate and ETA
+        summary = encode_stage.run(_cfg(shard_models), str(first_run / "curated" / "shards" / "*.tar"),
+                                   str(first_run / "captions"), str(enc), "256")
+    assert "encode 256:" in tty.text and re.search(RATE_AND_ETA.format(unit="sample"), tty.text), tty.text
     assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 1  # the lost tar's row file
     after = {p: p.read_bytes() for p in encoded.committed_shards(enc)}
     assert all(after[p] == data for p, data in before.items()) and len(after) == len(before) + 2

@@ -14,6 +14,7 @@ import torch
 
 from training import checkpoint, train
 
+from tests.terminal import RATE_AND_ETA, on_terminal
 from tests.training import encdata
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,9 +53,12 @@ def test_every_stage_chains_from_its_parent(enc, tmp_path, tiny_models, capsys):
 
 def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
     runs = tmp_path / "runs"
-    train.main(encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
-                            "--set", "training.sample_every=2", "--set", "training.sample_steps=2",
-                            "--set", "training.sample_prompts=[a red fox, a small house]", steps=2))
+    with on_terminal() as tty:  # as in a user's shell: a progress bar with rate, ETA and the loss
+        train.main(encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
+                                "--set", "training.sample_every=2", "--set", "training.sample_steps=2",
+                                "--set", "training.sample_prompts=[a red fox, a small house]", steps=2))
+    assert "train 512: 100%" in tty.text and "2/2" in tty.text and "loss=" in tty.text, tty.text
+    assert re.search(RATE_AND_ETA.format(unit="step"), tty.text), tty.text
     rundir = runs / "512"
     lines = [l for l in (rundir / "log.txt").read_text().splitlines() if l.startswith("step ")]
     assert len(lines) == 2 and all(k in lines[-1] for k in ("loss", "lr", "grad_norm", "samples/s", "step_time"))
@@ -95,6 +99,7 @@ def test_resume_after_kill_9_continues_the_same_loss_curve(enc, tmp_path, capsys
     r = subprocess.run(_cmd(enc, runs, steps), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"resuming from step {killed_at}" in r.stdout
+    assert "train 512:" not in r.stderr and "it/s" not in r.stderr  # no progress bar in a log
     a, b = losses(ref / "512" / "log.txt"), losses(runs / "512" / "log.txt")
     assert set(range(killed_at + 1, steps + 1)) <= set(b)
     for s in range(killed_at + 1, steps + 1):
