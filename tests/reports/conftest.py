@@ -1,144 +1,28 @@
-"""Headless Chromium over the DevTools protocol, and fake-but-real run folders for the report tests.
+"""Fake-but-real run folders for the report tests, and the headless Chromium they open reports in.
 
-The browser is Debian's `chromium` (`make test` installs it when missing and running as root).
-Where it is absent the tests skip with a reason naming the fix. Pages are opened as file:// URLs,
-the way a person opens a report copied off a cluster, and checked through the DevTools protocol:
-console errors, uncaught exceptions and failed resource loads are collected from the moment the
-page starts loading, then the DOM is queried and a full-page screenshot is written.
+Pages are opened as file:// URLs, the way a person opens a report copied off a cluster, and
+checked through the DevTools protocol (tests/chromium.py): console errors, uncaught exceptions and
+failed resource loads, then the DOM is queried and a full-page screenshot is written.
 """
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
-import os
-import shutil
-import signal
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--remote-debugging-port=0", "--window-size=1280,1600"]
-
-
-def find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser"):
-        path = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
-        if path:
-            return path
-    return None
-
-
-class Page:
-    """One browser tab driven over CDP: navigate, collect errors, evaluate, screenshot."""
-
-    def __init__(self, ws_url: str):
-        from websockets.sync.client import connect
-
-        self.stack = contextlib.ExitStack()
-        self.ws = self.stack.enter_context(connect(ws_url, max_size=None, open_timeout=20))
-        self.next_id = 0
-        self.errors: list[str] = []
-        for domain in ("Runtime", "Log", "Page"):
-            self.send(f"{domain}.enable")
-
-    def send(self, method: str, timeout: float = 30.0, **params) -> dict:
-        self.next_id += 1
-        my_id = self.next_id
-        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self._recv(deadline, method)
-            if msg.get("id") == my_id:
-                if "error" in msg:
-                    raise RuntimeError(f"CDP {method}: {msg['error']}")
-                return msg["result"]
-
-    def _recv(self, deadline: float, waiting_for: str) -> dict:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"CDP: no answer to {waiting_for}")
-        msg = json.loads(self.ws.recv(timeout=left))
-        method, params = msg.get("method"), msg.get("params", {})
-        if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            self.errors.append("console: " + " ".join(str(a.get("value", a.get("description")))
-                                                      for a in params.get("args", [])))
-        elif method == "Runtime.exceptionThrown":
-            details = params["exceptionDetails"]
-            self.errors.append(f"exception: {details.get('text', '')} "
-                               f"{details.get('exception', {}).get('description', '')}".strip())
-        elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
-            self.errors.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
-        return msg
-
-    def open(self, path: Path, timeout: float = 60.0) -> None:
-        """Navigate to a file and wait for its load event (all embedded images decoded)."""
-        self.send("Page.navigate", url=Path(path).resolve().as_uri())
-        deadline = time.monotonic() + timeout
-        while self._recv(deadline, "Page.loadEventFired").get("method") != "Page.loadEventFired":
-            pass
-
-    def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"evaluate {expression!r}: {result['exceptionDetails'].get('text')}")
-        return result["result"].get("value")
-
-    def screenshot(self, path: Path) -> Path:
-        data = self.send("Page.captureScreenshot", timeout=60, format="png", captureBeyondViewport=True)["data"]
-        Path(path).write_bytes(base64.b64decode(data))
-        return Path(path)
-
-    def broken_images(self) -> int:
-        return self.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length")
-
-    def close(self) -> None:
-        self.stack.close()
-
+from tests.chromium import Page, chromium
 
 @pytest.fixture(scope="session")
 def browser(tmp_path_factory):
     """A function path -> loaded Page, backed by one headless Chromium for the whole session."""
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip("chromium not installed: run `make chromium` as root (apt-get install chromium) "
-                    "to render the reports in a real browser")
-    profile = tmp_path_factory.mktemp("chromium-profile")
-    proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-    pages: list[Page] = []
-    try:
-        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"chromium ({exe}) did not start (exit status {proc.poll()})")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-
-        def new_page(path: Path) -> Page:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/json/new?about:blank", method="PUT")
-            target = json.loads(opener.open(req, timeout=20).read())
-            page = Page(target["webSocketDebuggerUrl"])
-            pages.append(page)
+    with chromium(tmp_path_factory.mktemp("chromium-profile")) as new_page:
+        def open_page(path: Path) -> Page:
+            page = new_page()
             page.open(path)
             return page
 
-        yield new_page
-    finally:
-        for page in pages:
-            page.close()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        yield open_page
 
 
 # ---------------------------------------------------------------------------------------------
