@@ -5,7 +5,7 @@
    model) at the token counts of the 2K bucket (2048² -> 128 x 128 tokens) and the 4K bucket
    (2880² -> 180 x 180 tokens). Target: >= 1.5x at the 4K token count.
 2. This model vs diffusers' `PixArtTransformer2DModel` with the same weights and input: train-step
-   time and peak memory (each measured in a fresh process: peak RSS growth during the steps).
+   time (alternating, in one process) and the peak memory a step adds (a fresh process each).
    Target: <= 1.0x.
 
 Usage: python -m benchmarks.dit [--quick]
@@ -13,15 +13,17 @@ Usage: python -m benchmarks.dit [--quick]
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,48 +64,94 @@ def kv_case(grid: int, compress: bool, width: int, depth: int, repeats: int) -> 
     return timed(train_step, repeats, warmup), timed(sample_step, repeats, warmup)
 
 
-def vs_diffusers_child(impl: str, grid: int, width: int, depth: int, heads: int, steps: int) -> dict:
-    """Run in a fresh process: train-step time and peak RSS growth of one implementation."""
+def pair_steps(grid: int, width: int, depth: int, heads: int) -> dict:
+    """Train-step closures of this model and diffusers' PixArtTransformer2DModel, same weights and input."""
+    from diffusers import PixArtTransformer2DModel
+
     from training import convert
 
     torch.manual_seed(0)
     ours = PixArtSigma(input_size=grid * 2, hidden_size=width, depth=depth, num_heads=heads, caption_channels=4096,
-                       model_max_length=300, pe_interpolation=1.0)
+                       model_max_length=300, pe_interpolation=1.0).eval()
+    cfg = {k: v for k, v in convert.diffusers_config(ours).items() if not k.startswith("_")}
+    theirs = PixArtTransformer2DModel(**cfg)
+    theirs.load_state_dict(convert.to_diffusers(ours.state_dict()))
     x = torch.randn(2, 4, grid * 2, grid * 2)
     t, y = torch.tensor([10, 900]), torch.randn(2, 300, 4096)
     mask = torch.zeros(2, 300, dtype=torch.bool)
     mask[0, :120], mask[1, :250] = True, True
-    if impl == "diffusers":
-        from diffusers import PixArtTransformer2DModel
+    cond = {"resolution": None, "aspect_ratio": None}
+    runs = {"ours": (ours, lambda: ours(x, t, y, mask)),
+            "diffusers": (theirs, lambda: theirs(x, y, t, encoder_attention_mask=mask.long(),
+                                                 added_cond_kwargs=cond).sample)}
 
-        cfg = {k: v for k, v in convert.diffusers_config(ours).items() if not k.startswith("_")}
-        model = PixArtTransformer2DModel(**cfg)
-        model.load_state_dict(convert.to_diffusers(ours.state_dict()))
-        del ours
-        cond = {"resolution": None, "aspect_ratio": None}
-        run = lambda: model(x, y, t, encoder_attention_mask=mask.long(), added_cond_kwargs=cond).sample  # noqa: E731
-    else:
-        model = ours.eval()
-        run = lambda: model(x, t, y, mask)  # noqa: E731
+    def make_step(model, run):
+        def step():
+            model.zero_grad(set_to_none=True)
+            run().square().mean().backward()
+        return step
 
-    def step():
-        model.zero_grad(set_to_none=True)
-        run().square().mean().backward()
-
-    step()  # warm-up: allocations of the first step count in the peak below
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"time": sorted(times)[len(times) // 2], "peak_mb": rss / 1024, "growth_mb": (rss - base) / 1024}
+    steps = {name: make_step(*r) for name, r in runs.items()}
+    fixed = {p.untyped_storage().data_ptr() for p in [*ours.parameters(), *theirs.parameters(), x, y]}
+    steps["saved_mb"] = {name: saved_for_backward(run, fixed) for name, (_, run) in runs.items()}
+    return steps
 
 
-def vs_diffusers(impl: str, **kw) -> dict:
-    code = (f"import json; from benchmarks.dit import vs_diffusers_child; "
-            f"print(json.dumps(vs_diffusers_child({impl!r}, **{kw!r})))")
+def saved_for_backward(forward, fixed: set[int]) -> float:
+    """MiB of activations autograd keeps for the backward pass (distinct storages, weights and inputs
+    excluded): the part of a training step's peak memory that the model's code decides."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(n for ptr, n in storages.items() if ptr not in fixed) / 2**20
+
+
+def memory_child(impl: str, **kw) -> dict:
+    """In a fresh process: RSS at rest (both models, inputs, libraries) and the peak RSS that the first
+    two steps of `impl` add on top (activations, gradients; sampled, since they are freed after)."""
+    step = pair_steps(**kw)[impl]
+    gc.collect()
+    resting = psutil.Process().memory_info().rss
+    peak, stop = [resting], threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], psutil.Process().memory_info().rss)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    step()
+    step()
+    stop.set()
+    watcher.join()
+    return {"resting_mb": resting / 2**20, "step_mb": (peak[0] - resting) / 2**20}
+
+
+def time_child(rounds: int, steps: int, **kw) -> dict:
+    """In one process, alternating implementations (same allocator, threads and libraries): the median
+    step time of each over `rounds` x `steps` steps, after one warm-up step each."""
+    fns = pair_steps(**kw)
+    saved = fns.pop("saved_mb")
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: {"time": sorted(v)[len(v) // 2], "saved_mb": saved[name]} for name, v in times.items()}
+
+
+def in_fresh_process(fn: str, **kw) -> dict:
+    code = f"import json; from benchmarks.dit import {fn}; print(json.dumps({fn}(**{kw!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -132,17 +180,25 @@ def main() -> None:
         lines.append(f"| {name} | {grid * grid} | {tp:.2f} | {tk:.2f} | {tp / tk:.2f}x | {sp:.2f} | {sk:.2f} "
                      f"| {sp / sk:.2f}x |")
         print(lines[-1], flush=True)
-    cfg = dict(grid=16 if args.quick else 32, width=256, depth=4, heads=4, steps=3)
-    ours, theirs = vs_diffusers("ours", **cfg), vs_diffusers("diffusers", **cfg)
+    cfg = dict(grid=16 if args.quick else 32, width=256, depth=4, heads=4)
+    rounds, steps = 3, 3
+    timed_ = in_fresh_process("time_child", rounds=rounds, steps=steps, **cfg)
+    mem = {impl: in_fresh_process("memory_child", impl=impl, **cfg) for impl in ("ours", "diffusers")}
+    rows = {impl: {**timed_[impl], **mem[impl]} for impl in ("ours", "diffusers")}
+    ours, theirs = rows["ours"], rows["diffusers"]
     lines += ["", f"### This model vs diffusers PixArtTransformer2DModel (same weights and input: width "
               f"{cfg['width']}, depth {cfg['depth']}, {cfg['heads']} heads, {cfg['grid']}x{cfg['grid']} tokens, "
-              f"batch 2, 300 x 4096 caption tokens with padding; median of {cfg['steps']} train steps, fresh "
-              "process each)", "",
-              "| implementation | train step (s) | peak RSS (MB) | RSS growth during steps (MB) |", "|---|---|---|---|",
-              f"| ours | {ours['time']:.3f} | {ours['peak_mb']:.0f} | {ours['growth_mb']:.0f} |",
-              f"| diffusers | {theirs['time']:.3f} | {theirs['peak_mb']:.0f} | {theirs['growth_mb']:.0f} |",
-              f"| ratio ours / diffusers | {ours['time'] / theirs['time']:.2f}x | "
-              f"{ours['peak_mb'] / theirs['peak_mb']:.2f}x | |"]
+              f"batch 2, 300 x 4096 caption tokens with padding)", "",
+              f"Train step: median of {rounds} alternating rounds x {steps} steps in one process. Activations: "
+              "what autograd saves for the backward pass (saved-tensor hooks; deterministic). Peak RSS: a fresh "
+              "process per implementation holding both models, RSS sampled every 2 ms during two steps, above "
+              "its RSS at rest (allocator noise of a few %).", "",
+              "| implementation | train step (s) | activations saved for backward (MiB) | peak RSS added by a step (MiB) |",
+              "|---|---|---|---|"]
+    for name, r in (("ours", ours), ("diffusers", theirs)):
+        lines.append(f"| {name} | {r['time']:.3f} | {r['saved_mb']:.1f} | {r['step_mb']:.0f} |")
+    lines.append(f"| ratio ours / diffusers | {ours['time'] / theirs['time']:.2f}x | "
+                 f"{ours['saved_mb'] / theirs['saved_mb']:.2f}x | {ours['step_mb'] / max(theirs['step_mb'], 1e-9):.2f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
