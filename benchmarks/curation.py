@@ -1,11 +1,12 @@
 """Curation throughput and memory on this machine, against img2dataset alone on the same served images.
 
-    python -m benchmarks.curation [--urls 200] [--scale 200,2000]
+    python -m benchmarks.curation [--urls 200] [--links none,100] [--scale 200,2000]
 
 1. Real photos (Debian's wallpapers via ../shared/tools/real-images; many 4K) behind the loopback
    server, `--urls` URLs cycling over them: img2dataset alone (same process and thread count,
-   originals kept) vs the whole curation stage (demo profile: tiny CLIP), images/s, seconds per step,
-   peak RSS of the whole process tree (driver + Ray).
+   originals kept) vs the whole curation stage (demo profile: tiny CLIP), seconds per step, peak RSS
+   of the whole process tree (driver + Ray); once per `--links` cap on the server's bandwidth (an
+   uncapped loopback makes downloading nearly free, which no crawl sees).
 2. Peak RSS at each `--scale` URL count on small generated 1K images: it must stay flat.
 Writes benchmarks/results/curation.md.
 """
@@ -30,7 +31,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "curation.md"
 REAL = ROOT / "benchmarks" / "data" / "real"
-PROCESSES, THREADS = 1, 8  # the demo profile's download settings, used for both sides
+PROCESSES, THREADS = 2, 8  # download processes (one per core here) and threads each, used for both sides
 
 I2D_SCRIPT = """
 import sys
@@ -88,7 +89,9 @@ def curate(urls: Path, out: Path, env: dict) -> tuple[float, float, float, dict]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--urls", type=int, default=200)
-    ap.add_argument("--scale", default="200,2000")
+    ap.add_argument("--scale", default="200,2000", help="URL counts for the memory table ('' to skip)")
+    ap.add_argument("--links", default="none,100",
+                    help="server link caps in Mbit/s for the comparison, 'none' = uncapped loopback")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from demo import tiny_models
@@ -101,51 +104,63 @@ def main() -> None:
         subprocess.run([str(ROOT.parent / "shared" / "tools" / "real-images"), str(REAL)], check=True)
     photos = sorted(p.name for p in (REAL / "images").iterdir())
     tmp = Path(tempfile.mkdtemp(prefix="bench-curation-"))
-    rows, scale_rows = [], []
+    links = [None if x == "none" else float(x) for x in args.links.split(",") if x]
+    runs, scale_rows = [], []
     try:
-        with ImageServer(REAL / "images") as srv:
-            url_list(tmp / "real.parquet", srv.url, photos, args.urls)
-            i2d = tmp / "i2d.py"
-            i2d.write_text(I2D_SCRIPT.replace("{p}", str(PROCESSES)).replace("{t}", str(THREADS)))
-            w_dl, tree_dl, _ = run_measured([sys.executable, str(i2d), str(tmp / "real.parquet"), str(tmp / "i2d")], env)
-            w_cur, tree_cur, top_cur, stats = curate(tmp / "real.parquet", tmp / "cur", env)
-        s = stats["seconds"]
-        rows = [("img2dataset alone (download, originals kept)", w_dl, args.urls / w_dl, tree_dl),
-                ("curation stage, end to end (incl. Ray start)", w_cur, args.urls / w_cur, tree_cur),
-                ("  of which download + measure + embed (streaming)", s["download_score"],
-                 args.urls / s["download_score"], None),
-                ("  of which decide (thresholds + dedup)", s["decide"], None, None),
-                ("  of which write shards + manifest", s["write"], None, None)]
-        cpu = [("measure (decode, tier, quality, hashes), CPU s summed", s["measure_cpu"]),
-               ("embed + aesthetic (tiny CLIP), CPU s summed", s["embed_cpu"]),
-               ("img2dataset download, s summed over shards", stats["img2dataset"]["duration"])]
+        i2d = tmp / "i2d.py"
+        i2d.write_text(I2D_SCRIPT.replace("{p}", str(PROCESSES)).replace("{t}", str(THREADS)))
+        for link in links:
+            with ImageServer(REAL / "images", link_mbps=link) as srv:
+                name = f"{link or 0:g}"
+                url_list(tmp / f"real-{name}.parquet", srv.url, photos, args.urls)
+                w_dl, tree_dl, _ = run_measured([sys.executable, str(i2d), str(tmp / f"real-{name}.parquet"),
+                                                 str(tmp / f"i2d-{name}")], env)
+                w_cur, tree_cur, _, stats = curate(tmp / f"real-{name}.parquet", tmp / f"cur-{name}", env)
+            runs.append((link, w_dl, tree_dl, w_cur, tree_cur, stats))
 
         small = tmp / "small"
         small.mkdir()
         for i in range(20):
             (small / f"{i:02d}.jpg").write_bytes(encode(render(100 + i, 1024, 1024), "JPEG"))
         with ImageServer(small) as srv:
-            for n in [int(x) for x in args.scale.split(",")]:
+            for n in [int(x) for x in args.scale.split(",") if x]:
                 url_list(tmp / f"s{n}.parquet", srv.url, sorted(p.name for p in small.iterdir()), n)
                 wall, tree, top, st = curate(tmp / f"s{n}.parquet", tmp / f"s{n}", env)
                 scale_rows.append((n, wall, n / wall, top, tree, st["kept"]))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+    mb = sum((REAL / "images" / photos[i % len(photos)]).stat().st_size for i in range(args.urls)) / 1e6
     lines = ["## Curation", "",
-             f"Machine: {platform.node()}, {os.cpu_count()} CPUs (shared with other jobs while measured), "
-             f"load average {os.getloadavg()[0]:.1f}. Command: `python -m benchmarks.curation --urls {args.urls}`. "
-             f"Both sides: {PROCESSES} download process, {THREADS} threads, loopback HTTP server.", "",
+             f"Machine: {platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} after the "
+             f"runs. Command: `python -m benchmarks.curation --urls {args.urls} --links {args.links}`. Both sides: "
+             f"{PROCESSES} download processes x {THREADS} threads, the same loopback HTTP server.", "",
              f"{args.urls} URLs cycling over {len(photos)} real photos/wallpapers (Debian gnome/mate backgrounds; "
-             "many 4096², JPEG/PNG/WebP); demo profile (tiny random CLIP for aesthetics).", "",
-             "| run | seconds | images/s | peak RSS, process tree (MiB) |", "| --- | ---: | ---: | ---: |"]
-    for name, sec, ips, rss in rows:
-        lines.append(f"| {name} | {sec:.1f} | {'' if ips is None else f'{ips:.1f}'} | "
-                     f"{'' if rss is None else f'{rss:.0f}'} |")
-    lines += ["", f"Full stage / download only: **{w_cur / w_dl:.2f}x** end to end; "
-              f"{s['download_score'] / w_dl:.2f}x for the streaming part (target 1.5x).", "",
-              "| step (inside the streaming part) | seconds |", "| --- | ---: |"]
-    lines += [f"| {n} | {v:.1f} |" for n, v in cpu]
+             f"many 4096²; JPEG/PNG/WebP; {mb:.0f} MB in all); demo profile (tiny random CLIP for aesthetics). "
+             "Link: the server's cap on bytes/s for all connections together, as a crawling node's network "
+             "link (none: loopback, where downloading costs next to nothing and decoding dominates).", "",
+             "| link | img2dataset alone (s) | curation stage, end to end (s) | ratio (target 1.5x) | of which: "
+             "download + measure + embed, streaming (s) | decide (s) | write shards + manifest (s) | the rest: "
+             "start-up, input split, report.html (s) | peak RSS, process tree: img2dataset / curation (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for link, w_dl, tree_dl, w_cur, tree_cur, stats in runs:
+        sec = stats["seconds"]
+        rest = w_cur - sec["download_score"] - sec["decide"] - sec["write"]
+        lines.append(f"| {'none' if link is None else f'{link:g} Mbit/s'} | {w_dl:.1f} | {w_cur:.1f} | "
+                     f"**{w_cur / w_dl:.2f}x** | {sec['download_score']:.1f} | {sec['decide']:.1f} | {sec['write']:.1f} | "
+                     f"{rest:.1f} | {tree_dl:.0f} / {tree_cur:.0f} |")
+    cpus = os.cpu_count()
+    lines += [""] + [
+        f"- Link {'none' if link is None else f'{link:g} Mbit/s'}: decoding alone (measure CPU s / {cpus} CPUs) needs "
+        f"{stats['seconds']['measure_cpu'] / cpus:.0f} s = {stats['seconds']['measure_cpu'] / cpus / w_dl:.2f}x of "
+        "img2dataset alone, which stores the bytes without decoding them." for link, w_dl, _, _, _, stats in runs]
+    lines += ["", "| step, CPU seconds summed over workers | " + " | ".join(
+        "none" if r[0] is None else f"{r[0]:g} Mbit/s" for r in runs) + " |", "| --- |" + " ---: |" * len(runs)]
+    for label, get in (("measure (decode, tier, quality, hashes)", lambda st: st["seconds"]["measure_cpu"]),
+                       ("embed + aesthetic (tiny CLIP)", lambda st: st["seconds"]["embed_cpu"]),
+                       ("img2dataset download inside the stage (s, summed over shards)",
+                        lambda st: st["img2dataset"]["duration"])):
+        lines.append(f"| {label} | " + " | ".join(f"{get(r[5]):.1f}" for r in runs) + " |")
     lines += ["", "Peak RSS against URL count (generated 1024² JPEGs, 20 distinct, the rest duplicates):", "",
               "| URLs | seconds | images/s | driver peak RSS (MiB) | process tree peak RSS (MiB) | kept |",
               "| ---: | ---: | ---: | ---: | ---: | ---: |"]

@@ -208,9 +208,9 @@ def download_reason(error: str | None) -> str:
 
 
 def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
-    """One dict per input row: key, url, reason ("" if downloaded), image bytes, tar offset/size.
-
-    The tar is streamed member by member, so memory holds one image at a time.
+    """One dict per input row: key, url, reason ("" if downloaded), and where the served bytes lie
+    in the download tar (src, offset, size; read them with `read_member`). Only tar headers are
+    read here: the bytes are read where they are decoded, in another Ray task.
     """
     inputs = pq.read_table(input_shard, columns=["key", URL_COL])
     urls = dict(zip(inputs["key"].to_pylist(), inputs[URL_COL].to_pylist()))
@@ -223,16 +223,15 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
     seen: set[str] = set()
     tar_path = Path(folder) / f"{shard:05d}.tar"
     if tar_path.exists():
-        with tarfile.open(tar_path, "r|") as tar:  # streaming mode: one member at a time
+        with tarfile.open(tar_path, "r:") as tar:  # random access: headers only, the data is skipped
             for m in tar:
                 stem, _, ext = m.name.partition(".")
                 ours = i2d_to_ours.get(stem)
                 if ext != "jpg" or ours is None or ours in seen:
                     continue
-                data = tar.extractfile(m).read()
                 seen.add(ours)
-                yield {"key": ours, URL_COL: urls[ours], "reason": "", "image": data,
-                       "src": str(tar_path), "offset": m.offset_data, "size": m.size}
+                yield {"key": ours, URL_COL: urls[ours], "reason": "", "src": str(tar_path), "offset": m.offset_data,
+                       "size": m.size}
     for key, url in urls.items():
         if key in seen:
             continue
@@ -242,8 +241,15 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
             reason = download_reason(status[key]["error_message"])
         else:
             reason = reasons.DOWNLOAD_ERROR  # img2dataset lost it (a crashed shard)
-        yield {"key": key, URL_COL: url if isinstance(url, str) else "", "reason": reason, "image": b"",
-               "src": "", "offset": 0, "size": 0}
+        yield {"key": key, URL_COL: url if isinstance(url, str) else "", "reason": reason, "src": "", "offset": 0,
+               "size": 0}
+
+
+def read_member(src: str, offset: int, size: int) -> bytes:
+    """The served bytes of one downloaded image, from its place in a download tar."""
+    with open(src, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
 
 
 def shard_stats(folder: Path) -> dict:

@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from shards import reasons
 
@@ -24,6 +24,9 @@ FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # served formats a cura
 WORK_SIDE = 512  # side of the grey working copy quality + phash read
 THUMB_SIDE = 256  # shortest side of the copy the models read (CLIP resizes to 224, the watermark model to 256)
 ORIENTATION = 0x0112
+TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that shows the image upright
 
 
 @dataclass
@@ -55,14 +58,17 @@ def inspect(data: bytes, max_pixels: int, size_check: Optional[Callable[[int, in
             ext = FORMATS.get(im.format)
             if ext is None:
                 return ImageInfo(reasons.NOT_AN_IMAGE, width, height)
-            if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):
+            orientation = im.getexif().get(ORIENTATION, 1)
+            if orientation in (5, 6, 7, 8):
                 width, height = height, width
             early = size_check(height, width) if size_check else None
             if early:
                 return ImageInfo(early, width, height, ext)
             im.draft("RGB", (WORK_SIDE, WORK_SIDE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
             im.load()  # full decode of the (scaled) stream: truncation shows up here
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
+            rgb = _small_rgb(im)
+            if orientation in TRANSPOSE:
+                rgb = rgb.transpose(TRANSPOSE[orientation])
             grey = rgb.convert("L")
             grey.thumbnail((WORK_SIDE, WORK_SIDE))
             thumb = _thumb(rgb)
@@ -71,6 +77,18 @@ def inspect(data: bytes, max_pixels: int, size_check: Optional[Callable[[int, in
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean the same here
         return ImageInfo(reasons.NOT_AN_IMAGE)
     return ImageInfo(None, width, height, ext, grey, thumb)
+
+
+def _small_rgb(im: Image.Image) -> Image.Image:
+    """RGB, box-reduced by the largest integer factor that keeps both copies' sizes (longest side >=
+    WORK_SIDE, shortest >= THUMB_SIDE): PNG and WebP have no DCT scaling, and every step after the
+    decode at 4K (convert, transpose, resize) cost as much again as the decode itself."""
+    if im.mode not in ("RGB", "RGBA", "L"):  # palette, CMYK, 16-bit: Image.reduce takes these three
+        im = im.convert("RGB")
+    factor = min(max(im.size) // WORK_SIDE, min(im.size) // THUMB_SIDE)
+    if factor > 1:
+        im = im.reduce(factor)
+    return im.convert("RGB")
 
 
 def _thumb(rgb: Image.Image) -> bytes:

@@ -1,6 +1,7 @@
 """The curation stage as one streaming Ray Data flow, resumable per shard.
 
-    URL list -> input shards -> [download (img2dataset) -> measure] Ray tasks
+    URL list -> input shards -> download (img2dataset; I/O-bound Ray tasks, `download.processes` at once)
+             -> measure (decode once: size, tier, quality, hashes; CPU-bound Ray tasks, one per core)
              -> [CLIP embedding + aesthetic (+ safety)] Ray actors -> scored/NNNNN.parquet (driver: no images)
              -> decide (thresholds, dedup over the whole run) -> shards/NNNNN.tar (Ray tasks) + manifest.parquet
 
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curation import dedup, download, metadata, quality
-from shards import atomic, buckets, reasons
+from shards import atomic, buckets, progress, reasons
 from shards.config import Config, CurationConfig
 from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
 
@@ -33,8 +34,8 @@ SCORED_COLUMNS = ["key", "url", "reason", "width", "height", "tier", "ext", "sha
                   "sha256", "phash", "aesthetic", "nsfw", "watermark", "src", "offset", "size", "embedding",
                   "t_measure", "t_embed"]
 TIER_RANK = {t: i for i, t in enumerate(buckets.CURATION_TIERS)}
-ROWS_PER_BATCH = 16  # rows the download task hands on at a time (bounds its memory to ~16 images)
-DOWNLOAD_MEMORY = 512 * 2**20  # per download task: 16 images (<= 64 MP each after the bomb guard) + the tar stream
+MEASURE_BATCH = 4  # rows per measuring task: a few seconds of decoding for 4K photos
+MEASURE_MEMORY = 512 * 2**20  # per measuring task: one decode at a time (<= 64 MP after the bomb guard) + 4 originals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,12 +44,14 @@ DOWNLOAD_MEMORY = 512 * 2**20  # per download task: 16 images (<= 64 MP each aft
 
 
 def measure(row: dict, cur: CurationConfig) -> dict:
-    """Decode-safe size, tier, quality and hashes of one downloaded row; sets `reason` when rejected."""
+    """Decode-safe size, tier, quality and hashes of one downloaded row; sets `reason` when rejected.
+    `image` becomes the small JPEG the models read (empty once the row is decided)."""
     t0 = time.perf_counter()
     out = {"width": 0, "height": 0, "tier": "", "ext": "", "sharpness": np.nan, "contrast": np.nan,
            "brightness": np.nan, "sha256": "", "phash": ""}
-    data = row["image"]
+    row["image"] = b""
     if not row["reason"]:
+        data = download.read_member(row["src"], row["offset"], row["size"])
         info = metadata.inspect(data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier))
         out.update(width=info.width, height=info.height, ext=info.ext or "")
         if info.width and info.height:
@@ -77,8 +80,9 @@ def size_verdict(height: int, width: int, min_tier: str) -> str | None:
     return reasons.TOO_SMALL if tier is None or TIER_RANK[tier] < TIER_RANK[min_tier] else None
 
 
-def download_and_measure(batch: dict, work: str, downloads: str, cur: CurationConfig) -> Iterator[dict]:
-    """Ray task body: for each shard id in the batch, download it (unless done) and stream its rows."""
+def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig) -> Iterator[dict]:
+    """Ray task body (I/O-bound): download each shard of the batch (unless done) and hand on its rows,
+    which say where each image's bytes lie in the download tar; the bytes themselves stay on disk."""
     d = cur.download
     for shard in batch["shard"]:
         shard = int(shard)
@@ -87,17 +91,14 @@ def download_and_measure(batch: dict, work: str, downloads: str, cur: CurationCo
                                 retries=d.retries, per_domain_limit=d.per_domain_limit,
                                 concurrent_shards=d.processes, user_agent_token=d.user_agent_token,
                                 disallowed_header_directives=d.disallowed_header_directives)
-        rows = []
-        for row in download.iter_shard(src, Path(downloads), shard):
-            rows.append({**measure(row, cur), "shard": shard})
-            if len(rows) == ROWS_PER_BATCH:
-                yield _columns(rows)
-                rows = []
-        if rows:
-            yield _columns(rows)
+        rows = [{**r, "shard": shard} for r in download.iter_shard(src, Path(downloads), shard)]
+        yield {k: [r[k] for r in rows] for k in rows[0]}
 
 
-def _columns(rows: list[dict]) -> dict:
+def measure_rows(batch: dict, cur: CurationConfig) -> dict:
+    """Ray task body (CPU-bound): measure a few rows, decoding each image once (no download waits
+    on it: the next shards download meanwhile)."""
+    rows = [measure(dict(zip(batch, values)), cur) for values in zip(*batch.values())]
     out = {k: [r[k] for r in rows] for k in rows[0]}
     out["image"] = np.array(out["image"], dtype=object)
     return out
@@ -142,21 +143,29 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config) -
         safety = {"nsfw_head": cfg.models.nsfw_head if cur.nsfw.enabled else None,
                   "watermark": cfg.models.watermark if cur.watermark.enabled else None}
     ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(download_and_measure, batch_size=1, compute=ray.data.TaskPoolStrategy(cur.download.processes),
-                        num_cpus=1, memory=DOWNLOAD_MEMORY,  # differs from Embed's: never fused into its actors
-                        fn_kwargs={"work": str(work), "downloads": str(downloads), "cur": cur})
+    ds = ds.map_batches(download_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(cur.download.processes),
+                        num_cpus=cur.download.num_cpus, fn_kwargs={"work": str(work), "downloads": str(downloads),
+                                                                   "cur": cur})
+    ds = ds.map_batches(measure_rows, batch_size=MEASURE_BATCH, num_cpus=1, memory=MEASURE_MEMORY,  # never fused
+                        fn_kwargs={"cur": cur})                                                   # with the above
     ds = ds.map_batches(
         Embed, batch_size=res.batch_size, num_gpus=res.num_gpus, num_cpus=res.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=res.concurrency),
         fn_constructor_kwargs={"clip": vars(cfg.models.clip).copy(), "aesthetic_head": cfg.models.aesthetic_head,
                                "safety": safety})
     rows: dict[int, list[dict]] = {i: [] for i in pending}
-    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
-        for row in batch.to_dict("records"):
-            shard = int(row.pop("shard"))
-            rows[shard].append(row)
-            if len(rows[shard]) == expected[shard]:
-                write_scored(work / "scored" / f"{shard:05d}.parquet", rows.pop(shard))
+    done = 0
+    with progress.bar(sum(expected.values()), "url", "download+score") as bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+            for row in batch.to_dict("records"):
+                shard = int(row.pop("shard"))
+                rows[shard].append(row)
+                if len(rows[shard]) == expected[shard]:
+                    write_scored(work / "scored" / f"{shard:05d}.parquet", rows.pop(shard))
+                    done += 1
+                    progress.say(f"download shard {shard:05d}: {expected[shard]} URLs scored "
+                                 f"({done}/{len(pending)} shards)")  # the log's progress (no bar off a TTY)
+            bar.update(len(batch))
 
 
 def write_scored(path: Path, rows: list[dict]) -> None:
@@ -244,7 +253,8 @@ def write_outputs(out: Path, work: Path, n_shards: int, decisions: dict, cur: Cu
             in_flight.remove(done[0])
             ray.get(done[0])
 
-    with atomic.atomic_path(out / MANIFEST) as tmp, pq.ParquetWriter(tmp, schema) as manifest:
+    with atomic.atomic_path(out / MANIFEST) as tmp, pq.ParquetWriter(tmp, schema) as manifest, \
+            progress.bar(n_shards, "shard", "write") as bar:
         for i in range(n_shards):
             rows = manifest_rows(work, i, decisions, carried)
             rejected = []  # the report's galleries show a few per reason: thumbnail only those (decoding 4K costs)
@@ -264,6 +274,7 @@ def write_outputs(out: Path, work: Path, n_shards: int, decisions: dict, cur: Cu
                         submit(kept // cur.shard_size - 1, members)
                         members = []
             manifest.write_table(pa.Table.from_pylist([r for r, _ in rows], schema=schema))
+            bar.update(1)
         if members:
             submit((kept - 1) // cur.shard_size, members)
         ray.get(in_flight)

@@ -19,6 +19,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from curation.download import read_member
 from shards import atomic, buckets, format, pages, reasons
 from shards.config import CurationConfig, to_dict
 
@@ -70,9 +71,7 @@ def save_rejected_thumbnails(curdir: str | Path, rows, per_reason: int = THUMBS_
         taken[reason] += 1
         if thumb_path(curdir, row["key"]).exists():
             continue
-        with open(row["src"], "rb") as f:
-            f.seek(row["offset"])
-            written += save_thumbnail(curdir, row["key"], f.read(row["size"]))
+        written += save_thumbnail(curdir, row["key"], read_member(row["src"], row["offset"], row["size"]))
     return written
 
 

@@ -13,6 +13,7 @@ import json
 import tarfile
 from pathlib import Path
 
+from curation.download import read_member
 from shards import atomic
 from shards.format import CAPTION_EXT, META_EXT
 
@@ -30,10 +31,7 @@ def write_shard(path: str | Path, members: list[dict]) -> str:
         return str(path)
     with atomic.atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for m in sorted(members, key=lambda m: m["key"]):
-            with open(m["src"], "rb") as f:
-                f.seek(m["offset"])
-                data = f.read(m["size"])
-            files = {m["ext"]: data, META_EXT: json.dumps(m["meta"], sort_keys=True, default=str).encode()}
+            files = {m["ext"]: read_member(m["src"], m["offset"], m["size"]), META_EXT: json.dumps(m["meta"], sort_keys=True, default=str).encode()}
             if m.get("caption"):
                 files[CAPTION_EXT] = str(m["caption"]).encode()
             for ext in sorted(files):

@@ -11,6 +11,9 @@ serves it once `release()` is called (tests that must act while a download is in
 `/fault/html.jpg` (an HTML page served as image/jpeg); `/fault/truncated.jpg` (the first half
 of a real JPEG); `/fault/huge.png` (a valid PNG header declaring 100000 x 100000 pixels);
 `/fault/noai.jpg` (a real JPEG with `X-Robots-Tag: noai`). `refused_url()` points at a closed port.
+
+`link_mbps` caps the bytes/s of all responses together, as the network link of a crawling node
+does (loopback alone moves gigabytes per second: downloading would cost nothing; benchmarks).
 """
 from __future__ import annotations
 
@@ -48,10 +51,13 @@ def sample_jpeg(width: int = 1024, height: int = 1024) -> bytes:
 class ImageServer:
     """Start on enter (or `start()`), stop on exit (or `stop()`); port chosen by the OS."""
 
-    def __init__(self, folder: str | Path, slow_s: float = 30.0, host: str = "127.0.0.1"):
+    def __init__(self, folder: str | Path, slow_s: float = 30.0, host: str = "127.0.0.1",
+                 link_mbps: float | None = None):
         self.folder = Path(folder).resolve()
         self.slow_s = slow_s
         self.host = host
+        self.link_bytes_per_s = link_mbps * 1e6 / 8 if link_mbps else None
+        self._link_free_at = 0.0  # monotonic time at which the shared link has sent what was queued
         self.inflight = 0
         self.max_inflight = 0
         self.requests: list[str] = []
@@ -130,10 +136,10 @@ class ImageServer:
     def _answer(self, h: BaseHTTPRequestHandler) -> None:
         path = h.path.split("?", 1)[0]
         if path in self.faults:
-            return _send(h, *self.faults[path])
+            return self._send(h, *self.faults[path])
         if path == "/fault/slow.jpg":
             self._stop.wait(self.slow_s)
-            return _send(h, 200, {"Content-Type": "image/jpeg"}, b"")
+            return self._send(h, 200, {"Content-Type": "image/jpeg"}, b"")
         if path.startswith("/hold/"):
             self._release.wait()
             path = path[len("/hold"):]
@@ -143,18 +149,32 @@ class ImageServer:
             path = "/" + path
         file = (self.folder / path.lstrip("/")).resolve()
         if self.folder not in file.parents or not file.is_file():
-            return _send(h, 404, {"Content-Type": "text/html"}, HTML)
+            return self._send(h, 404, {"Content-Type": "text/html"}, HTML)
         kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        _send(h, 200, {"Content-Type": kind}, file.read_bytes())
+        self._send(h, 200, {"Content-Type": kind}, file.read_bytes())
 
+    def _send(self, h: BaseHTTPRequestHandler, code: int, headers: dict, body: bytes) -> None:
+        h.send_response(code)
+        for k, v in headers.items():
+            h.send_header(k, v)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        chunk = 64 * 1024
+        for i in range(0, len(body), chunk):
+            self._pace(min(chunk, len(body) - i))
+            h.wfile.write(body[i:i + chunk])
 
-def _send(h: BaseHTTPRequestHandler, code: int, headers: dict, body: bytes) -> None:
-    h.send_response(code)
-    for k, v in headers.items():
-        h.send_header(k, v)
-    h.send_header("Content-Length", str(len(body)))
-    h.end_headers()
-    h.wfile.write(body)
+    def _pace(self, n: int) -> None:
+        """With a link cap, wait until the shared link has room for n more bytes (chunks interleave
+        across connections, so concurrent downloads share the bandwidth)."""
+        if self.link_bytes_per_s is None:
+            return
+        with self._lock:
+            start = max(time.monotonic(), self._link_free_at)
+            self._link_free_at = start + n / self.link_bytes_per_s
+            wait = start - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
 
 
 def refused_url() -> str:

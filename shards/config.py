@@ -71,6 +71,7 @@ class Resources:
 class DownloadConfig:
     processes: int = 2  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
     threads: int = 16  # requests in flight per shard
+    num_cpus: float = 0.25  # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
     timeout: int = 10
     retries: int = 1
     shard_size: int = 1000  # URLs per img2dataset shard: the unit of work and of resumption

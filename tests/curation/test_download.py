@@ -33,10 +33,9 @@ def test_download_shard_keeps_bytes_and_reports_reasons(server, image_dir, tmp_p
     assert len(rows) == len(urls)
     for name in ("square-1k.jpg", "portrait-1k.png"):
         r = rows[f"{server.url}/{name}"]
-        assert r["reason"] == "" and r["image"] == (image_dir / name).read_bytes()  # served bytes, untouched
-        with open(r["src"], "rb") as fh:  # the recorded offset points at the same bytes
-            fh.seek(r["offset"])
-            assert hashlib.sha256(fh.read(r["size"])).digest() == hashlib.sha256(r["image"]).digest()
+        served = download.read_member(r["src"], r["offset"], r["size"])  # at the recorded place in the tar
+        assert r["reason"] == "" and hashlib.sha256(served).digest() == hashlib.sha256(
+            (image_dir / name).read_bytes()).digest()  # the served bytes, untouched
     assert [rows[u]["reason"] for u in urls[2:]] == ["http_404", "opt_out", "connection_error", "invalid_url"]
     n = len(server.requests)
     _run(src, tmp_path / "dl", limit=4)  # done shard (stats file): not downloaded again
@@ -51,3 +50,23 @@ def test_per_domain_limit(server, tmp_path):
     assert server.max_inflight == 2  # 8 threads, but never more than 2 requests in flight to the host
     rows = list(download.iter_shard(src, tmp_path / "limited", 0))
     assert all(r["reason"] == "" for r in rows)
+
+
+def test_link_cap_shares_the_bandwidth_between_connections(image_dir):
+    """The benchmark's emulated network link: concurrent downloads together never beat the cap."""
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from demo.serve import ImageServer
+
+    name = "square-1k.jpg"
+    size = (image_dir / name).stat().st_size
+    with ImageServer(image_dir, link_mbps=8 * size / 1e6 / 0.25) as srv:  # one file per 0.25 s
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            bodies = list(pool.map(lambda i: urllib.request.urlopen(f"{srv.url}/{name}?i={i}", timeout=10).read(),
+                                   range(4)))
+        elapsed = time.monotonic() - t0
+    assert all(b == (image_dir / name).read_bytes() for b in bodies)
+    assert elapsed >= 4 * 0.25 * 0.95, elapsed  # 4 files through one link: at least 1 s, however many connections

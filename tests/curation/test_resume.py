@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.terminal import RATE_AND_ETA, terminal
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = [sys.executable, str(ROOT / "curation" / "run.py")]
@@ -84,8 +87,11 @@ def test_resume_after_kill(ray_local, tiny_models, server, tmp_path):
     requests_before = Counter(server.requests)
     server.release()
 
-    r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    with terminal() as tty:  # the rerun as in a user's shell: progress bars with rate and ETA on stderr
+        r = subprocess.run(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=tty.slave, text=True, timeout=300)
+    assert r.returncode == 0, tty.text[-2000:]
+    assert "download+score:" in tty.text and re.search(RATE_AND_ETA.format(unit="url"), tty.text), tty.text[-2000:]
+    assert "write: 100%" in tty.text and re.search(RATE_AND_ETA.format(unit="shard"), tty.text), tty.text[-2000:]
     assert {p: p.stat().st_mtime_ns for p in done} == done  # finished shards not redone
     finished_keys = {k for p in done for k in pq.read_table(p, columns=["key"])["key"].to_pylist()}
     m = pd.read_parquet(out / "manifest.parquet")
