@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import tempfile
 import time
@@ -184,7 +185,7 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU"
     text = "\n".join([
         "## Encode (`python -m benchmarks.encode`)", "",
-        f"Machine: {machine} (2 cores shared with other jobs: treat absolute rates as rough). Measured "
+        f"Machine: {machine}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end. Measured "
         f"{time.strftime('%Y-%m-%d')}.", "",
         f"### Bytes per sample (T5 width {C}, 1024² bucket, {n_bytes} samples per row)", "",
         "Ours: `KEY.t5.safetensors` (valid tokens, fp16) + `KEY.vae.safetensors` (mean + std fp16) + tar headers (the ~0.4 kB json is not counted). "
