@@ -155,15 +155,6 @@ def load_run_model(run: Run, dit: str, stages, size):
     return convert.load_model(run.checkpoint, dit, **position)
 
 
-def use_model(gen, model) -> None:
-    """Point a loaded `Generator` at another DiT; T5 and the VAE stay loaded (the null caption is
-    set as `Generator.__init__` does)."""
-    from shards import t5 as t5_mod
-
-    model.set_null_caption(t5_mod.null_caption_embedding(gen.tokenizer, gen.t5, model.y_embedding.shape[0]))
-    gen.model = model.to(gen.device, gen.dtype).eval()
-
-
 def generate_run(gen, run: Run, prompts: list[str], seeds: list[int], size, steps: int, cfg: float,
                  out: Path, uncond: str = "official", log=print) -> int:
     """Every (prompt, seed) image of one run, skipping those already done; returns how many were made."""
@@ -373,7 +364,7 @@ def main(argv=None) -> None:
                                          t5_dtype=cfg.encode.t5_dtype, vae_dtype=cfg.encode.vae_dtype,
                                          max_length=cfg.encode.t5_max_length)
             else:
-                use_model(gen, model)
+                gen.use(model)
             made = generate_run(gen, run, prompts, seeds, size, steps, cfg_scale, out)
             print(f"{run.name}: {made} images generated, {len(prompts) * len(seeds) - made} already there")
     except (convert.ConversionError, ValueError) as e:

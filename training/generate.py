@@ -30,7 +30,12 @@ class Generator:
         self.tokenizer = t5_mod.load_tokenizer(t5_path)
         self.t5 = t5_mod.load_t5(t5_path, t5_dtype, device)
         self.vae = vae_mod.load_vae(vae_path, vae_dtype, device)
-        self.model = model.to(self.device, dtype).eval()
+        self.use(model)
+
+    def use(self, model) -> None:
+        """Generate with this DiT from now on (T5 and the VAE stay loaded); its null caption is set to
+        T5("") padded to its length, as the official loader does."""
+        self.model = model.to(self.device, self.dtype).eval()
         null = t5_mod.null_caption_embedding(self.tokenizer, self.t5, model.y_embedding.shape[0])  # [L, C]
         self.model.set_null_caption(null)
 

@@ -68,7 +68,7 @@ def test_same_seed_gives_the_same_initial_noise_in_every_run(tmp_path, tiny_mode
     for run in resolved:
         model = evaluation.load_run_model(run, "tiny", stages, (64, 64))
         gen = Generator(model, demo_cfg.models.t5, demo_cfg.models.vae) if gen is None else gen
-        evaluation.use_model(gen, model)
+        gen.use(model)
         calls = []
         model.register_forward_pre_hook(lambda mod, args: calls.append(args[0][:1].clone()))  # x [2N, C, h, w]
         made = evaluation.generate_run(gen, run, prompts[:2], [0, 1], (64, 64), 1, 4.5, tmp_path, log=lambda s: None)
