@@ -253,6 +253,18 @@ def save_diffusers(model, out_dir: str | Path, sample_size: int | None = None) -
 # ---------------------------------------------------------------------------------------------
 
 
+def add_source_args(p) -> None:
+    """`--run RUNDIR | --ckpt FILE`, the weights training/sample and training/export read."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run folder: its newest checkpoint (EMA preferred); the folder name picks the stage")
+    src.add_argument("--ckpt", help="a checkpoint: our .safetensors, an official .pth, or a diffusers folder")
+
+
+def source_checkpoint(args) -> Path:
+    """The weights file or folder that `add_source_args`' flags name."""
+    return Path(args.ckpt) if args.ckpt else find_run_checkpoint(args.run)
+
+
 def find_run_checkpoint(run: str | Path) -> Path:
     """The newest weights in a run folder: the highest step number in the path, EMA preferred."""
     run = Path(run)
@@ -312,9 +324,7 @@ def main(argv=None) -> None:
     p = cli.parser("training/export", "Write a run's DiT as a diffusers PixArtTransformer2DModel folder "
                    "(loads into PixArtSigmaPipeline). KV-compressed models are refused: diffusers cannot express them.",
                    "training/export --run runs/1k --diffusers out/transformer")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run folder: its newest checkpoint (EMA preferred); the folder name picks the stage")
-    src.add_argument("--ckpt", help="a checkpoint: our .safetensors, an official .pth, or a diffusers folder")
+    add_source_args(p)
     p.add_argument("--diffusers", required=True, metavar="OUTDIR", help="folder to write config.json + weights into")
     p.add_argument("--stage", help="stage whose resolution and pe_interpolation to record (default: the run's name)")
     args = p.parse_args(argv)
@@ -324,7 +334,7 @@ def main(argv=None) -> None:
     if args.stage and stage is None:
         cli.fail(f"--stage {args.stage}: no such stage; choose one of {sorted(cfg.training.stages)}")
     try:
-        ckpt = Path(args.ckpt) if args.ckpt else find_run_checkpoint(args.run)
+        ckpt = source_checkpoint(args)
         position = position_setup(stage)
         if stage is None:  # a bare checkpoint: record the released 1024 setup
             position = dict(input_size=128, pe_interpolation=2.0, multi_scale=True)

@@ -98,9 +98,7 @@ def main(argv=None) -> None:
     p = cli.parser("training/sample", "Generate an image from a prompt with a trained PixArt-Sigma DiT "
                    "(DPM-Solver++ with classifier-free guidance; T5 and VAE from the config's models).",
                    'training/sample --run runs/1k --prompt "A red fox in the snow" --size 1024x1024 --out fox.png')
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run folder: its newest checkpoint (EMA preferred); the folder name picks the stage")
-    src.add_argument("--ckpt", help="a checkpoint: our .safetensors, an official .pth, or a diffusers folder")
+    convert.add_source_args(p)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--size", default="1024x1024", help="HEIGHTxWIDTH in pixels, multiples of 16 (default 1024x1024)")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
@@ -118,7 +116,7 @@ def main(argv=None) -> None:
         cli.fail(str(e))
     stage = cfg.training.stages.get(Path(args.run).name) if args.run else None
     try:
-        ckpt = Path(args.ckpt) if args.ckpt else convert.find_run_checkpoint(args.run)
+        ckpt = convert.source_checkpoint(args)
     except convert.ConversionError as e:
         cli.fail(str(e))
     position = convert.position_setup(stage)
