@@ -101,13 +101,13 @@ class ImageServer:
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
                     server.requests.append(self.path)
+                self.in_flight = True
                 try:
                     server._answer(self)
                 except (BrokenPipeError, ConnectionResetError):
                     pass
                 finally:
-                    with server._lock:
-                        server.inflight -= 1
+                    server._leave(self)
 
         self._httpd = ThreadingHTTPServer((self.host, 0), Handler)
         self._httpd.daemon_threads = True
@@ -153,12 +153,21 @@ class ImageServer:
         kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
         self._send(h, 200, {"Content-Type": kind}, file.read_bytes())
 
+    def _leave(self, h: BaseHTTPRequestHandler) -> None:
+        """Count a request out once. `_send` does it before the body goes out: a client that has read
+        the whole body may send its next request before this thread returns from writing it."""
+        with self._lock:
+            if getattr(h, "in_flight", False):
+                self.inflight -= 1
+                h.in_flight = False
+
     def _send(self, h: BaseHTTPRequestHandler, code: int, headers: dict, body: bytes) -> None:
         h.send_response(code)
         for k, v in headers.items():
             h.send_header(k, v)
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
+        self._leave(h)
         chunk = 64 * 1024
         for i in range(0, len(body), chunk):
             self._pace(min(chunk, len(body) - i))
