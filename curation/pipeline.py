@@ -146,8 +146,9 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config) -
     ds = ds.map_batches(download_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(cur.download.processes),
                         num_cpus=cur.download.num_cpus, fn_kwargs={"work": str(work), "downloads": str(downloads),
                                                                    "cur": cur})
-    ds = ds.map_batches(measure_rows, batch_size=MEASURE_BATCH, num_cpus=1, memory=MEASURE_MEMORY,  # never fused
-                        fn_kwargs={"cur": cur})                                                   # with the above
+    # other resources than the download tasks': never fused with them, so decoding never stalls a download
+    ds = ds.map_batches(measure_rows, batch_size=MEASURE_BATCH, num_cpus=1, memory=MEASURE_MEMORY,
+                        fn_kwargs={"cur": cur})
     ds = ds.map_batches(
         Embed, batch_size=res.batch_size, num_gpus=res.num_gpus, num_cpus=res.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=res.concurrency),

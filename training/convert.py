@@ -88,17 +88,23 @@ def to_diffusers(state_dict: dict) -> dict:
                               "PixArtTransformer2DModel cannot express; export a model trained without it")
     sd = {k: v for k, v in state_dict.items() if k not in (NULL_CAPTION_KEY, "pos_embed")}
     renames, splits = _pairs(_depth(sd, "blocks."))
-    out = {}
-    for ours, theirs in renames:
-        for suffix in (".weight", ".bias", ""):
-            if ours + suffix in sd and (suffix or ours.endswith("scale_shift_table")):
-                out[theirs + suffix] = sd.pop(ours + suffix)
+    out = _move(sd, renames)
     for ours, chunks in splits:
         for suffix in (".weight", ".bias"):
             parts = sd.pop(ours + suffix).chunk(len(chunks), dim=0)
             out.update({c + suffix: p.contiguous() for c, p in zip(chunks, parts)})
     if sd:
         raise ConversionError(f"no diffusers name for {sorted(sd)[:5]}")
+    return out
+
+
+def _move(sd: dict, renames: list[tuple[str, str]]) -> dict:
+    """Pop every `src` module's weight and bias (or the bare `scale_shift_table`) out of `sd`, under `dst`."""
+    out = {}
+    for src, dst in renames:
+        for suffix in (".weight", ".bias", ""):
+            if src + suffix in sd and (suffix or src.endswith("scale_shift_table")):
+                out[dst + suffix] = sd.pop(src + suffix)
     return out
 
 
@@ -110,11 +116,7 @@ def from_diffusers(state_dict: dict) -> dict:
     if extra:
         raise ConversionError(f"{extra[0]}: micro-conditions (use_additional_conditions) are PixArt-α only")
     renames, splits = _pairs(_depth(sd, "transformer_blocks."))
-    out = {}
-    for ours, theirs in renames:
-        for suffix in (".weight", ".bias", ""):
-            if theirs + suffix in sd and (suffix or theirs.endswith("scale_shift_table")):
-                out[ours + suffix] = sd.pop(theirs + suffix)
+    out = _move(sd, [(theirs, ours) for ours, theirs in renames])
     for ours, chunks in splits:
         for suffix in (".weight", ".bias"):
             out[ours + suffix] = torch.cat([sd.pop(c + suffix) for c in chunks], dim=0)
