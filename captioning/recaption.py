@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import sys
-import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from common import progress
 from common.config import Captioner, Config
-from shards import atomic, format, reasons
+from shards import atomic, curated, format, reasons
 from shards.errors import SigmaError
 
 # ---------------------------------------------------------------------------------------------
@@ -27,26 +26,10 @@ from shards.errors import SigmaError
 # ---------------------------------------------------------------------------------------------
 
 
-def shard_keys(path: str | Path) -> list[str]:
-    """Sample keys of a curated tar in member order (WebDataset: the name up to the first dot)."""
-    keys: dict[str, None] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isfile():
-                keys.setdefault(Path(member.name).name.split(".", 1)[0], None)
-    return list(keys)
-
-
 def read_shard(item: dict) -> list[dict]:
     """One row per sample: the first image member's original bytes (b"" if none), and the .txt caption."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(item["shard"]) as tar:
-        for member in tar:
-            if member.isfile():
-                key, _, ext = Path(member.name).name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     rows = []
-    for index, (key, members) in enumerate(samples.items()):
+    for index, (key, members) in enumerate(curated.samples(item["shard"])):
         image = next((members[e] for e in format.IMAGE_EXTS if e in members), b"")
         text = members.get(format.CAPTION_EXT, b"").decode("utf-8", errors="replace").strip()
         rows.append({"shard": item["shard"], "index": index, "key": key, "image": image, "original_caption": text})
@@ -131,9 +114,9 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     expected: dict[str, int] = {}
     for shard in p["todo"]:
         try:
-            expected[shard] = len(shard_keys(shard))
-        except (tarfile.TarError, OSError, EOFError) as e:  # reported; the next run retries it
-            print(f"{shard}: {reasons.CORRUPT_SHARD} ({e}); skipped", file=sys.stderr)
+            expected[shard] = len(curated.keys(shard))
+        except curated.CorruptShard as e:  # reported; the next run retries it
+            print(f"{reasons.CORRUPT_SHARD}: {e}; skipped", file=sys.stderr)
             summary["corrupt_shards"].append(shard)
     for shard in [s for s, n in expected.items() if n == 0]:
         print(_write(out, shard, [], cap, None, cfg)["line"], file=sys.stderr)

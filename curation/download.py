@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shards import atomic, reasons
+from shards import atomic, curated, reasons
 from shards.errors import SigmaError
 
 KEY_DIGITS = 10  # row index in the URL list, zero-padded: sortable, no dots
@@ -224,7 +224,7 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
     if tar_path.exists():
         with tarfile.open(tar_path, "r:") as tar:  # random access: headers only, the data is skipped
             for m in tar:
-                stem, _, ext = m.name.partition(".")
+                stem, ext = curated.split_name(m.name)
                 ours = i2d_to_ours.get(stem)
                 if ext != "jpg" or ours is None or ours in seen:
                     continue

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from common import cli, progress
-from shards import buckets, encoded, reasons
+from shards import buckets, curated, encoded, reasons
 from shards import format as fmt
 from shards.errors import SigmaError
 
@@ -42,41 +41,6 @@ def _row(**kw) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _scan_tar(path: str, keys: list[str]) -> None:
-    """Read the whole tar once, collecting its keys; raises on a corrupt or truncated tar.
-
-    A first pass reads every byte, so a shard is either fully valid or skipped as a whole, while
-    the second pass (`_samples`) holds only one sample in memory (4K shards are gigabytes).
-    """
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if member.isfile():
-                tar.extractfile(member).read()
-                key = Path(member.name).name.partition(".")[0]
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-        # tarfile takes a cut at a header boundary for the end of the archive; a complete tar has
-        # two zero blocks after its last member.
-        if Path(path).stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
-            raise tarfile.ReadError(f"truncated after {len(keys)} samples (no end-of-archive blocks)")
-
-
-def _samples(path: str):
-    """(key, {suffix: bytes}) per sample; a sample's members are consecutive, as WebDataset writes them."""
-    key, members = None, {}
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            k, _, suffix = Path(member.name).name.partition(".")
-            if k != key and members:
-                yield key, members
-                members = {}
-            key, members[suffix] = k, tar.extractfile(member).read()
-    if members:
-        yield key, members
-
-
 def _captions(path: Path) -> dict[str, dict]:
     """{key: caption row}; empty when the file is missing or unreadable (its samples: missing_caption)."""
     import pyarrow as pa
@@ -96,15 +60,14 @@ def read_shard(task: dict, tier: str):
     """Rows for every sample of one curated shard, minus those already encoded (`task["done"]`)."""
     source, done = Path(task["shard"]).name, set(task["done"])
     captions = _captions(Path(task["captions"]))
-    keys: list[str] = []
     try:
-        _scan_tar(task["shard"], keys)
-    except (tarfile.TarError, EOFError, OSError) as e:
-        print(f"encode: {task['shard']}: corrupt shard, skipped ({type(e).__name__}: {e})", flush=True)
-        for k in sorted((set(captions) | set(keys)) - done):
+        curated.keys(task["shard"])  # the whole tar is checked before any row is made
+    except curated.CorruptShard as e:
+        print(f"encode: {e}; skipped", flush=True)
+        for k in sorted((set(captions) | set(e.keys)) - done):
             yield _row(key=k, source=source, status=FAILED, reason=reasons.CORRUPT_SHARD)
         return
-    for key, members in _samples(task["shard"]):
+    for key, members in curated.samples(task["shard"]):
         if key not in done:
             yield _sample_row(key, members, captions.get(key), source, tier)
 

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from captioning import recaption
 from shards import format as fmt
 from shards import reasons
+from tests.shards.test_curated import cut_after, write_tar
 from tests.terminal import RATE_AND_ETA, on_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,3 +125,11 @@ def test_unreadable_tar_is_reported_and_left_for_the_next_run(cap_cfg, tmp_path)
     summary = recaption.run(cap_cfg, str(bad), str(tmp_path / "caps"))
     assert summary["corrupt_shards"] == [str(bad)] and summary["written"] == 0
     assert not list((tmp_path / "caps").iterdir())
+
+
+def test_recaption_refuses_a_tar_cut_at_a_member_boundary(cap_cfg, tmp_path):
+    tar = write_tar(tmp_path / "cur" / "shards" / "00000.tar", ["x.jpg", "x.txt", "y.jpg", "y.txt"])
+    cut_after(tar, 2)
+    summary = recaption.run(cap_cfg, str(tar), str(tmp_path / "caps"))
+    assert summary["corrupt_shards"] == [str(tar)] and summary["written"] == 0
+    assert not list((tmp_path / "caps").glob("*.parquet"))
