@@ -92,3 +92,37 @@ def test_entry_point_reports_config_error_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, "--config", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: training.stages.2k.lr: expected float, got 'fast'"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("curation.download.shard_size=0", "curation.download.shard_size: 0 is out of range (expected >= 1)"),
+    ("curation.shard_size=0", "curation.shard_size: 0 is out of range (expected >= 1)"),
+    ("curation.download.timeout=-1", "curation.download.timeout: -1 is out of range (expected >= 1)"),
+    ("curation.dedup.phash_radius=-2", "curation.dedup.phash_radius: -2 is out of range (expected >= 0 and <= 64)"),
+    ("curation.max_pixels=0", "curation.max_pixels: 0 is out of range (expected >= 1)"),
+    ("curation.aesthetic_resources.batch_size=0", "curation.aesthetic_resources.batch_size: 0 is out of range"),
+    ("encode.shard_bytes=0", "encode.shard_bytes: 0 is out of range"),
+    ("captioning.captioners.hf.max_new_tokens=0", "captioning.captioners.hf.max_new_tokens: 0 is out of range"),
+    ("training.stages.1k.cfg_dropout=1.5", "training.stages.1k.cfg_dropout: 1.5 is out of range (expected >= 0 and <= 1)"),
+    ("training.stages.1k.lr=0", "training.stages.1k.lr: 0.0 is out of range (expected > 0)"),
+])
+def test_numbers_out_of_range_are_refused_at_load(override, message):
+    with pytest.raises(SigmaError) as e:
+        config.load(ROOT / "pipelines.yaml", "demo", [override])
+    assert str(e.value) == message or str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_every_numeric_key_has_a_range():
+    import dataclasses
+    import typing
+
+    def numeric(tp):
+        return tp in (int, float) or any(a in (int, float) for a in typing.get_args(tp))
+
+    missing = []
+    for cls in [v for v in vars(config).values() if dataclasses.is_dataclass(v) and isinstance(v, type)]:
+        hints = typing.get_type_hints(cls)
+        missing += [f"{cls.__name__}.{f.name}" for f in dataclasses.fields(cls)
+                    if numeric(hints[f.name]) and "range" not in f.metadata]
+    assert missing == []
