@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import progress
 from common.config import Captioner, Config
-from shards import atomic, curated, format, reasons
+from shards import atomic, curated, fingerprint, format, reasons
 from shards.errors import SigmaError
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +82,31 @@ def plan(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     }
 
 
+def stage_fingerprint(p: dict) -> dict:
+    """The settings that change a caption parquet; the shards are checked one by one (`_check_sources`),
+    so more shards may be captioned into the same CAPDIR later."""
+    from shards.encoded import model_id
+
+    keys = ("backend", "prompt", "max_new_tokens", "generate", "dtype", "max_pixels", "strip_openings")
+    return {**{k: p[k] for k in keys}, "model": model_id(p["model"]), "revision": p["captioner_id"].rsplit("@", 1)[1], "t5_tokenizer": model_id(p["t5_tokenizer"])}
+
+
+def _check_sources(done: list[str], out: str) -> None:
+    """A finished parquet records its tar's size: a changed tar is refused, not silently reused."""
+    import pyarrow.parquet as pq
+
+    for shard in done:
+        meta = pq.read_schema(format.caption_file(out, shard)).metadata or {}
+        size = meta.get(SOURCE_SIZE)
+        if size is not None and int(size) != Path(shard).stat().st_size:
+            raise SigmaError(f"{shard}: changed since {format.caption_file(out, shard)} was written from it "
+                             f"({int(size)} -> {Path(shard).stat().st_size} bytes); use another --out, or delete "
+                             "that parquet to caption it again")
+
+
+SOURCE_SIZE = b"sigmaforge.source_size"
+
+
 def backend(cap: Captioner) -> tuple[type, dict]:
     """The actor class for a captioner and its constructor arguments (a plain dict, not the config)."""
     common = dict(model=cap.model, prompt=cap.prompt, revision=cap.revision, dtype=cap.dtype,
@@ -108,6 +133,8 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     p = plan(cfg, shards, out, name)
     _, cap = select(cfg, p["captioner"])
     Path(out).mkdir(parents=True, exist_ok=True)
+    fingerprint.check(out, stage_fingerprint(p))
+    _check_sources(p["done"], out)
     atomic.clean_temp(out)  # a killed run's half-written parquet never counts
     summary = {"shards": len(p["shards"]), "skipped": len(p["done"]), "written": 0, "corrupt_shards": [],
                "captions": 0, "failed": {}, "over_budget": 0, "token_budget": p["token_budget"]}
@@ -196,6 +223,7 @@ def _write(out: str, shard: str, rows: list[dict], cap: Captioner, tokenizer, cf
     assert list(columns) == format.CAPTION_COLUMNS
     types = {c: pa.string() for c in format.CAPTION_COLUMNS if c != "num_tokens"}
     table = pa.table({c: columns[c] if c == "num_tokens" else pa.array(columns[c], types[c]) for c in columns})
+    table = table.replace_schema_metadata({SOURCE_SIZE: str(Path(shard).stat().st_size)})
     path = format.caption_file(out, shard)
     atomic.write_parquet(path, table)
     kept = [r for r in rows if r["status"] == reasons.KEPT]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from captioning import recaption
 from shards import format as fmt
@@ -124,7 +125,7 @@ def test_unreadable_tar_is_reported_and_left_for_the_next_run(cap_cfg, tmp_path)
     bad.write_bytes(b"\x00garbage" * 200)  # not a tar: listing fails before any Ray work
     summary = recaption.run(cap_cfg, str(bad), str(tmp_path / "caps"))
     assert summary["corrupt_shards"] == [str(bad)] and summary["written"] == 0
-    assert not list((tmp_path / "caps").iterdir())
+    assert [p.name for p in (tmp_path / "caps").iterdir()] == ["fingerprint.json"]  # no caption file
 
 
 def test_recaption_refuses_a_tar_cut_at_a_member_boundary(cap_cfg, tmp_path):
@@ -133,3 +134,27 @@ def test_recaption_refuses_a_tar_cut_at_a_member_boundary(cap_cfg, tmp_path):
     summary = recaption.run(cap_cfg, str(tar), str(tmp_path / "caps"))
     assert summary["corrupt_shards"] == [str(tar)] and summary["written"] == 0
     assert not list((tmp_path / "caps").glob("*.parquet"))
+
+
+def test_a_resume_with_other_settings_or_a_changed_shard_is_refused(make_cfg, tmp_path):
+    """Issue 15 item 2: a finished CAPDIR never answers for other settings or a changed tar."""
+    import tarfile as tf
+
+    from shards.errors import SigmaError
+
+    tar = tmp_path / "cur" / "shards" / "00000.tar"
+    tar.parent.mkdir(parents=True)
+    with tf.open(tar, "w"):  # a shard with no samples: written without starting Ray
+        pass
+    caps = tmp_path / "caps"
+    assert recaption.run(make_cfg(), str(tar), str(caps))["written"] == 1
+    with pytest.raises(SigmaError, match=r"made with another prompt \(see fingerprint.json\)"):
+        recaption.run(make_cfg("captioning.captioners.hf.prompt=Say something else."), str(tar), str(caps))
+    assert recaption.run(make_cfg("captioning.token_budget=5"), str(tar), str(caps))["skipped"] == 1  # reporting only
+    with tf.open(tar, "w") as t:  # the same name, other content (folders only: still no samples)
+        for i in range(30):
+            info = tf.TarInfo(f"folder{i}")
+            info.type = tf.DIRTYPE
+            t.addfile(info)
+    with pytest.raises(SigmaError, match=r"00000.tar: changed since .*00000.parquet was written from it"):
+        recaption.run(make_cfg(), str(tar), str(caps))
