@@ -7,7 +7,10 @@ sample reaches the driver and lands in `index.parquet`. Tensors travel as safete
 bytes that go into the tar), pixels as uint8 bytes, so every column is a plain Arrow scalar.
 
 Resumption is per sample: rows of committed tars with the current fingerprint are skipped;
-everything else (missing, failed before, or encoded under another fingerprint) is encoded again.
+everything else (missing, or failed before) is encoded again. A resume whose inputs or settings
+changed (ENCDIR/fingerprint.json) is refused unless `--reencode` accepts it: then samples encoded
+under other settings are encoded again and new ones added (a changed caption of an already
+encoded sample is not: use another --out for that).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from common import cli, progress
-from shards import buckets, curated, encoded, reasons
+from shards import buckets, curated, encoded, fingerprint, reasons
 from shards import format as fmt
 from shards.errors import SigmaError
 
@@ -260,8 +263,29 @@ def plan(cfg, images: str, captions: str, out: str, tier: str) -> dict:
                 table=buckets.TIER_TABLES[tier], fingerprint=fp, t5=m.t5, vae=m.vae, encode=dataclasses.asdict(e))
 
 
-def run(cfg, images: str, captions: str, out: str, tier: str) -> dict:
-    """Encode what is missing; write shards, index.parquet and info.json. Returns a summary."""
+def stage_fingerprint(cfg, p: dict) -> dict:
+    """The inputs (image shards and caption files, by name and size) and what decides a sample's bytes."""
+    e, m = cfg.encode, cfg.models
+    captions = [fmt.caption_file(p["captions"], s) for s in p["shard_list"]]
+    return {"--images": fingerprint.listing(p["shard_list"]), "--captions": fingerprint.listing(captions),
+            "models.t5": encoded.model_id(m.t5), "models.vae": encoded.model_id(m.vae),
+            "format": f"{encoded.FORMAT_VERSION}/{encoded.PREPROCESS}",
+            **{f"encode.{k}": getattr(e, k) for k in ("t5_dtype", "t5_max_length", "vae_dtype", "vae_tiling")}}
+
+
+def _check_fingerprint(cfg, p: dict, encdir: Path, reencode: bool) -> None:
+    """Refuse a resume with other inputs or settings, unless --reencode accepts them."""
+    if reencode:
+        (encdir / fingerprint.FILE).unlink(missing_ok=True)
+    try:
+        fingerprint.check(encdir, stage_fingerprint(cfg, p))
+    except SigmaError as e:
+        raise SigmaError(f"{e}; or pass --reencode to encode again what changed") from None
+
+
+def run(cfg, images: str, captions: str, out: str, tier: str, reencode: bool = False) -> dict:
+    """Encode what is missing; write shards, index.parquet and info.json. Returns a summary.
+    `reencode`: accept changed inputs or settings (re-encode stale samples, encode new ones)."""
     import pyarrow as pa
 
     from shards import atomic
@@ -272,6 +296,7 @@ def run(cfg, images: str, captions: str, out: str, tier: str) -> dict:
     encdir = Path(out)
     encdir.mkdir(parents=True, exist_ok=True)
     _check_tier(encdir, tier)
+    _check_fingerprint(cfg, p, encdir, reencode)
     removed = encoded.remove_incomplete(encdir) + encoded.remove_stale(encdir, fp)
     done = encoded.committed_rows(encdir)
     done_by_source = done.groupby("source")["key"].apply(list).to_dict() if len(done) else {}
@@ -431,6 +456,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--captions", required=True, help="CAPDIR with NNNNN.parquet per curated shard")
     ap.add_argument("--out", required=True, help="ENCDIR to write (resumable: rerun to finish or update)")
     ap.add_argument("--tier", required=True, choices=list(buckets.TIER_TABLES), help="bucket table to encode at")
+    ap.add_argument("--reencode", action="store_true",
+                    help="resume although inputs or settings changed: encode new and changed-setting samples again")
     args = ap.parse_args(argv)
     cfg = cli.load(args)
     p = plan(cfg, args.images, args.captions, args.out, args.tier)
@@ -445,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.captions).is_dir():
         cli.fail(f"--captions {args.captions}: not a folder")
     try:
-        summary = run(cfg, args.images, args.captions, args.out, args.tier)
+        summary = run(cfg, args.images, args.captions, args.out, args.tier, reencode=args.reencode)
     except SigmaError as e:
         cli.fail(str(e))
     print(json.dumps(summary, indent=2))

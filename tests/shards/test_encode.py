@@ -129,7 +129,7 @@ def test_info_records_vae_and_null_caption(first_run):
         loader.check_vae(first_run / "enc", 0.18215, 4)
 
 
-def test_rerun_encodes_only_what_is_missing(first_run, shard_models):
+def test_rerun_encodes_only_what_is_missing(first_run, shard_models, capsys):
     """A lost shard and a caption that arrived since: only those samples are encoded; the rest stays byte-identical."""
     enc = first_run / "enc"
     lost = enc / index(first_run).loc["000000002", "shard"]
@@ -139,9 +139,12 @@ def test_rerun_encodes_only_what_is_missing(first_run, shard_models):
     rows = pq.read_table(cap).to_pylist()
     rows.append({**rows[0], "key": "000000013", "caption": "a fox near a lake"})
     pq.write_table(pq.read_table(cap).from_pylist(rows), cap)
-    with on_terminal() as tty:  # as in a user's shell: a progress bar with rate and ETA
+    with pytest.raises(SystemExit) as e:  # a changed input is refused by default (issue 15 item 2) ...
+        encode.main(encode_args(first_run, shard_models))
+    assert e.value.code == 2 and "made with another --captions" in capsys.readouterr().err
+    with on_terminal() as tty:  # ... and accepted with --reencode; as in a user's shell: a progress bar with rate and ETA
         summary = encode.run(_cfg(shard_models), str(first_run / "curated" / "shards" / "*.tar"),
-                                   str(first_run / "captions"), str(enc), "256")
+                             str(first_run / "captions"), str(enc), "256", reencode=True)
     assert "encode 256:" in tty.text and re.search(RATE_AND_ETA.format(unit="sample"), tty.text), tty.text
     assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 1  # the lost tar's row file
     after = {p: p.read_bytes() for p in encoded.committed_shards(enc)}
@@ -157,6 +160,16 @@ def _cfg(models):
 
     return config.load(ROOT / "pipelines.yaml", "demo", [f"models.t5={models['t5']}", f"models.vae={models['vae']}",
                                                          "encode.shard_bytes=40000"])
+
+
+def test_other_settings_into_same_out_are_refused_in_one_line(first_run, shard_models, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (first_run / "enc").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        encode.main(encode_args(first_run, shard_models, "--set", "encode.t5_max_length=120"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "made with another encode.t5_max_length" in err, err
+    assert "--reencode" in err
+    assert {p: p.stat().st_mtime_ns for p in (first_run / "enc").rglob("*") if p.is_file()} == before
 
 
 def test_other_tier_into_same_out_is_refused(first_run, shard_models, capsys):
