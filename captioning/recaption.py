@@ -253,10 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="a key of captioning.captioners in the config (default: captioning.captioner)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
-    try:
+    with cli.user_errors():
         if args.dry_run:
             cli.print_plan(plan(cfg, args.shards, args.out, args.captioner))
             return
         run(cfg, args.shards, args.out, args.captioner)
-    except SigmaError as e:
-        cli.fail(str(e))

@@ -6,13 +6,14 @@ A bad config ends the program with its one-line message (exit 2), never a traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from typing import NoReturn
 
 from common import config as config_mod
-from shards.errors import SigmaError
+from shards.errors import SigmaError, user_message
 
 REPO_ROOT = str(config_mod.DEFAULT_CONFIG.parent)
 
@@ -44,6 +45,19 @@ def fail(message: str) -> NoReturn:
     """One-line error and exit status 2."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Around an entry point's work: a SigmaError or a full disk (also from a Ray worker) becomes its
+    one line and exit status 2; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        message = user_message(e)
+        if message is None:
+            raise
+        fail(message)
 
 
 def print_plan(plan: dict) -> None:

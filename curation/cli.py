@@ -40,9 +40,8 @@ def main(argv: list[str] | None = None) -> None:
                         "curation": json.loads(json.dumps(cur, default=vars))})
         return
     try:
-        stats = pipeline.run(args.urls, args.out, cfg)
-    except SigmaError as e:
-        cli.fail(str(e))
+        with cli.user_errors():
+            stats = pipeline.run(args.urls, args.out, cfg)
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)

@@ -14,8 +14,12 @@ requests in flight from the whole run.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import json
 import math
+import sys
 import tarfile
 import threading
 from pathlib import Path
@@ -26,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards import atomic, curated, reasons
-from shards.errors import SigmaError
+from shards.errors import SigmaError, disk_full
 
 KEY_DIGITS = 10  # row index in the URL list, zero-padded: sortable, no dots
 URL_COL, CAPTION_COL = "url", "caption"
@@ -181,8 +185,12 @@ def download_shard(input_shard: Path, folder: Path, shard: int, *, threads: int,
         encode_format="jpg", retries=retries, user_agent_token=user_agent_token,
         disallowed_header_directives=disallowed_header_directives or None,
     )
-    ok, _ = downloader((shard, str(feather)))
-    if not ok:
+    with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
+        ok, _ = downloader((shard, str(feather)))
+    if not ok:  # img2dataset prints its exception and returns False: a full disk is the user's to fix
+        if f"[Errno {errno.ENOSPC}]" in said.getvalue():
+            raise SigmaError(disk_full(folder))
+        print(said.getvalue(), file=sys.stderr)
         raise RuntimeError(f"img2dataset failed on download shard {shard:05d}")
 
 

@@ -307,25 +307,15 @@ def run(cfg, images: str, captions: str, out: str, tier: str, reencode: bool = F
     _check_gpus(ray, e)
     writers: dict[tuple[int, int], encoded.BucketWriter] = {}
     failures: list[dict] = []
-    if tasks:
-        with progress.bar(_to_encode(tasks), "sample", f"encode {tier}") as bar:
-            for batch in _dataset(ray, tasks, cfg, tier).iter_batches(batch_size=64, batch_format="numpy"):
-                bar.update(len(batch["key"]))
-                for i in range(len(batch["key"])):
-                    row = {k: batch[k][i] for k in ROW}
-                    if row["status"] != KEPT:
-                        failures.append(_index_row(row, fp, shard=""))
-                        continue
-                    hw = (int(row["bucket_h"]), int(row["bucket_w"]))
-                    if hw not in writers:
-                        writers[hw] = encoded.BucketWriter(encdir, hw, fp, e.shard_bytes)
-                    committed = len(writers[hw].written)
-                    writers[hw].write(_meta(row, fp), row["t5"], row["vae"], _index_row(row, fp, shard=""))
-                    if len(writers[hw].written) > committed:  # a shard was completed: the log's progress line
-                        progress.say(f"encode {tier}: {hw[0]}x{hw[1]} shard committed, "
-                                     f"{sum(len(w.written) for w in writers.values())} samples encoded so far")
-    for w in writers.values():
-        w.close()
+    try:
+        if tasks:
+            _encode(ray, tasks, cfg, tier=tier, encdir=encdir, fp=fp, writers=writers, failures=failures)
+        for w in writers.values():
+            w.close()
+    except BaseException:  # a full disk, a crash, Ctrl-C: committed shards stay, no temp file is left
+        for w in writers.values():
+            w.abort()
+        raise
 
     index = _merge_index(encdir, encoded.committed_rows(encdir), failures, {t["shard"] for t in tasks})
     atomic.write_parquet(encdir / encoded.INDEX, pa.Table.from_pandas(index, preserve_index=False))
@@ -334,6 +324,26 @@ def run(cfg, images: str, captions: str, out: str, tier: str, reencode: bool = F
     return dict(out=str(encdir), fingerprint=fp, encoded_now=sum(len(w.written) for w in writers.values()),
                 removed_stale_or_partial=removed, total=len(index),
                 counts={f"{s}/{r}" if r else s: int(n) for (s, r), n in counts.items()}, seconds=round(time.time() - t0, 1))
+
+
+def _encode(ray, tasks: list[dict], cfg, tier: str, encdir: Path, fp: str, writers: dict, failures: list) -> None:
+    """Stream every sample through the stages; kept ones go to their bucket's writer, others to `failures`."""
+    with progress.bar(_to_encode(tasks), "sample", f"encode {tier}") as bar:
+        for batch in _dataset(ray, tasks, cfg, tier).iter_batches(batch_size=64, batch_format="numpy"):
+            bar.update(len(batch["key"]))
+            for i in range(len(batch["key"])):
+                row = {k: batch[k][i] for k in ROW}
+                if row["status"] != KEPT:
+                    failures.append(_index_row(row, fp, shard=""))
+                    continue
+                hw = (int(row["bucket_h"]), int(row["bucket_w"]))
+                if hw not in writers:
+                    writers[hw] = encoded.BucketWriter(encdir, hw, fp, cfg.encode.shard_bytes)
+                committed = len(writers[hw].written)
+                writers[hw].write(_meta(row, fp), row["t5"], row["vae"], _index_row(row, fp, shard=""))
+                if len(writers[hw].written) > committed:  # a shard was completed: the log's progress line
+                    progress.say(f"encode {tier}: {hw[0]}x{hw[1]} shard committed, "
+                                 f"{sum(len(w.written) for w in writers.values())} samples encoded so far")
 
 
 def _to_encode(tasks: list[dict]) -> int | None:
@@ -471,8 +481,6 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(f"--images: {missing[0]}: no such file")
     if not Path(args.captions).is_dir():
         cli.fail(f"--captions {args.captions}: not a folder")
-    try:
+    with cli.user_errors():
         summary = run(cfg, args.images, args.captions, args.out, args.tier, reencode=args.reencode)
-    except SigmaError as e:
-        cli.fail(str(e))
     print(json.dumps(summary, indent=2))

@@ -158,3 +158,17 @@ def test_a_resume_with_other_settings_or_a_changed_shard_is_refused(make_cfg, tm
             t.addfile(info)
     with pytest.raises(SigmaError, match=r"00000.tar: changed since .*00000.parquet was written from it"):
         recaption.run(make_cfg(), str(tar), str(caps))
+
+
+def test_a_full_disk_is_one_line(cap_models, small_disk, tmp_path):
+    import tarfile as tf
+
+    tar = tmp_path / "cur" / "shards" / "00000.tar"
+    tar.parent.mkdir(parents=True)
+    with tf.open(tar, "w"):  # no samples: its (empty) parquet is written without Ray
+        pass
+    caps = small_disk(4096) / "caps"  # one page: fingerprint.json, then nothing
+    r = subprocess.run(_cli(cap_models, "--shards", str(tar), "--out", str(caps)), capture_output=True, text=True,
+                       cwd=ROOT, env=ENV, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "disk full" in r.stderr, r.stderr
+    assert str(caps) in r.stderr and not list(caps.glob(".*.tmp"))

@@ -228,3 +228,17 @@ def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
     task = {"shard": str(ok / "curated" / "shards" / "00000.tar"), "captions": str(ok / "nope.parquet"), "done": ["000000002"]}
     rows = list(encode.read_shard(task, "256"))
     assert [(r["key"], r["reason"]) for r in rows] == [("000000001", reasons.MISSING_CAPTION)]  # 2 is done: skipped
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(ray_local, shard_models, small_disk, tmp_path, capsys):
+    write_curated(tmp_path, SHARDS[:2])
+    disk = small_disk(48 * 1024)  # fingerprint.json fits, the first training tar does not
+    args = encode_args(tmp_path, shard_models)
+    args[args.index("--out") + 1] = str(disk / "enc")
+    with pytest.raises(SystemExit) as e:
+        encode.main(args)
+    err = capsys.readouterr().err.strip()  # Ray workers' own log lines may come first
+    assert e.value.code == 2 and "Traceback" not in err and err.count("error:") == 1, err[-3000:]
+    assert err.splitlines()[-1].startswith(f"error: {disk}") and "disk full" in err.splitlines()[-1]
+    assert not [p for p in (disk / "enc").rglob("*") if p.name.endswith(".tmp")]
