@@ -82,6 +82,8 @@ def init_ray(cfg: config_mod.Config, runtime_env: dict | None = None):
         # A local cluster: workers import this checkout the way the driver does.
         env_vars = runtime_env.setdefault("env_vars", {})
         env_vars.setdefault("PYTHONPATH", os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
+        env_vars.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-actor "Loading weights" bars: not the user's
+
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, ignore_reinit_error=True,
                  runtime_env=runtime_env)
     return ray

@@ -384,11 +384,17 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     cfg.training.out = fix(cfg.training.out) if cfg.training.out.startswith(".") else cfg.training.out
 
 
-def require_file(path: str | None, key: str) -> Path:
-    """A config value that must name an existing local file; one-line error otherwise."""
+WEIGHT_FILES = (".pth", ".pt", ".bin", ".safetensors")  # what encoders/ can load (torch weights_only / safetensors)
+
+
+def require_file(path: str | None, key: str, weights: bool = False) -> Path:
+    """A config value that must name an existing local file (a PyTorch weights file if `weights`)."""
     if not path:
         raise SigmaError(f"{key}: not set")
     p = Path(path).expanduser()
     if not p.exists():
         raise SigmaError(f"{key}: file not found: {path}")
+    if weights and (p.is_dir() or p.suffix not in WEIGHT_FILES):
+        raise SigmaError(f"{key}: {path}: not a PyTorch weights file (expected {', '.join(WEIGHT_FILES)}; "
+                         "a Keras/autokeras folder must be converted first, see curation/README.md)")
     return p

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -26,9 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a colourful abstract composition"
 
 
+def command_line(argv: list[str]) -> str:
+    """What a user pastes into a shell to rerun a step (quotes braces, globs and spaces)."""
+    return shlex.join(["python", *argv])
+
+
 def step(title: str, argv: list[str]) -> float:
     """Run one entry point from the repository root; stop the demo if it fails."""
-    print(f"\n=== {title}\n$ {' '.join(argv)}", flush=True)
+    print(f"\n=== {title}\n$ {command_line(argv)}", flush=True)
     t0 = time.time()
     r = subprocess.run([sys.executable, *argv], cwd=ROOT)
     if r.returncode != 0:

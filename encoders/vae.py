@@ -37,7 +37,7 @@ def load_vae(path: str, dtype: str | torch.dtype = "float32", device: str | torc
     from diffusers import AutoencoderKL
 
     dtype = torch_dtype(dtype)
-    vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, low_cpu_mem_usage=False)  # no accelerate hint
     vae = vae.to(device).eval().requires_grad_(False)
     if tiling:
         vae.enable_tiling()

@@ -471,9 +471,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     cfg = cli.load(args)
     p = plan(cfg, args.images, args.captions, args.out, args.tier)
-    if args.dry_run:
-        cli.print_plan({k: v for k, v in p.items() if k != "shard_list"})
-        return
     if not p["shard_list"]:
         cli.fail(f"--images {args.images}: no shards found")
     missing = [s for s in p["shard_list"] if not Path(s).exists()]
@@ -481,6 +478,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(f"--images: {missing[0]}: no such file")
     if not Path(args.captions).is_dir():
         cli.fail(f"--captions {args.captions}: not a folder")
+    if args.dry_run:  # after the input checks a real run makes
+        cli.print_plan({k: v for k, v in p.items() if k != "shard_list"})
+        return
     with cli.user_errors():
         summary = run(cfg, args.images, args.captions, args.out, args.tier, reencode=args.reencode)
     print(json.dumps(summary, indent=2))

@@ -209,6 +209,10 @@ def test_entry_point_help_and_dry_run(tmp_path, shard_models, capsys):
     assert plan["shards"] == 1 and plan["table"] == "256" and len(plan["fingerprint"]) == 16
     out = subprocess.run([*exe, *encode_args(tmp_path / "nothing", shard_models)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and out.stderr.startswith("error: --images") and "\n" == out.stderr[-1]
+    args = encode_args(tmp_path, shard_models, "--dry-run")
+    args[args.index("--captions") + 1] = str(tmp_path / "no-captions")
+    out = subprocess.run([*exe, *args], capture_output=True, text=True, cwd=ROOT)  # --dry-run checks inputs too
+    assert out.returncode == 2 and out.stderr.startswith("error: --captions"), out.stderr
 
 
 def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
