@@ -12,6 +12,7 @@ of the config file when they exist there.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ import yaml
 from shards.errors import SigmaError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
+# `.cache/...` paths missing beside the config file are looked up here: a `ray job submit --working-dir .`
+# uploads the checkout without its git-ignored .cache/, and demo/tiny_models.py mirrors the tiny models here.
+USER_CACHE = Path(os.environ.get("SIGMAFORGE_CACHE") or Path.home() / ".cache" / "sigmaforge")
 
 
 def num(default, ge=None, gt=None, le=None):
@@ -369,6 +373,8 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         if value is None or value.startswith(("/", "~")):
             return value
         candidate = base / value
+        if value.startswith(".cache/") and not candidate.exists() and (USER_CACHE / value[7:]).exists():
+            return str(USER_CACHE / value[7:])
         return str(candidate.resolve()) if candidate.exists() or value.startswith(("./", ".cache")) else value
 
     m = cfg.models
