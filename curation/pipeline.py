@@ -87,10 +87,7 @@ def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig) -
     for shard in batch["shard"]:
         shard = int(shard)
         src = Path(work) / "input" / f"{shard:05d}.parquet"
-        download.download_shard(src, Path(downloads), shard, threads=d.threads, timeout=d.timeout,
-                                retries=d.retries, per_domain_limit=d.per_domain_limit,
-                                concurrent_shards=d.processes, user_agent_token=d.user_agent_token,
-                                disallowed_header_directives=d.disallowed_header_directives)
+        download.download_shard(src, Path(downloads), shard, download.crawl_of(d))
         rows = [{**r, "shard": shard} for r in download.iter_shard(src, Path(downloads), shard)]
         yield {k: [r[k] for r in rows] for k in rows[0]}
 
@@ -218,11 +215,7 @@ def decide(scored: Path, n_shards: int, cur: CurationConfig) -> dict[str, tuple[
 
 def status_of(reason: str | None) -> str:
     """`failed` for what never became a usable image, `rejected` for curation decisions."""
-    if not reason:
-        return reasons.KEPT
-    rejected = (reasons.TOO_SMALL, reasons.ASPECT_RATIO, reasons.LOW_QUALITY, reasons.LOW_AESTHETIC, reasons.NSFW,
-                reasons.WATERMARK, reasons.DUPLICATE)
-    return reasons.REJECTED if reason in rejected else reasons.FAILED
+    return reasons.status_of(reason)
 
 
 # ---------------------------------------------------------------------------------------------
