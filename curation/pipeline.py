@@ -52,7 +52,8 @@ def measure(row: dict, cur: CurationConfig) -> dict:
     row["image"] = b""
     if not row["reason"]:
         data = download.read_member(row["src"], row["offset"], row["size"])
-        info = metadata.inspect(data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier))
+        info = metadata.inspect(data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier),
+                                cur.measure_seconds)
         out.update(width=info.width, height=info.height, ext=info.ext or "")
         if info.width and info.height:
             out["tier"] = buckets.tier_of(info.height, info.width) or ""

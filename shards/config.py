@@ -137,6 +137,7 @@ class CurationConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     min_tier: Literal["1k", "2k", "4k"] = "1k"
     max_pixels: int = 64_000_000  # decompression-bomb guard, well above 4K (3840x2160 = 8.3 MP)
+    measure_seconds: float = 60.0  # deadline per image decode -> `timeout` (a 64 MP PNG decodes in a few s)
     quality: QualityConfig = field(default_factory=QualityConfig)
     aesthetic: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(True, 5.0))
     aesthetic_resources: Resources = field(default_factory=Resources)
@@ -144,6 +145,10 @@ class CurationConfig:
     watermark: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.8))
     dedup: DedupConfig = field(default_factory=DedupConfig)
     shard_size: int = 1000  # kept images per output shard
+
+    def __post_init__(self):
+        if not self.measure_seconds > 0:
+            raise ConfigError(f"curation.measure_seconds: must be > 0, got {self.measure_seconds!r}")
 
 
 @dataclass
