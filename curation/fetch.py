@@ -52,6 +52,7 @@ class Result:
     status: int = 0  # HTTP status when one was received
     retry_after: Optional[float] = None  # seconds, from a Retry-After header
     headers: Optional[http.client.HTTPMessage] = field(default=None, repr=False)
+    final: bool = False  # no retry can change it (a refusal decided before any request)
 
     @property
     def reason(self) -> str:

@@ -159,7 +159,7 @@ class Scheduler:
                 (self.unreachable if rules.failure else self.rules)[org] = rules
             refusal = self._rules(org).refusal(item.url, self.policy.tokens)
             if refusal:
-                return fetch.Result(error=refusal)
+                return fetch.Result(error=refusal, final=True)
         return fetch.fetch(item.url, self.policy)
 
     def _rules(self, org: str) -> robots.Rules | None:
@@ -167,7 +167,7 @@ class Scheduler:
 
     def _settle(self, item: Item, result: fetch.Result) -> bool:
         """True if `result` is final; else requeue the URL after its backoff."""
-        if result.body is not None or item.attempts >= self.retries or result.reason in NO_RETRY:
+        if result.body is not None or result.final or item.attempts >= self.retries or result.reason in NO_RETRY:
             return True
         status = result.status
         if 400 <= status < 500 and status not in (408, 429):
