@@ -128,6 +128,7 @@ def invalid_url(url) -> bool:
 # One download shard
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Crawl:
     """How one download shard crawls (from `curation.download`, see `crawl_of`)."""
@@ -141,6 +142,7 @@ class Crawl:
 
 
 def crawl_of(d: DownloadConfig) -> Crawl:
+    """The plain values a download shard needs from the config (checked there at load)."""
     tokens = tuple(t for t in (d.user_agent_token, "img2dataset") if t)
     policy = fetch.Policy(user_agent=user_agent(d.user_agent_token, d.contact), timeout=d.timeout,
                           max_seconds=d.max_seconds, max_bytes=d.max_bytes, allow=guard.networks(d.allow_networks),
@@ -180,10 +182,10 @@ def _install_hook() -> None:
     downloader.download_image_with_retry = scheduled
 
 
-def slots_folder(folder: Path) -> Path:
-    """Host slot lock files shared by this run's download processes on this node."""
+def slots_file(folder: Path) -> Path:
+    """The host-slot lock file shared by this run's download processes on this node (local disk)."""
     tag = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / "sigmaforge-hosts" / tag
+    return Path(tempfile.gettempdir()) / "sigmaforge-hosts" / f"{tag}.lock"
 
 
 def stats_path(folder: Path, shard: int) -> Path:
@@ -216,7 +218,7 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
     )
     if len(_robots_rules) > 100_000:
         _robots_rules.clear()
-    scheduler = hosts.Scheduler(todo[URL_COL].to_pylist(), crawl.policy, hosts.Slots(slots_folder(folder),
+    scheduler = hosts.Scheduler(todo[URL_COL].to_pylist(), crawl.policy, hosts.Slots(slots_file(folder),
                                 crawl.per_domain_limit), crawl.retries, crawl.max_retry_after, crawl.robots_txt,
                                 _robots_rules)
     _install_hook()

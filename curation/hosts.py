@@ -7,8 +7,8 @@ not backing off, and returns that URL's final result. A URL waiting for its host
 thread; a thread waits only when no URL of the shard can start at all (every remaining host busy
 or backing off), so one slow host never delays the others.
 
-Slots are node-wide: a request holds an `flock` on one of `per_domain_limit` lock files of its
-host in a folder shared by every download process of the run on this node, so the limit holds
+Slots are node-wide: a request holds one of its host's `per_domain_limit` byte-range locks in a
+file shared by every download process of the run on this node (`Slots`), so the limit holds
 across processes without dividing it between them. Hosts are counted by normalised name (`host_key`).
 
 Retries: no retry for a 4xx other than 408/429, nor for a refused address, a cap or an opt-out.
@@ -19,12 +19,14 @@ resets, 5xx) are retried after a jittered exponential backoff. Waiting is the UR
 from __future__ import annotations
 
 import collections
+import errno
 import fcntl
 import hashlib
 import io
 import os
 import random
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from shards import reasons
 
 BACKOFF_BASE = 0.5  # seconds before the first retry of a transient error; doubles each attempt, +-50% jitter
 IDLE_POLL = 0.05  # seconds a thread with nothing to start waits before looking again (slots of other processes)
+MAX_LIMIT = 256  # most slots a host may have (curation.download.per_domain_limit is checked against it)
 NO_RETRY = {reasons.BLOCKED_ADDRESS, reasons.TOO_LARGE, reasons.OPT_OUT, reasons.TOO_MANY_REDIRECTS}
 
 
@@ -66,27 +69,36 @@ class Item:
 
 
 class Slots:
-    """`limit` flock'ed files per host in `folder`: at most `limit` requests to a host on this node."""
+    """`limit` slots per host, as byte-range locks in one file shared by this node's download processes.
 
-    def __init__(self, folder: Path, limit: int):
-        self.folder, self.limit = Path(folder), limit
-        self.folder.mkdir(parents=True, exist_ok=True)
+    Open-file-description locks (Linux `F_OFD_SETLK`): owned by the file descriptor, so two threads
+    of one process exclude each other as two processes do, and a crashed process's slots are freed
+    with its descriptors. Host h's slots are bytes k*MAX_LIMIT + [0, limit) with k a 48-bit hash of
+    h: no file per host, and no two hosts share slots in practice.
+    """
+
+    def __init__(self, path: Path, limit: int):
+        self.path, self.limit = Path(path), limit
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def acquire(self, host: str) -> int | None:
         """An open file descriptor holding one of the host's slots, or None if all are taken."""
-        stem = hashlib.sha1(host.encode()).hexdigest()[:20]
+        base = int.from_bytes(hashlib.sha1(host.encode()).digest()[:6], "big") * MAX_LIMIT
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
         for i in range(self.limit):
-            fd = os.open(self.folder / f"{stem}.{i}", os.O_CREAT | os.O_RDWR, 0o600)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, base + i, 1, 0))
                 return fd
-            except BlockingIOError:
-                os.close(fd)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+        os.close(fd)
         return None
 
     @staticmethod
     def release(fd: int) -> None:
-        os.close(fd)  # closing drops the flock
+        os.close(fd)  # closing the descriptor drops its lock
 
 
 class Scheduler:

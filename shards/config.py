@@ -94,6 +94,8 @@ class DownloadConfig:
             _at_least(getattr(self, name), 1, f"{where}.{name}")
         for name in ("num_cpus", "retries", "max_retry_after"):
             _at_least(getattr(self, name), 0, f"{where}.{name}")
+        if self.per_domain_limit > 256:  # curation.hosts.MAX_LIMIT
+            raise ConfigError(f"{where}.per_domain_limit: must be <= 256, got {self.per_domain_limit}")
         if not self.max_seconds > 0:
             raise ConfigError(f"{where}.max_seconds: must be > 0, got {self.max_seconds!r}")
         for i, cidr in enumerate(self.allow_networks):

@@ -186,22 +186,26 @@ def test_host_key_normalises_names():
 
 
 def test_host_slots_hold_across_processes(tmp_path):
-    """Download processes of a node share a host's slots (flock'ed files), so the limit is node-wide."""
+    """Download processes of a node share a host's slots (locks in one file), so the limit is node-wide."""
+    lock = tmp_path / "hosts.lock"
     code = textwrap.dedent(f"""
         import sys
         from curation import hosts
-        fd = hosts.Slots({str(tmp_path)!r}, 1).acquire("example.com")
+        fd = hosts.Slots({str(lock)!r}, 1).acquire("example.com")
         print("held" if fd is not None else "none", flush=True)
         sys.stdin.read()
     """)
     other = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "held"
-        assert hosts.Slots(tmp_path, 1).acquire("example.com") is None  # taken by the other process
-        assert hosts.Slots(tmp_path, 2).acquire("example.com") is not None  # a second slot is free
+        assert hosts.Slots(lock, 1).acquire("example.com") is None  # taken by the other process
+        for limit, host in ((2, "example.com"), (1, "example.org")):  # a second slot; another host's own slot
+            fd = hosts.Slots(lock, limit).acquire(host)
+            assert fd is not None
+            hosts.Slots.release(fd)
     finally:
         other.communicate("")
-    fd = hosts.Slots(tmp_path, 1).acquire("example.com")  # released when that process let go
+    fd = hosts.Slots(lock, 1).acquire("example.com")  # released when that process let go
     assert fd is not None
     hosts.Slots.release(fd)
 
