@@ -278,3 +278,47 @@ def test_a_shard_without_one_valid_url_is_not_a_crash(tmp_path, urls):
     rows = list(download.iter_shard(src, tmp_path / "dl", 0))
     assert [r["reason"] for r in rows] == ["invalid_url"] * 3
     assert download.stats_path(tmp_path / "dl", 0).exists()  # done: a rerun does not try again
+
+
+# ---------------------------------------------------------------------------------------------
+# The new reasons, through the whole stage into the manifest and the report
+# ---------------------------------------------------------------------------------------------
+
+
+def test_new_reasons_reach_the_manifest_and_the_report(ray_local, tiny_models, web, internal, image_dir, tmp_path):
+    import io
+
+    import pandas as pd
+    from PIL import Image
+
+    from curation import pipeline
+    from shards import config, reasons
+
+    gif = io.BytesIO()
+    Image.open(image_dir / "square-1k.jpg").save(gif, "GIF")
+    web.add("/robots.txt", (200, {}, b"User-agent: *\nDisallow: /private/\n"))
+    cases = {
+        "kept": web.url + "/square-1k.jpg",
+        "blocked_address": internal.url + "/hires-2k.jpg",
+        "too_large": web.url + "/uhd-4k.jpg",
+        "unsupported_format": web.add("/anim.gif", (200, {"Content-Type": "image/gif"}, gif.getvalue())),
+        "opt_out": web.url + "/private/square-1k.jpg",
+    }
+    cap = (image_dir / "uhd-4k.jpg").stat().st_size - 1
+    assert (image_dir / "square-1k.jpg").stat().st_size < cap
+    pq.write_table(pa.table({"url": list(cases.values()), "name": list(cases)}), tmp_path / "urls.parquet")
+    cfg = config.load(config.DEFAULT_CONFIG, "demo", [f"curation.download.allow_networks=[{WEB[0]}]",
+                                                      f"curation.download.max_bytes={cap}"])
+    pipeline.run(tmp_path / "urls.parquet", tmp_path / "out", cfg)
+    m = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("name")
+    got = {name: (m.loc[name, "status"], m.loc[name, "reason"]) for name in cases}
+    want = {name: (reasons.status_of(None if name == "kept" else name), None if name == "kept" else name)
+            for name in cases}
+    assert got == want
+    assert all(got[n][0] == "failed" for n in cases if n != "kept")
+    assert internal.log == []
+    page = (tmp_path / "out" / "report.html").read_text()
+    for name in cases:
+        if name != "kept":
+            assert f">{name}<" in page  # in the report's counts by reason
+    assert "127.0.0.2/32" in page  # and the crawl settings it ran under
