@@ -229,7 +229,7 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
         finally:
             _current[0] = None
     if not ok:
-        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}")
+        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: {scheduler.failure or 'see its log'}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,12 +114,21 @@ class Scheduler:
             self.queues.setdefault(host, collections.deque()).append(Item(key, url, host))
         self.order = collections.deque(self.queues)  # hosts with queued URLs, round robin
         self.host_free_at: dict[str, float] = {}  # 429/503 backoff
+        self.inflight: collections.Counter = collections.Counter()  # this process's requests per host
         self.fetching: set[str] = set()  # origins whose robots.txt is being read
         self.unreachable: dict[str, robots.Rules] = {}  # robots.txt failures: for this shard only
         self.cv = threading.Condition()
+        self.failure: str | None = None  # the first exception a thread met (a bug), for the shard's error
 
     def take(self) -> tuple[int, io.BytesIO | None, str | None]:
         """Fetch some URL of the shard to its final outcome; img2dataset's (key, stream, error)."""
+        try:
+            return self._take()
+        except Exception as e:  # a bug: img2dataset only prints it, so keep it for the shard's error
+            self.failure = f"{type(e).__name__}: {e}"
+            raise
+
+    def _take(self) -> tuple[int, io.BytesIO | None, str | None]:
         while True:
             item, fd, read_robots = self._next()
             try:
@@ -127,6 +136,7 @@ class Scheduler:
             finally:
                 Slots.release(fd)
                 with self.cv:
+                    self.inflight[item.host] -= 1
                     self.cv.notify_all()
             if self._settle(item, result):
                 return item.key, (io.BytesIO(result.body) if result.body is not None else None), result.error
@@ -146,9 +156,10 @@ class Scheduler:
                     if start > now or org in self.fetching:
                         wake = min(wake, max(start - now, 0.001))
                         continue
-                    fd = self.slots.acquire(host)
-                    if fd is None:
+                    fd = self.slots.acquire(host) if self.inflight[host] < self.slots.limit else None
+                    if fd is None:  # all its slots busy, here or in another process of the node
                         continue
+                    self.inflight[host] += 1
                     q.popleft()
                     if not q:
                         del self.queues[host]
@@ -175,7 +186,9 @@ class Scheduler:
         return fetch.fetch(item.url, self.policy)
 
     def _rules(self, org: str) -> robots.Rules | None:
-        return self.unreachable.get(org) or self.rules.get(org)
+        """This origin's robots.txt verdict, if known and under a day old (RFC 9309 2.4)."""
+        rules = self.unreachable.get(org) or self.rules.get(org)
+        return rules if rules is not None and time.monotonic() - rules.at < robots.MAX_AGE else None
 
     def _settle(self, item: Item, result: fetch.Result) -> bool:
         """True if `result` is final; else requeue the URL after its backoff."""

@@ -5,13 +5,15 @@ noai` (or `img2dataset: noai`, since this toolkit downloads through img2dataset)
 directive addressed to another user agent (`otherbot: noai`) is not ours to honour. Within one
 header value, a `name:` prefix applies to the directives after it (Google's documented form).
 
-robots.txt (RFC 9309) is read once per origin (scheme + host + port) and honoured for either of
-our tokens: a 2xx is parsed, a 4xx means no rules (RFC 9309 2.3.1.3), and a server error or an
-unreachable host means "do not crawl" (2.3.1.4): its URLs get the robots.txt request's reason.
+robots.txt (RFC 9309) is read once per origin (scheme + host + port) per worker process, reused for
+up to a day, and honoured for either of our tokens: a 2xx is parsed, a 4xx means no rules (RFC 9309
+2.3.1.3), and a server error or an unreachable host means "do not crawl" (2.3.1.4): that origin's
+URLs in the shard get the robots.txt request's reason.
 Python's `urllib.robotparser` does prefix matching only (no `*` / `$` wildcards in paths).
 """
 from __future__ import annotations
 
+import time
 import urllib.robotparser
 from typing import Iterable
 from urllib.parse import urlsplit
@@ -21,6 +23,7 @@ from shards import reasons
 # directives that take a value after a colon: `unavailable_after: 2030-01-01`, `max-image-preview: large`
 VALUED = {"unavailable_after", "max-snippet", "max-image-preview", "max-video-preview"}
 ROBOTS_MAX_BYTES = 500 * 1024  # RFC 9309 2.5: parse at least the first 500 KiB
+MAX_AGE = 24 * 3600  # seconds a robots.txt verdict is reused (RFC 9309 2.4: cache no longer than 24 h)
 
 
 def header_opts_out(values: Iterable[str], tokens: Iterable[str], directives: Iterable[str]) -> bool:
@@ -49,6 +52,7 @@ class Rules:
 
     def __init__(self, parser: urllib.robotparser.RobotFileParser | None = None, failure: str | None = None):
         self.parser, self.failure = parser, failure
+        self.at = time.monotonic()
 
     def refusal(self, url: str, tokens: Iterable[str]) -> str | None:
         """None if `url` may be fetched, else the reason message ("opt_out: ..." or the failure)."""

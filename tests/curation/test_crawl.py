@@ -74,11 +74,12 @@ def test_internal_addresses_are_refused_in_any_spelling_and_after_redirects(web,
     to_web = web.add("/to-web", (301, {"Location": "/square-1k.jpg"}, b""))
     for i in range(5):
         web.add(f"/hop{i}", (302, {"Location": f"/hop{i + 1}"}, b""))
+    before = len(internal.log)
     rows = crawl(tmp_path, direct + [to_internal, to_ftp, to_web, web.url + "/hop0"])
     assert reasons_of(rows, direct) == ["blocked_address"] * len(direct)
     assert reasons_of(rows, [to_internal, to_ftp, to_web]) == ["blocked_address", "blocked_address", ""]
     assert rows[web.url + "/hop0"]["reason"] == "too_many_redirects"
-    assert internal.log == []  # nothing ever reached the inside, in any spelling or via a redirect
+    assert len(internal.log) == before  # nothing reached the inside, in any spelling or via a redirect
     assert sorted(p for p in web.paths() if p.startswith("/hop")) == ["/hop0", "/hop1", "/hop2", "/hop3"]
     assert web.paths().count("/square-1k.jpg") == 1  # the allowed redirect was followed
 
@@ -87,7 +88,7 @@ def test_allow_networks_admits_an_internal_mirror_and_nothing_else(web, internal
     urls = [internal.url + "/square-1k.jpg", web.url + "/square-1k.jpg"]
     rows = crawl(tmp_path, urls, allow_networks=["127.0.0.1/32"])
     assert reasons_of(rows, urls) == ["", "blocked_address"]
-    assert internal.paths() == ["/square-1k.jpg"] and web.log == []
+    assert internal.paths()[-1:] == ["/square-1k.jpg"] and web.log == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +310,7 @@ def test_new_reasons_reach_the_manifest_and_the_report(ray_local, tiny_models, w
     pq.write_table(pa.table({"url": list(cases.values()), "name": list(cases)}), tmp_path / "urls.parquet")
     cfg = config.load(config.DEFAULT_CONFIG, "demo", [f"curation.download.allow_networks=[{WEB[0]}]",
                                                       f"curation.download.max_bytes={cap}"])
+    before = len(internal.log)
     pipeline.run(tmp_path / "urls.parquet", tmp_path / "out", cfg)
     m = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("name")
     got = {name: (m.loc[name, "status"], m.loc[name, "reason"]) for name in cases}
@@ -316,7 +318,7 @@ def test_new_reasons_reach_the_manifest_and_the_report(ray_local, tiny_models, w
             for name in cases}
     assert got == want
     assert all(got[n][0] == "failed" for n in cases if n != "kept")
-    assert internal.log == []
+    assert len(internal.log) == before
     page = (tmp_path / "out" / "report.html").read_text()
     for name in cases:
         if name != "kept":
