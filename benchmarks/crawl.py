@@ -90,7 +90,7 @@ def main() -> None:
     from curation import download
     from demo import tiny_models
     from demo.serve import ImageServer
-    from shards import config
+    from common import config
 
     tiny_models.build(ROOT / ".cache" / "tiny")
     photos = real_photos()

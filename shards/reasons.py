@@ -42,15 +42,15 @@ REASONS = (
     CORRUPT_SHARD, NOT_IN_TIER,
 )
 
-# a curation decision on a usable image; every other reason means it never became one (failed)
-REJECTED_REASONS = (TOO_SMALL, ASPECT_RATIO, LOW_QUALITY, LOW_AESTHETIC, NSFW, WATERMARK, DUPLICATE)
+# The reasons that are decisions about a usable image (status=rejected); every other one is a failure.
+REJECTIONS = (TOO_SMALL, ASPECT_RATIO, LOW_QUALITY, LOW_AESTHETIC, NSFW, WATERMARK, DUPLICATE, NOT_IN_TIER)
 
 
 def status_of(reason: str | None) -> str:
-    """`kept` without a reason, `rejected` for curation decisions, else `failed`."""
+    """`kept` without a reason, `rejected` for a decision (REJECTIONS), else `failed`."""
     if not reason:
         return KEPT
-    return REJECTED if reason in REJECTED_REASONS else FAILED
+    return REJECTED if reason in REJECTIONS else FAILED
 
 
 def http_reason(code: int) -> str:

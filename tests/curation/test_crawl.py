@@ -17,7 +17,7 @@ import pytest
 
 from curation import download, hosts
 from demo.serve import ImageServer, endless, trickle
-from shards.config import DownloadConfig
+from common.config import DownloadConfig
 
 WEB = ["127.0.0.2/32", "127.0.0.3/32"]
 
@@ -293,7 +293,8 @@ def test_new_reasons_reach_the_manifest_and_the_report(ray_local, tiny_models, w
     from PIL import Image
 
     from curation import pipeline
-    from shards import config, reasons
+    from common import config
+    from shards import reasons
 
     gif = io.BytesIO()
     Image.open(image_dir / "square-1k.jpg").save(gif, "GIF")

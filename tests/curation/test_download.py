@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import download
-from shards.config import DownloadConfig
+from common.config import DownloadConfig
 
 
 def _shard(tmp_path, urls):
