@@ -153,8 +153,10 @@ class Scheduler:
                     item = q[0]
                     start = max(item.not_before, self.host_free_at.get(host, 0.0))
                     org = robots.origin(item.url)
-                    if start > now or org in self.fetching:
-                        wake = min(wake, max(start - now, 0.001))
+                    if start > now:
+                        wake = min(wake, start - now)
+                        continue
+                    if org in self.fetching:  # its robots.txt is on the way; notified when it is in
                         continue
                     fd = self.slots.acquire(host) if self.inflight[host] < self.slots.limit else None
                     if fd is None:  # all its slots busy, here or in another process of the node
@@ -163,7 +165,7 @@ class Scheduler:
                     q.popleft()
                     if not q:
                         del self.queues[host]
-                        self.order.remove(host)
+                        self.order.pop()  # the host just rotated to the right end
                     read_robots = self.robots_txt and self._rules(org) is None
                     if read_robots:
                         self.fetching.add(org)
