@@ -133,11 +133,11 @@ class Crawl:
     """How one download shard crawls (from `curation.download`, see `crawl_of`)."""
 
     policy: fetch.Policy
-    threads: int = 16
-    retries: int = 1
-    per_domain_limit: int = 4  # requests in flight per host, node-wide
-    max_retry_after: float = 60.0
-    robots_txt: bool = True
+    threads: int
+    retries: int
+    per_domain_limit: int  # requests in flight per host, node-wide
+    max_retry_after: float
+    robots_txt: bool
 
 
 def crawl_of(d: DownloadConfig) -> Crawl:

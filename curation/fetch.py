@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from curation import guard, robots
@@ -37,12 +37,12 @@ class Policy:
     """What every request of a crawl obeys (built once from `curation.download`)."""
 
     user_agent: str
-    timeout: float = 10.0  # per network operation (connect, one read)
-    max_seconds: float = 30.0  # total per request
-    max_bytes: int = 64 * 2**20
-    allow: tuple = ()  # guard.Network objects an operator allows
-    tokens: tuple[str, ...] = ("sigmaforge", "img2dataset")  # X-Robots-Tag / robots.txt names for us
-    directives: frozenset = frozenset({"noai", "noimageai", "none"})
+    timeout: float  # per network operation (connect, one read)
+    max_seconds: float  # total per request
+    max_bytes: int
+    allow: tuple  # guard.Network objects an operator allows besides the global internet
+    tokens: tuple[str, ...]  # our names in X-Robots-Tag / robots.txt ("sigmaforge", "img2dataset")
+    directives: frozenset  # X-Robots-Tag directives that opt out ("noai", "noimageai", "none", ...)
 
 
 @dataclass
@@ -51,7 +51,6 @@ class Result:
     error: Optional[str] = None  # "reason_code: detail" when body is None
     status: int = 0  # HTTP status when one was received
     retry_after: Optional[float] = None  # seconds, from a Retry-After header
-    headers: Optional[http.client.HTTPMessage] = field(default=None, repr=False)
     final: bool = False  # no retry can change it (a refusal decided before any request)
 
     @property
@@ -67,27 +66,30 @@ def fetch(url: str, policy: Policy, max_bytes: int | None = None, opt_out: bool 
     with _watch(deadline) as watch:
         try:
             with _opener(policy.allow).open(req, timeout=min(policy.timeout, policy.max_seconds)) as r:
-                if opt_out and robots.header_opts_out(r.headers.get_all("X-Robots-Tag") or [], policy.tokens,
-                                                      policy.directives):
-                    return Result(error=f"{reasons.OPT_OUT}: X-Robots-Tag {r.headers.get('X-Robots-Tag')}",
-                                  status=r.status, headers=r.headers)
-                declared = r.headers.get("Content-Length", "")
-                if declared.strip().isdigit() and int(declared) > limit:
-                    return Result(error=f"{reasons.TOO_LARGE}: Content-Length {declared} > max_bytes {limit}",
-                                  status=r.status, headers=r.headers)
-                body = _read(r, limit, deadline)
-                if body is None:
-                    return Result(error=f"{reasons.TOO_LARGE}: body passed max_bytes {limit}", status=r.status)
-                return Result(body=body, status=r.status, headers=r.headers)
+                return _response(r, policy, limit, deadline, opt_out)
         except urllib.error.HTTPError as e:
             e.close()
             if 300 <= e.code < 400:
                 return Result(error=f"{reasons.TOO_MANY_REDIRECTS}: more than {MAX_REDIRECTS} redirects",
                               status=e.code)
-            return Result(error=f"{reasons.http_reason(e.code)}: {e.reason}", status=e.code, headers=e.headers,
+            return Result(error=f"{reasons.http_reason(e.code)}: {e.reason}", status=e.code,
                           retry_after=retry_after(e.headers.get("Retry-After")))
         except Exception as e:  # noqa: BLE001 - any failure of one request is that URL's reason
             return Result(error=_describe(e, watch.expired or time.monotonic() >= deadline, policy))
+
+
+def _response(r, policy: Policy, limit: int, deadline: float, opt_out: bool) -> Result:
+    """A 2xx response: opt-out and declared size from the headers, then the capped body."""
+    tags = r.headers.get_all("X-Robots-Tag") or []
+    if opt_out and robots.header_opts_out(tags, policy.tokens, policy.directives):
+        return Result(error=f"{reasons.OPT_OUT}: X-Robots-Tag {', '.join(tags)}", status=r.status)
+    declared = r.headers.get("Content-Length", "")
+    if declared.strip().isdigit() and int(declared) > limit:
+        return Result(error=f"{reasons.TOO_LARGE}: Content-Length {declared} > max_bytes {limit}", status=r.status)
+    body = _read(r, limit, deadline)
+    if body is None:
+        return Result(error=f"{reasons.TOO_LARGE}: body passed max_bytes {limit}", status=r.status)
+    return Result(body=body, status=r.status)
 
 
 def _describe(e: BaseException, late: bool, policy: Policy) -> str:
