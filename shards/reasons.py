@@ -42,6 +42,7 @@ REASONS = (
     CORRUPT_SHARD, NOT_IN_TIER,
 )
 
+
 # The reasons that are decisions about a usable image (status=rejected); every other one is a failure.
 REJECTIONS = (TOO_SMALL, ASPECT_RATIO, LOW_QUALITY, LOW_AESTHETIC, NSFW, WATERMARK, DUPLICATE, NOT_IN_TIER)
 
