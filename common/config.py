@@ -12,6 +12,7 @@ of the config file when they exist there.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
@@ -93,14 +94,30 @@ class DownloadConfig:
     processes: int = num(2, ge=1)  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
     threads: int = num(16, ge=1)  # requests in flight per shard
     num_cpus: float = num(0.25, ge=0)  # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
-    timeout: int = num(10, ge=1)  # seconds per request
+    timeout: int = num(10, ge=1)  # seconds per network operation (connect, one read)
+    max_seconds: float = num(30.0, gt=0)  # total per request (connect + headers + body) -> `timeout`
+    max_bytes: int = num(64 * 2**20, ge=1)  # per body -> `too_large`; a 4K (3840x2160) RGBA PNG is <= 33 MB uncompressed
     retries: int = num(1, ge=0)
+    max_retry_after: float = num(60.0, ge=0)  # longest Retry-After (429/503) waited for; beyond: http_429 / http_503
     shard_size: int = num(1000, ge=1)  # URLs per img2dataset shard: the unit of work and of resumption
-    per_domain_limit: int = num(4, ge=1)  # concurrent requests per domain (politeness); exact when >= processes
+    per_domain_limit: int = num(4, ge=1, le=256)  # requests in flight per host from all download processes of a node (<= curation.hosts.MAX_LIMIT)
+    allow_networks: list[str] = field(default_factory=list)  # CIDRs allowed besides the global internet
+    robots_txt: bool = True  # read each origin's robots.txt and honour it for our user-agent token
+    contact: Optional[str] = None  # URL (or mailto:) in the user agent, where a site owner reaches the operator
     user_agent_token: Optional[str] = "sigmaforge"
     disallowed_header_directives: list[str] = field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+        default_factory=lambda: ["noai", "noimageai", "none", "noindex", "noimageindex"]
     )
+
+    def __post_init__(self):  # the numbers' ranges are checked at load (num); these are formats
+        where = "curation.download"
+        for i, cidr in enumerate(self.allow_networks):
+            try:
+                ipaddress.ip_network(cidr, strict=True)
+            except ValueError as e:
+                raise SigmaError(f"{where}.allow_networks[{i}]: not a CIDR network ({e})") from None
+        if self.contact is not None and not self.contact.startswith(("http://", "https://", "mailto:")):
+            raise SigmaError(f"{where}.contact: expected an http(s):// or mailto: URL, got {self.contact!r}")
 
 
 @dataclass
@@ -130,6 +147,7 @@ class CurationConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     min_tier: Literal["1k", "2k", "4k"] = "1k"
     max_pixels: int = num(64_000_000, ge=1)  # decompression-bomb guard, well above 4K (3840x2160 = 8.3 MP)
+    measure_seconds: float = num(60.0, gt=0)  # deadline per image decode -> `timeout` (a 64 MP PNG decodes in a few s)
     quality: QualityConfig = field(default_factory=QualityConfig)
     aesthetic: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(True, 5.0))
     aesthetic_resources: Resources = field(default_factory=Resources)
