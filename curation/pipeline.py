@@ -363,8 +363,8 @@ def stage_fingerprint(urls: str | Path, cfg: Config) -> dict:
             "models.clip": f"{m.clip.arch}/{Path(m.clip.weights).name}"}
 
 
-_NOT_IN_OUTPUT = ("download.processes", "download.threads", "download.num_cpus", "download.per_domain_limit", "download.contact",
-                  "aesthetic_resources")
+_NOT_IN_OUTPUT = ("download.processes", "download.threads", "download.num_cpus", "download.per_domain_limit",
+                  "download.contact", "aesthetic_resources")  # concurrency and courtesy: the same output
 
 
 def summarize(out: Path, work: Path, n_shards: int, timings: dict, written: dict) -> dict:
