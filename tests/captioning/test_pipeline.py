@@ -113,7 +113,7 @@ def test_resume_after_kill(ray_local, cap_models, make_cfg, make_shards, tmp_pat
     rerun = [pq.read_table(p).to_pylist() for p in sorted(capdir.glob("*.parquet")) if p.name not in first]
     assert summary["over_budget"] == sum(r["num_tokens"] > 3 for rows in rerun for r in rows) > 0
     assert sorted(p.name for p in capdir.iterdir()) == \
-        [fmt.caption_file("", f"{i:05d}.tar").name for i in range(n)] + ["report.html"]  # no temp files left
+        [fmt.caption_file("", f"{i:05d}.tar").name for i in range(n)] + ["fingerprint.json", "report.html"]  # no temp files
     assert {name: (capdir / name).stat().st_mtime_ns for name in first} == first  # finished shards untouched
     for i in range(n):
         assert pq.read_table(capdir / f"{i:05d}.parquet").num_rows == 4
