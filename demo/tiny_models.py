@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-VERSION = "1"  # bump when a builder changes, so caches are rebuilt
+VERSION = "2"  # bump when a builder changes, so caches are rebuilt
 
 
 def build(root: str | Path) -> Path:

@@ -155,3 +155,12 @@ def test_the_encode_stages_preprocess_as_vae_preprocess():
     x = vae.to_pixels(np.frombuffer(out["pixels"][0], np.uint8).reshape(1, bh, bw, 3))  # as VAEStage builds it
     ref, box = vae.preprocess(vae.open_image(buf.getvalue()), (bh, bw))
     assert torch.equal(x[0], ref) and json.loads(out["crop"][0]) == list(box)
+
+
+def test_tiny_t5_is_the_same_files_every_time(tmp_path):
+    """Two builds give byte-identical tokenizer and weights (the demo's outputs compare across machines)."""
+    a, b = t5.build_tiny(tmp_path / "a"), t5.build_tiny(tmp_path / "b")
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    tok = t5.load_tokenizer(a)
+    assert tok.unk_token_id not in tok("A red fox; 42 birds!").input_ids
