@@ -92,8 +92,8 @@ def standin_share_captioner(tmp_path_factory) -> Path:
         shutil.copy(f, out / f.name)
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<TOKENS_UNUSED_0>", "<TOKENS_UNUSED_1>"]
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     raw.train_from_iterator(["<|User|>: Analyze the image in a comprehensive and detailed manner.",
                              "<|Bot|>: A red fox sits in the snow near a small wooden house at sunset."] * 4,
                             trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
@@ -101,6 +101,7 @@ def standin_share_captioner(tmp_path_factory) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>")
     tok.save_pretrained(out)
+    _save_for_transformers_431(out)
     (out / "config.json").write_text(json.dumps({
         "model_type": "standin_share_captioner",
         "architectures": ["StandInShareCaptioner"],
@@ -114,6 +115,20 @@ def standin_share_captioner(tmp_path_factory) -> Path:
     config = AutoConfig.from_pretrained(out, trust_remote_code=True)
     AutoModelForCausalLM.from_config(config, trust_remote_code=True).save_pretrained(out)
     return out
+
+
+def _save_for_transformers_431(folder: Path) -> None:
+    """Rewrite the saved tokenizer in the format tokenizers 0.13.3 (transformers 4.31.0) reads, which
+    today's tokenizers reads too: the backend's own runtime_env loads this folder (test_share_captioner_env)."""
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"  # transformers 5 writes TokenizersBackend
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    for part in ("pre_tokenizer", "decoder"):  # prepend_scheme "always" == the old add_prefix_space
+        spec[part] = {"type": "Metaspace", "replacement": "▁", "add_prefix_space": True}
+    spec["model"].pop("ignore_merges", None)
+    spec["model"]["merges"] = [" ".join(pair) for pair in spec["model"]["merges"]]  # old form: "a b"
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,14 @@ it; the parts are tiny and random: the vision tower is a 56-px average pool + Li
 EVA-ViT-g + Q-Former, and `internlm_model` is a tiny Llama in place of InternLM-7B. It records every
 `internlm_model.generate` call (kwargs and inputs_embeds) so tests can check them, and marks padding
 of finished sequences as -1, the value the official script maps back to `</s>` (2) before decoding.
+With STANDIN_SHARE_CAPTIONER_REPORT set (a folder), loading writes the process's transformers version
+there, so a test can see which environment the Ray actor ran in.
 """
+import json
+import os
+
 import torch
+import transformers
 from torch import nn
 from torchvision import transforms
 from torchvision.transforms.functional import InterpolationMode
@@ -51,6 +57,7 @@ class StandInShareCaptioner(PreTrainedModel):
         self.eoh = "<TOKENS_UNUSED_0>"  # end of human
         self.eoa = "<TOKENS_UNUSED_1>"  # end of assistant
         self.post_init()
+        _report_environment()
 
     def encode_img(self, image):
         x = nn.functional.avg_pool2d(image.to(self.visual_proj.weight.dtype), 56)  # [b, 3, 4, 4]
@@ -65,3 +72,11 @@ class StandInShareCaptioner(PreTrainedModel):
     def decode_text(self, out_embeds):
         out_text = self.tokenizer.batch_decode(out_embeds, skip_special_tokens=True)[0]
         return out_text.split(self.eoa)[0]
+
+
+def _report_environment():
+    folder = os.environ.get("STANDIN_SHARE_CAPTIONER_REPORT")
+    if folder:
+        path = os.path.join(folder, f"{os.getpid()}.json")
+        with open(path, "w") as f:
+            json.dump({"transformers": transformers.__version__, "torch": torch.__version__}, f)
