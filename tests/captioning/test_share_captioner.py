@@ -28,6 +28,7 @@ def _share_cfg(cap_models, standin, *overrides):
     root = Path(__file__).resolve().parents[2]
     return config.load(root / "pipelines.yaml", "demo", [
         "captioning.captioner=share-captioner", f"captioning.captioners.share-captioner.model={standin}",
+        "captioning.captioners.share-captioner.revision=null",  # the shipped revision is the hub repo's
         "captioning.captioners.share-captioner.runtime_env={}", f"models.t5={cap_models['t5']}", *overrides])
 
 
@@ -85,6 +86,19 @@ def test_minus_one_padding_is_decoded_as_eos(share, make_image):
     # The stand-in's generate() appends -1 to every row; decoded raw, -1 is not a token id at all.
     with pytest.raises(Exception):
         share.model.tokenizer.batch_decode([[5, -1]], skip_special_tokens=True)
+
+
+def test_shipped_config_pins_the_remote_code_revision():
+    """It runs remote code: the shipped entry names one hub commit, not a moving branch."""
+    import re
+    from pathlib import Path
+
+    from common import config
+
+    cap = config.load(Path(__file__).resolve().parents[2] / "pipelines.yaml", None, []).captioning.captioners["share-captioner"]
+    assert cap.model == "Lin-Chen/ShareCaptioner" and cap.trust_remote_code
+    assert re.fullmatch(r"[0-9a-f]{40}", cap.revision or ""), cap.revision
+    assert recaption.captioner_id(cap) == f"Lin-Chen/ShareCaptioner@{cap.revision}"
 
 
 def test_trust_remote_code_false_refuses_to_load(cap_models, standin_share_captioner):

@@ -48,8 +48,8 @@ def test_share_captioner_runs_in_its_own_environment(built_envs, cap_models, sta
     env = {**shipped_runtime_env(), "env_vars": {"STANDIN_SHARE_CAPTIONER_REPORT": str(report)}}
     assert "transformers==4.31.0" in env["pip"]["packages"]
     cfg = config.load(ROOT / "pipelines.yaml", "demo", [
-        "captioning.captioner=share-captioner", f"{KEY}.model={standin_share_captioner}", f"{KEY}.dtype=float32",
-        f"{KEY}.max_new_tokens=4", f"{KEY}.runtime_env={json.dumps(env)}", f"models.t5={cap_models['t5']}",
+        "captioning.captioner=share-captioner", f"{KEY}.model={standin_share_captioner}", f"{KEY}.revision=null",
+        f"{KEY}.dtype=float32", f"{KEY}.max_new_tokens=4", f"{KEY}.runtime_env={json.dumps(env)}", f"models.t5={cap_models['t5']}",
         f"{KEY}.resources={{batch_size: 4, num_gpus: 0, num_cpus: 1, concurrency: 1}}"])
     shards = make_shards(tmp_path / "cur", 1, 3, corrupt={"000000001"})
 
