@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--urls", required=True, help="URL list: .parquet, .csv or .jsonl with a `url` column "
                    "(optional `caption`; other columns are carried into the manifest)")
     p.add_argument("--out", required=True, help="output folder (rerun with the same arguments to resume)")
+    p.add_argument("--dedup-against", nargs="+", default=[], metavar="OUT",
+                   help="earlier runs' output folders: new images that duplicate their kept ones are `duplicate`, "
+                        "dup_of = '<folder name>/<key>'")
     args = p.parse_args(argv)
     cfg = cli.load(args)
     try:
@@ -30,7 +33,12 @@ def main(argv: list[str] | None = None) -> None:
             config.require_file(cfg.models.clip.weights, "models.clip.weights")
     except config.ConfigError as e:
         cli.fail(str(e))
-    from curation import download, pipeline
+    from curation import decide, download, pipeline
+
+    try:
+        decide.earlier_runs(args.dedup_against, args.out)
+    except decide.AgainstError as e:
+        cli.fail(str(e))
 
     if args.dry_run:
         cur = cfg.curation
@@ -39,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
                         "curation": json.loads(json.dumps(cur, default=vars))})
         return
     try:
-        stats = pipeline.run(args.urls, args.out, cfg)
+        stats = pipeline.run(args.urls, args.out, cfg, args.dedup_against)
     except download.InputError as e:
         cli.fail(str(e))
     except FileNotFoundError as e:

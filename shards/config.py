@@ -102,6 +102,16 @@ class DedupConfig:
     enabled: bool = True
     phash_radius: int = 4  # Hamming distance on a 64-bit perceptual hash
     clip_similarity: Optional[float] = 0.96  # cosine similarity on CLIP embeddings; None: off
+    cluster_size: int = 10_000  # mean embeddings per k-means cluster (semantic dedup compares inside one)
+    probe: int = 2  # nearest clusters each embedding joins (recall at cluster borders)
+    max_group: int = 4096  # distinct pHashes compared pairwise in one band group before it is split
+
+    def __post_init__(self):
+        for name in ("cluster_size", "probe", "max_group"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"curation.dedup.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.phash_radius is not None and not 0 <= self.phash_radius < 32:
+            raise ConfigError(f"curation.dedup.phash_radius: must be in [0, 32), got {self.phash_radius}")
 
 
 @dataclass
