@@ -129,8 +129,7 @@ def _band_rows(batch: dict, radius: int) -> dict:
 
 def _near_group(batch: dict, work: str, radius: int, max_group: int) -> dict:
     placement.mark(work, "dedup")
-    fixed = dedup.band_masks(dedup.ALL_BITS, radius + 1)[int(batch["band"][0])]
-    a, b = dedup.near_edges(batch["id"], batch["phash"].view(np.uint64), radius, fixed, max_group)
+    a, b = dedup.near_edges(batch["id"], batch["phash"].view(np.uint64), radius, max_group)
     return _edge_batch(a, b, batch["id"], batch["pixels"])
 
 
@@ -203,6 +202,7 @@ def _step(folder: Path, build) -> Path:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     build().write_parquet(str(tmp))
+    tmp.mkdir(exist_ok=True)  # no edges: Ray writes no file, nor the folder
     os.replace(tmp, folder)
     return folder
 
@@ -212,12 +212,12 @@ def _nodes_ds(work: Path, n_shards: int, cur: CurationConfig, against, columns: 
     import ray
 
     scored = [str(work / "scored" / f"{i:05d}.parquet") for i in range(n_shards)]
-    ds = ray.data.read_parquet(scored, columns=CANDIDATE_COLUMNS).map_batches(
+    ds = ray.data.read_parquet(scored).select_columns(CANDIDATE_COLUMNS).map_batches(
         _candidates, batch_format="pyarrow", fn_kwargs={"cur": cur}).select_columns(columns)
     for run, folder in enumerate(against, 1):
         files = sorted(str(p) for p in (Path(folder) / INDEX).glob("*.parquet"))
         if files:
-            ds = ds.union(ray.data.read_parquet(files, columns=INDEX_COLUMNS).map_batches(
+            ds = ds.union(ray.data.read_parquet(files).select_columns(INDEX_COLUMNS).map_batches(
                 _index_nodes, batch_format="pyarrow", fn_kwargs={"run": run}).select_columns(columns))
     return ds
 

@@ -8,11 +8,12 @@ groups (`curation/decide.py`).
 
 Near duplicates: two 64-bit pHashes within Hamming radius r agree exactly on at least one of r + 1
 disjoint bands (pigeonhole), so only hashes sharing a (band, band value) are compared. A group is
-first collapsed to its distinct hashes (identical hashes, e.g. flat images, are one star of edges);
-a group with more than `max_group` distinct hashes is split, exactly, by the same pigeonhole on the
-bits its members do not yet share (r + 1 sub-bands of those bits), until groups are small or at
-most r free bits remain (then every pair is within r: one star). Pairwise work stays
-O(max_group^2) per group however many near-constant images collide.
+first collapsed to its distinct hashes (identical hashes, e.g. flat images, are one star of edges,
+never compared pairwise); its distinct hashes are then compared all pairs, exactly, in vectorised
+blocks. Guard: a group of more than `max_group` distinct hashes (near-constant images colliding in
+one band) is split into windows of `max_group` consecutive sorted hashes, each compared with itself
+and the next window: O(n * max_group) work instead of O(n^2), at the price of missing pairs that lie
+further apart in sorted order (such groups are rare among survivors: flat images fail `low_quality`).
 
 Semantic duplicates (SemDeDup, as NVIDIA NeMo Curator does it): k-means over the embeddings, each
 embedding assigned to its `probe` nearest centroids, cosine similarity only inside a cluster.
@@ -70,40 +71,26 @@ def exact_edges(ids: np.ndarray, sha256: np.ndarray) -> tuple[np.ndarray, np.nda
     return _concat([_star(np.array(g)) for g in groups.values() if len(g) > 1])
 
 
-def near_edges(ids: np.ndarray, hashes: np.ndarray, radius: int, fixed: np.uint64 = np.uint64(0),
-               max_group: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Edges between images of one band group whose pHashes are within `radius`.
-
-    `fixed`: the bits every member is known to share (the group's band); see the module docstring
-    for how oversized groups are split."""
+def near_edges(ids: np.ndarray, hashes: np.ndarray, radius: int,
+               max_group: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+    """Edges between images of one band group whose pHashes are within `radius` (see the module
+    docstring for the guard on oversized groups)."""
     order = np.argsort(hashes, kind="stable")
     ids, hashes = np.asarray(ids, np.int64)[order], hashes[order]
     uniq, first = np.unique(hashes, return_index=True)
     bounds = list(first) + [len(hashes)]
     parts = [_star(ids[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e - s > 1]
     reps = ids[first]  # one image per distinct hash
-    free = [b for b in ALL_BITS if not int(fixed) >> b & 1]
-    if len(uniq) <= 1:
-        pass
-    elif len(free) <= radius:  # every pair differs in at most `radius` bits
-        parts.append(_star(reps))
-    elif len(uniq) <= max_group:
-        parts.append(_pairs_within(reps, uniq, radius))
-    else:
-        for mask in band_masks(free, radius + 1):
-            values = uniq & mask
-            for v in np.unique(values):
-                sel = values == v
-                if sel.sum() > 1:
-                    parts.append(near_edges(reps[sel], uniq[sel], radius, fixed | mask, max_group))
+    for s in range(0, len(uniq), max_group):  # one window unless the group is oversized
+        parts.append(_pairs_within(reps[s:s + 2 * max_group], uniq[s:s + 2 * max_group], radius, max_group))
     return _concat(parts)
 
 
-def _pairs_within(ids: np.ndarray, hashes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """All pairs i < j within `radius`, in blocks (vectorised XOR + popcount)."""
+def _pairs_within(ids: np.ndarray, hashes: np.ndarray, radius: int, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs i < j within `radius` for i among the `first` rows, in blocks (vectorised XOR + popcount)."""
     parts = []
-    for s in range(0, len(ids), BLOCK):
-        d = np.bitwise_count(hashes[s:s + BLOCK, None] ^ hashes[None, :])
+    for s in range(0, min(first, len(ids)), BLOCK):
+        d = np.bitwise_count(hashes[s:min(s + BLOCK, first), None] ^ hashes[None, :])
         i, j = np.nonzero(d <= radius)
         keep = j > i + s
         parts.append((ids[i[keep] + s], ids[j[keep]]))
@@ -160,6 +147,23 @@ def assign(emb: np.ndarray, centroids: np.ndarray, probe: int) -> np.ndarray:
     return nearest
 
 
+def clustered_edges(ids: np.ndarray, emb: np.ndarray, threshold: float, cluster_size: int,
+                    probe: int) -> tuple[np.ndarray, np.ndarray]:
+    """`semantic_edges` inside k-means clusters, in one process (what decide.py spreads over tasks)."""
+    emb = normalise(emb)
+    k = max(1, round(len(ids) / cluster_size))
+    rng = np.random.default_rng(0)
+    sample = emb[rng.choice(len(emb), min(len(emb), 256 * k), replace=False)]
+    near = assign(emb, kmeans(sample, k), probe)
+    clusters, rows = near.reshape(-1), np.repeat(np.arange(len(ids)), near.shape[1])
+    order = np.argsort(clusters, kind="stable")
+    _, starts = np.unique(clusters[order], return_index=True)
+    parts = []
+    for members in np.split(rows[order], starts[1:]):
+        parts.append(semantic_edges(np.asarray(ids)[members], emb[members], threshold))
+    return _concat(parts)
+
+
 def components(a: np.ndarray, b: np.ndarray, rank: np.ndarray) -> np.ndarray:
     """For nodes 0..n-1 joined by edges (a, b): the node each one's component keeps, i.e. its
     member with the lowest `rank` (callers rank by their keep rule)."""
@@ -190,11 +194,10 @@ def find_duplicates(keys: list[str], pixels: list[int], sha256: list[str], phash
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for j, key in enumerate(zip(rows["band"].tolist(), rows["value"].tolist())):
             groups[key].append(j)
-        masks = band_masks(ALL_BITS, phash_radius + 1)
-        for (band, _), js in groups.items():
+        for js in groups.values():
             if len(js) > 1:
                 js = np.array(js)
-                parts.append(near_edges(rows["id"][js], rows["phash"][js].view(np.uint64), phash_radius, masks[band]))
+                parts.append(near_edges(rows["id"][js], rows["phash"][js].view(np.uint64), phash_radius))
     if clip_similarity is not None and embeddings is not None:
         has = np.any(embeddings != 0, axis=1)
         parts.append(semantic_edges(ids[has], normalise(embeddings[has]), clip_similarity))

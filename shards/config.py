@@ -104,7 +104,7 @@ class DedupConfig:
     clip_similarity: Optional[float] = 0.96  # cosine similarity on CLIP embeddings; None: off
     cluster_size: int = 10_000  # mean embeddings per k-means cluster (semantic dedup compares inside one)
     probe: int = 2  # nearest clusters each embedding joins (recall at cluster borders)
-    max_group: int = 4096  # distinct pHashes compared pairwise in one band group before it is split
+    max_group: int = 50_000  # distinct pHashes compared all pairs in one band group; beyond: windows
 
     def __post_init__(self):
         for name in ("cluster_size", "probe", "max_group"):
