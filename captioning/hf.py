@@ -18,9 +18,7 @@ import numpy as np
 import torch
 
 from captioning.batch import caption_batch
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
+from encoders.dtypes import DTYPES
 
 # ---------------------------------------------------------------------------------------------
 # Images
@@ -166,8 +164,15 @@ def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 400) -> Path:
     chat template and left padding. Fixed seed: the same files every time.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

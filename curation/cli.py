@@ -5,7 +5,8 @@ import json
 import os
 import sys
 
-from shards import cli, config
+from common import cli, config
+from shards.errors import SigmaError
 
 EXAMPLE = "python curation/run.py --urls urls.parquet --out curated --profile demo"
 
@@ -31,13 +32,13 @@ def main(argv: list[str] | None = None) -> None:
             config.require_file(cfg.models.watermark, "models.watermark (curation.watermark.enabled)")
         if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
             config.require_file(cfg.models.clip.weights, "models.clip.weights")
-    except config.ConfigError as e:
+    except SigmaError as e:
         cli.fail(str(e))
-    from curation import decide, download, pipeline
+    from curation import decide, pipeline
 
     try:
         decide.earlier_runs(args.dedup_against, args.out)
-    except decide.AgainstError as e:
+    except SigmaError as e:
         cli.fail(str(e))
 
     if args.dry_run:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         stats = pipeline.run(args.urls, args.out, cfg, args.dedup_against)
-    except download.InputError as e:
+    except SigmaError as e:
         cli.fail(str(e))
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])

@@ -22,9 +22,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.config import CurationConfig
 from curation import dedup, placement
 from shards import atomic, reasons
-from shards.config import CurationConfig
+from shards.errors import SigmaError
 
 RUN_SPAN = 10**10  # keys are 10 digits: ids of the run-th earlier run start at run * RUN_SPAN
 DEDUP_DIR = "dedup"  # under _work/
@@ -39,7 +40,7 @@ MAX_PARTITIONS = 512
 KMEANS_POINTS = 256  # training points per centroid (faiss's own default cap)
 
 
-class AgainstError(ValueError):
+class AgainstError(SigmaError):
     """A `--dedup-against` folder that is not a finished run with a dedup index."""
 
 
@@ -111,7 +112,7 @@ def _floats(col) -> np.ndarray:
 def _edge_batch(a: np.ndarray, b: np.ndarray, ids: np.ndarray, pixels: np.ndarray) -> dict:
     """Edges with both ends' pixel counts (the components step needs nothing else)."""
     order = np.argsort(ids)
-    where = lambda x: pixels[order[np.searchsorted(ids[order], x)]]  # noqa: E731
+    where = lambda x: pixels[order[np.searchsorted(ids[order], x)]]
     return {"a": a, "pa": where(a), "b": b, "pb": where(b)}
 
 

@@ -21,6 +21,7 @@ embedding assigned to its `probe` nearest centroids, cosine similarity only insi
 from __future__ import annotations
 
 from collections import defaultdict
+from itertools import pairwise
 
 import numpy as np
 
@@ -79,7 +80,7 @@ def near_edges(ids: np.ndarray, hashes: np.ndarray, radius: int,
     ids, hashes = np.asarray(ids, np.int64)[order], hashes[order]
     uniq, first = np.unique(hashes, return_index=True)
     bounds = list(first) + [len(hashes)]
-    parts = [_star(ids[s:e]) for s, e in zip(bounds[:-1], bounds[1:]) if e - s > 1]
+    parts = [_star(ids[s:e]) for s, e in pairwise(bounds) if e - s > 1]
     reps = ids[first]  # one image per distinct hash
     for s in range(0, len(uniq), max_group):  # one window unless the group is oversized
         parts.append(_pairs_within(reps[s:s + 2 * max_group], uniq[s:s + 2 * max_group], radius, max_group))

@@ -15,16 +15,16 @@ Every file is written once, atomically; existing ones are finished work, so a re
 from __future__ import annotations
 
 import bisect
-import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common import progress
+from common.config import CurationConfig
 from curation import decide, placement, writer
-from shards import atomic, progress, reasons
-from shards.config import CurationConfig
+from shards import atomic, reasons
 from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
 
 PARTS = "manifest"  # _work/manifest/NNNNN.parquet
@@ -32,15 +32,6 @@ MEMBERS = "members"  # _work/members/NNNNN.parquet
 MEMBER_SCHEMA = pa.schema([("key", pa.string()), ("src", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
                            ("ext", pa.string()), ("meta", pa.string()), ("caption", pa.string()),
                            ("shard", pa.string())])
-
-
-def status_of(reason: str | None) -> str:
-    """`failed` for what never became a usable image, `rejected` for curation decisions."""
-    if not reason:
-        return reasons.KEPT
-    rejected = (reasons.TOO_SMALL, reasons.ASPECT_RATIO, reasons.LOW_QUALITY, reasons.LOW_AESTHETIC, reasons.NSFW,
-                reasons.WATERMARK, reasons.DUPLICATE)
-    return reasons.REJECTED if reason in rejected else reasons.FAILED
 
 
 def decided(work: Path, shard: int, dups: Path | None, cur: CurationConfig) -> tuple[list[dict], list, list]:
@@ -62,7 +53,7 @@ def _count(work: str, shard: int, dups: str | None, cur: CurationConfig) -> tupl
     rows, reason, _ = decided(Path(work), shard, Path(dups) if dups else None, cur)
     thumbs: dict[str, int] = {}
     for r, why in zip(rows, reason):
-        if status_of(why) == reasons.REJECTED and r["src"]:
+        if reasons.status_of(why) == reasons.REJECTED and r["src"]:
             thumbs[why] = thumbs.get(why, 0) + 1
     return sum(why is None for why in reason), thumbs
 
@@ -112,7 +103,7 @@ INDEX_SCHEMA = pa.schema([("key", pa.string()), ("pixels", pa.int64()), ("sha256
 
 def manifest_row(inp: dict, s: dict, reason: str | None, dup_of: str | None, carried: list[str]) -> dict:
     """The manifest row of one input row (its scored row `s`, its final reason)."""
-    return {"url": inp["url"], "key": inp["key"], "status": status_of(reason), "reason": reason,
+    return {"url": inp["url"], "key": inp["key"], "status": reasons.status_of(reason), "reason": reason,
             "width": s["width"] or None, "height": s["height"] or None, "tier": s["tier"] or None,
             "aesthetic": _num(s["aesthetic"]), "sharpness": _num(s["sharpness"]), "contrast": _num(s["contrast"]),
             "brightness": _num(s["brightness"]), "nsfw": _num(s["nsfw"]), "watermark": _num(s["watermark"]),
@@ -213,7 +204,7 @@ def _release(out: Path, fin: dict, tars: dict, readers: dict, n_shards: int) -> 
     pending = {ref: ("fin", i) for i, ref in fin.items()}
     pending.update({ref: ("tar", k) for k, (_, ref) in tars.items() if ref is not None})
     finalized, freed = set(), set()
-    for k, (spans, ref) in tars.items():
+    for spans, ref in tars.values():
         if ref is None:
             for i in spans:
                 readers[i] -= 1

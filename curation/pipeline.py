@@ -21,18 +21,19 @@ import hashlib
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common import progress
+from common.config import Config, CurationConfig
 from curation import decide as decisions
 from curation import dedup, download, metadata, outputs, placement, quality
-from shards import atomic, buckets, progress, reasons
-from shards.config import Config, CurationConfig
+from shards import atomic, buckets, reasons
 from shards.format import MANIFEST
 
 SCORED_COLUMNS = ["key", "url", "reason", "width", "height", "tier", "ext", "sharpness", "contrast", "brightness",
@@ -116,13 +117,13 @@ class Embed:
 
     def __init__(self, clip: dict, aesthetic_head: str, safety: dict | None = None,
                  cur: CurationConfig | None = None, work: str | None = None):
-        from curation.aesthetic import AestheticScorer
+        from encoders.aesthetic import AestheticScorer
 
         self.cur, self.work = cur, work
         self.scorer = AestheticScorer(clip["arch"], clip["weights"], clip.get("config_dir"), aesthetic_head)
         self.safety = None
         if safety:
-            from curation.safety import SafetyScorer
+            from encoders.safety import SafetyScorer
 
             self.safety = SafetyScorer(**safety)
 
@@ -228,7 +229,7 @@ def decide(scored: Path, n_shards: int, cur: CurationConfig) -> dict[str, tuple[
 def run(urls: str | Path, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()) -> dict:
     """Curate `urls` into `out`; resumes whatever a previous run with the same arguments finished.
     `dedup_against`: earlier runs' folders whose kept images new ones are deduplicated against."""
-    from shards import cli
+    from common import cli
 
     out = Path(out).resolve()
     if (out / "stats.json").exists() and (out / MANIFEST).exists():

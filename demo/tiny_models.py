@@ -22,8 +22,7 @@ VERSION = "1"  # bump when a builder changes, so caches are rebuilt
 def build(root: str | Path) -> Path:
     """Build (once) and return the folder; a stamp file marks a complete build."""
     from captioning import hf
-    from curation import aesthetic
-    from shards import t5, vae
+    from encoders import aesthetic, t5, vae
 
     root = Path(root)
     stamp = root / f".complete-v{VERSION}"

@@ -8,7 +8,6 @@ import pytest
 
 from curation import decide, dedup, pipeline
 from shards import config, reasons
-
 from tests.curation.test_pipeline import demo_cfg
 
 
