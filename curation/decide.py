@@ -1,8 +1,8 @@
 """Decisions after scoring, as Ray work: score thresholds and dedup over the whole run (and earlier runs).
 
     scored/NNNNN.parquet (survivors) [+ earlier runs' dedup_index/] -> Ray Data:
-        exact: groupby sha256 -> star edges            -> _work/dedup/exact/
-        near:  one row per (band, value) -> groupby -> pairs within radius -> _work/dedup/near/
+        hashes: one row per (band -1, sha256) and per (pHash band, value) -> groupby
+               -> star edges for equal sha256, pairs within the radius for a pHash band -> _work/dedup/hashes/
         clip:  k-means (one task, on a sample) -> assign to `probe` clusters -> groupby cluster
                -> cosine pairs                          -> _work/dedup/clip/
     -> one task: connected components over all edges -> _work/dedup/dups.parquet (id, dup_of), sorted
@@ -116,21 +116,27 @@ def _edge_batch(a: np.ndarray, b: np.ndarray, ids: np.ndarray, pixels: np.ndarra
     return {"a": a, "pa": where(a), "b": b, "pb": where(b)}
 
 
-def _exact_group(batch: dict, work: str) -> dict:
+def _hash_rows(batch: dict, radius: int | None) -> dict:
+    """Rows to group on: (band -1, sha256 prefix) for exact copies, plus one per pHash band."""
+    n = len(batch["id"])
+    exact = {"band": np.full(n, -1, np.int64),
+             "value": np.array([int(h[:16] or "0", 16) for h in batch["sha256"]], np.uint64).view(np.int64),
+             "id": batch["id"], "phash": batch["phash"], "sha256": batch["sha256"], "pixels": batch["pixels"]}
+    if radius is None:
+        return exact
+    near = dedup.band_rows(batch["id"], batch["phash"].view(np.uint64), radius)
+    near["sha256"] = np.full(len(near["id"]), "", dtype=object)
+    near["pixels"] = np.tile(batch["pixels"], radius + 1)
+    return {k: np.concatenate([exact[k], near[k]]) for k in exact}
+
+
+def _hash_group(batch: dict, work: str, radius: int, max_group: int) -> dict:
+    """Edges of one group: same sha256 (band -1), or pHashes within `radius` (a pHash band)."""
     placement.mark(work, "dedup")
-    a, b = dedup.exact_edges(batch["id"], batch["sha256"])
-    return _edge_batch(a, b, batch["id"], batch["pixels"])
-
-
-def _band_rows(batch: dict, radius: int) -> dict:
-    rows = dedup.band_rows(batch["id"], batch["phash"].view(np.uint64), radius)
-    rows["pixels"] = np.tile(batch["pixels"], radius + 1)
-    return rows
-
-
-def _near_group(batch: dict, work: str, radius: int, max_group: int) -> dict:
-    placement.mark(work, "dedup")
-    a, b = dedup.near_edges(batch["id"], batch["phash"].view(np.uint64), radius, max_group)
+    if batch["band"][0] == -1:
+        a, b = dedup.exact_edges(batch["id"], batch["sha256"])
+    else:
+        a, b = dedup.near_edges(batch["id"], batch["phash"].view(np.uint64), radius, max_group)
     return _edge_batch(a, b, batch["id"], batch["pixels"])
 
 
@@ -177,11 +183,7 @@ def run(work: Path, n_shards: int, cur: CurationConfig, against: list[Path] = ()
     dc = cur.dedup
     steps = []
     if dc.enabled:
-        steps.append(_step(d / "exact", lambda: _nodes_ds(work, n_shards, cur, against, ["id", "pixels", "sha256"])
-                           .groupby("sha256", num_partitions=_partitions(n_shards)).map_groups(_exact_group, batch_format="numpy",
-                                                         fn_kwargs={"work": str(work)})))
-        if dc.phash_radius is not None:
-            steps.append(_step(d / "near", lambda: _near(work, n_shards, cur, against)))
+        steps.append(_step(d / "hashes", lambda: _hashes(work, n_shards, cur, against)))
         if dc.clip_similarity is not None:
             steps.append(_step(d / "clip", lambda: _clip(work, n_shards, cur, against)))
     import ray
@@ -223,12 +225,13 @@ def _nodes_ds(work: Path, n_shards: int, cur: CurationConfig, against, columns: 
     return ds
 
 
-def _near(work: Path, n_shards: int, cur: CurationConfig, against):
+def _hashes(work: Path, n_shards: int, cur: CurationConfig, against):
+    """Exact and near duplicates in one shuffle: rows grouped on (band, value)."""
     r = cur.dedup.phash_radius
-    ds = _nodes_ds(work, n_shards, cur, against, ["id", "pixels", "phash"])
-    ds = ds.map_batches(_band_rows, batch_format="numpy", fn_kwargs={"radius": r})
+    ds = _nodes_ds(work, n_shards, cur, against, ["id", "pixels", "sha256", "phash"])
+    ds = ds.map_batches(_hash_rows, batch_format="numpy", fn_kwargs={"radius": r})
     return ds.groupby(["band", "value"], num_partitions=_partitions(n_shards)).map_groups(
-        _near_group, batch_format="numpy", fn_kwargs={"work": str(work), "radius": r,
+        _hash_group, batch_format="numpy", fn_kwargs={"work": str(work), "radius": r,
                                                       "max_group": cur.dedup.max_group})
 
 

@@ -6,8 +6,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from common import config
 from curation import decide, dedup, pipeline
-from shards import config, reasons
+from shards import reasons
 from tests.curation.test_pipeline import demo_cfg
 
 
@@ -78,7 +79,7 @@ def _scored_shards(tmp_path, n_shards=3, per=40, dim=16):
         rows = []
         for r in range(per):
             i = s * per + r
-            src = (i * 7) % len(base_h) if i % 5 == 0 else i  # every 5th: a copy of another image
+            src = i - 1 if i % 5 == 0 and i else i  # every 5th: a copy of the one before
             h, e = int(base_h[src]), base_e[src].copy()
             sha = f"sha{src}" if i % 10 == 0 else f"sha{i}"  # half of the copies are exact
             if i % 5 == 0 and i % 10:
@@ -105,14 +106,14 @@ def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path):
     t = pq.read_table(dups)
     got = dict(zip([f"{i:010d}" for i in t["id"].to_pylist()], t["dup_of"].to_pylist()))
     expected = {k: d for k, (r, d) in pipeline.decide(work / "scored", n, cur).items() if r == reasons.DUPLICATE}
-    assert got == expected and len(got) >= 25
+    assert got == expected and len(got) >= 20
     steps = {p: p.stat().st_mtime_ns for p in (work / "dedup").iterdir()}
-    assert sorted(p.name for p in steps) == ["clip", "dups.parquet", "exact", "near"]
+    assert sorted(p.name for p in steps) == ["clip", "dups.parquet", "hashes"]
     (work / "dedup" / "clip").rename(work / "dedup" / "clip.tmp")  # as if killed while writing clip edges
     dups.unlink()
     assert decide.run(work, n, cur) == dups and pq.read_table(dups).equals(t)
     for p, mtime in steps.items():
-        if p.name in ("exact", "near"):
+        if p.name == "hashes":
             assert p.stat().st_mtime_ns == mtime  # finished steps are not redone
 
 
