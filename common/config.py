@@ -102,7 +102,7 @@ class DedupConfig:
     enabled: bool = True
     phash_radius: int = 4  # Hamming distance on a 64-bit perceptual hash
     clip_similarity: Optional[float] = 0.96  # cosine similarity on CLIP embeddings; None: off
-    cluster_size: int = 10_000  # mean embeddings per k-means cluster (semantic dedup compares inside one)
+    cluster_size: int = 2_000  # mean embeddings per k-means cluster (semantic dedup compares inside one)
     probe: int = 2  # nearest clusters each embedding joins (recall at cluster borders)
     max_group: int = 50_000  # distinct pHashes compared all pairs in one band group; beyond: windows
 

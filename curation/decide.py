@@ -37,7 +37,6 @@ CANDIDATE_COLUMNS = ["key", "reason", "width", "height", "sha256", "phash", "aes
 EDGE_SCHEMA = pa.schema([("a", pa.int64()), ("pa", pa.int64()), ("b", pa.int64()), ("pb", pa.int64())])
 ROW_GROUP = 65536  # rows per row group of dups.parquet
 MAX_PARTITIONS = 512
-KMEANS_POINTS = 256  # training points per centroid (faiss's own default cap)
 
 
 class AgainstError(SigmaError):
@@ -245,7 +244,7 @@ def _clip(work: Path, n_shards: int, cur: CurationConfig, against):
     if n == 0:
         return ds.select_columns(["id"]).map_batches(lambda b: {k: np.zeros(0, np.int64) for k in EDGE_SCHEMA.names})
     k = max(1, round(n / dc.cluster_size))
-    sample = ds.random_sample(min(1.0, KMEANS_POINTS * k / n), seed=0) if n > KMEANS_POINTS * k else ds
+    sample = ds.random_sample(min(1.0, dedup.KMEANS_POINTS * k / n), seed=0) if n > dedup.KMEANS_POINTS * k else ds
     refs = sample.select_columns(["embedding"]).to_numpy_refs()
     centroids = ray.remote(num_cpus=1)(_train).remote(refs, k, str(work))
     ds = ds.map_batches(_assign, batch_format="numpy", fn_kwargs={"centroids": [centroids], "probe": dc.probe})

@@ -26,6 +26,7 @@ from itertools import pairwise
 import numpy as np
 
 BLOCK = 2048  # rows per block of pairwise comparisons: a 2048 x n slab at a time
+KMEANS_POINTS = 64  # k-means training points per centroid (faiss wants >= 39)
 
 
 def phash_hex(grey) -> str:
@@ -154,7 +155,7 @@ def clustered_edges(ids: np.ndarray, emb: np.ndarray, threshold: float, cluster_
     emb = normalise(emb)
     k = max(1, round(len(ids) / cluster_size))
     rng = np.random.default_rng(0)
-    sample = emb[rng.choice(len(emb), min(len(emb), 256 * k), replace=False)]
+    sample = emb[rng.choice(len(emb), min(len(emb), KMEANS_POINTS * k), replace=False)]
     near = assign(emb, kmeans(sample, k), probe)
     clusters, rows = near.reshape(-1), np.repeat(np.arange(len(ids)), near.shape[1])
     order = np.argsort(clusters, kind="stable")

@@ -153,14 +153,14 @@ def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> d
         folder.mkdir(parents=True, exist_ok=True)
         atomic.clean_temp(folder)
     dups_s = str(dups) if dups else None
-    count = ray.remote(num_cpus=0.25)(_count)
+    count = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_count)
     counted = ray.get([count.remote(str(work), i, dups_s, cur) for i in range(n_shards)])
     starts = np.concatenate([[0], np.cumsum([k for k, _ in counted])]).astype(int).tolist()
     kept = starts[-1]
     n_out = (kept + cur.shard_size - 1) // cur.shard_size
     schema = manifest_schema(pq.read_schema(work / "input" / "00000.parquet"))
-    finalize = ray.remote(num_cpus=0.25)(_finalize)
-    tar = ray.remote(num_cpus=0.25)(_tar)
+    finalize = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_finalize)
+    tar = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_tar)
     from curation.report import THUMBS_PER_REASON
 
     left: dict[str, int] = {}  # per reason: thumbnails still to take, in shard order
