@@ -51,7 +51,7 @@ def synth(root: Path, n: int, seed: int = 0) -> int:
         exact = copy & (rng.random(m) < 0.5)
         sha = [f"{s:05d}{j:06d}" for j in range(m)]
         for j in np.nonzero(copy)[0][np.nonzero(copy)[0] > 0]:
-            base[j] = base[j - 1] ^ (0 if exact[j] else 1 << int(rng.integers(0, 64)))
+            base[j] = base[j - 1] ^ (0 if exact[j] else 1 << int(rng.integers(0, 62)))
             emb[j] = emb[j - 1]
             if exact[j]:
                 sha[j] = sha[j - 1]
@@ -170,7 +170,7 @@ def main() -> None:
             f"--rows {args.rows} --embeddings {args.embeddings} --old {args.old}`.")
     what = ("Decide + write over synthetic scored shards (demo profile + CLIP dedup at 0.97 on 32-d embeddings; "
             "local Ray, 2 CPUs; the driver process only):")
-    lines = [head, "", what, "",
+    lines = ["## Curation at scale (`benchmarks/curation_scale.py`)", "", head, "", what, "",
              "| rows | decide (s) | write (s) | s per 1k rows | driver peak RSS (MiB) | kept | duplicate |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:

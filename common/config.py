@@ -109,9 +109,9 @@ class DedupConfig:
     def __post_init__(self):
         for name in ("cluster_size", "probe", "max_group"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"curation.dedup.{name}: must be >= 1, got {getattr(self, name)}")
+                raise SigmaError(f"curation.dedup.{name}: must be >= 1, got {getattr(self, name)}")
         if self.phash_radius is not None and not 0 <= self.phash_radius < 32:
-            raise ConfigError(f"curation.dedup.phash_radius: must be in [0, 32), got {self.phash_radius}")
+            raise SigmaError(f"curation.dedup.phash_radius: must be in [0, 32), got {self.phash_radius}")
 
 
 @dataclass

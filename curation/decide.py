@@ -14,6 +14,7 @@ last finished step. The driver only builds the plan; it never holds rows.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -119,7 +120,7 @@ def _hash_rows(batch: dict, radius: int | None) -> dict:
     """Rows to group on: (band -1, sha256 prefix) for exact copies, plus one per pHash band."""
     n = len(batch["id"])
     exact = {"band": np.full(n, -1, np.int64),
-             "value": np.array([int(h[:16] or "0", 16) for h in batch["sha256"]], np.uint64).view(np.int64),
+             "value": np.array([_digest64(h) for h in batch["sha256"]], np.int64),
              "id": batch["id"], "phash": batch["phash"], "sha256": batch["sha256"], "pixels": batch["pixels"]}
     if radius is None:
         return exact
@@ -127,6 +128,11 @@ def _hash_rows(batch: dict, radius: int | None) -> dict:
     near["sha256"] = np.full(len(near["id"]), "", dtype=object)
     near["pixels"] = np.tile(batch["pixels"], radius + 1)
     return {k: np.concatenate([exact[k], near[k]]) for k in exact}
+
+
+def _digest64(text: str) -> int:
+    """A stable 64-bit group value for a string (Python's hash() differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
 def _hash_group(batch: dict, work: str, radius: int, max_group: int) -> dict:
