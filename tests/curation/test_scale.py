@@ -98,6 +98,7 @@ def _scored_shards(tmp_path, n_shards=3, per=40, dim=16):
     return tmp_path / "_work", n_shards
 
 
+@pytest.mark.slow
 def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path):
     work, n = _scored_shards(tmp_path)
     cur = demo_cfg("curation.dedup.clip_similarity=0.98", "curation.dedup.cluster_size=40",
