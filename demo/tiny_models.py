@@ -21,7 +21,7 @@ VERSION = "1"  # bump when a builder changes, so caches are rebuilt
 
 def build(root: str | Path) -> Path:
     """Build (once) and return the folder; a stamp file marks a complete build."""
-    from captioning import hf
+    from encoders import vlm
     from curation import aesthetic
     from shards import t5, vae
 
@@ -33,7 +33,7 @@ def build(root: str | Path) -> Path:
     t5.build_tiny(root / "t5")
     vae.build_tiny(root / "vae")
     aesthetic.build_tiny(root / "clip", root / "aesthetic.pth")
-    hf.build_tiny(root / "captioner")
+    vlm.build_tiny(root / "captioner")
     stamp.write_text("ok\n")
     return root
 
