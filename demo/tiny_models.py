@@ -7,7 +7,9 @@ path loads both); this module only calls them, with fixed seeds, into one cache 
     .cache/tiny/vae/           diffusers AutoencoderKL, SDXL layout at tiny widths (x8 downsampling)
     .cache/tiny/clip/          open_clip model config JSON + weights
     .cache/tiny/aesthetic.pth  LAION improved-aesthetic-predictor MLP state dict (same keys)
-    .cache/tiny/captioner/     a tiny LLaVA-format image-text-to-text model + processor
+    .cache/tiny/captioner/     a tiny LLaVA-format image-text-to-text model + processor (also the demo's VLM judge)
+    .cache/tiny/hps/hps-tiny.pt  HPSv2-format open_clip weights ({"state_dict": ...}) of the tiny CLIP layout
+    .cache/tiny/pickscore/     PickScore-format HF CLIPModel + CLIPProcessor
 
 Usage: python -m demo.tiny_models [DIR]
 """
@@ -16,13 +18,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-VERSION = "1"  # bump when a builder changes, so caches are rebuilt
+VERSION = "2"  # bump when a builder changes, so caches are rebuilt
 
 
 def build(root: str | Path) -> Path:
     """Build (once) and return the folder; a stamp file marks a complete build."""
-    from encoders import vlm
     from curation import aesthetic
+    from encoders import reward, vlm
     from shards import t5, vae
 
     root = Path(root)
@@ -34,6 +36,8 @@ def build(root: str | Path) -> Path:
     vae.build_tiny(root / "vae")
     aesthetic.build_tiny(root / "clip", root / "aesthetic.pth")
     vlm.build_tiny(root / "captioner")
+    reward.build_tiny_hps(root / "hps" / "hps-tiny.pt", root / "clip")
+    reward.build_tiny_pickscore(root / "pickscore")
     stamp.write_text("ok\n")
     return root
 
