@@ -141,7 +141,7 @@ def bench_loader(n: int, hw: int) -> tuple[list[str], int, int]:
 def bench_t5(n: int) -> tuple[list[str], float]:
     from transformers import T5Config, T5EncoderModel
 
-    from shards import t5
+    from encoders import t5
 
     tmp = Path(tempfile.mkdtemp())
     t5.build_tiny(tmp / "tok")

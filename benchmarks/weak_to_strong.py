@@ -2,9 +2,9 @@
 
     .venv/bin/python -m benchmarks.weak_to_strong [--steps 60] [--images 24]
 
-Data: `demo.images.render` pictures, encoded with the tiny T5 (`shards.t5`) and tiny VAE
-(`shards.vae`) into real ENCDIRs (`shards.encoded.BucketWriter`) at 256 and 512 (square buckets;
-no Ray). Every run is the real `training/finetune` loop (`training.train.main`). Measured:
+Data: `demo.images.render` pictures, encoded with the tiny T5 (`encoders.t5`) and tiny VAE
+(`encoders.vae`) into real ENCDIRs (`shards.encoded.BucketWriter`) at 256 and 512 (square buckets;
+no Ray). Every run is the real `training/finetune` loop (`training.finetune.main`). Measured:
 
 1. 256 -> 512 with PE interpolation (pe 0.5 -> 1.0: same position span) vs without (pe kept 0.5:
    the 512 grid runs past the positions seen at 256): held-out loss after the same steps.
@@ -46,9 +46,9 @@ def encode(encdir: Path, tier: str, side: int, n: int, models: Path, vae_dir: Pa
     from safetensors.torch import save_file
 
     from demo.images import render
+    from encoders import t5 as t5_mod
+    from encoders import vae as vae_mod
     from shards import encoded
-    from shards import t5 as t5_mod
-    from shards import vae as vae_mod
 
     tok, enc = t5_mod.load_tokenizer(models / "t5"), t5_mod.load_t5(models / "t5", "float32")
     vae = vae_mod.load_vae(vae_dir or models / "vae", "float32")
@@ -78,14 +78,14 @@ def encode(encdir: Path, tier: str, side: int, n: int, models: Path, vae_dir: Pa
 def finetune(stage: str, data: Path, out: Path, steps: int, *sets: str, init: Path | None = None, seed: int = 0,
              every: int | None = None) -> list[float]:
     """One real finetune run (a checkpoint every `every` steps, all kept); returns its per-step training losses."""
-    from training import train
+    from training import finetune as finetune_cmd
 
     argv = ["--stage", stage, "--data", str(data), "--out", str(out), "--profile", "demo", "--max-steps", str(steps),
             "--set", "training.sample_every=0", "--set", "training.log_every=1", "--set", "training.keep_checkpoints=1000",
             "--set", f"training.checkpoint_every={every or steps}", "--set", f"training.stages.{stage}.batch_size=4",
             "--set", f"training.stages.{stage}.seed={seed}",
             "--set", f"training.stages.{stage}.warmup_steps=5", *[a for s in sets for a in ("--set", s)]]
-    train.main(argv + (["--init", str(init)] if init else []))
+    finetune.main(argv + (["--init", str(init)] if init else []))
     return [float(x) for x in re.findall(r"step \d+/\d+ loss ([\d.]+)", (out / "log.txt").read_text())]
 
 
@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/sigmaforge-w2s", help="scratch folder")
     args = ap.parse_args()
     from demo import tiny_models
-    from shards import vae as vae_mod
+    from encoders import vae as vae_mod
 
     t0 = time.time()
     work, S, seeds = Path(args.work), args.steps, [int(s) for s in args.seeds.split(",")]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from shards import atomic, format, pages, reasons
+from common import pages
+from shards import atomic, format, reasons
+from shards.errors import SigmaError
 
 REPORT = "report.html"
 EXAMPLES = 12  # spread over the token-length distribution, shortest to longest
@@ -24,7 +26,7 @@ def read_captions(capdir: str | Path):
 
     files = sorted(p for p in Path(capdir).glob("*.parquet") if CAPTION_FILE.match(p.name))
     if not files:
-        raise FileNotFoundError(f"{capdir}: no caption files (NNNNN.parquet)")
+        raise SigmaError(f"{capdir}: no caption files (NNNNN.parquet)")
     frames = [pd.read_parquet(p, columns=format.CAPTION_COLUMNS).assign(shard=p.stem) for p in files]
     df = pd.concat(frames, ignore_index=True)
     for col in ("caption", "original_caption", "status", "reason", "captioner", "prompt"):

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from captioning.batch import caption_batch
+from encoders.dtypes import DTYPES
+from shards.errors import SigmaError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 USER, BOT = "<|User|>:", "\n<|Bot|>:"
 EOS_FOR_PAD = 2  # the script maps -1 (beam-search padding in the remote code's generate) to </s> before decoding
 
@@ -46,7 +47,7 @@ class ShareCaptioner:
                  max_new_tokens: int = 500, generate: Optional[dict[str, Any]] = None,
                  trust_remote_code: bool = False, device: Optional[str] = None):
         if not trust_remote_code:
-            raise ValueError(f"{model}: Share-Captioner is remote code (InternLM-XComposer); set "
+            raise SigmaError(f"{model}: Share-Captioner is remote code (InternLM-XComposer); set "
                              "trust_remote_code: true for this captioner in the config to run it")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -5,7 +5,8 @@ import json
 import os
 import sys
 
-from shards import cli, config
+from common import cli, config
+from shards.errors import SigmaError
 
 EXAMPLE = "python curation/run.py --urls urls.parquet --out curated --profile demo"
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
             config.require_file(cfg.models.watermark, "models.watermark (curation.watermark.enabled)")
         if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
             config.require_file(cfg.models.clip.weights, "models.clip.weights")
-    except config.ConfigError as e:
+    except SigmaError as e:
         cli.fail(str(e))
     from curation import download, pipeline
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         stats = pipeline.run(args.urls, args.out, cfg)
-    except download.InputError as e:
+    except SigmaError as e:
         cli.fail(str(e))
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])

@@ -26,14 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards import atomic, reasons
+from shards.errors import SigmaError
 
 KEY_DIGITS = 10  # row index in the URL list, zero-padded: sortable, no dots
 URL_COL, CAPTION_COL = "url", "caption"
 I2D_KEY = "sf_key"  # our key, carried through img2dataset as an extra column
 
 
-class InputError(ValueError):
-    """A bad URL list; the message is one line naming the file."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +55,7 @@ def _batches(path: Path, rows: int) -> Iterator[pa.RecordBatch]:
         for chunk in pd.read_json(path, lines=True, chunksize=rows, dtype=False):
             yield pa.RecordBatch.from_pandas(chunk, preserve_index=False)
     else:
-        raise InputError(f"{path}: unsupported format {suffix or '(none)'}; use .parquet, .csv or .jsonl")
+        raise SigmaError(f"{path}: unsupported format {suffix or '(none)'}; use .parquet, .csv or .jsonl")
 
 
 def split_input(path: str | Path, work: Path, shard_size: int) -> int:
@@ -69,24 +68,24 @@ def split_input(path: str | Path, work: Path, shard_size: int) -> int:
     if done.exists():
         return int(done.read_text())
     if not path.is_file():
-        raise InputError(f"{path}: URL list not found")
+        raise SigmaError(f"{path}: URL list not found")
     work.mkdir(parents=True, exist_ok=True)
     n_rows, n_shards, pending = 0, 0, []
     try:
         for batch in _batches(path, shard_size):
             if URL_COL not in batch.schema.names:
-                raise InputError(f"{path}: no '{URL_COL}' column (columns: {', '.join(batch.schema.names)})")
+                raise SigmaError(f"{path}: no '{URL_COL}' column (columns: {', '.join(batch.schema.names)})")
             pending.append(batch)
             while sum(len(b) for b in pending) >= shard_size:
                 n_rows, n_shards, pending = _flush(work, pending, shard_size, n_rows, n_shards)
-    except InputError:
+    except SigmaError:
         raise
     except Exception as e:  # noqa: BLE001 - any reader error is a bad input file
-        raise InputError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise SigmaError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if pending and sum(len(b) for b in pending):
         n_rows, n_shards, _ = _flush(work, pending, shard_size, n_rows, n_shards)
     if n_rows == 0:
-        raise InputError(f"{path}: the URL list is empty")
+        raise SigmaError(f"{path}: the URL list is empty")
     atomic.write_text(done, str(n_shards))
     return n_shards
 

@@ -25,9 +25,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from common import progress
+from common.config import Config, CurationConfig
 from curation import dedup, download, metadata, quality
-from shards import atomic, buckets, progress, reasons
-from shards.config import Config, CurationConfig
+from shards import atomic, buckets, reasons
 from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
 
 SCORED_COLUMNS = ["key", "url", "reason", "width", "height", "tier", "ext", "sharpness", "contrast", "brightness",
@@ -108,12 +109,12 @@ class Embed:
     """Ray actor: the aesthetic scorer (+ safety heads when enabled) on rows still undecided."""
 
     def __init__(self, clip: dict, aesthetic_head: str, safety: dict | None = None):
-        from curation.aesthetic import AestheticScorer
+        from encoders.aesthetic import AestheticScorer
 
         self.scorer = AestheticScorer(clip["arch"], clip["weights"], clip.get("config_dir"), aesthetic_head)
         self.safety = None
         if safety:
-            from curation.safety import SafetyScorer
+            from encoders.safety import SafetyScorer
 
             self.safety = SafetyScorer(**safety)
 
@@ -216,15 +217,6 @@ def decide(scored: Path, n_shards: int, cur: CurationConfig) -> dict[str, tuple[
     return out
 
 
-def status_of(reason: str | None) -> str:
-    """`failed` for what never became a usable image, `rejected` for curation decisions."""
-    if not reason:
-        return reasons.KEPT
-    rejected = (reasons.TOO_SMALL, reasons.ASPECT_RATIO, reasons.LOW_QUALITY, reasons.LOW_AESTHETIC, reasons.NSFW,
-                reasons.WATERMARK, reasons.DUPLICATE)
-    return reasons.REJECTED if reason in rejected else reasons.FAILED
-
-
 # ---------------------------------------------------------------------------------------------
 # Outputs: shards (Ray tasks) + manifest (driver, metadata only)
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +282,7 @@ def manifest_rows(work: Path, shard: int, decisions: dict, carried: list[str]) -
     for inp in inputs:
         s = scored[inp["key"]]
         reason, dup_of = decisions.get(s["key"], (s["reason"] or None, None))
-        row = {"url": inp["url"], "key": inp["key"], "status": status_of(reason), "reason": reason,
+        row = {"url": inp["url"], "key": inp["key"], "status": reasons.status_of(reason), "reason": reason,
                "width": s["width"] or None, "height": s["height"] or None, "tier": s["tier"] or None,
                "aesthetic": _num(s["aesthetic"]), "sharpness": _num(s["sharpness"]), "contrast": _num(s["contrast"]),
                "brightness": _num(s["brightness"]), "nsfw": _num(s["nsfw"]), "watermark": _num(s["watermark"]),
@@ -320,7 +312,7 @@ def _manifest_schema(inputs: pa.Schema, carried: list[str]) -> pa.Schema:
 
 def run(urls: str | Path, out: str | Path, cfg: Config) -> dict:
     """Curate `urls` into `out`; resumes whatever a previous run with the same arguments finished."""
-    from shards import cli
+    from common import cli
 
     out = Path(out).resolve()
     if (out / "stats.json").exists() and (out / MANIFEST).exists():

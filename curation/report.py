@@ -4,7 +4,7 @@ People look at pictures and plots before they trust a threshold, so the page sho
 status and reason, histograms of every quantity a threshold acts on (with the configured
 threshold drawn), and galleries: kept images with the highest and lowest aesthetic scores,
 rejected images per reason, and duplicate groups side by side. Plots and thumbnails are embedded
-as data URIs (shards/pages.py), so the file opens from disk with no server.
+as data URIs (common/pages.py), so the file opens from disk with no server.
 
 Kept images are read from the curated shards. Rejected images are not in the shards: their
 thumbnails come from `CURDIR/thumbs/KEY.jpg`, which curation writes with `save_thumbnail` for a
@@ -19,9 +19,11 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from common import pages
+from common.config import CurationConfig, to_dict
 from curation.download import read_member
-from shards import atomic, buckets, format, pages, reasons
-from shards.config import CurationConfig, to_dict
+from shards import atomic, buckets, format, reasons
+from shards.errors import SigmaError
 
 REPORT = "report.html"
 STATS = "stats.json"
@@ -86,7 +88,7 @@ def read_manifest(curdir: str | Path):
 
     path = Path(curdir) / format.MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest (is this a curated run folder?)")
+        raise SigmaError(f"{path}: no manifest (is this a curated run folder?)")
     df = pd.read_parquet(path)
     for col in format.MANIFEST_COLUMNS:
         if col not in df:
@@ -307,7 +309,7 @@ def write_report(curdir: str | Path, cur: CurationConfig | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shards import cli
+    from common import cli
 
     p = cli.parser("curation/report",
                    "Write DIR/report.html for a curated run: counts, histograms with thresholds, galleries. "

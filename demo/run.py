@@ -3,7 +3,7 @@
 Every step runs the real entry point as a user would type it (so any step can be rerun alone on
 the previous step's output), against a local Ray and the tiny models built offline:
 
-    images -> HTTP on 127.0.0.1 -> curation/run.py -> captioning/recaption -> shards/encode
+    images -> HTTP on 127.0.0.1 -> curation/run.py -> captioning/recaption -> encoding/encode
            -> training/finetune --stage 256 -> training/sample
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> None:
         n_urls = write_urls(out / "urls.parquet", server.url, rows)
         timings["curation"] = step("curation", ["curation/run.py", "--urls", str(out / "urls.parquet"), "--out", str(out / "curated"), *prof])
     timings["recaption"] = step("recaption", ["captioning/recaption", "--shards", str(out / "curated" / "shards"), "--out", str(out / "captions"), *prof])
-    timings["encode"] = step("encode", ["shards/encode", "--images", str(out / "curated" / "shards" / "*.tar"), "--captions", str(out / "captions"),
+    timings["encode"] = step("encode", ["encoding/encode", "--images", str(out / "curated" / "shards" / "*.tar"), "--captions", str(out / "captions"),
                                         "--out", str(out / "encoded"), "--tier", "256", *prof])
     timings["finetune"] = step("finetune", ["training/finetune", "--stage", "256", "--data", str(out / "encoded"), "--out", str(out / "runs" / "256"), *prof])
     sample = out / "samples" / "demo.png"

@@ -23,9 +23,7 @@ VERSION = "2"  # bump when a builder changes, so caches are rebuilt
 
 def build(root: str | Path) -> Path:
     """Build (once) and return the folder; a stamp file marks a complete build."""
-    from curation import aesthetic
-    from encoders import reward, vlm
-    from shards import t5, vae
+    from encoders import aesthetic, reward, t5, vae, vlm
 
     root = Path(root)
     stamp = root / f".complete-v{VERSION}"

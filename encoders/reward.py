@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from curation.aesthetic import TINY_ARCH, load_clip
+from encoders.aesthetic import TINY_ARCH, load_clip
+from shards.errors import SigmaError
 
 
 def _cosine(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -31,7 +32,7 @@ class HPSScorer:
 
     def __init__(self, arch: str, weights: str, config_dir: str | None = None, device: str = "cpu"):
         if not weights or not Path(weights).is_file():
-            raise FileNotFoundError(f"evaluation.rewards.hps_weights: file not found: {weights}")
+            raise SigmaError(f"evaluation.rewards.hps_weights: file not found: {weights}")
         self.device = device
         self.model, self.preprocess, self.tokenizer = load_clip(arch, weights, config_dir, device)
 
@@ -50,8 +51,11 @@ class PickScorer:
         from transformers import CLIPModel, CLIPProcessor
 
         self.device = device
-        self.processor = CLIPProcessor.from_pretrained(processor or model)
-        self.model = CLIPModel.from_pretrained(model).to(device).eval()
+        try:
+            self.processor = CLIPProcessor.from_pretrained(processor or model)
+            self.model = CLIPModel.from_pretrained(model).to(device).eval()
+        except OSError as e:  # not found / not a CLIP folder: transformers says which file
+            raise SigmaError(f"evaluation.rewards.pickscore: cannot load {model} ({str(e).splitlines()[0]})") from None
 
     @torch.no_grad()
     def __call__(self, images: list, prompts: list[str]) -> np.ndarray:

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from encoders.dtypes import DTYPES
 
 
 # ---------------------------------------------------------------------------------------------

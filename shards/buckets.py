@@ -10,6 +10,8 @@ import json
 from functools import cache
 from pathlib import Path
 
+from shards.errors import SigmaError
+
 TABLE_FILE = Path(__file__).with_name("buckets.json")
 
 # tier name -> table name (the table's nominal square side)
@@ -24,7 +26,7 @@ def table(name: str) -> dict[str, tuple[int, int]]:
     name = TIER_TABLES.get(name, name)
     tables = json.loads(TABLE_FILE.read_text())["tables"]
     if name not in tables:
-        raise ValueError(f"unknown bucket table {name!r}; choose one of {sorted(tables)}")
+        raise SigmaError(f"unknown bucket table {name!r}; choose one of {sorted(tables)}")
     return {k: (int(v[0]), int(v[1])) for k, v in tables[name].items()}
 
 
@@ -54,5 +56,5 @@ def tier_of(height: int, width: int) -> str | None:
 def qualifies(height: int, width: int, tier: str) -> bool:
     """Whether an image of this size may be encoded at `tier` (256, 512, 1k, 2k, 4k)."""
     if tier not in TIER_TABLES:
-        raise ValueError(f"unknown tier {tier!r}; choose one of {list(TIER_TABLES)}")
+        raise SigmaError(f"unknown tier {tier!r}; choose one of {list(TIER_TABLES)}")
     return covers(height, width, tier)

@@ -32,9 +32,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from shards import atomic
+from shards.errors import SigmaError
 
 FORMAT_VERSION = 1
-PREPROCESS = "resize-cover(bicubic;lanczos>=2048)+center-crop+[-1,1]"  # bump when shards/vae.py's preprocessing changes
+PREPROCESS = "resize-cover(bicubic;lanczos>=2048)+center-crop+[-1,1]"  # bump when encoders/vae.py's preprocessing changes
 
 INFO, INDEX, SHARDS = "info.json", "index.parquet", "shards"
 JSON, T5, VAE = "json", "t5.safetensors", "vae.safetensors"  # member suffixes
@@ -84,10 +85,10 @@ def read_info(encdir: str | Path) -> dict:
     """
     path = Path(encdir) / INFO
     if not path.exists():
-        raise FileNotFoundError(f"{path}: not an encoded dataset (run shards/encode first)")
+        raise SigmaError(f"{path}: not an encoded dataset (run encoding/encode first)")
     info = json.loads(path.read_text())
     if info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {info.get('format_version')}, this code reads {FORMAT_VERSION}")
+        raise SigmaError(f"{path}: format_version {info.get('format_version')}, this code reads {FORMAT_VERSION}")
     return info
 
 

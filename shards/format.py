@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from shards.errors import SigmaError
+
 IMAGE_EXTS = ("jpg", "png", "webp")  # members of a curated shard holding the served bytes
 META_EXT, CAPTION_EXT = "json", "txt"
 
@@ -34,7 +36,7 @@ def shard_name(index: int) -> str:
 def shard_index(path: str | Path) -> int:
     m = SHARD_RE.match(Path(path).name)
     if not m:
-        raise ValueError(f"{path}: not a shard name (expected NNNNN.tar)")
+        raise SigmaError(f"{path}: not a shard name (expected NNNNN.tar)")
     return int(m.group(1))
 
 
@@ -45,8 +47,9 @@ def caption_file(capdir: str | Path, shard: str | Path) -> Path:
 
 def expand_shards(spec: str) -> list[Path]:
     """Shard list from a brace pattern ('d/{00000..00041}.tar'), a glob, or a directory."""
-    import braceexpand  # ships with webdataset
     import glob
+
+    import braceexpand  # ships with webdataset
 
     p = Path(spec)
     if p.is_dir():

@@ -28,6 +28,7 @@ import torch
 import webdataset as wds
 
 from shards import encoded
+from shards.errors import SigmaError
 
 POLICIES = ("proportional", "uniform")  # how often a bucket comes up: as in the data, or all buckets alike
 
@@ -36,7 +37,7 @@ def check_vae(encdir: str | Path, scaling_factor: float, latent_channels: int) -
     """Refuse latents made by another VAE than the one training decodes with (ValueError)."""
     info = encoded.read_info(encdir)
     if abs(info["scaling_factor"] - scaling_factor) > 1e-6 or info["latent_channels"] != latent_channels:
-        raise ValueError(f"{encdir}: latents from a VAE with scaling_factor {info['scaling_factor']} and "
+        raise SigmaError(f"{encdir}: latents from a VAE with scaling_factor {info['scaling_factor']} and "
                          f"{info['latent_channels']} channels; this model expects {scaling_factor} and {latent_channels}")
 
 
@@ -137,12 +138,12 @@ class BucketBatches(torch.utils.data.IterableDataset):
                  seed: int = 0, rank: int = 0, world_size: int = 1, resample: bool = True, shuffle_buffer: int = 128,
                  bucket_policy: str = "proportional", keep_partial: bool = False):
         if bucket_policy not in POLICIES:
-            raise ValueError(f"bucket_policy {bucket_policy!r}: choose one of {POLICIES}")
+            raise SigmaError(f"bucket_policy {bucket_policy!r}: choose one of {POLICIES}")
         self.encdir = Path(encdir)
         self.info = encoded.read_info(encdir)
         self.shards, self.weights = _shard_weights(self.encdir, bucket_policy)
         if not self.shards:
-            raise ValueError(f"{encdir}: no encoded shards (did shards/encode keep any sample?)")
+            raise SigmaError(f"{encdir}: no encoded shards (did encoding/encode keep any sample?)")
         self.batch_size, self.max_length, self.real_prompt_ratio = batch_size, model_max_length, real_prompt_ratio
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.resample, self.shuffle_buffer, self.keep_partial = resample, shuffle_buffer, keep_partial
@@ -189,7 +190,7 @@ def make_loader(encdir: str | Path, batch_size: int, model_max_length: int = 300
     ds = BucketBatches(encdir, batch_size, model_max_length, real_prompt_ratio, seed, rank, world_size, resample,
                        shuffle_buffer, bucket_policy, keep_partial)
     if tier is not None and ds.info["tier"] != tier:
-        raise ValueError(f"{encdir}: encoded at tier {ds.info['tier']}, not {tier}")
+        raise SigmaError(f"{encdir}: encoded at tier {ds.info['tier']}, not {tier}")
     return torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
                                        pin_memory=pin_memory, persistent_workers=False)
 

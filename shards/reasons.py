@@ -39,6 +39,17 @@ REASONS = (
 )
 
 
+# The reasons that are decisions about a usable image (status=rejected); every other one is a failure.
+REJECTIONS = (TOO_SMALL, ASPECT_RATIO, LOW_QUALITY, LOW_AESTHETIC, NSFW, WATERMARK, DUPLICATE, NOT_IN_TIER)
+
+
+def status_of(reason: str | None) -> str:
+    """`kept` without a reason, `rejected` for a decision (REJECTIONS), else `failed`."""
+    if not reason:
+        return KEPT
+    return REJECTED if reason in REJECTIONS else FAILED
+
+
 def http_reason(code: int) -> str:
     """Stable reason for an HTTP status: http_404, http_500, ..."""
     return f"http_{int(code)}"

@@ -26,7 +26,7 @@ def tiny_models() -> Path:
 
 @pytest.fixture(scope="session")
 def demo_cfg(tiny_models):
-    from shards import config
+    from common import config
 
     return config.load(ROOT / "pipelines.yaml", "demo")
 
@@ -36,7 +36,7 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs, no dashboard)."""
     import ray
 
-    from shards import cli, config
+    from common import cli, config
 
     cli.init_ray(config.load(ROOT / "pipelines.yaml", "demo"))
     yield ray

@@ -2,6 +2,7 @@
 import pytest
 
 from shards import buckets
+from shards.errors import SigmaError
 
 
 def test_tables_shape():
@@ -44,5 +45,5 @@ def test_tier_matches_rule_for_many_sizes():
 
 
 def test_unknown_tier():
-    with pytest.raises(ValueError, match="unknown tier '8k'"):
+    with pytest.raises(SigmaError, match="unknown tier '8k'"):
         buckets.qualifies(100, 100, "8k")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shards import config
+from common import config
+from shards.errors import SigmaError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,20 +52,20 @@ def test_shipped_config_loads_in_every_profile():
 def test_bad_values_name_the_key_path(tmp_path, mutate, message):
     data = base()
     mutate(data)
-    with pytest.raises(config.ConfigError) as e:
+    with pytest.raises(SigmaError) as e:
         config.load(write(tmp_path, data))
     assert str(e.value).startswith(message), str(e.value)
     assert "\n" not in str(e.value)
 
 
 def test_bad_files(tmp_path):
-    with pytest.raises(config.ConfigError, match="config file not found"):
+    with pytest.raises(SigmaError, match="config file not found"):
         config.load(tmp_path / "missing.yaml")
-    with pytest.raises(config.ConfigError, match="not valid YAML"):
+    with pytest.raises(SigmaError, match="not valid YAML"):
         config.load(write(tmp_path, "models: [unclosed"))
-    with pytest.raises(config.ConfigError, match=r"not valid YAML \(duplicate key 'timeout' at line 4\)"):
+    with pytest.raises(SigmaError, match=r"not valid YAML \(duplicate key 'timeout' at line 4\)"):
         config.load(write(tmp_path, "curation:\n  download: {retries: 1}\n  timeout: 1\n  timeout: 2\n"))
-    with pytest.raises(config.ConfigError, match=r"profiles.nope: no such profile"):
+    with pytest.raises(SigmaError, match=r"profiles.nope: no such profile"):
         config.load(ROOT / "pipelines.yaml", "nope")
 
 
@@ -72,14 +73,14 @@ def test_overrides_apply_after_profile():
     cfg = config.load(profile="demo", overrides=["training.stages.256.batch_size=3", "curation.aesthetic.threshold=6.5"])
     assert cfg.training.stages["256"].batch_size == 3
     assert cfg.curation.aesthetic.threshold == 6.5
-    with pytest.raises(config.ConfigError, match="training.stages.256.batch_size: expected int"):
+    with pytest.raises(SigmaError, match="training.stages.256.batch_size: expected int"):
         config.load(profile="demo", overrides=["training.stages.256.batch_size=big"])
-    with pytest.raises(config.ConfigError, match="expected key=value"):
+    with pytest.raises(SigmaError, match="expected key=value"):
         config.load(overrides=["training.out"])
 
 
 def test_missing_required_file_is_one_line():
-    with pytest.raises(config.ConfigError, match=r"^models.aesthetic_head: file not found: /nope.pth$"):
+    with pytest.raises(SigmaError, match=r"^models.aesthetic_head: file not found: /nope.pth$"):
         config.require_file("/nope.pth", "models.aesthetic_head")
 
 
@@ -87,7 +88,7 @@ def test_entry_point_reports_config_error_without_traceback(tmp_path):
     data = base()
     data["training"]["stages"]["2k"]["lr"] = "fast"
     bad = write(tmp_path, data)
-    code = "import sys; from shards import cli; p = cli.parser('x', 'd', 'x --config f'); cli.load(p.parse_args(sys.argv[1:]))"
+    code = "import sys; from common import cli; p = cli.parser('x', 'd', 'x --config f'); cli.load(p.parse_args(sys.argv[1:]))"
     r = subprocess.run([sys.executable, "-c", code, "--config", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: training.stages.2k.lr: expected float, got 'fast'"

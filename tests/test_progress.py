@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from shards import progress
+from common import progress
 from tests.terminal import RATE_AND_ETA, on_terminal
 
 
@@ -21,7 +21,7 @@ def test_bar_shows_rate_and_eta_on_a_terminal():
 
 
 def test_bar_is_silent_off_a_terminal_and_when_quiet():
-    code = ("from shards import progress\n"
+    code = ("from common import progress\n"
             "with progress.bar(40, 'url', 'download+score') as b:\n"
             "    b.update(40)\n"
             "progress.say('a log line')\n")

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MODEL, EMA, STATE = "model.safetensors", "ema.safetensors", "trainer.pt"
-PARTIAL = ".partial"  # no digits: convert.find_run_checkpoint never ranks it above a real step
+PARTIAL = ".partial"  # not a step-* name: checkpoint.latest never picks it
 _NAME = re.compile(r"^step-(\d+)$")
 
 

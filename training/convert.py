@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from shards.errors import SigmaError
+
 # (our name, diffusers name) for every tensor that maps one to one; {i} is the block index.
 _RENAMES = [
     ("x_embedder.proj", "pos_embed.proj"),
@@ -59,8 +61,6 @@ _SPLITS = [
 NULL_CAPTION_KEY = "y_embedder.y_embedding"
 
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the message says which key and why."""
 
 
 def _depth(keys, prefix: str) -> int:
@@ -84,7 +84,7 @@ def to_diffusers(state_dict: dict) -> dict:
     """Our (= official) names -> diffusers `PixArtTransformer2DModel` names. Refuses KV compression."""
     compressed = sorted({int(k.split(".")[1]) for k in state_dict if re.match(r"blocks\.\d+\.attn\.(sr|norm)\.", k)})
     if compressed:
-        raise ConversionError(f"blocks {compressed} use KV compression (attn.sr/attn.norm), which diffusers' "
+        raise SigmaError(f"blocks {compressed} use KV compression (attn.sr/attn.norm), which diffusers' "
                               "PixArtTransformer2DModel cannot express; export a model trained without it")
     sd = {k: v for k, v in state_dict.items() if k not in (NULL_CAPTION_KEY, "pos_embed")}
     renames, splits = _pairs(_depth(sd, "blocks."))
@@ -94,7 +94,7 @@ def to_diffusers(state_dict: dict) -> dict:
             parts = sd.pop(ours + suffix).chunk(len(chunks), dim=0)
             out.update({c + suffix: p.contiguous() for c, p in zip(chunks, parts)})
     if sd:
-        raise ConversionError(f"no diffusers name for {sorted(sd)[:5]}")
+        raise SigmaError(f"no diffusers name for {sorted(sd)[:5]}")
     return out
 
 
@@ -114,14 +114,14 @@ def from_diffusers(state_dict: dict) -> dict:
     extra = [k for k in sd if k.startswith("adaln_single.emb.resolution_embedder")
              or k.startswith("adaln_single.emb.aspect_ratio_embedder")]
     if extra:
-        raise ConversionError(f"{extra[0]}: micro-conditions (use_additional_conditions) are PixArt-α only")
+        raise SigmaError(f"{extra[0]}: micro-conditions (use_additional_conditions) are PixArt-α only")
     renames, splits = _pairs(_depth(sd, "transformer_blocks."))
     out = _move(sd, [(theirs, ours) for ours, theirs in renames])
     for ours, chunks in splits:
         for suffix in (".weight", ".bias"):
             out[ours + suffix] = torch.cat([sd.pop(c + suffix) for c in chunks], dim=0)
     if sd:
-        raise ConversionError(f"unexpected diffusers keys {sorted(sd)[:5]}")
+        raise SigmaError(f"unexpected diffusers keys {sorted(sd)[:5]}")
     return out
 
 
@@ -130,7 +130,7 @@ def from_official(state_dict: dict) -> dict:
     sd = state_dict.get("state_dict", state_dict)
     micro = [k for k in sd if k.startswith(("csize_embedder.", "ar_embedder."))]
     if micro:
-        raise ConversionError(f"{micro[0]}: micro-conditions belong to PixArt-α 1024, not PixArt-Σ")
+        raise SigmaError(f"{micro[0]}: micro-conditions belong to PixArt-α 1024, not PixArt-Σ")
     return {k: v for k, v in sd.items() if k != "pos_embed"}
 
 
@@ -139,7 +139,7 @@ def load_into(model: torch.nn.Module, state_dict: dict) -> None:
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if k != NULL_CAPTION_KEY]
     if missing or unexpected:
-        raise ConversionError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise SigmaError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,13 +157,13 @@ def load_checkpoint(path: str | Path) -> dict:
         folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
         files = sorted(folder.glob("diffusion_pytorch_model*.safetensors"))
         if not files:
-            raise ConversionError(f"{path}: no diffusion_pytorch_model*.safetensors (a diffusers transformer folder)")
+            raise SigmaError(f"{path}: no diffusion_pytorch_model*.safetensors (a diffusers transformer folder)")
         sd = {}
         for f in files:
             sd.update(load_file(str(f)))
         return from_diffusers(sd)
     if not path.exists():
-        raise ConversionError(f"{path}: checkpoint not found")
+        raise SigmaError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
         sd = load_file(str(path))
         return from_diffusers(sd) if "adaln_single.linear.weight" in sd else sd
@@ -171,9 +171,9 @@ def load_checkpoint(path: str | Path) -> dict:
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle with arbitrary objects: refuse rather than execute it
-            raise ConversionError(f"{path}: not loadable with weights_only=True ({type(e).__name__})") from None
+            raise SigmaError(f"{path}: not loadable with weights_only=True ({type(e).__name__})") from None
         return from_official(sd)
-    raise ConversionError(f"{path}: unknown checkpoint format (want .safetensors, .pth or a diffusers folder)")
+    raise SigmaError(f"{path}: unknown checkpoint format (want .safetensors, .pth or a diffusers folder)")
 
 
 def infer_arch(state_dict: dict) -> dict:
@@ -231,7 +231,7 @@ def diffusers_config(model, sample_size: int | None = None) -> dict:
 def save_diffusers(model, out_dir: str | Path, sample_size: int | None = None) -> Path:
     """Write a diffusers transformer folder: `config.json` + `diffusion_pytorch_model.safetensors`.
 
-    Refuses a KV-compressed model (ConversionError) before writing anything.
+    Refuses a KV-compressed model (SigmaError) before writing anything.
     """
     import diffusers
     from safetensors.torch import save_file
@@ -247,106 +247,3 @@ def save_diffusers(model, out_dir: str | Path, sample_size: int | None = None) -
     config["_diffusers_version"] = diffusers.__version__
     write_text(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
     return out_dir
-
-
-
-# ---------------------------------------------------------------------------------------------
-# A ready model from a run folder or a checkpoint file
-# ---------------------------------------------------------------------------------------------
-
-
-def add_source_args(p) -> None:
-    """`--run RUNDIR | --ckpt FILE`, the weights training/sample and training/export read."""
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run folder: its newest checkpoint (EMA preferred); the folder name picks the stage")
-    src.add_argument("--ckpt", help="a checkpoint: our .safetensors, an official .pth, or a diffusers folder")
-
-
-def source_checkpoint(args) -> Path:
-    """The weights file or folder that `add_source_args`' flags name."""
-    return Path(args.ckpt) if args.ckpt else find_run_checkpoint(args.run)
-
-
-def find_run_checkpoint(run: str | Path) -> Path:
-    """The newest weights in a run folder: the highest step number in the path, EMA preferred."""
-    run = Path(run)
-    if not run.is_dir():
-        raise ConversionError(f"{run}: run folder not found")
-    files = [p for p in run.rglob("*.safetensors") if "optim" not in p.name]
-    if not files:
-        raise ConversionError(f"{run}: no .safetensors checkpoint in the run folder")
-
-    def rank(p: Path):
-        steps = [int(s) for s in re.findall(r"\d+", str(p.relative_to(run)))]
-        return (max(steps, default=-1), "ema" in p.name, p.stat().st_mtime)
-
-    return max(files, key=rank)
-
-
-def position_setup(stage=None) -> dict:
-    """`input_size` / `pe_interpolation` / `multi_scale` of a stage (a `shards.config.Stage`).
-
-    Without a stage: the span every official stage uses (base_size / pe_interpolation = 32, i.e.
-    latent 64 at pe 1.0), which gives the same embedding as any of them at every size.
-    """
-    if stage is None:
-        return dict(input_size=64, pe_interpolation=1.0, multi_scale=True)
-    from shards.buckets import TIER_TABLES
-
-    resolution = int(TIER_TABLES.get(stage.tier, stage.tier))
-    return dict(input_size=resolution // 8, pe_interpolation=stage.pe_interpolation, multi_scale=stage.multi_scale)
-
-
-def load_model(path: str | Path, size: str, **position) -> "torch.nn.Module":
-    """A `PixArtSigma` shaped like the checkpoint's weights (num_heads from the named `size`)."""
-    from training.model import DiT_models, PixArtSigma
-
-    sd = load_checkpoint(path)
-    arch = infer_arch(sd)
-    if size not in DiT_models:
-        raise ConversionError(f"models.dit: unknown size {size!r}; choose one of {list(DiT_models)}")
-    with torch.device("meta"):
-        named = DiT_models[size]()
-    if named.hidden_size != arch["hidden_size"]:
-        raise ConversionError(f"{path}: hidden size {arch['hidden_size']} does not match models.dit={size} "
-                              f"({named.hidden_size})")
-    model = PixArtSigma(num_heads=named.num_heads, **{**arch, **position})
-    load_into(model, sd)
-    return model.eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# training/export
-# ---------------------------------------------------------------------------------------------
-
-
-def main(argv=None) -> None:
-    from shards import cli
-
-    p = cli.parser("training/export", "Write a run's DiT as a diffusers PixArtTransformer2DModel folder "
-                   "(loads into PixArtSigmaPipeline). KV-compressed models are refused: diffusers cannot express them.",
-                   "training/export --run runs/1k --diffusers out/transformer")
-    add_source_args(p)
-    p.add_argument("--diffusers", required=True, metavar="OUTDIR", help="folder to write config.json + weights into")
-    p.add_argument("--stage", help="stage whose resolution and pe_interpolation to record (default: the run's name)")
-    args = p.parse_args(argv)
-    cfg = cli.load(args)
-    stage_name = args.stage or (Path(args.run).name if args.run else None)
-    stage = cfg.training.stages.get(stage_name) if stage_name else None
-    if args.stage and stage is None:
-        cli.fail(f"--stage {args.stage}: no such stage; choose one of {sorted(cfg.training.stages)}")
-    try:
-        ckpt = source_checkpoint(args)
-        position = position_setup(stage)
-        if stage is None:  # a bare checkpoint: record the released 1024 setup
-            position = dict(input_size=128, pe_interpolation=2.0, multi_scale=True)
-        if args.dry_run:
-            cli.print_plan({"checkpoint": str(ckpt), "stage": stage_name if stage else None, "dit": cfg.models.dit,
-                            **position, "out": args.diffusers})
-            return
-        model = load_model(ckpt, cfg.models.dit, **position)
-        out = save_diffusers(model, args.diffusers)
-    except ConversionError as e:
-        cli.fail(str(e))
-    print(f"wrote {out} ({ckpt.name}, sample_size {model.input_size}, interpolation_scale "
-          f"{diffusers_config(model)['interpolation_scale']})")

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from encoders.vlm import VLM
-from shards.config import ConfigError, JudgeConfig
+from common.config import JudgeConfig
+from shards.errors import SigmaError
 from training import preference
 
 QUESTIONS = {
@@ -59,11 +60,11 @@ def judge_id(model: str, revision: str | None) -> str:
 
 def check(judge: JudgeConfig) -> None:
     if judge.trust_remote_code and not judge.revision:
-        raise ConfigError("evaluation.judge.revision: trust_remote_code runs the model's own code and needs a "
+        raise SigmaError("evaluation.judge.revision: trust_remote_code runs the model's own code and needs a "
                           "pinned revision (a commit hash)")
     r = judge.resources
     if r.batch_size < 1 or r.concurrency < 1 or r.num_gpus < 0 or r.num_cpus < 0:
-        raise ConfigError("evaluation.judge.resources: batch_size and concurrency must be >= 1, "
+        raise SigmaError("evaluation.judge.resources: batch_size and concurrency must be >= 1, "
                           "num_gpus and num_cpus >= 0")
 
 
@@ -117,13 +118,13 @@ def plan(evaldir: str | Path, model: str, judge: JudgeConfig) -> dict:
     """What a run will do; `--dry-run` prints it (nothing is written)."""
     evaldir = Path(evaldir)
     if not evaldir.is_dir():
-        raise preference.PreferenceError(f"{evaldir}: evaluation folder not found")
+        raise SigmaError(f"{evaldir}: evaluation folder not found")
     check(judge)
     db = evaldir / preference.DB
     store = preference.Store(db) if db.exists() else None
     pairs = preference.load_pairs(evaldir, store.salt if store else "")
     if not pairs:
-        raise preference.PreferenceError(f"{evaldir}: no image pairs (need images of two or more runs from "
+        raise SigmaError(f"{evaldir}: no image pairs (need images of two or more runs from "
                                          "training/evaluate --runs)")
     rater = judge_id(model, judge.revision)
     done = store.judge_done(rater, ANSWERS_PER_PAIR) & {p.id for p in pairs} if store else set()
@@ -136,7 +137,7 @@ def plan(evaldir: str | Path, model: str, judge: JudgeConfig) -> dict:
 
 def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
     """Judge every pair not judged yet by this model; returns the counts (also printed)."""
-    from shards import cli, progress
+    from common import cli, progress
 
     judge = cfg.evaluation.judge
     check(judge)

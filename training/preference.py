@@ -34,13 +34,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from itertools import combinations
 from pathlib import Path
 
+from shards.errors import SigmaError
+
 DB = "preference.sqlite"
 RATER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 CHOICES = {"A": "left", "B": "right", "tie": "tie"}
 
 
-class PreferenceError(ValueError):
-    """An EVALDIR that cannot be served: the message is one line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,12 +304,12 @@ class App:
     def __init__(self, evaldir: str | Path):
         evaldir = Path(evaldir)
         if not evaldir.is_dir():
-            raise PreferenceError(f"{evaldir}: evaluation folder not found")
+            raise SigmaError(f"{evaldir}: evaluation folder not found")
         self.evaldir = evaldir
         self.store = Store(evaldir / DB)
         self.pairs = load_pairs(evaldir, self.store.salt)
         if not self.pairs:
-            raise PreferenceError(f"{evaldir}: no image pairs (need images of two or more runs from training/evaluate)")
+            raise SigmaError(f"{evaldir}: no image pairs (need images of two or more runs from training/evaluate)")
         self.by_id = {p.id: p for p in self.pairs}
         self.tokens, self.files = {}, {}  # (pair id, run) -> token -> PNG path
         for p in self.pairs:
@@ -398,10 +398,10 @@ def make_server(evaldir: str | Path, host: str = "127.0.0.1", port: int = 8008) 
 def main_serve(evaldir: str, host: str, port: int, dry_run: bool = False) -> None:
     """`training/evaluate --serve`: serve until interrupted; prints the address first."""
     if dry_run:  # no database written
-        from shards import cli
+        from common import cli
 
         if not Path(evaldir).is_dir():
-            raise PreferenceError(f"{evaldir}: evaluation folder not found")
+            raise SigmaError(f"{evaldir}: evaluation folder not found")
         pairs = load_pairs(Path(evaldir), "")
         cli.print_plan({"evaldir": evaldir, "host": host, "port": port, "pairs": len(pairs),
                         "runs": sorted({r for p in pairs for r in (p.run_a, p.run_b)}),
@@ -410,7 +410,7 @@ def main_serve(evaldir: str, host: str, port: int, dry_run: bool = False) -> Non
     try:
         server = make_server(evaldir, host, port)
     except OSError as e:
-        raise PreferenceError(f"{host}:{port}: cannot listen ({e.strerror or e})") from None
+        raise SigmaError(f"{host}:{port}: cannot listen ({e.strerror or e})") from None
     app = server.RequestHandlerClass.app
     print(f"serving http://{host}:{server.server_address[1]}/ ({len(app.pairs)} pairs over {len(app.runs)} runs; "
           f"votes in {app.store.path}; Ctrl-C to stop)", flush=True)

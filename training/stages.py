@@ -1,6 +1,6 @@
 """Stages of weak-to-strong training: which stage, which data, which weights it starts from.
 
-A stage is a `shards.config.Stage` in `training.stages` of pipelines.yaml. `parent` names the stage
+A stage is a `common.config.Stage` in `training.stages` of pipelines.yaml. `parent` names the stage
 whose output it starts from, so `--stage 2k` alone continues from `<training.out>/1k`:
 
     256 -> vae -> 512 -> 1k -> 2k -> 4k -> kv
@@ -12,7 +12,7 @@ Starting weights, first match wins: the stage's own RUNDIR has a checkpoint (res
 Loading is strict except for what a stage switch adds: the KV-compression conv + LayerNorm of
 newly compressed layers keep their average initialisation, and the null caption is set from the
 data. The position embedding is never stored; it is recomputed for the new `pe_interpolation`.
-Every problem here is a `StageError` whose message is one line.
+Every problem here is a `SigmaError` whose message is one line.
 """
 from __future__ import annotations
 
@@ -20,37 +20,36 @@ from pathlib import Path
 
 import torch
 
+from common.config import Config, Stage
 from shards.buckets import TIER_TABLES
-from shards.config import Config, Stage
+from shards.errors import SigmaError
 from training import checkpoint
+from training.convert import NULL_CAPTION_KEY
 
-NULL_CAPTION_KEY = "y_embedder.y_embedding"
 KV_PARAMS = (".attn.sr.", ".attn.norm.")  # what switching on KV compression adds to a block
 
 
-class StageError(ValueError):
-    """A stage that cannot run: one line naming the stage and the reason."""
 
 
 def resolve(cfg: Config, name: str) -> Stage:
     """The stage called `name`, after checking its parent chain and its own settings."""
     stages = cfg.training.stages
     if name not in stages:
-        raise StageError(f"--stage {name}: no such stage; choose one of {sorted(stages)}")
+        raise SigmaError(f"--stage {name}: no such stage; choose one of {sorted(stages)}")
     chain(cfg, name)
     st = stages[name]
     where = f"training.stages.{name}"
     if st.tier not in TIER_TABLES:
-        raise StageError(f"{where}.tier: unknown tier {st.tier!r}; choose one of {list(TIER_TABLES)}")
+        raise SigmaError(f"{where}.tier: unknown tier {st.tier!r}; choose one of {list(TIER_TABLES)}")
     if st.kv_compress and not st.kv_compress_layers:
-        raise StageError(f"{where}.kv_compress_layers: kv_compress is on but no layer is listed")
+        raise SigmaError(f"{where}.kv_compress_layers: kv_compress is on but no layer is listed")
     if st.kv_compress and st.kv_compress_ratio < 2:
-        raise StageError(f"{where}.kv_compress_ratio: must be >= 2, got {st.kv_compress_ratio}")
+        raise SigmaError(f"{where}.kv_compress_ratio: must be >= 2, got {st.kv_compress_ratio}")
     for key in ("batch_size", "steps", "grad_accum"):
         if getattr(st, key) < 1:
-            raise StageError(f"{where}.{key}: must be >= 1, got {getattr(st, key)}")
+            raise SigmaError(f"{where}.{key}: must be >= 1, got {getattr(st, key)}")
     if not 0.0 <= st.real_prompt_ratio <= 1.0 or not 0.0 <= st.cfg_dropout < 1.0:
-        raise StageError(f"{where}: real_prompt_ratio must be in [0, 1] and cfg_dropout in [0, 1)")
+        raise SigmaError(f"{where}: real_prompt_ratio must be in [0, 1] and cfg_dropout in [0, 1)")
     return st
 
 
@@ -59,9 +58,9 @@ def chain(cfg: Config, name: str) -> list[str]:
     stages, seen = cfg.training.stages, [name]
     while (parent := stages[seen[-1]].parent) is not None:
         if parent not in stages:
-            raise StageError(f"training.stages.{seen[-1]}.parent: no such stage {parent!r}")
+            raise SigmaError(f"training.stages.{seen[-1]}.parent: no such stage {parent!r}")
         if parent in seen:
-            raise StageError(f"training.stages.{name}: parent cycle {' -> '.join(seen + [parent])}")
+            raise SigmaError(f"training.stages.{name}: parent cycle {' -> '.join(seen + [parent])}")
         seen.append(parent)
     return seen[::-1]
 
@@ -92,17 +91,17 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
         if path.is_dir() and checkpoint.folder(path).is_dir():
             ckpt = checkpoint.latest(path)
             if ckpt is None:
-                raise StageError(f"--init {init}: run folder has no complete checkpoint")
+                raise SigmaError(f"--init {init}: run folder has no complete checkpoint")
             return ckpt / checkpoint.MODEL
         if not path.exists():
-            raise StageError(f"--init {init}: no such checkpoint or run folder")
+            raise SigmaError(f"--init {init}: no such checkpoint or run folder")
         return path
     parent = cfg.training.stages[name].parent
     if parent is not None:
         parent_dir = run_dir(cfg, parent)
         ckpt = checkpoint.latest(parent_dir)
         if ckpt is None:
-            raise StageError(f"--stage {name}: starts from its parent stage {parent}, but {parent_dir} has no "
+            raise SigmaError(f"--stage {name}: starts from its parent stage {parent}, but {parent_dir} has no "
                              f"checkpoint; run `training/finetune --stage {parent}` first or pass --init")
         return ckpt / checkpoint.MODEL
     if cfg.models.dit_weights:
@@ -114,10 +113,7 @@ def read_weights(path: Path) -> dict:
     """A state dict from our safetensors, an official .pth or a diffusers folder (convert.py)."""
     from training import convert
 
-    try:
-        return convert.load_checkpoint(path)
-    except convert.ConversionError as e:
-        raise StageError(str(e)) from None
+    return convert.load_checkpoint(path)
 
 
 def load_init(model: torch.nn.Module, state_dict: dict, source: str) -> list[str]:
@@ -130,19 +126,19 @@ def load_init(model: torch.nn.Module, state_dict: dict, source: str) -> list[str
     own = model.state_dict()
     w = state_dict.get("x_embedder.proj.weight")
     if w is not None and w.shape[1] != own["x_embedder.proj.weight"].shape[1]:
-        raise StageError(f"{source}: weights take {w.shape[1]} latent channels, the data has "
+        raise SigmaError(f"{source}: weights take {w.shape[1]} latent channels, the data has "
                          f"{own['x_embedder.proj.weight'].shape[1]} (latents from another VAE?)")
     for k, v in state_dict.items():
         if k in own and own[k].shape != v.shape and k != NULL_CAPTION_KEY:
-            raise StageError(f"{source}: {k} has shape {list(v.shape)}, the model wants {list(own[k].shape)} "
+            raise SigmaError(f"{source}: {k} has shape {list(v.shape)}, the model wants {list(own[k].shape)} "
                              f"(another models.dit size or caption width?)")
     state_dict = {k: v for k, v in state_dict.items() if k != NULL_CAPTION_KEY}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected:
         kv = [k for k in unexpected if any(p in k for p in KV_PARAMS)]
         what = "KV-compression weights for layers this stage does not compress" if kv else "keys the model lacks"
-        raise StageError(f"{source}: has {what}: {unexpected[:3]}")
+        raise SigmaError(f"{source}: has {what}: {unexpected[:3]}")
     bad = [k for k in missing if k != NULL_CAPTION_KEY and not any(p in k for p in KV_PARAMS)]
     if bad:
-        raise StageError(f"{source}: missing {len(bad)} weights, e.g. {bad[:3]}")
+        raise SigmaError(f"{source}: missing {len(bad)} weights, e.g. {bad[:3]}")
     return sorted(k for k in missing if k != NULL_CAPTION_KEY)

@@ -53,7 +53,7 @@ def scores(evaldir: Path, runs: list[str]) -> dict:
         return {}
     import pandas as pd
 
-    from training.evaluation import bootstrap_ci, score_columns
+    from training.evaluate import bootstrap_ci, score_columns
 
     df = pd.read_parquet(path)
     out = {}

@@ -1,6 +1,6 @@
 """The training summary page: `RUNDIR/summary.html` with the loss curves and the latest sample grids.
 
-A RUNDIR written by training/train.py holds `tb/` (TensorBoard events), `log.txt` (one line per
+A RUNDIR written by training/finetune.py holds `tb/` (TensorBoard events), `log.txt` (one line per
 `log_every` steps), `samples/step-NNNNNNN.png` (the fixed-prompt grid) and `run.json`. The page
 reads the scalars from the TensorBoard events, or from `log.txt` when there are none, and shows
 one plot per scalar and the latest grid. Given the parent of several stage folders
@@ -13,10 +13,12 @@ import json
 import re
 from pathlib import Path
 
-from shards import atomic, pages
+from common import pages
+from shards import atomic
+from shards.errors import SigmaError
 
 SUMMARY = "summary.html"
-# (tag, title, log-scale y): what train.py writes to TensorBoard
+# (tag, title, log-scale y): what finetune.py writes to TensorBoard
 SCALARS = [("train/loss", "Loss", True), ("train/lr", "Learning rate", False),
            ("train/grad_norm", "Gradient norm (before clipping)", True),
            ("perf/samples_per_s", "Throughput (samples/s)", False), ("perf/step_time_s", "Step time (s)", False)]
@@ -94,7 +96,7 @@ def build(rundir: str | Path) -> str:
     rundir = Path(rundir)
     runs = stage_runs(rundir)
     if not runs:
-        raise FileNotFoundError(f"{rundir}: no training run here (expected tb/, log.txt or samples/)")
+        raise SigmaError(f"{rundir}: no training run here (expected tb/, log.txt or samples/)")
     scalars = {stage: read_scalars(folder) for stage, folder in runs.items()}
     rows = []
     for stage, tags in scalars.items():

@@ -26,15 +26,14 @@ NOT_AN_IMAGE = b"<html><body>404 served as a jpg</body></html>"
 @pytest.fixture(scope="session")
 def cap_models(tmp_path_factory) -> dict[str, Path]:
     """The tiny LLaVA captioner and the tiny T5 (for token counts), built by the demo's builders."""
-    from encoders import vlm
-    from shards import t5
+    from encoders import t5, vlm
 
     root = tmp_path_factory.mktemp("cap_models")
     return {"captioner": vlm.build_tiny(root / "captioner"), "t5": t5.build_tiny(root / "t5")}
 
 
 def load_cfg(cap_models: dict, *overrides: str):
-    from shards import config
+    from common import config
 
     return config.load(ROOT / "pipelines.yaml", "demo", [
         f"captioning.captioners.hf.model={cap_models['captioner']}", f"models.t5={cap_models['t5']}",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from captioning import pipeline
+from captioning import recaption
 from shards import format as fmt
 from shards import reasons
 from tests.terminal import RATE_AND_ETA, on_terminal
@@ -27,12 +27,12 @@ def _cli(cap_models, *args):
 
 
 def test_end_to_end_through_ray(ray_local, cap_cfg, cap_models, make_shards, tmp_path):
-    from shards import t5
+    from encoders import t5
 
     shards = make_shards(tmp_path / "cur", 2, 5, corrupt={"000010003"})
     capdir = tmp_path / "caps"
     with on_terminal() as tty:  # as in a user's shell: a progress bar with rate and ETA, per-shard lines above it
-        summary = pipeline.run(cap_cfg, str(tmp_path / "cur" / "shards" / "{00000..00001}.tar"), str(capdir))
+        summary = recaption.run(cap_cfg, str(tmp_path / "cur" / "shards" / "{00000..00001}.tar"), str(capdir))
     assert "recaption: 100%" in tty.text and "10/10" in tty.text, tty.text
     assert re.search(RATE_AND_ETA.format(unit="caption"), tty.text) and "00001.parquet: 5 rows" in tty.text, tty.text
     assert summary["written"] == 2 and summary["skipped"] == 0
@@ -60,7 +60,7 @@ def test_end_to_end_through_ray(ray_local, cap_cfg, cap_models, make_shards, tmp
     assert not list(capdir.glob(".*.tmp"))
 
     before = {p.name: p.stat().st_mtime_ns for p in capdir.iterdir()}
-    again = pipeline.run(cap_cfg, str(tmp_path / "cur" / "shards"), str(capdir))  # a directory works too
+    again = recaption.run(cap_cfg, str(tmp_path / "cur" / "shards"), str(capdir))  # a directory works too
     assert (again["skipped"], again["written"]) == (2, 0)
     assert {p.name: p.stat().st_mtime_ns for p in capdir.iterdir()} == before
 
@@ -106,7 +106,7 @@ def test_resume_after_kill(ray_local, cap_models, make_cfg, make_shards, tmp_pat
     (capdir / ".00005.parquet.killed.tmp").write_bytes(b"half a file")  # what a kill mid-write leaves
 
     # The rerun, in-process; a 3-token budget so the over-budget report has something to count.
-    summary = pipeline.run(make_cfg(*overrides, "captioning.token_budget=3"), str(tmp_path / "cur" / "shards"), str(capdir))
+    summary = recaption.run(make_cfg(*overrides, "captioning.token_budget=3"), str(tmp_path / "cur" / "shards"), str(capdir))
     assert summary["skipped"] == len(first) and summary["written"] == n - len(first)
     rerun = [pq.read_table(p).to_pylist() for p in sorted(capdir.glob("*.parquet")) if p.name not in first]
     assert summary["over_budget"] == sum(r["num_tokens"] > 3 for rows in rerun for r in rows) > 0
@@ -121,6 +121,6 @@ def test_unreadable_tar_is_reported_and_left_for_the_next_run(cap_cfg, tmp_path)
     bad = tmp_path / "cur" / "shards" / "00000.tar"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"\x00garbage" * 200)  # not a tar: listing fails before any Ray work
-    summary = pipeline.run(cap_cfg, str(bad), str(tmp_path / "caps"))
+    summary = recaption.run(cap_cfg, str(bad), str(tmp_path / "caps"))
     assert summary["corrupt_shards"] == [str(bad)] and summary["written"] == 0
     assert not list((tmp_path / "caps").iterdir())

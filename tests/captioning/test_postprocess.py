@@ -28,7 +28,7 @@ def test_clean_collapses_whitespace_and_strips_only_when_asked():
 
 
 def test_finish_rows_fails_empty_and_counts_t5_tokens(cap_models):
-    from shards import t5
+    from encoders import t5
 
     tok = t5.load_tokenizer(str(cap_models["t5"]))
     rows = [

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from captioning import pipeline
+from captioning import recaption
 from captioning.share_captioner import ShareCaptioner
 from shards import reasons
-from shards.config import ConfigError
+from shards.errors import SigmaError
 
 PROMPT = "Analyze the image in a comprehensive and detailed manner."
 # share-cap_batch_infer.py, InternLM-XComposer projects/ShareGPT4V/tools (the script passes max_length=500,
@@ -21,8 +21,9 @@ RECIPE = dict(max_new_tokens=500, num_beams=3, min_length=1, do_sample=True, rep
 
 
 def _share_cfg(cap_models, standin, *overrides):
-    from shards import config
     from pathlib import Path
+
+    from common import config
 
     root = Path(__file__).resolve().parents[2]
     return config.load(root / "pipelines.yaml", "demo", [
@@ -31,8 +32,8 @@ def _share_cfg(cap_models, standin, *overrides):
 
 
 def _share(cfg) -> ShareCaptioner:
-    _, cap = pipeline.select(cfg, None)
-    cls, kwargs = pipeline.backend(cap)
+    _, cap = recaption.select(cfg, None)
+    cls, kwargs = recaption.backend(cap)
     assert cls is ShareCaptioner
     return cls(**kwargs)
 
@@ -52,8 +53,9 @@ def test_generate_kwargs_are_the_official_ones(cap_models, standin_share_caption
 
 
 def test_prompt_assembly_matches_the_recipe(share, make_image):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     model, tok = share.model, share.model.tokenizer
     data = [make_image(60, 40, 1), make_image(30, 90, 2, "png")]
@@ -87,9 +89,9 @@ def test_minus_one_padding_is_decoded_as_eos(share, make_image):
 
 def test_trust_remote_code_false_refuses_to_load(cap_models, standin_share_captioner):
     cfg = _share_cfg(cap_models, standin_share_captioner, "captioning.captioners.share-captioner.trust_remote_code=false")
-    with pytest.raises(ConfigError, match=r"captioners\.share-captioner\.trust_remote_code: .*explicit opt-in"):
-        pipeline.select(cfg, None)
-    with pytest.raises(ValueError, match="trust_remote_code"):
+    with pytest.raises(SigmaError, match=r"captioners\.share-captioner\.trust_remote_code: .*explicit opt-in"):
+        recaption.select(cfg, None)
+    with pytest.raises(SigmaError, match="trust_remote_code"):
         ShareCaptioner(str(standin_share_captioner), PROMPT, trust_remote_code=False)
 
 
@@ -100,7 +102,7 @@ def test_share_captioner_backend_through_ray(ray_local, cap_models, standin_shar
                      "captioning.captioners.share-captioner.max_new_tokens=4",
                      "captioning.captioners.share-captioner.resources={batch_size: 4, num_gpus: 0, num_cpus: 1, concurrency: 1}")
     shards = make_shards(tmp_path / "cur", 1, 3, corrupt={"000000001"})
-    summary = pipeline.run(cfg, str(shards[0]), str(tmp_path / "caps"))
+    summary = recaption.run(cfg, str(shards[0]), str(tmp_path / "caps"))
     rows = pq.read_table(tmp_path / "caps" / "00000.parquet").to_pylist()
     assert summary["written"] == 1 and len(rows) == 3
     assert rows[1]["reason"] == reasons.NOT_AN_IMAGE

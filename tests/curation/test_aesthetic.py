@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from curation import aesthetic
 from demo.images import encode, render
+from encoders import aesthetic
+from shards.errors import SigmaError
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,7 @@ def test_head_loads_a_laion_style_state_dict(tmp_path):
     head = aesthetic.load_head(str(tmp_path / "sac.pth"))
     x = torch.nn.functional.normalize(torch.randn(3, 768), dim=-1)
     assert torch.allclose(head(x), ref.eval()(x))
-    with pytest.raises(FileNotFoundError, match="aesthetic_head"):
+    with pytest.raises(SigmaError, match="aesthetic_head"):
         aesthetic.load_head(str(tmp_path / "missing.pth"))
 
 

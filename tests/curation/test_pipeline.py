@@ -11,7 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shards import config, reasons
+from common import config
+from shards import reasons
 
 ROOT = Path(__file__).resolve().parents[2]
 

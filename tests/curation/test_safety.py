@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from curation import pipeline, safety
+from common import config
+from curation import pipeline
 from demo.images import encode, render
-from shards import config, reasons
+from encoders import safety
+from shards import reasons
+from shards.errors import SigmaError
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -56,5 +59,5 @@ def test_embed_stage_with_safety_heads_and_their_reasons(heads, tiny_models, tmp
 
 
 def test_missing_safety_weights_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="models.nsfw_head"):
+    with pytest.raises(SigmaError, match="models.nsfw_head"):
         safety.SafetyScorer(str(tmp_path / "nope.pth"), None)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from training import evaluation
+from training import evaluate
 
 
 def test_evaluate_writes_images_sidecars_scores_and_summary(evaldir, runs, prompts):
@@ -48,7 +48,7 @@ def test_scores_are_the_curation_scorer_and_clip_similarity(evaldir, demo_cfg):
     df = pd.read_parquet(evaldir / "scores.parquet")
     row = df.iloc[7]
     m = demo_cfg.models
-    scorer = evaluation.Scorer(m.clip.arch, m.clip.weights, m.clip.config_dir, m.aesthetic_head)
+    scorer = evaluate.Scorer(m.clip.arch, m.clip.weights, m.clip.config_dir, m.aesthetic_head)
     image = Image.open(evaldir / row.image).convert("RGB")
     again = scorer({"image": [image, image], "prompt": [row.prompt, "something else entirely"]})
     assert again["clip_score"][0] == pytest.approx(row.clip_score, abs=1e-4)
@@ -59,43 +59,43 @@ def test_scores_are_the_curation_scorer_and_clip_similarity(evaldir, demo_cfg):
 def test_same_seed_gives_the_same_initial_noise_in_every_run(tmp_path, tiny_models, demo_cfg, runs, prompts):
     """The DiT's first input for (prompt, seed) is the same in both runs; seeds differ from each other.
     A rerun skips finished images; changed settings redo them."""
-    from training.generate import Generator
+    from training.sample import Generator
 
     stages = demo_cfg.training.stages
-    resolved = evaluation.resolve_runs([str(r) for r in runs], stages)
+    resolved = evaluate.resolve_runs([str(r) for r in runs], stages)
     noises: dict[tuple, torch.Tensor] = {}
     gen = None
     for run in resolved:
-        model = evaluation.load_run_model(run, "tiny", stages, (64, 64))
+        model = evaluate.load_run_model(run, "tiny", stages, (64, 64))
         gen = Generator(model, demo_cfg.models.t5, demo_cfg.models.vae) if gen is None else gen
         gen.use(model)
         calls = []
         model.register_forward_pre_hook(lambda mod, args: calls.append(args[0][:1].clone()))  # x [2N, C, h, w]
-        made = evaluation.generate_run(gen, run, prompts[:2], [0, 1], (64, 64), 1, 4.5, tmp_path, log=lambda s: None)
+        made = evaluate.generate_run(gen, run, prompts[:2], [0, 1], (64, 64), 1, 4.5, tmp_path, log=lambda s: None)
         assert made == 4 and len(calls) == 4  # one DPM-Solver step: one forward per image
         for (i, s), x in zip([(0, 0), (0, 1), (1, 0), (1, 1)], calls):
             noises[run.name, i, s] = x
-        assert evaluation.generate_run(gen, run, prompts[:2], [0, 1], (64, 64), 1, 4.5, tmp_path,
+        assert evaluate.generate_run(gen, run, prompts[:2], [0, 1], (64, 64), 1, 4.5, tmp_path,
                                        log=lambda s: None) == 0 and len(calls) == 4
     for i in range(2):
         for s in range(2):
             assert torch.equal(noises["512", i, s], noises["tuned", i, s])
     assert not torch.equal(noises["512", 0, 0], noises["512", 0, 1])
     run = resolved[1]
-    assert evaluation.generate_run(gen, run, prompts[:2], [0], (64, 64), 2, 4.5, tmp_path, log=lambda s: None) == 2
+    assert evaluate.generate_run(gen, run, prompts[:2], [0], (64, 64), 2, 4.5, tmp_path, log=lambda s: None) == 2
 
 
 def test_bootstrap_interval_contains_the_mean_and_narrows():
     rng = np.random.default_rng(0)
     small, large = rng.normal(5, 1, 10), rng.normal(5, 1, 1000)
     for values in (small, large):
-        lo, hi = evaluation.bootstrap_ci(values)
+        lo, hi = evaluate.bootstrap_ci(values)
         assert lo < values.mean() < hi
-    assert np.diff(evaluation.bootstrap_ci(large)) < np.diff(evaluation.bootstrap_ci(small)) / 5
-    assert evaluation.bootstrap_ci([3.0, 3.0, 3.0]) == (3.0, 3.0)
+    assert np.diff(evaluate.bootstrap_ci(large)) < np.diff(evaluate.bootstrap_ci(small)) / 5
+    assert evaluate.bootstrap_ci([3.0, 3.0, 3.0]) == (3.0, 3.0)
     df = pd.DataFrame({"run": ["a"] * 4 + ["b"] * 4, "stage": None, "prompt_idx": [0, 1, 2, 3] * 2, "seed": 0,
                        "clip_score": [1.0, 2, 3, 4, 2, 3, 4, 5], "aesthetic": [5.0] * 8})
-    rows = evaluation.summarize(df, ["a", "b"])
+    rows = evaluate.summarize(df, ["a", "b"])
     diff = next(r for r in rows if r["vs"] == "a" and r["score"] == "clip_score")
     assert diff["mean"] == 1.0 and diff["lo"] == diff["hi"] == 1.0  # paired: every prompt gained exactly 1
     for r in rows:
@@ -114,7 +114,7 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path, capsys, runs, content, s
     if content is not None:
         path.write_text(content)
     with pytest.raises(SystemExit) as e:
-        evaluation.main(["--profile", "demo", "--runs", *map(str, runs), "--prompts", str(path),
+        evaluate.main(["--profile", "demo", "--runs", *map(str, runs), "--prompts", str(path),
                          "--out", str(tmp_path / "out"), "--dry-run"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -126,20 +126,20 @@ def test_missing_runs_and_bad_flags_are_one_line_errors(tmp_path, capsys, runs, 
     assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: run not found " \
         "(want a run folder or a checkpoint file)", r.stderr
     (tmp_path / "empty-run").mkdir()
-    cases = [(["--runs", str(tmp_path / "empty-run")], "no .safetensors checkpoint"),
+    cases = [(["--runs", str(tmp_path / "empty-run")], "no checkpoint in the run folder"),
              (["--runs", str(runs[0]), str(runs[0])], "the same run is given twice"),
              (["--runs", str(runs[0]), "--seeds", "0,x"], "--seeds 0,x: expected distinct integers"),
              (["--runs", str(runs[0]), "--size", "60x64"], "multiples of 16")]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:
-            evaluation.main(["--profile", "demo", *args, "--prompts", str(prompts_file), "--out", str(tmp_path / "o")])
+            evaluate.main(["--profile", "demo", *args, "--prompts", str(prompts_file), "--out", str(tmp_path / "o")])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
 def test_dry_run_prints_the_plan(tmp_path, capsys, runs, prompts_file):
-    evaluation.main(["--profile", "demo", "--runs", *map(str, runs), "--prompts", str(prompts_file),
+    evaluate.main(["--profile", "demo", "--runs", *map(str, runs), "--prompts", str(prompts_file),
                      "--out", str(tmp_path / "out"), "--size", "64x64", "--seeds", "3,4,5", "--dry-run"])
     plan = json.loads(capsys.readouterr().out)
     assert [r["name"] for r in plan["runs"]] == ["512", "tuned"] and plan["runs"][0]["stage"] == "512"

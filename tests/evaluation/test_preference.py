@@ -166,15 +166,15 @@ def test_win_rates_and_wilson_intervals():
 
 
 def test_serve_errors_are_one_line_and_dry_run_writes_nothing(evaldir, tmp_path, capsys):
-    from training import evaluation
+    from training import evaluate
 
-    evaluation.main(["--serve", str(evaldir), "--dry-run"])
+    evaluate.main(["--serve", str(evaldir), "--dry-run"])
     plan = json.loads(capsys.readouterr().out)
     assert plan["pairs"] == 6 and plan["runs"] == ["512", "tuned"] and plan["host"] == "127.0.0.1"
     assert not (evaldir / preference.DB).exists()
 
     for target, message in ((tmp_path / "none", "evaluation folder not found"), (tmp_path, "no image pairs")):
         with pytest.raises(SystemExit) as e:
-            evaluation.main(["--serve", str(target)])
+            evaluate.main(["--serve", str(target)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from encoders import reward
+from shards.errors import SigmaError
 
 
 def _images():
@@ -30,7 +31,7 @@ def test_hps_saved_as_hpsv2_ships_it_loads_to_the_same_scores(tiny_models, demo_
     assert np.all(np.abs(before) <= 1) and len(set(before.round(6))) == 3  # a cosine, per image and prompt
     swapped = scorer(_images(), PROMPTS[::-1])
     assert not np.allclose(swapped, before)  # the prompt matters
-    with pytest.raises(FileNotFoundError, match="hps_weights: file not found"):
+    with pytest.raises(SigmaError, match="hps_weights: file not found"):
         reward.HPSScorer(rw.hps_arch, str(tmp_path / "missing.pt"), rw.hps_config_dir)
 
 
@@ -64,7 +65,7 @@ def test_tiny_builders_are_deterministic(tiny_models, tmp_path):
 
 
 def test_evaluation_scores_and_summarises_the_rewards(evaldir, demo_cfg):
-    from training import evaluation
+    from training import evaluate as evaluation
 
     df = pd.read_parquet(evaldir / "scores.parquet")
     assert {"hps", "pickscore"} <= set(df.columns) and np.isfinite(df[["hps", "pickscore"]].to_numpy()).all()

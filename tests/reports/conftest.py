@@ -13,6 +13,7 @@ import pytest
 
 from tests.chromium import Page, chromium
 
+
 @pytest.fixture(scope="session")
 def browser(tmp_path_factory):
     """A function path -> loaded Page, backed by one headless Chromium for the whole session."""
@@ -152,7 +153,7 @@ def caption_run(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training runs: stage folders as training/train.py writes them
+# Training runs: stage folders as training/finetune.py writes them
 # ---------------------------------------------------------------------------------------------
 
 

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from shards.errors import SigmaError
+
+
 def test_caption_report_renders_in_chromium(caption_run, browser, tmp_path):
     from captioning.report import write_caption_report
 
@@ -48,5 +51,5 @@ def test_caption_report_without_shards_is_text_only(caption_run, browser):
 def test_caption_report_needs_caption_files(tmp_path):
     from captioning.report import write_caption_report
 
-    with pytest.raises(FileNotFoundError, match="no caption files"):
+    with pytest.raises(SigmaError, match="no caption files"):
         write_caption_report(tmp_path)

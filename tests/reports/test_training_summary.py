@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from shards.errors import SigmaError
+
 STAGES = "Object.fromEntries([...document.querySelectorAll('table[data-table=stages] tr')].slice(1)" \
          ".map(r => [r.cells[0].textContent, [...r.cells].slice(1).map(c => c.textContent)]))"
 GRIDS = "Object.fromEntries([...document.querySelectorAll('section.grid')].map(s => [s.dataset.stage, " \
@@ -44,5 +46,5 @@ def test_summary_of_one_stage(training_runs, browser):
 def test_summary_needs_a_run(tmp_path):
     from training.summary import write_summary
 
-    with pytest.raises(FileNotFoundError, match="no training run"):
+    with pytest.raises(SigmaError, match="no training run"):
         write_summary(tmp_path)

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="session")
 def shard_models(tmp_path_factory) -> dict[str, Path]:
     """The tiny T5 and VAE, built by the builders the demo uses (fixed seeds)."""
-    from shards import t5, vae
+    from encoders import t5, vae
 
     root = tmp_path_factory.mktemp("models")
     return {"t5": t5.build_tiny(root / "t5"), "vae": vae.build_tiny(root / "vae")}

@@ -1,4 +1,4 @@
-"""shards/encode end to end on real Ray: tier rule, failures as rows, shard layout, resume, entry point."""
+"""encoding/encode end to end on real Ray: tier rule, failures as rows, shard layout, resume, entry point."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from shards import encode_stage, encoded, reasons, t5, vae
+from encoders import t5, vae
+from encoding import encode
+from shards import encoded, reasons
+from shards.errors import SigmaError
 from tests.shards.synthetic import ROOT, image_bytes, sample, truncate, write_curated
 from tests.terminal import RATE_AND_ETA, on_terminal
 
@@ -45,7 +48,7 @@ def first_run(tmp_path_factory, shard_models, ray_local):
     root = tmp_path_factory.mktemp("encode")
     write_curated(root, SHARDS, skip_captions={"000000013"}, failed_captions={"000000011"})
     truncate(root / "curated" / "shards" / "00002.tar", 0.6)
-    encode_stage.main(encode_args(root, shard_models))
+    encode.main(encode_args(root, shard_models))
     return root
 
 
@@ -122,7 +125,7 @@ def test_info_records_vae_and_null_caption(first_run):
     assert info["t5_dim"] == 32 and info["max_length"] == 300
     assert loader.null_caption(first_run / "enc").shape == (300, 32)
     loader.check_vae(first_run / "enc", 0.13025, 4)
-    with pytest.raises(ValueError, match="scaling_factor"):
+    with pytest.raises(SigmaError, match="scaling_factor"):
         loader.check_vae(first_run / "enc", 0.18215, 4)
 
 
@@ -137,7 +140,7 @@ def test_rerun_encodes_only_what_is_missing(first_run, shard_models):
     rows.append({**rows[0], "key": "000000013", "caption": "a fox near a lake"})
     pq.write_table(pq.read_table(cap).from_pylist(rows), cap)
     with on_terminal() as tty:  # as in a user's shell: a progress bar with rate and ETA
-        summary = encode_stage.run(_cfg(shard_models), str(first_run / "curated" / "shards" / "*.tar"),
+        summary = encode.run(_cfg(shard_models), str(first_run / "curated" / "shards" / "*.tar"),
                                    str(first_run / "captions"), str(enc), "256")
     assert "encode 256:" in tty.text and re.search(RATE_AND_ETA.format(unit="sample"), tty.text), tty.text
     assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 1  # the lost tar's row file
@@ -150,7 +153,7 @@ def test_rerun_encodes_only_what_is_missing(first_run, shard_models):
 
 
 def _cfg(models):
-    from shards import config
+    from common import config
 
     return config.load(ROOT / "pipelines.yaml", "demo", [f"models.t5={models['t5']}", f"models.vae={models['vae']}",
                                                          "encode.shard_bytes=40000"])
@@ -160,20 +163,20 @@ def test_other_tier_into_same_out_is_refused(first_run, shard_models, capsys):
     args = encode_args(first_run, shard_models)
     args[args.index("--tier") + 1] = "512"
     with pytest.raises(SystemExit) as e:
-        encode_stage.main(args)
+        encode.main(args)
     assert e.value.code == 2 and "holds tier 256" in capsys.readouterr().err
 
 
 def test_fingerprint_change_marks_shards_stale(first_run, shard_models, tmp_path):
     cfg = _cfg(shard_models)
-    fp = encode_stage.plan(cfg, "x", "y", "z", "256")["fingerprint"]
+    fp = encode.plan(cfg, "x", "y", "z", "256")["fingerprint"]
     cfg.encode.t5_max_length = 120
-    assert encode_stage.plan(cfg, "x", "y", "z", "256")["fingerprint"] != fp
+    assert encode.plan(cfg, "x", "y", "z", "256")["fingerprint"] != fp
     cfg.encode.t5_max_length = 300
     cfg.models.vae = str(vae.build_tiny(tmp_path / "vae", seed=1))  # same name, config and size; other weights
-    assert encode_stage.plan(cfg, "x", "y", "z", "256")["fingerprint"] != fp
+    assert encode.plan(cfg, "x", "y", "z", "256")["fingerprint"] != fp
     cfg.models.vae = str(vae.build_tiny(tmp_path / "again" / "vae"))  # the same weights rebuilt elsewhere
-    assert encode_stage.plan(cfg, "x", "y", "z", "256")["fingerprint"] == fp
+    assert encode.plan(cfg, "x", "y", "z", "256")["fingerprint"] == fp
     enc = first_run / "enc"
     n = len(encoded.committed_shards(enc))
     assert encoded.remove_stale(enc, fp) == 0 and len(encoded.committed_shards(enc)) == n
@@ -182,10 +185,10 @@ def test_fingerprint_change_marks_shards_stale(first_run, shard_models, tmp_path
 
 def test_entry_point_help_and_dry_run(tmp_path, shard_models, capsys):
     with pytest.raises(SystemExit) as e:
-        encode_stage.main(["--help"])
+        encode.main(["--help"])
     help_text = capsys.readouterr().out
     assert e.value.code == 0 and "--tier" in help_text and "example:" in help_text
-    exe = [sys.executable, str(ROOT / "shards" / "encode")]
+    exe = [sys.executable, str(ROOT / "encoding" / "encode")]
     write_curated(tmp_path, [[sample(1, 300, 260)]])
     out = subprocess.run([*exe, *encode_args(tmp_path, shard_models), "--dry-run"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -205,10 +208,10 @@ def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
     tar_path.write_bytes(tar_path.read_bytes()[:end_of_first])
     (caps / "00000.parquet").unlink()  # and no caption file: the keys read before the cut are still listed
     task = {"shard": str(tar_path), "captions": str(caps / "00000.parquet"), "done": []}
-    rows = list(encode_stage.read_shard(task, "256"))
+    rows = list(encode.read_shard(task, "256"))
     assert [(r["key"], r["status"], r["reason"]) for r in rows] == [("000000001", "failed", reasons.CORRUPT_SHARD)]
     write_curated(tmp_path / "ok", [[sample(1, 300, 260), sample(2, 300, 260)]])
     ok = tmp_path / "ok"
     task = {"shard": str(ok / "curated" / "shards" / "00000.tar"), "captions": str(ok / "nope.parquet"), "done": ["000000002"]}
-    rows = list(encode_stage.read_shard(task, "256"))
+    rows = list(encode.read_shard(task, "256"))
     assert [(r["key"], r["reason"]) for r in rows] == [("000000001", reasons.MISSING_CAPTION)]  # 2 is done: skipped

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from shards import loader
+from shards.errors import SigmaError
 from tests.shards.synthetic import write_encdir
 
 SCALE = 0.13025
@@ -111,15 +112,15 @@ def test_bucket_policy(encdir, tmp_path):
               for p in loader.POLICIES}
     assert counts["proportional"]["0.50"] < 20  # ~1 in 13 batches
     assert counts["uniform"]["0.50"] > 25  # ~1 in 2
-    with pytest.raises(ValueError, match="bucket_policy"):
+    with pytest.raises(SigmaError, match="bucket_policy"):
         loader.make_loader(root, batch_size=1, bucket_policy="largest")
 
 
 def test_tier_and_vae_checks(encdir):
     root, _ = encdir
-    with pytest.raises(ValueError, match="tier 256, not 1k"):
+    with pytest.raises(SigmaError, match="tier 256, not 1k"):
         loader.make_loader(root, batch_size=1, tier="1k")
     loader.check_vae(root, SCALE, 4)
-    with pytest.raises(ValueError):
+    with pytest.raises(SigmaError):
         loader.check_vae(root, SCALE, 16)
     assert loader.null_caption(root).shape == (300, 8)

@@ -6,7 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shards import encode_stage, encoded, reasons, t5, vae
+from encoders import t5, vae
+from encoding import encode
+from shards import encoded, reasons
 
 CAPTIONS = ["a red fox in the snow", "a small wooden house near a lake at sunset with mountains behind it and a boat",
             "", "fox"]
@@ -85,7 +87,7 @@ def test_latent_mean_equals_autoencoderkl(shard_models):
 def _batch(**cols):
     n = len(cols["key"])
     return {k: np.array(cols.get(k, [v] * n), dtype=object if isinstance(v, (bytes, str)) else np.int64)
-            for k, v in encode_stage.ROW.items()}
+            for k, v in encode.ROW.items()}
 
 
 def test_vae_stage_marks_non_finite_as_failed(shard_models, tmp_path):
@@ -98,17 +100,17 @@ def test_vae_stage_marks_non_finite_as_failed(shard_models, tmp_path):
     broken.save_pretrained(tmp_path / "nan-vae")
     pixels = np.zeros((64, 64, 3), np.uint8).tobytes()
     batch = _batch(key=["a", "b"], bucket_h=[64, 64], bucket_w=[64, 64], pixels=[pixels, pixels])
-    out = encode_stage.VAEStage(str(tmp_path / "nan-vae"), "float32", False, False)(batch)
+    out = encode.VAEStage(str(tmp_path / "nan-vae"), "float32", False, False)(batch)
     assert list(out["status"]) == [reasons.FAILED] * 2 and list(out["reason"]) == [reasons.NON_FINITE] * 2
     assert list(out["vae"]) == [b"", b""]
-    good = encode_stage.VAEStage(str(shard_models["vae"]), "float32", False, False)(batch)
+    good = encode.VAEStage(str(shard_models["vae"]), "float32", False, False)(batch)
     assert list(good["status"]) == [reasons.KEPT] * 2
     assert encoded.unpack(good["vae"][0])["mean"].dtype == torch.float16
 
 
 def test_t5_stage_stores_valid_tokens_fp16(shard_models):
     batch = _batch(key=["a", "b"], recaption=["a red fox", "a dog on a table"], original=["fox", ""])
-    out = encode_stage.T5Stage(str(shard_models["t5"]), "float32", 300)(batch)
+    out = encode.T5Stage(str(shard_models["t5"]), "float32", 300)(batch)
     a, b = encoded.unpack(out["t5"][0]), encoded.unpack(out["t5"][1])
     assert set(a) == {"recaption", "original"} and set(b) == {"recaption"}  # no original: none stored
     assert a["recaption"].dtype == torch.float16 and a["recaption"].shape[0] == out["t5_len_recaption"][0]

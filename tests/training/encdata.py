@@ -1,6 +1,6 @@
 """Tiny ENCDIRs for the trainer tests, written with the real shard writer (shards/encoded.py).
 
-Not made by `shards/encode` (that needs Ray and seconds per 1K image through the tiny VAE): the
+Not made by `encoding/encode` (that needs Ray and seconds per 1K image through the tiny VAE): the
 tensors are random but every file, name and field is the real format, so the real loader reads
 them. Buckets are small for every tier (the model is multi-scale from 512 up), so a 4K stage
 runs in a fraction of a second: the bucket labels are the only thing that is not realistic.

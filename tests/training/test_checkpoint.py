@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from training import checkpoint, convert, train
+from training import checkpoint, finetune, runs
 
 
 def _sd(v: float) -> dict:
@@ -18,7 +18,7 @@ def test_save_keeps_the_last_k_and_round_trips(tmp_path):
     opt.param_groups[0]["params"][0].grad = torch.ones(2)
     opt.step()
     for step in (2, 4, 6):
-        checkpoint.save(tmp_path, step, _sd(step), _sd(-step), {"optimizer": opt.state_dict(), "rng": [train.rng_state()],
+        checkpoint.save(tmp_path, step, _sd(step), _sd(-step), {"optimizer": opt.state_dict(), "rng": [finetune.rng_state()],
                                                                   "data_epoch": step}, keep=2)
     assert checkpoint.list_steps(tmp_path) == [4, 6]
     last = checkpoint.latest(tmp_path)
@@ -30,13 +30,13 @@ def test_save_keeps_the_last_k_and_round_trips(tmp_path):
     fresh.load_state_dict(state["optimizer"])
     assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     # sampling and export pick the newest EMA weights of the run
-    assert convert.find_run_checkpoint(tmp_path) == last / "ema.safetensors"
+    assert runs.find_run_checkpoint(tmp_path) == last / "ema.safetensors"
 
 
 def test_rng_states_restore_exactly(tmp_path):
-    checkpoint.save(tmp_path, 1, _sd(1), None, {"rng": [train.rng_state()]}, keep=1)
+    checkpoint.save(tmp_path, 1, _sd(1), None, {"rng": [finetune.rng_state()]}, keep=1)
     expected = (random.random(), torch.rand(3), __import__("numpy").random.rand())
-    train.set_rng_state(checkpoint.load_state(checkpoint.latest(tmp_path))["rng"][0])
+    finetune.set_rng_state(checkpoint.load_state(checkpoint.latest(tmp_path))["rng"][0])
     again = (random.random(), torch.rand(3), __import__("numpy").random.rand())
     assert expected[0] == again[0] and torch.equal(expected[1], again[1]) and expected[2] == again[2]
 
@@ -47,7 +47,7 @@ def test_a_half_written_checkpoint_is_never_picked(tmp_path):
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\x00" * 10)
     assert checkpoint.latest(tmp_path).name == "step-0000002"
-    assert convert.find_run_checkpoint(tmp_path).parent.name == "step-0000002"
+    assert runs.find_run_checkpoint(tmp_path).parent.name == "step-0000002"
     assert checkpoint.clean_partial(tmp_path) and not partial.exists()
     # a failing write (here: a tensor safetensors refuses) leaves the previous checkpoint as it was
     with pytest.raises(Exception):

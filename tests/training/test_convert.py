@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+from shards.errors import SigmaError
 from training import convert
 from training.model import DiT_models
 
@@ -81,7 +82,7 @@ def test_export_config_states_sigma_settings(tmp_path):
 
 def test_kv_compressed_model_is_refused_for_export(tmp_path):
     m = random_tiny(kv_compress_layers=[1, 3])
-    with pytest.raises(convert.ConversionError, match=r"blocks \[1, 3\] use KV compression"):
+    with pytest.raises(SigmaError, match=r"blocks \[1, 3\] use KV compression"):
         convert.save_diffusers(m, tmp_path / "t")
     assert not (tmp_path / "t" / "config.json").exists()
 
@@ -102,7 +103,7 @@ def test_official_pth_loads_with_documented_mapping(tmp_path):
 
 
 def test_micro_conditions_and_pickled_objects_are_refused(tmp_path):
-    with pytest.raises(convert.ConversionError, match="PixArt-α"):
+    with pytest.raises(SigmaError, match="PixArt-α"):
         convert.from_official({"csize_embedder.mlp.0.weight": torch.zeros(1)})
 
     class Payload:
@@ -111,7 +112,7 @@ def test_micro_conditions_and_pickled_objects_are_refused(tmp_path):
 
     with open(tmp_path / "evil.pth", "wb") as f:
         pickle.dump({"state_dict": Payload()}, f)
-    with pytest.raises(convert.ConversionError, match="weights_only"):
+    with pytest.raises(SigmaError, match="weights_only"):
         convert.load_checkpoint(tmp_path / "evil.pth")
 
 

@@ -2,7 +2,7 @@
 
 The same global batch: 2 processes x batch 2 x accum 1 against 1 process x batch 2 x accum 2
 (the trainer's data and noise of a step depend only on world_size x grad_accum, not on how it is
-split; see training/train.py).
+split; see training/finetune.py).
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import checkpoint, train
-
 from tests.training import encdata
+from training import checkpoint, finetune
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -31,7 +30,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, capsys):
     enc = encdata.write(tmp_path / "enc", "512", {(64, 64): 6, (48, 80): 6})
     common = ["--set", "training.stages.512.parent=null", "--set", f"training.checkpoint_every={STEPS}"]
     one = tmp_path / "one"
-    train.main(encdata.args("512", enc, one, *common, "--set", "training.stages.512.grad_accum=2", steps=STEPS))
+    finetune.main(encdata.args("512", enc, one, *common, "--set", "training.stages.512.grad_accum=2", steps=STEPS))
     capsys.readouterr()
 
     two = tmp_path / "two"

@@ -9,7 +9,6 @@ sample of every prompt, most samples of every prompt, and 85% of all samples.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -23,7 +22,7 @@ TOKENS = 16  # model_max_length of the toy model: 300 would only add padding (ma
 
 @pytest.fixture(scope="module")
 def toy(tiny_models):
-    from shards import t5, vae
+    from encoders import t5, vae
 
     root = tiny_models
     tok, enc = t5.load_tokenizer(root / "t5"), t5.load_t5(root / "t5", "float32")

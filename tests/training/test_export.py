@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from training import convert
+from training import checkpoint, runs
 from training.model import DiT_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,8 +29,9 @@ def write_run(run: Path, **kw) -> Path:
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.05)
-    (run / "checkpoints" / "0000010").mkdir(parents=True)
-    save_file(m.state_dict(), str(run / "checkpoints" / "0000010" / "model.safetensors"))
+    step = checkpoint.step_dir(run, 10)
+    step.mkdir(parents=True)
+    save_file(m.state_dict(), str(step / checkpoint.MODEL))
     return run
 
 
@@ -43,9 +44,9 @@ def test_export_loads_into_pixart_sigma_pipeline_and_matches_our_sampler(tmp_pat
     from diffusers import PixArtSigmaPipeline
     from transformers import T5EncoderModel
 
-    from shards import t5, vae
+    from encoders import t5, vae
     from training.diffusion import make_scheduler
-    from training.generate import Generator
+    from training.sample import Generator
 
     run = write_run(tmp_path / "runs" / "256")  # the 256 stage: single scale, pe_interpolation 0.5
     out = tmp_path / "export" / "transformer"
@@ -68,7 +69,7 @@ def test_export_loads_into_pixart_sigma_pipeline_and_matches_our_sampler(tmp_pat
     img = pipe(prompt, height=64, width=64, num_inference_steps=2, use_resolution_binning=False).images[0]
     assert img.size == (64, 64)
 
-    ours = convert.load_model(convert.find_run_checkpoint(run), "tiny", input_size=32, pe_interpolation=0.5)
+    ours = runs.load_model(runs.find_run_checkpoint(run), "tiny", input_size=32, pe_interpolation=0.5)
     gen = Generator(ours, str(t5_path), str(vae_path))
     mine = gen.latents([prompt], 64, 96, steps=4, cfg_scale=4.5, seed=7, uncond="diffusers")
     assert lat.shape == mine.shape == (1, 4, 8, 12)

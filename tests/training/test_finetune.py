@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import checkpoint, train
-
 from tests.terminal import RATE_AND_ETA, on_terminal
 from tests.training import encdata
+from training import checkpoint, finetune
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAIN = ["256", "vae", "512", "1k", "2k", "4k", "kv"]
@@ -34,7 +33,7 @@ def losses(log: Path) -> dict[int, float]:
 def test_every_stage_chains_from_its_parent(enc, tmp_path, tiny_models, capsys):
     runs = tmp_path / "runs"
     for stage in CHAIN:
-        train.main(encdata.args(stage, enc[TIER[stage]], runs, "--set", "training.checkpoint_every=1", steps=1,
+        finetune.main(encdata.args(stage, enc[TIER[stage]], runs, "--set", "training.checkpoint_every=1", steps=1,
                                 batch=1))
         out = capsys.readouterr().out
         assert checkpoint.list_steps(runs / stage) == [1], stage
@@ -46,7 +45,7 @@ def test_every_stage_chains_from_its_parent(enc, tmp_path, tiny_models, capsys):
     four = checkpoint.load_weights(runs / "4k" / "checkpoints" / "step-0000001" / "model.safetensors")
     assert set(kv) - set(four) == {f"blocks.1.attn.{m}.{p}" for m in ("sr", "norm") for p in ("weight", "bias")}
     # rerunning a finished stage resumes and does nothing
-    train.main(encdata.args("512", enc["512"], runs, steps=1))
+    finetune.main(encdata.args("512", enc["512"], runs, steps=1))
     out = capsys.readouterr().out
     assert "resuming from step 1" in out and "nothing to do" in out
 
@@ -54,7 +53,7 @@ def test_every_stage_chains_from_its_parent(enc, tmp_path, tiny_models, capsys):
 def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
     runs = tmp_path / "runs"
     with on_terminal() as tty:  # as in a user's shell: a progress bar with rate, ETA and the loss
-        train.main(encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
+        finetune.main(encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
                                 "--set", "training.sample_every=2", "--set", "training.sample_steps=2",
                                 "--set", "training.sample_prompts=[a red fox, a small house]", steps=2))
     assert "train 512: 100%" in tty.text and "2/2" in tty.text and "loss=" in tty.text, tty.text
@@ -85,7 +84,7 @@ def _cmd(enc, runs, steps):
 def test_resume_after_kill_9_continues_the_same_loss_curve(enc, tmp_path, capsys):
     steps = 8
     ref = tmp_path / "ref"
-    train.main(encdata.args("512", enc["512"], ref, "--set", "training.stages.512.parent=null",
+    finetune.main(encdata.args("512", enc["512"], ref, "--set", "training.stages.512.parent=null",
                             "--set", "training.checkpoint_every=2", steps=steps))
     capsys.readouterr()
     runs = tmp_path / "runs"
@@ -115,7 +114,7 @@ def test_nan_loss_stops_with_step_and_keys_and_saves_nothing(tmp_path, capsys):
     data = encdata.write(tmp_path / "enc", "512", {(64, 64): 1}, nan_key="512-00000")  # in every batch
     runs = tmp_path / "runs"
     with pytest.raises(SystemExit) as e:
-        train.main(encdata.args("512", data, runs, "--set", "training.stages.512.parent=null",
+        finetune.main(encdata.args("512", data, runs, "--set", "training.stages.512.parent=null",
                                 "--set", "training.checkpoint_every=1", steps=3))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1

@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from shards import config
-from training import checkpoint, stages, train
-from training.model import DiT_models
-from training.stages import StageError
-
+from common import config
+from shards.errors import SigmaError
 from tests.training import encdata
+from training import checkpoint, finetune, stages
+from training.model import DiT_models
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,27 +35,27 @@ def test_shipped_stages_chain_as_in_the_paper(cfg):
 
 
 def test_bad_stage_names_and_chains_are_one_line_errors(cfg, tmp_path):
-    with pytest.raises(StageError, match=r"--stage 8k: no such stage; choose one of \['1k', '256'"):
+    with pytest.raises(SigmaError, match=r"--stage 8k: no such stage; choose one of \['1k', '256'"):
         stages.resolve(cfg, "8k")
     cyc = config.load(ROOT / "pipelines.yaml", "demo", ["training.stages.256.parent=kv"])
-    with pytest.raises(StageError, match="parent cycle kv -> 4k -> 2k -> 1k -> 512 -> vae -> 256 -> kv"):
+    with pytest.raises(SigmaError, match="parent cycle kv -> 4k -> 2k -> 1k -> 512 -> vae -> 256 -> kv"):
         stages.resolve(cyc, "kv")
     orphan = config.load(ROOT / "pipelines.yaml", "demo", ["training.stages.2k.parent=3k"])
-    with pytest.raises(StageError, match="training.stages.2k.parent: no such stage '3k'"):
+    with pytest.raises(SigmaError, match="training.stages.2k.parent: no such stage '3k'"):
         stages.resolve(orphan, "2k")
     nokv = config.load(ROOT / "pipelines.yaml", "demo", ["training.stages.kv.kv_compress_layers=[]"])
-    with pytest.raises(StageError, match="kv_compress is on but no layer is listed"):
+    with pytest.raises(SigmaError, match="kv_compress is on but no layer is listed"):
         stages.resolve(nokv, "kv")
 
 
 def test_missing_parent_run_is_a_one_line_error(cfg, tmp_path):
     c = config.load(ROOT / "pipelines.yaml", "demo", [f"training.out={tmp_path}"])
-    with pytest.raises(StageError) as e:
+    with pytest.raises(SigmaError) as e:
         stages.init_source(c, "2k", None)
     assert str(e.value) == (f"--stage 2k: starts from its parent stage 1k, but {tmp_path / '1k'} has no checkpoint; "
                             "run `training/finetune --stage 1k` first or pass --init")
     assert stages.init_source(c, "256", None) is None  # a root stage without dit_weights: random init
-    with pytest.raises(StageError, match="--init nowhere.safetensors: no such checkpoint"):
+    with pytest.raises(SigmaError, match="--init nowhere.safetensors: no such checkpoint"):
         stages.init_source(c, "2k", "nowhere.safetensors")
 
 
@@ -74,23 +73,23 @@ def test_entry_point_errors_are_one_line(tmp_path):
 def test_data_mismatches_are_caught_before_training(cfg, tmp_path):
     enc4 = encdata.write(tmp_path / "e1", "1k", {(64, 64): 2})
     args = argparse.Namespace(stage="512", data=str(enc4), out=str(tmp_path / "r"), init=None, max_steps=None)
-    with pytest.raises(StageError, match="encoded at tier 1k, stage 512 trains on tier 512"):
-        train.prepare(cfg, args)
+    with pytest.raises(SigmaError, match="encoded at tier 1k, stage 512 trains on tier 512"):
+        finetune.prepare(cfg, args)
     enc512 = encdata.write(tmp_path / "e0", "512", {(64, 64): 2})
     deep = config.load(ROOT / "pipelines.yaml", "demo", ["training.stages.512.kv_compress=true",
                                                          "training.stages.512.kv_compress_layers=[9]"])
     args.data = str(enc512)
     with pytest.raises(ValueError, match=r"kv_compress_layers \[9\] out of range for depth 4"):
-        train.prepare(deep, args)
+        finetune.prepare(deep, args)
     enc_sq = encdata.write(tmp_path / "e2", "256", {(240, 272): 2})  # no 256x256 bucket
     args.stage, args.data = "256", str(enc_sq)
     cfg = config.load(ROOT / "pipelines.yaml", "demo", ["training.stages.256.multi_scale=false"])  # as in `real`
-    with pytest.raises(StageError, match="single-scale .* needs the 256x256 bucket"):
-        train.prepare(cfg, args)
+    with pytest.raises(SigmaError, match="single-scale .* needs the 256x256 bucket"):
+        finetune.prepare(cfg, args)
     enc8 = encdata.write(tmp_path / "e3", "256", {(256, 256): 2}, latent_channels=8)
     args.data = str(enc8)
-    with pytest.raises(ValueError, match="8 channels; this model expects 0.13025 and 4"):
-        train.prepare(cfg, args)
+    with pytest.raises(SigmaError, match="8 channels; this model expects 0.13025 and 4"):
+        finetune.prepare(cfg, args)
 
 
 def _tiny(**kw):
@@ -106,16 +105,16 @@ def test_switching_on_kv_compression_keeps_the_average_init():
     assert torch.equal(child.blocks[1].attn.sr.weight, torch.full_like(child.blocks[1].attn.sr.weight, 0.25))
     assert torch.equal(child.blocks[1].attn.qkv.weight, parent.blocks[1].attn.qkv.weight)
     # the other way round (weights of compressed layers into a model without them) is refused
-    with pytest.raises(StageError, match="KV-compression weights for layers this stage does not compress"):
+    with pytest.raises(SigmaError, match="KV-compression weights for layers this stage does not compress"):
         stages.load_init(_tiny(), child.state_dict(), "kvrun")
 
 
 def test_latent_channel_and_size_mismatches_are_one_line_errors():
     eight = _tiny(in_channels=8).state_dict()
-    with pytest.raises(StageError, match="weights take 8 latent channels, the data has 4"):
+    with pytest.raises(SigmaError, match="weights take 8 latent channels, the data has 4"):
         stages.load_init(_tiny(), eight, "runs/vae/model.safetensors")
     wide = DiT_models["tiny"](input_size=8, hidden_size=128).state_dict()
-    with pytest.raises(StageError, match="has shape"):
+    with pytest.raises(SigmaError, match="has shape"):
         stages.load_init(_tiny(), wide, "other")
     # the position embedding is recomputed, not loaded: a 256-stage state dict fits a 2K model as is
     single = _tiny(multi_scale=False, pe_interpolation=0.5)

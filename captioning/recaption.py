@@ -17,9 +17,10 @@ import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from shards import atomic, format, progress, reasons
-from shards.config import Captioner, Config, ConfigError
-
+from common import progress
+from common.config import Captioner, Config
+from shards import atomic, format, reasons
+from shards.errors import SigmaError
 
 # ---------------------------------------------------------------------------------------------
 # Reading curated shards
@@ -58,16 +59,16 @@ def read_shard(item: dict) -> list[dict]:
 
 
 def select(cfg: Config, name: str | None) -> tuple[str, Captioner]:
-    """The named captioner's settings, checked: one-line ConfigError otherwise."""
+    """The named captioner's settings, checked: one-line SigmaError otherwise."""
     name = name or cfg.captioning.captioner
     where = f"captioning.captioners.{name}"
     if name not in cfg.captioning.captioners:
-        raise ConfigError(f"{where}: no such captioner; choose one of {sorted(cfg.captioning.captioners)}")
+        raise SigmaError(f"{where}: no such captioner; choose one of {sorted(cfg.captioning.captioners)}")
     cap = cfg.captioning.captioners[name]
     if not cap.model:
-        raise ConfigError(f"{where}.model: not set")
+        raise SigmaError(f"{where}.model: not set")
     if cap.backend == "share-captioner" and not cap.trust_remote_code:
-        raise ConfigError(f"{where}.trust_remote_code: Share-Captioner is remote code (InternLM-XComposer) and "
+        raise SigmaError(f"{where}.trust_remote_code: Share-Captioner is remote code (InternLM-XComposer) and "
                           "runs only on explicit opt-in; set it to true to load it")
     return name, cap
 
@@ -81,10 +82,10 @@ def plan(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     """Everything a run will do, resolved; `--dry-run` prints it."""
     paths = format.expand_shards(shards)
     if not paths:
-        raise ConfigError(f"--shards {shards}: matches no shard")
+        raise SigmaError(f"--shards {shards}: matches no shard")
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
-        raise ConfigError(f"--shards {missing[0]}: no such file ({len(missing)} missing)")
+        raise SigmaError(f"--shards {missing[0]}: no such file ({len(missing)} missing)")
     name, cap = select(cfg, name)
     done = [str(p) for p in paths if format.caption_file(out, p).exists()]
     return {
@@ -119,7 +120,7 @@ def backend(cap: Captioner) -> tuple[type, dict]:
 
 def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     """Caption every unfinished shard; returns the run summary (also printed as JSON)."""
-    from shards import cli
+    from common import cli
 
     p = plan(cfg, shards, out, name)
     _, cap = select(cfg, p["captioner"])
@@ -144,7 +145,7 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     ray = cli.init_ray(cfg)
     import ray.data
 
-    from shards import t5
+    from encoders import t5
 
     tokenizer = t5.load_tokenizer(cfg.models.t5)
     cls, kwargs = backend(cap)
@@ -228,7 +229,7 @@ def _write(out: str, shard: str, rows: list[dict], cap: Captioner, tokenizer, cf
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shards import cli
+    from common import cli
 
     p = cli.parser("captioning/recaption",
                    "Caption curated WebDataset shards with Share-Captioner or an HF vision-language model; "
@@ -246,5 +247,5 @@ def main(argv: list[str] | None = None) -> None:
             cli.print_plan(plan(cfg, args.shards, args.out, args.captioner))
             return
         run(cfg, args.shards, args.out, args.captioner)
-    except ConfigError as e:
+    except SigmaError as e:
         cli.fail(str(e))

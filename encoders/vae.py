@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from encoders.dtypes import torch_dtype
+
 LANCZOS_FROM = 2048  # bucket side (max of h, w) from which resizing uses Lanczos, as PixArt's 2K/4K data
 
 
@@ -35,7 +36,7 @@ def load_vae(path: str, dtype: str | torch.dtype = "float32", device: str | torc
     """
     from diffusers import AutoencoderKL
 
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype)
     vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype)
     vae = vae.to(device).eval().requires_grad_(False)
     if tiling:

@@ -31,13 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shards.errors import SigmaError
+
 IMAGES = "images"
 SCORES = "scores.parquet"
 SUMMARY = "summary.md"
 
 
-class EvalError(ValueError):
-    """Bad input (prompt file, run, size, seeds): the message is one line naming the item."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,9 +49,9 @@ def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a .txt (one per non-blank line) or a .jsonl (objects with a "prompt" string)."""
     path = Path(path)
     if not path.is_file():
-        raise EvalError(f"{path}: prompt file not found")
+        raise SigmaError(f"{path}: prompt file not found")
     if path.suffix not in (".txt", ".jsonl"):
-        raise EvalError(f"{path}: prompt file must be .txt or .jsonl")
+        raise SigmaError(f"{path}: prompt file must be .txt or .jsonl")
     prompts = []
     for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -62,12 +62,12 @@ def read_prompts(path: str | Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise EvalError(f"{path} line {n}: not valid JSON ({e.msg})") from None
+            raise SigmaError(f"{path} line {n}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise EvalError(f'{path} line {n}: expected an object with a non-empty "prompt" string')
+            raise SigmaError(f'{path} line {n}: expected an object with a non-empty "prompt" string')
         prompts.append(row["prompt"].strip())
     if not prompts:
-        raise EvalError(f"{path}: no prompts in the file")
+        raise SigmaError(f"{path}: no prompts in the file")
     return prompts
 
 
@@ -75,7 +75,7 @@ def parse_seeds(text: str) -> list[int]:
     """'0,1,2' -> [0, 1, 2]."""
     parts = [s.strip() for s in text.split(",")]
     if not all(p.lstrip("-").isdigit() for p in parts) or len(set(parts)) != len(parts):
-        raise EvalError(f"--seeds {text}: expected distinct integers separated by commas, e.g. 0,1")
+        raise SigmaError(f"--seeds {text}: expected distinct integers separated by commas, e.g. 0,1")
     return [int(p) for p in parts]
 
 
@@ -90,16 +90,13 @@ class Run:
 def resolve_runs(paths: list[str], stages) -> list[Run]:
     """Run folders (newest checkpoint, EMA preferred; the folder name picks the stage, as in
     training/sample) or checkpoint files. Names are the shortest unique path tails."""
-    from training import convert
+    from training import runs as runs_mod
 
     runs = []
     for p in map(Path, paths):
         if not p.exists():
-            raise EvalError(f"{p}: run not found (want a run folder or a checkpoint file)")
-        try:
-            ckpt = convert.find_run_checkpoint(p) if p.is_dir() and not _is_diffusers(p) else p
-        except convert.ConversionError as e:
-            raise EvalError(str(e)) from None
+            raise SigmaError(f"{p}: run not found (want a run folder or a checkpoint file)")
+        ckpt = runs_mod.find_run_checkpoint(p) if p.is_dir() and not _is_diffusers(p) else p
         stage = p.name if p.is_dir() and p.name in stages else None
         runs.append(Run("", p, ckpt, stage))
     for run, name in zip(runs, _unique_names([r.path for r in runs])):
@@ -115,12 +112,12 @@ def _unique_names(paths: list[Path]) -> list[str]:
     """The shortest path tails ('1k', 'exp2-1k', ...) that tell the runs apart."""
     parts = [list((p.resolve().with_suffix("") if p.is_file() else p.resolve()).parts[1:]) for p in paths]
     if len({tuple(p) for p in parts}) != len(parts):
-        raise EvalError("--runs: the same run is given twice")
+        raise SigmaError("--runs: the same run is given twice")
     for k in range(1, max(map(len, parts)) + 1):
         names = ["-".join(p[-k:]) for p in parts]
         if len(set(names)) == len(names):
             return names
-    raise EvalError("--runs: cannot name the runs apart")
+    raise SigmaError("--runs: cannot name the runs apart")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,12 +146,12 @@ def _done(stem: Path, meta: dict) -> bool:
 
 def load_run_model(run: Run, dit: str, stages, size):
     """The run's DiT with its stage's position setup, as training/sample builds it."""
-    from training import convert
+    from training import runs as runs_mod
 
-    position = convert.position_setup(stages.get(run.stage) if run.stage else None)
+    position = runs_mod.position_setup(stages.get(run.stage) if run.stage else None)
     if size[0] != size[1] or size[0] != position["input_size"] * 8:
         position["multi_scale"] = True  # a single-scale stage equals multi-scale at its own size
-    return convert.load_model(run.checkpoint, dit, **position)
+    return runs_mod.load_model(run.checkpoint, dit, **position)
 
 
 def generate_run(gen, run: Run, prompts: list[str], seeds: list[int], size, steps: int, cfg: float,
@@ -196,7 +193,7 @@ class Scorer:
                  device="cpu", rewards: dict | None = None):
         import open_clip
 
-        from curation import aesthetic
+        from encoders import aesthetic
 
         self.aesthetic = aesthetic.AestheticScorer(clip_arch, clip_weights, clip_config_dir, aesthetic_head, device)
         self.tokenizer = open_clip.get_tokenizer(clip_arch)  # its config was registered by load_clip
@@ -318,9 +315,9 @@ def summary_markdown(rows: list[dict], settings: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from shards import cli
+    from common import cli
     from shards.atomic import write_parquet, write_text
-    from training import convert, generate
+    from training import sample
 
     p = cli.parser("training/evaluate", "Evaluate runs on a fixed prompt set: one image per run, prompt and seed "
                    "with identical settings, CLIP and aesthetic scores with 95%% bootstrap intervals; or serve "
@@ -351,7 +348,7 @@ def main(argv=None) -> None:
 
         try:
             preference.main_serve(args.serve, args.host, args.port, dry_run=args.dry_run)
-        except preference.PreferenceError as e:
+        except SigmaError as e:
             cli.fail(str(e))
         return
     if args.judge:
@@ -362,15 +359,15 @@ def main(argv=None) -> None:
     steps = cfg.training.sample_steps if args.steps is None else args.steps
     cfg_scale = cfg.training.cfg_scale if args.cfg is None else args.cfg
     try:
-        size = generate.parse_size(args.size)
+        size = sample.parse_size(args.size)
         if size[0] % 16 or size[1] % 16:
-            raise EvalError(f"--size {args.size}: height and width must be multiples of 16 (VAE x8, patch 2)")
+            raise SigmaError(f"--size {args.size}: height and width must be multiples of 16 (VAE x8, patch 2)")
         if steps < 1:
-            raise EvalError(f"--steps {steps}: must be at least 1")
+            raise SigmaError(f"--steps {steps}: must be at least 1")
         seeds = parse_seeds(args.seeds)
         prompts = read_prompts(args.prompts)
         runs = resolve_runs(args.runs, cfg.training.stages)
-    except ValueError as e:
+    except SigmaError as e:
         cli.fail(str(e))
     out = Path(args.out)
     settings = {"size": f"{size[0]}x{size[1]}", "steps": steps, "cfg": cfg_scale, "seeds": seeds,
@@ -388,22 +385,22 @@ def main(argv=None) -> None:
         for run in runs:
             model = load_run_model(run, cfg.models.dit, cfg.training.stages, size)
             if gen is None:
-                gen = generate.Generator(model, cfg.models.t5, cfg.models.vae, args.device, dtype,
+                gen = sample.Generator(model, cfg.models.t5, cfg.models.vae, args.device, dtype,
                                          t5_dtype=cfg.encode.t5_dtype, vae_dtype=cfg.encode.vae_dtype,
                                          max_length=cfg.encode.t5_max_length)
             else:
                 gen.use(model)
             made = generate_run(gen, run, prompts, seeds, size, steps, cfg_scale, out)
             print(f"{run.name}: {made} images generated, {len(prompts) * len(seeds) - made} already there")
-    except (convert.ConversionError, ValueError) as e:
+    except SigmaError as e:
         cli.fail(f"run {run.name}: {e}")
     del gen
     from encoders import reward
 
     try:
         rewards = reward.load(cfg.evaluation.rewards, args.device)
-    except (FileNotFoundError, OSError) as e:
-        cli.fail(str(e).splitlines()[0])
+    except SigmaError as e:
+        cli.fail(str(e))
     scorer = Scorer(cfg.models.clip.arch, cfg.models.clip.weights, cfg.models.clip.config_dir,
                     cfg.models.aesthetic_head, args.device, rewards)
     metas = [sidecar(r, i, pr, s, size, steps, cfg_scale, "official")
@@ -416,9 +413,8 @@ def main(argv=None) -> None:
 
 def main_judge(cfg, model: str, evaldir: str, dry_run: bool = False) -> None:
     """`training/evaluate --judge MODEL EVALDIR`: judge the pairs, then refresh the summary's preference part."""
-    from shards import cli
-    from shards.config import ConfigError
-    from training import judge, preference, study
+    from common import cli
+    from training import judge, study
 
     try:
         if dry_run:
@@ -426,5 +422,5 @@ def main_judge(cfg, model: str, evaldir: str, dry_run: bool = False) -> None:
             return
         judge.run(cfg, model, evaldir)
         study.write_summary(evaldir)
-    except (ConfigError, preference.PreferenceError) as e:
+    except SigmaError as e:
         cli.fail(str(e))

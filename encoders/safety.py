@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from curation.aesthetic import open_rgb
+from encoders.aesthetic import open_rgb
+from shards.errors import SigmaError
 
 WATERMARK_SIZE = 256
 
@@ -56,7 +57,7 @@ def watermark_model() -> nn.Module:
 
 def _state_dict(path: str, key: str) -> dict:
     if not path or not Path(path).is_file():
-        raise FileNotFoundError(f"{key}: file not found: {path}")
+        raise SigmaError(f"{key}: file not found: {path}")
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 

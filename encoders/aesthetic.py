@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from shards.errors import SigmaError
+
 EMBED_DIM = 768  # OpenAI CLIP ViT-L/14 image embedding: what the LAION heads read
 TINY_ARCH = "tiny-clip"
 
@@ -56,7 +58,7 @@ def load_clip(arch: str, weights: str, config_dir: str | None = None, device: st
     if config_dir:
         open_clip.add_model_config(str(config_dir))
     if weights and Path(weights).suffix and not Path(weights).exists():
-        raise FileNotFoundError(f"models.clip.weights: file not found: {weights}")
+        raise SigmaError(f"models.clip.weights: file not found: {weights}")
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights or None, device=device)
     model.eval().requires_grad_(False)
     return model, preprocess, open_clip.get_tokenizer(arch)
@@ -65,7 +67,7 @@ def load_clip(arch: str, weights: str, config_dir: str | None = None, device: st
 def load_head(path: str, device: str | torch.device = "cpu") -> AestheticHead:
     """The LAION MLP head from its state dict (torch.load with weights_only=True, or .safetensors)."""
     if not path or not Path(path).is_file():
-        raise FileNotFoundError(f"models.aesthetic_head: file not found: {path}")
+        raise SigmaError(f"models.aesthetic_head: file not found: {path}")
     if str(path).endswith(".safetensors"):
         from safetensors.torch import load_file
 

@@ -32,15 +32,13 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from shards import cli, progress
+from common import cli, progress
+from shards.errors import SigmaError
 from training import checkpoint, stages
-from training.stages import StageError
 
 EXAMPLE = "training/finetune --stage 256 --data enc/256 --profile demo"
 
 
-class TrainingError(RuntimeError):
-    """The run stopped on bad numbers (non-finite loss); the message is one line."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,8 +109,8 @@ class Sampler:
     """The fixed-prompt sample grid: T5 encodes the prompts once (then is freed), the VAE decodes."""
 
     def __init__(self, cfg, stage, max_length: int, device):
-        from shards import t5 as t5_mod
-        from shards import vae as vae_mod
+        from encoders import t5 as t5_mod
+        from encoders import vae as vae_mod
 
         tokenizer = t5_mod.load_tokenizer(cfg.models.t5)
         encoder = t5_mod.load_t5(cfg.models.t5, cfg.encode.t5_dtype, device)
@@ -162,29 +160,29 @@ def vae_config(path: str) -> dict:
 
 
 def prepare(cfg, args) -> dict:
-    """Stage, data, RUNDIR and starting point of this run; StageError/ValueError on any mismatch."""
+    """Stage, data, RUNDIR and starting point of this run; SigmaError on any mismatch."""
     from shards import encoded, loader
 
     name = args.stage
     stage = stages.resolve(cfg, name)
     encdir = args.data or stage.data
     if not encdir:
-        raise StageError(f"--stage {name}: no data; pass --data ENCDIR or set training.stages.{name}.data")
+        raise SigmaError(f"--stage {name}: no data; pass --data ENCDIR or set training.stages.{name}.data")
     info = encoded.read_info(encdir)
     if info["tier"] != stage.tier:
-        raise StageError(f"--data {encdir}: encoded at tier {info['tier']}, stage {name} trains on tier {stage.tier}")
+        raise SigmaError(f"--data {encdir}: encoded at tier {info['tier']}, stage {name} trains on tier {stage.tier}")
     vae_path = stage.vae or cfg.models.vae
     vae_cfg = vae_config(vae_path)
     loader.check_vae(encdir, float(vae_cfg.get("scaling_factor", 0.18215)), int(vae_cfg.get("latent_channels", 4)))
     side = stages.resolution(stage)
     if not stage.multi_scale and f"{side}x{side}" not in encoded.shards_by_bucket(encdir):
-        raise StageError(f"--data {encdir}: stage {name} is single-scale (multi_scale: false) and needs the "
+        raise SigmaError(f"--data {encdir}: stage {name} is single-scale (multi_scale: false) and needs the "
                          f"{side}x{side} bucket, which holds no sample")
     kw = stages.model_kwargs(stage, info["latent_channels"], info["t5_dim"], info["max_length"])
     from training.model import DiT_models
 
     if cfg.models.dit not in DiT_models:
-        raise StageError(f"models.dit: unknown size {cfg.models.dit!r}; choose one of {list(DiT_models)}")
+        raise SigmaError(f"models.dit: unknown size {cfg.models.dit!r}; choose one of {list(DiT_models)}")
     with torch.device("meta"):  # checks the stage's model settings (e.g. KV layers beyond the depth) for free
         DiT_models[cfg.models.dit](**kw)
     rundir = stages.run_dir(cfg, name, args.out)
@@ -354,7 +352,7 @@ def train(cfg, run: dict) -> None:
                 dist.all_gather_object(reports, (rank, local_loss, keys))
             bad = [k for _, v, ks in reports if not math.isfinite(v) for k in ks] or keys
             last = checkpoint.latest(rundir)
-            raise TrainingError(f"step {step + 1}: non-finite loss {loss_val} (grad norm {norm_val}) on batch keys "
+            raise SigmaError(f"step {step + 1}: non-finite loss {loss_val} (grad norm {norm_val}) on batch keys "
                                 f"{bad[:8]}; stopped without saving (last checkpoint: {last or 'none'})")
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -419,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     p = cli.parser("training/finetune", "Run one stage of PixArt-Sigma weak-to-strong fine-tuning (resumable; "
                    "DDP under torchrun). Without --init a stage starts from its parent stage's run.", EXAMPLE)
     p.add_argument("--stage", required=True, help="stage name in training.stages (256, vae, 512, 1k, 2k, 4k, kv)")
-    p.add_argument("--data", help="ENCDIR written by shards/encode (default: the stage's `data`)")
+    p.add_argument("--data", help="ENCDIR written by encoding/encode (default: the stage's `data`)")
     p.add_argument("--init", metavar="CKPT|RUNDIR",
                    help="start from these weights instead of the parent stage's run (ignored when resuming)")
     p.add_argument("--out", metavar="RUNDIR", help="run folder (default: <training.out>/<stage>)")
@@ -428,14 +426,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = cli.load(args)
     try:
         run = prepare(cfg, args)
-    except (StageError, ValueError, FileNotFoundError) as e:
+    except SigmaError as e:
         cli.fail(str(e))
     if args.dry_run:
         cli.print_plan(run)
         return
     try:
         train(cfg, run)
-    except (StageError, TrainingError) as e:
+    except SigmaError as e:
         if int(os.environ.get("RANK", 0)) == 0:
             cli.fail(str(e))
         sys.exit(2)

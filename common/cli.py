@@ -11,7 +11,8 @@ import os
 import sys
 from typing import NoReturn
 
-from shards import config as config_mod
+from common import config as config_mod
+from shards.errors import SigmaError
 
 REPO_ROOT = str(config_mod.DEFAULT_CONFIG.parent)
 
@@ -35,7 +36,7 @@ def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser
 def load(args: argparse.Namespace) -> config_mod.Config:
     try:
         return config_mod.load(args.config, args.profile, args.overrides)
-    except config_mod.ConfigError as e:
+    except SigmaError as e:
         fail(str(e))
 
 
@@ -56,7 +57,7 @@ def init_ray(cfg: config_mod.Config, runtime_env: dict | None = None):
     from ray.data import DataContext
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    DataContext.get_current().enable_progress_bars = False  # each stage has its own: shards.progress
+    DataContext.get_current().enable_progress_bars = False  # each stage has its own: common.progress
     if ray.is_initialized():
         return ray
     runtime_env = dict(runtime_env or {})

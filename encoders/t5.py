@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
+from encoders.dtypes import torch_dtype
 
 # ---------------------------------------------------------------------------------------------
 # Loading
@@ -34,7 +33,7 @@ def load_t5(path: str, dtype: str | torch.dtype = "bfloat16", device: str | torc
     """`T5EncoderModel` in eval mode, no grad; only the encoder half of the checkpoint is read."""
     from transformers import T5EncoderModel
 
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype = torch_dtype(dtype)
     model = T5EncoderModel.from_pretrained(str(path), dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 

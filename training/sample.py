@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from shards import t5 as t5_mod
-from shards import vae as vae_mod
+from encoders import t5 as t5_mod
+from encoders import vae as vae_mod
+from shards.errors import SigmaError
 from training import diffusion
 
 
@@ -61,7 +62,7 @@ class Generator:
     @torch.no_grad()
     def latents(self, prompts, height, width, steps=20, cfg_scale=4.5, seed=0, uncond="official"):
         if height % 16 or width % 16:
-            raise ValueError(f"size {height}x{width}: height and width must be multiples of 16 (VAE x8, patch 2)")
+            raise SigmaError(f"size {height}x{width}: height and width must be multiples of 16 (VAE x8, patch 2)")
         y, mask = self.encode(prompts)
         null_y, null_mask = self.null_branch(mask, uncond)
         gen = torch.Generator().manual_seed(seed)
@@ -84,21 +85,21 @@ def parse_size(text: str) -> tuple[int, int]:
     """'1024x768' -> (1024, 768) as (height, width)."""
     h, sep, w = text.lower().partition("x")
     if not sep or not h.isdigit() or not w.isdigit():
-        raise ValueError(f"--size {text}: expected HEIGHTxWIDTH, e.g. 1024x1024")
+        raise SigmaError(f"--size {text}: expected HEIGHTxWIDTH, e.g. 1024x1024")
     return int(h), int(w)
 
 
 def main(argv=None) -> None:
     import io
 
-    from shards import cli
+    from common import cli
     from shards.atomic import write_bytes
-    from training import convert
+    from training import runs
 
     p = cli.parser("training/sample", "Generate an image from a prompt with a trained PixArt-Sigma DiT "
                    "(DPM-Solver++ with classifier-free guidance; T5 and VAE from the config's models).",
                    'training/sample --run runs/1k --prompt "A red fox in the snow" --size 1024x1024 --out fox.png')
-    convert.add_source_args(p)
+    runs.add_source_args(p)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--size", default="1024x1024", help="HEIGHTxWIDTH in pixels, multiples of 16 (default 1024x1024)")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
@@ -112,14 +113,14 @@ def main(argv=None) -> None:
     cfg = cli.load(args)
     try:
         height, width = parse_size(args.size)
-    except ValueError as e:
+    except SigmaError as e:
         cli.fail(str(e))
     stage = cfg.training.stages.get(Path(args.run).name) if args.run else None
     try:
-        ckpt = convert.source_checkpoint(args)
-    except convert.ConversionError as e:
+        ckpt = runs.source_checkpoint(args)
+    except SigmaError as e:
         cli.fail(str(e))
-    position = convert.position_setup(stage)
+    position = runs.position_setup(stage)
     if height != width or height != position["input_size"] * 8:
         position["multi_scale"] = True  # a single-scale stage equals multi-scale at its own size
     if args.dry_run:
@@ -128,14 +129,14 @@ def main(argv=None) -> None:
                         "seed": args.seed, "uncond": args.uncond, "device": args.device, "out": args.out})
         return
     try:
-        model = convert.load_model(ckpt, cfg.models.dit, **position)
+        model = runs.load_model(ckpt, cfg.models.dit, **position)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
         gen = Generator(model, cfg.models.t5, cfg.models.vae, args.device, dtype,
                         t5_dtype=cfg.encode.t5_dtype, vae_dtype=cfg.encode.vae_dtype,
                         max_length=cfg.encode.t5_max_length)
         image = gen([args.prompt], height, width, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                     uncond=args.uncond)[0]
-    except (convert.ConversionError, ValueError) as e:
+    except SigmaError as e:
         cli.fail(str(e))
     buf = io.BytesIO()
     image.save(buf, format="PNG")

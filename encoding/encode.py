@@ -1,4 +1,4 @@
-"""`shards/encode`: curated shards + captions -> bucketed training shards, as a Ray Data pipeline.
+"""`encoding/encode`: curated shards + captions -> bucketed training shards, as a Ray Data pipeline.
 
     read_shard (tasks)  ->  T5Stage (actors)  ->  preprocess (tasks)  ->  VAEStage (actors)  ->  driver writes
 
@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import buckets, encoded, progress, reasons
+from common import cli, progress
+from shards import buckets, encoded, reasons
 from shards import format as fmt
+from shards.errors import SigmaError
 
 KEPT, REJECTED, FAILED = reasons.KEPT, reasons.REJECTED, reasons.FAILED
 READ_CPUS = 0.5  # CPU share of a read or preprocess task
@@ -158,7 +160,7 @@ class T5Stage:
     """Caption features of both captions: valid tokens only, fp16, as safetensors bytes."""
 
     def __init__(self, model: str, dtype: str, max_length: int, batch_size: int = 32):
-        from shards import t5
+        from encoders import t5
 
         self.t5, self.max_length, self.batch_size = t5, max_length, batch_size
         self.tokenizer = t5.load_tokenizer(model)
@@ -201,7 +203,7 @@ def _columns(batch: dict) -> dict:
 def preprocess(batch: dict, tier: str, max_pixels: int) -> dict:
     from PIL import Image
 
-    from shards import vae
+    from encoders import vae
 
     Image.MAX_IMAGE_PIXELS = max_pixels
     batch = {k: list(v) for k, v in batch.items()}
@@ -237,7 +239,7 @@ class VAEStage:
     """Latent mean and std at the bucket size, fp16, as safetensors bytes; NaN/Inf -> failed."""
 
     def __init__(self, model: str, dtype: str, tiling: bool, slicing: bool):
-        from shards import vae
+        from encoders import vae
 
         self.vae_mod = vae
         self.vae = vae.load_vae(model, dtype, _device(), tiling=tiling, slicing=slicing)
@@ -274,7 +276,7 @@ def null_caption(model: str, dtype: str, max_length: int) -> bytes:
     """T5 encoding of "" padded to max_length ([L, C] fp32), for the DiT's `y_embedding`."""
     from safetensors.torch import save
 
-    from shards import t5
+    from encoders import t5
 
     tokenizer, encoder = t5.load_tokenizer(model), t5.load_t5(model, dtype, _device())
     return save({"y_embedding": t5.null_caption_embedding(tokenizer, encoder, max_length).contiguous()})
@@ -299,7 +301,7 @@ def run(cfg, images: str, captions: str, out: str, tier: str) -> dict:
     """Encode what is missing; write shards, index.parquet and info.json. Returns a summary."""
     import pyarrow as pa
 
-    from shards import atomic, cli
+    from shards import atomic
 
     t0 = time.time()
     p = plan(cfg, images, captions, out, tier)
@@ -379,21 +381,17 @@ def _dataset(ray, tasks: list[dict], cfg, tier: str):
 
 def _check_tier(encdir: Path, tier: str) -> None:
     """One ENCDIR holds one tier: a different --tier is almost surely a typo, not a wish to re-encode."""
-    from shards import cli
-
     path = encdir / encoded.INFO
     if path.exists():
         old = json.loads(path.read_text()).get("tier")
         if old and old != tier:
-            cli.fail(f"{encdir}: holds tier {old}, not {tier}; use another --out for tier {tier}")
+            raise SigmaError(f"{encdir}: holds tier {old}, not {tier}; use another --out for tier {tier}")
 
 
 def _check_gpus(ray, e) -> None:
-    from shards import cli
-
     want = max(e.t5_resources.num_gpus, e.vae_resources.num_gpus)
     if want > 0 and ray.cluster_resources().get("GPU", 0) < want:
-        cli.fail("encode.t5_resources/vae_resources ask for GPUs but the Ray cluster has none; "
+        raise SigmaError("encode.t5_resources/vae_resources ask for GPUs but the Ray cluster has none; "
                  "use --set encode.t5_resources.num_gpus=0 --set encode.vae_resources.num_gpus=0 (or --profile demo)")
 
 
@@ -463,11 +461,9 @@ def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from shards import cli
-
-    ap = cli.parser("shards/encode", "Encode curated images + captions into bucketed training shards "
+    ap = cli.parser("encoding/encode", "Encode curated images + captions into bucketed training shards "
                     "(T5 features of both captions, VAE latent mean/std).",
-                    "shards/encode --images 'cur/shards/*.tar' --captions caps --out enc/1k --tier 1k --profile demo")
+                    "encoding/encode --images 'cur/shards/*.tar' --captions caps --out enc/1k --tier 1k --profile demo")
     ap.add_argument("--images", required=True, help="curated shards: a glob, a brace pattern or a folder")
     ap.add_argument("--captions", required=True, help="CAPDIR with NNNNN.parquet per curated shard")
     ap.add_argument("--out", required=True, help="ENCDIR to write (resumable: rerun to finish or update)")
@@ -485,5 +481,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(f"--images: {missing[0]}: no such file")
     if not Path(args.captions).is_dir():
         cli.fail(f"--captions {args.captions}: not a folder")
-    summary = run(cfg, args.images, args.captions, args.out, args.tier)
+    try:
+        summary = run(cfg, args.images, args.captions, args.out, args.tier)
+    except SigmaError as e:
+        cli.fail(str(e))
     print(json.dumps(summary, indent=2))

@@ -20,11 +20,11 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from shards.errors import SigmaError
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 
 
-class ConfigError(ValueError):
-    """A bad config: the message is one line and starts with the key path."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,25 +243,25 @@ class Config:
 
 
 def load(path: str | Path | None = None, profile: str | None = None, overrides: list[str] = ()) -> Config:
-    """Read, merge the profile, apply `key=value` overrides, validate. Raises ConfigError."""
+    """Read, merge the profile, apply `key=value` overrides, validate. Raises SigmaError."""
     path = Path(path or DEFAULT_CONFIG)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise SigmaError(f"{path}: config file not found")
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise SigmaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise SigmaError(f"{path}: expected a mapping at the top level")
     profiles = raw.pop("profiles", {}) or {}
     if profile is not None:
         if profile not in profiles:
-            raise ConfigError(f"profiles.{profile}: no such profile; choose one of {sorted(profiles)}")
+            raise SigmaError(f"profiles.{profile}: no such profile; choose one of {sorted(profiles)}")
         raw = _merge(raw, profiles[profile] or {})
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {item}: expected key=value")
+            raise SigmaError(f"--set {item}: expected key=value")
         _set_path(raw, key.strip().split("."), yaml.safe_load(value))
     cfg = _build(Config, raw, "")
     cfg.profile, cfg.source = profile, str(path)
@@ -298,7 +298,7 @@ def _set_path(raw: dict, keys: list[str], value: Any) -> None:
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"{'.'.join(keys)}: cannot set inside a non-mapping")
+            raise SigmaError(f"{'.'.join(keys)}: cannot set inside a non-mapping")
     node[keys[-1]] = value
 
 
@@ -309,12 +309,12 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{where or '<top>'}: expected a mapping, got {value!r}")
+            raise SigmaError(f"{where or '<top>'}: expected a mapping, got {value!r}")
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp) if f.init}
         for k in value:
             if k not in names:
-                raise ConfigError(f"{_join(where, k)}: unknown key (known: {', '.join(sorted(names))})")
+                raise SigmaError(f"{_join(where, k)}: unknown key (known: {', '.join(sorted(names))})")
         return tp(**{k: _build(hints[k], v, _join(where, k)) for k, v in value.items()})
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
@@ -324,42 +324,42 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         for a in inner:
             try:
                 return _build(a, value, where)
-            except ConfigError as e:
+            except SigmaError as e:
                 errors.append(e)
         raise errors[0]
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+            raise SigmaError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise SigmaError(f"{where}: expected a list, got {value!r}")
         return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise SigmaError(f"{where}: expected a mapping, got {value!r}")
         return {str(k): _build(args[1], v, _join(where, str(k))) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected float, got {value!r}")
+            raise SigmaError(f"{where}: expected float, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected int, got {value!r}")
+            raise SigmaError(f"{where}: expected int, got {value!r}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected bool, got {value!r}")
+            raise SigmaError(f"{where}: expected bool, got {value!r}")
         return value
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # YAML reads `256` as a number where a name was meant
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected str, got {value!r}")
+            raise SigmaError(f"{where}: expected str, got {value!r}")
         return value
-    raise ConfigError(f"{where}: unsupported type {tp}")
+    raise SigmaError(f"{where}: unsupported type {tp}")
 
 
 def _join(where: str, key: str) -> str:
@@ -399,8 +399,8 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
 def require_file(path: str | None, key: str) -> Path:
     """A config value that must name an existing local file; one-line error otherwise."""
     if not path:
-        raise ConfigError(f"{key}: not set")
+        raise SigmaError(f"{key}: not set")
     p = Path(path).expanduser()
     if not p.exists():
-        raise ConfigError(f"{key}: file not found: {path}")
+        raise SigmaError(f"{key}: file not found: {path}")
     return p

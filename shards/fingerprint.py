@@ -1,0 +1,52 @@
+"""A stage's fingerprint: what it read and the settings that change what it writes, recorded in its
+output folder on the first run and compared on every resume.
+
+A resume whose fingerprint differs is refused with one line naming what changed: finished parts
+made from other inputs or settings are never silently reused. To start over, use another `--out`
+or delete the folder. Values are flat and JSON-able (strings, numbers, lists, dicts).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from shards.atomic import write_text
+from shards.errors import SigmaError
+
+FILE = "fingerprint.json"
+_CHUNK = 1 << 20
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes (a URL list, a config file): streamed, ~1 GB/s."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def listing(paths) -> str:
+    """sha256 over (name, size) of many input files (shards: too big to hash, cheap to list)."""
+    h = hashlib.sha256()
+    for p in sorted(map(Path, paths)):
+        h.update(f"{p.name}\t{p.stat().st_size if p.exists() else -1}\n".encode())
+    return h.hexdigest()
+
+
+def check(folder: str | Path, fingerprint: dict) -> None:
+    """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs."""
+    path = Path(folder) / FILE
+    current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+    if not path.exists():
+        write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SigmaError(f"{path}: unreadable ({type(e).__name__}); delete it only if {folder} is yours to redo") from None
+    changed = sorted(k for k in old.keys() | current.keys() if old.get(k) != current.get(k))
+    if changed:
+        raise SigmaError(f"{folder}: made with another {', '.join(changed)} (see {FILE}); "
+                         f"use another --out, or delete the folder to start over")
