@@ -85,7 +85,7 @@ def finetune(stage: str, data: Path, out: Path, steps: int, *sets: str, init: Pa
             "--set", f"training.checkpoint_every={every or steps}", "--set", f"training.stages.{stage}.batch_size=4",
             "--set", f"training.stages.{stage}.seed={seed}",
             "--set", f"training.stages.{stage}.warmup_steps=5", *[a for s in sets for a in ("--set", s)]]
-    finetune.main(argv + (["--init", str(init)] if init else []))
+    finetune_cmd.main(argv + (["--init", str(init)] if init else []))
     return [float(x) for x in re.findall(r"step \d+/\d+ loss ([\d.]+)", (out / "log.txt").read_text())]
 
 
@@ -149,7 +149,7 @@ def one_seed(seed: int, S: int, enc: dict, work: Path, vae2: Path) -> dict:
     """Every arm once with training seed `seed`; returns the numbers the report reads."""
     from training import checkpoint
 
-    last = lambda run: checkpoint.latest(run) / checkpoint.MODEL  # noqa: E731
+    last = lambda run: checkpoint.latest(run) / checkpoint.MODEL
     root, kv = ["training.stages.512.parent=null"], (2, 3)
     r = {}
     finetune("256", enc["256"], work / "r256", 2 * S, seed=seed)
@@ -245,16 +245,16 @@ def write_report(args, S, seeds, results, seconds) -> None:
     import matplotlib.pyplot as plt
 
     R = results
-    col = lambda f: [f(r) for r in R]  # noqa: E731
+    col = lambda f: [f(r) for r in R]
     fig, ax = plt.subplots(1, 3, figsize=(16, 4))
     for name, key in (("512 from 256, PE interpolated (pe 1.0)", "interp"),
                       ("512 from 256, no interpolation (pe 0.5)", "nointerp"), ("512 from scratch", "scratch")):
-        xs = _mean_curve(col(lambda r: r[key]))
+        xs = _mean_curve([r[key] for r in R])
         ax[0].plot(range(1, len(xs) + 1), xs, label=name)
     ax[0].set(title=f"training loss at 512 (mean of {len(R)} seeds)", xlabel="step", ylabel="loss")
     ax[0].legend(fontsize=8)
     for name, key in (("average init", "kv_avg"), ("random init", "kv_rand")):
-        xs = _mean_curve(col(lambda r: r[key]))
+        xs = _mean_curve([r[key] for r in R])
         ax[1].plot(range(1, len(xs) + 1), xs, label=f"KV compression on, {name}")
     ax[1].axhline(sum(col(lambda r: r["kv0"]["none"])) / len(R), ls="--", c="gray", label="held-out loss before switch-on")
     ax[1].set(title="after switching on KV compression (training loss)", xlabel="step", ylabel="loss")

@@ -4,7 +4,7 @@ The driver never touches pixels: images are decoded and downscaled in the actor.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -19,9 +19,9 @@ class HFCaptioner(VLM):
     come back with status=failed and a reason code instead of raising.
     """
 
-    def __init__(self, model: str, prompt: str, revision: Optional[str] = None, dtype: str = "bfloat16",
-                 max_new_tokens: int = 300, generate: Optional[dict[str, Any]] = None,
-                 max_pixels: Optional[int] = None, trust_remote_code: bool = False, device: Optional[str] = None):
+    def __init__(self, model: str, prompt: str, revision: str | None = None, dtype: str = "bfloat16",
+                 max_new_tokens: int = 300, generate: dict[str, Any] | None = None,
+                 max_pixels: int | None = None, trust_remote_code: bool = False, device: str | None = None):
         super().__init__(model, revision, dtype, max_new_tokens, generate, max_pixels, trust_remote_code, device)
         self.prompt = prompt
         self.text = self.chat_text([{"type": "image"}, {"type": "text", "text": prompt}], prompt)

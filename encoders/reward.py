@@ -97,8 +97,15 @@ def build_tiny_hps(path: str | Path, config_dir: str | Path, seed: int = 2) -> P
 def build_tiny_pickscore(out: str | Path, seed: int = 3) -> Path:
     """A random 32-d HF CLIPModel + CLIPProcessor (BPE tokenizer trained offline), save_pretrained."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
-                              CLIPTokenizerFast, CLIPVisionConfig)
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTextConfig,
+        CLIPTokenizerFast,
+        CLIPVisionConfig,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

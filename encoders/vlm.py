@@ -13,20 +13,19 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from encoders.dtypes import DTYPES
 
-
 # ---------------------------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, target: Optional[tuple[int, int]] = None, max_pixels: Optional[int] = None):
+def decode_image(data: bytes, target: tuple[int, int] | None = None, max_pixels: int | None = None):
     """RGB PIL image from encoded bytes, no larger than needed. Raises on undecodable bytes.
 
     `target` (w, h) is the smallest size the processor still needs (it resizes down to it anyway);
@@ -48,7 +47,7 @@ def decode_image(data: bytes, target: Optional[tuple[int, int]] = None, max_pixe
     return img
 
 
-def _scale(size: tuple[int, int], target: Optional[tuple[int, int]], max_pixels: Optional[int]) -> float:
+def _scale(size: tuple[int, int], target: tuple[int, int] | None, max_pixels: int | None) -> float:
     """Largest downscale factor (<= 1) that keeps the image covering `target` and under `max_pixels`."""
     w, h = size
     scale = 1.0
@@ -59,7 +58,7 @@ def _scale(size: tuple[int, int], target: Optional[tuple[int, int]], max_pixels:
     return scale
 
 
-def processor_input_size(image_processor) -> Optional[tuple[int, int]]:
+def processor_input_size(image_processor) -> tuple[int, int] | None:
     """The (w, h) a processor resizes to, when it has a fixed one; None for dynamic-resolution ones.
 
     CLIP-style processors resize the shortest edge then center-crop; SigLIP/Florence-style ones
@@ -85,9 +84,9 @@ def processor_input_size(image_processor) -> Optional[tuple[int, int]]:
 class VLM:
     """A processor + model pair on one device; `generate(texts, images)` is one batched call."""
 
-    def __init__(self, model: str, revision: Optional[str] = None, dtype: str = "bfloat16",
-                 max_new_tokens: int = 300, generate: Optional[dict[str, Any]] = None,
-                 max_pixels: Optional[int] = None, trust_remote_code: bool = False, device: Optional[str] = None):
+    def __init__(self, model: str, revision: str | None = None, dtype: str = "bfloat16",
+                 max_new_tokens: int = 300, generate: dict[str, Any] | None = None,
+                 max_pixels: int | None = None, trust_remote_code: bool = False, device: str | None = None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -161,8 +160,15 @@ def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 400) -> Path:
     chat template and left padding. Fixed seed: the same files every time.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

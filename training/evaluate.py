@@ -317,7 +317,7 @@ def summary_markdown(rows: list[dict], settings: dict) -> str:
 def main(argv=None) -> None:
     from common import cli
     from shards.atomic import write_parquet, write_text
-    from training import sample
+    from training import preference, sample, study
 
     p = cli.parser("training/evaluate", "Evaluate runs on a fixed prompt set: one image per run, prompt and seed "
                    "with identical settings, CLIP and aesthetic scores with 95%% bootstrap intervals; or serve "
@@ -344,8 +344,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cfg = cli.load(args)
     if args.serve:
-        from training import preference
-
         try:
             preference.main_serve(args.serve, args.host, args.port, dry_run=args.dry_run)
         except SigmaError as e:
@@ -408,6 +406,8 @@ def main(argv=None) -> None:
     df = score_images(scorer, metas, out)
     write_parquet(out / SCORES, df)
     write_text(out / SUMMARY, summary_markdown(summarize(df, [r.name for r in runs]), settings))
+    if (out / preference.DB).exists():  # votes already cast stay in the summary
+        study.write_summary(out)
     print(f"wrote {out / SCORES} ({len(df)} images) and {out / SUMMARY}")
 
 

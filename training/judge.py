@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from encoders.vlm import VLM
 from common.config import JudgeConfig
+from encoders.vlm import VLM
 from shards.errors import SigmaError
 from training import preference
 
@@ -54,8 +54,11 @@ def content(prompt: str, question: str) -> list[dict]:
 
 
 def judge_id(model: str, revision: str | None) -> str:
-    """The rater recorded for a judge: model id + revision ('local' for a folder); never a human name."""
-    return f"{model}@{revision or ('local' if Path(model).exists() else 'main')}"
+    """The rater recorded for a judge: model id + revision, or a folder's absolute path + 'local' (the
+    same judge however its path was typed); never a human name (those have no '@')."""
+    if Path(model).exists():
+        return f"{Path(model).resolve()}@{revision or 'local'}"
+    return f"{model}@{revision or 'main'}"
 
 
 def check(judge: JudgeConfig) -> None:
@@ -98,7 +101,7 @@ class Judge(VLM):
             texts = [self.chat_text(content(batch["prompt"][i], batch["question"][i]),
                                     f"{batch['prompt'][i]} {QUESTIONS[batch['question'][i]]}") for i in range(n)]
             answers = self.generate(texts, images)
-        except Exception as e:  # noqa: BLE001 - an unreadable image or out of memory: these rows are no votes
+        except Exception as e:  # an unreadable image or out of memory: these rows are no votes (asked again)
             errors = [f"{type(e).__name__}: {e}"[:300]] * n
         out = {k: v for k, v in batch.items() if not k.startswith("image_")}
         out.update(answer=np.array(answers, dtype=object), error=np.array(errors, dtype=object),
@@ -151,7 +154,7 @@ def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
     summary = {"judge": rater, "pairs": len(pairs), "skipped": len(pairs) - len(todo), "judged": 0,
                "answers": 0, "invalid": 0, "failed_pairs": 0}
     if todo:
-        ray = cli.init_ray(cfg)
+        cli.init_ray(cfg)
         import ray.data
 
         r = judge.resources
@@ -257,7 +260,7 @@ def agreement(rows: list[dict], pairs: dict[str, preference.Pair]) -> dict:
     for q in QUESTIONS:
         judge = judge_verdicts(rows, q)
         both = sorted(set(human) & set(judge) & set(pairs))
-        side = lambda pid, w: "tie" if w is None else ("a" if w == pairs[pid].run_a else "b")  # noqa: E731
+        side = lambda pid, w: "tie" if w is None else ("a" if w == pairs[pid].run_a else "b")
         out[q] = {"n": len(both), "kappa": cohen_kappa([side(p, human[p]) for p in both],
                                                        [side(p, judge[p]) for p in both])}
     return out

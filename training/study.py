@@ -77,7 +77,7 @@ def chart_svg(data: dict) -> str:
     series, runs = data["series"], data["runs"]
     group = len(series) * (BAR_H + 2) + GAP
     height = 30 + group * len(runs) + 20 * math.ceil(len(series) / 2) + 10
-    x = lambda v: LABEL_W + v * (CHART_W - LABEL_W - 20)  # noqa: E731
+    x = lambda v: LABEL_W + v * (CHART_W - LABEL_W - 20)
     parts = [f"<svg id='winrate-chart' xmlns='http://www.w3.org/2000/svg' width='{CHART_W}' height='{height}' "
              f"role='img' aria-label='win rate per run'>",
              *[f"<line x1='{x(t):.1f}' x2='{x(t):.1f}' y1='20' y2='{20 + group * len(runs)}' stroke='#ddd'/>"
@@ -114,7 +114,7 @@ def chart_svg(data: dict) -> str:
 
 def section(data: dict) -> str:
     """The study part of the results page."""
-    fmt = lambda m, lo, hi: f"{m:.3f} [{lo:.3f}, {hi:.3f}]"  # noqa: E731
+    fmt = lambda m, lo, hi: f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
     score_rows = "".join(
         f"<tr class='score-row' data-run='{html.escape(run)}'><td>{html.escape(run)}</td>" + "".join(
             f"<td data-score='{col}'>{fmt(v[run]['mean'], v[run]['lo'], v[run]['hi']) if run in v else '-'}</td>"
@@ -142,11 +142,11 @@ def section(data: dict) -> str:
 
 
 def _pct(x: float) -> str:
-    return "-" if x != x else f"{100 * x:.1f}%"
+    return "-" if math.isnan(x) else f"{100 * x:.1f}%"
 
 
 def _kappa(a: dict) -> str:
-    return "-" if a["kappa"] != a["kappa"] else f"{a['kappa']:.2f} (n={a['n']})"
+    return "-" if math.isnan(a["kappa"]) else f"{a['kappa']:.2f} (n={a['n']})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def _kappa(a: dict) -> str:
 
 
 def markdown(data: dict) -> str:
-    pct = lambda r: f"{100 * r['rate']:.1f}% [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}] (n={r['n']})" if r else "-"  # noqa: E731
+    pct = lambda r: f"{100 * r['rate']:.1f}% [{100 * r['lo']:.1f}, {100 * r['hi']:.1f}] (n={r['n']})" if r else "-"
     lines = [SUMMARY_MARK, "", "Win rate against all other runs (tie = half; 95% Wilson interval).", "",
              "| run | " + " | ".join(s["name"] for s in data["series"]) + " |",
              "| --- |" + " --- |" * len(data["series"])]

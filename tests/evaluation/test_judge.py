@@ -36,7 +36,7 @@ def test_judge_records_every_answer_both_orders_and_resumes(evaldir, tmp_path, t
     rows = store.rows(source="judge")
     assert len(pairs) == 6 and len(rows) == 6 * judge.ANSWERS_PER_PAIR
     rater = judge.judge_id(str(model), None)
-    assert {r["rater"] for r in rows} == {rater} and rater.endswith("@local")
+    assert {r["rater"] for r in rows} == {rater} and rater == f"{model.resolve()}@local"
     for pid, p in pairs.items():  # both orders of both questions for every pair
         mine = [r for r in rows if r["pair"] == pid]
         assert sorted((r["question"], r["left_run"], r["right_run"]) for r in mine) == sorted(
