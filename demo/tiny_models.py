@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-VERSION = "2"  # bump when a builder changes, so caches are rebuilt
+VERSION = "3"  # bump when a builder changes, so caches are rebuilt
 
 
 def build(root: str | Path) -> Path:
