@@ -241,8 +241,8 @@ class JudgeConfig:
     revision: Optional[str] = None  # a pinned commit; required with trust_remote_code
     trust_remote_code: bool = False  # only on explicit opt-in
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
-    max_new_tokens: int = 8  # the answer is one word: A, B or tie
-    max_pixels: Optional[int] = 602112  # 768 * 28 * 28 per image (Qwen2.5-VL style cap; two images per prompt)
+    max_new_tokens: int = num(8, ge=1)  # the answer is one word: A, B or tie
+    max_pixels: Optional[int] = num(602112, ge=1)  # 768 * 28 * 28 per image (Qwen2.5-VL style cap; two images per prompt)
     resources: Resources = field(default_factory=lambda: Resources(batch_size=8, num_gpus=1.0, num_cpus=4.0))
 
 
