@@ -70,6 +70,19 @@ def run_of(ckpt: Path) -> Path | None:
     return None
 
 
+def run_for(path: Path) -> Path | None:
+    """The run folder of a run folder or of a checkpoint file inside one."""
+    path = Path(path)
+    return path if (path / RUN_INFO).exists() else run_of(path)
+
+
+def recorded(path: Path) -> tuple[str, dict] | None:
+    """(size, position setup) that the run of `path` (a run folder or a checkpoint in one) recorded."""
+    run = run_for(path)
+    model = run_model(run) if run else None
+    return (model["size"], {k: model[k] for k in POSITION_KEYS}) if model else None
+
+
 def run_model(run: Path) -> dict | None:
     """The `model` entry of RUNDIR/run.json (size + model settings), None for a run without one."""
     try:
@@ -93,14 +106,14 @@ def resolve_source(args, cfg, stage_flag: str | None = None, require_position: b
         raise SigmaError(f"--stage {stage_flag}: no such stage; choose one of {sorted(stages)}")
     ckpt = source_checkpoint(args)
     run = Path(args.run) if args.run else run_of(ckpt)
-    recorded = run_model(run) if run else None
+    found = recorded(run) if run else None
     flagged = position_setup(stages[stage_flag]) if stage_flag else None
-    if recorded is not None:
-        position = {k: recorded[k] for k in POSITION_KEYS}
+    if found is not None:
+        size, position = found
         if flagged is not None and flagged != position:
             raise SigmaError(f"--stage {stage_flag}: {position_text(flagged)}, but {run} was trained with "
                              f"{position_text(position)} (run.json); drop --stage")
-        return Source(ckpt, run, recorded["size"], position, stage_flag or run.name)
+        return Source(ckpt, run, size, position, stage_flag or run.name)
     by_name = run.name if run and run.name in stages else None
     stage = stage_flag or by_name
     if stage is None and require_position:
@@ -120,10 +133,9 @@ def known_position(weights: str | Path) -> dict | None:
     """The position setup starting weights were trained with: their run's run.json, a released
     checkpoint's name (PixArt-Sigma-XL-2-1024-MS.pth), else None (unknown)."""
     weights = Path(weights)
-    run = weights if (weights / RUN_INFO).exists() else run_of(weights)
-    recorded = run_model(run) if run else None
-    if recorded is not None:
-        return {k: recorded[k] for k in POSITION_KEYS}
+    found = recorded(weights)
+    if found is not None:
+        return found[1]
     return next((dict(p) for tag, p in RELEASED.items() if tag in weights.name), None)
 
 
