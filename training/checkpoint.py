@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -135,3 +137,22 @@ def load_resumable(rundir: str | Path, ema: bool) -> tuple[Path, dict, dict | No
     if skipped:
         raise SigmaError(f"{folder(rundir)}: no readable checkpoint ({skipped[-1]})")
     return None
+
+
+def rng_state() -> dict:
+    """This process's Python, NumPy, torch (and CUDA) RNG states: one entry of trainer.pt's `rng`."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

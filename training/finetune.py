@@ -24,7 +24,6 @@ import io
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -70,24 +69,6 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float) -> torc
 def step_generator(seed: int, step: int, vrank: int) -> torch.Generator:
     """The randomness (t, noise, CFG drop) of one micro-batch, independent of the process layout."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 10_007 + vrank)
-
-
-def rng_state() -> dict:
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy(), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +146,7 @@ def resume(state: State, found: tuple, stage, d: Dist, say) -> None:
     if state.ema is not None and ema_sd is not None:
         state.ema.load_state_dict(ema_sd)
     if len(trainer["rng"]) == d.world:
-        set_rng_state(trainer["rng"][d.rank])
+        checkpoint.set_rng_state(trainer["rng"][d.rank])
     say(f"resuming from step {state.step}")
     if trainer["layout"] != [d.world, stage.grad_accum]:
         say(f"note: checkpoint was written by {trainer['layout'][0]} processes x accum {trainer['layout'][1]}, "
@@ -219,13 +200,9 @@ class Logger:
         if cfg.training.sample_every and self.prompts:
             e = cfg.encode
             self.gen = sample.Generator(None, cfg.models.t5, plan.vae, d.device, t5_dtype=e.t5_dtype,
-                                        vae_dtype=e.vae_dtype, max_length=self.max_length(plan),
+                                        vae_dtype=e.vae_dtype, max_length=encoded.read_info(plan.data)["max_length"],
                                         vae_tiling=e.vae_tiling, vae_slicing=e.vae_slicing)
             self.gen.fix_prompts(self.prompts)  # T5 is freed: an XXL T5 is ~10 GB
-
-    @staticmethod
-    def max_length(plan: Plan) -> int:
-        return encoded.read_info(plan.data)["max_length"]
 
     def start(self, step: int) -> None:
         """TensorBoard from `step` on: events after the checkpoint step are dropped (they are redone)."""
@@ -262,7 +239,7 @@ class Logger:
 
 def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int) -> Path | None:
     """Every rank's RNG state gathered; rank 0 writes the checkpoint folder."""
-    states = [rng_state()]
+    states = [checkpoint.rng_state()]
     if d.ddp:  # gathered as bytes (all_gather_object cannot carry tensors here)
         buf, blobs = io.BytesIO(), [None] * d.world
         torch.save(states[0], buf)
