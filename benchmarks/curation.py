@@ -2,7 +2,7 @@
 
     python -m benchmarks.curation [--urls 200] [--links none,100] [--scale 200,2000]
 
-1. Real photos (Debian's wallpapers via ../shared/tools/real-images; many 4K) behind the loopback
+1. Real photos (Debian's wallpapers via tools/real-images; many 4K) behind the loopback
    server, `--urls` URLs cycling over them: img2dataset alone (same process and thread count,
    originals kept) vs the whole curation stage (demo profile: tiny CLIP), seconds per step, peak RSS
    of the whole process tree (driver + Ray); once per `--links` cap on the server's bandwidth (an
@@ -74,6 +74,13 @@ def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, float
     return time.time() - t0, peak_tree, peak_top
 
 
+def real_photos() -> list[str]:
+    """Names of the real photos in REAL/images, unpacked there once by tools/real-images."""
+    if not (REAL / "images").is_dir() or not any((REAL / "images").iterdir()):
+        subprocess.run([str(ROOT / "tools" / "real-images"), str(REAL)], check=True)
+    return sorted(p.name for p in (REAL / "images").iterdir())
+
+
 def url_list(path: Path, base: str, names: list[str], n: int) -> None:
     urls = [f"{base}/{names[i % len(names)]}?i={i}" for i in range(n)]
     pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(n)]}), path)
@@ -100,9 +107,7 @@ def main() -> None:
 
     tiny_models.build(ROOT / ".cache" / "tiny")
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
-    if not (REAL / "images").is_dir():
-        subprocess.run([str(ROOT.parent / "shared" / "tools" / "real-images"), str(REAL)], check=True)
-    photos = sorted(p.name for p in (REAL / "images").iterdir())
+    photos = real_photos()
     tmp = Path(tempfile.mkdtemp(prefix="bench-curation-"))
     links = [None if x == "none" else float(x) for x in args.links.split(",") if x]
     runs, scale_rows = [], []

@@ -68,6 +68,7 @@ def init_ray(cfg: config_mod.Config, runtime_env: dict | None = None):
         # A local cluster: workers import this checkout the way the driver does.
         env_vars = runtime_env.setdefault("env_vars", {})
         env_vars.setdefault("PYTHONPATH", os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-        ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, ignore_reinit_error=True,
+        # address="local": a new local Ray even when another one runs on this machine (`ray start`)
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, ignore_reinit_error=True,
                  runtime_env=runtime_env)
     return ray

@@ -12,6 +12,7 @@ of the config file when they exist there.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +24,6 @@ import yaml
 from shards.errors import SigmaError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,14 +71,43 @@ class DownloadConfig:
     processes: int = 2  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
     threads: int = 16  # requests in flight per shard
     num_cpus: float = 0.25  # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
-    timeout: int = 10
+    timeout: int = 10  # seconds per network operation (connect, one read)
+    max_seconds: float = 30.0  # total per request (connect + headers + body) -> `timeout`
+    max_bytes: int = 64 * 2**20  # per body -> `too_large`; a 4K (3840x2160) RGBA PNG is <= 33 MB uncompressed
     retries: int = 1
+    max_retry_after: float = 60.0  # longest Retry-After (429/503) waited for; beyond: http_429 / http_503
     shard_size: int = 1000  # URLs per img2dataset shard: the unit of work and of resumption
-    per_domain_limit: int = 4  # concurrent requests per domain (politeness); exact when >= processes
+    per_domain_limit: int = 4  # requests in flight per host from all download processes of a node
+    allow_networks: list[str] = field(default_factory=list)  # CIDRs allowed besides the global internet
+    robots_txt: bool = True  # read each origin's robots.txt and honour it for our user-agent token
+    contact: Optional[str] = None  # URL (or mailto:) in the user agent, where a site owner reaches the operator
     user_agent_token: Optional[str] = "sigmaforge"
     disallowed_header_directives: list[str] = field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"]
+        default_factory=lambda: ["noai", "noimageai", "none", "noindex", "noimageindex"]
     )
+
+    def __post_init__(self):
+        where = "curation.download"
+        for name in ("processes", "threads", "timeout", "max_bytes", "shard_size", "per_domain_limit"):
+            _at_least(getattr(self, name), 1, f"{where}.{name}")
+        for name in ("num_cpus", "retries", "max_retry_after"):
+            _at_least(getattr(self, name), 0, f"{where}.{name}")
+        if self.per_domain_limit > 256:  # curation.hosts.MAX_LIMIT
+            raise SigmaError(f"{where}.per_domain_limit: must be <= 256, got {self.per_domain_limit}")
+        if not self.max_seconds > 0:
+            raise SigmaError(f"{where}.max_seconds: must be > 0, got {self.max_seconds!r}")
+        for i, cidr in enumerate(self.allow_networks):
+            try:
+                ipaddress.ip_network(cidr, strict=True)
+            except ValueError as e:
+                raise SigmaError(f"{where}.allow_networks[{i}]: not a CIDR network ({e})") from None
+        if self.contact is not None and not self.contact.startswith(("http://", "https://", "mailto:")):
+            raise SigmaError(f"{where}.contact: expected an http(s):// or mailto: URL, got {self.contact!r}")
+
+
+def _at_least(value, low, key: str) -> None:
+    if value < low:
+        raise SigmaError(f"{key}: must be >= {low}, got {value!r}")
 
 
 @dataclass
@@ -109,6 +137,7 @@ class CurationConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     min_tier: Literal["1k", "2k", "4k"] = "1k"
     max_pixels: int = 64_000_000  # decompression-bomb guard, well above 4K (3840x2160 = 8.3 MP)
+    measure_seconds: float = 60.0  # deadline per image decode -> `timeout` (a 64 MP PNG decodes in a few s)
     quality: QualityConfig = field(default_factory=QualityConfig)
     aesthetic: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(True, 5.0))
     aesthetic_resources: Resources = field(default_factory=Resources)
@@ -116,6 +145,10 @@ class CurationConfig:
     watermark: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.8))
     dedup: DedupConfig = field(default_factory=DedupConfig)
     shard_size: int = 1000  # kept images per output shard
+
+    def __post_init__(self):
+        if not self.measure_seconds > 0:
+            raise SigmaError(f"curation.measure_seconds: must be > 0, got {self.measure_seconds!r}")
 
 
 @dataclass

@@ -1,23 +1,26 @@
-"""Download with img2dataset, one shard per Ray task, politely; failures become reason codes.
+"""Download with img2dataset, one shard per Ray task, safely and politely; failures become reason codes.
 
 The URL list is cut into input shards of `download.shard_size` rows (`_work/input/NNNNN.parquet`,
 carried columns included), each row keyed by its position in the list. A download shard runs
 img2dataset's own `Downloader` (what its Ray distributor runs per shard) with originals kept
-(`resize_mode="no"`, `disable_all_reencoding`), retries, a timeout and its X-Robots-Tag opt-out
-handling on; only http(s) URLs reach it, the rest are `invalid_url`. As in img2dataset, a shard
-is done once its `NNNNN_stats.json` exists, so a rerun skips it.
+(`resize_mode="no"`, `disable_all_reencoding`); only http(s) URLs reach it, the rest are
+`invalid_url`. As in img2dataset, a shard is done once its `NNNNN_stats.json` exists, so a rerun
+skips it.
 
-Politeness: img2dataset has no per-domain limit, so each worker process wraps img2dataset's
-`download_image` in a per-domain semaphore of `per_domain_limit // concurrent shards` (at least
-1) permits: with `per_domain_limit >= processes` no domain ever sees more than `per_domain_limit`
-requests in flight from the whole run.
+img2dataset stays the downloader (its threads, writer, stats and resumption), but each worker
+process replaces the one function its threads call per row, `download_image_with_retry`, with
+`hosts.Scheduler.take`: the address guard, size and time caps and opt-outs of `fetch.fetch`,
+meaningful retries, robots.txt, and per-host turns that never hold a thread (see hosts.py).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import tarfile
+import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
@@ -25,6 +28,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common.config import DownloadConfig
+from curation import fetch, guard, hosts
 from shards import atomic, reasons
 from shards.errors import SigmaError
 
@@ -122,41 +127,71 @@ def invalid_url(url) -> bool:
 # One download shard
 # ---------------------------------------------------------------------------------------------
 
-_domain_locks: dict[str, threading.BoundedSemaphore] = {}
-_domain_guard = threading.Lock()
-_domain_limit = [0]
+
+@dataclass(frozen=True)
+class Crawl:
+    """How one download shard crawls (from `curation.download`, see `crawl_of`)."""
+
+    policy: fetch.Policy
+    threads: int
+    retries: int
+    per_domain_limit: int  # requests in flight per host, node-wide
+    max_retry_after: float
+    robots_txt: bool
 
 
-def _install_domain_limit(limit: int) -> None:
-    """Wrap img2dataset's `download_image` (module global) in a per-domain semaphore, once per process."""
+def crawl_of(d: DownloadConfig) -> Crawl:
+    """The plain values a download shard needs from the config (checked there at load)."""
+    tokens = tuple(t for t in (d.user_agent_token, "img2dataset") if t)
+    policy = fetch.Policy(user_agent=user_agent(d.user_agent_token, d.contact), timeout=d.timeout,
+                          max_seconds=d.max_seconds, max_bytes=d.max_bytes, allow=guard.networks(d.allow_networks),
+                          tokens=tokens, directives=frozenset(x.lower() for x in d.disallowed_header_directives))
+    return Crawl(policy, d.threads, d.retries, d.per_domain_limit, d.max_retry_after, d.robots_txt)
+
+
+def user_agent(token: str | None, contact: str | None) -> str:
+    """`SigmaForge/VERSION (+CONTACT; TOKEN; img2dataset)`: who we are and how to reach the operator."""
+    from importlib import metadata
+
+    try:
+        version = metadata.version("sigmaforge")
+    except metadata.PackageNotFoundError:
+        version = "dev"
+    about = "; ".join(x for x in (f"+{contact}" if contact else None, token, "img2dataset") if x)
+    return f"SigmaForge/{version} ({about})"
+
+
+_shard_lock = threading.Lock()  # one download shard at a time per process: the hook below serves it
+_current: list = [None]
+_robots_rules: dict = {}  # origin -> robots.Rules, kept for the life of the worker process
+
+
+def _install_hook() -> None:
+    """Route img2dataset's per-row fetch (a module global its threads look up) to the current scheduler."""
     from img2dataset import downloader
 
-    with _domain_guard:
-        if _domain_limit[0] != limit:
-            _domain_locks.clear()
-            _domain_limit[0] = limit
-    if getattr(downloader.download_image, "_per_domain", False):
+    if getattr(downloader.download_image_with_retry, "_sigmaforge", False):
         return
-    original = downloader.download_image
+    original = downloader.download_image_with_retry
 
-    def polite(row, *args, **kwargs):
-        host = (urlsplit(row[1]).hostname or "").lower()
-        with _domain_guard:
-            sem = _domain_locks.setdefault(host, threading.BoundedSemaphore(_domain_limit[0]))
-        with sem:
-            return original(row, *args, **kwargs)
+    def scheduled(row, *args, **kwargs):
+        return _current[0].take() if _current[0] is not None else original(row, *args, **kwargs)
 
-    polite._per_domain = True
-    downloader.download_image = polite
+    scheduled._sigmaforge = True
+    downloader.download_image_with_retry = scheduled
+
+
+def slots_file(folder: Path) -> Path:
+    """The host-slot lock file shared by this run's download processes on this node (local disk)."""
+    tag = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / "sigmaforge-hosts" / f"{tag}.lock"
 
 
 def stats_path(folder: Path, shard: int) -> Path:
     return Path(folder) / f"{shard:05d}_stats.json"
 
 
-def download_shard(input_shard: Path, folder: Path, shard: int, *, threads: int, timeout: int, retries: int,
-                   per_domain_limit: int, concurrent_shards: int, user_agent_token: str | None,
-                   disallowed_header_directives: list[str]) -> None:
+def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) -> None:
     """Run img2dataset on one input shard's http(s) URLs into `folder/NNNNN.{tar,parquet}` + stats."""
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
@@ -167,23 +202,33 @@ def download_shard(input_shard: Path, folder: Path, shard: int, *, threads: int,
         return
     folder.mkdir(parents=True, exist_ok=True)
     table = pq.read_table(input_shard, columns=["key", URL_COL])
-    valid = [i for i, u in enumerate(table[URL_COL].to_pylist()) if not invalid_url(u)]
+    valid = pa.array([i for i, u in enumerate(table[URL_COL].to_pylist()) if not invalid_url(u)], pa.int64())
     todo = pa.table({URL_COL: table[URL_COL].take(valid), I2D_KEY: table["key"].take(valid)})
     feather = folder / f".{shard:05d}.input.feather"  # img2dataset deletes it when the shard is done
     with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, todo.schema) as writer:
         writer.write_table(todo)
-    _install_domain_limit(max(1, per_domain_limit // max(1, concurrent_shards)))
     resizer = Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True)
     downloader = Downloader(
-        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=threads, save_caption=False,
-        extract_exif=False, output_folder=str(folder), column_list=[URL_COL, I2D_KEY], timeout=timeout,
-        number_sample_per_shard=max(10, len(table)), oom_shard_count=5, compute_hash=None, verify_hash_type=None,
-        encode_format="jpg", retries=retries, user_agent_token=user_agent_token,
-        disallowed_header_directives=disallowed_header_directives or None,
+        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=crawl.threads, save_caption=False,
+        extract_exif=False, output_folder=str(folder), column_list=[URL_COL, I2D_KEY],
+        timeout=crawl.policy.timeout, number_sample_per_shard=max(10, len(table)), oom_shard_count=5,
+        compute_hash=None, verify_hash_type=None, encode_format="jpg", retries=crawl.retries,
+        user_agent_token=None, disallowed_header_directives=None,  # both applied by fetch.fetch
     )
-    ok, _ = downloader((shard, str(feather)))
+    if len(_robots_rules) > 100_000:
+        _robots_rules.clear()
+    scheduler = hosts.Scheduler(todo[URL_COL].to_pylist(), crawl.policy, hosts.Slots(slots_file(folder),
+                                crawl.per_domain_limit), crawl.retries, crawl.max_retry_after, crawl.robots_txt,
+                                _robots_rules)
+    _install_hook()
+    with _shard_lock:
+        _current[0] = scheduler
+        try:
+            ok, _ = downloader((shard, str(feather)))
+        finally:
+            _current[0] = None
     if not ok:
-        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}")
+        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: {scheduler.failure or 'see its log'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,18 +237,9 @@ def download_shard(input_shard: Path, folder: Path, shard: int, *, threads: int,
 
 
 def download_reason(error: str | None) -> str:
-    """img2dataset's error message -> a stable reason code."""
-    e = (error or "").lower()
-    if "x-robots-tag" in e:
-        return reasons.OPT_OUT
-    if e.startswith("http error "):
-        code = e[len("http error "):].split(":")[0].strip()
-        return reasons.http_reason(int(code)) if code.isdigit() else reasons.HTTP_ERROR
-    if "timed out" in e or "timeout" in e:
-        return reasons.TIMEOUT
-    if "refused" in e or "reset" in e or "name or service" in e or "nodename" in e or "urlopen error" in e:
-        return reasons.CONNECTION
-    return reasons.DOWNLOAD_ERROR
+    """The downloader's error message -> a stable reason code (fetch.fetch's messages start with it)."""
+    head = (error or "").split(":", 1)[0].strip().lower()
+    return head if reasons.is_reason(head) else reasons.DOWNLOAD_ERROR
 
 
 def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:

@@ -53,7 +53,8 @@ def measure(row: dict, cur: CurationConfig) -> dict:
     row["image"] = b""
     if not row["reason"]:
         data = download.read_member(row["src"], row["offset"], row["size"])
-        info = metadata.inspect(data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier))
+        info = metadata.inspect(data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier),
+                                cur.measure_seconds)
         out.update(width=info.width, height=info.height, ext=info.ext or "")
         if info.width and info.height:
             out["tier"] = buckets.tier_of(info.height, info.width) or ""
@@ -88,10 +89,7 @@ def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig) -
     for shard in batch["shard"]:
         shard = int(shard)
         src = Path(work) / "input" / f"{shard:05d}.parquet"
-        download.download_shard(src, Path(downloads), shard, threads=d.threads, timeout=d.timeout,
-                                retries=d.retries, per_domain_limit=d.per_domain_limit,
-                                concurrent_shards=d.processes, user_agent_token=d.user_agent_token,
-                                disallowed_header_directives=d.disallowed_header_directives)
+        download.download_shard(src, Path(downloads), shard, download.crawl_of(d))
         rows = [{**r, "shard": shard} for r in download.iter_shard(src, Path(downloads), shard)]
         yield {k: [r[k] for r in rows] for k in rows[0]}
 

@@ -166,7 +166,7 @@ def _counts(df, stats: dict) -> str:
 
 
 def _thresholds(cur: CurationConfig) -> str:
-    q = cur.quality
+    q, d = cur.quality, cur.download
     rows = [
         ("min_tier", cur.min_tier),
         ("quality", "on" if q.enabled else "off"),
@@ -178,6 +178,9 @@ def _thresholds(cur: CurationConfig) -> str:
         ("dedup.phash_radius", cur.dedup.phash_radius if cur.dedup.enabled else "off"),
         ("dedup.clip_similarity", cur.dedup.clip_similarity if cur.dedup.enabled and
          cur.dedup.clip_similarity is not None else "off"),
+        ("download.allow_networks", ", ".join(d.allow_networks) or "none: global addresses only"),
+        ("download.max_bytes", f"{d.max_bytes:,}"), ("download.max_seconds", f"{d.max_seconds:g}"),
+        ("download.robots_txt", "on" if d.robots_txt else "off"),
     ]
     return "<h2>Thresholds</h2>" + pages.table(["setting", "value"], rows, "thresholds")
 

@@ -11,6 +11,9 @@ serves it once `release()` is called (tests that must act while a download is in
 `/fault/html.jpg` (an HTML page served as image/jpeg); `/fault/truncated.jpg` (the first half
 of a real JPEG); `/fault/huge.png` (a valid PNG header declaring 100000 x 100000 pixels);
 `/fault/noai.jpg` (a real JPEG with `X-Robots-Tag: noai`). `refused_url()` points at a closed port.
+`add(path, *responses)` scripts a route: each request gets the next response (the last repeats), a
+`(status, headers, body)` tuple or a callable writing its own (`trickle`, `endless`). `log` has one
+entry per request (path, monotonic time, user agent, bytes of body sent): the evidence tests read.
 
 `link_mbps` caps the bytes/s of all responses together, as the network link of a crawling node
 does (loopback alone moves gigabytes per second: downloading would cost nothing; benchmarks).
@@ -61,6 +64,8 @@ class ImageServer:
         self.inflight = 0
         self.max_inflight = 0
         self.requests: list[str] = []
+        self.log: list[dict] = []
+        self.routes: dict[str, list] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._release = threading.Event()
@@ -101,6 +106,9 @@ class ImageServer:
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
                     server.requests.append(self.path)
+                    self.entry = {"path": self.path, "time": time.monotonic(), "sent": 0,
+                                  "user_agent": self.headers.get("User-Agent", "")}
+                    server.log.append(self.entry)
                 self.in_flight = True
                 try:
                     server._answer(self)
@@ -114,6 +122,16 @@ class ImageServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
+
+    def add(self, path: str, *responses) -> str:
+        """Script `path` (see the module docstring); returns its URL."""
+        self.routes[path] = list(responses)
+        return self.url + path
+
+    def paths(self) -> list[str]:
+        """The paths requested so far, in order."""
+        with self._lock:
+            return [e["path"] for e in self.log]
 
     def release(self) -> None:
         """Answer every `/hold/` request, now and from now on."""
@@ -135,6 +153,11 @@ class ImageServer:
 
     def _answer(self, h: BaseHTTPRequestHandler) -> None:
         path = h.path.split("?", 1)[0]
+        if path in self.routes:
+            with self._lock:
+                script = self.routes[path]
+                answer = script.pop(0) if len(script) > 1 else script[0]
+            return answer(self, h) if callable(answer) else self._send(h, *answer)
         if path in self.faults:
             return self._send(h, *self.faults[path])
         if path == "/fault/slow.jpg":
@@ -172,6 +195,7 @@ class ImageServer:
         for i in range(0, len(body), chunk):
             self._pace(min(chunk, len(body) - i))
             h.wfile.write(body[i:i + chunk])
+            h.entry["sent"] += min(chunk, len(body) - i)
 
     def _pace(self, n: int) -> None:
         """With a link cap, wait until the shared link has room for n more bytes (chunks interleave
@@ -184,6 +208,44 @@ class ImageServer:
             wait = start - time.monotonic()
         if wait > 0:
             time.sleep(wait)
+
+
+def trickle(bytes_per_s: float = 1.0, declared: int = 1_000_000):
+    """A response declaring `declared` bytes, then sending one byte every 1/bytes_per_s seconds."""
+
+    def answer(server: ImageServer, h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "image/jpeg")
+        h.send_header("Content-Length", str(declared))
+        h.end_headers()
+        server._leave(h)
+        for _ in range(declared):
+            if server._stop.wait(1 / bytes_per_s):
+                return
+            h.wfile.write(b"x")
+            h.wfile.flush()
+            h.entry["sent"] += 1
+
+    return answer
+
+
+def endless(declared: int | None = None, chunk: int = 1 << 20):
+    """A body that never ends until the client hangs up, with no Content-Length or a false one."""
+
+    def answer(server: ImageServer, h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "image/png")
+        h.send_header("Connection", "close")
+        if declared is not None:
+            h.send_header("Content-Length", str(declared))
+        h.end_headers()
+        server._leave(h)
+        block = b"\0" * chunk
+        while not server._stop.is_set():
+            h.wfile.write(block)
+            h.entry["sent"] += chunk
+
+    return answer
 
 
 def refused_url() -> str:

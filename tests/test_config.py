@@ -34,6 +34,13 @@ def test_shipped_config_loads_in_every_profile():
     assert demo.models.t5.endswith(".cache/tiny/t5") and Path(demo.models.t5).is_absolute()
     assert not demo.curation.aesthetic.enabled  # random tiny head never drops images
     assert demo.training.stages["256"].steps < real.training.stages["256"].steps
+    import inspect
+
+    from demo.serve import ImageServer
+
+    assert real.curation.download.allow_networks == []  # the web only, unless the operator says otherwise
+    serve_host = inspect.signature(ImageServer).parameters["host"].default
+    assert demo.curation.download.allow_networks == [f"{serve_host}/32"]  # exactly the demo server's address
 
 
 @pytest.mark.parametrize(
@@ -47,6 +54,13 @@ def test_shipped_config_loads_in_every_profile():
         (lambda d: d["curation"]["aesthetic"].update(enabled="yes"), "curation.aesthetic.enabled: expected bool, got 'yes'"),
         (lambda d: d.update(models=[1, 2]), "models: expected a mapping"),
         (lambda d: d["captioning"]["captioners"]["hf"].update(backend="gpt"), "captioning.captioners.hf.backend: expected one of"),
+        (lambda d: d["curation"]["download"].update(allow_networks=["10.0.0.1/8"]), "curation.download.allow_networks[0]: not a CIDR"),
+        (lambda d: d["curation"]["download"].update(max_bytes=0), "curation.download.max_bytes: must be >= 1, got 0"),
+        (lambda d: d["curation"]["download"].update(max_seconds=0), "curation.download.max_seconds: must be > 0"),
+        (lambda d: d["curation"]["download"].update(per_domain_limit=1000), "curation.download.per_domain_limit: must be <= 256"),
+        (lambda d: d["curation"]["download"].update(contact="me"), "curation.download.contact: expected an http(s)://"),
+        (lambda d: d["curation"]["download"].update(robots_txt="yes"), "curation.download.robots_txt: expected bool"),
+        (lambda d: d["curation"].update(measure_seconds=-1), "curation.measure_seconds: must be > 0"),
     ],
 )
 def test_bad_values_name_the_key_path(tmp_path, mutate, message):

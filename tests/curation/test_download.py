@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import download
+from common.config import DownloadConfig
 
 
 def _shard(tmp_path, urls):
@@ -17,9 +18,9 @@ def _shard(tmp_path, urls):
 
 
 def _run(src, folder, limit, threads=8):
-    download.download_shard(src, folder, 0, threads=threads, timeout=2, retries=0, per_domain_limit=limit,
-                            concurrent_shards=1, user_agent_token="sigmaforge",
-                            disallowed_header_directives=["noai", "noimageai"])
+    d = DownloadConfig(threads=threads, timeout=2, retries=0, per_domain_limit=limit, robots_txt=False,
+                       allow_networks=["127.0.0.1/32"])  # the fixture server's address, nothing else
+    download.download_shard(src, folder, 0, download.crawl_of(d))
 
 
 def test_download_shard_keeps_bytes_and_reports_reasons(server, image_dir, tmp_path):

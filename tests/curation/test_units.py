@@ -44,7 +44,7 @@ def test_inspect_sizes_formats_and_faults():
     assert metadata.inspect(jpeg, 256 * 256 - 1).reason == reasons.DECOMPRESSION_BOMB  # the cap is configurable
     gif = io.BytesIO()
     Image.new("RGB", (64, 64)).save(gif, "GIF")
-    assert metadata.inspect(gif.getvalue(), 64_000_000).reason == reasons.NOT_AN_IMAGE  # not a format we keep
+    assert metadata.inspect(gif.getvalue(), 64_000_000).reason == reasons.UNSUPPORTED_FORMAT  # not a format we keep
 
 
 def test_inspect_applies_exif_orientation():
@@ -113,11 +113,13 @@ def test_invalid_url(url, bad):
     assert download.invalid_url(url) is bad
 
 
-@pytest.mark.parametrize("msg,code", [("HTTP Error 404: Not Found", "http_404"), ("HTTP Error 503: x", "http_503"),
-                                      ("timed out", "timeout"), ("The read operation timed out", "timeout"),
-                                      ("<urlopen error [Errno 111] Connection refused>", "connection_error"),
-                                      ("Use of image disallowed by X-Robots-Tag directive", "opt_out"),
-                                      ("something odd", "download_error")])
+@pytest.mark.parametrize("msg,code", [("http_404: Not Found", "http_404"), ("http_503: x", "http_503"),
+                                      ("timeout: past max_seconds 30", "timeout"),
+                                      ("connection_error: ConnectionRefusedError: [Errno 111]", "connection_error"),
+                                      ("opt_out: X-Robots-Tag noai", "opt_out"),
+                                      ("blocked_address: a.example -> 10.0.0.1 (private)", "blocked_address"),
+                                      ("too_large: Content-Length 9 > max_bytes 8", "too_large"),
+                                      ("hash mismatch", "download_error"), ("something odd", "download_error")])
 def test_download_reason(msg, code):
     assert download.download_reason(msg) == code
     assert reasons.is_reason(code)
