@@ -184,9 +184,10 @@ class Streams:
 class Logger:
     """Rank 0's outputs: log.txt, TensorBoard, sample grids; a no-op on the other ranks."""
 
-    def __init__(self, cfg, plan: Plan, stage, d: Dist):
+    def __init__(self, cfg, plan: Plan, d: Dist):
+        tc = cfg.training
         self.master, self.rundir, self.writer, self.gen = d.master, Path(plan.rundir), None, None
-        self.prompts, self.steps, self.cfg_scale = cfg.training.sample_prompts, cfg.training.sample_steps, cfg.training.cfg_scale
+        self.prompts, self.steps, self.cfg_scale = tc.sample_prompts, tc.sample_steps, tc.cfg_scale
         if not self.master:
             return
         from torch.utils.tensorboard import SummaryWriter  # ~2 s: only where it is used
@@ -279,7 +280,7 @@ def train(cfg, plan: Plan) -> None:
     d = setup_dist()
     bf16 = stage.mixed_precision == "bf16"
     autocast = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
-    log = Logger(cfg, plan, stage, d)
+    log = Logger(cfg, plan, d)
     state = build_state(cfg, plan, stage, d, log.say)
     model = state.model
     ddp_model = torch.nn.parallel.DistributedDataParallel(
