@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-VERSION = "1"  # bump when a builder changes, so caches are rebuilt
+VERSION = "2"  # bump when a builder changes, so caches are rebuilt
 
 
 def build(root: str | Path) -> Path:

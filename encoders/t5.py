@@ -10,6 +10,7 @@ in fp16); the rest runs in the requested dtype.
 """
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def null_caption_embedding(tokenizer, encoder, max_length: int = 300) -> torch.T
 # Tiny offline model (demo and tests)
 # ---------------------------------------------------------------------------------------------
 
+_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()"
 _WORDS = ("a an the red green blue small large old young bright dark wooden metal glass stone cat dog horse bird "
           "fox tree house car boat mountain river lake sky cloud sun moon street city field flower garden window "
           "door table chair book lamp painting photo close-up view of on in under near with and at by during "
@@ -106,26 +108,34 @@ def _sentences(n: int, seed: int) -> list[str]:
     return [s.capitalize() + rng.choice(".!?,;") for s in sentences]
 
 
+def _unigram_vocab(text: list[str], size: int) -> list[tuple[str, float]]:
+    """A Unigram vocab counted in Python: every character (so nothing common is <unk>), then the most
+    frequent words and word pieces, scored log(count / total). Not `UnigramTrainer`: its Rust hash
+    maps make the vocab differ from run to run, and the tiny T5 must be the same files every time."""
+    counts: dict[str, int] = {}
+    for sentence in text + [" ".join(_CHARS)]:
+        for word in sentence.split():
+            word = "▁" + word
+            for i in range(len(word)):
+                for j in range(i + 1, min(len(word), i + 8) + 1):
+                    counts[word[i:j]] = counts.get(word[i:j], 0) + 1
+    chars = sorted({c for c in counts if len(c) == 1})
+    pieces = sorted((p for p in counts if len(p) > 1), key=lambda p: (-counts[p] * len(p), p))
+    chosen = chars + pieces[: size - 3 - len(chars)]
+    total = sum(counts[p] for p in chosen)
+    return [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, math.log(counts[p] / total)) for p in chosen]
+
+
 def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1000) -> Path:
-    """A tiny `T5EncoderModel` + T5 tokenizer (Unigram trained offline) saved with `save_pretrained`.
+    """A tiny `T5EncoderModel` + T5 tokenizer (a Unigram vocab counted offline) saved with `save_pretrained`.
 
     Ids follow T5: `<pad>`=0, `</s>`=1, `<unk>`=2. Random weights, fixed seed: same files every time.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = Tokenizer(models.Unigram())
-    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", shrinking_factor=0.75)
-    # Characters as well as words, so any caption tokenizes without <unk> for common letters.
-    text = _sentences(600, seed) + [" ".join("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()")]
-    raw.train_from_iterator(text, trainer=trainer)
-    import json
-
-    vocab = [(piece, float(score)) for piece, score in json.loads(raw.to_str())["model"]["vocab"]]
+    vocab = _unigram_vocab(_sentences(600, seed), vocab_size)
     tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     tokenizer.save_pretrained(out)

@@ -137,3 +137,12 @@ def test_vae_tiling_option(shard_models):
     assert tiled.shape == whole.shape == (1, 4, 48, 48) and torch.isfinite(tiled).all()
     assert not torch.equal(tiled, whole)  # the tiled path ran (tile size 256 < 384)
     assert torch.corrcoef(torch.stack([tiled.flatten(), whole.flatten()]))[0, 1] > 0.5
+
+
+def test_tiny_t5_is_the_same_files_every_time(tmp_path):
+    """Two builds give byte-identical tokenizer and weights (the demo's outputs compare across machines)."""
+    a, b = t5.build_tiny(tmp_path / "a"), t5.build_tiny(tmp_path / "b")
+    for name in ("tokenizer.json", "model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    tok = t5.load_tokenizer(a)
+    assert tok.unk_token_id not in tok("A red fox; 42 birds!").input_ids
