@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import sys
-import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from common import progress
 from common.config import Captioner, Config
-from shards import atomic, format, reasons
+from shards import atomic, curated, fingerprint, format, reasons
 from shards.errors import SigmaError
 
 # ---------------------------------------------------------------------------------------------
@@ -27,26 +26,10 @@ from shards.errors import SigmaError
 # ---------------------------------------------------------------------------------------------
 
 
-def shard_keys(path: str | Path) -> list[str]:
-    """Sample keys of a curated tar in member order (WebDataset: the name up to the first dot)."""
-    keys: dict[str, None] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isfile():
-                keys.setdefault(Path(member.name).name.split(".", 1)[0], None)
-    return list(keys)
-
-
 def read_shard(item: dict) -> list[dict]:
     """One row per sample: the first image member's original bytes (b"" if none), and the .txt caption."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(item["shard"]) as tar:
-        for member in tar:
-            if member.isfile():
-                key, _, ext = Path(member.name).name.partition(".")
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
     rows = []
-    for index, (key, members) in enumerate(samples.items()):
+    for index, (key, members) in enumerate(curated.samples(item["shard"])):
         image = next((members[e] for e in format.IMAGE_EXTS if e in members), b"")
         text = members.get(format.CAPTION_EXT, b"").decode("utf-8", errors="replace").strip()
         rows.append({"shard": item["shard"], "index": index, "key": key, "image": image, "original_caption": text})
@@ -99,6 +82,31 @@ def plan(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     }
 
 
+def stage_fingerprint(p: dict) -> dict:
+    """The settings that change a caption parquet; the shards are checked one by one (`_check_sources`),
+    so more shards may be captioned into the same CAPDIR later."""
+    from shards.encoded import model_id
+
+    keys = ("backend", "prompt", "max_new_tokens", "generate", "dtype", "max_pixels", "strip_openings")
+    return {**{k: p[k] for k in keys}, "model": model_id(p["model"]), "revision": p["captioner_id"].rsplit("@", 1)[1], "t5_tokenizer": model_id(p["t5_tokenizer"])}
+
+
+def _check_sources(done: list[str], out: str) -> None:
+    """A finished parquet records its tar's size: a changed tar is refused, not silently reused."""
+    import pyarrow.parquet as pq
+
+    for shard in done:
+        meta = pq.read_schema(format.caption_file(out, shard)).metadata or {}
+        size = meta.get(SOURCE_SIZE)
+        if size is not None and int(size) != Path(shard).stat().st_size:
+            raise SigmaError(f"{shard}: changed since {format.caption_file(out, shard)} was written from it "
+                             f"({int(size)} -> {Path(shard).stat().st_size} bytes); use another --out, or delete "
+                             "that parquet to caption it again")
+
+
+SOURCE_SIZE = b"sigmaforge.source_size"
+
+
 def backend(cap: Captioner) -> tuple[type, dict]:
     """The actor class for a captioner and its constructor arguments (a plain dict, not the config)."""
     common = dict(model=cap.model, prompt=cap.prompt, revision=cap.revision, dtype=cap.dtype,
@@ -125,15 +133,17 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     p = plan(cfg, shards, out, name)
     _, cap = select(cfg, p["captioner"])
     Path(out).mkdir(parents=True, exist_ok=True)
+    fingerprint.check(out, stage_fingerprint(p))
+    _check_sources(p["done"], out)
     atomic.clean_temp(out)  # a killed run's half-written parquet never counts
     summary = {"shards": len(p["shards"]), "skipped": len(p["done"]), "written": 0, "corrupt_shards": [],
                "captions": 0, "failed": {}, "over_budget": 0, "token_budget": p["token_budget"]}
     expected: dict[str, int] = {}
     for shard in p["todo"]:
         try:
-            expected[shard] = len(shard_keys(shard))
-        except (tarfile.TarError, OSError, EOFError) as e:  # reported; the next run retries it
-            print(f"{shard}: {reasons.CORRUPT_SHARD} ({e}); skipped", file=sys.stderr)
+            expected[shard] = len(curated.keys(shard))
+        except curated.CorruptShard as e:  # reported; the next run retries it
+            print(f"{reasons.CORRUPT_SHARD}: {e}; skipped", file=sys.stderr)
             summary["corrupt_shards"].append(shard)
     for shard in [s for s, n in expected.items() if n == 0]:
         print(_write(out, shard, [], cap, None, cfg)["line"], file=sys.stderr)
@@ -213,6 +223,7 @@ def _write(out: str, shard: str, rows: list[dict], cap: Captioner, tokenizer, cf
     assert list(columns) == format.CAPTION_COLUMNS
     types = {c: pa.string() for c in format.CAPTION_COLUMNS if c != "num_tokens"}
     table = pa.table({c: columns[c] if c == "num_tokens" else pa.array(columns[c], types[c]) for c in columns})
+    table = table.replace_schema_metadata({SOURCE_SIZE: str(Path(shard).stat().st_size)})
     path = format.caption_file(out, shard)
     atomic.write_parquet(path, table)
     kept = [r for r in rows if r["status"] == reasons.KEPT]
@@ -242,10 +253,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="a key of captioning.captioners in the config (default: captioning.captioner)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
-    try:
+    with cli.user_errors():
         if args.dry_run:
             cli.print_plan(plan(cfg, args.shards, args.out, args.captioner))
             return
         run(cfg, args.shards, args.out, args.captioner)
-    except SigmaError as e:
-        cli.fail(str(e))

@@ -6,13 +6,14 @@ A bad config ends the program with its one-line message (exit 2), never a traceb
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from typing import NoReturn
 
 from common import config as config_mod
-from shards.errors import SigmaError
+from shards.errors import SigmaError, user_message
 
 REPO_ROOT = str(config_mod.DEFAULT_CONFIG.parent)
 
@@ -46,6 +47,19 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
+@contextlib.contextmanager
+def user_errors():
+    """Around an entry point's work: a SigmaError or a full disk (also from a Ray worker) becomes its
+    one line and exit status 2; anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is the user's to fix
+        message = user_message(e)
+        if message is None:
+            raise
+        fail(message)
+
+
 def print_plan(plan: dict) -> None:
     """What --dry-run prints: the resolved plan as JSON."""
     print(json.dumps(plan, indent=2, default=str))
@@ -68,6 +82,7 @@ def init_ray(cfg: config_mod.Config, runtime_env: dict | None = None):
         # A local cluster: workers import this checkout the way the driver does.
         env_vars = runtime_env.setdefault("env_vars", {})
         env_vars.setdefault("PYTHONPATH", os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
+        env_vars.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-actor "Loading weights" bars: not the user's
         # address="local": a new local Ray even when another one runs on this machine (`ray start`)
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, ignore_reinit_error=True,
                  runtime_env=runtime_env)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,28 @@ import yaml
 from shards.errors import SigmaError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
+# `.cache/...` paths missing beside the config file are looked up here: a `ray job submit --working-dir .`
+# uploads the checkout without its git-ignored .cache/, and demo/tiny_models.py mirrors the tiny models here.
+USER_CACHE = Path(os.environ.get("SIGMAFORGE_CACHE") or Path.home() / ".cache" / "sigmaforge")
+
+
+def num(default, ge=None, gt=None, le=None):
+    """A numeric field with its valid range (checked once, at load): `timeout: int = num(10, ge=1)`."""
+    return field(default=default, metadata={"range": (ge, gt, le)})
+
+
+def _check_range(value, bounds, where: str) -> None:
+    ge, gt, le = bounds
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_range(v, bounds, f"{where}[{i}]")
+        return
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
+        want = [f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
+                f"<= {le}" if le is not None else ""]
+        raise SigmaError(f"{where}: {value!r} is out of range (expected {' and '.join(w for w in want if w)})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +57,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 @dataclass
 class RayConfig:
     address: Optional[str] = None  # None: join the cluster `ray job submit` set up, else start a local one
-    num_cpus: Optional[int] = None  # only for a local cluster
+    num_cpus: Optional[int] = num(None, ge=1)  # only for a local cluster
 
 
 @dataclass
@@ -60,24 +83,24 @@ class Models:
 class Resources:
     """How a Ray actor pool is sized."""
 
-    batch_size: int = 16
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-    concurrency: int = 1
+    batch_size: int = num(16, ge=1)
+    num_gpus: float = num(0.0, ge=0)
+    num_cpus: float = num(1.0, ge=0)
+    concurrency: int = num(1, ge=1)
 
 
 @dataclass
 class DownloadConfig:
-    processes: int = 2  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
-    threads: int = 16  # requests in flight per shard
-    num_cpus: float = 0.25  # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
-    timeout: int = 10  # seconds per network operation (connect, one read)
-    max_seconds: float = 30.0  # total per request (connect + headers + body) -> `timeout`
-    max_bytes: int = 64 * 2**20  # per body -> `too_large`; a 4K (3840x2160) RGBA PNG is <= 33 MB uncompressed
-    retries: int = 1
-    max_retry_after: float = 60.0  # longest Retry-After (429/503) waited for; beyond: http_429 / http_503
-    shard_size: int = 1000  # URLs per img2dataset shard: the unit of work and of resumption
-    per_domain_limit: int = 4  # requests in flight per host from all download processes of a node
+    processes: int = num(2, ge=1)  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
+    threads: int = num(16, ge=1)  # requests in flight per shard
+    num_cpus: float = num(0.25, ge=0)  # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
+    timeout: int = num(10, ge=1)  # seconds per network operation (connect, one read)
+    max_seconds: float = num(30.0, gt=0)  # total per request (connect + headers + body) -> `timeout`
+    max_bytes: int = num(64 * 2**20, ge=1)  # per body -> `too_large`; a 4K (3840x2160) RGBA PNG is <= 33 MB uncompressed
+    retries: int = num(1, ge=0)
+    max_retry_after: float = num(60.0, ge=0)  # longest Retry-After (429/503) waited for; beyond: http_429 / http_503
+    shard_size: int = num(1000, ge=1)  # URLs per img2dataset shard: the unit of work and of resumption
+    per_domain_limit: int = num(4, ge=1, le=256)  # requests in flight per host from all download processes of a node (<= curation.hosts.MAX_LIMIT)
     allow_networks: list[str] = field(default_factory=list)  # CIDRs allowed besides the global internet
     robots_txt: bool = True  # read each origin's robots.txt and honour it for our user-agent token
     contact: Optional[str] = None  # URL (or mailto:) in the user agent, where a site owner reaches the operator
@@ -86,16 +109,8 @@ class DownloadConfig:
         default_factory=lambda: ["noai", "noimageai", "none", "noindex", "noimageindex"]
     )
 
-    def __post_init__(self):
+    def __post_init__(self):  # the numbers' ranges are checked at load (num); these are formats
         where = "curation.download"
-        for name in ("processes", "threads", "timeout", "max_bytes", "shard_size", "per_domain_limit"):
-            _at_least(getattr(self, name), 1, f"{where}.{name}")
-        for name in ("num_cpus", "retries", "max_retry_after"):
-            _at_least(getattr(self, name), 0, f"{where}.{name}")
-        if self.per_domain_limit > 256:  # curation.hosts.MAX_LIMIT
-            raise SigmaError(f"{where}.per_domain_limit: must be <= 256, got {self.per_domain_limit}")
-        if not self.max_seconds > 0:
-            raise SigmaError(f"{where}.max_seconds: must be > 0, got {self.max_seconds!r}")
         for i, cidr in enumerate(self.allow_networks):
             try:
                 ipaddress.ip_network(cidr, strict=True)
@@ -105,50 +120,41 @@ class DownloadConfig:
             raise SigmaError(f"{where}.contact: expected an http(s):// or mailto: URL, got {self.contact!r}")
 
 
-def _at_least(value, low, key: str) -> None:
-    if value < low:
-        raise SigmaError(f"{key}: must be >= {low}, got {value!r}")
-
-
 @dataclass
 class QualityConfig:
     enabled: bool = True
-    min_sharpness: float = 20.0  # variance of the Laplacian on a 512-px grey copy
-    min_contrast: float = 10.0  # std of grey levels (0..255)
-    min_brightness: float = 10.0  # mean grey level
-    max_brightness: float = 245.0
+    min_sharpness: float = num(20.0, ge=0)  # variance of the Laplacian on a 512-px grey copy
+    min_contrast: float = num(10.0, ge=0)  # std of grey levels (0..255)
+    min_brightness: float = num(10.0, ge=0, le=255)  # mean grey level
+    max_brightness: float = num(245.0, ge=0, le=255)
 
 
 @dataclass
 class ThresholdFilter:
     enabled: bool = True
-    threshold: float = 0.5
+    threshold: float = num(0.5, ge=0, le=10)  # aesthetic: a 1..10 score; NSFW, watermark: 0..1
 
 
 @dataclass
 class DedupConfig:
     enabled: bool = True
-    phash_radius: int = 4  # Hamming distance on a 64-bit perceptual hash
-    clip_similarity: Optional[float] = 0.96  # cosine similarity on CLIP embeddings; None: off
+    phash_radius: int = num(4, ge=0, le=64)  # Hamming distance on a 64-bit perceptual hash
+    clip_similarity: Optional[float] = num(0.96, ge=-1, le=1)  # cosine similarity on CLIP embeddings; None: off
 
 
 @dataclass
 class CurationConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
     min_tier: Literal["1k", "2k", "4k"] = "1k"
-    max_pixels: int = 64_000_000  # decompression-bomb guard, well above 4K (3840x2160 = 8.3 MP)
-    measure_seconds: float = 60.0  # deadline per image decode -> `timeout` (a 64 MP PNG decodes in a few s)
+    max_pixels: int = num(64_000_000, ge=1)  # decompression-bomb guard, well above 4K (3840x2160 = 8.3 MP)
+    measure_seconds: float = num(60.0, gt=0)  # deadline per image decode -> `timeout` (a 64 MP PNG decodes in a few s)
     quality: QualityConfig = field(default_factory=QualityConfig)
     aesthetic: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(True, 5.0))
     aesthetic_resources: Resources = field(default_factory=Resources)
     nsfw: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.5))
     watermark: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.8))
     dedup: DedupConfig = field(default_factory=DedupConfig)
-    shard_size: int = 1000  # kept images per output shard
-
-    def __post_init__(self):
-        if not self.measure_seconds > 0:
-            raise SigmaError(f"curation.measure_seconds: must be > 0, got {self.measure_seconds!r}")
+    shard_size: int = num(1000, ge=1)  # kept images per output shard
 
 
 @dataclass
@@ -159,9 +165,9 @@ class Captioner:
     trust_remote_code: bool = False  # only on explicit opt-in
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     prompt: str = "Describe this image in detail."
-    max_new_tokens: int = 300
+    max_new_tokens: int = num(300, ge=1)
     generate: dict[str, Any] = field(default_factory=dict)  # extra generate() kwargs
-    max_pixels: Optional[int] = None  # Qwen2.5-VL style cap for 4K inputs
+    max_pixels: Optional[int] = num(None, ge=1)  # Qwen2.5-VL style cap for 4K inputs
     runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env for this backend's actors
     resources: Resources = field(default_factory=lambda: Resources(batch_size=8))
 
@@ -171,17 +177,17 @@ class CaptioningConfig:
     captioner: str = "share-captioner"  # a key of `captioners`
     captioners: dict[str, Captioner] = field(default_factory=dict)
     strip_openings: bool = True  # drop "The image shows ..." style openings
-    token_budget: int = 300  # T5 tokens PixArt-Sigma keeps
+    token_budget: int = num(300, ge=1)  # T5 tokens PixArt-Sigma keeps
 
 
 @dataclass
 class EncodeConfig:
-    t5_max_length: int = 300
+    t5_max_length: int = num(300, ge=1)
     t5_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # SDXL VAE overflows in fp16
     vae_tiling: bool = False  # for 2K/4K on small GPUs; tiles can show faint seams in latents
     vae_slicing: bool = False
-    shard_bytes: int = 1_000_000_000
+    shard_bytes: int = num(1_000_000_000, ge=1)
     t5_resources: Resources = field(default_factory=lambda: Resources(batch_size=32))
     vae_resources: Resources = field(default_factory=lambda: Resources(batch_size=4))
 
@@ -192,40 +198,69 @@ class Stage:
     data: Optional[str] = None  # ENCDIR; default from --data
     tier: str = "1k"  # which encoded tier (bucket table) it trains on
     vae: Optional[str] = None  # latents must come from this VAE; None: models.vae
-    pe_interpolation: float = 2.0  # resolution / 512
+    pe_interpolation: float = num(2.0, gt=0)  # resolution / 512
     multi_scale: bool = True  # False: fixed square position embedding (the 256 stage)
     kv_compress: bool = False
-    kv_compress_layers: list[int] = field(default_factory=list)
-    kv_compress_ratio: int = 2
+    kv_compress_layers: list[int] = field(default_factory=list, metadata={"range": (0, None, None)})  # each item
+    kv_compress_ratio: int = num(2, ge=1)
     optimizer: Literal["adamw", "came"] = "adamw"
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    grad_clip: float = 0.01
-    grad_accum: int = 1
-    batch_size: int = 4  # per process
-    steps: int = 1000
-    real_prompt_ratio: float = 0.5
-    cfg_dropout: float = 0.1
+    lr: float = num(2e-5, gt=0)
+    weight_decay: float = num(0.0, ge=0)
+    warmup_steps: int = num(100, ge=0)
+    grad_clip: float = num(0.01, gt=0)
+    grad_accum: int = num(1, ge=1)
+    batch_size: int = num(4, ge=1)  # per process
+    steps: int = num(1000, ge=1)
+    real_prompt_ratio: float = num(0.5, ge=0, le=1)
+    cfg_dropout: float = num(0.1, ge=0, le=1)
     mixed_precision: Literal["no", "bf16"] = "bf16"
     grad_checkpointing: bool = False
-    ema_decay: Optional[float] = 0.9999  # None: no EMA copy (the official trainer keeps none)
-    snr_gamma: Optional[float] = None
-    seed: int = 0
+    ema_decay: Optional[float] = num(0.9999, ge=0, le=1)  # None: no EMA copy (the official trainer keeps none)
+    snr_gamma: Optional[float] = num(None, gt=0)
+    seed: int = num(0, ge=0)
 
 
 @dataclass
 class TrainingConfig:
     out: str = "runs"  # RUNDIR parent: runs/<stage>
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    sample_every: int = 500
+    checkpoint_every: int = num(500, ge=1)
+    keep_checkpoints: int = num(2, ge=1)
+    log_every: int = num(10, ge=1)
+    sample_every: int = num(500, ge=1)
     sample_prompts: list[str] = field(default_factory=list)
-    sample_steps: int = 20
-    cfg_scale: float = 4.5
-    num_workers: int = 2
+    sample_steps: int = num(20, ge=1)
+    cfg_scale: float = num(4.5, ge=0)
+    num_workers: int = num(2, ge=0)
     stages: dict[str, Stage] = field(default_factory=dict)
+
+
+@dataclass
+class JudgeConfig:
+    """The VLM judge of `training/evaluate --judge MODEL EVALDIR` (MODEL is given on the command line)."""
+
+    revision: Optional[str] = None  # a pinned commit; required with trust_remote_code
+    trust_remote_code: bool = False  # only on explicit opt-in
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    max_new_tokens: int = num(8, ge=1)  # the answer is one word: A, B or tie
+    max_pixels: Optional[int] = num(602112, ge=1)  # 768 * 28 * 28 per image (Qwen2.5-VL style cap; two images per prompt)
+    resources: Resources = field(default_factory=lambda: Resources(batch_size=8, num_gpus=1.0, num_cpus=4.0))
+
+
+@dataclass
+class RewardModels:
+    """Reward models scored beside CLIP and aesthetic by `training/evaluate --runs`; None: not scored."""
+
+    hps_arch: str = "ViT-H-14"  # HPSv2: open_clip ViT-H-14 fine-tuned on human preferences
+    hps_weights: Optional[str] = None  # local HPS_v2.1_compressed.pt (or .safetensors)
+    hps_config_dir: Optional[str] = None  # extra open_clip model-config JSONs (tiny offline model)
+    pickscore: Optional[str] = None  # HF CLIPModel folder or hub id, e.g. yuvalkirstain/PickScore_v1
+    pickscore_processor: Optional[str] = None  # its CLIPProcessor; None: the model's own folder
+
+
+@dataclass
+class EvaluationConfig:
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    rewards: RewardModels = field(default_factory=RewardModels)
 
 
 @dataclass
@@ -236,6 +271,7 @@ class Config:
     captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     profile: Optional[str] = None  # set by the loader
     source: Optional[str] = None  # the file it came from
 
@@ -314,11 +350,15 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise SigmaError(f"{where or '<top>'}: expected a mapping, got {value!r}")
         hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp) if f.init}
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        names = set(fields)
         for k in value:
             if k not in names:
                 raise SigmaError(f"{_join(where, k)}: unknown key (known: {', '.join(sorted(names))})")
-        return tp(**{k: _build(hints[k], v, _join(where, k)) for k, v in value.items()})
+        built = {k: _build(hints[k], v, _join(where, k)) for k, v in value.items()}
+        for k, v in built.items():
+            _check_range(v, fields[k].metadata.get("range", (None, None, None)), _join(where, k))
+        return tp(**built)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -381,6 +421,8 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         if value is None or value.startswith(("/", "~")):
             return value
         candidate = base / value
+        if value.startswith(".cache/") and not candidate.exists() and (USER_CACHE / value[7:]).exists():
+            return str(USER_CACHE / value[7:])
         return str(candidate.resolve()) if candidate.exists() or value.startswith(("./", ".cache")) else value
 
     m = cfg.models
@@ -391,16 +433,25 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         m.clip.weights = fix(m.clip.weights)
     for cap in cfg.captioning.captioners.values():
         cap.model = fix(cap.model)
+    rw = cfg.evaluation.rewards
+    rw.hps_weights, rw.hps_config_dir = fix(rw.hps_weights), fix(rw.hps_config_dir)
+    rw.pickscore, rw.pickscore_processor = fix(rw.pickscore), fix(rw.pickscore_processor)
     for stage in cfg.training.stages.values():
         stage.data, stage.vae = fix(stage.data), fix(stage.vae)
     cfg.training.out = fix(cfg.training.out) if cfg.training.out.startswith(".") else cfg.training.out
 
 
-def require_file(path: str | None, key: str) -> Path:
-    """A config value that must name an existing local file; one-line error otherwise."""
+WEIGHT_FILES = (".pth", ".pt", ".bin", ".safetensors")  # what encoders/ can load (torch weights_only / safetensors)
+
+
+def require_file(path: str | None, key: str, weights: bool = False) -> Path:
+    """A config value that must name an existing local file (a PyTorch weights file if `weights`)."""
     if not path:
         raise SigmaError(f"{key}: not set")
     p = Path(path).expanduser()
     if not p.exists():
         raise SigmaError(f"{key}: file not found: {path}")
+    if weights and (p.is_dir() or p.suffix not in WEIGHT_FILES):
+        raise SigmaError(f"{key}: {path}: not a PyTorch weights file (expected {', '.join(WEIGHT_FILES)}; "
+                         "a Keras/autokeras folder must be converted first, see curation/README.md)")
     return p

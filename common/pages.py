@@ -80,16 +80,14 @@ def thumbnail_uri(data: bytes, side: int = THUMB_SIDE) -> Optional[str]:
 
 def tar_images(path: str | Path, keys: set[str]) -> dict[str, bytes]:
     """{key: bytes} of the image members (KEY.jpg|png|webp) of the wanted keys in a curated tar."""
-    import tarfile
-
+    from shards import curated
     from shards.format import IMAGE_EXTS
 
     found: dict[str, bytes] = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            stem, _, ext = Path(member.name).name.partition(".")
-            if stem in keys and ext in IMAGE_EXTS and member.isfile() and stem not in found:
-                found[stem] = tar.extractfile(member).read()
+    for key, members in curated.samples(path, only=keys):
+        image = next((members[e] for e in IMAGE_EXTS if e in members), None)
+        if key in keys and image is not None:
+            found[key] = image
     return found
 
 

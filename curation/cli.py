@@ -22,11 +22,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = cli.load(args)
     try:
-        config.require_file(cfg.models.aesthetic_head, "models.aesthetic_head")
+        config.require_file(cfg.models.aesthetic_head, "models.aesthetic_head", weights=True)
         if cfg.curation.nsfw.enabled:
-            config.require_file(cfg.models.nsfw_head, "models.nsfw_head (curation.nsfw.enabled)")
+            config.require_file(cfg.models.nsfw_head, "models.nsfw_head (curation.nsfw.enabled)", weights=True)
         if cfg.curation.watermark.enabled:
-            config.require_file(cfg.models.watermark, "models.watermark (curation.watermark.enabled)")
+            config.require_file(cfg.models.watermark, "models.watermark (curation.watermark.enabled)", weights=True)
+        if not os.path.isfile(args.urls):  # the same check a real run makes, so --dry-run is honest
+            raise SigmaError(f"{args.urls}: URL list not found")
         if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
             config.require_file(cfg.models.clip.weights, "models.clip.weights")
     except SigmaError as e:
@@ -40,9 +42,8 @@ def main(argv: list[str] | None = None) -> None:
                         "curation": json.loads(json.dumps(cur, default=vars))})
         return
     try:
-        stats = pipeline.run(args.urls, args.out, cfg)
-    except SigmaError as e:
-        cli.fail(str(e))
+        with cli.user_errors():
+            stats = pipeline.run(args.urls, args.out, cfg)
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)

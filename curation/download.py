@@ -14,9 +14,13 @@ meaningful retries, robots.txt, and per-host turns that never hold a thread (see
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import io
 import json
 import math
+import sys
 import tarfile
 import tempfile
 import threading
@@ -30,8 +34,8 @@ import pyarrow.parquet as pq
 
 from common.config import DownloadConfig
 from curation import fetch, guard, hosts
-from shards import atomic, reasons
-from shards.errors import SigmaError
+from shards import atomic, curated, reasons
+from shards.errors import SigmaError, disk_full
 
 KEY_DIGITS = 10  # row index in the URL list, zero-padded: sortable, no dots
 URL_COL, CAPTION_COL = "url", "caption"
@@ -224,10 +228,14 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
     with _shard_lock:
         _current[0] = scheduler
         try:
-            ok, _ = downloader((shard, str(feather)))
+            with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
+                ok, _ = downloader((shard, str(feather)))
         finally:
             _current[0] = None
-    if not ok:
+    if not ok:  # img2dataset prints its exception and returns False: a full disk is the user's to fix
+        if f"[Errno {errno.ENOSPC}]" in said.getvalue():
+            raise SigmaError(disk_full(folder))
+        print(said.getvalue(), file=sys.stderr)
         raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: {scheduler.failure or 'see its log'}")
 
 
@@ -260,7 +268,7 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
     if tar_path.exists():
         with tarfile.open(tar_path, "r:") as tar:  # random access: headers only, the data is skipped
             for m in tar:
-                stem, _, ext = m.name.partition(".")
+                stem, ext = curated.split_name(m.name)
                 ours = i2d_to_ours.get(stem)
                 if ext != "jpg" or ours is None or ours in seen:
                     continue

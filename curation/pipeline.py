@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from common import progress
 from common.config import Config, CurationConfig
 from curation import dedup, download, metadata, quality
-from shards import atomic, buckets, reasons
+from shards import atomic, buckets, fingerprint, reasons
+from shards.errors import SigmaError
 from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
 
 SCORED_COLUMNS = ["key", "url", "reason", "width", "height", "tier", "ext", "sharpness", "contrast", "brightness",
@@ -313,6 +314,9 @@ def run(urls: str | Path, out: str | Path, cfg: Config) -> dict:
     from common import cli
 
     out = Path(out).resolve()
+    fp = stage_fingerprint(urls, cfg)
+    if (out / fingerprint.FILE).exists():  # a resume: refused if the URL list or a setting changed
+        fingerprint.check(out, fp)
     if (out / "stats.json").exists() and (out / MANIFEST).exists():
         return json.loads((out / "stats.json").read_text())
     cur = cfg.curation
@@ -320,6 +324,7 @@ def run(urls: str | Path, out: str | Path, cfg: Config) -> dict:
     timings = {}
     t0 = time.time()
     n_shards = download.split_input(urls, work / "input", cur.download.shard_size)
+    fingerprint.check(out, fp)  # recorded once the URL list is known to be readable
     timings["split"] = time.time() - t0
     for folder in (work / "scored", downloads, out / "shards"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -344,6 +349,22 @@ def run(urls: str | Path, out: str | Path, cfg: Config) -> dict:
 
     write_report(out, cur)  # report.html last: the manifest and stats.json it reads are complete
     return stats
+
+
+def stage_fingerprint(urls: str | Path, cfg: Config) -> dict:
+    """The URL list's bytes, the settings that change what is kept, and the scoring models' bytes."""
+    if not Path(urls).is_file():
+        raise SigmaError(f"{urls}: URL list not found")
+    m = cfg.models
+    heads = {f"models.{k}": getattr(m, k) for k in ("aesthetic_head", "nsfw_head", "watermark")}
+    return {"--urls": fingerprint.file_digest(urls),
+            **fingerprint.flat(cfg.curation, "curation", skip=_NOT_IN_OUTPUT),
+            **{k: fingerprint.file_digest(v) if v and Path(v).is_file() else v for k, v in heads.items()},
+            "models.clip": f"{m.clip.arch}/{Path(m.clip.weights).name}"}
+
+
+_NOT_IN_OUTPUT = ("download.processes", "download.threads", "download.num_cpus", "download.per_domain_limit",
+                  "download.contact", "aesthetic_resources")  # concurrency and courtesy: the same output
 
 
 def summarize(out: Path, work: Path, n_shards: int, timings: dict, written: dict) -> dict:

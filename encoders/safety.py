@@ -2,9 +2,9 @@
 
 NSFW: LAION's `clip-autokeras-binary-nsfw` for ViT-L/14 is a Keras model: a Normalization layer
 (mean, variance) and four Dense layers 768 -> 64 -> 512 -> 256 -> 1 with ReLU and a sigmoid. It
-is read here in its PyTorch state-dict form (keys `norm.mean`, `norm.variance`, `linear_1..4`,
-the layout NeMo Curator distributes; from the Keras file, the Dense kernels are the transposed
-weights). It runs on the same normalised embedding the aesthetic head reads: no second CLIP pass.
+is read here in its PyTorch state-dict form (keys `norm.mean`, `norm.variance`, `linear_1..4`;
+from the Keras file, the Dense kernels are the transposed weights; NeMo Curator ships LAION's
+ViT-H/14 detector instead, which does not fit here). It runs on the same normalised embedding the aesthetic head reads: no second CLIP pass.
 LAION keeps punsafe < 0.5.
 
 Watermark: LAION's detector (`watermark_model_v1.pt`) is timm `efficientnet_b3a` with its

@@ -38,7 +38,7 @@ def load_vae(path: str, dtype: str | torch.dtype = "float32", device: str | torc
     from diffusers import AutoencoderKL
 
     dtype = torch_dtype(dtype)
-    vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, low_cpu_mem_usage=False)  # no accelerate hint
     vae = vae.to(device).eval().requires_grad_(False)
     if tiling:
         vae.enable_tiling()
@@ -109,10 +109,11 @@ def resize_and_crop(img: Image.Image, bucket_hw: tuple[int, int]) -> tuple[Image
     return img.crop(box), box
 
 
-def to_pixels(img: Image.Image) -> torch.Tensor:
-    """RGB image -> [3, H, W] float32 in [-1, 1] (ToTensor + Normalize(0.5, 0.5))."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3]
-    return torch.from_numpy(arr).permute(2, 0, 1).mul(2.0).sub(1.0).contiguous()  # [3, H, W]
+def to_pixels(images) -> torch.Tensor:
+    """RGB image(s) (PIL, [H, W, 3] or [B, H, W, 3] uint8) -> [(B,) 3, H, W] float32 in [-1, 1]
+    (ToTensor + Normalize(0.5, 0.5)); encode's VAE stage calls it on a batch."""
+    arr = np.asarray(images, dtype=np.float32) / 255.0  # [(B,) H, W, 3]
+    return torch.from_numpy(arr).movedim(-1, -3).mul(2.0).sub(1.0).contiguous()  # [(B,) 3, H, W]
 
 
 def preprocess(img: Image.Image, bucket_hw: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int, int, int]]:

@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from shards.errors import DISK_FULL, SigmaError, disk_full
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -23,6 +25,10 @@ def atomic_path(path: str | os.PathLike):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others on a shared filesystem must read it
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise SigmaError(disk_full(path)) from None
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

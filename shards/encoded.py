@@ -21,6 +21,8 @@ Tensors are safetensors (no pickle; bf16-capable; ~40x faster to read than `.npz
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import io
 import json
@@ -32,7 +34,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from shards import atomic
-from shards.errors import SigmaError
+from shards.errors import DISK_FULL, SigmaError, disk_full
 
 FORMAT_VERSION = 1
 PREPROCESS = "resize-cover(bicubic;lanczos>=2048)+center-crop+[-1,1]"  # bump when encoders/vae.py's preprocessing changes
@@ -173,9 +175,14 @@ class BucketWriter:
         if self.tar is None:
             self._open()
         key = meta["key"]
-        for suffix, data in ((JSON, json.dumps(meta, sort_keys=True).encode()), (T5, t5), (VAE, vae)):
-            _add(self.tar, f"{key}.{suffix}", data)
-            self.size += len(data) + 1024  # header + padding, roughly
+        try:
+            for suffix, data in ((JSON, json.dumps(meta, sort_keys=True).encode()), (T5, t5), (VAE, vae)):
+                _add(self.tar, f"{key}.{suffix}", data)
+                self.size += len(data) + 1024  # header + padding, roughly
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise SigmaError(disk_full(self.path)) from None
+            raise
         self.rows.append({**row, "shard": str(self.path.relative_to(self.encdir))})
         if self.size >= self.shard_bytes:
             self._commit()
@@ -188,6 +195,14 @@ class BucketWriter:
         atomic.write_parquet(self.path.with_suffix(".parquet"), pa.Table.from_pylist(self.rows))
         self.written.extend(self.rows)
         self.tar, self.rows, self.size = None, [], 0
+
+    def abort(self) -> None:
+        """Drop the open tar (a failed run, e.g. a full disk): no temp file is left behind."""
+        if self.tar is not None:
+            with contextlib.suppress(OSError):
+                self.tar.close()
+            self.tmp.unlink(missing_ok=True)
+            self.tar, self.rows, self.size = None, [], 0
 
     def close(self) -> list[dict]:
         """Commit the open tar; the rows of every tar this writer committed."""

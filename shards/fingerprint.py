@@ -35,6 +35,26 @@ def listing(paths) -> str:
     return h.hexdigest()
 
 
+def flat(settings, prefix: str, skip: tuple[str, ...] = ()) -> dict:
+    """A config section (dataclass or dict) as {"prefix.a.b": value}, so a refusal names the very key;
+    `skip` lists dotted sub-keys that do not change the output (concurrency, resources)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(settings):
+        settings = dataclasses.asdict(settings)
+    out: dict = {}
+    for k, v in settings.items():
+        key = f"{prefix}.{k}"
+        if key[len(prefix) + 1:] in skip:
+            continue
+        if isinstance(v, dict) and v:
+            inner = tuple(s[len(k) + 1:] for s in skip if s.startswith(f"{k}."))
+            out.update(flat(v, key, inner))
+        else:
+            out[key] = v
+    return out
+
+
 def check(folder: str | Path, fingerprint: dict) -> None:
     """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs."""
     path = Path(folder) / FILE

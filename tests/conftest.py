@@ -41,3 +41,25 @@ def ray_local():
     cli.init_ray(config.load(ROOT / "pipelines.yaml", "demo"))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(bytes) -> a folder on its own tmpfs of that size: a real full disk (ENOSPC).
+    Mounting needs root (CI and this machine run as root); elsewhere the test is skipped."""
+    import subprocess
+
+    mounts: list[Path] = []
+
+    def make(size: int) -> Path:
+        folder = tmp_path / f"disk{len(mounts)}"
+        folder.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()})")
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -55,12 +55,12 @@ def test_shipped_config_loads_in_every_profile():
         (lambda d: d.update(models=[1, 2]), "models: expected a mapping"),
         (lambda d: d["captioning"]["captioners"]["hf"].update(backend="gpt"), "captioning.captioners.hf.backend: expected one of"),
         (lambda d: d["curation"]["download"].update(allow_networks=["10.0.0.1/8"]), "curation.download.allow_networks[0]: not a CIDR"),
-        (lambda d: d["curation"]["download"].update(max_bytes=0), "curation.download.max_bytes: must be >= 1, got 0"),
-        (lambda d: d["curation"]["download"].update(max_seconds=0), "curation.download.max_seconds: must be > 0"),
-        (lambda d: d["curation"]["download"].update(per_domain_limit=1000), "curation.download.per_domain_limit: must be <= 256"),
+        (lambda d: d["curation"]["download"].update(max_bytes=0), "curation.download.max_bytes: 0 is out of range (expected >= 1)"),
+        (lambda d: d["curation"]["download"].update(max_seconds=0), "curation.download.max_seconds: 0.0 is out of range (expected > 0)"),
+        (lambda d: d["curation"]["download"].update(per_domain_limit=1000), "curation.download.per_domain_limit: 1000 is out of range (expected >= 1 and <= 256)"),
         (lambda d: d["curation"]["download"].update(contact="me"), "curation.download.contact: expected an http(s)://"),
         (lambda d: d["curation"]["download"].update(robots_txt="yes"), "curation.download.robots_txt: expected bool"),
-        (lambda d: d["curation"].update(measure_seconds=-1), "curation.measure_seconds: must be > 0"),
+        (lambda d: d["curation"].update(measure_seconds=-1), "curation.measure_seconds: -1.0 is out of range (expected > 0)"),
     ],
 )
 def test_bad_values_name_the_key_path(tmp_path, mutate, message):
@@ -106,3 +106,37 @@ def test_entry_point_reports_config_error_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, "--config", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: training.stages.2k.lr: expected float, got 'fast'"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("curation.download.shard_size=0", "curation.download.shard_size: 0 is out of range (expected >= 1)"),
+    ("curation.shard_size=0", "curation.shard_size: 0 is out of range (expected >= 1)"),
+    ("curation.download.timeout=-1", "curation.download.timeout: -1 is out of range (expected >= 1)"),
+    ("curation.dedup.phash_radius=-2", "curation.dedup.phash_radius: -2 is out of range (expected >= 0 and <= 64)"),
+    ("curation.max_pixels=0", "curation.max_pixels: 0 is out of range (expected >= 1)"),
+    ("curation.aesthetic_resources.batch_size=0", "curation.aesthetic_resources.batch_size: 0 is out of range"),
+    ("encode.shard_bytes=0", "encode.shard_bytes: 0 is out of range"),
+    ("captioning.captioners.hf.max_new_tokens=0", "captioning.captioners.hf.max_new_tokens: 0 is out of range"),
+    ("training.stages.1k.cfg_dropout=1.5", "training.stages.1k.cfg_dropout: 1.5 is out of range (expected >= 0 and <= 1)"),
+    ("training.stages.1k.lr=0", "training.stages.1k.lr: 0.0 is out of range (expected > 0)"),
+])
+def test_numbers_out_of_range_are_refused_at_load(override, message):
+    with pytest.raises(SigmaError) as e:
+        config.load(ROOT / "pipelines.yaml", "demo", [override])
+    assert str(e.value) == message or str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+def test_every_numeric_key_has_a_range():
+    import dataclasses
+    import typing
+
+    def numeric(tp):
+        return tp in (int, float) or any(a in (int, float) for a in typing.get_args(tp))
+
+    missing = []
+    for cls in [v for v in vars(config).values() if dataclasses.is_dataclass(v) and isinstance(v, type)]:
+        hints = typing.get_type_hints(cls)
+        missing += [f"{cls.__name__}.{f.name}" for f in dataclasses.fields(cls)
+                    if numeric(hints[f.name]) and "range" not in f.metadata]
+    assert missing == []

@@ -5,10 +5,12 @@
     images/<run>/<prompt_idx>-<seed>.png   one image per run, prompt and seed, identical settings
     images/<run>/<prompt_idx>-<seed>.json  sidecar: prompt, run, stage, seed, steps, cfg, size, checkpoint
     scores.parquet                         one row per image: run, stage, prompt_idx, prompt, seed, clip_score, aesthetic
+                                           (+ hps, pickscore: the reward models configured in evaluation.rewards)
     summary.md                             per run: mean and 95% bootstrap interval of each score, and the
                                            paired difference to the first run
 
-and `training/evaluate --serve EVALDIR` opens the side-by-side preference page (training/preference.py).
+`training/evaluate --serve EVALDIR` opens the side-by-side preference page (training/preference.py), and
+`training/evaluate --judge MODEL EVALDIR` has a VLM vote on the same pairs (training/judge.py).
 
 Identical settings: each (prompt, seed) is generated alone from `torch.Generator().manual_seed(seed)`,
 so its initial noise is the same in every run (and the same as `training/sample --seed`).
@@ -189,13 +191,14 @@ class Scorer:
     """
 
     def __init__(self, clip_arch: str, clip_weights: str, clip_config_dir: str | None, aesthetic_head: str,
-                 device="cpu"):
+                 device="cpu", rewards: dict | None = None):
         import open_clip
 
         from encoders import aesthetic
 
         self.aesthetic = aesthetic.AestheticScorer(clip_arch, clip_weights, clip_config_dir, aesthetic_head, device)
         self.tokenizer = open_clip.get_tokenizer(clip_arch)  # its config was registered by load_clip
+        self.rewards = rewards or {}  # column -> encoders.reward scorer
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -205,7 +208,8 @@ class Scorer:
         txt = clip.encode_text(self.tokenizer(list(batch["prompt"])).to(device)).float().cpu()  # [N, E]
         txt = txt / txt.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         clip_score = 100 * (img * txt).sum(-1)  # [N]
-        return {"clip_score": clip_score.numpy(), "aesthetic": scored["aesthetic"]}
+        rewards = {name: r(list(batch["image"]), list(batch["prompt"])) for name, r in self.rewards.items()}
+        return {"clip_score": clip_score.numpy(), "aesthetic": scored["aesthetic"], **rewards}
 
 
 def score_images(scorer, metas: list[dict], out: Path, batch_size: int = 16):
@@ -226,6 +230,7 @@ def score_images(scorer, metas: list[dict], out: Path, batch_size: int = 16):
             rows.append({"run": m["run"], "stage": m["stage"], "prompt_idx": m["prompt_idx"], "prompt": m["prompt"],
                          "seed": m["seed"], "clip_score": float(scores["clip_score"][j]),
                          "aesthetic": float(scores["aesthetic"][j]),
+                         **{k: float(v[j]) for k, v in scores.items() if k in REWARD_COLUMNS},
                          "image": str(s.with_suffix(".png").relative_to(out))})
     return pd.DataFrame(rows)
 
@@ -242,6 +247,12 @@ def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
 
 
 SCORE_COLUMNS = ("clip_score", "aesthetic")
+REWARD_COLUMNS = ("hps", "pickscore")
+
+
+def score_columns(df) -> list[str]:
+    """The score columns a scores table has: CLIP and aesthetic, and the reward models scored."""
+    return [c for c in SCORE_COLUMNS + REWARD_COLUMNS if c in df.columns]
 
 
 def summarize(df, runs: list[str]) -> list[dict]:
@@ -250,7 +261,7 @@ def summarize(df, runs: list[str]) -> list[dict]:
     rows = []
     for run in runs:
         d = df[df.run == run]
-        for col in SCORE_COLUMNS:
+        for col in score_columns(df):
             lo, hi = bootstrap_ci(d[col])
             rows.append({"run": run, "stage": d.stage.iloc[0] if len(d) else None, "vs": None, "score": col,
                          "n": len(d), "mean": float(d[col].mean()), "lo": lo, "hi": hi})
@@ -258,7 +269,7 @@ def summarize(df, runs: list[str]) -> list[dict]:
     for run in runs[1:]:
         d = df[df.run == run].set_index(["prompt_idx", "seed"])
         both = d.index.intersection(base.index)
-        for col in SCORE_COLUMNS:
+        for col in score_columns(df):
             diff = d.loc[both, col] - base.loc[both, col]
             lo, hi = bootstrap_ci(diff)
             rows.append({"run": run, "vs": runs[0], "score": col, "n": len(diff), "mean": float(diff.mean()),
@@ -287,6 +298,15 @@ def summary_markdown(rows: list[dict], settings: dict) -> str:
                       "(an interval above 0: better).", "",
                   "| run | vs | pairs | Δ CLIP score | Δ aesthetic |", "| --- | --- | ---: | --- | --- |"]
         lines += [f"| {run} | {vs} | {v['n']} | {v['clip_score']} | {v['aesthetic']} |" for (run, vs), v in paired.items()]
+    rewards = [c for c in REWARD_COLUMNS if any(c in v for v in per_run.values())]
+    if rewards:
+        lines += ["", "Reward models (HPSv2: image-text cosine; PickScore: scaled logit), mean and 95% interval; "
+                      "Δ: paired difference to the first run.", "",
+                  "| run | " + " | ".join(rewards) + " | " + " | ".join(f"Δ {c}" for c in rewards) + " |",
+                  "| --- |" + " --- |" * (2 * len(rewards))]
+        lines += [f"| {run} | " + " | ".join(v[c] for c in rewards) + " | "
+                  + " | ".join(next((pv[c] for (r, _), pv in paired.items() if r == run), "-") for c in rewards) + " |"
+                  for run, v in per_run.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -298,17 +318,21 @@ def summary_markdown(rows: list[dict], settings: dict) -> str:
 def main(argv=None) -> None:
     from common import cli
     from shards.atomic import write_parquet, write_text
-    from training import sample
+    from training import preference, sample, study
 
     p = cli.parser("training/evaluate", "Evaluate runs on a fixed prompt set: one image per run, prompt and seed "
                    "with identical settings, CLIP and aesthetic scores with 95% bootstrap intervals; or serve "
                    "the side-by-side preference page for an evaluated folder.",
                    "training/evaluate --runs runs/512 runs/1k --prompts prompts.txt --out eval/1k --seeds 0,1\n"
-                   "  training/evaluate --serve eval/1k --port 8008")
+                   "  training/evaluate --serve eval/1k --port 8008\n"
+                   "  training/evaluate --judge Qwen/Qwen2.5-VL-7B-Instruct eval/1k")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--runs", nargs="+", metavar="RUN", help="run folders (newest checkpoint, EMA preferred) "
                       "or checkpoint files; the first is the baseline of the paired differences")
     mode.add_argument("--serve", metavar="EVALDIR", help="serve the preference page for this evaluated folder")
+    mode.add_argument("--judge", nargs=2, metavar=("MODEL", "EVALDIR"), help="have a VLM (any "
+                      "AutoModelForImageTextToText: folder or hub id) judge every pair of EVALDIR, both orders, "
+                      "quality and prompt alignment; votes beside the human ones (training/judge.py)")
     p.add_argument("--prompts", help="PROMPTS.txt (one per line) or PROMPTS.jsonl ({\"prompt\": ...} per line)")
     p.add_argument("--out", help="EVALDIR to write images, scores.parquet and summary.md into")
     p.add_argument("--size", default="1024x1024", help="HEIGHTxWIDTH, multiples of 16 (default 1024x1024)")
@@ -322,12 +346,13 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cfg = cli.load(args)
     if args.serve:
-        from training import preference
-
         try:
             preference.main_serve(args.serve, args.host, args.port, dry_run=args.dry_run)
         except SigmaError as e:
             cli.fail(str(e))
+        return
+    if args.judge:
+        main_judge(cfg, *args.judge, dry_run=args.dry_run)
         return
     if not args.prompts or not args.out:
         cli.fail("--runs needs --prompts and --out")
@@ -348,7 +373,8 @@ def main(argv=None) -> None:
         cli.print_plan({"runs": [{"name": r.name, "checkpoint": str(r.checkpoint), "stage": r.stage} for r in runs],
                         **settings, "images": len(runs) * len(prompts) * len(seeds), "dit": cfg.models.dit,
                         "t5": cfg.models.t5, "vae": cfg.models.vae, "clip": [cfg.models.clip.arch, cfg.models.clip.weights],
-                        "aesthetic_head": cfg.models.aesthetic_head, "device": args.device, "out": str(out)})
+                        "aesthetic_head": cfg.models.aesthetic_head, "rewards": vars(cfg.evaluation.rewards),
+                        "device": args.device, "out": str(out)})
         return
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     gen = None
@@ -366,11 +392,34 @@ def main(argv=None) -> None:
     except SigmaError as e:
         cli.fail(f"run {run.name}: {e}")
     del gen
+    from encoders import reward
+
+    try:
+        rewards = reward.load(cfg.evaluation.rewards, args.device)
+    except SigmaError as e:
+        cli.fail(str(e))
     scorer = Scorer(cfg.models.clip.arch, cfg.models.clip.weights, cfg.models.clip.config_dir,
-                    cfg.models.aesthetic_head, args.device)
+                    cfg.models.aesthetic_head, args.device, rewards)
     metas = [sidecar(r, i, pr, s, size, steps, cfg_scale, "official")
              for r in runs for i, pr in enumerate(prompts) for s in seeds]
     df = score_images(scorer, metas, out)
     write_parquet(out / SCORES, df)
     write_text(out / SUMMARY, summary_markdown(summarize(df, [r.name for r in runs]), settings))
+    if (out / preference.DB).exists():  # votes already cast stay in the summary
+        study.write_summary(out)
     print(f"wrote {out / SCORES} ({len(df)} images) and {out / SUMMARY}")
+
+
+def main_judge(cfg, model: str, evaldir: str, dry_run: bool = False) -> None:
+    """`training/evaluate --judge MODEL EVALDIR`: judge the pairs, then refresh the summary's preference part."""
+    from common import cli
+    from training import judge, study
+
+    try:
+        if dry_run:
+            cli.print_plan(judge.plan(evaldir, model, cfg.evaluation.judge))
+            return
+        judge.run(cfg, model, evaldir)
+        study.write_summary(evaldir)
+    except SigmaError as e:
+        cli.fail(str(e))

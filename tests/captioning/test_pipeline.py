@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from captioning import recaption
 from shards import format as fmt
 from shards import reasons
+from tests.shards.test_curated import cut_after, write_tar
 from tests.terminal import RATE_AND_ETA, on_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +113,7 @@ def test_resume_after_kill(ray_local, cap_models, make_cfg, make_shards, tmp_pat
     rerun = [pq.read_table(p).to_pylist() for p in sorted(capdir.glob("*.parquet")) if p.name not in first]
     assert summary["over_budget"] == sum(r["num_tokens"] > 3 for rows in rerun for r in rows) > 0
     assert sorted(p.name for p in capdir.iterdir()) == \
-        [fmt.caption_file("", f"{i:05d}.tar").name for i in range(n)] + ["report.html"]  # no temp files left
+        [fmt.caption_file("", f"{i:05d}.tar").name for i in range(n)] + ["fingerprint.json", "report.html"]  # no temp files
     assert {name: (capdir / name).stat().st_mtime_ns for name in first} == first  # finished shards untouched
     for i in range(n):
         assert pq.read_table(capdir / f"{i:05d}.parquet").num_rows == 4
@@ -123,4 +125,50 @@ def test_unreadable_tar_is_reported_and_left_for_the_next_run(cap_cfg, tmp_path)
     bad.write_bytes(b"\x00garbage" * 200)  # not a tar: listing fails before any Ray work
     summary = recaption.run(cap_cfg, str(bad), str(tmp_path / "caps"))
     assert summary["corrupt_shards"] == [str(bad)] and summary["written"] == 0
-    assert not list((tmp_path / "caps").iterdir())
+    assert [p.name for p in (tmp_path / "caps").iterdir()] == ["fingerprint.json"]  # no caption file
+
+
+def test_recaption_refuses_a_tar_cut_at_a_member_boundary(cap_cfg, tmp_path):
+    tar = write_tar(tmp_path / "cur" / "shards" / "00000.tar", ["x.jpg", "x.txt", "y.jpg", "y.txt"])
+    cut_after(tar, 2)
+    summary = recaption.run(cap_cfg, str(tar), str(tmp_path / "caps"))
+    assert summary["corrupt_shards"] == [str(tar)] and summary["written"] == 0
+    assert not list((tmp_path / "caps").glob("*.parquet"))
+
+
+def test_a_resume_with_other_settings_or_a_changed_shard_is_refused(make_cfg, tmp_path):
+    """Issue 15 item 2: a finished CAPDIR never answers for other settings or a changed tar."""
+    import tarfile as tf
+
+    from shards.errors import SigmaError
+
+    tar = tmp_path / "cur" / "shards" / "00000.tar"
+    tar.parent.mkdir(parents=True)
+    with tf.open(tar, "w"):  # a shard with no samples: written without starting Ray
+        pass
+    caps = tmp_path / "caps"
+    assert recaption.run(make_cfg(), str(tar), str(caps))["written"] == 1
+    with pytest.raises(SigmaError, match=r"made with another prompt \(see fingerprint.json\)"):
+        recaption.run(make_cfg("captioning.captioners.hf.prompt=Say something else."), str(tar), str(caps))
+    assert recaption.run(make_cfg("captioning.token_budget=5"), str(tar), str(caps))["skipped"] == 1  # reporting only
+    with tf.open(tar, "w") as t:  # the same name, other content (folders only: still no samples)
+        for i in range(30):
+            info = tf.TarInfo(f"folder{i}")
+            info.type = tf.DIRTYPE
+            t.addfile(info)
+    with pytest.raises(SigmaError, match=r"00000.tar: changed since .*00000.parquet was written from it"):
+        recaption.run(make_cfg(), str(tar), str(caps))
+
+
+def test_a_full_disk_is_one_line(cap_models, small_disk, tmp_path):
+    import tarfile as tf
+
+    tar = tmp_path / "cur" / "shards" / "00000.tar"
+    tar.parent.mkdir(parents=True)
+    with tf.open(tar, "w"):  # no samples: its (empty) parquet is written without Ray
+        pass
+    caps = small_disk(4096) / "caps"  # one page: fingerprint.json, then nothing
+    r = subprocess.run(_cli(cap_models, "--shards", str(tar), "--out", str(caps)), capture_output=True, text=True,
+                       cwd=ROOT, env=ENV, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "disk full" in r.stderr, r.stderr
+    assert str(caps) in r.stderr and not list(caps.glob(".*.tmp"))

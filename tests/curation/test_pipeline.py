@@ -138,5 +138,23 @@ def test_rerun_of_a_finished_run_does_nothing(curated, ray_local):
 
     out, _, stats, _ = curated
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    assert pipeline.run("/nonexistent.parquet", out, demo_cfg()) == stats
+    assert pipeline.run(out.parent / "urls.parquet", out, demo_cfg()) == stats
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_resume_with_other_urls_or_settings_is_refused(curated, tmp_path):
+    """A finished --out never answers for another URL list or other settings (issue 15 item 2)."""
+    from curation import pipeline
+    from shards.errors import SigmaError
+
+    out = curated[0]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    other = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/other.jpg"]}), other)
+    with pytest.raises(SigmaError, match=r"made with another --urls \(see fingerprint.json\)"):
+        pipeline.run(other, out, demo_cfg())
+    with pytest.raises(SigmaError, match=r"made with another curation.dedup.phash_radius, curation.min_tier \("):
+        pipeline.run(out.parent / "urls.parquet", out, demo_cfg("curation.dedup.phash_radius=9",
+                                                                "curation.min_tier=2k"))
+    pipeline.run(out.parent / "urls.parquet", out, demo_cfg("curation.download.processes=1"))  # concurrency only
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before

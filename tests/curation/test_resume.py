@@ -46,6 +46,14 @@ def test_bad_inputs_fail_at_once_in_one_line(tmp_path, capsys, tiny_models):
     code, err = _run_main(capsys, "--urls", "u.parquet", "--out", "o", "--profile", "demo",
                           "--set", "curation.nsfw.enabled=true")
     assert code == 2 and "models.nsfw_head" in err and "not set" in err  # enabled filter without weights
+    (tmp_path / "clip_autokeras_binary_nsfw").mkdir()  # the autokeras folder the worker cannot load
+    code, err = _run_main(capsys, "--urls", "u.parquet", "--out", "o", "--profile", "demo",
+                          "--set", "curation.nsfw.enabled=true",
+                          "--set", f"models.nsfw_head={tmp_path / 'clip_autokeras_binary_nsfw'}")
+    assert code == 2 and "models.nsfw_head" in err and "not a PyTorch weights file" in err, err
+    code, err = _run_main(capsys, "--urls", str(tmp_path / "missing.parquet"), "--out", "o", "--profile", "demo",
+                          "--dry-run")  # --dry-run checks what a real run checks
+    assert code == 2 and "missing.parquet: URL list not found" in err, err
 
 
 def test_csv_and_jsonl_inputs(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from encoders import t5, vae
-from encoding import encode
+from encoding import encode, stages
 from shards import encoded, reasons
 from shards.errors import SigmaError
 from tests.shards.synthetic import ROOT, image_bytes, sample, truncate, write_curated
@@ -129,7 +129,7 @@ def test_info_records_vae_and_null_caption(first_run):
         loader.check_vae(first_run / "enc", 0.18215, 4)
 
 
-def test_rerun_encodes_only_what_is_missing(first_run, shard_models):
+def test_rerun_encodes_only_what_is_missing(first_run, shard_models, capsys):
     """A lost shard and a caption that arrived since: only those samples are encoded; the rest stays byte-identical."""
     enc = first_run / "enc"
     lost = enc / index(first_run).loc["000000002", "shard"]
@@ -139,9 +139,12 @@ def test_rerun_encodes_only_what_is_missing(first_run, shard_models):
     rows = pq.read_table(cap).to_pylist()
     rows.append({**rows[0], "key": "000000013", "caption": "a fox near a lake"})
     pq.write_table(pq.read_table(cap).from_pylist(rows), cap)
-    with on_terminal() as tty:  # as in a user's shell: a progress bar with rate and ETA
+    with pytest.raises(SystemExit) as e:  # a changed input is refused by default (issue 15 item 2) ...
+        encode.main(encode_args(first_run, shard_models))
+    assert e.value.code == 2 and "made with another --captions" in capsys.readouterr().err
+    with on_terminal() as tty:  # ... and accepted with --reencode; as in a user's shell: a progress bar with rate and ETA
         summary = encode.run(_cfg(shard_models), str(first_run / "curated" / "shards" / "*.tar"),
-                                   str(first_run / "captions"), str(enc), "256")
+                             str(first_run / "captions"), str(enc), "256", reencode=True)
     assert "encode 256:" in tty.text and re.search(RATE_AND_ETA.format(unit="sample"), tty.text), tty.text
     assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 1  # the lost tar's row file
     after = {p: p.read_bytes() for p in encoded.committed_shards(enc)}
@@ -157,6 +160,16 @@ def _cfg(models):
 
     return config.load(ROOT / "pipelines.yaml", "demo", [f"models.t5={models['t5']}", f"models.vae={models['vae']}",
                                                          "encode.shard_bytes=40000"])
+
+
+def test_other_settings_into_same_out_are_refused_in_one_line(first_run, shard_models, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (first_run / "enc").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        encode.main(encode_args(first_run, shard_models, "--set", "encode.t5_max_length=120"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "made with another encode.t5_max_length" in err, err
+    assert "--reencode" in err
+    assert {p: p.stat().st_mtime_ns for p in (first_run / "enc").rglob("*") if p.is_file()} == before
 
 
 def test_other_tier_into_same_out_is_refused(first_run, shard_models, capsys):
@@ -196,6 +209,10 @@ def test_entry_point_help_and_dry_run(tmp_path, shard_models, capsys):
     assert plan["shards"] == 1 and plan["table"] == "256" and len(plan["fingerprint"]) == 16
     out = subprocess.run([*exe, *encode_args(tmp_path / "nothing", shard_models)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and out.stderr.startswith("error: --images") and "\n" == out.stderr[-1]
+    args = encode_args(tmp_path, shard_models, "--dry-run")
+    args[args.index("--captions") + 1] = str(tmp_path / "no-captions")
+    out = subprocess.run([*exe, *args], capture_output=True, text=True, cwd=ROOT)  # --dry-run checks inputs too
+    assert out.returncode == 2 and out.stderr.startswith("error: --captions"), out.stderr
 
 
 def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
@@ -208,10 +225,24 @@ def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
     tar_path.write_bytes(tar_path.read_bytes()[:end_of_first])
     (caps / "00000.parquet").unlink()  # and no caption file: the keys read before the cut are still listed
     task = {"shard": str(tar_path), "captions": str(caps / "00000.parquet"), "done": []}
-    rows = list(encode.read_shard(task, "256"))
+    rows = list(stages.read_shard(task, "256"))
     assert [(r["key"], r["status"], r["reason"]) for r in rows] == [("000000001", "failed", reasons.CORRUPT_SHARD)]
     write_curated(tmp_path / "ok", [[sample(1, 300, 260), sample(2, 300, 260)]])
     ok = tmp_path / "ok"
     task = {"shard": str(ok / "curated" / "shards" / "00000.tar"), "captions": str(ok / "nope.parquet"), "done": ["000000002"]}
-    rows = list(encode.read_shard(task, "256"))
+    rows = list(stages.read_shard(task, "256"))
     assert [(r["key"], r["reason"]) for r in rows] == [("000000001", reasons.MISSING_CAPTION)]  # 2 is done: skipped
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_and_leaves_no_temp_file(ray_local, shard_models, small_disk, tmp_path, capsys):
+    write_curated(tmp_path, SHARDS[:2])
+    disk = small_disk(48 * 1024)  # fingerprint.json fits, the first training tar does not
+    args = encode_args(tmp_path, shard_models)
+    args[args.index("--out") + 1] = str(disk / "enc")
+    with pytest.raises(SystemExit) as e:
+        encode.main(args)
+    err = capsys.readouterr().err.strip()  # Ray workers' own log lines may come first
+    assert e.value.code == 2 and "Traceback" not in err and err.count("error:") == 1, err[-3000:]
+    assert err.splitlines()[-1].startswith(f"error: {disk}") and "disk full" in err.splitlines()[-1]
+    assert not [p for p in (disk / "enc").rglob("*") if p.name.endswith(".tmp")]

@@ -1,0 +1,99 @@
+"""The one reader of curated shards (CURDIR/shards/NNNNN.tar, layout in shards/format.py).
+
+A sample's key is its member path minus the extension (WebDataset: up to the first dot of the
+file name), so `a/x.jpg` and `b/x.jpg` are two samples. A key whose members are not consecutive,
+or a member given twice, is a duplicate: the shard is refused rather than two samples merged.
+`tarfile` reads a tar cut at a member boundary as a shorter valid archive; a complete tar ends
+with two zero blocks, and a shard without them is refused as truncated.
+"""
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+from shards.errors import SigmaError
+
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError)
+
+
+class CorruptShard(SigmaError):
+    """A curated tar that cannot be read whole: callers skip it (reason corrupt_shard) and go on.
+    `keys` holds the keys read before the fault, so their samples can still be reported."""
+
+    keys: list[str] = []
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(key, extension) of a member name: 'a/x.seg.jpg' -> ('a/x', 'seg.jpg')."""
+    folder, sep, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return folder + sep + stem, ext
+
+
+def _members(path: str | Path, tar: tarfile.TarFile, read) -> Iterator[tuple[str, str, bytes | None]]:
+    """(key, ext, bytes or None) per file member, checking keys are unique and the archive complete."""
+    done: set[str] = set()
+    key, exts = None, set()
+    for member in tar:
+        if not member.isfile():
+            continue
+        k, ext = split_name(member.name)
+        if k != key:
+            if k in done:
+                raise CorruptShard(f"{path}: duplicate key {k!r} (its members are not consecutive)")
+            if key is not None:
+                done.add(key)
+            key, exts = k, set()
+        if ext in exts:
+            raise CorruptShard(f"{path}: duplicate member {member.name!r}")
+        exts.add(ext)
+        yield k, ext, tar.extractfile(member).read() if read(k) else None
+    if Path(path).stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+        raise CorruptShard(f"{path}: truncated after {len(done) + (key is not None)} samples "
+                           "(no end-of-archive blocks)")
+
+
+def _open(path: str | Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(path, "r:")
+    except _READ_ERRORS as e:
+        raise CorruptShard(f"{path}: not a readable tar ({type(e).__name__}: {e})") from None
+
+
+def keys(path: str | Path) -> list[str]:
+    """Sample keys in member order, from the headers only; CorruptShard unless the tar is whole."""
+    out: dict[str, None] = {}
+    try:
+        with _open(path) as tar:
+            for key, _, _ in _members(path, tar, read=lambda k: False):
+                out.setdefault(key, None)
+    except CorruptShard as e:
+        e.keys = list(out)
+        raise
+    except _READ_ERRORS as e:
+        err = CorruptShard(f"{path}: corrupt tar after {len(out)} samples ({type(e).__name__}: {e})")
+        err.keys = list(out)
+        raise err from None
+    return list(out)
+
+
+def samples(path: str | Path, only: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) per sample (or per key in `only`), one in memory at a time; CorruptShard as `keys`."""
+    wanted = (lambda k: True) if only is None else only.__contains__
+    key, members, n = None, {}, 0
+    try:
+        with _open(path) as tar:
+            for k, ext, data in _members(path, tar, read=wanted):
+                if data is None:
+                    continue
+                if k != key and members:
+                    yield key, members
+                    members, n = {}, n + 1
+                key, members[ext] = k, data
+    except CorruptShard:
+        raise
+    except _READ_ERRORS as e:
+        raise CorruptShard(f"{path}: corrupt tar after {n} samples ({type(e).__name__}: {e})") from None
+    if members:
+        yield key, members
