@@ -145,13 +145,14 @@ def _done(stem: Path, meta: dict) -> bool:
 
 
 def load_run_model(run: Run, dit: str, stages, size):
-    """The run's DiT with its stage's position setup, as training/sample builds it."""
+    """The run's DiT as training/sample builds it: the model its run.json records, else its stage's."""
     from training import runs as runs_mod
 
-    position = runs_mod.position_setup(stages.get(run.stage) if run.stage else None)
-    if size[0] != size[1] or size[0] != position["input_size"] * 8:
-        position["multi_scale"] = True  # a single-scale stage equals multi-scale at its own size
-    return runs_mod.load_model(run.checkpoint, dit, **position)
+    found = runs_mod.recorded(run.path)
+    if found is None:
+        position = runs_mod.position_setup(stages[run.stage]) if run.stage else dict(runs_mod.DEFAULT_POSITION)
+        found = dit, position
+    return runs_mod.load_model(run.checkpoint, found[0], **runs_mod.position_for_size(found[1], *size))
 
 
 def generate_run(gen, run: Run, prompts: list[str], seeds: list[int], size, steps: int, cfg: float,
@@ -320,7 +321,7 @@ def main(argv=None) -> None:
     from training import preference, sample, study
 
     p = cli.parser("training/evaluate", "Evaluate runs on a fixed prompt set: one image per run, prompt and seed "
-                   "with identical settings, CLIP and aesthetic scores with 95%% bootstrap intervals; or serve "
+                   "with identical settings, CLIP and aesthetic scores with 95% bootstrap intervals; or serve "
                    "the side-by-side preference page for an evaluated folder.",
                    "training/evaluate --runs runs/512 runs/1k --prompts prompts.txt --out eval/1k --seeds 0,1\n"
                    "  training/evaluate --serve eval/1k --port 8008\n"
@@ -338,7 +339,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", default="0,1", help="initial-noise seeds, the same for every run (default 0,1)")
     p.add_argument("--steps", type=int, default=None, help="DPM-Solver++ steps (default training.sample_steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default training.cfg_scale)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to generate and score on (default: cuda if available, else cpu)")
     p.add_argument("--port", type=int, default=8008, help="--serve: port (0: any free one; default 8008)")
     p.add_argument("--host", default="127.0.0.1", help="--serve: address to bind (default 127.0.0.1: this machine only)")
     args = p.parse_args(argv)
@@ -358,10 +360,7 @@ def main(argv=None) -> None:
     cfg_scale = cfg.training.cfg_scale if args.cfg is None else args.cfg
     try:
         size = sample.parse_size(args.size)
-        if size[0] % 16 or size[1] % 16:
-            raise SigmaError(f"--size {args.size}: height and width must be multiples of 16 (VAE x8, patch 2)")
-        if steps < 1:
-            raise SigmaError(f"--steps {steps}: must be at least 1")
+        sample.check_request(*size, steps)
         seeds = parse_seeds(args.seeds)
         prompts = read_prompts(args.prompts)
         runs = resolve_runs(args.runs, cfg.training.stages)
