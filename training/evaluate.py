@@ -19,7 +19,8 @@ without its clamp at 0: real CLIP models give an image and its prompt ~0.2-0.35,
 while a random tiny model gives small negative values that the clamp would flatten). Aesthetic: curation's
 scorer (CLIP embedding + LAION MLP head), reused as is. PixArt-Σ itself was judged by human and
 GPT-4V preference, not FID; these automatic scores are the cheap loop between stages.
-A rerun skips images whose sidecar already records the same settings.
+A rerun skips images whose sidecar already records the same settings. (Over 400 lines: generation,
+scoring and the summary share the sidecar and score columns; the judge and the page live elsewhere.)
 """
 from __future__ import annotations
 

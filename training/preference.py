@@ -8,7 +8,8 @@ those runs. Each rater (a cookie, or `?rater=NAME`) sees the pairs in their own 
 random left/right, both drawn from a hash of (salt, rater, pair): a reload shows the same pair the
 same way, and a restarted server resumes where the rater stopped. The salt is random per EVALDIR
 and kept in the database, so neither order, sides nor ids can be read off the page; images are
-served under opaque ids, never run names.
+served under opaque ids, never run names. (Over 400 lines: the vote store and the small HTTP server
+that reads it are one unit; the results picture is training/study.py.)
 
 Votes: EVALDIR/preference.sqlite, one row per (rater, pair), committed (synchronous=FULL) before
 the reply: a vote the page acknowledged is on disk. The VLM judge (training/judge.py) writes its
