@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from captioning import hf  # noqa: E402
+from encoders import vlm  # noqa: E402
 
 MAX_NEW_TOKENS = 24  # the demo profile's value
 
@@ -69,8 +70,8 @@ def padded_vs_sorted(cap: hf.HFCaptioner, n: int, bs: int) -> list[tuple[str, fl
     rng = random.Random(0)
     words = "a red fox in the snow near a small wooden house at sunset with mountains behind".split()
     prompts = [" ".join(rng.choice(words) for _ in range(rng.randint(4, 160))) for _ in range(n)]
-    texts = [cap.chat_text(p) for p in prompts]
-    image = hf.decode_image(_images(1)[0], cap.target)
+    texts = [cap.chat_text([{"type": "image"}, {"type": "text", "text": p}], p) for p in prompts]
+    image = cap.decode(_images(1)[0])
     lengths = [len(cap.processor(images=[image], text=[t])["input_ids"][0]) for t in texts]
     rows = []
     for name, order in (("padded (arrival order)", list(range(n))),
@@ -95,7 +96,7 @@ def main() -> None:
     n = 32 if args.quick else 96
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        model = hf.build_tiny(Path(tmp) / "captioner")
+        model = vlm.build_tiny(Path(tmp) / "captioner")
         cap = hf.HFCaptioner(str(model), "Describe this image in detail.", dtype="float32",
                              max_new_tokens=MAX_NEW_TOKENS, device="cpu")
         images = _images(n)
@@ -107,7 +108,7 @@ def main() -> None:
     lines = [
         "## Captioning (`benchmarks/captioning.py`)",
         "",
-        f"Machine: {machine}. Tiny random-weight LLaVA (`captioning.hf.build_tiny`: 32-d CLIP tower at 32 px, "
+        f"Machine: {machine}. Tiny random-weight LLaVA (`encoders.vlm.build_tiny`: 32-d CLIP tower at 32 px, "
         f"32-d 2-layer Llama), greedy, {MAX_NEW_TOKENS} new tokens, {n} JPEGs of 256-1024 px. "
         "Command: `python -m benchmarks.captioning`.",
         "",

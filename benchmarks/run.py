@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TOPICS = ["curation", "crawl", "captioning", "encode", "dit", "weak_to_strong"]
+TOPICS = ["curation", "curation_scale", "crawl", "captioning", "encode", "dit", "weak_to_strong", "judge"]
 
 
 def merge() -> Path:

@@ -5,7 +5,8 @@ deep-merged over the base before validation (`real`: the published models; `demo
 built offline). `--set a.b.c=value` overrides any key after the profile. Every error is one line
 naming the key path, e.g. `training.stages.2k.lr: expected float, got 'fast'`.
 
-Each stage owns its section's dataclass here, because the config file is part of the contract.
+Each stage owns its section's dataclass here, because the config file is part of the contract
+(which is why this module runs past 400 lines: one short dataclass per section, nothing else).
 Model references are a local path or a hub id; relative paths are resolved against the folder
 of the config file when they exist there.
 """
@@ -140,6 +141,9 @@ class DedupConfig:
     enabled: bool = True
     phash_radius: int = num(4, ge=0, le=64)  # Hamming distance on a 64-bit perceptual hash
     clip_similarity: Optional[float] = num(0.96, ge=-1, le=1)  # cosine similarity on CLIP embeddings; None: off
+    cluster_size: int = num(2_000, ge=1)  # mean embeddings per k-means cluster (semantic dedup compares inside one)
+    probe: int = num(2, ge=1)  # nearest clusters each embedding joins (recall at cluster borders)
+    max_group: int = num(50_000, ge=1)  # distinct pHashes compared all pairs in one band group; beyond: windows
 
 
 @dataclass
@@ -235,6 +239,35 @@ class TrainingConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The VLM judge of `training/evaluate --judge MODEL EVALDIR` (MODEL is given on the command line)."""
+
+    revision: Optional[str] = None  # a pinned commit; required with trust_remote_code
+    trust_remote_code: bool = False  # only on explicit opt-in
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    max_new_tokens: int = num(8, ge=1)  # the answer is one word: A, B or tie
+    max_pixels: Optional[int] = num(602112, ge=1)  # 768 * 28 * 28 per image (Qwen2.5-VL style cap; two images per prompt)
+    resources: Resources = field(default_factory=lambda: Resources(batch_size=8, num_gpus=1.0, num_cpus=4.0))
+
+
+@dataclass
+class RewardModels:
+    """Reward models scored beside CLIP and aesthetic by `training/evaluate --runs`; None: not scored."""
+
+    hps_arch: str = "ViT-H-14"  # HPSv2: open_clip ViT-H-14 fine-tuned on human preferences
+    hps_weights: Optional[str] = None  # local HPS_v2.1_compressed.pt (or .safetensors)
+    hps_config_dir: Optional[str] = None  # extra open_clip model-config JSONs (tiny offline model)
+    pickscore: Optional[str] = None  # HF CLIPModel folder or hub id, e.g. yuvalkirstain/PickScore_v1
+    pickscore_processor: Optional[str] = None  # its CLIPProcessor; None: the model's own folder
+
+
+@dataclass
+class EvaluationConfig:
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    rewards: RewardModels = field(default_factory=RewardModels)
+
+
+@dataclass
 class Config:
     models: Models = field(default_factory=Models)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -242,6 +275,7 @@ class Config:
     captioning: CaptioningConfig = field(default_factory=CaptioningConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     profile: Optional[str] = None  # set by the loader
     source: Optional[str] = None  # the file it came from
 
@@ -403,6 +437,9 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
         m.clip.weights = fix(m.clip.weights)
     for cap in cfg.captioning.captioners.values():
         cap.model = fix(cap.model)
+    rw = cfg.evaluation.rewards
+    rw.hps_weights, rw.hps_config_dir = fix(rw.hps_weights), fix(rw.hps_config_dir)
+    rw.pickscore, rw.pickscore_processor = fix(rw.pickscore), fix(rw.pickscore_processor)
     for stage in cfg.training.stages.values():
         stage.data, stage.vae = fix(stage.data), fix(stage.vae)
     cfg.training.out = fix(cfg.training.out) if cfg.training.out.startswith(".") else cfg.training.out

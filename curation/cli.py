@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--urls", required=True, help="URL list: .parquet, .csv or .jsonl with a `url` column "
                    "(optional `caption`; other columns are carried into the manifest)")
     p.add_argument("--out", required=True, help="output folder (rerun with the same arguments to resume)")
+    p.add_argument("--dedup-against", nargs="+", default=[], metavar="OUT",
+                   help="earlier runs' output folders: new images that duplicate their kept ones are `duplicate`, "
+                        "dup_of = '<folder name>/<key>'")
     args = p.parse_args(argv)
     cfg = cli.load(args)
     try:
@@ -33,7 +36,12 @@ def main(argv: list[str] | None = None) -> None:
             config.require_file(cfg.models.clip.weights, "models.clip.weights")
     except SigmaError as e:
         cli.fail(str(e))
-    from curation import download, pipeline
+    from curation import decide, pipeline
+
+    try:
+        decide.earlier_runs(args.dedup_against, args.out)
+    except SigmaError as e:
+        cli.fail(str(e))
 
     if args.dry_run:
         cur = cfg.curation
@@ -43,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         with cli.user_errors():
-            stats = pipeline.run(args.urls, args.out, cfg)
+            stats = pipeline.run(args.urls, args.out, cfg, args.dedup_against)
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)

@@ -3,22 +3,26 @@
     URL list -> input shards -> download (img2dataset; I/O-bound Ray tasks, `download.processes` at once)
              -> measure (decode once: size, tier, quality, hashes; CPU-bound Ray tasks, one per core)
              -> [CLIP embedding + aesthetic (+ safety)] Ray actors -> scored/NNNNN.parquet (driver: no images)
-             -> decide (thresholds, dedup over the whole run) -> shards/NNNNN.tar (Ray tasks) + manifest.parquet
+                (score thresholds decided there) -> scored/NNNNN.parquet when a shard is complete
+             -> curation/decide.py: dedup over the whole run (+ earlier runs), Ray Data groupbys + one components task
+             -> curation/outputs.py: manifest parts, shards/NNNNN.tar, manifest.parquet (Ray tasks)
 
 Layout of DIR (each file written once, atomically; what exists is what is done):
     _work/input/NNNNN.parquet     the URL list cut into download shards, keyed, carried columns kept
-    downloads/NNNNN_stats.json    img2dataset's per-shard stats (+ .parquet; the .tar is removed at the end)
+    downloads/NNNNN_stats.json    img2dataset's per-shard stats (+ .parquet; the .tar goes once its outputs exist)
     _work/scored/NNNNN.parquet    one row per URL of the shard: reason so far, size, tier, scores, hashes
-    shards/NNNNN.tar              kept images; manifest.parquet and stats.json last (their presence = complete)
+    _work/dedup/                  edges per dedup kind, then dups.parquet (id, dup_of)
+    _work/manifest/, _work/members/  per download shard: manifest rows, kept members
+    shards/NNNNN.tar              kept images; dedup_index/ (for --dedup-against); manifest.parquet, stats.json last
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import time
-from collections import defaultdict
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,10 +31,11 @@ import pyarrow.parquet as pq
 
 from common import progress
 from common.config import Config, CurationConfig
-from curation import dedup, download, metadata, quality
+from curation import decide as decisions
+from curation import dedup, download, metadata, outputs, placement, quality
 from shards import atomic, buckets, fingerprint, reasons
 from shards.errors import SigmaError
-from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
+from shards.format import MANIFEST
 
 SCORED_COLUMNS = ["key", "url", "reason", "width", "height", "tier", "ext", "sharpness", "contrast", "brightness",
                   "sha256", "phash", "aesthetic", "nsfw", "watermark", "src", "offset", "size", "embedding",
@@ -87,6 +92,7 @@ def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig) -
     """Ray task body (I/O-bound): download each shard of the batch (unless done) and hand on its rows,
     which say where each image's bytes lie in the download tar; the bytes themselves stay on disk."""
     d = cur.download
+    placement.mark(work, "download")
     for shard in batch["shard"]:
         shard = int(shard)
         src = Path(work) / "input" / f"{shard:05d}.parquet"
@@ -95,9 +101,10 @@ def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig) -
         yield {k: [r[k] for r in rows] for k in rows[0]}
 
 
-def measure_rows(batch: dict, cur: CurationConfig) -> dict:
+def measure_rows(batch: dict, cur: CurationConfig, work: str | None = None) -> dict:
     """Ray task body (CPU-bound): measure a few rows, decoding each image once (no download waits
     on it: the next shards download meanwhile)."""
+    placement.mark(work, "measure")
     rows = [measure(dict(zip(batch, values)), cur) for values in zip(*batch.values())]
     out = {k: [r[k] for r in rows] for k in rows[0]}
     out["image"] = np.array(out["image"], dtype=object)
@@ -107,9 +114,11 @@ def measure_rows(batch: dict, cur: CurationConfig) -> dict:
 class Embed:
     """Ray actor: the aesthetic scorer (+ safety heads when enabled) on rows still undecided."""
 
-    def __init__(self, clip: dict, aesthetic_head: str, safety: dict | None = None):
+    def __init__(self, clip: dict, aesthetic_head: str, safety: dict | None = None,
+                 cur: CurationConfig | None = None, work: str | None = None):
         from encoders.aesthetic import AestheticScorer
 
+        self.cur, self.work = cur, work
         self.scorer = AestheticScorer(clip["arch"], clip["weights"], clip.get("config_dir"), aesthetic_head)
         self.safety = None
         if safety:
@@ -125,6 +134,10 @@ class Embed:
         batch["watermark"] = np.full(n, np.nan, np.float32)
         if self.safety is not None:
             batch = self.safety(batch)
+        if self.cur is not None:  # decided here, so only real survivors go on to dedup
+            batch["reason"] = decisions.score_reasons(batch["reason"], batch["aesthetic"], batch["nsfw"],
+                                                      batch["watermark"], self.cur).astype(str)
+            placement.mark(self.work, "embed")
         batch["embedding"] = np.array([e.astype(np.float16).tobytes() if np.any(e) else b""
                                        for e in batch.pop("clip_embedding")], dtype=object)
         batch["t_embed"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
@@ -148,12 +161,12 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config) -
                                                                    "cur": cur})
     # other resources than the download tasks': never fused with them, so decoding never stalls a download
     ds = ds.map_batches(measure_rows, batch_size=MEASURE_BATCH, num_cpus=1, memory=MEASURE_MEMORY,
-                        fn_kwargs={"cur": cur})
+                        fn_kwargs={"cur": cur, "work": str(work)})
     ds = ds.map_batches(
         Embed, batch_size=res.batch_size, num_gpus=res.num_gpus, num_cpus=res.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=res.concurrency),
         fn_constructor_kwargs={"clip": vars(cfg.models.clip).copy(), "aesthetic_head": cfg.models.aesthetic_head,
-                               "safety": safety})
+                               "safety": safety, "cur": cur, "work": str(work)})
     rows: dict[int, list[dict]] = {i: [] for i in pending}
     done = 0
     with progress.bar(sum(expected.values()), "url", "download+score") as bar:
@@ -176,132 +189,35 @@ def write_scored(path: Path, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Decisions over the whole run
+# Decisions in one process (small runs, tests): the same rules curation/decide.py runs as Ray work
 # ---------------------------------------------------------------------------------------------
 
 
 def decide(scored: Path, n_shards: int, cur: CurationConfig) -> dict[str, tuple[str, str | None]]:
-    """{key: (reason, dup_of)} for rows that survived measuring but are dropped by scores or dedup."""
+    """{key: (reason, dup_of)} for rows that survived measuring but are dropped by scores or dedup.
+    Holds every survivor in memory: for inspecting thresholds on a small run, not for the pipeline."""
     cols = ["key", "reason", "width", "height", "sha256", "phash", "aesthetic", "nsfw", "watermark", "embedding"]
-    cand = {c: [] for c in cols}
-    for i in range(n_shards):
-        t = pq.read_table(scored / f"{i:05d}.parquet", columns=cols).filter(pc.field("reason") == "")
-        for c in cols:
-            cand[c].extend(t[c].to_pylist())
-    out: dict[str, tuple[str, str | None]] = {}
-    survivors = []
-    for i, key in enumerate(cand["key"]):
-        a, n, w = cand["aesthetic"][i], cand["nsfw"][i], cand["watermark"][i]
-        if cur.nsfw.enabled and n is not None and n >= cur.nsfw.threshold:
-            out[key] = (reasons.NSFW, None)
-        elif cur.watermark.enabled and w is not None and w >= cur.watermark.threshold:
-            out[key] = (reasons.WATERMARK, None)
-        elif cur.aesthetic.enabled and (a is None or np.isnan(a) or a < cur.aesthetic.threshold):
-            out[key] = (reasons.LOW_AESTHETIC, None)
-        else:
-            survivors.append(i)
-    if cur.dedup.enabled and survivors:
+    t = pa.concat_tables([pq.read_table(scored / f"{i:05d}.parquet", columns=cols).filter(pc.field("reason") == "")
+                          for i in range(n_shards)])
+    floats = [np.array([np.nan if v is None else v for v in t[c].to_pylist()], np.float64)
+              for c in ("aesthetic", "nsfw", "watermark")]
+    final = decisions.score_reasons(t["reason"].to_numpy(zero_copy_only=False), *floats, cur)
+    out = {k: (r, None) for k, r in zip(t["key"].to_pylist(), final.tolist()) if r}
+    t = t.filter(pa.array(final == ""))
+    if cur.dedup.enabled and len(t):
         emb = None
         if cur.dedup.clip_similarity is not None:
-            dim = max((len(cand["embedding"][i]) // 2 for i in survivors), default=0)
-            emb = np.zeros((len(survivors), max(dim, 1)), np.float32)
-            for j, i in enumerate(survivors):
-                if cand["embedding"][i]:
-                    emb[j] = np.frombuffer(cand["embedding"][i], np.float16)
-        dups = dedup.find_duplicates(
-            [cand["key"][i] for i in survivors], [cand["width"][i] * cand["height"][i] for i in survivors],
-            [cand["sha256"][i] for i in survivors], [cand["phash"][i] for i in survivors], emb,
-            cur.dedup.phash_radius, cur.dedup.clip_similarity)
+            raw = t["embedding"].to_pylist()
+            dim = max((len(e) // 2 for e in raw), default=0)
+            emb = np.zeros((len(raw), max(dim, 1)), np.float32)
+            for j, e in enumerate(raw):
+                if e:
+                    emb[j] = np.frombuffer(e, np.float16)
+        pixels = [w * h for w, h in zip(t["width"].to_pylist(), t["height"].to_pylist())]
+        dups = dedup.find_duplicates(t["key"].to_pylist(), pixels, t["sha256"].to_pylist(), t["phash"].to_pylist(),
+                                     emb, cur.dedup.phash_radius, cur.dedup.clip_similarity)
         out.update({k: (reasons.DUPLICATE, v) for k, v in dups.items()})
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs: shards (Ray tasks) + manifest (driver, metadata only)
-# ---------------------------------------------------------------------------------------------
-
-
-def write_outputs(out: Path, work: Path, n_shards: int, decisions: dict, cur: CurationConfig) -> dict:
-    """Manifest rows in key order, streamed shard by shard; kept rows numbered into output shards
-    that Ray tasks write (at most a few in flight). The manifest gets its name last."""
-    import ray
-
-    from curation import report, writer
-
-    write_task = ray.remote(num_cpus=0.25)(writer.write_shard)
-    thumbs_task = ray.remote(num_cpus=0.25)(report.save_rejected_thumbnails)
-    shard_dir = out / "shards"
-    in_flight, members, kept, thumbs = [], [], 0, defaultdict(int)
-    first = pq.read_table(work / "input" / "00000.parquet")
-    carried = [c for c in first.column_names if c not in ("key", "url")]
-    schema = _manifest_schema(first.schema, carried)
-
-    def submit(index: int, chunk: list[dict]) -> None:
-        path = shard_dir / shard_name(index)
-        if not path.exists():
-            in_flight.append(write_task.remote(str(path), chunk))
-        while len(in_flight) > 4:
-            done, _ = ray.wait(in_flight, num_returns=1)
-            in_flight.remove(done[0])
-            ray.get(done[0])
-
-    with atomic.atomic_path(out / MANIFEST) as tmp, pq.ParquetWriter(tmp, schema) as manifest, \
-            progress.bar(n_shards, "shard", "write") as bar:
-        for i in range(n_shards):
-            rows = manifest_rows(work, i, decisions, carried)
-            rejected = []  # the report's galleries show a few per reason: thumbnail only those (decoding 4K costs)
-            for r, m in rows:
-                if r["status"] == reasons.REJECTED and m["src"] and thumbs[r["reason"]] < report.THUMBS_PER_REASON:
-                    thumbs[r["reason"]] += 1
-                    rejected.append({"key": m["key"], "reason": r["reason"], "src": m["src"], "offset": m["offset"],
-                                     "size": m["size"]})
-            if rejected:  # while the download tar still exists
-                in_flight.append(thumbs_task.remote(str(out), rejected))
-            for row, member in rows:
-                if row["status"] == reasons.KEPT:
-                    row["shard"] = member["meta"]["shard"] = shard_name(kept // cur.shard_size)
-                    members.append(member)
-                    kept += 1
-                    if len(members) == cur.shard_size:
-                        submit(kept // cur.shard_size - 1, members)
-                        members = []
-            manifest.write_table(pa.Table.from_pylist([r for r, _ in rows], schema=schema))
-            bar.update(1)
-        if members:
-            submit((kept - 1) // cur.shard_size, members)
-        ray.get(in_flight)
-    return {"kept": kept, "shards": (kept + cur.shard_size - 1) // cur.shard_size}
-
-
-def manifest_rows(work: Path, shard: int, decisions: dict, carried: list[str]) -> list[tuple[dict, dict | None]]:
-    """(manifest row, where its bytes are + its .json/.txt) per input row of one download shard, in key order."""
-    inputs = pq.read_table(work / "input" / f"{shard:05d}.parquet").to_pylist()
-    scored = {r["key"]: r for r in pq.read_table(work / "scored" / f"{shard:05d}.parquet").to_pylist()}
-    out = []
-    for inp in inputs:
-        s = scored[inp["key"]]
-        reason, dup_of = decisions.get(s["key"], (s["reason"] or None, None))
-        row = {"url": inp["url"], "key": inp["key"], "status": reasons.status_of(reason), "reason": reason,
-               "width": s["width"] or None, "height": s["height"] or None, "tier": s["tier"] or None,
-               "aesthetic": _num(s["aesthetic"]), "sharpness": _num(s["sharpness"]), "contrast": _num(s["contrast"]),
-               "brightness": _num(s["brightness"]), "nsfw": _num(s["nsfw"]), "watermark": _num(s["watermark"]),
-               "sha256": s["sha256"] or None, "phash": s["phash"] or None, "dup_of": dup_of, "shard": None,
-               **{c: inp[c] for c in carried}}
-        member = {"key": row["key"], "src": s["src"], "offset": s["offset"], "size": s["size"], "ext": s["ext"],
-                  "meta": dict(row), "caption": inp.get("caption")}
-        out.append((row, member))
-    return out
-
-
-def _num(v):
-    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
-
-
-def _manifest_schema(inputs: pa.Schema, carried: list[str]) -> pa.Schema:
-    types = {"width": pa.int64(), "height": pa.int64(), "aesthetic": pa.float64(), "sharpness": pa.float64(),
-             "contrast": pa.float64(), "brightness": pa.float64(), "nsfw": pa.float64(), "watermark": pa.float64()}
-    fields = [pa.field(c, types.get(c, pa.string())) for c in MANIFEST_COLUMNS]
-    return pa.schema(fields + [inputs.field(c) for c in carried])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +225,9 @@ def _manifest_schema(inputs: pa.Schema, carried: list[str]) -> pa.Schema:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(urls: str | Path, out: str | Path, cfg: Config) -> dict:
-    """Curate `urls` into `out`; resumes whatever a previous run with the same arguments finished."""
+def run(urls: str | Path, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()) -> dict:
+    """Curate `urls` into `out`; resumes whatever a previous run with the same arguments finished.
+    `dedup_against`: earlier runs' folders whose kept images new ones are deduplicated against."""
     from common import cli
 
     out = Path(out).resolve()
@@ -320,6 +237,7 @@ def run(urls: str | Path, out: str | Path, cfg: Config) -> dict:
     if (out / "stats.json").exists() and (out / MANIFEST).exists():
         return json.loads((out / "stats.json").read_text())
     cur = cfg.curation
+    against = decisions.earlier_runs(dedup_against, out)
     work, downloads = out / "_work", out / "downloads"
     timings = {}
     t0 = time.time()
@@ -336,15 +254,13 @@ def run(urls: str | Path, out: str | Path, cfg: Config) -> dict:
         score_shards(pending, work, downloads, cfg)
     timings["download_score"] = time.time() - t0
     t0 = time.time()
-    decisions = decide(work / "scored", n_shards, cur)
+    dups = decisions.run(work, n_shards, cur, against)
     timings["decide"] = time.time() - t0
     t0 = time.time()
-    written = write_outputs(out, work, n_shards, decisions, cur)
+    written = outputs.write(out, n_shards, dups, cur)
     timings["write"] = time.time() - t0
     stats = summarize(out, work, n_shards, timings, written)
     atomic.write_text(out / "stats.json", json.dumps(stats, indent=2, default=str) + "\n")
-    for tar in downloads.glob("*.tar"):  # every kept image now lives in shards/: free the disk
-        tar.unlink()
     from curation.report import write_report
 
     write_report(out, cur)  # report.html last: the manifest and stats.json it reads are complete
@@ -368,18 +284,24 @@ _NOT_IN_OUTPUT = ("download.processes", "download.threads", "download.num_cpus",
 
 
 def summarize(out: Path, work: Path, n_shards: int, timings: dict, written: dict) -> dict:
-    """Counts by status, reason and tier, step timings and img2dataset's own stats."""
-    m = pq.read_table(out / MANIFEST, columns=["status", "reason", "tier"]).to_pandas()
-    t = pa.concat_tables([pq.read_table(work / "scored" / f"{i:05d}.parquet", columns=["t_measure", "t_embed"])
-                          for i in range(n_shards)]).to_pandas()
+    """Counts by status, reason and tier, step timings and img2dataset's own stats (streamed: one
+    row group of three columns at a time)."""
+    status, reason, tier = Counter(), Counter(), Counter()
+    for b in pq.ParquetFile(out / MANIFEST).iter_batches(columns=["status", "reason", "tier"]):
+        st, why, ti = (b.column(c).to_pylist() for c in ("status", "reason", "tier"))
+        status.update(st)
+        reason.update(r for r in why if r is not None)
+        tier.update(t for s_, t in zip(st, ti) if s_ == reasons.KEPT and t is not None)
+    cpu = {"measure_cpu": 0.0, "embed_cpu": 0.0}
+    for i in range(n_shards):
+        t = pq.read_table(work / "scored" / f"{i:05d}.parquet", columns=["t_measure", "t_embed"])
+        cpu["measure_cpu"] += float(pc.sum(t["t_measure"]).as_py() or 0)
+        cpu["embed_cpu"] += float(pc.sum(t["t_embed"]).as_py() or 0)
     return {
-        "urls": len(m),
-        "status": m["status"].value_counts().to_dict(),
-        "reason": m["reason"].dropna().value_counts().to_dict(),
-        "tier": m.loc[m["status"] == reasons.KEPT, "tier"].value_counts().to_dict(),
+        "urls": sum(status.values()),
+        "status": dict(status.most_common()), "reason": dict(reason.most_common()), "tier": dict(tier.most_common()),
         "kept": written["kept"], "shards": written["shards"],
-        "seconds": {**{k: round(v, 3) for k, v in timings.items()},
-                    "measure_cpu": round(float(t["t_measure"].sum()), 3),
-                    "embed_cpu": round(float(t["t_embed"].sum()), 3)},
+        "seconds": {**{k: round(v, 3) for k, v in timings.items()}, **{k: round(v, 3) for k, v in cpu.items()}},
+        "nodes": placement.counts(work),
         "img2dataset": download.shard_stats(out / "downloads"),
     }

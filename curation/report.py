@@ -83,13 +83,15 @@ def save_rejected_thumbnails(curdir: str | Path, rows, per_reason: int = THUMBS_
 
 
 def read_manifest(curdir: str | Path):
-    """The manifest as a DataFrame with numeric columns coerced (missing -> NaN)."""
+    """The manifest's own columns (not the carried ones) as a DataFrame, numeric columns coerced."""
     import pandas as pd
+    import pyarrow.parquet as pq
 
     path = Path(curdir) / format.MANIFEST
     if not path.is_file():
         raise SigmaError(f"{path}: no manifest (is this a curated run folder?)")
-    df = pd.read_parquet(path)
+    present = set(pq.read_schema(path).names)  # the manifest's own columns only, not the carried ones
+    df = pd.read_parquet(path, columns=[c for c in format.MANIFEST_COLUMNS if c in present])
     for col in format.MANIFEST_COLUMNS:
         if col not in df:
             df[col] = None

@@ -5,6 +5,7 @@ the previous step's output), against a local Ray and the tiny models built offli
 
     images -> HTTP on 127.0.0.1 -> curation/run.py -> captioning/recaption -> encoding/encode
            -> training/finetune --stage 256 -> training/sample
+           -> training/evaluate (its two kept checkpoints) -> training/evaluate --judge (the tiny VLM)
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from demo import images, serve, tiny_models
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = "a colourful abstract composition"
+EVAL_PROMPTS = [PROMPT, "a red fox in the snow", "a lighthouse on a cliff at sunset"]
 
 
 def command_line(argv: list[str]) -> str:
@@ -77,6 +79,11 @@ def main() -> None:
     sample = out / "samples" / "demo.png"
     timings["sample"] = step("sample", ["training/sample", "--run", str(out / "runs" / "256"), "--prompt", PROMPT, "--size", "256x256",
                                         "--steps", "10", "--seed", "0", "--out", str(sample), *prof])
+    (out / "prompts.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
+    kept = sorted((out / "runs" / "256" / "checkpoints").glob("step-*/ema.safetensors"))  # the two newest steps
+    timings["evaluate"] = step("evaluate", ["training/evaluate", "--runs", *map(str, kept), "--prompts", str(out / "prompts.txt"),
+                                            "--out", str(out / "eval"), "--size", "256x256", "--steps", "10", *prof])
+    timings["judge"] = step("judge", ["training/evaluate", "--judge", str(ROOT / ".cache" / "tiny" / "captioner"), str(out / "eval"), *prof])
     print_summary(out, n_urls, sample, timings)
 
 
@@ -103,6 +110,8 @@ def print_summary(out: Path, n_urls: int, sample: Path, timings: dict) -> None:
     print(f"encoded     {int((index['status'] == 'kept').sum())} samples at tier 256 in {out / 'encoded'}")
     print(f"training    final loss {last_loss} ({out / 'runs' / '256'})")
     print(f"sample      {sample}")
+    print(f"evaluation  {out / 'eval' / 'summary.md'}; page: training/evaluate --serve {out / 'eval'} --profile demo "
+          "(results: /results)")
     print("time        " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("=" * 72)
     (out / "summary.json").write_text(json.dumps({"urls": n_urls, "timings": timings, "final_loss": last_loss}, indent=2))

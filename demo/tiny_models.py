@@ -7,7 +7,9 @@ path loads both); this module only calls them, with fixed seeds, into one cache 
     .cache/tiny/vae/           diffusers AutoencoderKL, SDXL layout at tiny widths (x8 downsampling)
     .cache/tiny/clip/          open_clip model config JSON + weights
     .cache/tiny/aesthetic.pth  LAION improved-aesthetic-predictor MLP state dict (same keys)
-    .cache/tiny/captioner/     a tiny LLaVA-format image-text-to-text model + processor
+    .cache/tiny/captioner/     a tiny LLaVA-format image-text-to-text model + processor (also the demo's VLM judge)
+    .cache/tiny/hps/hps-tiny.pt  HPSv2-format open_clip weights ({"state_dict": ...}) of the tiny CLIP layout
+    .cache/tiny/pickscore/     PickScore-format HF CLIPModel + CLIPProcessor
 
 and mirrors it to ~/.cache/sigmaforge/tiny ($SIGMAFORGE_CACHE), where a Ray job finds it.
 
@@ -20,13 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-VERSION = "2"  # bump when a builder changes, so caches are rebuilt
+VERSION = "3"  # bump when a builder changes, so caches are rebuilt
 
 
 def build(root: str | Path) -> Path:
     """Build (once) and return the folder; a stamp file marks a complete build."""
-    from captioning import hf
-    from encoders import aesthetic, t5, vae
+    from encoders import aesthetic, reward, t5, vae, vlm
 
     root = Path(root)
     stamp = root / f".complete-v{VERSION}"
@@ -35,7 +36,9 @@ def build(root: str | Path) -> Path:
         t5.build_tiny(root / "t5")
         vae.build_tiny(root / "vae")
         aesthetic.build_tiny(root / "clip", root / "aesthetic.pth")
-        hf.build_tiny(root / "captioner")
+        vlm.build_tiny(root / "captioner")
+        reward.build_tiny_hps(root / "hps" / "hps-tiny.pt", root / "clip")
+        reward.build_tiny_pickscore(root / "pickscore")
         stamp.write_text("ok\n")
     mirror(root)
     return root

@@ -10,6 +10,7 @@ the aspect ratio (bicubic; Lanczos for 2K+ buckets), center-crop to the bucket, 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,21 @@ def load_vae(path: str, dtype: str | torch.dtype = "float32", device: str | torc
     if slicing:
         vae.enable_slicing()
     return vae
+
+
+def read_config(path: str) -> dict:
+    """The VAE's config.json (a local folder or a hub id), read without importing diffusers (~10 s)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import hf_hub_download
+
+        folder = Path(hf_hub_download(str(path), "config.json")).parent
+    return json.loads((folder / "config.json").read_text())
+
+
+def latent_format(config: dict) -> tuple[float, int]:
+    """(scaling_factor, latent_channels) of a VAE config, with diffusers' defaults for absent keys."""
+    return float(config.get("scaling_factor", 0.18215)), int(config.get("latent_channels", 4))
 
 
 def scaling_factor(vae) -> float:

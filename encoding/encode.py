@@ -18,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
-
 from common import cli, progress
+from encoders import vae
 from encoding import stages
 from shards import buckets, encoded, fingerprint, reasons
 from shards import format as fmt
@@ -212,7 +212,6 @@ def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]
 
 def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
     """info.json (VAE scaling factor, latent channels, T5 width) and the null caption, once per fingerprint."""
-    from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     from shards import atomic
@@ -224,12 +223,12 @@ def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
         r = e.t5_resources
         task = ray.remote(num_gpus=r.num_gpus or None, num_cpus=r.num_cpus)(stages.null_caption)
         atomic.write_bytes(null_path, ray.get(task.remote(m.t5, e.t5_dtype, e.t5_max_length)))
-    vae_cfg = AutoencoderKL.load_config(m.vae)
+    scale, channels = vae.latent_format(vae.read_config(m.vae))
     y = load_file(null_path)["y_embedding"]  # [L, C]
     encoded.write_info(encdir, dict(
         fingerprint=fp, tier=tier, table=buckets.TIER_TABLES[tier], t5=m.t5, t5_dtype=e.t5_dtype,
         max_length=e.t5_max_length, t5_dim=int(y.shape[1]), vae=m.vae, vae_dtype=e.vae_dtype,
-        scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)), latent_channels=int(vae_cfg.get("latent_channels", 4)),
+        scaling_factor=scale, latent_channels=channels,
         vae_tiling=e.vae_tiling, null_caption="null_caption.safetensors", preprocess=encoded.PREPROCESS,
     ))
 

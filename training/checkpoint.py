@@ -13,12 +13,18 @@ one is in place).
 from __future__ import annotations
 
 import os
+import pickle
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from shards.errors import SigmaError
 
 MODEL, EMA, STATE = "model.safetensors", "ema.safetensors", "trainer.pt"
 PARTIAL = ".partial"  # not a step-* name: checkpoint.latest never picks it
@@ -92,10 +98,61 @@ def clean_partial(rundir: str | Path) -> bool:
     return False
 
 
+class Unreadable(SigmaError):
+    """A weights or state file that cannot be read (truncated, empty, another format): resume falls
+    back to the previous checkpoint."""
+
+
 def load_weights(path: str | Path) -> dict:
-    return load_file(str(path))
+    """A safetensors state dict; Unreadable names the file and why (never a pickle: safetensors only)."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise Unreadable(f"{path}: not a readable .safetensors file ({e}; truncated, empty or another "
+                         f"format such as a pickled .pth?)") from None
 
 
 def load_state(ckpt_dir: str | Path) -> dict:
     """trainer.pt of a checkpoint folder; tensors and plain containers only (weights_only=True)."""
-    return torch.load(Path(ckpt_dir) / STATE, map_location="cpu", weights_only=True)
+    path = Path(ckpt_dir) / STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise Unreadable(f"{path}: unreadable trainer state ({type(e).__name__})") from None
+
+
+def load_resumable(rundir: str | Path, ema: bool) -> tuple[Path, dict, dict | None, dict, list[str]] | None:
+    """The newest checkpoint that reads completely: (folder, model weights, EMA weights or None,
+    trainer state, [one line per newer checkpoint skipped and why]); None without any."""
+    skipped = []
+    for step in reversed(list_steps(rundir)):
+        ckpt = step_dir(rundir, step)
+        try:
+            weights, state = load_weights(ckpt / MODEL), load_state(ckpt)
+            ema_sd = load_weights(ckpt / EMA) if ema and (ckpt / EMA).exists() else None
+        except Unreadable as e:
+            skipped.append(f"checkpoint step {step} is unreadable ({e}); falling back to the previous one")
+            continue
+        return ckpt, weights, ema_sd, state, skipped
+    if skipped:
+        raise SigmaError(f"{folder(rundir)}: no readable checkpoint ({skipped[-1]})")
+    return None
+
+
+def rng_state() -> dict:
+    """This process's Python, NumPy, torch (and CUDA) RNG states: one entry of trainer.pt's `rng`."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -85,7 +85,8 @@ def to_diffusers(state_dict: dict) -> dict:
     compressed = sorted({int(k.split(".")[1]) for k in state_dict if re.match(r"blocks\.\d+\.attn\.(sr|norm)\.", k)})
     if compressed:
         raise SigmaError(f"blocks {compressed} use KV compression (attn.sr/attn.norm), which diffusers' "
-                              "PixArtTransformer2DModel cannot express; export a model trained without it")
+                              "PixArtTransformer2DModel cannot express; sample it with training/sample, or export "
+                         "the run of the stage before KV compression (e.g. runs/4k)")
     sd = {k: v for k, v in state_dict.items() if k not in (NULL_CAPTION_KEY, "pos_embed")}
     renames, splits = _pairs(_depth(sd, "blocks."))
     out = _move(sd, renames)
@@ -150,7 +151,7 @@ def load_into(model: torch.nn.Module, state_dict: dict) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """Our state dict from: our `.safetensors`, a diffusers transformer/pipeline folder or weights
     file, or an official `.pth` (read with weights_only=True, never a full unpickle)."""
-    from safetensors.torch import load_file
+    from training.checkpoint import load_weights
 
     path = Path(path)
     if path.is_dir():
@@ -160,12 +161,12 @@ def load_checkpoint(path: str | Path) -> dict:
             raise SigmaError(f"{path}: no diffusion_pytorch_model*.safetensors (a diffusers transformer folder)")
         sd = {}
         for f in files:
-            sd.update(load_file(str(f)))
+            sd.update(load_weights(f))
         return from_diffusers(sd)
     if not path.exists():
         raise SigmaError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
-        sd = load_file(str(path))
+        sd = load_weights(path)
         return from_diffusers(sd) if "adaln_single.linear.weight" in sd else sd
     if path.suffix in (".pth", ".pt", ".bin"):
         try:
@@ -193,15 +194,26 @@ def infer_arch(state_dict: dict) -> dict:
     return arch
 
 
+PIPELINE_SAMPLE_SIZES = (256, 128, 64, 32)  # the latent sizes PixArtSigmaPipeline has resolution bins for
+
+
+def pipeline_sample_size(input_size: int) -> int:
+    """The `sample_size` to record: the largest the pipeline's resolution binning accepts that is not
+    above the model's latent size (the 4K stage's 360 -> 256, with its interpolation scale adjusted
+    so the positions stay identical); a model smaller than every bin keeps its own."""
+    return next((s for s in PIPELINE_SAMPLE_SIZES if s <= input_size), input_size)
+
+
 def diffusers_config(model, sample_size: int | None = None) -> dict:
     """The `PixArtTransformer2DModel` config for `model`, with the two keys whose defaults are wrong
     for Σ always written: `use_additional_conditions` (diffusers turns it on when sample_size is
     128) and `interpolation_scale` (diffusers derives sample_size // 64: 1 at 256 px, not 0.5).
 
     diffusers takes base_size = sample_size // patch_size, so the scale is chosen to keep
-    base_size / interpolation_scale (the span of the position grid) equal to ours.
+    base_size / interpolation_scale (the span of the position grid) equal to ours. `sample_size`
+    defaults to `pipeline_sample_size`.
     """
-    sample_size = sample_size or model.input_size
+    sample_size = sample_size or pipeline_sample_size(model.input_size)
     scale = model.pe_interpolation * (sample_size // model.patch_size) / model.base_size
     return {
         "_class_name": "PixArtTransformer2DModel",

@@ -5,10 +5,12 @@
     images/<run>/<prompt_idx>-<seed>.png   one image per run, prompt and seed, identical settings
     images/<run>/<prompt_idx>-<seed>.json  sidecar: prompt, run, stage, seed, steps, cfg, size, checkpoint
     scores.parquet                         one row per image: run, stage, prompt_idx, prompt, seed, clip_score, aesthetic
+                                           (+ hps, pickscore: the reward models configured in evaluation.rewards)
     summary.md                             per run: mean and 95% bootstrap interval of each score, and the
                                            paired difference to the first run
 
-and `training/evaluate --serve EVALDIR` opens the side-by-side preference page (training/preference.py).
+`training/evaluate --serve EVALDIR` opens the side-by-side preference page (training/preference.py), and
+`training/evaluate --judge MODEL EVALDIR` has a VLM vote on the same pairs (training/judge.py).
 
 Identical settings: each (prompt, seed) is generated alone from `torch.Generator().manual_seed(seed)`,
 so its initial noise is the same in every run (and the same as `training/sample --seed`).
@@ -17,7 +19,8 @@ without its clamp at 0: real CLIP models give an image and its prompt ~0.2-0.35,
 while a random tiny model gives small negative values that the clamp would flatten). Aesthetic: curation's
 scorer (CLIP embedding + LAION MLP head), reused as is. PixArt-Σ itself was judged by human and
 GPT-4V preference, not FID; these automatic scores are the cheap loop between stages.
-A rerun skips images whose sidecar already records the same settings.
+A rerun skips images whose sidecar already records the same settings. (Over 400 lines: generation,
+scoring and the summary share the sidecar and score columns; the judge and the page live elsewhere.)
 """
 from __future__ import annotations
 
@@ -143,13 +146,14 @@ def _done(stem: Path, meta: dict) -> bool:
 
 
 def load_run_model(run: Run, dit: str, stages, size):
-    """The run's DiT with its stage's position setup, as training/sample builds it."""
+    """The run's DiT as training/sample builds it: the model its run.json records, else its stage's."""
     from training import runs as runs_mod
 
-    position = runs_mod.position_setup(stages.get(run.stage) if run.stage else None)
-    if size[0] != size[1] or size[0] != position["input_size"] * 8:
-        position["multi_scale"] = True  # a single-scale stage equals multi-scale at its own size
-    return runs_mod.load_model(run.checkpoint, dit, **position)
+    found = runs_mod.recorded(run.path)
+    if found is None:
+        position = runs_mod.position_setup(stages[run.stage]) if run.stage else dict(runs_mod.DEFAULT_POSITION)
+        found = dit, position
+    return runs_mod.load_model(run.checkpoint, found[0], **runs_mod.position_for_size(found[1], *size))
 
 
 def generate_run(gen, run: Run, prompts: list[str], seeds: list[int], size, steps: int, cfg: float,
@@ -188,13 +192,14 @@ class Scorer:
     """
 
     def __init__(self, clip_arch: str, clip_weights: str, clip_config_dir: str | None, aesthetic_head: str,
-                 device="cpu"):
+                 device="cpu", rewards: dict | None = None):
         import open_clip
 
         from encoders import aesthetic
 
         self.aesthetic = aesthetic.AestheticScorer(clip_arch, clip_weights, clip_config_dir, aesthetic_head, device)
         self.tokenizer = open_clip.get_tokenizer(clip_arch)  # its config was registered by load_clip
+        self.rewards = rewards or {}  # column -> encoders.reward scorer
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> dict:
@@ -204,7 +209,8 @@ class Scorer:
         txt = clip.encode_text(self.tokenizer(list(batch["prompt"])).to(device)).float().cpu()  # [N, E]
         txt = txt / txt.norm(dim=-1, keepdim=True).clamp(min=1e-12)
         clip_score = 100 * (img * txt).sum(-1)  # [N]
-        return {"clip_score": clip_score.numpy(), "aesthetic": scored["aesthetic"]}
+        rewards = {name: r(list(batch["image"]), list(batch["prompt"])) for name, r in self.rewards.items()}
+        return {"clip_score": clip_score.numpy(), "aesthetic": scored["aesthetic"], **rewards}
 
 
 def score_images(scorer, metas: list[dict], out: Path, batch_size: int = 16):
@@ -225,6 +231,7 @@ def score_images(scorer, metas: list[dict], out: Path, batch_size: int = 16):
             rows.append({"run": m["run"], "stage": m["stage"], "prompt_idx": m["prompt_idx"], "prompt": m["prompt"],
                          "seed": m["seed"], "clip_score": float(scores["clip_score"][j]),
                          "aesthetic": float(scores["aesthetic"][j]),
+                         **{k: float(v[j]) for k, v in scores.items() if k in REWARD_COLUMNS},
                          "image": str(s.with_suffix(".png").relative_to(out))})
     return pd.DataFrame(rows)
 
@@ -241,6 +248,12 @@ def bootstrap_ci(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0)
 
 
 SCORE_COLUMNS = ("clip_score", "aesthetic")
+REWARD_COLUMNS = ("hps", "pickscore")
+
+
+def score_columns(df) -> list[str]:
+    """The score columns a scores table has: CLIP and aesthetic, and the reward models scored."""
+    return [c for c in SCORE_COLUMNS + REWARD_COLUMNS if c in df.columns]
 
 
 def summarize(df, runs: list[str]) -> list[dict]:
@@ -249,7 +262,7 @@ def summarize(df, runs: list[str]) -> list[dict]:
     rows = []
     for run in runs:
         d = df[df.run == run]
-        for col in SCORE_COLUMNS:
+        for col in score_columns(df):
             lo, hi = bootstrap_ci(d[col])
             rows.append({"run": run, "stage": d.stage.iloc[0] if len(d) else None, "vs": None, "score": col,
                          "n": len(d), "mean": float(d[col].mean()), "lo": lo, "hi": hi})
@@ -257,7 +270,7 @@ def summarize(df, runs: list[str]) -> list[dict]:
     for run in runs[1:]:
         d = df[df.run == run].set_index(["prompt_idx", "seed"])
         both = d.index.intersection(base.index)
-        for col in SCORE_COLUMNS:
+        for col in score_columns(df):
             diff = d.loc[both, col] - base.loc[both, col]
             lo, hi = bootstrap_ci(diff)
             rows.append({"run": run, "vs": runs[0], "score": col, "n": len(diff), "mean": float(diff.mean()),
@@ -286,6 +299,15 @@ def summary_markdown(rows: list[dict], settings: dict) -> str:
                       "(an interval above 0: better).", "",
                   "| run | vs | pairs | Δ CLIP score | Δ aesthetic |", "| --- | --- | ---: | --- | --- |"]
         lines += [f"| {run} | {vs} | {v['n']} | {v['clip_score']} | {v['aesthetic']} |" for (run, vs), v in paired.items()]
+    rewards = [c for c in REWARD_COLUMNS if any(c in v for v in per_run.values())]
+    if rewards:
+        lines += ["", "Reward models (HPSv2: image-text cosine; PickScore: scaled logit), mean and 95% interval; "
+                      "Δ: paired difference to the first run.", "",
+                  "| run | " + " | ".join(rewards) + " | " + " | ".join(f"Δ {c}" for c in rewards) + " |",
+                  "| --- |" + " --- |" * (2 * len(rewards))]
+        lines += [f"| {run} | " + " | ".join(v[c] for c in rewards) + " | "
+                  + " | ".join(next((pv[c] for (r, _), pv in paired.items() if r == run), "-") for c in rewards) + " |"
+                  for run, v in per_run.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -297,35 +319,41 @@ def summary_markdown(rows: list[dict], settings: dict) -> str:
 def main(argv=None) -> None:
     from common import cli
     from shards.atomic import write_parquet, write_text
-    from training import sample
+    from training import preference, sample, study
 
     p = cli.parser("training/evaluate", "Evaluate runs on a fixed prompt set: one image per run, prompt and seed "
-                   "with identical settings, CLIP and aesthetic scores with 95%% bootstrap intervals; or serve "
+                   "with identical settings, CLIP and aesthetic scores with 95% bootstrap intervals; or serve "
                    "the side-by-side preference page for an evaluated folder.",
                    "training/evaluate --runs runs/512 runs/1k --prompts prompts.txt --out eval/1k --seeds 0,1\n"
-                   "  training/evaluate --serve eval/1k --port 8008")
+                   "  training/evaluate --serve eval/1k --port 8008\n"
+                   "  training/evaluate --judge Qwen/Qwen2.5-VL-7B-Instruct eval/1k")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--runs", nargs="+", metavar="RUN", help="run folders (newest checkpoint, EMA preferred) "
                       "or checkpoint files; the first is the baseline of the paired differences")
     mode.add_argument("--serve", metavar="EVALDIR", help="serve the preference page for this evaluated folder")
+    mode.add_argument("--judge", nargs=2, metavar=("MODEL", "EVALDIR"), help="have a VLM (any "
+                      "AutoModelForImageTextToText: folder or hub id) judge every pair of EVALDIR, both orders, "
+                      "quality and prompt alignment; votes beside the human ones (training/judge.py)")
     p.add_argument("--prompts", help="PROMPTS.txt (one per line) or PROMPTS.jsonl ({\"prompt\": ...} per line)")
     p.add_argument("--out", help="EVALDIR to write images, scores.parquet and summary.md into")
     p.add_argument("--size", default="1024x1024", help="HEIGHTxWIDTH, multiples of 16 (default 1024x1024)")
     p.add_argument("--seeds", default="0,1", help="initial-noise seeds, the same for every run (default 0,1)")
     p.add_argument("--steps", type=int, default=None, help="DPM-Solver++ steps (default training.sample_steps)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default training.cfg_scale)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to generate and score on (default: cuda if available, else cpu)")
     p.add_argument("--port", type=int, default=8008, help="--serve: port (0: any free one; default 8008)")
     p.add_argument("--host", default="127.0.0.1", help="--serve: address to bind (default 127.0.0.1: this machine only)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
     if args.serve:
-        from training import preference
-
         try:
             preference.main_serve(args.serve, args.host, args.port, dry_run=args.dry_run)
         except SigmaError as e:
             cli.fail(str(e))
+        return
+    if args.judge:
+        main_judge(cfg, *args.judge, dry_run=args.dry_run)
         return
     if not args.prompts or not args.out:
         cli.fail("--runs needs --prompts and --out")
@@ -333,10 +361,7 @@ def main(argv=None) -> None:
     cfg_scale = cfg.training.cfg_scale if args.cfg is None else args.cfg
     try:
         size = sample.parse_size(args.size)
-        if size[0] % 16 or size[1] % 16:
-            raise SigmaError(f"--size {args.size}: height and width must be multiples of 16 (VAE x8, patch 2)")
-        if steps < 1:
-            raise SigmaError(f"--steps {steps}: must be at least 1")
+        sample.check_request(*size, steps)
         seeds = parse_seeds(args.seeds)
         prompts = read_prompts(args.prompts)
         runs = resolve_runs(args.runs, cfg.training.stages)
@@ -349,7 +374,8 @@ def main(argv=None) -> None:
         cli.print_plan({"runs": [{"name": r.name, "checkpoint": str(r.checkpoint), "stage": r.stage} for r in runs],
                         **settings, "images": len(runs) * len(prompts) * len(seeds), "dit": cfg.models.dit,
                         "t5": cfg.models.t5, "vae": cfg.models.vae, "clip": [cfg.models.clip.arch, cfg.models.clip.weights],
-                        "aesthetic_head": cfg.models.aesthetic_head, "device": args.device, "out": str(out)})
+                        "aesthetic_head": cfg.models.aesthetic_head, "rewards": vars(cfg.evaluation.rewards),
+                        "device": args.device, "out": str(out)})
         return
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     gen = None
@@ -367,11 +393,34 @@ def main(argv=None) -> None:
     except SigmaError as e:
         cli.fail(f"run {run.name}: {e}")
     del gen
+    from encoders import reward
+
+    try:
+        rewards = reward.load(cfg.evaluation.rewards, args.device)
+    except SigmaError as e:
+        cli.fail(str(e))
     scorer = Scorer(cfg.models.clip.arch, cfg.models.clip.weights, cfg.models.clip.config_dir,
-                    cfg.models.aesthetic_head, args.device)
+                    cfg.models.aesthetic_head, args.device, rewards)
     metas = [sidecar(r, i, pr, s, size, steps, cfg_scale, "official")
              for r in runs for i, pr in enumerate(prompts) for s in seeds]
     df = score_images(scorer, metas, out)
     write_parquet(out / SCORES, df)
     write_text(out / SUMMARY, summary_markdown(summarize(df, [r.name for r in runs]), settings))
+    if (out / preference.DB).exists():  # votes already cast stay in the summary
+        study.write_summary(out)
     print(f"wrote {out / SCORES} ({len(df)} images) and {out / SUMMARY}")
+
+
+def main_judge(cfg, model: str, evaldir: str, dry_run: bool = False) -> None:
+    """`training/evaluate --judge MODEL EVALDIR`: judge the pairs, then refresh the summary's preference part."""
+    from common import cli
+    from training import judge, study
+
+    try:
+        if dry_run:
+            cli.print_plan(judge.plan(evaldir, model, cfg.evaluation.judge))
+            return
+        judge.run(cfg, model, evaldir)
+        study.write_summary(evaldir)
+    except SigmaError as e:
+        cli.fail(str(e))

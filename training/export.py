@@ -1,40 +1,106 @@
-"""training/export: a run's DiT as a diffusers `PixArtTransformer2DModel` folder."""
+"""training/export: a run's DiT as a complete diffusers `PixArtSigmaPipeline` folder.
+
+    OUT/model_index.json   transformer/ (our weights)   text_encoder/ + tokenizer/ (models.t5)
+    vae/ (the stage's VAE, else models.vae)             scheduler/ (DPM-Solver++, PixArt-Σ's settings)
+
+so `PixArtSigmaPipeline.from_pretrained(OUT)` generates with its defaults. T5 and VAE are copied
+(re-saved from `models.t5` / `models.vae`); `--transformer-only` writes just the transformer
+folder, to combine with a T5 and VAE the user already has. The folder is written beside OUT and
+renamed into place, so a failed export leaves nothing half-written; a non-empty OUT is refused
+unless `--force`. KV-compressed models are refused before anything is written: diffusers'
+`PixArtTransformer2DModel` has no KV compression (sample them with training/sample instead).
+"""
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 from shards.errors import SigmaError
 from training import runs
 from training.convert import diffusers_config, save_diffusers
-from training.model import RELEASED_1024
+
+PIPELINE = "PixArtSigmaPipeline"
+
+
+def check_out(out: Path, force: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise SigmaError(f"--diffusers {out}: not empty; pass --force to replace it")
+
+
+def write_pipeline(model, out: Path, t5_path: str, vae_path: str) -> None:
+    """The pipeline folder in `out` (which must not exist): transformer, T5 + tokenizer, VAE, scheduler."""
+    import diffusers
+    from transformers import T5EncoderModel
+
+    from encoders import t5 as t5_mod
+    from shards.atomic import write_text
+    from training.diffusion import make_scheduler
+
+    save_diffusers(model, out / "transformer")
+    t5_mod.load_tokenizer(t5_path).save_pretrained(str(out / "tokenizer"))
+    T5EncoderModel.from_pretrained(str(t5_path)).save_pretrained(str(out / "text_encoder"))
+    diffusers.AutoencoderKL.from_pretrained(str(vae_path)).save_pretrained(str(out / "vae"))
+    make_scheduler().save_pretrained(str(out / "scheduler"))
+    index = {"_class_name": PIPELINE, "_diffusers_version": diffusers.__version__,
+             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", tokenizer_class(out)],
+             "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
+    write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
+
+
+def tokenizer_class(out: Path) -> str:
+    cls = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text()).get("tokenizer_class", "T5Tokenizer")
+    return cls.removesuffix("Fast") if cls.startswith("T5") else cls
+
+
+def export(model, out: Path, t5_path: str, vae_path: str, transformer_only: bool, force: bool) -> None:
+    """Write into OUT.partial, then swap it in for OUT."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if transformer_only:
+            save_diffusers(model, tmp)
+        else:
+            write_pipeline(model, tmp, t5_path, vae_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    check_out(out, force)  # again: another export may have filled it meanwhile
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    tmp.rename(out)
 
 
 def main(argv=None) -> None:
     from common import cli
 
-    p = cli.parser("training/export", "Write a run's DiT as a diffusers PixArtTransformer2DModel folder "
-                   "(loads into PixArtSigmaPipeline). KV-compressed models are refused: diffusers cannot express them.",
-                   "training/export --run runs/1k --diffusers out/transformer")
+    p = cli.parser("training/export", "Write a run's DiT as a diffusers PixArtSigmaPipeline folder (transformer, "
+                   "T5, tokenizer, VAE, scheduler). KV-compressed models are refused: diffusers cannot express them.",
+                   "training/export --run runs/1k --diffusers out/pixart-1k")
     runs.add_source_args(p)
-    p.add_argument("--diffusers", required=True, metavar="OUTDIR", help="folder to write config.json + weights into")
-    p.add_argument("--stage", help="stage whose resolution and pe_interpolation to record (default: the run's name)")
+    p.add_argument("--diffusers", required=True, metavar="OUTDIR", help="pipeline folder to write (must be empty)")
+    p.add_argument("--stage", help="stage whose resolution and pe_interpolation to record (default: the run's; "
+                   "required for a --ckpt outside a run folder)")
+    p.add_argument("--transformer-only", action="store_true", help="write only the transformer folder")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     args = p.parse_args(argv)
     cfg = cli.load(args)
-    stage_name = args.stage or (Path(args.run).name if args.run else None)
-    stage = cfg.training.stages.get(stage_name) if stage_name else None
-    if args.stage and stage is None:
-        cli.fail(f"--stage {args.stage}: no such stage; choose one of {sorted(cfg.training.stages)}")
+    out = Path(args.diffusers)
     try:
-        ckpt = runs.source_checkpoint(args)
-        # a bare checkpoint: record the released 1024 setup
-        position = runs.position_setup(stage) if stage else {**RELEASED_1024, "multi_scale": True}
+        src = runs.resolve_source(args, cfg, args.stage, require_position=True)
+        check_out(out, args.force)
+        stage = cfg.training.stages.get(src.stage) if src.stage else None
+        vae_path = (stage.vae if stage else None) or cfg.models.vae
         if args.dry_run:
-            cli.print_plan({"checkpoint": str(ckpt), "stage": stage_name if stage else None, "dit": cfg.models.dit,
-                            **position, "out": args.diffusers})
+            cli.print_plan({"checkpoint": str(src.checkpoint), "stage": src.stage, "dit": src.size, **src.position,
+                            "t5": None if args.transformer_only else cfg.models.t5,
+                            "vae": None if args.transformer_only else vae_path, "out": str(out)})
             return
-        model = runs.load_model(ckpt, cfg.models.dit, **position)
-        out = save_diffusers(model, args.diffusers)
+        model = runs.load_model(src.checkpoint, src.size, **src.position)
+        export(model, out, cfg.models.t5, vae_path, args.transformer_only, args.force)
     except SigmaError as e:
         cli.fail(str(e))
-    print(f"wrote {out} ({ckpt.name}, sample_size {model.input_size}, interpolation_scale "
-          f"{diffusers_config(model)['interpolation_scale']})")
+    config = diffusers_config(model)
+    print(f"wrote {out} ({src.checkpoint.name}; sample_size {config['sample_size']}, interpolation_scale "
+          f"{config['interpolation_scale']})")

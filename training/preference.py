@@ -8,10 +8,12 @@ those runs. Each rater (a cookie, or `?rater=NAME`) sees the pairs in their own 
 random left/right, both drawn from a hash of (salt, rater, pair): a reload shows the same pair the
 same way, and a restarted server resumes where the rater stopped. The salt is random per EVALDIR
 and kept in the database, so neither order, sides nor ids can be read off the page; images are
-served under opaque ids, never run names.
+served under opaque ids, never run names. (Over 400 lines: the vote store and the small HTTP server
+that reads it are one unit; the results picture is training/study.py.)
 
 Votes: EVALDIR/preference.sqlite, one row per (rater, pair), committed (synchronous=FULL) before
-the reply: a vote the page acknowledged is on disk. Results: per run pair, wins, ties and the win
+the reply: a vote the page acknowledged is on disk. The VLM judge (training/judge.py) writes its
+votes into the same table (source `judge`); the results page adds the study (training/study.py). Results: per run pair, wins, ties and the win
 rate (a tie counts half) with a 95% Wilson interval; the same per run against all others.
 Standard library only, no external assets: works offline.
 """
@@ -100,18 +102,38 @@ def next_pair(pairs: list[Pair], done: set[str], salt: str, rater: str) -> Pair 
     return min(pending, key=lambda p: _hash(salt, rater, p.id, "order")) if pending else None
 
 
+SOURCES = ("human", "judge")
+QUESTIONS = ("overall", "quality", "alignment")  # humans answer one overall question; the judge two
+VOTES_SQL = """CREATE TABLE IF NOT EXISTS votes (
+    rater TEXT NOT NULL, pair TEXT NOT NULL, prompt_idx INTEGER, seed INTEGER,
+    run_a TEXT NOT NULL, run_b TEXT NOT NULL, left_run TEXT NOT NULL, right_run TEXT NOT NULL,
+    choice TEXT NOT NULL CHECK (choice IN ('left', 'right', 'tie', 'invalid')), winner TEXT, created REAL,
+    source TEXT NOT NULL DEFAULT 'human' CHECK (source IN ('human', 'judge')),
+    question TEXT NOT NULL DEFAULT 'overall' CHECK (question IN ('overall', 'quality', 'alignment')),
+    answer TEXT, PRIMARY KEY (rater, pair, question, left_run))"""
+COLUMNS = ("rater", "pair", "prompt_idx", "seed", "run_a", "run_b", "left_run", "right_run", "choice", "winner",
+           "created", "source", "question", "answer")
+
+
 class Store:
-    """The SQLite file: a random salt and the votes. One connection per call (server threads)."""
+    """The SQLite file: a random salt and the votes of humans and judges, one table.
+
+    One row per (rater, pair, question, left run): a human has one per pair (their side is fixed),
+    a judge four (two questions, both orders). Judge answers it could not parse are kept as
+    choice `invalid` with the raw answer. One connection per call (server threads).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-            db.execute("""CREATE TABLE IF NOT EXISTS votes (
-                rater TEXT NOT NULL, pair TEXT NOT NULL, prompt_idx INTEGER, seed INTEGER,
-                run_a TEXT NOT NULL, run_b TEXT NOT NULL, left_run TEXT NOT NULL, right_run TEXT NOT NULL,
-                choice TEXT NOT NULL CHECK (choice IN ('left', 'right', 'tie')), winner TEXT, created REAL,
-                PRIMARY KEY (rater, pair))""")
+            old = [r[1] for r in db.execute("PRAGMA table_info(votes)")]
+            if old and "source" not in old:  # a database from before judge votes: human votes, kept
+                db.execute("ALTER TABLE votes RENAME TO votes_v1")
+            db.execute(VOTES_SQL)
+            if old and "source" not in old:
+                db.execute(f"INSERT INTO votes ({', '.join(old)}) SELECT {', '.join(old)} FROM votes_v1")
+                db.execute("DROP TABLE votes_v1")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('salt', ?)", (secrets.token_hex(16),))
             self.salt = db.execute("SELECT value FROM meta WHERE key = 'salt'").fetchone()[0]
 
@@ -128,23 +150,49 @@ class Store:
 
     def judged(self, rater: str) -> set[str]:
         with self._connect() as db:
-            return {r[0] for r in db.execute("SELECT pair FROM votes WHERE rater = ?", (rater,))}
+            return {r[0] for r in db.execute("SELECT pair FROM votes WHERE rater = ? AND source = 'human'", (rater,))}
 
     def record(self, rater: str, pair: Pair, choice: str) -> bool:
-        """Store the vote (choice: left/right/tie as seen by this rater); False if already judged."""
+        """Store a human vote (choice: left/right/tie as seen by this rater); False if already judged."""
         left, right = sides(self.salt, rater, pair)
-        winner = {"left": left, "right": right, "tie": None}[choice]
+        row = _row(rater, pair, left, right, choice, "human", "overall", None)
         with self._connect() as db:  # commits on leaving the block
-            cur = db.execute("INSERT OR IGNORE INTO votes VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                             (rater, pair.id, pair.prompt_idx, pair.seed, pair.run_a, pair.run_b, left, right,
-                              choice, winner, time.time()))
+            cur = db.execute(f"INSERT OR IGNORE INTO votes ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 14)})", row)
         return cur.rowcount == 1
 
-    def votes(self, pairs=None) -> list[tuple[str, str, str | None]]:
-        """(run_a, run_b, winner) of every vote (only on `pairs`, ids, if given); winner None is a tie."""
+    def record_judge(self, rater: str, pair: Pair, answers: list[tuple[str, str, str, str]]) -> None:
+        """All of a judge's answers on one pair, (question, left run, choice, raw answer) each, in one
+        transaction: a pair is judged completely or not at all (resumption is per pair)."""
+        rows = [_row(rater, pair, left, pair.run_b if left == pair.run_a else pair.run_a, choice, "judge", q, answer)
+                for q, left, choice, answer in answers]
         with self._connect() as db:
-            rows = db.execute("SELECT run_a, run_b, winner, pair FROM votes").fetchall()
-        return [r[:3] for r in rows if pairs is None or r[3] in pairs]
+            db.executemany(f"INSERT OR REPLACE INTO votes ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 14)})", rows)
+
+    def judge_done(self, rater: str, answers_per_pair: int) -> set[str]:
+        """Pairs this judge has answered completely."""
+        with self._connect() as db:
+            return {r[0] for r in db.execute("SELECT pair FROM votes WHERE rater = ? AND source = 'judge' "
+                                             "GROUP BY pair HAVING COUNT(*) = ?", (rater, answers_per_pair))}
+
+    def votes(self, pairs=None, source: str = "human", question: str = "overall") -> list[tuple[str, str, str | None]]:
+        """(run_a, run_b, winner) of every valid vote of `source` on `question` (only on `pairs`, ids, if
+        given); winner None is a tie."""
+        return [(r["run_a"], r["run_b"], r["winner"]) for r in self.rows(pairs, source, question)
+                if r["choice"] != "invalid"]
+
+    def rows(self, pairs=None, source: str | None = None, question: str | None = None) -> list[dict]:
+        """Whole vote rows (invalid ones included), filtered."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            rows = [dict(r) for r in db.execute("SELECT * FROM votes")]
+        return [r for r in rows if (pairs is None or r["pair"] in pairs) and source in (None, r["source"])
+                and question in (None, r["question"])]
+
+
+def _row(rater: str, pair: Pair, left: str, right: str, choice: str, source: str, question: str, answer):
+    winner = {"left": left, "right": right}.get(choice)  # None: a tie, or an invalid answer
+    return (rater, pair.id, pair.prompt_idx, pair.seed, pair.run_a, pair.run_b, left, right, choice, winner,
+            time.time(), source, question, answer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,7 +250,7 @@ if(b){e.preventDefault();document.getElementById(b).click();}});"""
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><link rel='icon' href='data:,'><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style></head><body>{body}</body></html>")
 
 
@@ -224,7 +272,7 @@ def vote_page(pair: Pair | None, tokens: dict, salt: str, rater: str, judged: in
     return _page("Preference", body)
 
 
-def results_page(rates: dict) -> str:
+def results_page(rates: dict, study_html: str = "") -> str:
     pct = lambda x: f"{100 * x:.1f}%"  # noqa: E731
     rows = "".join(
         f"<tr class='pair-row' data-run-a='{html.escape(t['run_a'])}' data-run-b='{html.escape(t['run_b'])}' "
@@ -242,7 +290,7 @@ def results_page(rates: dict) -> str:
             "<h2>Per run pair</h2><table id='pairs'><tr><th>run A</th><th>run B</th><th>votes</th><th>A wins</th>"
             f"<th>B wins</th><th>ties</th><th>A win rate</th><th>95% interval</th></tr>{rows}</table>"
             "<h2>Per run, against all others</h2><table id='runs'><tr><th>run</th><th>votes</th><th>wins</th>"
-            f"<th>losses</th><th>ties</th><th>win rate</th><th>95% interval</th></tr>{per_run}</table>")
+            f"<th>losses</th><th>ties</th><th>win rate</th><th>95% interval</th></tr>{per_run}</table>{study_html}")
     return _page("Preference results", body)
 
 
@@ -258,6 +306,7 @@ class App:
         evaldir = Path(evaldir)
         if not evaldir.is_dir():
             raise SigmaError(f"{evaldir}: evaluation folder not found")
+        self.evaldir = evaldir
         self.store = Store(evaldir / DB)
         self.pairs = load_pairs(evaldir, self.store.salt)
         if not self.pairs:
@@ -315,10 +364,12 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/image/") and path[7:] in app.files:
             return self._send(200, app.files[path[7:]].read_bytes(), "image/png")
         if path in ("/results", "/results.json"):
-            rates = win_rates(app.store.votes(app.by_id.keys()))
+            from training import study
+
+            rates, data = win_rates(app.store.votes(app.by_id.keys())), study.collect(app.evaldir)
             if path.endswith(".json"):
-                return self._send(200, json.dumps(rates, indent=1).encode(), "application/json")
-            return self._send(200, results_page(rates).encode(), "text/html; charset=utf-8")
+                return self._send(200, json.dumps({**rates, "study": data}, indent=1).encode(), "application/json")
+            return self._send(200, results_page(rates, study.section(data)).encode(), "text/html; charset=utf-8")
         self._send(404, b"not found\n", "text/plain")
 
     def do_POST(self):

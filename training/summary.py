@@ -22,10 +22,30 @@ SUMMARY = "summary.html"
 SCALARS = [("train/loss", "Loss", True), ("train/lr", "Learning rate", False),
            ("train/grad_norm", "Gradient norm (before clipping)", True),
            ("perf/samples_per_s", "Throughput (samples/s)", False), ("perf/step_time_s", "Step time (s)", False)]
-LOG_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-            "samples/s": "perf/samples_per_s", "step_time": "perf/step_time_s"}  # log.txt name -> tag
+LOG = "log.txt"
+# log.txt's step lines, written by `log_line` and read by `parse_log_line` (this module owns the format):
+#   step 20/100 loss 0.123456 lr 1.000e-04 grad_norm 0.5000 samples/s 12.3 step_time 0.160s
+LOG_FIELDS = [("loss", "train/loss", "{:.6f}"), ("lr", "train/lr", "{:.3e}"), ("grad_norm", "train/grad_norm", "{:.4f}"),
+              ("samples/s", "perf/samples_per_s", "{:.1f}"), ("step_time", "perf/step_time_s", "{:.3f}s")]
 LOG_LINE = re.compile(r"^step (\d+)/\d+ (.*)$")
 LOG_PAIR = re.compile(r"(\S+) ([-+0-9.eE]+|nan|inf)s?(?=\s|$)")
+
+
+def log_line(step: int, total: int, values: dict[str, float]) -> str:
+    """One log.txt line from {TensorBoard tag: value}."""
+    pairs = [f"{name} {fmt.format(values[tag])}" for name, tag, fmt in LOG_FIELDS if tag in values]
+    return f"step {step}/{total} " + " ".join(pairs)
+
+
+def parse_log_line(line: str) -> tuple[int, dict[str, float]] | None:
+    """(step, {tag: value}) of a log_line, None for any other line."""
+    m = LOG_LINE.match(line.strip())
+    if not m:
+        return None
+    tags = {name: tag for name, tag, _ in LOG_FIELDS}
+    return int(m.group(1)), {tags[n]: float(v) for n, v in LOG_PAIR.findall(m.group(2)) if n in tags}
+
+
 STEP = re.compile(r"(\d+)")
 
 
@@ -60,13 +80,12 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
         acc.Reload()
         return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     out: dict[str, list[tuple[int, float]]] = {}
-    log = folder / "log.txt"
+    log = folder / LOG
     for line in log.read_text().splitlines() if log.is_file() else []:
-        m = LOG_LINE.match(line.strip())
-        if m:
-            for name, value in LOG_PAIR.findall(m.group(2)):
-                if name in LOG_TAGS:
-                    out.setdefault(LOG_TAGS[name], []).append((int(m.group(1)), float(value)))
+        parsed = parse_log_line(line)
+        if parsed:
+            for tag, value in parsed[1].items():
+                out.setdefault(tag, []).append((parsed[0], value))
     return out
 
 

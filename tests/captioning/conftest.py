@@ -26,11 +26,10 @@ NOT_AN_IMAGE = b"<html><body>404 served as a jpg</body></html>"
 @pytest.fixture(scope="session")
 def cap_models(tmp_path_factory) -> dict[str, Path]:
     """The tiny LLaVA captioner and the tiny T5 (for token counts), built by the demo's builders."""
-    from captioning import hf
-    from encoders import t5
+    from encoders import t5, vlm
 
     root = tmp_path_factory.mktemp("cap_models")
-    return {"captioner": hf.build_tiny(root / "captioner"), "t5": t5.build_tiny(root / "t5")}
+    return {"captioner": vlm.build_tiny(root / "captioner"), "t5": t5.build_tiny(root / "t5")}
 
 
 def load_cfg(cap_models: dict, *overrides: str):

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from captioning import hf
+from encoders import vlm
 from shards import reasons
 
 NOT_AN_IMAGE = b"<html><body>404 served as a jpg</body></html>"
@@ -39,7 +40,7 @@ def test_tiny_model_is_a_real_llava_with_a_working_processor(cap_models):
 
 
 def test_build_tiny_is_deterministic(cap_models, tmp_path):
-    again = hf.build_tiny(tmp_path / "again")
+    again = vlm.build_tiny(tmp_path / "again")
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (again / name).read_bytes() == (cap_models["captioner"] / name).read_bytes(), name
 
@@ -75,16 +76,16 @@ def test_images_are_downscaled_in_the_worker(make_image):
     image_bytes = make_image
     big = io.BytesIO()
     Image.new("RGB", (4000, 3000), "red").save(big, "JPEG")
-    img = hf.decode_image(big.getvalue(), target=(32, 32))
+    img = vlm.decode_image(big.getvalue(), target=(32, 32))
     assert min(img.size) == 32 and img.size[0] > img.size[1]  # covers the 32 px crop, aspect kept
-    img = hf.decode_image(big.getvalue(), max_pixels=1280 * 28 * 28)
+    img = vlm.decode_image(big.getvalue(), max_pixels=1280 * 28 * 28)
     assert img.width * img.height <= 1280 * 28 * 28 and img.width * img.height > 0.9 * 1280 * 28 * 28
-    small = hf.decode_image(image_bytes(20, 10, 0, "png"), target=(32, 32))
+    small = vlm.decode_image(image_bytes(20, 10, 0, "png"), target=(32, 32))
     assert small.size == (20, 10)  # never upscaled here: the processor does what it must
 
 
 def test_processor_input_size():
     from transformers import CLIPImageProcessor, SiglipImageProcessor
 
-    assert hf.processor_input_size(CLIPImageProcessor(size={"shortest_edge": 336})) == (336, 336)
-    assert hf.processor_input_size(SiglipImageProcessor(size={"height": 384, "width": 384})) == (384, 384)
+    assert vlm.processor_input_size(CLIPImageProcessor(size={"shortest_edge": 336})) == (336, 336)
+    assert vlm.processor_input_size(SiglipImageProcessor(size={"height": 384, "width": 384})) == (384, 384)

@@ -21,6 +21,7 @@ IMAGES = {
     "small.jpg": (7, 800, 600, "JPEG"),            # too_small
     "panorama.jpg": (8, 4400, 1000, "JPEG"),       # aspect_ratio (h/w 0.23)
     "near-big.jpg": (5, 2100, 2100, "JPEG"),       # kept member of that group
+    "fresh-1k.jpg": (10, 1024, 1024, "JPEG"),      # in no run but the incremental one
 }
 
 
@@ -53,3 +54,25 @@ def server(image_dir):
 
     with ImageServer(image_dir, slow_s=4) as srv:
         yield srv
+
+
+@pytest.fixture(scope="session")
+def curated(ray_local, tiny_models, server, tmp_path_factory):
+    """The whole stage once over every kind of URL (test_pipeline.ORDER + faults): (out, manifest by
+    name, stats, urls). Session-wide: the multi-node and incremental tests compare with it."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curation import pipeline
+    from tests.curation.test_pipeline import FAULTS, ORDER, demo_cfg
+
+    tmp = tmp_path_factory.mktemp("curated")
+    faults = server.fault_urls()
+    urls = [f"{server.url}/{n}" for n in ORDER] + [faults[f] for f in FAULTS] + ["ftp://example.invalid/a.jpg"]
+    names = ORDER + FAULTS + ["ftp"]
+    pq.write_table(pa.table({"url": urls, "caption": [f"alt text {n}" for n in names], "name": names,
+                             "status": ["carried"] * len(urls)}), tmp / "urls.parquet")
+    stats = pipeline.run(tmp / "urls.parquet", tmp / "out", demo_cfg())
+    manifest = pd.read_parquet(tmp / "out" / "manifest.parquet")
+    return tmp / "out", manifest.set_index("name"), stats, urls

@@ -6,7 +6,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,21 +25,6 @@ FAULTS = ["http_404", "timeout", "not_an_image", "truncated", "decompression_bom
 def demo_cfg(*overrides):
     return config.load(ROOT / "pipelines.yaml", "demo", [
         "curation.download.shard_size=5", "curation.download.timeout=2", "curation.shard_size=2", *overrides])
-
-
-@pytest.fixture(scope="module")
-def curated(ray_local, tiny_models, server, tmp_path_factory):
-    from curation import pipeline
-
-    tmp = tmp_path_factory.mktemp("curated")
-    faults = server.fault_urls()
-    urls = [f"{server.url}/{n}" for n in ORDER] + [faults[f] for f in FAULTS] + ["ftp://example.invalid/a.jpg"]
-    names = ORDER + FAULTS + ["ftp"]
-    pq.write_table(pa.table({"url": urls, "caption": [f"alt text {n}" for n in names], "name": names,
-                             "status": ["carried"] * len(urls)}), tmp / "urls.parquet")
-    stats = pipeline.run(tmp / "urls.parquet", tmp / "out", demo_cfg())
-    manifest = pd.read_parquet(tmp / "out" / "manifest.parquet")
-    return tmp / "out", manifest.set_index("name"), stats, urls
 
 
 def test_every_url_once_with_a_valid_status(curated):

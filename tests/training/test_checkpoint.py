@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from training import checkpoint, finetune, runs
+from training import checkpoint, runs
 
 
 def _sd(v: float) -> dict:
@@ -18,7 +18,7 @@ def test_save_keeps_the_last_k_and_round_trips(tmp_path):
     opt.param_groups[0]["params"][0].grad = torch.ones(2)
     opt.step()
     for step in (2, 4, 6):
-        checkpoint.save(tmp_path, step, _sd(step), _sd(-step), {"optimizer": opt.state_dict(), "rng": [finetune.rng_state()],
+        checkpoint.save(tmp_path, step, _sd(step), _sd(-step), {"optimizer": opt.state_dict(), "rng": [checkpoint.rng_state()],
                                                                   "data_epoch": step}, keep=2)
     assert checkpoint.list_steps(tmp_path) == [4, 6]
     last = checkpoint.latest(tmp_path)
@@ -34,9 +34,9 @@ def test_save_keeps_the_last_k_and_round_trips(tmp_path):
 
 
 def test_rng_states_restore_exactly(tmp_path):
-    checkpoint.save(tmp_path, 1, _sd(1), None, {"rng": [finetune.rng_state()]}, keep=1)
+    checkpoint.save(tmp_path, 1, _sd(1), None, {"rng": [checkpoint.rng_state()]}, keep=1)
     expected = (random.random(), torch.rand(3), __import__("numpy").random.rand())
-    finetune.set_rng_state(checkpoint.load_state(checkpoint.latest(tmp_path))["rng"][0])
+    checkpoint.set_rng_state(checkpoint.load_state(checkpoint.latest(tmp_path))["rng"][0])
     again = (random.random(), torch.rand(3), __import__("numpy").random.rand())
     assert expected[0] == again[0] and torch.equal(expected[1], again[1]) and expected[2] == again[2]
 

@@ -1,6 +1,7 @@
 """training/finetune end to end on tiny encoded data: every stage chained, resume after kill -9, NaN stop, logs."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,7 +15,7 @@ import torch
 
 from tests.terminal import RATE_AND_ETA, on_terminal
 from tests.training import encdata
-from training import checkpoint, finetune
+from training import checkpoint, finetune, sample, summary
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAIN = ["256", "vae", "512", "1k", "2k", "4k", "kv"]
@@ -45,7 +46,7 @@ def test_every_stage_chains_from_its_parent(enc, tmp_path, tiny_models, capsys):
     four = checkpoint.load_weights(runs / "4k" / "checkpoints" / "step-0000001" / "model.safetensors")
     assert set(kv) - set(four) == {f"blocks.1.attn.{m}.{p}" for m in ("sr", "norm") for p in ("weight", "bias")}
     # rerunning a finished stage resumes and does nothing
-    finetune.main(encdata.args("512", enc["512"], runs, steps=1))
+    finetune.main(encdata.args("512", enc["512"], runs, steps=1, batch=1))
     out = capsys.readouterr().out
     assert "resuming from step 1" in out and "nothing to do" in out
 
@@ -64,8 +65,11 @@ def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
     assert list((rundir / "tb").glob("events.out.tfevents.*"))
     from PIL import Image
 
-    grid = Image.open(rundir / "samples" / "step-0000002.png")
-    assert grid.size == (2 * 512, 512)  # two prompts side by side at the stage's resolution
+    grid = Image.open(rundir / "samples" / "step-0000002.png").convert("L")
+    assert grid.size == (2 * 512, 512 + sample.CAPTION_H)  # two prompts side by side, each captioned below
+    for left in (0, 512):  # dark text on the white strip under each image
+        strip = grid.crop((left, 512, left + 512, 512 + sample.CAPTION_H))
+        assert min(strip.getdata()) < 100 and max(strip.getdata()) == 255
     assert sorted(p.name for p in (rundir / "checkpoints" / "step-0000002").iterdir()) == \
         ["ema.safetensors", "model.safetensors", "trainer.pt"]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -74,6 +78,14 @@ def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
     assert "train/loss" in events.Tags()["scalars"] and "samples/512" in events.Tags()["images"]
     page = (rundir / "summary.html").read_text()
     assert "<img" in page and "loss" in page
+    # rerunning the finished stage keeps the checkpoint step's scalars and grid (purge_step = step + 1)
+    finetune.main(encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
+                               "--set", "training.sample_every=2", "--set", "training.sample_steps=2",
+                               "--set", "training.sample_prompts=[a red fox, a small house]", steps=2))
+    events = EventAccumulator(str(rundir / "tb")).Reload()
+    assert [e.step for e in events.Scalars("train/loss")][-1] == 2
+    assert [e.step for e in events.Images("samples/512")] == [2]
+    assert max(s for s, _ in summary.read_scalars(rundir)["train/loss"]) == 2  # summary.html's last step
 
 
 def _cmd(enc, runs, steps):
@@ -120,3 +132,59 @@ def test_nan_loss_stops_with_step_and_keys_and_saves_nothing(tmp_path, capsys):
     assert e.value.code == 2 and err.count("\n") == 1
     assert "step 1: non-finite loss nan" in err and "512-00000" in err and "last checkpoint: none" in err
     assert checkpoint.list_steps(runs / "512") == []
+
+
+def _512(enc, runs, *extra, steps):
+    return encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
+                        "--set", "training.checkpoint_every=2", *extra, steps=steps)
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(enc, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    finetune.main(_512(enc, runs, steps=4))
+    newest = checkpoint.step_dir(runs / "512", 4) / checkpoint.MODEL
+    newest.write_bytes(newest.read_bytes()[:-64])  # truncated, as by a full disk outside our writer
+    capsys.readouterr()
+    finetune.main(_512(enc, runs, steps=6))
+    out = capsys.readouterr().out
+    assert "checkpoint step 4 is unreadable" in out and str(newest) in out and "falling back" in out
+    assert "resuming from step 2" in out
+    assert checkpoint.list_steps(runs / "512") == [4, 6]
+    checkpoint.load_weights(checkpoint.step_dir(runs / "512", 4) / checkpoint.MODEL)  # rewritten whole
+
+
+def test_a_resume_with_other_settings_is_refused_naming_them(enc, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    finetune.main(_512(enc, runs, steps=2))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        finetune.main(_512(enc, runs, "--set", "training.stages.512.lr=0.5", steps=4))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert "training.stages.512.lr" in err and "fingerprint.json" in err
+    assert checkpoint.list_steps(runs / "512") == [2]
+    finetune.main(_512(enc, runs, steps=4))  # more steps with the same settings: a normal resume
+    assert checkpoint.list_steps(runs / "512") == [2, 4]
+
+
+def test_dry_run_says_where_a_stage_starts_and_warns_on_another_position_setup(enc, tmp_path, capsys):
+    from training.model import DiT_models
+
+    released = tmp_path / "PixArt-Sigma-XL-2-1024-MS.pth"
+    torch.save(DiT_models["tiny"]().state_dict(), released)
+    finetune.main(encdata.args("512", enc["512"], tmp_path / "runs", "--init", str(released), "--dry-run"))
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)
+    assert plan["init"] == str(released) and plan["resolution"] == 512
+    assert plan["init_trained_at"] == "1024 px, pe_interpolation 2.0"
+    assert "warning:" in captured.err and "--stage 1k" in captured.err
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_log_txt_lines_are_written_and_read_by_one_format():
+    values = {"train/loss": 0.125, "train/lr": 1e-4, "train/grad_norm": 0.5, "perf/samples_per_s": 12.5,
+              "perf/step_time_s": 0.25}
+    line = summary.log_line(20, 100, values)
+    assert line == "step 20/100 loss 0.125000 lr 1.000e-04 grad_norm 0.5000 samples/s 12.5 step_time 0.250s"
+    assert summary.parse_log_line(line) == (20, values)
+    assert summary.parse_log_line("saved runs/512/checkpoints/step-0000020") is None

@@ -1,0 +1,229 @@
+"""Outputs as Ray tasks: decisions joined back per download shard, output shards, one manifest.
+
+    count (task per download shard): kept rows and rejected rows with bytes, by reason
+    driver: prefix sums -> each download shard's first kept number and thumbnail quota (per shard, not per row)
+    finalize (task per download shard): _work/manifest/NNNNN.parquet (its manifest rows; written last),
+        _work/members/NNNNN.parquet (kept rows: where the bytes are + .json/.txt), dedup_index/NNNNN.parquet,
+        thumbs/ of its share of rejected images
+    tar (task per output shard, after the finalize tasks it reads): shards/NNNNN.tar
+    driver: a download tar is deleted once its finalize and every tar reading it are done
+    merge (one task): manifest.parquet, one row group per download shard, streamed
+
+Kept images are numbered in key order, so the output is the same however the work is spread.
+Every file is written once, atomically; existing ones are finished work, so a rerun resumes.
+"""
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from common import progress
+from common.config import CurationConfig
+from curation import decide, placement, writer
+from shards import atomic, reasons
+from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
+
+PARTS = "manifest"  # _work/manifest/NNNNN.parquet
+MEMBERS = "members"  # _work/members/NNNNN.parquet
+MEMBER_SCHEMA = pa.schema([("key", pa.string()), ("src", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
+                           ("ext", pa.string()), ("meta", pa.string()), ("caption", pa.string()),
+                           ("shard", pa.string())])
+
+
+def decided(work: Path, shard: int, dups: Path | None, cur: CurationConfig) -> tuple[list[dict], list, list]:
+    """One download shard's scored rows (key order) with each row's final reason and dup_of."""
+    rows = pq.read_table(work / "scored" / f"{shard:05d}.parquet").to_pylist()
+    if not rows:
+        return rows, [], []
+    found = decide.shard_dups(dups, rows[0]["key"], rows[-1]["key"]) if dups else {}
+    final = decide.score_reasons([r["reason"] for r in rows], *([np.nan if r[c] is None else r[c] for r in rows]
+                                                              for c in ("aesthetic", "nsfw", "watermark")), cur)
+    dup_of = [found.get(r["key"]) for r in rows]
+    reason = [reasons.DUPLICATE if d else (f or None) for f, d in zip(final.tolist(), dup_of)]
+    return rows, reason, dup_of
+
+
+def _count(work: str, shard: int, dups: str | None, cur: CurationConfig) -> tuple[int, dict[str, int]]:
+    """Ray task: (kept rows, {reason: rejected rows whose bytes exist}) of one download shard."""
+    placement.mark(work, "write")
+    rows, reason, _ = decided(Path(work), shard, Path(dups) if dups else None, cur)
+    thumbs: dict[str, int] = {}
+    for r, why in zip(rows, reason):
+        if reasons.status_of(why) == reasons.REJECTED and r["src"]:
+            thumbs[why] = thumbs.get(why, 0) + 1
+    return sum(why is None for why in reason), thumbs
+
+
+def _finalize(out: str, shard: int, dups: str | None, first_kept: int, quota: dict[str, int],
+              schema: pa.Schema, cur: CurationConfig) -> int:
+    """Ray task: one download shard's manifest rows, kept members, dedup index rows and thumbnails."""
+    from curation import report
+
+    out = Path(out)
+    work = out / "_work"
+    placement.mark(work, "write")
+    part = work / PARTS / f"{shard:05d}.parquet"
+    if part.exists():
+        return shard
+    inputs = pq.read_table(work / "input" / f"{shard:05d}.parquet").to_pylist()
+    rows, reason, dup_of = decided(work, shard, Path(dups) if dups else None, cur)
+    carried = [c for c in schema.names if c not in MANIFEST_COLUMNS]
+    manifest, members, index, rejected = [], [], [], []
+    kept = first_kept
+    for inp, s, why, dup in zip(inputs, rows, reason, dup_of):
+        row = manifest_row(inp, s, why, dup, carried)
+        if row["status"] == reasons.KEPT:
+            row["shard"] = shard_name(kept // cur.shard_size)
+            kept += 1
+            caption = inp.get("caption")
+            members.append({"key": s["key"], "src": s["src"], "offset": s["offset"], "size": s["size"],
+                            "ext": s["ext"], "meta": writer.meta_json(row), "caption": str(caption) if caption else None,
+                            "shard": row["shard"]})
+            index.append({"key": s["key"], "pixels": s["width"] * s["height"], "sha256": s["sha256"],
+                          "phash": s["phash"], "embedding": s["embedding"]})
+        elif row["status"] == reasons.REJECTED and s["src"] and quota.get(why, 0) > 0:
+            quota[why] -= 1
+            rejected.append({"key": s["key"], "reason": why, "src": s["src"], "offset": s["offset"], "size": s["size"]})
+        manifest.append(row)
+    if rejected:  # the report's galleries show a few per reason, read while the download tar exists
+        report.save_rejected_thumbnails(out, rejected)
+    atomic.write_parquet(work / MEMBERS / f"{shard:05d}.parquet", pa.Table.from_pylist(members, MEMBER_SCHEMA))
+    atomic.write_parquet(out / decide.INDEX / f"{shard:05d}.parquet", pa.Table.from_pylist(index, INDEX_SCHEMA))
+    atomic.write_parquet(part, pa.Table.from_pylist(manifest, schema=schema))  # last: marks the shard done
+    return shard
+
+
+INDEX_SCHEMA = pa.schema([("key", pa.string()), ("pixels", pa.int64()), ("sha256", pa.string()),
+                          ("phash", pa.string()), ("embedding", pa.binary())])
+
+
+def manifest_row(inp: dict, s: dict, reason: str | None, dup_of: str | None, carried: list[str]) -> dict:
+    """The manifest row of one input row (its scored row `s`, its final reason)."""
+    return {"url": inp["url"], "key": inp["key"], "status": reasons.status_of(reason), "reason": reason,
+            "width": s["width"] or None, "height": s["height"] or None, "tier": s["tier"] or None,
+            "aesthetic": _num(s["aesthetic"]), "sharpness": _num(s["sharpness"]), "contrast": _num(s["contrast"]),
+            "brightness": _num(s["brightness"]), "nsfw": _num(s["nsfw"]), "watermark": _num(s["watermark"]),
+            "sha256": s["sha256"] or None, "phash": s["phash"] or None, "dup_of": dup_of, "shard": None,
+            **{c: inp[c] for c in carried}}
+
+
+def _num(v):
+    return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
+
+
+def _tar(out: str, index: int, shards: list[int], *finalized) -> int:
+    """Ray task: output shard `index` from the kept members of the download shards it spans."""
+    work = Path(out) / "_work"
+    placement.mark(work, "write")
+    name = shard_name(index)
+    members = []
+    for i in shards:
+        t = pq.read_table(work / MEMBERS / f"{i:05d}.parquet", filters=[("shard", "==", name)])
+        members += t.to_pylist()
+    writer.write_shard(Path(out) / "shards" / name, members)
+    return index
+
+
+def _merge(parts: list[str], path: str, schema: pa.Schema) -> str:
+    """Ray task: the manifest parts, in order, as one parquet file (one row group per part)."""
+    with atomic.atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as w:
+        for p in parts:
+            w.write_table(pq.read_table(p, schema=schema))
+    return path
+
+
+def manifest_schema(inputs: pa.Schema) -> pa.Schema:
+    """The manifest's columns + the input's carried ones (a clash is already renamed by the splitter)."""
+    types = {"width": pa.int64(), "height": pa.int64(), "aesthetic": pa.float64(), "sharpness": pa.float64(),
+             "contrast": pa.float64(), "brightness": pa.float64(), "nsfw": pa.float64(), "watermark": pa.float64()}
+    fields = [pa.field(c, types.get(c, pa.string())) for c in MANIFEST_COLUMNS]
+    return pa.schema(fields + [inputs.field(c) for c in inputs.names if c not in ("key", "url")])
+
+
+def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> dict:
+    """All outputs of the run; returns {kept, shards}. Frees each download tar as soon as it can."""
+    import ray
+
+    work = out / "_work"
+    for folder in (work / PARTS, work / MEMBERS, out / decide.INDEX):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic.clean_temp(folder)
+    dups_s = str(dups) if dups else None
+    count = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_count)
+    counted = ray.get([count.remote(str(work), i, dups_s, cur) for i in range(n_shards)])
+    starts = np.concatenate([[0], np.cumsum([k for k, _ in counted])]).astype(int).tolist()
+    kept = starts[-1]
+    n_out = (kept + cur.shard_size - 1) // cur.shard_size
+    schema = manifest_schema(pq.read_schema(work / "input" / "00000.parquet"))
+    finalize = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_finalize)
+    tar = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_tar)
+    from curation.report import THUMBS_PER_REASON
+
+    left: dict[str, int] = {}  # per reason: thumbnails still to take, in shard order
+
+    fin, tars, readers = {}, {}, {i: 0 for i in range(n_shards)}
+    for i, (_, thumbs) in enumerate(counted):
+        quota = {r: min(n, left.setdefault(r, THUMBS_PER_REASON)) for r, n in thumbs.items()}
+        for r, n in quota.items():
+            left[r] -= n
+        fin[i] = finalize.remote(str(out), i, dups_s, starts[i], quota, schema, cur)
+    for k in range(n_out):
+        spans = _spanning(starts, k * cur.shard_size, min(kept, (k + 1) * cur.shard_size))
+        for i in spans:
+            readers[i] += 1
+        if (out / "shards" / shard_name(k)).exists():
+            tars[k] = (spans, None)
+        else:
+            tars[k] = (spans, tar.remote(str(out), k, spans, *[fin[i] for i in spans]))
+    _release(out, fin, tars, readers, n_shards)
+    ray.get(ray.remote(num_cpus=0.25)(_merge).remote(
+        [str(work / PARTS / f"{i:05d}.parquet") for i in range(n_shards)], str(out / MANIFEST), schema))
+    return {"kept": kept, "shards": n_out}
+
+
+def _spanning(starts: list[int], lo: int, hi: int) -> list[int]:
+    """Download shards whose kept numbers [starts[i], starts[i+1]) meet [lo, hi)."""
+    first = bisect.bisect_right(starts, lo) - 1
+    out = []
+    for i in range(max(first, 0), len(starts) - 1):
+        if starts[i] >= hi:
+            break
+        if starts[i + 1] > lo:
+            out.append(i)
+    return out
+
+
+def _release(out: Path, fin: dict, tars: dict, readers: dict, n_shards: int) -> None:
+    """Wait for the tasks; delete each download tar once its finalize and all its readers are done."""
+    import ray
+
+    pending = {ref: ("fin", i) for i, ref in fin.items()}
+    pending.update({ref: ("tar", k) for k, (_, ref) in tars.items() if ref is not None})
+    finalized, freed = set(), set()
+    for spans, ref in tars.values():
+        if ref is None:
+            for i in spans:
+                readers[i] -= 1
+    with progress.bar(n_shards, "shard", "write") as bar:
+        def free(i):
+            if i in finalized and readers[i] == 0 and i not in freed:
+                (out / "downloads" / f"{i:05d}.tar").unlink(missing_ok=True)
+                freed.add(i)
+                bar.update(1)
+
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=min(len(pending), 256), timeout=0.5)
+            for ref in done:
+                kind, n = pending.pop(ref)
+                ray.get(ref)
+                if kind == "fin":
+                    finalized.add(n)
+                    free(n)
+                else:
+                    for i in tars[n][0]:
+                        readers[i] -= 1
+                        free(i)
