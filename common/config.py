@@ -230,7 +230,7 @@ class TrainingConfig:
     checkpoint_every: int = num(500, ge=1)
     keep_checkpoints: int = num(2, ge=1)
     log_every: int = num(10, ge=1)
-    sample_every: int = num(500, ge=1)
+    sample_every: int = num(500, ge=0)  # 0: no sample grid
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = num(20, ge=1)
     cfg_scale: float = num(4.5, ge=0)
