@@ -44,10 +44,10 @@ if __name__ == "__main__":
 """
 
 
-def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, float, float]:
+def run_measured(argv: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[float, float, float]:
     """(wall seconds, peak RSS of the process tree in MiB, peak RSS of the top process in MiB)."""
     t0 = time.time()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak_tree = peak_top = 0.0
     stop = threading.Event()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from common.config import CurationConfig
@@ -89,24 +90,24 @@ def _candidates(t: pa.Table, cur: CurationConfig) -> pa.Table:
     t = t.filter(pa.array(r == ""))
     pixels = np.asarray(t["width"].to_numpy(zero_copy_only=False), np.int64) * \
         np.asarray(t["height"].to_numpy(zero_copy_only=False), np.int64)
-    return _nodes(t["key"].to_pylist(), pixels, t["sha256"], t["phash"], t["embedding"], 0)
+    return _nodes(pc.cast(t["key"], pa.int64()), pixels, t["sha256"], t["phash"], t["embedding"], 0)
 
 
 def _index_nodes(t: pa.Table, run: int) -> pa.Table:
     """An earlier run's kept images (its dedup_index) as nodes of run `run`."""
-    return _nodes(t["key"].to_pylist(), t["pixels"].to_numpy(zero_copy_only=False), t["sha256"], t["phash"],
+    return _nodes(pc.cast(t["key"], pa.int64()), t["pixels"].to_numpy(zero_copy_only=False), t["sha256"], t["phash"],
                   t["embedding"], run)
 
 
 def _nodes(keys, pixels, sha256, phash, embedding, run: int) -> pa.Table:
-    ids = np.array([int(k) for k in keys], np.int64) + run * RUN_SPAN
+    ids = np.asarray(keys, np.int64) + run * RUN_SPAN
     hashes = dedup.phash_int(phash.to_pylist()).view(np.int64)
     return pa.table({"id": ids, "pixels": np.asarray(pixels, np.int64), "sha256": sha256, "phash": hashes,
                      "embedding": embedding})
 
 
 def _floats(col) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in col.to_pylist()], np.float64)
+    return pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(zero_copy_only=False)
 
 
 def _edge_batch(a: np.ndarray, b: np.ndarray, ids: np.ndarray, pixels: np.ndarray) -> dict:
@@ -116,18 +117,29 @@ def _edge_batch(a: np.ndarray, b: np.ndarray, ids: np.ndarray, pixels: np.ndarra
     return {"a": a, "pa": where(a), "b": b, "pb": where(b)}
 
 
-def _hash_rows(batch: dict, radius: int | None) -> dict:
-    """Rows to group on: (band -1, sha256 prefix) for exact copies, plus one per pHash band."""
+def _hash_rows(batch: dict, radius: int | None, parts: int) -> dict:
+    """Rows to group on: (band -1, sha256 digest) for exact copies, plus one per pHash band; `part`
+    spreads the (band, value) groups over the shuffle's partitions."""
     n = len(batch["id"])
     exact = {"band": np.full(n, -1, np.int64),
              "value": np.array([_digest64(h) for h in batch["sha256"]], np.int64),
              "id": batch["id"], "phash": batch["phash"], "sha256": batch["sha256"], "pixels": batch["pixels"]}
-    if radius is None:
-        return exact
-    near = dedup.band_rows(batch["id"], batch["phash"].view(np.uint64), radius)
-    near["sha256"] = np.full(len(near["id"]), "", dtype=object)
-    near["pixels"] = np.tile(batch["pixels"], radius + 1)
-    return {k: np.concatenate([exact[k], near[k]]) for k in exact}
+    if radius is not None:
+        near = dedup.band_rows(batch["id"], batch["phash"].view(np.uint64), radius)
+        near["sha256"] = np.full(len(near["id"]), "", dtype=object)
+        near["pixels"] = np.tile(batch["pixels"], radius + 1)
+        exact = {k: np.concatenate([exact[k], near[k]]) for k in exact}
+    exact["part"] = (_mix(exact["value"].view(np.uint64) ^ exact["band"].view(np.uint64)) % np.uint64(parts)) \
+        .astype(np.int64)
+    return exact
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: band values keep only some bits, so they are mixed before `% parts`."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
 
 
 def _digest64(text: str) -> int:
@@ -135,14 +147,29 @@ def _digest64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _hash_group(batch: dict, work: str, radius: int, max_group: int) -> dict:
-    """Edges of one group: same sha256 (band -1), or pHashes within `radius` (a pHash band)."""
+def _hash_partition(batch: dict, work: str, radius: int, max_group: int) -> dict:
+    """Edges of one shuffle partition: its rows sorted into (band, value) groups; a group joins images
+    with the same sha256 (band -1) or pHashes within `radius` (a pHash band). Most groups are
+    singletons or pairs, so pairs are decided vectorised and only larger groups loop."""
     placement.mark(work, "dedup")
-    if batch["band"][0] == -1:
-        a, b = dedup.exact_edges(batch["id"], batch["sha256"])
-    else:
-        a, b = dedup.near_edges(batch["id"], batch["phash"].view(np.uint64), radius, max_group)
-    return _edge_batch(a, b, batch["id"], batch["pixels"])
+    band, value = batch["band"], batch["value"]
+    order = np.lexsort((value, band))
+    band, value = band[order], value[order]
+    starts = np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (value[1:] != value[:-1])])
+    size = np.diff(np.r_[starts, len(order)])
+    ids, phash, sha = batch["id"], batch["phash"].view(np.uint64), batch["sha256"]
+    s2 = starts[size == 2]
+    i, j = order[s2], order[s2 + 1]
+    same = np.where(band[s2] == -1, sha[i] == sha[j], np.bitwise_count(phash[i] ^ phash[j]) <= radius)
+    parts = [(ids[i[same]], ids[j[same]])]
+    for s, n in zip(starts[size > 2].tolist(), size[size > 2].tolist()):
+        rows = order[s:s + n]
+        if band[s] == -1:
+            parts.append(dedup.exact_edges(ids[rows], sha[rows]))
+        else:
+            parts.append(dedup.near_edges(ids[rows], phash[rows], radius, max_group))
+    a, b = dedup.concat(parts)
+    return _edge_batch(a, b, ids, batch["pixels"])
 
 
 def _embeddings(column) -> np.ndarray:
@@ -231,13 +258,14 @@ def _nodes_ds(work: Path, n_shards: int, cur: CurationConfig, against, columns: 
 
 
 def _hashes(work: Path, n_shards: int, cur: CurationConfig, against):
-    """Exact and near duplicates in one shuffle: rows grouped on (band, value)."""
+    """Exact and near duplicates in one shuffle: rows partitioned on (band, value), grouped inside."""
     r = cur.dedup.phash_radius
     ds = _nodes_ds(work, n_shards, cur, against, ["id", "pixels", "sha256", "phash"])
-    ds = ds.map_batches(_hash_rows, batch_format="numpy", fn_kwargs={"radius": r})
-    return ds.groupby(["band", "value"], num_partitions=_partitions(n_shards)).map_groups(
-        _hash_group, batch_format="numpy", fn_kwargs={"work": str(work), "radius": r,
-                                                      "max_group": cur.dedup.max_group})
+    parts = _partitions(n_shards)
+    ds = ds.map_batches(_hash_rows, batch_format="numpy", fn_kwargs={"radius": r, "parts": parts})
+    return ds.groupby("part", num_partitions=parts).map_groups(
+        _hash_partition, batch_format="numpy", fn_kwargs={"work": str(work), "radius": r,
+                                                          "max_group": cur.dedup.max_group})
 
 
 def _clip(work: Path, n_shards: int, cur: CurationConfig, against):

@@ -58,7 +58,7 @@ def _star(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.full(len(ids) - 1, ids[0], np.int64), np.asarray(ids[1:], np.int64)
 
 
-def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     parts = [p for p in parts if len(p[0])]
     if not parts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -70,7 +70,7 @@ def exact_edges(ids: np.ndarray, sha256: np.ndarray) -> tuple[np.ndarray, np.nda
     groups: dict[str, list[int]] = defaultdict(list)
     for i, s in zip(ids.tolist(), sha256.tolist()):
         groups[s].append(i)
-    return _concat([_star(np.array(g)) for g in groups.values() if len(g) > 1])
+    return concat([_star(np.array(g)) for g in groups.values() if len(g) > 1])
 
 
 def near_edges(ids: np.ndarray, hashes: np.ndarray, radius: int,
@@ -85,7 +85,7 @@ def near_edges(ids: np.ndarray, hashes: np.ndarray, radius: int,
     reps = ids[first]  # one image per distinct hash
     for s in range(0, len(uniq), max_group):  # one window unless the group is oversized
         parts.append(_pairs_within(reps[s:s + 2 * max_group], uniq[s:s + 2 * max_group], radius, max_group))
-    return _concat(parts)
+    return concat(parts)
 
 
 def _pairs_within(ids: np.ndarray, hashes: np.ndarray, radius: int, first: int) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +96,7 @@ def _pairs_within(ids: np.ndarray, hashes: np.ndarray, radius: int, first: int) 
         i, j = np.nonzero(d <= radius)
         keep = j > i + s
         parts.append((ids[i[keep] + s], ids[j[keep]]))
-    return _concat(parts)
+    return concat(parts)
 
 
 def band_rows(ids: np.ndarray, hashes: np.ndarray, radius: int) -> dict[str, np.ndarray]:
@@ -118,7 +118,7 @@ def semantic_edges(ids: np.ndarray, emb: np.ndarray, threshold: float) -> tuple[
         i, j = np.nonzero(sims >= threshold)
         keep = j > i + s
         parts.append((np.asarray(ids)[i[keep] + s], np.asarray(ids)[j[keep]]))
-    return _concat(parts)
+    return concat(parts)
 
 
 def normalise(emb: np.ndarray) -> np.ndarray:
@@ -163,7 +163,7 @@ def clustered_edges(ids: np.ndarray, emb: np.ndarray, threshold: float, cluster_
     parts = []
     for members in np.split(rows[order], starts[1:]):
         parts.append(semantic_edges(np.asarray(ids)[members], emb[members], threshold))
-    return _concat(parts)
+    return concat(parts)
 
 
 def components(a: np.ndarray, b: np.ndarray, rank: np.ndarray) -> np.ndarray:
@@ -203,7 +203,7 @@ def find_duplicates(keys: list[str], pixels: list[int], sha256: list[str], phash
     if clip_similarity is not None and embeddings is not None:
         has = np.any(embeddings != 0, axis=1)
         parts.append(semantic_edges(ids[has], normalise(embeddings[has]), clip_similarity))
-    a, b = _concat(parts)
+    a, b = concat(parts)
     order = sorted(range(len(keys)), key=lambda i: (-pixels[i], keys[i]))
     rank = np.empty(len(keys), np.int64)
     rank[order] = np.arange(len(keys))

@@ -231,13 +231,13 @@ def run(urls: str | Path, out: str | Path, cfg: Config, dedup_against: list[str 
     from common import cli
 
     out = Path(out).resolve()
-    fp = stage_fingerprint(urls, cfg)
-    if (out / fingerprint.FILE).exists():  # a resume: refused if the URL list or a setting changed
+    against = decisions.earlier_runs(dedup_against, out)
+    fp = stage_fingerprint(urls, cfg, against)
+    if (out / fingerprint.FILE).exists():  # a resume: refused if the URL list, a setting or an earlier run changed
         fingerprint.check(out, fp)
     if (out / "stats.json").exists() and (out / MANIFEST).exists():
         return json.loads((out / "stats.json").read_text())
     cur = cfg.curation
-    against = decisions.earlier_runs(dedup_against, out)
     work, downloads = out / "_work", out / "downloads"
     timings = {}
     t0 = time.time()
@@ -267,8 +267,9 @@ def run(urls: str | Path, out: str | Path, cfg: Config, dedup_against: list[str 
     return stats
 
 
-def stage_fingerprint(urls: str | Path, cfg: Config) -> dict:
-    """The URL list's bytes, the settings that change what is kept, and the scoring models' bytes."""
+def stage_fingerprint(urls: str | Path, cfg: Config, against: list[Path] = ()) -> dict:
+    """The URL list's bytes, the settings that change what is kept, the scoring models' bytes, and the
+    earlier runs deduplicated against (folder + a listing of its dedup index)."""
     if not Path(urls).is_file():
         raise SigmaError(f"{urls}: URL list not found")
     m = cfg.models
@@ -276,7 +277,9 @@ def stage_fingerprint(urls: str | Path, cfg: Config) -> dict:
     return {"--urls": fingerprint.file_digest(urls),
             **fingerprint.flat(cfg.curation, "curation", skip=_NOT_IN_OUTPUT),
             **{k: fingerprint.file_digest(v) if v and Path(v).is_file() else v for k, v in heads.items()},
-            "models.clip": f"{m.clip.arch}/{Path(m.clip.weights).name}"}
+            "models.clip": f"{m.clip.arch}/{Path(m.clip.weights).name}",
+            **({"--dedup-against": [f"{r} {fingerprint.listing((r / decisions.INDEX).glob('*.parquet'))}"
+                                    for r in against]} if against else {})}
 
 
 _NOT_IN_OUTPUT = ("download.processes", "download.threads", "download.num_cpus", "download.per_domain_limit",

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from shards.errors import SigmaError
 from tests.curation.test_pipeline import demo_cfg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,6 +80,8 @@ def test_dedup_against_an_earlier_run(curated, ray_local, server, tmp_path, caps
     assert m2.loc["fresh-1k.jpg", "status"] == "kept" and m2.loc["small.jpg", "reason"] == "too_small"
     index = pq.read_table(tmp_path / "second" / "dedup_index").to_pandas()  # what a third run reads back
     assert index["key"].tolist() == [m2.loc["fresh-1k.jpg", "key"]]
+    with pytest.raises(SigmaError, match="another --dedup-against"):  # the earlier runs are an input too
+        pipeline.run(tmp_path / "urls.parquet", tmp_path / "second", demo_cfg(), [])
     with pytest.raises(SystemExit) as e:
         cli.main(["--urls", str(tmp_path / "urls.parquet"), "--out", str(tmp_path / "third"), "--profile", "demo",
                   "--dedup-against", str(tmp_path)])
