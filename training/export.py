@@ -4,11 +4,13 @@
     vae/ (the stage's VAE, else models.vae)             scheduler/ (DPM-Solver++, PixArt-Σ's settings)
 
 so `PixArtSigmaPipeline.from_pretrained(OUT)` generates with its defaults. T5 and VAE are copied
-(re-saved from `models.t5` / `models.vae`); `--transformer-only` writes just the transformer
-folder, to combine with a T5 and VAE the user already has. The folder is written beside OUT and
-renamed into place, so a failed export leaves nothing half-written; a non-empty OUT is refused
-unless `--force`. KV-compressed models are refused before anything is written: diffusers'
-`PixArtTransformer2DModel` has no KV compression (sample them with training/sample instead).
+(re-saved from `models.t5` / `models.vae`), or with `--encoders link` are absolute symlinks to
+those local folders (no 4.8 GB T5 per export; OUT then breaks if they move); `--transformer-only`
+writes just the transformer folder, to combine with a T5 and VAE the user already has. The folder
+is written beside OUT and renamed into place, so a failed export leaves nothing half-written; a
+non-empty OUT is refused unless `--force`. KV-compressed models are refused before anything is
+written: diffusers' `PixArtTransformer2DModel` has no KV compression (sample them with
+training/sample instead).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from training import runs
 from training.convert import diffusers_config, save_diffusers
 
 PIPELINE = "PixArtSigmaPipeline"
+ENCODERS = ("copy", "link")  # --encoders choices
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -28,8 +31,25 @@ def check_out(out: Path, force: bool) -> None:
         raise SigmaError(f"--diffusers {out}: not empty; pass --force to replace it")
 
 
-def write_pipeline(model, out: Path, t5_path: str, vae_path: str) -> None:
-    """The pipeline folder in `out` (which must not exist): transformer, T5 + tokenizer, VAE, scheduler."""
+def link_targets(t5_path: str, vae_path: str) -> dict[str, Path]:
+    """{pipeline entry: absolute local folder} for `--encoders link`. The tokenizer shares the T5
+    folder (as everywhere in this project); a hub id, or a folder that is not the component itself
+    (a whole pipeline with the component in a subfolder), is refused naming the component."""
+    wanted = {"text_encoder": (t5_path, "config.json"), "tokenizer": (t5_path, "tokenizer_config.json"),
+              "vae": (vae_path, "config.json")}  # the file the pipeline reads first in each
+    targets = {}
+    for name, (path, marker) in wanted.items():
+        folder = Path(path).expanduser()
+        if not (folder / marker).is_file():
+            raise SigmaError(f"--encoders link: {name} {path} is not a local folder with {marker} at its top; "
+                             "use --encoders copy")
+        targets[name] = folder.resolve()
+    return targets
+
+
+def write_pipeline(model, out: Path, t5_path: str, vae_path: str, links: dict[str, Path] | None = None) -> None:
+    """The pipeline folder in `out` (which must not exist): transformer, T5 + tokenizer, VAE, scheduler;
+    `links` (from `link_targets`) makes the last three symlinks instead of copies."""
     import diffusers
     from transformers import T5EncoderModel
 
@@ -38,9 +58,13 @@ def write_pipeline(model, out: Path, t5_path: str, vae_path: str) -> None:
     from training.diffusion import make_scheduler
 
     save_diffusers(model, out / "transformer")
-    t5_mod.load_tokenizer(t5_path).save_pretrained(str(out / "tokenizer"))
-    T5EncoderModel.from_pretrained(str(t5_path)).save_pretrained(str(out / "text_encoder"))
-    diffusers.AutoencoderKL.from_pretrained(str(vae_path)).save_pretrained(str(out / "vae"))
+    if links:
+        for name, target in links.items():
+            (out / name).symlink_to(target, target_is_directory=True)
+    else:
+        t5_mod.load_tokenizer(t5_path).save_pretrained(str(out / "tokenizer"))
+        T5EncoderModel.from_pretrained(str(t5_path)).save_pretrained(str(out / "text_encoder"))
+        diffusers.AutoencoderKL.from_pretrained(str(vae_path)).save_pretrained(str(out / "vae"))
     make_scheduler().save_pretrained(str(out / "scheduler"))
     index = {"_class_name": PIPELINE, "_diffusers_version": diffusers.__version__,
              "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", tokenizer_class(out)],
@@ -54,7 +78,8 @@ def tokenizer_class(out: Path) -> str:
     return cls.removesuffix("Fast") if cls.startswith("T5") else cls
 
 
-def export(model, out: Path, t5_path: str, vae_path: str, transformer_only: bool, force: bool) -> None:
+def export(model, out: Path, t5_path: str, vae_path: str, transformer_only: bool, force: bool,
+           links: dict[str, Path] | None = None) -> None:
     """Write into OUT.partial, then swap it in for OUT."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -62,13 +87,16 @@ def export(model, out: Path, t5_path: str, vae_path: str, transformer_only: bool
         if transformer_only:
             save_diffusers(model, tmp)
         else:
-            write_pipeline(model, tmp, t5_path, vae_path)
+            write_pipeline(model, tmp, t5_path, vae_path, links)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     check_out(out, force)  # again: another export may have filled it meanwhile
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    # rmtree unlinks the symlinks inside OUT without following them: a linked T5/VAE survives --force
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif out.exists():
+        shutil.rmtree(out)
     tmp.rename(out)
 
 
@@ -83,6 +111,9 @@ def main(argv=None) -> None:
     p.add_argument("--stage", help="stage whose resolution and pe_interpolation to record (default: the run's; "
                    "required for a --ckpt outside a run folder)")
     p.add_argument("--transformer-only", action="store_true", help="write only the transformer folder")
+    p.add_argument("--encoders", choices=ENCODERS, default="copy",
+                   help="copy: re-save the T5, tokenizer and VAE into OUTDIR (default); link: make text_encoder/, "
+                   "tokenizer/ and vae/ absolute symlinks to the local models.t5 and VAE folders (no copy)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     args = p.parse_args(argv)
     cfg = cli.load(args)
@@ -92,13 +123,18 @@ def main(argv=None) -> None:
         check_out(out, args.force)
         stage = cfg.training.stages.get(src.stage) if src.stage else None
         vae_path = (stage.vae if stage else None) or cfg.models.vae
+        linking = args.encoders == "link"
+        if linking and args.transformer_only:
+            raise SigmaError("--encoders link: --transformer-only writes no T5 or VAE to link")
+        links = link_targets(cfg.models.t5, vae_path) if linking else None
         if args.dry_run:
             cli.print_plan({"checkpoint": str(src.checkpoint), "stage": src.stage, "dit": src.size, **src.position,
                             "t5": None if args.transformer_only else cfg.models.t5,
-                            "vae": None if args.transformer_only else vae_path, "out": str(out)})
+                            "vae": None if args.transformer_only else vae_path,
+                            "encoders": None if args.transformer_only else args.encoders, "out": str(out)})
             return
         model = runs.load_model(src.checkpoint, src.size, **src.position)
-        export(model, out, cfg.models.t5, vae_path, args.transformer_only, args.force)
+        export(model, out, cfg.models.t5, vae_path, args.transformer_only, args.force, links)
     except SigmaError as e:
         cli.fail(str(e))
     config = diffusers_config(model)

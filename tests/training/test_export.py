@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +77,49 @@ def test_export_is_a_pipeline_that_generates_and_like_diffusers_matches_it(tmp_p
     assert lat.shape == same.shape == (1, 4, 8, 12)
     assert ((lat - same).norm() / lat.norm()).item() < 1e-4
     assert ((lat - default).norm() / lat.norm()).item() > 1e-3  # the two conventions do differ
+
+
+def test_linked_encoders_load_and_force_leaves_their_targets(tmp_path, tiny_t5_vae):
+    from diffusers import PixArtSigmaPipeline
+
+    t5_path, vae_path = (shutil.copytree(p, tmp_path / "models" / p.name) for p in tiny_t5_vae)  # ours to lose
+    originals = {f: f.read_bytes() for f in (tmp_path / "models").rglob("*") if f.is_file()}
+    run = write_run(tmp_path / "runs" / "256")
+    out = tmp_path / "export"
+    args = ("--run", str(run), "--diffusers", str(out), "--encoders", "link", "--set", f"models.t5={t5_path}",
+            "--set", f"models.vae={vae_path}")
+    r = export(*args)
+    assert r.returncode == 0, r.stderr
+    targets = {"text_encoder": t5_path, "tokenizer": t5_path, "vae": vae_path}
+    assert {n: os.readlink(out / n) for n in targets} == {n: str(t.resolve()) for n, t in targets.items()}
+    # OUT itself holds only the transformer's weights (os.walk does not descend into the links)
+    held = sorted(str(Path(d, f).relative_to(out)) for d, _, files in os.walk(out) for f in files)
+    weights = [f for f in held if f.endswith((".safetensors", ".bin"))]
+    assert weights == ["transformer/diffusion_pytorch_model.safetensors"]
+    img = PixArtSigmaPipeline.from_pretrained(str(out))("a red fox", num_inference_steps=2).images[0]
+    assert img.size == (256, 256) and len(set(img.tobytes())) > 1
+
+    r = export(*args, "--force")  # replaces OUT: unlinks the links, never deletes what they point to
+    assert r.returncode == 0, r.stderr
+    assert all((out / n).is_symlink() for n in targets)
+    assert {f: f.read_bytes() for f in originals if f.exists()} == originals
+
+
+def test_link_refuses_what_is_not_a_component_folder(tmp_path, tiny_t5_vae):
+    t5_path, vae_path = tiny_t5_vae
+    run = write_run(tmp_path / "runs" / "256")
+    out = tmp_path / "export"
+    r = export("--run", str(run), "--diffusers", str(out), "--encoders", "link", "--set", f"models.vae={vae_path}",
+               "--set", "models.t5=google/t5-v1_1-xxl")  # a hub id
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "text_encoder google/t5-v1_1-xxl" in r.stderr and "use --encoders copy" in r.stderr
+    pipeline = tmp_path / "pipeline"  # a whole pipeline folder: the VAE is in its vae/ subfolder
+    shutil.copytree(vae_path, pipeline / "vae")
+    r = export("--run", str(run), "--diffusers", str(out), "--encoders", "link", "--set", f"models.t5={t5_path}",
+               "--set", f"models.vae={pipeline}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"vae {pipeline} is not a local folder with config.json" in r.stderr and "--encoders copy" in r.stderr
+    assert not out.exists() and not (tmp_path / "export.partial").exists()
 
 
 @pytest.mark.parametrize("stage", ["1k", pytest.param("2k", marks=pytest.mark.slow),
