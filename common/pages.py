@@ -97,26 +97,56 @@ def plot(name: str, uri: str, title: str) -> str:
             f"</figure>")
 
 
+def finite(values, log_x: bool = False):
+    """The values a histogram counts, as a float array: finite ones, and only positive ones on a log axis."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)  # None -> nan
+    v = v[np.isfinite(v)]
+    return v[v > 0] if log_x else v
+
+
+def histogram_edges(lo: float, hi: float, lines: Iterable[tuple[str, float]] = (), bins: int = 40,
+                    log_x: bool = False):
+    """Bin edges over the data's range [lo, hi] widened to the threshold lines.
+
+    Spanning the lines keeps the bars visible when a line is far off; the one binning rule of
+    every histogram, whether the values are in memory (`histogram`) or streamed (`histogram_counts`).
+    """
+    import numpy as np
+
+    span = np.asarray([lo, hi, *[x for _, x in lines if x > 0 or not log_x]], dtype=float)
+    lo, hi = span.min(), span.max()
+    if hi <= lo:  # one distinct value
+        lo, hi = (lo / 2, hi * 2) if log_x else (lo - 0.5, hi + 0.5)
+    return np.geomspace(lo, hi, bins + 1) if log_x else np.linspace(lo, hi, bins + 1)
+
+
 def histogram(name: str, values: Sequence[float], title: str, xlabel: str,
               lines: Iterable[tuple[str, float]] = (), bins: int = 40, log_x: bool = False,
               log_y: bool = False) -> str:
-    """A histogram with labelled vertical threshold lines, as an embedded plot."""
+    """A histogram of values in memory, with labelled vertical threshold lines, as an embedded plot."""
     import numpy as np
 
+    v = finite(values, log_x)
+    lines = list(lines)
+    if not len(v):
+        return histogram_counts(name, None, None, title, xlabel, lines, log_x, log_y)
+    edges = histogram_edges(v.min(), v.max(), lines, bins, log_x)
+    return histogram_counts(name, edges, np.histogram(v, edges)[0], title, xlabel, lines, log_x, log_y)
+
+
+def histogram_counts(name: str, edges, counts, title: str, xlabel: str,
+                     lines: Iterable[tuple[str, float]] = (), log_x: bool = False, log_y: bool = False) -> str:
+    """A histogram of counts already binned on `edges` (from `histogram_edges`), e.g. summed over
+    the batches of a big file; edges None: "no values"."""
     fig = new_figure()
     ax = fig.add_subplot()
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
-    if log_x:
-        v = v[v > 0]
     lines = list(lines)
-    if len(v):
-        # bins span the data and the threshold lines, so bars stay visible when a line is far off
-        span = np.concatenate([v, [x for _, x in lines if x > 0 or not log_x]])
-        lo, hi = span.min(), span.max()
-        if hi <= lo:  # one distinct value
-            lo, hi = (lo / 2, hi * 2) if log_x else (lo - 0.5, hi + 0.5)
-        edges = np.geomspace(lo, hi, bins + 1) if log_x else np.linspace(lo, hi, bins + 1)
-        ax.hist(v, bins=edges, color="#4c78a8")
+    n = 0
+    if edges is not None:
+        n = int(sum(counts))
+        ax.hist(edges[:-1], bins=edges, weights=counts, color="#4c78a8")  # one value per bin, weighted
     else:
         ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
     for i, (label, x) in enumerate(lines):
@@ -135,7 +165,7 @@ def histogram(name: str, values: Sequence[float], title: str, xlabel: str,
     from matplotlib.ticker import MaxNLocator
 
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title(f"{title} (n={len(v):,})", fontsize=10)
+    ax.set_title(f"{title} (n={n:,})", fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("images")
     return plot(name, figure_uri(fig), title)

@@ -9,14 +9,16 @@ as data URIs (common/pages.py), so the file opens from disk with no server.
 Kept images are read from the curated shards. Rejected images are not in the shards: their
 thumbnails come from `CURDIR/thumbs/KEY.jpg`, which curation writes with `save_thumbnail` for a
 bounded sample of each reason (`THUMBS_PER_REASON`); a rejected row without one gets a text tile.
-Reads only what it shows: the manifest's columns and the gallery images' tar members.
+Reads only what it shows: the manifest streamed in batches (`scan`), each section reading its own
+few columns into bounded aggregates (counters, fixed bins, GALLERY rows per gallery), so memory
+does not grow with the run (10^7-10^8 URLs); and the gallery images' tar members.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from common import pages
@@ -34,6 +36,8 @@ DUP_GROUPS = 12  # duplicate groups shown, largest first
 FAILED_EXAMPLES = 5  # example URLs per failure reason
 
 NUMERIC = ["width", "height", "aesthetic", "sharpness", "contrast", "brightness", "nsfw", "watermark"]
+TEXT = ["status", "reason", "tier", "dup_of", "key", "url"]  # null reads as ""
+BATCH = 65_536  # manifest rows per batch: a few MB of the columns a section reads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,24 +86,40 @@ def save_rejected_thumbnails(curdir: str | Path, rows, per_reason: int = THUMBS_
 # ---------------------------------------------------------------------------------------------
 
 
-def read_manifest(curdir: str | Path):
-    """The manifest's own columns (not the carried ones) as a DataFrame, numeric columns coerced."""
-    import pandas as pd
+def manifest_file(curdir: str | Path):
+    """CURDIR/manifest.parquet opened for streaming (footer read, no rows)."""
     import pyarrow.parquet as pq
 
     path = Path(curdir) / format.MANIFEST
     if not path.is_file():
         raise SigmaError(f"{path}: no manifest (is this a curated run folder?)")
-    present = set(pq.read_schema(path).names)  # the manifest's own columns only, not the carried ones
-    df = pd.read_parquet(path, columns=[c for c in format.MANIFEST_COLUMNS if c in present])
-    for col in format.MANIFEST_COLUMNS:
-        if col not in df:
-            df[col] = None
-    for col in NUMERIC:
-        df[col] = pd.to_numeric(df[col], errors="coerce")
-    for col in ("status", "reason", "tier", "dup_of", "key", "url"):
-        df[col] = df[col].fillna("").astype(str)
-    return df
+    return pq.ParquetFile(path)
+
+
+def scan(curdir: str | Path, columns: list[str]):
+    """The manifest in DataFrames of BATCH rows holding only `columns`, numeric ones coerced, text
+    ones "" for null, missing ones null; indexed by row number, so ties break by manifest order.
+
+    A section holds one batch and its own bounded aggregates: never the whole manifest (at 3·10^7
+    URLs its own columns alone are several GB in pandas).
+    """
+    import pandas as pd
+
+    with manifest_file(curdir) as f:
+        present = [c for c in columns if c in f.schema_arrow.names]  # an older manifest may lack some
+        start = 0
+        for batch in f.iter_batches(batch_size=BATCH, columns=present):
+            df = batch.to_pandas()
+            df.index = pd.RangeIndex(start, start + len(df))
+            start += len(df)
+            for col in columns:
+                if col not in df:
+                    df[col] = None
+                if col in NUMERIC:
+                    df[col] = pd.to_numeric(df[col], errors="coerce")
+                elif col in TEXT:
+                    df[col] = df[col].fillna("").astype(str)
+            yield df
 
 
 def shard_path(curdir: Path, value) -> Path | None:
@@ -152,15 +172,26 @@ def read_thumbs(curdir: Path, keys) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _counts(df, stats: dict) -> str:
-    total = len(df)
-    by_status = df["status"].value_counts()
-    rows = [(s, int(by_status.get(s, 0)), f"{100 * by_status.get(s, 0) / max(total, 1):.1f}%")
-            for s in reasons.STATUSES]
+def _largest(counts: dict) -> list[tuple]:
+    """(value, count) pairs, largest count first, ties as pandas orders them when it sorts the same
+    counts (`value_counts`, `groupby().size().sort_values`): the order the page always had."""
+    import pandas as pd
+
+    if not counts:
+        return []
+    ordered = pd.Series(list(counts.values()), index=list(counts), dtype="int64").sort_values(ascending=False)
+    return [(k, int(n)) for k, n in zip(ordered.index, ordered)]
+
+
+def _counts(curdir: Path, total: int, stats: dict) -> str:
+    by_status, detail = Counter(), Counter()
+    for b in scan(curdir, ["status", "reason"]):
+        by_status.update(b["status"].value_counts().to_dict())
+        detail.update(b[b["status"] != reasons.KEPT].groupby(["status", "reason"]).size().to_dict())
+    rows = [(s, int(by_status[s]), f"{100 * by_status[s] / max(total, 1):.1f}%") for s in reasons.STATUSES]
     out = ["<h2>Counts</h2>", pages.table(["status", "images", "share"], rows + [("total", total, "100%")], "status")]
-    detail = df[df["status"] != reasons.KEPT].groupby(["status", "reason"]).size().sort_values(ascending=False)
     out.append(pages.table(["status", "reason", "images"],
-                          [(s, r or "(none)", int(n)) for (s, r), n in detail.items()], "reason"))
+                          [(s, r or "(none)", n) for (s, r), n in _largest(dict(sorted(detail.items())))], "reason"))
     if stats:
         out.append(f"<details><summary>stats.json</summary><pre>{pages.esc(json.dumps(stats, indent=2))}</pre>"
                    "</details>")
@@ -191,35 +222,72 @@ def _on(label: str, enabled: bool) -> str:
     return label if enabled else f"{label} (off)"
 
 
-def _histograms(df, cur: CurationConfig) -> str:
-    """Every quantity a threshold acts on, over all decoded images, with the thresholds drawn."""
-    d = df[(df["width"] > 0) & (df["height"] > 0)]
+def _decoded(curdir: Path, columns: list[str]):
+    """Batches of the decoded images (width and height > 0), with their aspect ratio."""
+    for b in scan(curdir, ["width", "height", *columns]):
+        d = b[(b["width"] > 0) & (b["height"] > 0)]
+        yield d.assign(aspect=d["height"] / d["width"])
+
+
+def _quantities(cur: CurationConfig) -> tuple[list, list]:
+    """(shape, scores): (column, title, x label, threshold lines, log x) of each histogram."""
     side = int(buckets.TIER_TABLES[cur.min_tier])
     q = cur.quality
-    plots = [
-        pages.histogram("width", d["width"], "Width", "pixels", [(f"{cur.min_tier} side", side)]),
-        pages.histogram("height", d["height"], "Height", "pixels", [(f"{cur.min_tier} side", side)]),
-        pages.histogram("aspect", d["height"] / d["width"], "Aspect ratio", "height / width",
-                       [("min bucket", buckets.MIN_ASPECT), ("max bucket", buckets.MAX_ASPECT)], log_x=True),
+    shape = [
+        ("width", "Width", "pixels", [(f"{cur.min_tier} side", side)], False),
+        ("height", "Height", "pixels", [(f"{cur.min_tier} side", side)], False),
+        ("aspect", "Aspect ratio", "height / width",
+         [("min bucket", buckets.MIN_ASPECT), ("max bucket", buckets.MAX_ASPECT)], True),
     ]
-    tiers = d["tier"].replace("", "below 1k").replace("None", "below 1k").value_counts()
-    order = ["below 1k", *buckets.CURATION_TIERS]
-    plots.append(pages.bars("tier", {t: int(tiers.get(t, 0)) for t in order}, f"Tier (n={len(d):,})",
-                           marked=cur.min_tier))
-    scored = [
+    scores = [
         ("aesthetic", "Aesthetic score", "LAION aesthetic (1-10)",
-         [(_on("threshold", cur.aesthetic.enabled), cur.aesthetic.threshold)]),
-        ("sharpness", "Sharpness", "variance of the Laplacian", [(_on("min", q.enabled), q.min_sharpness)]),
-        ("contrast", "Contrast", "std of grey levels", [(_on("min", q.enabled), q.min_contrast)]),
+         [(_on("threshold", cur.aesthetic.enabled), cur.aesthetic.threshold)], False),
+        ("sharpness", "Sharpness", "variance of the Laplacian", [(_on("min", q.enabled), q.min_sharpness)], True),
+        ("contrast", "Contrast", "std of grey levels", [(_on("min", q.enabled), q.min_contrast)], False),
         ("brightness", "Brightness", "mean grey level",
-         [(_on("min", q.enabled), q.min_brightness), (_on("max", q.enabled), q.max_brightness)]),
-        ("nsfw", "NSFW probability", "punsafe", [(_on("threshold", cur.nsfw.enabled), cur.nsfw.threshold)]),
+         [(_on("min", q.enabled), q.min_brightness), (_on("max", q.enabled), q.max_brightness)], False),
+        ("nsfw", "NSFW probability", "punsafe", [(_on("threshold", cur.nsfw.enabled), cur.nsfw.threshold)], False),
         ("watermark", "Watermark probability", "pwatermark",
-         [(_on("threshold", cur.watermark.enabled), cur.watermark.threshold)]),
+         [(_on("threshold", cur.watermark.enabled), cur.watermark.threshold)], False),
     ]
-    for col, title, xlabel, lines in scored:
-        if d[col].notna().any():  # nsfw / watermark are null when their filters never ran
-            plots.append(pages.histogram(col, d[col], title, xlabel, lines, log_x=col == "sharpness"))
+    return shape, scores
+
+
+def _histograms(curdir: Path, cur: CurationConfig) -> str:
+    """Every quantity a threshold acts on, over all decoded images, with the thresholds drawn.
+
+    Two passes over the manifest: the first finds each quantity's range (and counts tiers), the
+    second bins on the edges that range gives (pages.histogram_edges), so what is held is 40 bins
+    per plot, not the values.
+    """
+    import numpy as np
+
+    shape, scores = _quantities(cur)
+    lo, hi, seen, tiers, decoded = {}, {}, set(), Counter(), 0
+    for d in _decoded(curdir, ["tier", *(q[0] for q in scores)]):
+        decoded += len(d)
+        tiers.update(d["tier"].replace("", "below 1k").replace("None", "below 1k").value_counts().to_dict())
+        for col, *_, log_x in shape + scores:
+            seen |= {col} if d[col].notna().any() else set()  # nsfw / watermark are null when their filters never ran
+            v = pages.finite(d[col], log_x)
+            if len(v):
+                lo[col], hi[col] = min(lo.get(col, np.inf), v.min()), max(hi.get(col, -np.inf), v.max())
+    edges = {col: pages.histogram_edges(lo[col], hi[col], lines, log_x=log_x)
+             for col, _, _, lines, log_x in shape + scores if col in lo}
+    counts = {col: np.zeros(len(e) - 1, dtype=np.int64) for col, e in edges.items()}
+    if edges:
+        for d in _decoded(curdir, [q[0] for q in scores if q[0] in edges]):
+            for col, *_, log_x in shape + scores:
+                if col in edges:
+                    counts[col] += np.histogram(pages.finite(d[col], log_x), edges[col])[0]
+
+    def plot(col, title, xlabel, lines, log_x):
+        return pages.histogram_counts(col, edges.get(col), counts.get(col), title, xlabel, lines, log_x)
+
+    order = ["below 1k", *buckets.CURATION_TIERS]
+    plots = [plot(*q) for q in shape]
+    plots.append(pages.bars("tier", {t: int(tiers[t]) for t in order}, f"Tier (n={decoded:,})", marked=cur.min_tier))
+    plots += [plot(*q) for q in scores if q[0] in seen]
     return "<h2>Distributions</h2><p class=\"muted\">All decoded images (kept and rejected); dashed lines: " \
            "the configured thresholds.</p>\n<div class=\"plots\">" + "".join(plots) + "</div>"
 
@@ -235,56 +303,136 @@ def _tile_lines(row) -> list[str]:
     return [x for x in lines if x]
 
 
-def _galleries(curdir: Path, df) -> str:
+GALLERY_COLUMNS = ["key", "status", "reason", "width", "height", "aesthetic", "dup_of", "shard"]
+
+
+def _cat(*frames):
+    """pandas.concat of the non-empty frames, in order; None when all are empty."""
     import pandas as pd
 
-    kept = df[df["status"] == reasons.KEPT]
-    rejected = df[df["status"] == reasons.REJECTED]
-    scored = kept[kept["aesthetic"].notna()].sort_values("aesthetic", ascending=False)
-    half = min(GALLERY, (len(scored) + 1) // 2)  # a small run: top and bottom never show the same image
-    top, bottom = scored.head(half), scored.tail(min(GALLERY, len(scored) - half)).iloc[::-1]
-    groups = (rejected[rejected["dup_of"] != ""].groupby("dup_of").size()
-              .sort_values(ascending=False).head(DUP_GROUPS))
-    # per reason, rows with a saved thumbnail first (curation saves a sample of each reason)
-    have = rejected["key"].isin(thumb_keys(curdir))
-    shown_rejected = rejected.assign(_t=have).sort_values("_t", ascending=False, kind="stable") \
-        .groupby("reason").head(GALLERY)
-    dup_rows = rejected[rejected["dup_of"].isin(groups.index)]
-    originals = df[df["key"].isin(groups.index)]
-    need_bytes = pd.concat([top, bottom, originals[originals["status"] == reasons.KEPT]]).drop_duplicates("key")
-    images = {k: pages.thumbnail_uri(b) for k, b in read_images(curdir, need_bytes).items()}
-    images.update(read_thumbs(curdir, set(shown_rejected["key"]) | set(dup_rows["key"])
-                   | set(originals["key"][originals["status"] != reasons.KEPT])))
+    frames = [f for f in frames if f is not None and len(f)]
+    return pd.concat(frames) if frames else None
+
+
+def _head(acc, rows, n: int):
+    """The first n rows of acc followed by rows."""
+    both = _cat(acc, rows)
+    return None if both is None else both.head(n)
+
+
+def _heads(acc, rows, by: str, n: int):
+    """The first n rows per `by` value of acc followed by rows (acc: earlier batches' heads)."""
+    both = _cat(acc, rows)
+    return None if both is None else both.groupby(by, sort=False).head(n)
+
+
+def _ranked(best, worst, rows):
+    """Merge a batch into the GALLERY first and GALLERY last rows of the descending aesthetic
+    order, ties in manifest order (what a stable sort of the whole manifest gives: best and worst
+    come from earlier batches, so a stable sort of them followed by the batch keeps that order)."""
+    def order(*frames):
+        both = _cat(*frames)
+        return None if both is None else both.sort_values("aesthetic", ascending=False, kind="stable")
+
+    rows = order(rows)
+    if rows is None:
+        return best, worst
+    return order(best, rows.head(GALLERY)).head(GALLERY), order(worst, rows.tail(GALLERY)).tail(GALLERY)
+
+
+def _gallery_rows(curdir: Path, thumbs: set[str]) -> dict:
+    """One pass for every gallery: bounded heads and counters, never the rejected or kept set.
+
+    Holds GALLERY rows per gallery, per-reason counts, FAILED_EXAMPLES URLs per failure reason,
+    and one counter entry per kept image that has duplicates (the duplicate groups' sizes).
+    """
+    g = {"best": None, "worst": None, "scored": 0, "kept": 0, "first_kept": None, "with_thumb": None,
+         "without_thumb": None, "rejected": Counter(), "dups": Counter(), "failed": Counter(), "failed_urls": None}
+    for b in scan(curdir, [*GALLERY_COLUMNS, "url"]):
+        kept, rejected, failed = (b[b["status"] == s] for s in (reasons.KEPT, reasons.REJECTED, reasons.FAILED))
+        scored = kept[kept["aesthetic"].notna()]
+        g["kept"] += len(kept)
+        g["scored"] += len(scored)
+        g["first_kept"] = _head(g["first_kept"], kept, GALLERY)
+        g["best"], g["worst"] = _ranked(g["best"], g["worst"], scored)
+        have = rejected["key"].isin(thumbs)  # per reason, rows with a saved thumbnail first
+        g["with_thumb"] = _heads(g["with_thumb"], rejected[have], "reason", GALLERY)
+        g["without_thumb"] = _heads(g["without_thumb"], rejected[~have], "reason", GALLERY)
+        g["rejected"].update(rejected["reason"].value_counts(sort=False).to_dict())  # first-seen order for ties
+        g["dups"].update(rejected.loc[rejected["dup_of"] != "", "dup_of"].value_counts(sort=False).to_dict())
+        g["failed"].update(failed["reason"].value_counts(sort=False).to_dict())
+        g["failed_urls"] = _heads(g["failed_urls"], failed[["reason", "url"]], "reason", FAILED_EXAMPLES)
+    return g
+
+
+def _group_rows(curdir: Path, shown: set[str]):
+    """Second pass: the originals (first row per key) and first GALLERY members of the shown groups."""
+    originals = members = None
+    for b in scan(curdir, GALLERY_COLUMNS):
+        originals = _heads(originals, b[b["key"].isin(shown)], "key", 1)
+        dup = b[(b["status"] == reasons.REJECTED) & b["dup_of"].isin(shown)]
+        members = _heads(members, dup, "dup_of", GALLERY)
+    return originals, members
+
+
+def _rows(frame, column: str | None = None, value=None) -> list:
+    """A frame's rows as Series (optionally those with column == value); [] for None."""
+    if frame is None:
+        return []
+    if column is not None:
+        frame = frame[frame[column] == value]
+    return [r for _, r in frame.iterrows()]
+
+
+def _galleries(curdir: Path) -> str:
+    g = _gallery_rows(curdir, thumb_keys(curdir))
+    n = g["scored"]
+    half = min(GALLERY, (n + 1) // 2)  # a small run: top and bottom never show the same image
+    top = g["best"].head(half) if n else None
+    bottom = g["worst"].tail(min(GALLERY, n - half)).iloc[::-1] if n else None
+    groups = _largest(dict(sorted(g["dups"].items())))[:DUP_GROUPS]
+    originals, members = _group_rows(curdir, {k for k, _ in groups}) if groups else (None, None)
+    shown_rejected = None
+    if g["with_thumb"] is not None or g["without_thumb"] is not None:
+        shown_rejected = _heads(g["with_thumb"], g["without_thumb"], "reason", GALLERY)
+    kept_originals = None if originals is None else originals[originals["status"] == reasons.KEPT]
+    need_bytes = _cat(top, bottom, kept_originals)
+    images = {}
+    if need_bytes is not None:
+        need_bytes = need_bytes.drop_duplicates("key")
+        images = {k: pages.thumbnail_uri(b) for k, b in read_images(curdir, need_bytes).items()}
+    keys = [] if shown_rejected is None else list(shown_rejected["key"])
+    keys += [] if members is None else list(members["key"])
+    keys += [] if originals is None else list(originals["key"][originals["status"] != reasons.KEPT])
+    images.update(read_thumbs(curdir, set(keys)))
 
     def tiles(rows):
-        return [pages.tile(images.get(r["key"]), _tile_lines(r), r["key"]) for _, r in rows.iterrows()]
+        return [pages.tile(images.get(r["key"]), _tile_lines(r), r["key"]) for r in rows]
 
     out = ["<h2>Kept images</h2>"]
-    if len(scored):
-        out.append(pages.gallery("kept-top", "Highest aesthetic score", tiles(top), len(scored)))
-        out.append(pages.gallery("kept-bottom", "Lowest aesthetic score", tiles(bottom), len(scored)))
+    if n:
+        out.append(pages.gallery("kept-top", "Highest aesthetic score", tiles(_rows(top)), n))
+        out.append(pages.gallery("kept-bottom", "Lowest aesthetic score", tiles(_rows(bottom)), n))
     else:
-        out.append(pages.gallery("kept", "Kept", tiles(kept.head(GALLERY)), len(kept)))
+        out.append(pages.gallery("kept", "Kept", tiles(_rows(g["first_kept"])), g["kept"]))
     out.append("<h2>Rejected images by reason</h2>")
-    if not len(rejected):
+    if not g["rejected"]:
         out.append("<p>None.</p>")
-    for reason, n in rejected["reason"].value_counts().items():
-        rows = shown_rejected[shown_rejected["reason"] == reason]
-        out.append(pages.gallery(f"rejected-{reason}", reason, tiles(rows), int(n),
-                                note="thumbnails: CURDIR/thumbs/ (a sample per reason)"))
+    for reason, count in _largest(g["rejected"]):
+        out.append(pages.gallery(f"rejected-{reason}", reason, tiles(_rows(shown_rejected, "reason", reason)),
+                                 count, note="thumbnails: CURDIR/thumbs/ (a sample per reason)"))
     out.append("<h2>Duplicate groups</h2>")
-    if not len(groups):
+    if not groups:
         out.append("<p>None.</p>")
-    for original, n in groups.items():
-        head = originals[originals["key"] == original].head(1)
-        members = tiles(head) if len(head) else [pages.tile(None, [original, "(not in manifest)"], original)]
-        members += tiles(dup_rows[dup_rows["dup_of"] == original].head(GALLERY))
-        out.append(f'<div class="group" data-group="{pages.esc(original)}" data-count="{len(members)}">'
-                   f'{"".join(members)}</div>')
-    failed = df[df["status"] == reasons.FAILED]
-    if len(failed):
-        rows = [(r, int(n), " ".join(failed[failed["reason"] == r]["url"].head(FAILED_EXAMPLES)))
-                for r, n in failed["reason"].value_counts().items()]
+    for original, _ in groups:
+        head = _rows(originals, "key", original)
+        shown = tiles(head) if head else [pages.tile(None, [original, "(not in manifest)"], original)]
+        shown += tiles(_rows(members, "dup_of", original))
+        out.append(f'<div class="group" data-group="{pages.esc(original)}" data-count="{len(shown)}">'
+                   f'{"".join(shown)}</div>')
+    if g["failed"]:
+        urls = g["failed_urls"]
+        rows = [(r, count, " ".join(urls["url"][urls["reason"] == r])) for r, count in _largest(g["failed"])]
         out.append("<h2>Failed (no image)</h2>" + pages.table(["reason", "images", "example URLs"], rows, "failed"))
     return "\n".join(out)
 
@@ -298,11 +446,12 @@ def build(curdir: str | Path, cur: CurationConfig | None = None) -> str:
     """The report's HTML for a curated run folder."""
     curdir = Path(curdir)
     cur = cur or CurationConfig()
-    df = read_manifest(curdir)
+    with manifest_file(curdir) as f:
+        total = f.metadata.num_rows
     stats_file = curdir / STATS
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-    body = [f'<p class="muted">{pages.esc(curdir.resolve())}: {len(df):,} URLs</p>',
-            _counts(df, stats), _thresholds(cur), _histograms(df, cur), _galleries(curdir, df)]
+    body = [f'<p class="muted">{pages.esc(curdir.resolve())}: {total:,} URLs</p>',
+            _counts(curdir, total, stats), _thresholds(cur), _histograms(curdir, cur), _galleries(curdir)]
     return pages.page(f"Dataset report: {curdir.name}", "\n".join(body))
 
 

@@ -126,3 +126,168 @@ def test_rejected_thumbnails_from_download_tar(tmp_path):
     with Image.open(thumb_path(curdir, "r0")) as im:
         assert im.size == (256, 128) and im.getpixel((128, 64))[2] > 150  # the right bytes, downscaled
     assert save_rejected_thumbnails(curdir, rows, per_reason=2) == 0  # rerun: nothing new
+
+
+# ---------------------------------------------------------------------------------------------
+# A big manifest: the report streams it in batches and its aggregates match pandas on the whole
+# ---------------------------------------------------------------------------------------------
+
+REJECT = ["too_small", "low_quality", "low_aesthetic", "duplicate", "nsfw", "bad_aspect"]
+FAIL = ["http_404", "timeout", "http_500", "decode_error"]
+
+
+def write_big_manifest(curdir: Path, n: int, row_group: int) -> None:
+    """n rows over several row groups with the real MANIFEST_COLUMNS (+ a carried column); scores
+    rounded to 0.1 so the galleries have ties; nsfw all null (its filter never ran); no tars."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shards import format
+
+    rng = np.random.default_rng(7)
+    status = rng.choice(["kept", "rejected", "failed"], n, p=[0.5, 0.35, 0.15])
+    reason = np.where(status == "kept", "", np.where(status == "rejected", rng.choice(REJECT, n), rng.choice(FAIL, n)))
+    key = np.char.zfill(np.arange(n).astype(str), 9)
+    failed, kept = status == "failed", status == "kept"
+    dup = (reason == "duplicate") & (rng.random(n) < 0.9)
+    originals = key[kept][:600]
+
+    def size():  # 0: undecodable
+        return pa.array(rng.integers(0, 4000, n), mask=failed)
+
+    def score(values, null_share=0.0):
+        return pa.array(values, mask=failed | (rng.random(n) < null_share))
+
+    columns = {
+        "url": pa.array(np.char.add("http://example.com/", key)), "key": pa.array(key),
+        "status": pa.array(status), "reason": pa.array(reason), "width": size(), "height": size(),
+        "tier": pa.array(rng.choice(["", "1k", "2k", "4k"], n), mask=failed),
+        "aesthetic": score(np.round(rng.normal(5, 1, n), 1), 0.1),
+        "sharpness": score(rng.lognormal(3, 2, n) * (rng.random(n) > 0.05)),
+        "contrast": score(rng.normal(40, 10, n)), "brightness": score(rng.uniform(0, 255, n)),
+        "nsfw": pa.nulls(n, pa.float64()), "watermark": score(rng.random(n), 0.3),
+        "sha256": pa.array(np.char.zfill(np.arange(n).astype(str), 64)), "phash": pa.array(np.char.zfill(key, 16)),
+        "dup_of": pa.array(np.where(dup, rng.choice(originals, n), ""), mask=~dup),
+        "shard": pa.array(np.where(kept, "00000.tar", ""), mask=~kept), "caption": pa.array(np.char.add("alt ", key)),
+    }
+    assert list(columns)[:len(format.MANIFEST_COLUMNS)] == format.MANIFEST_COLUMNS
+    curdir.mkdir(parents=True)
+    pq.write_table(pa.table(columns), curdir / format.MANIFEST, row_group_size=row_group)
+
+
+def expected_report(curdir: Path, cur) -> dict:
+    """What the report shows, computed the old way: the whole manifest in one DataFrame."""
+    import pandas as pd
+
+    from curation import report
+    from shards import format
+
+    df = pd.read_parquet(curdir / format.MANIFEST, columns=format.MANIFEST_COLUMNS)
+    for col in ("reason", "dup_of", "tier"):
+        df[col] = df[col].fillna("")
+    kept, rejected, failed = (df[df["status"] == s] for s in ("kept", "rejected", "failed"))
+    scored = kept[kept["aesthetic"].notna()].sort_values("aesthetic", ascending=False, kind="stable")
+    groups = rejected[rejected["dup_of"] != ""].groupby("dup_of").size().sort_values(ascending=False)
+    d = df[(df["width"] > 0) & (df["height"] > 0)].assign(aspect=lambda d: d["height"] / d["width"])
+    shape, scores = report._quantities(cur)
+    return {
+        "status": df["status"].value_counts().to_dict(),
+        "reasons": [(s, r, n) for (s, r), n in df[df["status"] != "kept"].groupby(["status", "reason"]).size()
+                    .sort_values(ascending=False).items()],
+        "top": list(scored["key"][:24]), "bottom": list(scored["key"][-24:][::-1]), "scored": len(scored),
+        "rejected": list(rejected["reason"].value_counts().items()),
+        "too_small": list(rejected[rejected["reason"] == "too_small"]["key"][:24]),
+        "groups": {g: [g, *rejected[rejected["dup_of"] == g]["key"][:24]] for g in groups.index[:12]},
+        "failed": [(r, n, " ".join(failed[failed["reason"] == r]["url"][:5]))
+                   for r, n in failed["reason"].value_counts().items()],
+        "tiers": d["tier"].replace("", "below 1k").value_counts().to_dict(),
+        "values": {q[0]: (d[q[0]], q) for q in shape + scores},
+    }
+
+
+def report_html_parts(html: str) -> dict:
+    import re
+
+    def table(name):
+        body = re.search(f'<table data-table="{name}">(.*?)</table>', html).group(1)
+        rows = re.findall(r"<tr>(.*?)</tr>", body)[1:]
+        return [[c.replace(",", "") for c in re.findall(r"<td[^>]*>(.*?)</td>", r)] for r in rows]  # 1,234 -> 1234
+
+    galleries = {g: (int(total), re.findall(r'data-key="([^"]+)"', body)) for g, total, body in
+                 re.findall(r'data-gallery="([^"]+)" data-count="\d+" data-total="(\d+)">(.*?)</section>', html)}
+    groups = {g: re.findall(r'data-key="([^"]+)"', body) for g, body in
+              re.findall(r'<div class="group" data-group="([^"]+)" data-count="\d+">(.*?)</div></div>', html)}
+    return {"status": table("status"), "reason": table("reason"), "failed": table("failed"),
+            "galleries": galleries, "groups": groups}
+
+
+def check_streamed_report(curdir: Path, monkeypatch, batch: int) -> None:
+    """Build the report with every whole-file reader disabled; compare it with pandas on the whole."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from common import pages
+    from common.config import CurationConfig
+    from curation import report
+
+    cur = CurationConfig()
+    want = expected_report(curdir, cur)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report must stream the manifest, not read it whole")
+
+    for owner, name in [(pd, "read_parquet"), (pq, "read_table"), (pq, "ParquetDataset"), (pq.ParquetFile, "read"),
+                        (pq.ParquetFile, "read_row_groups"), (pq.ParquetFile, "read_row_group")]:
+        monkeypatch.setattr(owner, name, refuse)
+    scans, iter_batches = [], pq.ParquetFile.iter_batches
+
+    def counted(self, batch_size=65536, columns=None, **kwargs):
+        scans.append(list(columns))
+        for b in iter_batches(self, batch_size=batch_size, columns=columns, **kwargs):
+            assert b.num_rows <= batch  # never more than one batch of rows at a time
+            yield b
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    monkeypatch.setattr(report, "BATCH", batch)
+    plots, bars = {}, {}
+    monkeypatch.setattr(pages, "histogram_counts", lambda name, edges, counts, *a, **k: plots.update(
+        {name: (edges, counts)}) or "")
+    monkeypatch.setattr(pages, "bars", lambda name, counts, *a, **k: bars.update({name: counts}) or "")
+    got = report_html_parts(report.build(curdir, cur))
+
+    assert scans and all(not {"sha256", "phash", "caption"} & set(c) for c in scans), scans
+    total = sum(want["status"].values())
+    assert got["status"] == [[s, str(n), f"{100 * n / total:.1f}%"] for s, n in
+                             ((s, want["status"].get(s, 0)) for s in ("kept", "rejected", "failed"))] \
+        + [["total", str(total), "100%"]]
+    assert got["reason"] == [[s, r, str(n)] for s, r, n in want["reasons"]]
+    g = got["galleries"]
+    assert g["kept-top"] == (want["scored"], want["top"]) and g["kept-bottom"] == (want["scored"], want["bottom"])
+    rejected = [(k[len("rejected-"):], total) for k, (total, _) in g.items() if k.startswith("rejected-")]
+    assert rejected == want["rejected"]
+    assert g["rejected-too_small"][1] == want["too_small"]  # no thumbnails saved: the first 24 in manifest order
+    assert got["groups"] == want["groups"] and list(got["groups"]) == list(want["groups"])
+    assert got["failed"] == [[r, str(n), u] for r, n, u in want["failed"]]
+    assert {t: n for t, n in bars["tier"].items() if n} == want["tiers"]
+    assert "nsfw" not in plots  # all null: no plot, as before
+    for name, (values, (_, _, _, lines, log_x)) in want["values"].items():
+        if name == "nsfw":
+            continue
+        v = pages.finite(values, log_x)  # the in-memory rule: pages.histogram on the whole column
+        edges = pages.histogram_edges(v.min(), v.max(), lines, log_x=log_x)
+        assert np.array_equal(plots[name][0], edges), name
+        assert np.array_equal(plots[name][1], np.histogram(v, edges)[0]), name
+
+
+def test_report_streams_a_big_manifest(tmp_path, monkeypatch):
+    """30k rows in 6 row groups read in batches of 1,000: only iter_batches, results as pandas'."""
+    write_big_manifest(tmp_path / "cur", 30_000, 5_000)
+    check_streamed_report(tmp_path / "cur", monkeypatch, batch=1_000)
+
+
+@pytest.mark.slow
+def test_report_streams_300k_rows(tmp_path, monkeypatch):
+    write_big_manifest(tmp_path / "cur", 300_000, 40_000)
+    check_streamed_report(tmp_path / "cur", monkeypatch, batch=8_192)
