@@ -82,6 +82,7 @@ def test_dedup_against_an_earlier_run(curated, ray_local, server, tmp_path, caps
     assert index["key"].tolist() == [m2.loc["fresh-1k.jpg", "key"]]
     with pytest.raises(SigmaError, match="another --dedup-against"):  # the earlier runs are an input too
         pipeline.run(tmp_path / "urls.parquet", tmp_path / "second", demo_cfg(), [])
+    capsys.readouterr()  # what the runs above logged is not the error's line
     with pytest.raises(SystemExit) as e:
         cli.main(["--urls", str(tmp_path / "urls.parquet"), "--out", str(tmp_path / "third"), "--profile", "demo",
                   "--dedup-against", str(tmp_path)])
