@@ -11,7 +11,9 @@ thumbnails come from `CURDIR/thumbs/KEY.jpg`, which curation writes with `save_t
 bounded sample of each reason (`THUMBS_PER_REASON`); a rejected row without one gets a text tile.
 Reads only what it shows: the manifest streamed in batches (`scan`), each section reading its own
 few columns into bounded aggregates (counters, fixed bins, GALLERY rows per gallery), so memory
-does not grow with the run (10^7-10^8 URLs); and the gallery images' tar members.
+does not grow with the run (10^7-10^8 URLs); and the gallery images' tar members. Over 400 lines
+because each section's streaming aggregate sits beside the HTML it feeds; split, they would be read
+apart.
 """
 from __future__ import annotations
 
