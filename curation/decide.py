@@ -1,8 +1,9 @@
 """Decisions after scoring, as Ray work: score thresholds and dedup over the whole run (and earlier runs).
 
     scored/NNNNN.parquet (survivors) [+ earlier runs' dedup_index/] -> Ray Data:
-        hashes: one row per (band -1, sha256) and per (pHash band, value) -> groupby
-               -> star edges for equal sha256, pairs within the radius for a pHash band -> _work/dedup/hashes/
+        hashes: one row per (band -1, sha256) and per (pHash band, value) -> shuffle on a hash of
+               (band, value) into `partitions` -> each partition sorts its rows into groups: star
+               edges for equal sha256, pairs within the radius for a pHash band -> _work/dedup/hashes/
         clip:  k-means (one task, on a sample) -> assign to `probe` clusters -> groupby cluster
                -> cosine pairs                          -> _work/dedup/clip/
     -> one task: connected components over all edges -> _work/dedup/dups.parquet (id, dup_of), sorted
