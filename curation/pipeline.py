@@ -42,7 +42,12 @@ SCORED_COLUMNS = ["key", "url", "reason", "width", "height", "tier", "ext", "sha
                   "t_measure", "t_embed"]
 TIER_RANK = {t: i for i, t in enumerate(buckets.CURATION_TIERS)}
 MEASURE_BATCH = 4  # rows per measuring task: a few seconds of decoding for 4K photos
-MEASURE_MEMORY = 512 * 2**20  # per measuring task: one decode at a time (<= 64 MP after the bomb guard) + 4 originals
+# Per measuring task (Ray's logical memory, also what its issue detector checks: it advises more when
+# 1.25 x a task's peak USS exceeds it). Measured on the demo data: a worker peaks at 450 MiB, ~420 of
+# it before any decode, as the same Ray workers run download tasks and img2dataset's resizer imports
+# albumentations -> torch, cv2, scipy (~390 MiB); a JPEG decodes DCT-scaled (+7 MiB for 64 MP), a
+# 64 MP PNG (the bomb guard's limit) in full (+240 MiB). 1.25 x (450 + 240) = 862 MiB -> 896.
+MEASURE_MEMORY = 896 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------

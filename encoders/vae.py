@@ -10,6 +10,7 @@ the aspect ratio (bicubic; Lanczos for 2K+ buckets), center-crop to the bucket, 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -38,7 +39,10 @@ def load_vae(path: str, dtype: str | torch.dtype = "float32", device: str | torc
     from diffusers import AutoencoderKL
 
     dtype = torch_dtype(dtype)
-    vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, low_cpu_mem_usage=False)  # no accelerate hint
+    # diffusers' default low_cpu_mem_usage=True needs `accelerate` (optional here): without it,
+    # diffusers falls back to False and prints a "pip install accelerate" hint on every load
+    low_cpu_mem_usage = importlib.util.find_spec("accelerate") is not None
+    vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, low_cpu_mem_usage=low_cpu_mem_usage)
     vae = vae.to(device).eval().requires_grad_(False)
     if tiling:
         vae.enable_tiling()

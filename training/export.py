@@ -54,6 +54,7 @@ def write_pipeline(model, out: Path, t5_path: str, vae_path: str, links: dict[st
     from transformers import T5EncoderModel
 
     from encoders import t5 as t5_mod
+    from encoders import vae as vae_mod
     from shards.atomic import write_text
     from training.diffusion import make_scheduler
 
@@ -64,7 +65,7 @@ def write_pipeline(model, out: Path, t5_path: str, vae_path: str, links: dict[st
     else:
         t5_mod.load_tokenizer(t5_path).save_pretrained(str(out / "tokenizer"))
         T5EncoderModel.from_pretrained(str(t5_path)).save_pretrained(str(out / "text_encoder"))
-        diffusers.AutoencoderKL.from_pretrained(str(vae_path)).save_pretrained(str(out / "vae"))
+        vae_mod.load_vae(str(vae_path)).save_pretrained(str(out / "vae"))  # the one VAE loader: no accelerate hint
     make_scheduler().save_pretrained(str(out / "scheduler"))
     index = {"_class_name": PIPELINE, "_diffusers_version": diffusers.__version__,
              "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", tokenizer_class(out)],

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.terminal import noise
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -82,6 +84,7 @@ def test_ray_job_submit(head, server, tiny_models, tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     logs = r.stdout + r.stderr  # the job's own output, as `ray job logs` shows it: no TTY, so no bars
     assert "download shard 00000: 3 URLs scored (1/1 shards)" in logs and "download+score:" not in logs, logs[-3000:]
+    assert not noise(logs), noise(logs)  # e.g. the measure_rows memory advice, the Embed actor's core_worker line
     m = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("url")
     assert m.loc[urls, "reason"].tolist() == [None, "too_small", "http_404"]
     assert json.loads((tmp_path / "out" / "stats.json").read_text())["kept"] == 1
@@ -89,9 +92,11 @@ def test_ray_job_submit(head, server, tiny_models, tmp_path):
     r = _submit(address, env, "captioning/recaption", "--shards", str(tmp_path / "out" / "shards"),
                 "--out", str(tmp_path / "caps"), "--profile", "demo")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert not noise(r.stdout + r.stderr), noise(r.stdout + r.stderr)
     assert pq.read_table(tmp_path / "caps" / "00000.parquet").num_rows == 1
     r = _submit(address, env, "encoding/encode", "--images", str(tmp_path / "out" / "shards" / "*.tar"),
                 "--captions", str(tmp_path / "caps"), "--out", str(tmp_path / "enc"), "--tier", "256", "--profile", "demo")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert not noise(r.stdout + r.stderr), noise(r.stdout + r.stderr)  # incl. the VAE actors' accelerate hint
     index = pd.read_parquet(tmp_path / "enc" / "index.parquet")
     assert index["status"].tolist() == ["kept"], r.stdout[-2000:]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tests.evaluation.test_preference import _fresh_copy, server_factory  # noqa: F401 - a fixture
+from tests.terminal import noise
 from training import judge, preference, study
 
 
@@ -31,6 +32,7 @@ def test_judge_records_every_answer_both_orders_and_resumes(evaldir, tmp_path, t
     model = tiny_models / "captioner"
     r = evaluate_cli("--judge", model, evaldir)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not noise(r.stderr), noise(r.stderr)  # its local Ray's token-auth notice, the Judge actor's core_worker line
     store = preference.Store(evaldir / preference.DB)
     pairs = {p.id: p for p in preference.load_pairs(evaldir, store.salt)}
     rows = store.rows(source="judge")
