@@ -5,8 +5,9 @@
     finalize (task per download shard): _work/manifest/NNNNN.parquet (its manifest rows; written last),
         _work/members/NNNNN.parquet (kept rows: where the bytes are + .json/.txt), dedup_index/NNNNN.parquet,
         thumbs/ of its share of rejected images
-    tar (task per output shard, after the finalize tasks it reads): shards/NNNNN.tar
-    driver: a download tar is deleted once its finalize and every tar reading it are done
+    tar (task per output shard, once the finalize tasks it reads are done): shards/NNNNN.tar
+    driver: a download tar is deleted once its finalize and every tar reading it are done; at most
+        `window` tasks in flight, and per download shard only numbers (first kept, quota, readers)
     merge (one task): manifest.parquet, one row group per download shard, streamed
 
 Kept images are numbered in key order, so the output is the same however the work is spread.
@@ -14,7 +15,6 @@ Every file is written once, atomically; existing ones are finished work, so a re
 """
 from __future__ import annotations
 
-import bisect
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +115,7 @@ def _num(v):
     return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
 
 
-def _tar(out: str, index: int, shards: list[int], *finalized) -> int:
+def _tar(out: str, index: int, shards: list[int]) -> int:
     """Ray task: output shard `index` from the kept members of the download shards it spans."""
     work = Path(out) / "_work"
     placement.mark(work, "write")
@@ -153,77 +153,110 @@ def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> d
         folder.mkdir(parents=True, exist_ok=True)
         atomic.clean_temp(folder)
     dups_s = str(dups) if dups else None
+    window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
     count = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_count)
-    counted = ray.get([count.remote(str(work), i, dups_s, cur) for i in range(n_shards)])
-    starts = np.concatenate([[0], np.cumsum([k for k, _ in counted])]).astype(int).tolist()
-    kept = starts[-1]
+    counted = dict(_bounded(((i, count.remote(str(work), i, dups_s, cur)) for i in range(n_shards)), window))
+    starts = np.concatenate([[0], np.cumsum([counted[i][0] for i in range(n_shards)])]).astype(np.int64)
+    kept = int(starts[-1])
     n_out = (kept + cur.shard_size - 1) // cur.shard_size
     schema = manifest_schema(pq.read_schema(work / "input" / "00000.parquet"))
-    finalize = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_finalize)
-    tar = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_tar)
     from curation.report import THUMBS_PER_REASON
 
-    left: dict[str, int] = {}  # per reason: thumbnails still to take, in shard order
-
-    fin, tars, readers = {}, {}, {i: 0 for i in range(n_shards)}
-    for i, (_, thumbs) in enumerate(counted):
-        quota = {r: min(n, left.setdefault(r, THUMBS_PER_REASON)) for r, n in thumbs.items()}
-        for r, n in quota.items():
+    quotas, left = [], {}  # per shard and reason: thumbnails to take, in shard order
+    for i in range(n_shards):
+        quotas.append({r: min(n, left.setdefault(r, THUMBS_PER_REASON)) for r, n in counted[i][1].items()})
+        for r, n in quotas[-1].items():
             left[r] -= n
-        fin[i] = finalize.remote(str(out), i, dups_s, starts[i], quota, schema, cur)
-    for k in range(n_out):
-        spans = _spanning(starts, k * cur.shard_size, min(kept, (k + 1) * cur.shard_size))
-        for i in spans:
-            readers[i] += 1
-        if (out / "shards" / shard_name(k)).exists():
-            tars[k] = (spans, None)
-        else:
-            tars[k] = (spans, tar.remote(str(out), k, spans, *[fin[i] for i in spans]))
-    _release(out, fin, tars, readers, n_shards)
+    del counted
+    _schedule(out, n_shards, n_out, starts, window, dups_s, quotas, schema, cur)
     ray.get(ray.remote(num_cpus=0.25)(_merge).remote(
         [str(work / PARTS / f"{i:05d}.parquet") for i in range(n_shards)], str(out / MANIFEST), schema))
     return {"kept": kept, "shards": n_out}
 
 
-def _spanning(starts: list[int], lo: int, hi: int) -> list[int]:
-    """Download shards whose kept numbers [starts[i], starts[i+1]) meet [lo, hi)."""
-    first = bisect.bisect_right(starts, lo) - 1
-    out = []
-    for i in range(max(first, 0), len(starts) - 1):
-        if starts[i] >= hi:
-            break
-        if starts[i + 1] > lo:
-            out.append(i)
-    return out
-
-
-def _release(out: Path, fin: dict, tars: dict, readers: dict, n_shards: int) -> None:
-    """Wait for the tasks; delete each download tar once its finalize and all its readers are done."""
+def _bounded(jobs, window: int):
+    """(key, result) of each (key, ref) of `jobs` as it finishes, with at most `window` refs in flight
+    (the driver holds a task's handle only while it runs, however many shards the run has)."""
     import ray
 
-    pending = {ref: ("fin", i) for i, ref in fin.items()}
-    pending.update({ref: ("tar", k) for k, (_, ref) in tars.items() if ref is not None})
-    finalized, freed = set(), set()
-    for spans, ref in tars.values():
-        if ref is None:
-            for i in spans:
-                readers[i] -= 1
-    with progress.bar(n_shards, "shard", "write") as bar:
-        def free(i):
-            if i in finalized and readers[i] == 0 and i not in freed:
-                (out / "downloads" / f"{i:05d}.tar").unlink(missing_ok=True)
-                freed.add(i)
-                bar.update(1)
+    jobs, pending = iter(jobs), {}
+    while True:
+        for key, ref in jobs:
+            pending[ref] = key
+            if len(pending) >= window:
+                break
+        if not pending:
+            return
+        done, _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(done[0]), ray.get(done[0])
 
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=min(len(pending), 256), timeout=0.5)
-            for ref in done:
-                kind, n = pending.pop(ref)
-                ray.get(ref)
-                if kind == "fin":
-                    finalized.add(n)
-                    free(n)
+
+def _span_bounds(starts: np.ndarray, k, shard_size: int, kept: int):
+    """[first, stop) of the download shards whose kept numbers [starts[i], starts[i+1]) meet output
+    shard k's (k may be an array)."""
+    lo = np.asarray(k, np.int64) * shard_size
+    hi = np.minimum(kept, lo + shard_size)
+    return np.searchsorted(starts, lo, side="right") - 1, np.searchsorted(starts, hi, side="left")
+
+
+def _spans(starts: np.ndarray, k: int, shard_size: int, kept: int) -> range:
+    first, stop = _span_bounds(starts, k, shard_size, kept)
+    return range(int(first), int(stop))
+
+
+def _schedule(out: Path, n_shards: int, n_out: int, starts: np.ndarray, window: int, dups: str | None,
+              quotas: list, schema: pa.Schema, cur: CurationConfig) -> None:
+    """Finalize tasks in shard order, each output shard's tar task once the shards it reads are
+    finalized; a download tar is deleted once it is finalized and every tar reading it is written.
+    At most `window` tasks in flight; per shard the driver keeps two counters, not task handles."""
+    import ray
+
+    finalize = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_finalize)
+    tar = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_tar)
+    kept, size = int(starts[-1]), cur.shard_size
+    first, stop = _span_bounds(starts, np.arange(n_out), size, kept)
+    edges = np.zeros(n_shards + 1, np.int64)
+    np.add.at(edges, first, 1)
+    np.add.at(edges, stop, -1)
+    readers = np.cumsum(edges)[:n_shards]  # tar tasks still to run that read each download shard
+    finalized = np.zeros(n_shards, bool)
+    next_fin = next_tar = 0
+    pending: dict = {}
+
+    def free(i: int) -> None:
+        if finalized[i] and readers[i] == 0:
+            (out / "downloads" / f"{i:05d}.tar").unlink(missing_ok=True)
+            bar.update(1)
+
+    with progress.bar(n_shards, "shard", "write") as bar:
+        while next_fin < n_shards or next_tar < n_out or pending:
+            while len(pending) < window:
+                if next_tar < n_out and finalized[list(_spans(starts, next_tar, size, kept))].all():
+                    spans = _spans(starts, next_tar, size, kept)
+                    if (out / "shards" / shard_name(next_tar)).exists():  # written by an earlier run
+                        readers[spans.start:spans.stop] -= 1
+                        for i in spans:
+                            free(i)
+                    else:
+                        pending[tar.remote(str(out), next_tar, list(spans))] = ("tar", next_tar)
+                    next_tar += 1
+                elif next_fin < n_shards:
+                    ref = finalize.remote(str(out), next_fin, dups, int(starts[next_fin]), quotas[next_fin],
+                                          schema, cur)
+                    pending[ref] = ("fin", next_fin)
+                    next_fin += 1
                 else:
-                    for i in tars[n][0]:
-                        readers[i] -= 1
-                        free(i)
+                    break
+            if not pending:
+                continue
+            done, _ = ray.wait(list(pending), num_returns=1)
+            kind, n = pending.pop(done[0])
+            ray.get(done[0])
+            if kind == "fin":
+                finalized[n] = True
+                free(n)
+            else:
+                spans = _spans(starts, n, size, kept)
+                readers[spans.start:spans.stop] -= 1
+                for i in spans:
+                    free(i)
