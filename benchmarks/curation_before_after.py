@@ -14,6 +14,7 @@ Writes benchmarks/results/curation_before_after.md.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -21,6 +22,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -72,7 +74,18 @@ def side(checkout: Path, urls: Path, out: Path) -> dict:
     wall, tree, top = run_measured(argv, env, cwd=checkout)
     stats = json.loads((out / "stats.json").read_text())
     m = pd.read_parquet(out / "manifest.parquet", columns=["url", "status", "reason", "dup_of"])
-    return {"wall": wall, "tree": tree, "top": top, "stats": stats, "manifest": m}
+    return {"wall": wall, "tree": tree, "top": top, "stats": stats, "manifest": m, "images": kept_images(out)}
+
+
+def kept_images(out: Path) -> list[tuple[str, str]]:
+    """(member name, sha256 of its bytes) of every image in the output shards, in order."""
+    found = []
+    for tar in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(tar) as t:
+            for m in t:
+                if m.isfile() and m.name.rsplit(".", 1)[-1] in ("jpg", "jpeg", "png", "webp"):
+                    found.append((m.name, hashlib.sha256(t.extractfile(m).read()).hexdigest()))
+    return found
 
 
 def main() -> None:
@@ -119,8 +132,10 @@ def main() -> None:
         lines.append(f"| {name} ({args.before if name == 'before' else rev.strip()}) | {s['wall']:.1f} | "
                      f"{sec['download_score']:.1f} | {sec['decide']:.1f} | {sec['write']:.1f} | {s['top']:.0f} | "
                      f"{s['tree']:.0f} | {st['kept']} | {st['reason'].get('duplicate', 0)} |")
+    same = sides["before"]["images"] == sides["after"]["images"]
     lines += ["", f"Manifests: {'identical' if differ == 0 else f'{differ} URLs differ'} in status, reason and "
-              f"dup_of over {args.urls} URLs."]
+              f"dup_of over {args.urls} URLs. Kept images (tar member names and bytes, in order): "
+              f"{'identical' if same else 'different'} ({len(sides['after']['images'])} images)."]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
