@@ -37,9 +37,12 @@ RESULTS = ROOT / "benchmarks" / "results" / "curation_before_after.md"
 
 
 def variants(folder: Path, photos: list[str], bases: int, seed: int = 0) -> list[str]:
-    """Write the crops and near copies into `folder`; returns their names."""
+    """Write the crops and near copies into `folder` (once: reused when complete); returns their names."""
     from PIL import Image
 
+    done = folder / "complete.json"
+    if done.exists():
+        return json.loads(done.read_text())
     rng = random.Random(seed)
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -59,6 +62,7 @@ def variants(folder: Path, photos: list[str], bases: int, seed: int = 0) -> list
                 crop.resize((round(w * 0.97), round(h * 0.97)), Image.BILINEAR).save(folder / f"n{b:05d}.jpg",
                                                                                      quality=80)
                 names.append(f"n{b:05d}.jpg")
+    done.write_text(json.dumps(sorted(names)))
     return sorted(names)
 
 
@@ -73,7 +77,8 @@ def side(checkout: Path, urls: Path, out: Path) -> dict:
             "--set", f"curation.download.threads={THREADS}"]
     wall, tree, top = run_measured(argv, env, cwd=checkout)
     stats = json.loads((out / "stats.json").read_text())
-    m = pd.read_parquet(out / "manifest.parquet", columns=["url", "status", "reason", "dup_of"])
+    m = pd.read_parquet(out / "manifest.parquet", columns=["url", "key", "status", "reason", "dup_of", "width",
+                                                          "height", "sha256", "phash"])
     return {"wall": wall, "tree": tree, "top": top, "stats": stats, "manifest": m, "images": kept_images(out)}
 
 
@@ -86,6 +91,27 @@ def kept_images(out: Path) -> list[tuple[str, str]]:
                 if m.isfile() and m.name.rsplit(".", 1)[-1] in ("jpg", "jpeg", "png", "webp"):
                     found.append((m.name, hashlib.sha256(t.extractfile(m).read()).hexdigest()))
     return found
+
+
+def _rule(checkout: Path):
+    """That checkout's in-process dedup rule, `find_duplicates`, loaded from its own file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"dedup_{checkout.name}", checkout / "curation" / "dedup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.find_duplicates
+
+
+def _replay(find_duplicates, data: pd.DataFrame, decided: pd.DataFrame) -> tuple[int, int]:
+    """(candidates whose replayed dup_of equals `decided`'s, candidates): candidates are `data`'s rows
+    that passed everything but dedup (kept or duplicate); demo profile: sha256 + pHash radius 4."""
+    c = data[(data["status"] == "kept") | (data["reason"] == "duplicate")].sort_values("key")
+    keys = c["key"].tolist()
+    found = find_duplicates(keys, (c["width"] * c["height"]).astype(int).tolist(), c["sha256"].tolist(),
+                            c["phash"].tolist(), None, 4, None)
+    want = decided.set_index("key")["dup_of"].fillna("").to_dict()
+    return sum(found.get(k, "") == want.get(k, "") for k in keys), len(keys)
 
 
 def main() -> None:
@@ -102,20 +128,26 @@ def main() -> None:
     try:
         subprocess.run(["git", "worktree", "add", "--detach", str(before), args.before], cwd=ROOT, check=True,
                        capture_output=True)
-        names = variants(tmp / "images", photos, args.bases)
-        mb = sum((tmp / "images" / n).stat().st_size for n in names) / 1e6
-        with ImageServer(tmp / "images") as srv:
+        images = REAL.parent / f"variants-{args.bases}"
+        names = variants(images, photos, args.bases)
+        mb = sum((images / n).stat().st_size for n in names) / 1e6
+        with ImageServer(images) as srv:
             urls = [f"{srv.url}/{names[i % len(names)]}?i={i}" for i in range(args.urls)]
             pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(args.urls)]}),
                            tmp / "urls.parquet")
             sides = {"before": side(before, tmp / "urls.parquet", tmp / "out-before"),
                      "after": side(ROOT, tmp / "urls.parquet", tmp / "out-after")}
+        rules = {"before": _rule(before), "after": _rule(ROOT)}
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    a, b = (sides[k]["manifest"].set_index("url").sort_index().fillna("") for k in ("before", "after"))
+    cols = ["status", "reason", "dup_of"]
+    a, b = (sides[k]["manifest"].set_index("url").sort_index()[cols].fillna("") for k in ("before", "after"))
     differ = int((a != b).any(axis=1).sum()) if a.index.equals(b.index) else -1
+    # each side's dedup rule replayed on the other side's candidates: are the differences the rule's?
+    replay = {(rule, data): _replay(rules[rule], sides[data]["manifest"], sides[rule]["manifest"])
+              for rule in sides for data in sides}
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     lines = ["## Curation on real photos with duplicates, before and after (`benchmarks/curation_before_after.py`)", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, 1-min load average at the end "
@@ -133,6 +165,13 @@ def main() -> None:
                      f"{sec['download_score']:.1f} | {sec['decide']:.1f} | {sec['write']:.1f} | {s['top']:.0f} | "
                      f"{s['tree']:.0f} | {st['kept']} | {st['reason'].get('duplicate', 0)} |")
     same = sides["before"]["images"] == sides["after"]["images"]
+    lines += ["", "Each side's dedup rule (`find_duplicates` of its checkout, in one process) replayed on the images "
+              "each side found that passed everything but dedup; URLs whose dup_of / kept decision matches the "
+              "side whose rule was used:", "", "| rule of | on the candidates of before | on the candidates of after |",
+              "| --- | ---: | ---: |"]
+    for rule in sides:
+        lines.append(f"| {rule} | " + " | ".join(f"{replay[(rule, d)][0]} / {replay[(rule, d)][1]}" for d in sides)
+                     + " |")
     lines += ["", f"Manifests: {'identical' if differ == 0 else f'{differ} URLs differ'} in status, reason and "
               f"dup_of over {args.urls} URLs. Kept images (tar member names and bytes, in order): "
               f"{'identical' if same else 'different'} ({len(sides['after']['images'])} images)."]
