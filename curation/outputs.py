@@ -191,30 +191,25 @@ def _bounded(jobs, window: int):
         yield pending.pop(done[0]), ray.get(done[0])
 
 
-def _span_bounds(starts: np.ndarray, k, shard_size: int, kept: int):
-    """[first, stop) of the download shards whose kept numbers [starts[i], starts[i+1]) meet output
-    shard k's (k may be an array)."""
-    lo = np.asarray(k, np.int64) * shard_size
-    hi = np.minimum(kept, lo + shard_size)
+def _span_bounds(starts: np.ndarray, n_out: int, shard_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per output shard k: [first, stop) of the download shards whose kept numbers
+    [starts[i], starts[i+1]) meet k's [k * shard_size, (k + 1) * shard_size)."""
+    lo = np.arange(n_out, dtype=np.int64) * shard_size
+    hi = np.minimum(starts[-1], lo + shard_size)
     return np.searchsorted(starts, lo, side="right") - 1, np.searchsorted(starts, hi, side="left")
-
-
-def _spans(starts: np.ndarray, k: int, shard_size: int, kept: int) -> range:
-    first, stop = _span_bounds(starts, k, shard_size, kept)
-    return range(int(first), int(stop))
 
 
 def _schedule(out: Path, n_shards: int, n_out: int, starts: np.ndarray, window: int, dups: str | None,
               quotas: list, schema: pa.Schema, cur: CurationConfig) -> None:
     """Finalize tasks in shard order, each output shard's tar task once the shards it reads are
     finalized; a download tar is deleted once it is finalized and every tar reading it is written.
-    At most `window` tasks in flight; per shard the driver keeps two counters, not task handles."""
+    At most `window` tasks in flight; the driver keeps numbers (per download shard: finalized, readers;
+    per output shard: the download shards it spans), not a task handle per shard."""
     import ray
 
     finalize = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_finalize)
     tar = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_tar)
-    kept, size = int(starts[-1]), cur.shard_size
-    first, stop = _span_bounds(starts, np.arange(n_out), size, kept)
+    first, stop = _span_bounds(starts, n_out, cur.shard_size)
     edges = np.zeros(n_shards + 1, np.int64)
     np.add.at(edges, first, 1)
     np.add.at(edges, stop, -1)
@@ -231,8 +226,8 @@ def _schedule(out: Path, n_shards: int, n_out: int, starts: np.ndarray, window: 
     with progress.bar(n_shards, "shard", "write") as bar:
         while next_fin < n_shards or next_tar < n_out or pending:
             while len(pending) < window:
-                if next_tar < n_out and finalized[list(_spans(starts, next_tar, size, kept))].all():
-                    spans = _spans(starts, next_tar, size, kept)
+                if next_tar < n_out and finalized[first[next_tar]:stop[next_tar]].all():
+                    spans = range(first[next_tar], stop[next_tar])
                     if (out / "shards" / shard_name(next_tar)).exists():  # written by an earlier run
                         readers[spans.start:spans.stop] -= 1
                         for i in spans:
@@ -256,7 +251,7 @@ def _schedule(out: Path, n_shards: int, n_out: int, starts: np.ndarray, window: 
                 finalized[n] = True
                 free(n)
             else:
-                spans = _spans(starts, n, size, kept)
+                spans = range(first[n], stop[n])
                 readers[spans.start:spans.stop] -= 1
                 for i in spans:
                     free(i)
