@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -71,12 +73,12 @@ class ClipModel:
 @dataclass
 class Models:
     clip: ClipModel = field(default_factory=ClipModel)
-    aesthetic_head: str = "sac+logos+ava1-l14-linearMSE.pth"
+    aesthetic_head: str = "sac+logos+ava1-l14-linearMSE.pth"  # LAION improved aesthetic predictor (put the file here)
     nsfw_head: Optional[str] = None  # LAION clip-autokeras-binary-nsfw weights, local
     watermark: Optional[str] = None  # LAION watermark detector weights (timm efficientnet_b3a), local
-    t5: str = "google/t5-v1_1-xxl"  # T5 encoder folder or hub id (tokenizer in the same place)
-    vae: str = "stabilityai/sdxl-vae"  # diffusers AutoencoderKL folder or hub id
-    dit: str = "XL/2"  # a named size in training/model.py
+    t5: str = "google/t5-v1_1-xxl"  # T5 encoder folder or hub id (tokenizer in the same place); 4096-d features
+    vae: str = "stabilityai/sdxl-vae"  # diffusers AutoencoderKL folder or hub id; SDXL: scaling factor 0.13025
+    dit: str = "XL/2"  # a named size in training/model.py; XL/2: hidden 1152, depth 28, 16 heads, 610.9M parameters
     dit_weights: Optional[str] = None  # PixArt-Sigma checkpoint to start from (.pth / .safetensors / diffusers dir)
 
 
@@ -92,19 +94,19 @@ class Resources:
 
 @dataclass
 class DownloadConfig:
-    processes: int = num(2, ge=1)  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
-    threads: int = num(16, ge=1)  # requests in flight per shard
+    processes: int = num(8, ge=1)  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
+    threads: int = num(32, ge=1)  # requests in flight per shard
     num_cpus: float = num(0.25, ge=0)  # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
     timeout: int = num(10, ge=1)  # seconds per network operation (connect, one read)
     max_seconds: float = num(30.0, gt=0)  # total per request (connect + headers + body) -> `timeout`
     max_bytes: int = num(64 * 2**20, ge=1)  # per body -> `too_large`; a 4K (3840x2160) RGBA PNG is <= 33 MB uncompressed
-    retries: int = num(1, ge=0)
+    retries: int = num(2, ge=0)
     max_retry_after: float = num(60.0, ge=0)  # longest Retry-After (429/503) waited for; beyond: http_429 / http_503
-    shard_size: int = num(1000, ge=1)  # URLs per img2dataset shard: the unit of work and of resumption
+    shard_size: int = num(10_000, ge=1)  # URLs per img2dataset shard: the unit of work and of resumption
     per_domain_limit: int = num(4, ge=1, le=256)  # requests in flight per host from all download processes of a node (<= curation.hosts.MAX_LIMIT)
-    allow_networks: list[str] = field(default_factory=list)  # CIDRs allowed besides the global internet
+    allow_networks: list[str] = field(default_factory=list)  # CIDRs besides the global internet, e.g. [10.1.2.0/24]
     robots_txt: bool = True  # read each origin's robots.txt and honour it for our user-agent token
-    contact: Optional[str] = None  # URL (or mailto:) in the user agent, where a site owner reaches the operator
+    contact: Optional[str] = None  # set it: https://your.site/crawler or mailto:you@your.site, sent in the user agent
     user_agent_token: Optional[str] = "sigmaforge"
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "none", "noindex", "noimageindex"]
@@ -133,7 +135,7 @@ class QualityConfig:
 @dataclass
 class ThresholdFilter:
     enabled: bool = True
-    threshold: float = num(0.5, ge=0, le=10)  # aesthetic: a 1..10 score; NSFW, watermark: 0..1
+    threshold: float = num(0.5, ge=0, le=10)  # aesthetic: a 1..10 score; NSFW, watermark: 0..1 (kept below it)
 
 
 @dataclass
@@ -153,8 +155,9 @@ class CurationConfig:
     max_pixels: int = num(64_000_000, ge=1)  # decompression-bomb guard, well above 4K (3840x2160 = 8.3 MP)
     measure_seconds: float = num(60.0, gt=0)  # deadline per image decode -> `timeout` (a 64 MP PNG decodes in a few s)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    # LAION-Aesthetics subsets use 5, 6, 6.5 on the 1-10 scale; LAION keeps punsafe < 0.5 and pwatermark < 0.8
     aesthetic: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(True, 5.0))
-    aesthetic_resources: Resources = field(default_factory=Resources)
+    aesthetic_resources: Resources = field(default_factory=lambda: Resources(64, 1.0, 4.0, 8))
     nsfw: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.5))
     watermark: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.8))
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -179,7 +182,7 @@ class Captioner:
 @dataclass
 class CaptioningConfig:
     captioner: str = "share-captioner"  # a key of `captioners`
-    captioners: dict[str, Captioner] = field(default_factory=dict)
+    captioners: dict[str, Captioner] = field(default_factory=dict)  # named entries: pipelines.yaml
     strip_openings: bool = True  # drop "The image shows ..." style openings
     token_budget: int = num(300, ge=1)  # T5 tokens PixArt-Sigma keeps
 
@@ -192,8 +195,8 @@ class EncodeConfig:
     vae_tiling: bool = False  # for 2K/4K on small GPUs; tiles can show faint seams in latents
     vae_slicing: bool = False
     shard_bytes: int = num(1_000_000_000, ge=1)
-    t5_resources: Resources = field(default_factory=lambda: Resources(batch_size=32))
-    vae_resources: Resources = field(default_factory=lambda: Resources(batch_size=4))
+    t5_resources: Resources = field(default_factory=lambda: Resources(64, 1.0, 4.0, 8))
+    vae_resources: Resources = field(default_factory=lambda: Resources(8, 1.0, 4.0, 8))
 
 
 @dataclass
@@ -224,18 +227,26 @@ class Stage:
     seed: int = num(0, ge=0)
 
 
+SAMPLE_PROMPTS = (
+    "A small cactus with a happy face in the Sahara desert.",
+    "A close-up photo of a red fox in the snow, golden hour.",
+    "A watercolor painting of a lighthouse on a cliff at sunset.",
+    "An astronaut riding a horse on the moon, highly detailed.",
+)
+
+
 @dataclass
 class TrainingConfig:
     out: str = "runs"  # RUNDIR parent: runs/<stage>
     checkpoint_every: int = num(500, ge=1)
     keep_checkpoints: int = num(2, ge=1)
     log_every: int = num(10, ge=1)
-    sample_every: int = num(500, ge=0)  # 0: no sample grid
-    sample_prompts: list[str] = field(default_factory=list)
+    sample_every: int = num(1000, ge=0)  # 0: no sample grid
+    sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))
     sample_steps: int = num(20, ge=1)
     cfg_scale: float = num(4.5, ge=0)
     num_workers: int = num(2, ge=0)
-    stages: dict[str, Stage] = field(default_factory=dict)
+    stages: dict[str, Stage] = field(default_factory=dict)  # named entries: pipelines.yaml
 
 
 @dataclass
@@ -345,8 +356,11 @@ def _set_path(raw: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _build(tp: Any, value: Any, where: str) -> Any:
-    """Validate `value` against the type `tp`, building dataclasses; `where` is the key path."""
+def _build(tp: Any, value: Any, where: str, default: Any = None) -> Any:
+    """Validate `value` against the type `tp`, building dataclasses; `where` is the key path.
+
+    A mapping given for a dataclass fills in the keys it leaves out from `default` (the field's own
+    default, e.g. `aesthetic`'s threshold 5.0), else from the class: each default is stated once."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
         if value is None:
@@ -359,10 +373,11 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         for k in value:
             if k not in names:
                 raise SigmaError(f"{_join(where, k)}: unknown key (known: {', '.join(sorted(names))})")
-        built = {k: _build(hints[k], v, _join(where, k)) for k, v in value.items()}
+        start = default if isinstance(default, tp) else tp()
+        built = {k: _build(hints[k], v, _join(where, k), getattr(start, k)) for k, v in value.items()}
         for k, v in built.items():
             _check_range(v, fields[k].metadata.get("range", (None, None, None)), _join(where, k))
-        return tp(**built)
+        return dataclasses.replace(start, **built)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -370,7 +385,7 @@ def _build(tp: Any, value: Any, where: str) -> Any:
         errors = []
         for a in inner:
             try:
-                return _build(a, value, where)
+                return _build(a, value, where, default)
             except SigmaError as e:
                 errors.append(e)
         raise errors[0]
@@ -389,13 +404,15 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     if tp is Any:
         return value
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _number(value)
+        if number is None:
             raise SigmaError(f"{where}: expected float, got {value!r}")
-        return float(value)
+        return float(number)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        number = _number(value)
+        if number is None or number != int(number):
             raise SigmaError(f"{where}: expected int, got {value!r}")
-        return value
+        return int(number)
     if tp is bool:
         if not isinstance(value, bool):
             raise SigmaError(f"{where}: expected bool, got {value!r}")
@@ -407,6 +424,23 @@ def _build(tp: Any, value: Any, where: str) -> Any:
             raise SigmaError(f"{where}: expected str, got {value!r}")
         return value
     raise SigmaError(f"{where}: unsupported type {tp}")
+
+
+# A number as people write it: `1e-5`, `5e8`, `10_000`, `-2.5`. YAML 1.1 (PyYAML) reads `1e-5` and `5e8`
+# as strings (its floats need a dot), so strings of this shape are numbers here, for YAML and --set alike.
+_NUMBER = re.compile(r"[+-]?(?:\d(?:_?\d)*(?:\.(?:\d(?:_?\d)*)?)?|\.\d(?:_?\d)*)(?:[eE][+-]?\d+)?")
+
+
+def _number(value: object) -> int | float | None:
+    """`value` as an int or a finite float, or None when it is not a number as written above."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip().replace("_", "")
+        value = int(text) if text.lstrip("+-").isdigit() else float(text)
+    if isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return None
 
 
 def _join(where: str, key: str) -> str:
