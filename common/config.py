@@ -26,6 +26,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from shards.errors import SigmaError
+from shards.fingerprint import OUTPUT
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 # `.cache/...` paths missing beside the config file are looked up here: a `ray job submit --working-dir .`
@@ -33,9 +34,15 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 USER_CACHE = Path(os.environ.get("SIGMAFORGE_CACHE") or Path.home() / ".cache" / "sigmaforge")
 
 
-def num(default, ge=None, gt=None, le=None):
-    """A numeric field with its valid range (checked once, at load): `timeout: int = num(10, ge=1)`."""
-    return field(default=default, metadata={"range": (ge, gt, le)})
+# Field metadata for a setting that does not change what its stage writes (concurrency, courtesy, where
+# to write, how far to train): shards/fingerprint.py leaves it out of the stage's fingerprint.
+SAME_OUTPUT = {OUTPUT: False}
+
+
+def num(default, ge=None, gt=None, le=None, output: bool = True):
+    """A numeric field with its valid range (checked once, at load): `timeout: int = num(10, ge=1)`;
+    `output=False`: it does not change what the stage writes (see SAME_OUTPUT)."""
+    return field(default=default, metadata={"range": (ge, gt, le), OUTPUT: output})
 
 
 def _check_range(value, bounds, where: str) -> None:
@@ -94,19 +101,19 @@ class Resources:
 
 @dataclass
 class DownloadConfig:
-    processes: int = num(8, ge=1)  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
-    threads: int = num(32, ge=1)  # requests in flight per shard
-    num_cpus: float = num(0.25, ge=0)  # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
+    processes: int = num(8, ge=1, output=False)  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
+    threads: int = num(32, ge=1, output=False)  # requests in flight per shard
+    num_cpus: float = num(0.25, ge=0, output=False)  # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
     timeout: int = num(10, ge=1)  # seconds per network operation (connect, one read)
     max_seconds: float = num(30.0, gt=0)  # total per request (connect + headers + body) -> `timeout`
     max_bytes: int = num(64 * 2**20, ge=1)  # per body -> `too_large`; a 4K (3840x2160) RGBA PNG is <= 33 MB uncompressed
     retries: int = num(2, ge=0)
     max_retry_after: float = num(60.0, ge=0)  # longest Retry-After (429/503) waited for; beyond: http_429 / http_503
     shard_size: int = num(10_000, ge=1)  # URLs per img2dataset shard: the unit of work and of resumption
-    per_domain_limit: int = num(4, ge=1, le=256)  # requests in flight per host from all download processes of a node (<= curation.hosts.MAX_LIMIT)
+    per_domain_limit: int = num(4, ge=1, le=256, output=False)  # requests in flight per host from all download processes of a node (<= curation.hosts.MAX_LIMIT)
     allow_networks: list[str] = field(default_factory=list)  # CIDRs besides the global internet, e.g. [10.1.2.0/24]
     robots_txt: bool = True  # read each origin's robots.txt and honour it for our user-agent token
-    contact: Optional[str] = None  # set it: https://your.site/crawler or mailto:you@your.site, sent in the user agent
+    contact: Optional[str] = field(default=None, metadata=SAME_OUTPUT)  # set it: https://your.site/crawler or mailto:you@your.site, sent in the user agent
     user_agent_token: Optional[str] = "sigmaforge"
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "none", "noindex", "noimageindex"]
@@ -157,7 +164,7 @@ class CurationConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     # LAION-Aesthetics subsets use 5, 6, 6.5 on the 1-10 scale; LAION keeps punsafe < 0.5 and pwatermark < 0.8
     aesthetic: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(True, 5.0))
-    aesthetic_resources: Resources = field(default_factory=lambda: Resources(64, 1.0, 4.0, 8))
+    aesthetic_resources: Resources = field(default_factory=lambda: Resources(64, 1.0, 4.0, 8), metadata=SAME_OUTPUT)
     nsfw: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.5))
     watermark: ThresholdFilter = field(default_factory=lambda: ThresholdFilter(False, 0.8))
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -193,16 +200,17 @@ class EncodeConfig:
     t5_dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     vae_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # SDXL VAE overflows in fp16
     vae_tiling: bool = False  # for 2K/4K on small GPUs; tiles can show faint seams in latents
-    vae_slicing: bool = False
-    shard_bytes: int = num(1_000_000_000, ge=1)
-    t5_resources: Resources = field(default_factory=lambda: Resources(64, 1.0, 4.0, 8))
-    vae_resources: Resources = field(default_factory=lambda: Resources(8, 1.0, 4.0, 8))
+    vae_slicing: bool = field(default=False, metadata=SAME_OUTPUT)  # decodes slice by slice: the same latents
+    shard_bytes: int = num(1_000_000_000, ge=1, output=False)  # how samples are grouped in tars, not their bytes
+    t5_resources: Resources = field(default_factory=lambda: Resources(64, 1.0, 4.0, 8), metadata=SAME_OUTPUT)
+    vae_resources: Resources = field(default_factory=lambda: Resources(8, 1.0, 4.0, 8), metadata=SAME_OUTPUT)
 
 
 @dataclass
 class Stage:
-    parent: Optional[str] = None  # stage whose output this one starts from
-    data: Optional[str] = None  # ENCDIR; default from --data
+    # parent, data, steps: a resume may change them (a moved ENCDIR, more steps): not in the run's fingerprint
+    parent: Optional[str] = field(default=None, metadata=SAME_OUTPUT)  # stage whose output this one starts from
+    data: Optional[str] = field(default=None, metadata=SAME_OUTPUT)  # ENCDIR; default from --data
     tier: str = "1k"  # which encoded tier (bucket table) it trains on
     vae: Optional[str] = None  # latents must come from this VAE; None: models.vae
     pe_interpolation: float = num(2.0, gt=0)  # resolution / 512
@@ -217,7 +225,7 @@ class Stage:
     grad_clip: float = num(0.01, gt=0)
     grad_accum: int = num(1, ge=1)
     batch_size: int = num(4, ge=1)  # per process
-    steps: int = num(1000, ge=1)
+    steps: int = num(1000, ge=1, output=False)
     real_prompt_ratio: float = num(0.5, ge=0, le=1)
     cfg_dropout: float = num(0.1, ge=0, le=1)
     mixed_precision: Literal["no", "bf16"] = "bf16"

@@ -280,15 +280,11 @@ def stage_fingerprint(urls: str | Path, cfg: Config, against: list[Path] = ()) -
     m = cfg.models
     heads = {f"models.{k}": getattr(m, k) for k in ("aesthetic_head", "nsfw_head", "watermark")}
     return {"--urls": fingerprint.file_digest(urls),
-            **fingerprint.flat(cfg.curation, "curation", skip=_NOT_IN_OUTPUT),
+            **fingerprint.flat(cfg.curation, "curation"),
             **{k: fingerprint.file_digest(v) if v and Path(v).is_file() else v for k, v in heads.items()},
             "models.clip": f"{m.clip.arch}/{Path(m.clip.weights).name}",
             **({"--dedup-against": [f"{r} {fingerprint.listing((r / decisions.INDEX).glob('*.parquet'))}"
                                     for r in against]} if against else {})}
-
-
-_NOT_IN_OUTPUT = ("download.processes", "download.threads", "download.num_cpus", "download.per_domain_limit",
-                  "download.contact", "aesthetic_resources")  # concurrency and courtesy: the same output
 
 
 def summarize(out: Path, work: Path, n_shards: int, timings: dict, written: dict) -> dict:

@@ -51,7 +51,7 @@ def stage_fingerprint(cfg, p: dict) -> dict:
     return {"--images": fingerprint.listing(p["shard_list"]), "--captions": fingerprint.listing(captions),
             "models.t5": encoded.model_id(m.t5), "models.vae": encoded.model_id(m.vae),
             "format": f"{encoded.FORMAT_VERSION}/{encoded.PREPROCESS}",
-            **{f"encode.{k}": getattr(e, k) for k in ("t5_dtype", "t5_max_length", "vae_dtype", "vae_tiling")}}
+            **fingerprint.flat(e, "encode")}
 
 
 def _check_fingerprint(cfg, p: dict, encdir: Path, reencode: bool) -> None:

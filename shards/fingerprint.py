@@ -7,14 +7,18 @@ or delete the folder. Values are flat and JSON-able (strings, numbers, lists, di
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from shards.atomic import write_text
 from shards.errors import SigmaError
 
 FILE = "fingerprint.json"
+OUTPUT = "output"  # config field metadata: False on a setting that does not change what a stage writes
 _CHUNK = 1 << 20
 
 
@@ -35,21 +39,24 @@ def listing(paths) -> str:
     return h.hexdigest()
 
 
-def flat(settings, prefix: str, skip: tuple[str, ...] = ()) -> dict:
-    """A config section (dataclass or dict) as {"prefix.a.b": value}, so a refusal names the very key;
-    `skip` lists dotted sub-keys that do not change the output (concurrency, resources)."""
-    import dataclasses
+def changes_output(f: dataclasses.Field[Any]) -> bool:
+    """Whether a config field changes what its stage writes: every setting does unless its metadata says
+    `{OUTPUT: False}` (how many processes, threads or GPUs; where to write; how far to train)."""
+    return bool(f.metadata.get(OUTPUT, True))
 
-    if dataclasses.is_dataclass(settings):
-        settings = dataclasses.asdict(settings)
-    out: dict = {}
-    for k, v in settings.items():
+
+def flat(settings: Any, prefix: str) -> dict[str, Any]:
+    """The settings that change a stage's output, from a config section (dataclass or dict), as
+    {"prefix.a.b": value}, so a refusal names the very key; nested sections are walked."""
+    if dataclasses.is_dataclass(settings) and not isinstance(settings, type):
+        items = [(f.name, getattr(settings, f.name)) for f in dataclasses.fields(settings) if changes_output(f)]
+    else:
+        items = list(settings.items())
+    out: dict[str, Any] = {}
+    for k, v in items:
         key = f"{prefix}.{k}"
-        if key[len(prefix) + 1:] in skip:
-            continue
-        if isinstance(v, dict) and v:
-            inner = tuple(s[len(k) + 1:] for s in skip if s.startswith(f"{k}."))
-            out.update(flat(v, key, inner))
+        if (dataclasses.is_dataclass(v) and not isinstance(v, type)) or (isinstance(v, dict) and v):
+            out.update(flat(v, key))
         else:
             out[key] = v
     return out

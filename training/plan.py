@@ -10,14 +10,12 @@ from pathlib import Path
 
 import torch
 
+from common.config import Stage
 from encoders import vae as vae_mod
 from shards import encoded, fingerprint, loader
 from shards.errors import SigmaError
 from training import checkpoint, runs, stages
 from training.model import DiT_models
-
-UNFINGERPRINTED = ("steps", "data", "parent")  # stage keys a resume may change: more steps, a moved ENCDIR
-
 
 @dataclass
 class Plan:
@@ -92,6 +90,6 @@ def run_fingerprint(cfg, plan: Plan) -> dict:
     where = f"training.stages.{plan.stage}"
     return {"data": fingerprint.listing(files), "model": plan.model, "vae": plan.vae,
             "training.num_workers": cfg.training.num_workers,
-            **{f"{where}.{k}": v for k, v in plan.settings.items() if k not in UNFINGERPRINTED}}
+            **fingerprint.flat(Stage(**plan.settings), where)}
 
 
