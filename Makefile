@@ -5,7 +5,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup test demo tiny bench clean chromium
+.PHONY: setup test lint demo tiny bench clean chromium
 setup: .venv/.installed
 
 .venv/.installed: pyproject.toml
@@ -22,6 +22,13 @@ chromium:            ## Debian's chromium for the report tests (installed if mis
 
 test: setup chromium
 	$(PY) -m pytest -q
+
+lint: setup          ## ruff (lint + format check), mypy strict on shards/ and common/, every `# noqa` with its reason
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+	@! grep -rnE --include='*.py' --exclude-dir=.venv --exclude-dir=.cache '# noqa(: *[A-Z]+[0-9]+(, *[A-Z]+[0-9]+)*)? *$$' . \
+	  || { echo "a # noqa above carries no reason: write it as '# noqa: CODE - why'"; exit 1; }
 
 demo: setup
 	$(PY) -m demo.run --out demo-out

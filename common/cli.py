@@ -3,6 +3,7 @@
 Each entry point builds its parser with `parser(...)`, adds its own flags, and calls `load(args)`.
 A bad config ends the program with its one-line message (exit 2), never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,14 @@ def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser
     g = p.add_argument_group("configuration (shared by every entry point)")
     g.add_argument("--config", default=None, help="pipelines.yaml to read (default: the repository's)")
     g.add_argument("--profile", default=None, help="named profile in the config: real, demo, ...")
-    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config value, e.g. --set training.stages.1k.lr=1e-5 (repeatable)")
+    g.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config value, e.g. --set training.stages.1k.lr=1e-5 (repeatable)",
+    )
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     return p
 
@@ -54,7 +61,7 @@ def user_errors():
     one line and exit status 2; anything else is a bug and keeps its traceback."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is the user's to fix
+    except Exception as e:
         message = user_message(e)
         if message is None:
             raise
@@ -87,7 +94,12 @@ def init_ray(cfg: config_mod.Config, runtime_env: dict | None = None):
         env_vars.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-actor "Loading weights" bars: not the user's
         quiet.drop(*quiet.TOKEN_AUTH)
         # address="local": a new local Ray even when another one runs on this machine (`ray start`)
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, ignore_reinit_error=True,
-                 runtime_env=runtime_env)
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            runtime_env=runtime_env,
+        )
     quiet.spend_actor_restart_warning(ray)
     return ray

@@ -10,6 +10,7 @@ Each stage owns its section's dataclass here, because the config file is part of
 Model references are a local path or a hub id; relative paths are resolved against the folder
 of the config file when they exist there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -54,8 +55,11 @@ def _check_range(value, bounds, where: str) -> None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
-        want = [f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
-                f"<= {le}" if le is not None else ""]
+        want = [
+            f">= {ge}" if ge is not None else "",
+            f"> {gt}" if gt is not None else "",
+            f"<= {le}" if le is not None else "",
+        ]
         raise SigmaError(f"{where}: {value!r} is out of range (expected {' and '.join(w for w in want if w)})")
 
 
@@ -66,27 +70,27 @@ def _check_range(value, bounds, where: str) -> None:
 
 @dataclass
 class RayConfig:
-    address: Optional[str] = None  # None: join the cluster `ray job submit` set up, else start a local one
-    num_cpus: Optional[int] = num(None, ge=1)  # only for a local cluster
+    address: str | None = None  # None: join the cluster `ray job submit` set up, else start a local one
+    num_cpus: int | None = num(None, ge=1)  # only for a local cluster
 
 
 @dataclass
 class ClipModel:
     arch: str = "ViT-L-14-quickgelu"  # LAION heads were trained on OpenAI L/14 (QuickGELU) embeddings
     weights: str = "openai"  # open_clip pretrained tag, or a local weights file
-    config_dir: Optional[str] = None  # folder of extra open_clip model-config JSONs (tiny offline models)
+    config_dir: str | None = None  # folder of extra open_clip model-config JSONs (tiny offline models)
 
 
 @dataclass
 class Models:
     clip: ClipModel = field(default_factory=ClipModel)
     aesthetic_head: str = "sac+logos+ava1-l14-linearMSE.pth"  # LAION improved aesthetic predictor (put the file here)
-    nsfw_head: Optional[str] = None  # LAION clip-autokeras-binary-nsfw weights, local
-    watermark: Optional[str] = None  # LAION watermark detector weights (timm efficientnet_b3a), local
+    nsfw_head: str | None = None  # LAION clip-autokeras-binary-nsfw weights, local
+    watermark: str | None = None  # LAION watermark detector weights (timm efficientnet_b3a), local
     t5: str = "google/t5-v1_1-xxl"  # T5 encoder folder or hub id (tokenizer in the same place); 4096-d features
     vae: str = "stabilityai/sdxl-vae"  # diffusers AutoencoderKL folder or hub id; SDXL: scaling factor 0.13025
     dit: str = "XL/2"  # a named size in training/model.py; XL/2: hidden 1152, depth 28, 16 heads, 610.9M parameters
-    dit_weights: Optional[str] = None  # PixArt-Sigma checkpoint to start from (.pth / .safetensors / diffusers dir)
+    dit_weights: str | None = None  # PixArt-Sigma checkpoint to start from (.pth / .safetensors / diffusers dir)
 
 
 @dataclass
@@ -101,20 +105,25 @@ class Resources:
 
 @dataclass
 class DownloadConfig:
-    processes: int = num(8, ge=1, output=False)  # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
+    # download shards in flight at once (Ray tasks, one img2dataset Downloader each)
+    processes: int = num(8, ge=1, output=False)
     threads: int = num(32, ge=1, output=False)  # requests in flight per shard
-    num_cpus: float = num(0.25, ge=0, output=False)  # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
+    # Ray CPUs per download task: I/O-bound; decoding is in its own 1-CPU tasks
+    num_cpus: float = num(0.25, ge=0, output=False)
     timeout: int = num(10, ge=1)  # seconds per network operation (connect, one read)
     max_seconds: float = num(30.0, gt=0)  # total per request (connect + headers + body) -> `timeout`
-    max_bytes: int = num(64 * 2**20, ge=1)  # per body -> `too_large`; a 4K (3840x2160) RGBA PNG is <= 33 MB uncompressed
+    # per body -> `too_large`; a 4K (3840x2160) RGBA PNG is <= 33 MB uncompressed
+    max_bytes: int = num(64 * 2**20, ge=1)
     retries: int = num(2, ge=0)
     max_retry_after: float = num(60.0, ge=0)  # longest Retry-After (429/503) waited for; beyond: http_429 / http_503
     shard_size: int = num(10_000, ge=1)  # URLs per img2dataset shard: the unit of work and of resumption
-    per_domain_limit: int = num(4, ge=1, le=256, output=False)  # requests in flight per host from all download processes of a node (<= curation.hosts.MAX_LIMIT)
+    # requests in flight per host from all download processes of a node (<= curation.hosts.MAX_LIMIT)
+    per_domain_limit: int = num(4, ge=1, le=256, output=False)
     allow_networks: list[str] = field(default_factory=list)  # CIDRs besides the global internet, e.g. [10.1.2.0/24]
     robots_txt: bool = True  # read each origin's robots.txt and honour it for our user-agent token
-    contact: Optional[str] = field(default=None, metadata=SAME_OUTPUT)  # set it: https://your.site/crawler or mailto:you@your.site, sent in the user agent
-    user_agent_token: Optional[str] = "sigmaforge"
+    # set it: https://your.site/crawler or mailto:you@your.site, sent in the user agent
+    contact: str | None = field(default=None, metadata=SAME_OUTPUT)
+    user_agent_token: str | None = "sigmaforge"
     disallowed_header_directives: list[str] = field(
         default_factory=lambda: ["noai", "noimageai", "none", "noindex", "noimageindex"]
     )
@@ -149,7 +158,7 @@ class ThresholdFilter:
 class DedupConfig:
     enabled: bool = True
     phash_radius: int = num(4, ge=0, le=64)  # Hamming distance on a 64-bit perceptual hash
-    clip_similarity: Optional[float] = num(0.96, ge=-1, le=1)  # cosine similarity on CLIP embeddings; None: off
+    clip_similarity: float | None = num(0.96, ge=-1, le=1)  # cosine similarity on CLIP embeddings; None: off
     cluster_size: int = num(2_000, ge=1)  # mean embeddings per k-means cluster (semantic dedup compares inside one)
     probe: int = num(2, ge=1)  # nearest clusters each embedding joins (recall at cluster borders)
     max_group: int = num(50_000, ge=1)  # distinct pHashes compared all pairs in one band group; beyond: windows
@@ -175,13 +184,13 @@ class CurationConfig:
 class Captioner:
     backend: Literal["hf", "share-captioner"] = "hf"
     model: str = ""  # local folder or hub id
-    revision: Optional[str] = None
+    revision: str | None = None
     trust_remote_code: bool = False  # only on explicit opt-in
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     prompt: str = "Describe this image in detail."
     max_new_tokens: int = num(300, ge=1)
     generate: dict[str, Any] = field(default_factory=dict)  # extra generate() kwargs
-    max_pixels: Optional[int] = num(None, ge=1)  # Qwen2.5-VL style cap for 4K inputs
+    max_pixels: int | None = num(None, ge=1)  # Qwen2.5-VL style cap for 4K inputs
     runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env for this backend's actors
     resources: Resources = field(default_factory=lambda: Resources(batch_size=8))
 
@@ -209,10 +218,10 @@ class EncodeConfig:
 @dataclass
 class Stage:
     # parent, data, steps: a resume may change them (a moved ENCDIR, more steps): not in the run's fingerprint
-    parent: Optional[str] = field(default=None, metadata=SAME_OUTPUT)  # stage whose output this one starts from
-    data: Optional[str] = field(default=None, metadata=SAME_OUTPUT)  # ENCDIR; default from --data
+    parent: str | None = field(default=None, metadata=SAME_OUTPUT)  # stage whose output this one starts from
+    data: str | None = field(default=None, metadata=SAME_OUTPUT)  # ENCDIR; default from --data
     tier: str = "1k"  # which encoded tier (bucket table) it trains on
-    vae: Optional[str] = None  # latents must come from this VAE; None: models.vae
+    vae: str | None = None  # latents must come from this VAE; None: models.vae
     pe_interpolation: float = num(2.0, gt=0)  # resolution / 512
     multi_scale: bool = True  # False: fixed square position embedding (the 256 stage)
     kv_compress: bool = False
@@ -230,8 +239,8 @@ class Stage:
     cfg_dropout: float = num(0.1, ge=0, le=1)
     mixed_precision: Literal["no", "bf16"] = "bf16"
     grad_checkpointing: bool = False
-    ema_decay: Optional[float] = num(0.9999, ge=0, le=1)  # None: no EMA copy (the official trainer keeps none)
-    snr_gamma: Optional[float] = num(None, gt=0)
+    ema_decay: float | None = num(0.9999, ge=0, le=1)  # None: no EMA copy (the official trainer keeps none)
+    snr_gamma: float | None = num(None, gt=0)
     seed: int = num(0, ge=0)
 
 
@@ -261,11 +270,11 @@ class TrainingConfig:
 class JudgeConfig:
     """The VLM judge of `training/evaluate --judge MODEL EVALDIR` (MODEL is given on the command line)."""
 
-    revision: Optional[str] = None  # a pinned commit; required with trust_remote_code
+    revision: str | None = None  # a pinned commit; required with trust_remote_code
     trust_remote_code: bool = False  # only on explicit opt-in
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     max_new_tokens: int = num(8, ge=1)  # the answer is one word: A, B or tie
-    max_pixels: Optional[int] = num(602112, ge=1)  # 768 * 28 * 28 per image (Qwen2.5-VL style cap; two images per prompt)
+    max_pixels: int | None = num(602112, ge=1)  # 768 * 28 * 28 per image (Qwen2.5-VL style cap; two images per prompt)
     resources: Resources = field(default_factory=lambda: Resources(batch_size=8, num_gpus=1.0, num_cpus=4.0))
 
 
@@ -274,10 +283,10 @@ class RewardModels:
     """Reward models scored beside CLIP and aesthetic by `training/evaluate --runs`; None: not scored."""
 
     hps_arch: str = "ViT-H-14"  # HPSv2: open_clip ViT-H-14 fine-tuned on human preferences
-    hps_weights: Optional[str] = None  # local HPS_v2.1_compressed.pt (or .safetensors)
-    hps_config_dir: Optional[str] = None  # extra open_clip model-config JSONs (tiny offline model)
-    pickscore: Optional[str] = None  # HF CLIPModel folder or hub id, e.g. yuvalkirstain/PickScore_v1
-    pickscore_processor: Optional[str] = None  # its CLIPProcessor; None: the model's own folder
+    hps_weights: str | None = None  # local HPS_v2.1_compressed.pt (or .safetensors)
+    hps_config_dir: str | None = None  # extra open_clip model-config JSONs (tiny offline model)
+    pickscore: str | None = None  # HF CLIPModel folder or hub id, e.g. yuvalkirstain/PickScore_v1
+    pickscore_processor: str | None = None  # its CLIPProcessor; None: the model's own folder
 
 
 @dataclass
@@ -295,8 +304,8 @@ class Config:
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    profile: Optional[str] = None  # set by the loader
-    source: Optional[str] = None  # the file it came from
+    profile: str | None = None  # set by the loader
+    source: str | None = None  # the file it came from
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,6 +507,8 @@ def require_file(path: str | None, key: str, weights: bool = False) -> Path:
     if not p.exists():
         raise SigmaError(f"{key}: file not found: {path}")
     if weights and (p.is_dir() or p.suffix not in WEIGHT_FILES):
-        raise SigmaError(f"{key}: {path}: not a PyTorch weights file (expected {', '.join(WEIGHT_FILES)}; "
-                         "a Keras/autokeras folder must be converted first, see curation/README.md)")
+        raise SigmaError(
+            f"{key}: {path}: not a PyTorch weights file (expected {', '.join(WEIGHT_FILES)}; "
+            "a Keras/autokeras folder must be converted first, see curation/README.md)"
+        )
     return p

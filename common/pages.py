@@ -4,13 +4,14 @@ Every report (dataset, captions, training summary, preference page) is one stati
 person can copy off a cluster and open in a browser with no server: no external scripts, styles
 or images. Plots are matplotlib figures rendered with the Agg canvas (no display, no pyplot state).
 """
+
 from __future__ import annotations
 
 import base64
 import html
 import io
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 THUMB_SIDE = 192  # px, longest side of a gallery thumbnail: ~8 KB as JPEG q80
 
@@ -37,8 +38,10 @@ def esc(value) -> str:
 
 def page(title: str, body: str) -> str:
     """A whole HTML document with the shared style sheet inlined."""
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head>\n<body>\n<h1>{esc(title)}</h1>\n{body}\n</body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{CSS}</style></head>\n<body>\n<h1>{esc(title)}</h1>\n{body}\n</body></html>\n"
+    )
 
 
 def data_uri(data: bytes, mime: str) -> str:
@@ -62,7 +65,7 @@ def new_figure(width: float = 5.6, height: float = 3.4):
     return fig
 
 
-def thumbnail_uri(data: bytes, side: int = THUMB_SIDE) -> Optional[str]:
+def thumbnail_uri(data: bytes, side: int = THUMB_SIDE) -> str | None:
     """Encoded image bytes -> small JPEG data URI (EXIF orientation applied); None if undecodable."""
     from PIL import Image, ImageOps
 
@@ -93,8 +96,7 @@ def tar_images(path: str | Path, keys: set[str]) -> dict[str, bytes]:
 
 def plot(name: str, uri: str, title: str) -> str:
     """One embedded plot; `data-plot` names it for tests and for links."""
-    return (f'<figure class="plot" data-plot="{esc(name)}"><img alt="{esc(title)}" src="{uri}">'
-            f"</figure>")
+    return f'<figure class="plot" data-plot="{esc(name)}"><img alt="{esc(title)}" src="{uri}"></figure>'
 
 
 def finite(values, log_x: bool = False):
@@ -106,8 +108,7 @@ def finite(values, log_x: bool = False):
     return v[v > 0] if log_x else v
 
 
-def histogram_edges(lo: float, hi: float, lines: Iterable[tuple[str, float]] = (), bins: int = 40,
-                    log_x: bool = False):
+def histogram_edges(lo: float, hi: float, lines: Iterable[tuple[str, float]] = (), bins: int = 40, log_x: bool = False):
     """Bin edges over the data's range [lo, hi] widened to the threshold lines.
 
     Spanning the lines keeps the bars visible when a line is far off; the one binning rule of
@@ -122,9 +123,16 @@ def histogram_edges(lo: float, hi: float, lines: Iterable[tuple[str, float]] = (
     return np.geomspace(lo, hi, bins + 1) if log_x else np.linspace(lo, hi, bins + 1)
 
 
-def histogram(name: str, values: Sequence[float], title: str, xlabel: str,
-              lines: Iterable[tuple[str, float]] = (), bins: int = 40, log_x: bool = False,
-              log_y: bool = False) -> str:
+def histogram(
+    name: str,
+    values: Sequence[float],
+    title: str,
+    xlabel: str,
+    lines: Iterable[tuple[str, float]] = (),
+    bins: int = 40,
+    log_x: bool = False,
+    log_y: bool = False,
+) -> str:
     """A histogram of values in memory, with labelled vertical threshold lines, as an embedded plot."""
     import numpy as np
 
@@ -136,8 +144,16 @@ def histogram(name: str, values: Sequence[float], title: str, xlabel: str,
     return histogram_counts(name, edges, np.histogram(v, edges)[0], title, xlabel, lines, log_x, log_y)
 
 
-def histogram_counts(name: str, edges, counts, title: str, xlabel: str,
-                     lines: Iterable[tuple[str, float]] = (), log_x: bool = False, log_y: bool = False) -> str:
+def histogram_counts(
+    name: str,
+    edges,
+    counts,
+    title: str,
+    xlabel: str,
+    lines: Iterable[tuple[str, float]] = (),
+    log_x: bool = False,
+    log_y: bool = False,
+) -> str:
     """A histogram of counts already binned on `edges` (from `histogram_edges`), e.g. summed over
     the batches of a big file; edges None: "no values"."""
     fig = new_figure()
@@ -171,7 +187,7 @@ def histogram_counts(name: str, edges, counts, title: str, xlabel: str,
     return plot(name, figure_uri(fig), title)
 
 
-def bars(name: str, counts: dict[str, int], title: str, marked: Optional[str] = None) -> str:
+def bars(name: str, counts: dict[str, int], title: str, marked: str | None = None) -> str:
     """A bar chart of category counts; `marked` is outlined (e.g. the configured minimum tier)."""
     fig = new_figure()
     ax = fig.add_subplot()
@@ -187,6 +203,7 @@ def bars(name: str, counts: dict[str, int], title: str, marked: Optional[str] = 
 
 def table(header: Sequence[str], rows: Iterable[Sequence], name: str = "") -> str:
     """A plain HTML table; cells are escaped, numbers get thousands separators."""
+
     def cell(v):
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return f'<td class="n">{v:,}</td>' if isinstance(v, int) else f'<td class="n">{v:g}</td>'
@@ -197,7 +214,7 @@ def table(header: Sequence[str], rows: Iterable[Sequence], name: str = "") -> st
     return f'<table data-table="{esc(name)}"><tr>{head}</tr>{body}</table>'
 
 
-def tile(uri: Optional[str], lines: Sequence[str], key: str = "") -> str:
+def tile(uri: str | None, lines: Sequence[str], key: str = "") -> str:
     """A gallery tile: thumbnail (or a placeholder when the bytes are not available) + text lines."""
     text = "<br>".join(esc(x) for x in lines)
     if uri is None:
@@ -205,11 +222,13 @@ def tile(uri: Optional[str], lines: Sequence[str], key: str = "") -> str:
     return f'<div class="tile" data-key="{esc(key)}"><img alt="{esc(key)}" src="{uri}"><br>{text}</div>'
 
 
-def gallery(name: str, title: str, tiles: list[str], total: Optional[int] = None, note: str = "") -> str:
+def gallery(name: str, title: str, tiles: list[str], total: int | None = None, note: str = "") -> str:
     """A titled gallery; `data-count` is how many tiles it shows, `data-total` how many exist."""
     total = len(tiles) if total is None else total
     shown = f"{len(tiles):,} of {total:,}" if total != len(tiles) else f"{total:,}"
     note = f' <span class="muted">{esc(note)}</span>' if note else ""
-    return (f'<section class="gallery-block" data-gallery="{esc(name)}" data-count="{len(tiles)}" '
-            f'data-total="{total}"><h3>{esc(title)} ({shown}){note}</h3>'
-            f'<div class="gallery">{"".join(tiles)}</div></section>')
+    return (
+        f'<section class="gallery-block" data-gallery="{esc(name)}" data-count="{len(tiles)}" '
+        f'data-total="{total}"><h3>{esc(title)} ({shown}){note}</h3>'
+        f'<div class="gallery">{"".join(tiles)}</div></section>'
+    )

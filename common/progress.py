@@ -5,6 +5,7 @@ off: there each stage prints its own per-shard or per-N-steps lines instead. Ray
 bars are switched off in `cli.init_ray` so that one bar per stage counts what the user thinks in
 (URLs, captions, samples, steps), not blocks.
 """
+
 from __future__ import annotations
 
 import sys
@@ -15,8 +16,16 @@ from tqdm import tqdm
 def bar(total: int | None, unit: str, desc: str, initial: int = 0, quiet: bool = False) -> tqdm:
     """A tqdm bar on stderr, shown only when stderr is a terminal (decided when the bar is made) and
     not `quiet` (e.g. every rank but the first of a multi-process run)."""
-    return tqdm(total=total, initial=initial, unit=unit, desc=desc, disable=quiet or not sys.stderr.isatty(),
-                smoothing=0.05, mininterval=1.0, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit=unit,
+        desc=desc,
+        disable=quiet or not sys.stderr.isatty(),
+        smoothing=0.05,
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
 
 
 def say(line: str, file=None) -> None:

@@ -3,6 +3,7 @@
 Only these lines: anything else Ray, Ray Data or a worker logs still reaches the terminal, and each
 command reports its own progress (common/progress.py) and errors (common/cli.py).
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Write once, atomically: temp file in the same folder + rename. Every writer uses this."""
+
 from __future__ import annotations
 
 import contextlib

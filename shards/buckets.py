@@ -4,6 +4,7 @@ Tables come from PixArt-sigma (`diffusion/data/datasets/utils.py`): key = height
 string, value = [height, width] in pixels. A sample's bucket in a table is the key nearest to its
 own height/width; it *qualifies* for that table when it covers the bucket without upscaling.
 """
+
 from __future__ import annotations
 
 import json

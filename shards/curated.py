@@ -6,11 +6,12 @@ or a member given twice, is a duplicate: the shard is refused rather than two sa
 `tarfile` reads a tar cut at a member boundary as a shorter valid archive; a complete tar ends
 with two zero blocks, and a shard without them is refused as truncated.
 """
+
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from shards.errors import SigmaError
 
@@ -50,8 +51,9 @@ def _members(path: str | Path, tar: tarfile.TarFile, read) -> Iterator[tuple[str
         exts.add(ext)
         yield k, ext, tar.extractfile(member).read() if read(k) else None
     if Path(path).stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
-        raise CorruptShard(f"{path}: truncated after {len(done) + (key is not None)} samples "
-                           "(no end-of-archive blocks)")
+        raise CorruptShard(
+            f"{path}: truncated after {len(done) + (key is not None)} samples (no end-of-archive blocks)"
+        )
 
 
 def _open(path: str | Path) -> tarfile.TarFile:

@@ -4,6 +4,7 @@ Library code raises `SigmaError` for a mistake the user can fix (a flag, a confi
 file); entry points turn it into one line naming the item and the reason, and a non-zero exit
 status (`common.cli.user_errors`). Anything else is a bug and keeps its traceback.
 """
+
 import errno
 import os
 

@@ -5,12 +5,12 @@ A resume whose fingerprint differs is refused with one line naming what changed:
 made from other inputs or settings are never silently reused. To start over, use another `--out`
 or delete the folder. Values are flat and JSON-able (strings, numbers, lists, dicts).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +72,12 @@ def check(folder: str | Path, fingerprint: dict) -> None:
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise SigmaError(f"{path}: unreadable ({type(e).__name__}); delete it only if {folder} is yours to redo") from None
+        raise SigmaError(
+            f"{path}: unreadable ({type(e).__name__}); delete it only if {folder} is yours to redo"
+        ) from None
     changed = sorted(k for k in old.keys() | current.keys() if old.get(k) != current.get(k))
     if changed:
-        raise SigmaError(f"{folder}: made with another {', '.join(changed)} (see {FILE}); "
-                         f"use another --out, or delete the folder to start over")
+        raise SigmaError(
+            f"{folder}: made with another {', '.join(changed)} (see {FILE}); "
+            f"use another --out, or delete the folder to start over"
+        )

@@ -5,6 +5,7 @@ curation  ->  CURDIR/shards/NNNNN.tar     WebDataset: KEY.<jpg|png|webp> (origin
 captioning -> CAPDIR/NNNNN.parquet        one per curated shard, one row per sample (CAPTION_COLUMNS)
 encode    ->  ENCDIR/...                  see shards/encoded.py
 """
+
 from __future__ import annotations
 
 import re
@@ -20,12 +21,34 @@ SHARD_RE = re.compile(r"^(\d{5})\.tar$")
 
 MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = [
-    "url", "key", "status", "reason", "width", "height", "tier", "aesthetic",
-    "sharpness", "contrast", "brightness", "nsfw", "watermark", "sha256", "phash", "dup_of", "shard",
+    "url",
+    "key",
+    "status",
+    "reason",
+    "width",
+    "height",
+    "tier",
+    "aesthetic",
+    "sharpness",
+    "contrast",
+    "brightness",
+    "nsfw",
+    "watermark",
+    "sha256",
+    "phash",
+    "dup_of",
+    "shard",
 ]
 
 CAPTION_COLUMNS = [
-    "key", "caption", "captioner", "prompt", "original_caption", "num_tokens", "status", "reason",
+    "key",
+    "caption",
+    "captioner",
+    "prompt",
+    "original_caption",
+    "num_tokens",
+    "status",
+    "reason",
 ]
 
 

@@ -18,6 +18,7 @@ Each batch (a dict; see shards/README.md):
 Randomness (shard order, shuffle buffer, caption choice, latent noise) comes from one generator per
 (seed, epoch, rank, worker): the same arguments give the same batches.
 """
+
 from __future__ import annotations
 
 import random
@@ -37,8 +38,10 @@ def check_vae(encdir: str | Path, scaling_factor: float, latent_channels: int) -
     """Refuse latents made by another VAE than the one training decodes with (ValueError)."""
     info = encoded.read_info(encdir)
     if abs(info["scaling_factor"] - scaling_factor) > 1e-6 or info["latent_channels"] != latent_channels:
-        raise SigmaError(f"{encdir}: latents from a VAE with scaling_factor {info['scaling_factor']} and "
-                         f"{info['latent_channels']} channels; this model expects {scaling_factor} and {latent_channels}")
+        raise SigmaError(
+            f"{encdir}: latents from a VAE with scaling_factor {info['scaling_factor']} and "
+            f"{info['latent_channels']} channels; this model expects {scaling_factor} and {latent_channels}"
+        )
 
 
 def null_caption(encdir: str | Path) -> torch.Tensor:
@@ -107,23 +110,37 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0).new(storage).view(shape)
 
 
-def collate(samples: list[dict], max_length: int, real_prompt_ratio: float, scaling_factor: float,
-            rng: random.Random, gen: torch.Generator) -> dict:
+def collate(
+    samples: list[dict],
+    max_length: int,
+    real_prompt_ratio: float,
+    scaling_factor: float,
+    rng: random.Random,
+    gen: torch.Generator,
+) -> dict:
     """Samples of one bucket -> the trainer's batch (see the module docstring)."""
-    sources = ["original" if "original" in s["t5"] and rng.random() < real_prompt_ratio else "recaption"
-               for s in samples]
+    sources = [
+        "original" if "original" in s["t5"] and rng.random() < real_prompt_ratio else "recaption" for s in samples
+    ]
     feats = [s["t5"][src][:max_length] for s, src in zip(samples, sources)]  # [n_i, C] each
     y = _shared_empty((len(samples), max_length, feats[0].shape[1]))  # [B, L, C]
     mask = torch.zeros(len(samples), max_length, dtype=torch.bool)  # [B, L]
     for i, f in enumerate(feats):
-        y[i, :len(f)], y[i, len(f):], mask[i, :len(f)] = f, 0.0, True
+        y[i, : len(f)], y[i, len(f) :], mask[i, : len(f)] = f, 0.0, True
     mean = torch.stack([s["vae"]["mean"] for s in samples]).float()  # [B, 4, h, w]
     std = torch.stack([s["vae"]["std"] for s in samples]).float()  # [B, 4, h, w]
     latent = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling_factor  # [B, 4, h, w]
     meta = samples[0]["meta"]
-    return {"latent": latent, "y": y, "mask": mask, "keys": [s["__key__"] for s in samples],
-            "caption": [s["meta"]["captions"][src] for s, src in zip(samples, sources)], "caption_source": sources,
-            "bucket": meta["bucket"], "bucket_hw": tuple(meta["bucket_hw"])}
+    return {
+        "latent": latent,
+        "y": y,
+        "mask": mask,
+        "keys": [s["__key__"] for s in samples],
+        "caption": [s["meta"]["captions"][src] for s, src in zip(samples, sources)],
+        "caption_source": sources,
+        "bucket": meta["bucket"],
+        "bucket_hw": tuple(meta["bucket_hw"]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,9 +151,20 @@ def collate(samples: list[dict], max_length: int, real_prompt_ratio: float, scal
 class BucketBatches(torch.utils.data.IterableDataset):
     """Batches of one bucket from ENCDIR; use with `DataLoader(batch_size=None)` (see `make_loader`)."""
 
-    def __init__(self, encdir: str | Path, batch_size: int, model_max_length: int = 300, real_prompt_ratio: float = 0.5,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, resample: bool = True, shuffle_buffer: int = 128,
-                 bucket_policy: str = "proportional", keep_partial: bool = False):
+    def __init__(
+        self,
+        encdir: str | Path,
+        batch_size: int,
+        model_max_length: int = 300,
+        real_prompt_ratio: float = 0.5,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        resample: bool = True,
+        shuffle_buffer: int = 128,
+        bucket_policy: str = "proportional",
+        keep_partial: bool = False,
+    ):
         if bucket_policy not in POLICIES:
             raise SigmaError(f"bucket_policy {bucket_policy!r}: choose one of {POLICIES}")
         self.encdir = Path(encdir)
@@ -169,16 +197,36 @@ class BucketBatches(torch.utils.data.IterableDataset):
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=stream),
             wds.map(encoded.decode_sample),
             partial(_bucket_batches, batch_size=self.batch_size, keep_partial=self.keep_partial),
-            wds.map(partial(collate, max_length=self.max_length, real_prompt_ratio=self.real_prompt_ratio,
-                            scaling_factor=float(self.info["scaling_factor"]), rng=stream, gen=gen)),
+            wds.map(
+                partial(
+                    collate,
+                    max_length=self.max_length,
+                    real_prompt_ratio=self.real_prompt_ratio,
+                    scaling_factor=float(self.info["scaling_factor"]),
+                    rng=stream,
+                    gen=gen,
+                )
+            ),
         )
         return iter(pipeline)
 
 
-def make_loader(encdir: str | Path, batch_size: int, model_max_length: int = 300, real_prompt_ratio: float = 0.5,
-                seed: int = 0, num_workers: int = 2, rank: int = 0, world_size: int = 1, resample: bool = True,
-                shuffle_buffer: int = 128, bucket_policy: str = "proportional", tier: str | None = None,
-                keep_partial: bool = False, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    encdir: str | Path,
+    batch_size: int,
+    model_max_length: int = 300,
+    real_prompt_ratio: float = 0.5,
+    seed: int = 0,
+    num_workers: int = 2,
+    rank: int = 0,
+    world_size: int = 1,
+    resample: bool = True,
+    shuffle_buffer: int = 128,
+    bucket_policy: str = "proportional",
+    tier: str | None = None,
+    keep_partial: bool = False,
+    pin_memory: bool = False,
+) -> torch.utils.data.DataLoader:
     """A torch DataLoader of one-bucket batches from ENCDIR (see the module docstring for the keys).
 
     `resample=True` (default) is an endless stream of weighted shard draws: use it for step-based
@@ -187,12 +235,24 @@ def make_loader(encdir: str | Path, batch_size: int, model_max_length: int = 300
     incomplete bucket batches at the end of a pass are dropped unless `keep_partial`. `tier`, when given, must match the
     tier ENCDIR was encoded at.
     """
-    ds = BucketBatches(encdir, batch_size, model_max_length, real_prompt_ratio, seed, rank, world_size, resample,
-                       shuffle_buffer, bucket_policy, keep_partial)
+    ds = BucketBatches(
+        encdir,
+        batch_size,
+        model_max_length,
+        real_prompt_ratio,
+        seed,
+        rank,
+        world_size,
+        resample,
+        shuffle_buffer,
+        bucket_policy,
+        keep_partial,
+    )
     if tier is not None and ds.info["tier"] != tier:
         raise SigmaError(f"{encdir}: encoded at tier {ds.info['tier']}, not {tier}")
-    return torch.utils.data.DataLoader(ds, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
-                                       pin_memory=pin_memory, persistent_workers=False)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=None, collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False
+    )
 
 
 def _as_is(batch: dict) -> dict:

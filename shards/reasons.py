@@ -4,15 +4,15 @@ KEPT, REJECTED, FAILED = "kept", "rejected", "failed"
 STATUSES = (KEPT, REJECTED, FAILED)
 
 # Download / decode failures (status=failed)
-HTTP_ERROR = "http_error"          # any other HTTP status; specific codes are written as http_<code>
+HTTP_ERROR = "http_error"  # any other HTTP status; specific codes are written as http_<code>
 TIMEOUT = "timeout"
 CONNECTION = "connection_error"
-INVALID_URL = "invalid_url"        # not http(s), unparsable
-OPT_OUT = "opt_out"                # X-Robots-Tag noai/noimageai/none or robots.txt honoured
+INVALID_URL = "invalid_url"  # not http(s), unparsable
+OPT_OUT = "opt_out"  # X-Robots-Tag noai/noimageai/none or robots.txt honoured
 BLOCKED_ADDRESS = "blocked_address"  # not globally routable (loopback, private, ...) or a non-http(s) redirect
-TOO_LARGE = "too_large"            # body over curation.download.max_bytes
+TOO_LARGE = "too_large"  # body over curation.download.max_bytes
 TOO_MANY_REDIRECTS = "too_many_redirects"
-NOT_AN_IMAGE = "not_an_image"      # HTML served as .jpg, truncated or corrupt bytes
+NOT_AN_IMAGE = "not_an_image"  # HTML served as .jpg, truncated or corrupt bytes
 DECOMPRESSION_BOMB = "decompression_bomb"
 UNSUPPORTED_FORMAT = "unsupported_format"  # a real image, but GIF/TIFF/BMP/... or animated PNG/WebP
 DOWNLOAD_ERROR = "download_error"  # anything else the downloader reported
@@ -31,15 +31,37 @@ CAPTION_ERROR = "caption_error"
 EMPTY_CAPTION = "empty_caption"
 MISSING_CAPTION = "missing_caption"
 ENCODE_ERROR = "encode_error"
-NON_FINITE = "non_finite"          # NaN/Inf in an encoder output
+NON_FINITE = "non_finite"  # NaN/Inf in an encoder output
 CORRUPT_SHARD = "corrupt_shard"
 NOT_IN_TIER = "not_in_tier"
 
 REASONS = (
-    HTTP_ERROR, TIMEOUT, CONNECTION, INVALID_URL, OPT_OUT, BLOCKED_ADDRESS, TOO_LARGE, TOO_MANY_REDIRECTS,
-    NOT_AN_IMAGE, DECOMPRESSION_BOMB, UNSUPPORTED_FORMAT, DOWNLOAD_ERROR, TOO_SMALL, ASPECT_RATIO, LOW_QUALITY,
-    LOW_AESTHETIC, NSFW, WATERMARK, DUPLICATE, CAPTION_ERROR, EMPTY_CAPTION, MISSING_CAPTION, ENCODE_ERROR, NON_FINITE,
-    CORRUPT_SHARD, NOT_IN_TIER,
+    HTTP_ERROR,
+    TIMEOUT,
+    CONNECTION,
+    INVALID_URL,
+    OPT_OUT,
+    BLOCKED_ADDRESS,
+    TOO_LARGE,
+    TOO_MANY_REDIRECTS,
+    NOT_AN_IMAGE,
+    DECOMPRESSION_BOMB,
+    UNSUPPORTED_FORMAT,
+    DOWNLOAD_ERROR,
+    TOO_SMALL,
+    ASPECT_RATIO,
+    LOW_QUALITY,
+    LOW_AESTHETIC,
+    NSFW,
+    WATERMARK,
+    DUPLICATE,
+    CAPTION_ERROR,
+    EMPTY_CAPTION,
+    MISSING_CAPTION,
+    ENCODE_ERROR,
+    NON_FINITE,
+    CORRUPT_SHARD,
+    NOT_IN_TIER,
 )
 
 

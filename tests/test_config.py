@@ -1,4 +1,5 @@
 """pipelines.yaml validation: every error is one line naming the key path."""
+
 from __future__ import annotations
 
 import subprocess
@@ -53,21 +54,57 @@ def test_shipped_config_loads_in_every_profile():
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda d: d["training"]["stages"]["2k"].update(lr="fast"), "training.stages.2k.lr: expected float, got 'fast'"),
+        (
+            lambda d: d["training"]["stages"]["2k"].update(lr="fast"),
+            "training.stages.2k.lr: expected float, got 'fast'",
+        ),
         (lambda d: at(d, "curation").update(colour="red"), "curation.colour: unknown key"),
-        (lambda d: at(d, "curation.download").update(timeout="10s"), "curation.download.timeout: expected int, got '10s'"),
-        (lambda d: at(d, "curation").update(min_tier="8k"), "curation.min_tier: expected one of ['1k', '2k', '4k'], got '8k'"),
-        (lambda d: d["training"]["stages"]["kv"].update(kv_compress_layers="all"), "training.stages.kv.kv_compress_layers: expected a list"),
-        (lambda d: at(d, "curation.aesthetic").update(enabled="yes"), "curation.aesthetic.enabled: expected bool, got 'yes'"),
+        (
+            lambda d: at(d, "curation.download").update(timeout="10s"),
+            "curation.download.timeout: expected int, got '10s'",
+        ),
+        (
+            lambda d: at(d, "curation").update(min_tier="8k"),
+            "curation.min_tier: expected one of ['1k', '2k', '4k'], got '8k'",
+        ),
+        (
+            lambda d: d["training"]["stages"]["kv"].update(kv_compress_layers="all"),
+            "training.stages.kv.kv_compress_layers: expected a list",
+        ),
+        (
+            lambda d: at(d, "curation.aesthetic").update(enabled="yes"),
+            "curation.aesthetic.enabled: expected bool, got 'yes'",
+        ),
         (lambda d: d.update(models=[1, 2]), "models: expected a mapping"),
-        (lambda d: d["captioning"]["captioners"]["hf"].update(backend="gpt"), "captioning.captioners.hf.backend: expected one of"),
-        (lambda d: at(d, "curation.download").update(allow_networks=["10.0.0.1/8"]), "curation.download.allow_networks[0]: not a CIDR"),
-        (lambda d: at(d, "curation.download").update(max_bytes=0), "curation.download.max_bytes: 0 is out of range (expected >= 1)"),
-        (lambda d: at(d, "curation.download").update(max_seconds=0), "curation.download.max_seconds: 0.0 is out of range (expected > 0)"),
-        (lambda d: at(d, "curation.download").update(per_domain_limit=1000), "curation.download.per_domain_limit: 1000 is out of range (expected >= 1 and <= 256)"),
-        (lambda d: at(d, "curation.download").update(contact="me"), "curation.download.contact: expected an http(s)://"),
+        (
+            lambda d: d["captioning"]["captioners"]["hf"].update(backend="gpt"),
+            "captioning.captioners.hf.backend: expected one of",
+        ),
+        (
+            lambda d: at(d, "curation.download").update(allow_networks=["10.0.0.1/8"]),
+            "curation.download.allow_networks[0]: not a CIDR",
+        ),
+        (
+            lambda d: at(d, "curation.download").update(max_bytes=0),
+            "curation.download.max_bytes: 0 is out of range (expected >= 1)",
+        ),
+        (
+            lambda d: at(d, "curation.download").update(max_seconds=0),
+            "curation.download.max_seconds: 0.0 is out of range (expected > 0)",
+        ),
+        (
+            lambda d: at(d, "curation.download").update(per_domain_limit=1000),
+            "curation.download.per_domain_limit: 1000 is out of range (expected >= 1 and <= 256)",
+        ),
+        (
+            lambda d: at(d, "curation.download").update(contact="me"),
+            "curation.download.contact: expected an http(s)://",
+        ),
         (lambda d: at(d, "curation.download").update(robots_txt="yes"), "curation.download.robots_txt: expected bool"),
-        (lambda d: at(d, "curation").update(measure_seconds=-1), "curation.measure_seconds: -1.0 is out of range (expected > 0)"),
+        (
+            lambda d: at(d, "curation").update(measure_seconds=-1),
+            "curation.measure_seconds: -1.0 is out of range (expected > 0)",
+        ),
     ],
 )
 def test_bad_values_name_the_key_path(tmp_path, mutate, message):
@@ -91,7 +128,9 @@ def test_bad_files(tmp_path):
 
 
 def test_overrides_apply_after_profile():
-    cfg = config.load(profile="demo", overrides=["training.stages.256.batch_size=3", "curation.aesthetic.threshold=6.5"])
+    cfg = config.load(
+        profile="demo", overrides=["training.stages.256.batch_size=3", "curation.aesthetic.threshold=6.5"]
+    )
     assert cfg.training.stages["256"].batch_size == 3
     assert cfg.curation.aesthetic.threshold == 6.5
     with pytest.raises(SigmaError, match="training.stages.256.batch_size: expected int"):
@@ -109,24 +148,33 @@ def test_entry_point_reports_config_error_without_traceback(tmp_path):
     data = base()
     data["training"]["stages"]["2k"]["lr"] = "fast"
     bad = write(tmp_path, data)
-    code = "import sys; from common import cli; p = cli.parser('x', 'd', 'x --config f'); cli.load(p.parse_args(sys.argv[1:]))"
+    code = (
+        "import sys; from common import cli; p = cli.parser('x', 'd', 'x --config f'); "
+        "cli.load(p.parse_args(sys.argv[1:]))"
+    )
     r = subprocess.run([sys.executable, "-c", code, "--config", str(bad)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: training.stages.2k.lr: expected float, got 'fast'"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("curation.download.shard_size=0", "curation.download.shard_size: 0 is out of range (expected >= 1)"),
-    ("curation.shard_size=0", "curation.shard_size: 0 is out of range (expected >= 1)"),
-    ("curation.download.timeout=-1", "curation.download.timeout: -1 is out of range (expected >= 1)"),
-    ("curation.dedup.phash_radius=-2", "curation.dedup.phash_radius: -2 is out of range (expected >= 0 and <= 64)"),
-    ("curation.max_pixels=0", "curation.max_pixels: 0 is out of range (expected >= 1)"),
-    ("curation.aesthetic_resources.batch_size=0", "curation.aesthetic_resources.batch_size: 0 is out of range"),
-    ("encode.shard_bytes=0", "encode.shard_bytes: 0 is out of range"),
-    ("captioning.captioners.hf.max_new_tokens=0", "captioning.captioners.hf.max_new_tokens: 0 is out of range"),
-    ("training.stages.1k.cfg_dropout=1.5", "training.stages.1k.cfg_dropout: 1.5 is out of range (expected >= 0 and <= 1)"),
-    ("training.stages.1k.lr=0", "training.stages.1k.lr: 0.0 is out of range (expected > 0)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("curation.download.shard_size=0", "curation.download.shard_size: 0 is out of range (expected >= 1)"),
+        ("curation.shard_size=0", "curation.shard_size: 0 is out of range (expected >= 1)"),
+        ("curation.download.timeout=-1", "curation.download.timeout: -1 is out of range (expected >= 1)"),
+        ("curation.dedup.phash_radius=-2", "curation.dedup.phash_radius: -2 is out of range (expected >= 0 and <= 64)"),
+        ("curation.max_pixels=0", "curation.max_pixels: 0 is out of range (expected >= 1)"),
+        ("curation.aesthetic_resources.batch_size=0", "curation.aesthetic_resources.batch_size: 0 is out of range"),
+        ("encode.shard_bytes=0", "encode.shard_bytes: 0 is out of range"),
+        ("captioning.captioners.hf.max_new_tokens=0", "captioning.captioners.hf.max_new_tokens: 0 is out of range"),
+        (
+            "training.stages.1k.cfg_dropout=1.5",
+            "training.stages.1k.cfg_dropout: 1.5 is out of range (expected >= 0 and <= 1)",
+        ),
+        ("training.stages.1k.lr=0", "training.stages.1k.lr: 0.0 is out of range (expected > 0)"),
+    ],
+)
 def test_numbers_out_of_range_are_refused_at_load(override, message):
     with pytest.raises(SigmaError) as e:
         config.load(ROOT / "pipelines.yaml", "demo", [override])
@@ -144,8 +192,11 @@ def test_every_numeric_key_has_a_range():
     missing = []
     for cls in [v for v in vars(config).values() if dataclasses.is_dataclass(v) and isinstance(v, type)]:
         hints = typing.get_type_hints(cls)
-        missing += [f"{cls.__name__}.{f.name}" for f in dataclasses.fields(cls)
-                    if numeric(hints[f.name]) and "range" not in f.metadata]
+        missing += [
+            f"{cls.__name__}.{f.name}"
+            for f in dataclasses.fields(cls)
+            if numeric(hints[f.name]) and "range" not in f.metadata
+        ]
     assert missing == []
 
 
@@ -154,23 +205,28 @@ def test_every_numeric_key_has_a_range():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, key, want", [
-    ("training.stages.2k.lr=1e-5", "lr", 1e-5),  # README's own example; YAML 1.1 reads `1e-5` as a string
-    ("training.stages.2k.lr=1E-5", "lr", 1e-5),
-    ("training.stages.2k.lr=2.5e-6", "lr", 2.5e-6),
-    ("training.stages.2k.cfg_dropout=1e-1", "cfg_dropout", 0.1),
-    ("training.stages.2k.steps=10_000", "steps", 10_000),
-    ("training.stages.2k.steps=1e4", "steps", 10_000),  # an exponent that makes a whole number is an int
-    ("training.stages.2k.grad_clip=1e1", "grad_clip", 10.0),
-])
+@pytest.mark.parametrize(
+    "override, key, want",
+    [
+        ("training.stages.2k.lr=1e-5", "lr", 1e-5),  # README's own example; YAML 1.1 reads `1e-5` as a string
+        ("training.stages.2k.lr=1E-5", "lr", 1e-5),
+        ("training.stages.2k.lr=2.5e-6", "lr", 2.5e-6),
+        ("training.stages.2k.cfg_dropout=1e-1", "cfg_dropout", 0.1),
+        ("training.stages.2k.steps=10_000", "steps", 10_000),
+        ("training.stages.2k.steps=1e4", "steps", 10_000),  # an exponent that makes a whole number is an int
+        ("training.stages.2k.grad_clip=1e1", "grad_clip", 10.0),
+    ],
+)
 def test_exponents_and_underscores_are_numbers_on_the_command_line(override, key, want):
     value = getattr(config.load(ROOT / "pipelines.yaml", "demo", [override]).training.stages["2k"], key)
     assert value == want and type(value) is type(want)
 
 
 def test_exponents_and_underscores_are_numbers_in_yaml(tmp_path):
-    text = ("curation:\n  max_pixels: 5e8\n  download: {shard_size: 10_000, max_bytes: 1e6, max_seconds: 3e1}\n"
-            "training:\n  stages:\n    a: {lr: 1e-5, steps: 2_000}\n")
+    text = (
+        "curation:\n  max_pixels: 5e8\n  download: {shard_size: 10_000, max_bytes: 1e6, max_seconds: 3e1}\n"
+        "training:\n  stages:\n    a: {lr: 1e-5, steps: 2_000}\n"
+    )
     cfg = config.load(write(tmp_path, text))
     assert cfg.curation.max_pixels == 500_000_000 and type(cfg.curation.max_pixels) is int
     assert (cfg.curation.download.shard_size, cfg.curation.download.max_bytes) == (10_000, 1_000_000)
@@ -178,15 +234,18 @@ def test_exponents_and_underscores_are_numbers_in_yaml(tmp_path):
     assert (cfg.training.stages["a"].lr, cfg.training.stages["a"].steps) == (1e-5, 2_000)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("training.stages.2k.steps=1.5e0", "training.stages.2k.steps: expected int, got '1.5e0'"),
-    ("training.stages.2k.steps=2.5", "training.stages.2k.steps: expected int, got 2.5"),
-    ("training.stages.2k.lr=1e-5x", "training.stages.2k.lr: expected float, got '1e-5x'"),
-    ("training.stages.2k.lr=nan", "training.stages.2k.lr: expected float, got 'nan'"),
-    ("training.stages.2k.lr=1e999", "training.stages.2k.lr: expected float, got '1e999'"),
-    ("training.stages.2k.lr=-1e-5", "training.stages.2k.lr: -1e-05 is out of range (expected > 0)"),
-    ("training.stages.2k.tier=1e3", None),  # a str key keeps what was written
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("training.stages.2k.steps=1.5e0", "training.stages.2k.steps: expected int, got '1.5e0'"),
+        ("training.stages.2k.steps=2.5", "training.stages.2k.steps: expected int, got 2.5"),
+        ("training.stages.2k.lr=1e-5x", "training.stages.2k.lr: expected float, got '1e-5x'"),
+        ("training.stages.2k.lr=nan", "training.stages.2k.lr: expected float, got 'nan'"),
+        ("training.stages.2k.lr=1e999", "training.stages.2k.lr: expected float, got '1e999'"),
+        ("training.stages.2k.lr=-1e-5", "training.stages.2k.lr: -1e-05 is out of range (expected > 0)"),
+        ("training.stages.2k.tier=1e3", None),  # a str key keeps what was written
+    ],
+)
 def test_what_is_not_a_number_of_the_key_s_kind_is_refused(override, message):
     if message is None:
         assert config.load(ROOT / "pipelines.yaml", "demo", [override]).training.stages["2k"].tier == "1e3"
@@ -238,4 +297,6 @@ def test_code_built_sections_carry_the_shipped_defaults():
     assert config.CurationConfig() == loaded.curation
     assert config.EncodeConfig() == loaded.encode
     assert config.DownloadConfig().processes == loaded.curation.download.processes == 8
-    assert config.load(ROOT / "pipelines.yaml", "demo").curation.aesthetic.threshold == 5.0  # kept beside enabled: false
+    assert (
+        config.load(ROOT / "pipelines.yaml", "demo").curation.aesthetic.threshold == 5.0
+    )  # kept beside enabled: false

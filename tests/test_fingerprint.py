@@ -55,14 +55,29 @@ def test_flat_leaves_out_fields_marked_same_output():
     assert fingerprint.flat(Section(), "s") == {"s.threshold": 5.0, "s.inner.size": 3, "s.named.a.x": 1, "s.empty": {}}
 
 
-@pytest.mark.parametrize("section, same, changes", [
-    ("curation", ["download.processes", "download.threads", "download.num_cpus", "download.per_domain_limit",
-                  "download.contact", "aesthetic_resources.batch_size"],
-     ["download.max_bytes", "aesthetic.threshold", "dedup.phash_radius", "shard_size", "download.robots_txt"]),
-    ("encode", ["vae_slicing", "shard_bytes", "t5_resources.concurrency", "vae_resources.batch_size"],
-     ["t5_dtype", "t5_max_length", "vae_dtype", "vae_tiling"]),
-    ("training.stages.1k", ["steps", "data", "parent"], ["lr", "batch_size", "kv_compress_layers", "seed"]),
-])
+@pytest.mark.parametrize(
+    "section, same, changes",
+    [
+        (
+            "curation",
+            [
+                "download.processes",
+                "download.threads",
+                "download.num_cpus",
+                "download.per_domain_limit",
+                "download.contact",
+                "aesthetic_resources.batch_size",
+            ],
+            ["download.max_bytes", "aesthetic.threshold", "dedup.phash_radius", "shard_size", "download.robots_txt"],
+        ),
+        (
+            "encode",
+            ["vae_slicing", "shard_bytes", "t5_resources.concurrency", "vae_resources.batch_size"],
+            ["t5_dtype", "t5_max_length", "vae_dtype", "vae_tiling"],
+        ),
+        ("training.stages.1k", ["steps", "data", "parent"], ["lr", "batch_size", "kv_compress_layers", "seed"]),
+    ],
+)
 def test_each_stage_fingerprints_what_changes_its_output_and_nothing_else(section, same, changes):
     import dataclasses
 
@@ -75,14 +90,21 @@ def test_each_stage_fingerprints_what_changes_its_output_and_nothing_else(sectio
 
     def changed(key):
         old = value_at(config.load(profile="demo"), f"{section}.{key}")
-        new = {bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v * 2,
-               list: lambda v: v + [0], type(None): lambda v: "x", str: lambda v: v + "x"}[type(old)](old)
+        new = {
+            bool: lambda v: not v,
+            int: lambda v: v + 1,
+            float: lambda v: v * 2,
+            list: lambda v: v + [0],
+            type(None): lambda v: "x",
+            str: lambda v: v + "x",
+        }[type(old)](old)
         if key in ("download.contact",):
             new = "mailto:someone@example.org"
         if isinstance(new, str) and key.endswith("dtype"):
             new = "float16" if old != "float16" else "bfloat16"
-        return config.load(profile="demo", overrides=[f"{section}.{key}={new!r}" if isinstance(new, str)
-                                                     else f"{section}.{key}={new}"])
+        return config.load(
+            profile="demo", overrides=[f"{section}.{key}={new!r}" if isinstance(new, str) else f"{section}.{key}={new}"]
+        )
 
     base = fingerprint.flat(value_at(config.load(profile="demo"), section), section)
     for key in same:
