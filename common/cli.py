@@ -11,7 +11,8 @@ import contextlib
 import json
 import os
 import sys
-from typing import NoReturn
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 from common import config as config_mod
 from common import quiet
@@ -56,7 +57,7 @@ def fail(message: str) -> NoReturn:
 
 
 @contextlib.contextmanager
-def user_errors():
+def user_errors() -> Iterator[None]:
     """Around an entry point's work: a SigmaError or a full disk (also from a Ray worker) becomes its
     one line and exit status 2; anything else is a bug and keeps its traceback."""
     try:
@@ -68,12 +69,12 @@ def user_errors():
         fail(message)
 
 
-def print_plan(plan: dict) -> None:
+def print_plan(plan: dict[str, Any]) -> None:
     """What --dry-run prints: the resolved plan as JSON."""
     print(json.dumps(plan, indent=2, default=str))
 
 
-def init_ray(cfg: config_mod.Config, runtime_env: dict | None = None):
+def init_ray(cfg: config_mod.Config, runtime_env: dict[str, Any] | None = None) -> Any:
     """Join the cluster `ray job submit` runs us in, or start a local one; quiet on a laptop (common/quiet.py)."""
     import ray
     from ray.data import DataContext

@@ -20,9 +20,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
@@ -40,13 +41,15 @@ USER_CACHE = Path(os.environ.get("SIGMAFORGE_CACHE") or Path.home() / ".cache" /
 SAME_OUTPUT = {OUTPUT: False}
 
 
-def num(default, ge=None, gt=None, le=None, output: bool = True):
+def num(
+    default: Any, ge: float | None = None, gt: float | None = None, le: float | None = None, output: bool = True
+) -> Any:
     """A numeric field with its valid range (checked once, at load): `timeout: int = num(10, ge=1)`;
     `output=False`: it does not change what the stage writes (see SAME_OUTPUT)."""
     return field(default=default, metadata={"range": (ge, gt, le), OUTPUT: output})
 
 
-def _check_range(value, bounds, where: str) -> None:
+def _check_range(value: Any, bounds: tuple[float | None, ...], where: str) -> None:
     ge, gt, le = bounds
     if isinstance(value, list):
         for i, v in enumerate(value):
@@ -128,7 +131,7 @@ class DownloadConfig:
         default_factory=lambda: ["noai", "noimageai", "none", "noindex", "noimageindex"]
     )
 
-    def __post_init__(self):  # the numbers' ranges are checked at load (num); these are formats
+    def __post_init__(self) -> None:  # the numbers' ranges are checked at load (num); these are formats
         where = "curation.download"
         for i, cidr in enumerate(self.allow_networks):
             try:
@@ -313,7 +316,7 @@ class Config:
 # ---------------------------------------------------------------------------------------------
 
 
-def load(path: str | Path | None = None, profile: str | None = None, overrides: list[str] = ()) -> Config:
+def load(path: str | Path | None = None, profile: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read, merge the profile, apply `key=value` overrides, validate. Raises SigmaError."""
     path = Path(path or DEFAULT_CONFIG)
     if not path.is_file():
@@ -334,7 +337,7 @@ def load(path: str | Path | None = None, profile: str | None = None, overrides: 
         if not sep or not key:
             raise SigmaError(f"--set {item}: expected key=value")
         _set_path(raw, key.strip().split("."), yaml.safe_load(value))
-    cfg = _build(Config, raw, "")
+    cfg: Config = _build(Config, raw, "")
     cfg.profile, cfg.source = profile, str(path)
     _resolve_paths(cfg, path.parent)
     return cfg
@@ -343,8 +346,8 @@ def load(path: str | Path | None = None, profile: str | None = None, overrides: 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key written twice in one mapping (YAML would keep the last silently)."""
 
-    def construct_mapping(self, node, deep=False):
-        seen = set()
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[Hashable] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
@@ -353,18 +356,18 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def to_dict(cfg: Config) -> dict:
+def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _merge(base: dict, over: dict) -> dict:
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def _set_path(raw: dict, keys: list[str], value: Any) -> None:
+def _set_path(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     node = raw
     for k in keys[:-1]:
         node = node.setdefault(k, {})
@@ -379,7 +382,7 @@ def _build(tp: Any, value: Any, where: str, default: Any = None) -> Any:
     A mapping given for a dataclass fills in the keys it leaves out from `default` (the field's own
     default, e.g. `aesthetic`'s threshold 5.0), else from the class: each default is stated once."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if value is None:
             value = {}
         if not isinstance(value, dict):
@@ -464,6 +467,9 @@ def _join(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+_Text = TypeVar("_Text", str, str | None)  # a path setting, required or optional
+
+
 def _resolve_paths(cfg: Config, base: Path) -> None:
     """Turn relative model paths that exist beside the config file into absolute ones.
 
@@ -472,7 +478,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     stage that needs them loads them, so a missing file is reported by the stage that uses it.
     """
 
-    def fix(value: str | None) -> str | None:
+    def fix(value: _Text) -> _Text:
         if value is None or value.startswith(("/", "~")):
             return value
         candidate = base / value

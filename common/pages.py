@@ -12,6 +12,11 @@ import html
 import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported where used: a page without plots loads neither
+    import numpy.typing as npt
+    from matplotlib.figure import Figure
 
 THUMB_SIDE = 192  # px, longest side of a gallery thumbnail: ~8 KB as JPEG q80
 
@@ -32,7 +37,7 @@ th{background:#f4f4f4} td.n{text-align:right}
 """
 
 
-def esc(value) -> str:
+def esc(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
@@ -48,14 +53,14 @@ def data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def figure_uri(fig) -> str:
+def figure_uri(fig: Figure) -> str:
     """A matplotlib Figure as a PNG data URI."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     return data_uri(buf.getvalue(), "image/png")
 
 
-def new_figure(width: float = 5.6, height: float = 3.4):
+def new_figure(width: float = 5.6, height: float = 3.4) -> Figure:
     """A Figure on the Agg canvas (headless; safe in threads and Ray workers, unlike pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -70,7 +75,7 @@ def thumbnail_uri(data: bytes, side: int = THUMB_SIDE) -> str | None:
     from PIL import Image, ImageOps
 
     try:
-        im = Image.open(io.BytesIO(data))
+        im: Image.Image = Image.open(io.BytesIO(data))
         im.draft("RGB", (side, side))  # JPEG: decode at a reduced scale, cheap even for 4K photos
         im = ImageOps.exif_transpose(im).convert("RGB")
         im.thumbnail((side, side))
@@ -99,16 +104,19 @@ def plot(name: str, uri: str, title: str) -> str:
     return f'<figure class="plot" data-plot="{esc(name)}"><img alt="{esc(title)}" src="{uri}"></figure>'
 
 
-def finite(values, log_x: bool = False):
+def finite(values: Iterable[float | None], log_x: bool = False) -> npt.NDArray[Any]:
     """The values a histogram counts, as a float array: finite ones, and only positive ones on a log axis."""
     import numpy as np
 
     v = np.asarray(values, dtype=float)  # None -> nan
     v = v[np.isfinite(v)]
-    return v[v > 0] if log_x else v
+    kept: npt.NDArray[Any] = v[v > 0] if log_x else v
+    return kept
 
 
-def histogram_edges(lo: float, hi: float, lines: Iterable[tuple[str, float]] = (), bins: int = 40, log_x: bool = False):
+def histogram_edges(
+    lo: float, hi: float, lines: Iterable[tuple[str, float]] = (), bins: int = 40, log_x: bool = False
+) -> npt.NDArray[Any]:
     """Bin edges over the data's range [lo, hi] widened to the threshold lines.
 
     Spanning the lines keeps the bars visible when a line is far off; the one binning rule of
@@ -146,8 +154,8 @@ def histogram(
 
 def histogram_counts(
     name: str,
-    edges,
-    counts,
+    edges: Any,  # an array of bin edges, or None
+    counts: Any,  # an array or list of counts per bin, or None
     title: str,
     xlabel: str,
     lines: Iterable[tuple[str, float]] = (),
@@ -201,10 +209,10 @@ def bars(name: str, counts: dict[str, int], title: str, marked: str | None = Non
     return plot(name, figure_uri(fig), title)
 
 
-def table(header: Sequence[str], rows: Iterable[Sequence], name: str = "") -> str:
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]], name: str = "") -> str:
     """A plain HTML table; cells are escaped, numbers get thousands separators."""
 
-    def cell(v):
+    def cell(v: Any) -> str:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             return f'<td class="n">{v:,}</td>' if isinstance(v, int) else f'<td class="n">{v:g}</td>'
         return f"<td>{esc(v)}</td>"

@@ -9,11 +9,12 @@ bars are switched off in `cli.init_ray` so that one bar per stage counts what th
 from __future__ import annotations
 
 import sys
+from typing import IO, Any
 
 from tqdm import tqdm
 
 
-def bar(total: int | None, unit: str, desc: str, initial: int = 0, quiet: bool = False) -> tqdm:
+def bar(total: int | None, unit: str, desc: str, initial: int = 0, quiet: bool = False) -> tqdm[Any]:
     """A tqdm bar on stderr, shown only when stderr is a terminal (decided when the bar is made) and
     not `quiet` (e.g. every rank but the first of a multi-process run)."""
     return tqdm(
@@ -28,7 +29,7 @@ def bar(total: int | None, unit: str, desc: str, initial: int = 0, quiet: bool =
     )
 
 
-def say(line: str, file=None) -> None:
+def say(line: str, file: IO[str] | None = None) -> None:
     """Print a line above any open bar (the bar redraws below it); a plain print when no bar is open."""
     file = file or sys.stdout
     tqdm.write(line, file=file)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 # Ray 2.60 turns token authentication on for the local cluster `ray.init` starts and says so each
 # time. We keep it on (a security feature); only that notice goes, the "disabled" warning stays.
@@ -33,7 +34,7 @@ def drop(logger_name: str, prefix: str) -> None:
         logger.addFilter(_DropPrefix(prefix))
 
 
-def spend_actor_restart_warning(ray) -> None:
+def spend_actor_restart_warning(ray: Any) -> None:
     """Let a throwaway actor take the core worker's "Actor ... has constructor arguments in the object
     store and max_restarts > 0" error (ray-project/ray#53727) while stderr points at /dev/null.
 
@@ -44,17 +45,18 @@ def spend_actor_restart_warning(ray) -> None:
     C++ logger writes it to fd 2 once per process, synchronously in `.remote()`: hence this.
     """
 
-    @ray.remote(num_cpus=0, max_restarts=1)
     class _Spend:
-        def __init__(self, _arg):
+        def __init__(self, _arg: object) -> None:
             pass
+
+    spend = ray.remote(num_cpus=0, max_restarts=1)(_Spend)
 
     arg = ray.put(None)
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     try:
-        actor = _Spend.remote(arg)
+        actor = spend.remote(arg)
     finally:
         os.dup2(saved, 2)
         os.close(saved)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from shards.errors import DISK_FULL, SigmaError, disk_full
 
@@ -14,7 +16,7 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,16 +37,16 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+def write_text(path: str | os.PathLike[str], text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def write_parquet(path: str | os.PathLike, table) -> None:
+def write_parquet(path: str | os.PathLike[str], table: Any) -> None:
     """Write a pyarrow Table (or pandas DataFrame) atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -55,7 +57,7 @@ def write_parquet(path: str | os.PathLike, table) -> None:
         pq.write_table(table, tmp)
 
 
-def clean_temp(folder: str | os.PathLike) -> int:
+def clean_temp(folder: str | os.PathLike[str]) -> int:
     """Remove temp files a killed writer left behind; returns how many."""
     n = 0
     for p in Path(folder).glob(".*.tmp"):

@@ -10,7 +10,7 @@ with two zero blocks, and a shard without them is refused as truncated.
 from __future__ import annotations
 
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shards.errors import SigmaError
@@ -32,10 +32,13 @@ def split_name(name: str) -> tuple[str, str]:
     return folder + sep + stem, ext
 
 
-def _members(path: str | Path, tar: tarfile.TarFile, read) -> Iterator[tuple[str, str, bytes | None]]:
+def _members(
+    path: str | Path, tar: tarfile.TarFile, read: Callable[[str], bool]
+) -> Iterator[tuple[str, str, bytes | None]]:
     """(key, ext, bytes or None) per file member, checking keys are unique and the archive complete."""
     done: set[str] = set()
-    key, exts = None, set()
+    key: str | None = None
+    exts: set[str] = set()
     for member in tar:
         if not member.isfile():
             continue
@@ -49,7 +52,8 @@ def _members(path: str | Path, tar: tarfile.TarFile, read) -> Iterator[tuple[str
         if ext in exts:
             raise CorruptShard(f"{path}: duplicate member {member.name!r}")
         exts.add(ext)
-        yield k, ext, tar.extractfile(member).read() if read(k) else None
+        f = tar.extractfile(member) if read(k) else None  # a file member always has a reader
+        yield k, ext, f.read() if f is not None else None
     if Path(path).stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
         raise CorruptShard(
             f"{path}: truncated after {len(done) + (key is not None)} samples (no end-of-archive blocks)"
@@ -83,7 +87,8 @@ def keys(path: str | Path) -> list[str]:
 def samples(path: str | Path, only: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample (or per key in `only`), one in memory at a time; CorruptShard as `keys`."""
     wanted = (lambda k: True) if only is None else only.__contains__
-    key, members, n = None, {}, 0
+    key, n = "", 0
+    members: dict[str, bytes] = {}
     try:
         with _open(path) as tar:
             for k, ext, data in _members(path, tar, read=wanted):

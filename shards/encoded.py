@@ -28,6 +28,7 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -103,7 +104,7 @@ def model_id(path: str) -> str:
     return f"{p.name}:{h.hexdigest()[:16]}"
 
 
-def read_info(encdir: str | Path) -> dict:
+def read_info(encdir: str | Path) -> dict[str, Any]:
     """ENCDIR/info.json: `scaling_factor`, `latent_channels`, `t5_dim`, `max_length`, `tier`, ...
 
     Training reads it to refuse latents from a VAE other than the one it decodes with.
@@ -111,13 +112,13 @@ def read_info(encdir: str | Path) -> dict:
     path = Path(encdir) / INFO
     if not path.exists():
         raise SigmaError(f"{path}: not an encoded dataset (run encoding/encode first)")
-    info = json.loads(path.read_text())
+    info: dict[str, Any] = json.loads(path.read_text())
     if info.get("format_version") != FORMAT_VERSION:
         raise SigmaError(f"{path}: format_version {info.get('format_version')}, this code reads {FORMAT_VERSION}")
     return info
 
 
-def write_info(encdir: str | Path, info: dict) -> None:
+def write_info(encdir: str | Path, info: dict[str, Any]) -> None:
     atomic.write_text(Path(encdir) / INFO, json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
 
 
@@ -153,7 +154,7 @@ def all_finite(data: bytes) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in st_load(data).values())
 
 
-def decode_sample(sample: dict) -> dict:
+def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """A raw WebDataset sample (bytes by suffix) -> {"__key__", "meta", "t5": {...}, "vae": {...}}.
 
     This is the `.safetensors` handler webdataset lacks; use it as a `.map(...)` stage.
@@ -188,12 +189,13 @@ class BucketWriter:
     def __init__(self, encdir: str | Path, bucket_hw: tuple[int, int], fp: str, shard_bytes: int):
         self.encdir, self.folder = Path(encdir), Path(encdir) / bucket_dir(bucket_hw)
         self.fp, self.shard_bytes = fp, shard_bytes
-        self.tar = self.tmp = self.path = None
-        self.rows: list[dict] = []
+        self.tar: tarfile.TarFile | None = None  # the open tar, at `tmp` until committed to `path`
+        self.tmp = self.path = Path()
+        self.rows: list[dict[str, Any]] = []
         self.size = 0
-        self.written: list[dict] = []  # rows of committed tars
+        self.written: list[dict[str, Any]] = []  # rows of committed tars
 
-    def _open(self) -> None:
+    def _open(self) -> tarfile.TarFile:
         self.folder.mkdir(parents=True, exist_ok=True)
         n = 0
         while (self.folder / f"{self.fp[:8]}-{n:05d}.tar").exists():
@@ -201,14 +203,14 @@ class BucketWriter:
         self.path = self.folder / f"{self.fp[:8]}-{n:05d}.tar"
         self.tmp = self.folder / f".{self.path.name}.tmp"
         self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        return self.tar
 
-    def write(self, meta: dict, t5: bytes, vae: bytes, row: dict) -> None:
-        if self.tar is None:
-            self._open()
+    def write(self, meta: dict[str, Any], t5: bytes, vae: bytes, row: dict[str, Any]) -> None:
+        tar = self.tar if self.tar is not None else self._open()
         key = meta["key"]
         try:
             for suffix, data in ((JSON, json.dumps(meta, sort_keys=True).encode()), (T5, t5), (VAE, vae)):
-                _add(self.tar, f"{key}.{suffix}", data)
+                _add(tar, f"{key}.{suffix}", data)
                 self.size += len(data) + 1024  # header + padding, roughly
         except OSError as e:
             if e.errno in DISK_FULL:
@@ -221,6 +223,8 @@ class BucketWriter:
     def _commit(self) -> None:
         import pyarrow as pa
 
+        if self.tar is None:
+            return
         self.tar.close()
         self.tmp.replace(self.path)
         atomic.write_parquet(self.path.with_suffix(".parquet"), pa.Table.from_pylist(self.rows))
@@ -235,7 +239,7 @@ class BucketWriter:
             self.tmp.unlink(missing_ok=True)
             self.tar, self.rows, self.size = None, [], 0
 
-    def close(self) -> list[dict]:
+    def close(self) -> list[dict[str, Any]]:
         """Commit the open tar; the rows of every tar this writer committed."""
         if self.tar is not None:
             self._commit()
@@ -253,7 +257,7 @@ def committed_shards(encdir: str | Path) -> list[Path]:
     return sorted(p for p in root.glob("*/*.tar") if p.with_suffix(".parquet").exists())
 
 
-def committed_rows(encdir: str | Path):
+def committed_rows(encdir: str | Path) -> Any:
     """The rows of every committed tar, as one pandas DataFrame (empty if none)."""
     import pandas as pd
     import pyarrow.parquet as pq

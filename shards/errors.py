@@ -16,7 +16,7 @@ class SigmaError(Exception):
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_full(path) -> str:
+def disk_full(path: object) -> str:
     return f"{path}: disk full ({os.strerror(errno.ENOSPC)}); free space and rerun: finished parts are kept"
 
 

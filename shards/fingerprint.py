@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def listing(paths) -> str:
+def listing(paths: Iterable[str | Path]) -> str:
     """sha256 over (name, size) of many input files (shards: too big to hash, cheap to list)."""
     h = hashlib.sha256()
     for p in sorted(map(Path, paths)):
@@ -62,7 +63,7 @@ def flat(settings: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def check(folder: str | Path, fingerprint: dict) -> None:
+def check(folder: str | Path, fingerprint: dict[str, Any]) -> None:
     """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs."""
     path = Path(folder) / FILE
     current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))

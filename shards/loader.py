@@ -22,8 +22,10 @@ Randomness (shard order, shuffle buffer, caption choice, latent noise) comes fro
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -71,22 +73,24 @@ def _shard_weights(encdir: Path, policy: str) -> tuple[list[str], list[float]]:
     return [str(encdir / s) for s in shards], weights
 
 
-def _epoch_shards(shards: list[str], rng: random.Random, rank: int, world_size: int) -> list[dict]:
+def _epoch_shards(shards: list[str], rng: random.Random, rank: int, world_size: int) -> list[dict[str, str]]:
     """One pass: the list shuffled the same way on every rank, then split by node (this rank's share)."""
     order = list(shards)
     rng.shuffle(order)
     return [{"url": s} for s in order[rank::world_size]]
 
 
-def _resampled_shards(shards: list[str], weights: list[float], rng: random.Random):
+def _resampled_shards(shards: list[str], weights: list[float], rng: random.Random) -> Iterator[dict[str, str]]:
     """Endless weighted draws with replacement (each node and worker has its own stream)."""
     while True:
         yield {"url": rng.choices(shards, weights)[0]}
 
 
-def _bucket_batches(samples, batch_size: int, keep_partial: bool):
+def _bucket_batches(
+    samples: Iterable[dict[str, Any]], batch_size: int, keep_partial: bool
+) -> Iterator[list[dict[str, Any]]]:
     """Collect samples per bucket; emit a list as soon as one bucket has `batch_size`."""
-    pending: dict[tuple[int, int], list[dict]] = {}
+    pending: dict[tuple[int, ...], list[dict[str, Any]]] = {}
     for s in samples:
         hw = tuple(s["meta"]["bucket_hw"])
         pending.setdefault(hw, []).append(s)
@@ -106,18 +110,19 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
     numel = 1
     for d in shape:
         numel *= d
-    storage = torch.empty(0)._typed_storage()._new_shared(numel, device="cpu")
+    # torch leaves its private _typed_storage unannotated
+    storage = torch.empty(0)._typed_storage()._new_shared(numel, device="cpu")  # type: ignore[no-untyped-call]
     return torch.empty(0).new(storage).view(shape)
 
 
 def collate(
-    samples: list[dict],
+    samples: list[dict[str, Any]],
     max_length: int,
     real_prompt_ratio: float,
     scaling_factor: float,
     rng: random.Random,
     gen: torch.Generator,
-) -> dict:
+) -> dict[str, Any]:
     """Samples of one bucket -> the trainer's batch (see the module docstring)."""
     sources = [
         "original" if "original" in s["t5"] and rng.random() < real_prompt_ratio else "recaption" for s in samples
@@ -148,7 +153,7 @@ def collate(
 # ---------------------------------------------------------------------------------------------
 
 
-class BucketBatches(torch.utils.data.IterableDataset):
+class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
     """Batches of one bucket from ENCDIR; use with `DataLoader(batch_size=None)` (see `make_loader`)."""
 
     def __init__(
@@ -181,13 +186,13 @@ class BucketBatches(torch.utils.data.IterableDataset):
         """Reshuffle for a new pass (call before iterating; the trainer's sampler.set_epoch)."""
         self.epoch = epoch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = torch.utils.data.get_worker_info()
         wid = worker.id if worker else 0
         stream = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{wid}")  # this worker's randomness
         gen = torch.Generator().manual_seed(stream.getrandbits(63))
         if self.resample:
-            stages = [partial(_resampled_shards, self.shards, self.weights, stream)]
+            stages: list[Any] = [partial(_resampled_shards, self.shards, self.weights, stream)]
         else:  # same shuffle on every rank and worker, so the split is a partition
             order = random.Random(f"{self.seed}/{self.epoch}")
             stages = [partial(_epoch_shards, self.shards, order, self.rank, self.world_size), wds.split_by_worker]
@@ -226,7 +231,7 @@ def make_loader(
     tier: str | None = None,
     keep_partial: bool = False,
     pin_memory: bool = False,
-) -> torch.utils.data.DataLoader:
+) -> torch.utils.data.DataLoader[dict[str, Any]]:
     """A torch DataLoader of one-bucket batches from ENCDIR (see the module docstring for the keys).
 
     `resample=True` (default) is an endless stream of weighted shard draws: use it for step-based
@@ -255,6 +260,6 @@ def make_loader(
     )
 
 
-def _as_is(batch: dict) -> dict:
+def _as_is(batch: Any) -> Any:
     """Batches are complete when a worker yields them (the default would turn `bucket_hw` into a list)."""
     return batch
