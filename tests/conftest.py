@@ -63,3 +63,13 @@ def small_disk(tmp_path):
     yield make
     for folder in mounts:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.fixture(scope="session")
+def shard_models(tmp_path_factory) -> dict[str, Path]:
+    """The tiny T5 and VAE, built by the builders the demo uses (fixed seeds): tests/encoders, tests/encoding."""
+    from encoders import t5, vae
+
+    root = tmp_path_factory.mktemp("models")
+    return {"t5": t5.build_tiny(root / "t5"), "vae": vae.build_tiny(root / "vae")}
+
