@@ -17,22 +17,21 @@ import io
 import os
 import platform
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# Before the imports below: huggingface_hub reads HF_HUB_OFFLINE, albumentations its update check, at import.
 for k, v in {"NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}.items():
     os.environ.setdefault(k, v)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np  # noqa: E402 - after the environment above
+import torch  # noqa: E402 - after the environment above
+from PIL import Image  # noqa: E402 - after the environment above
 
-from captioning import hf  # noqa: E402
-from encoders import vlm  # noqa: E402
+from captioning import hf  # noqa: E402 - after the environment above
+from encoders import vlm  # noqa: E402 - after the environment above
 
 MAX_NEW_TOKENS = 24  # the demo profile's value
 

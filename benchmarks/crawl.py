@@ -23,7 +23,6 @@ import platform
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -85,12 +84,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-stage", action="store_true", help="skip the two end-to-end stage runs (quick check)")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     from benchmarks.curation import REAL, curate, real_photos, url_list
+    from common import config
     from curation import download
     from demo import tiny_models
     from demo.serve import ImageServer
-    from common import config
 
     tiny_models.build(ROOT / ".cache" / "tiny")
     photos = real_photos()

@@ -100,7 +100,6 @@ def main() -> None:
     ap.add_argument("--links", default="none,100",
                     help="server link caps in Mbit/s for the comparison, 'none' = uncapped loopback")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
     from demo import tiny_models
     from demo.images import encode, render
     from demo.serve import ImageServer

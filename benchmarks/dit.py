@@ -26,10 +26,9 @@ from pathlib import Path
 import psutil
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from training.model import PixArtSigma
 
-from training.model import PixArtSigma  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from training.model import DiT_models
 
-from training.model import DiT_models  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 REAL = dict(
     dit="XL/2", caption_channels=4096, buckets={"1K": (1024, 12, False), "2K": (2048, 4, False), "4K": (2880, 1, True)},
@@ -97,7 +96,7 @@ def dit_rows(p, device, autocast) -> list[str]:
                 rows.append(f"| {name} ({res}²) | {(res // 16) ** 2} | {batch} | {'yes' if ckpt else 'no'} | "
                             f"{'on' if kv else 'off'} | OOM | | |")
             print(rows[-1], flush=True)
-            del model, opt
+            model = opt = None  # not `del`: the step closure above refers to them (frees the GPU memory alike)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -128,7 +127,7 @@ def t5_rows(p, device, dtype) -> list[str]:
         sec, peak = measure(run, device, 1, max(1, p["repeats"] // 2))
         rows.append(f"| {mode} | {p['t5_batch']} | {n / sec:.1f} | {peak:.1f} |")
         print(rows[-1], flush=True)
-    del enc
+    enc = None  # not `del`: the run closure above refers to it
     return rows
 
 

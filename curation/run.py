@@ -3,9 +3,10 @@
 import os
 import sys
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root replaces this folder, whose modules must not shadow the stdlib
+# The repository root replaces this folder on the path: its modules must not shadow the stdlib's.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from curation.cli import main  # noqa: E402
+from curation.cli import main  # noqa: E402 - after the path line above
 
 if __name__ == "__main__":
     main()

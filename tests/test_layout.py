@@ -1,4 +1,5 @@
-"""Each package folder's README names its modules in a table, and names nothing that is not there.
+"""The folder layout is the architecture: each package folder's README names its modules in a
+table (and names nothing that is not there), and entry points put the repository on the path one way.
 
 A module is a `.py` file (not `__init__.py`) or an entry-point script (an executable `#!` file
 without a suffix, e.g. `training/finetune`). The table is the README's first table whose first
@@ -75,3 +76,21 @@ def test_module_table_parsing(tmp_path):
     (tmp_path / "__init__.py").write_text("")
     (tmp_path / "data").write_text("not a script\n")
     assert modules(tmp_path) == {"a", "a.py"}
+
+
+# The one way an entry-point script (`training/finetune`, `curation/run.py`) finds the repository;
+# `python -m benchmarks.X` and the tests run from the repository root and need none.
+SHIM = "sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))"
+
+
+def test_entry_points_put_the_repository_on_the_path_one_way():
+    scripts, others = [], []
+    for folder in [ROOT / p for p in PACKAGES] + [ROOT / "benchmarks"]:
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and (p.suffix == ".py" or p.name in modules(folder)):
+                (scripts if p.read_bytes()[:2] == b"#!" else others).append(p)
+    assert len(scripts) >= 9
+    odd = [str(p.relative_to(ROOT)) for p in scripts if SHIM not in p.read_text()]
+    assert not odd, f"entry points without the shared line `{SHIM}`: {odd}"
+    touching = [str(p.relative_to(ROOT)) for p in others if "sys.path" in p.read_text()]
+    assert not touching, f"modules that change sys.path (only entry points do, with `{SHIM}`): {touching}"
