@@ -65,7 +65,8 @@ def ours(n_re: int, n_orig: int, h: int, w: int, rng) -> tuple[int, int]:
 
 def bench_bytes(n: int) -> list[str]:
     rng = np.random.default_rng(0)
-    rows = ["| captions (tokens incl. `</s>`) | ours: T5 | PixArt npz: T5 | ratio T5 | ours: sample | PixArt: sample | ratio sample |",
+    rows = ["| captions (tokens incl. `</s>`) | ours: T5 | PixArt npz: T5 | ratio T5 "
+            "| ours: sample | PixArt: sample | ratio sample |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for label, re_kind, orig_kind in [("both ~100", "100", "100"), ("recaption ~195 ± 30, original ~18", "recaption", "original"),
                                       ("recaption only, 100", "100", None)]:
@@ -169,7 +170,8 @@ def bench_t5(n: int) -> tuple[list[str], float]:
             rates[sort].append(n / (time.perf_counter() - t0))
     padded = np.mean([max(sorted(lens[s:s + actor_batch])[i:i + sub])
                       for s in range(0, n, actor_batch) for i in range(0, min(actor_batch, n - s), sub)])
-    rows.append(f"| length-sorted within each batch of {actor_batch}, padded to sub-batch max | {max(rates[True]):.1f} | {padded:.0f} |")
+    rows.append(f"| length-sorted within each batch of {actor_batch}, padded to sub-batch max "
+                f"| {max(rates[True]):.1f} | {padded:.0f} |")
     rows.append(f"| fixed 300 (PixArt) | {max(rates[False]):.1f} | 300 |")
     return rows, float(np.mean(lens))
 
@@ -188,16 +190,19 @@ def main() -> None:
         f"Machine: {machine}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end. Measured "
         f"{time.strftime('%Y-%m-%d')}.", "",
         f"### Bytes per sample (T5 width {C}, 1024² bucket, {n_bytes} samples per row)", "",
-        "Ours: `KEY.t5.safetensors` (valid tokens, fp16) + `KEY.vae.safetensors` (mean + std fp16) + tar headers (the ~0.4 kB json is not counted). "
-        "PixArt: one `savez_compressed` per caption (`caption_feature` [1, 300, 4096] fp16 + mask) + an 8-channel fp16 `.npy`. "
+        "Ours: `KEY.t5.safetensors` (valid tokens, fp16) + `KEY.vae.safetensors` (mean + std fp16) "
+        "+ tar headers (the ~0.4 kB json is not counted). "
+        "PixArt: one `savez_compressed` per caption (`caption_feature` [1, 300, 4096] fp16 + mask) "
+        "+ an 8-channel fp16 `.npy`. "
         "Target: ≤ 0.5x for ~100-token captions.", "",
         *bytes_rows, "",
         f"### Loader throughput ({n} samples at {hw}², recaption ~195 tokens at width {C})", "",
-        "2 DataLoader workers, batch 16. Both read from the page cache (files just written), decode, sample the latent "
-        "and pad `y` to 300 in float32; one pass over all samples per measurement. Target ≥ 3x.", "",
+        "2 DataLoader workers, batch 16. Both read from the page cache (files just written), "
+        "decode, sample the latent and pad `y` to 300 in float32; "
+        "one pass over all samples per measurement. Target ≥ 3x.", "",
         *loader_rows, "",
-        f"### T5 encode, length-sorted vs fixed-300 ({n_t5} captions, half Share-Captioner-like, half alt-text-like, "
-        f"mean {mean_len:.0f} tokens; random T5 d_model 256, 4 layers, on CPU)", "",
+        f"### T5 encode, length-sorted vs fixed-300 ({n_t5} captions, half Share-Captioner-like, "
+        f"half alt-text-like, mean {mean_len:.0f} tokens; random T5 d_model 256, 4 layers, on CPU)", "",
         *t5_rows, "",
     ])
     out = HERE / "results" / "encode.md"

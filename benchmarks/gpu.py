@@ -143,7 +143,7 @@ def vae_rows(p, device, dtype) -> list[str]:
 
         def run():
             with torch.no_grad():
-                vae.encode(x).latent_dist.mean
+                _ = vae.encode(x).latent_dist.mean
 
         try:
             sec, peak = measure(run, device, 1, max(1, p["repeats"] // 2))
