@@ -79,7 +79,7 @@ def bench_bytes(n: int) -> list[str]:
             pt5 = len(padded_npz(a, rng)) + (len(padded_npz(b, rng)) if b else 0)
             p_t5.append(pt5)
             p_all.append(pt5 + len(vae_npy(1024, 1024, rng)))
-        mib = lambda v: f"{np.mean(v) / 2**20:.2f} MiB"  # noqa: E731
+        mib = lambda v: f"{np.mean(v) / 2**20:.2f} MiB"
         rows.append(f"| {label} | {mib(o_t5)} | {mib(p_t5)} | {np.mean(o_t5) / np.mean(p_t5):.2f}x | {mib(o_all)} | "
                     f"{mib(p_all)} | {np.mean(o_all) / np.mean(p_all):.2f}x |")
     return rows
@@ -130,7 +130,7 @@ def bench_loader(n: int, hw: int) -> tuple[list[str], int, int]:
                 for b in dl:
                     seen += len(b["latent"])
                 rates[name].append(seen / (time.perf_counter() - t0))
-    fmt = lambda v: f"{max(v):.0f} ({' / '.join(f'{x:.0f}' for x in v)})"  # noqa: E731
+    fmt = lambda v: f"{max(v):.0f} ({' / '.join(f'{x:.0f}' for x in v)})"
     speedups = [a / b for a, b in zip(rates["ours"], rates["npz"])]
     return ["| layout | samples/s, best (each of 3 alternating passes) |", "| --- | ---: |",
             f"| bucketed tars, valid-token safetensors (`shards.loader`) | {fmt(rates['ours'])} |",
