@@ -1,29 +1,36 @@
-"""Headless Chromium driven over the DevTools protocol (CDP), for the tests of every HTML page we write.
+"""Headless Chromium driven by Playwright, for the tests of every HTML page we write.
 
-The browser is Debian's `chromium` (`make test` installs it when missing and running as root);
-where it is absent the tests skip with a reason naming the fix. A `Page` collects console errors,
-uncaught exceptions and failed resource loads from the moment it starts loading; it navigates,
-evaluates JavaScript, clicks and types with real input events, and takes screenshots.
+The browser is Debian's `chromium` (`make test` installs it when missing and running as root),
+launched by Playwright through `executable_path`: Playwright's own browser download is never used.
+Where chromium or playwright is absent the tests skip with a reason naming the fix. A `Page`
+collects console errors, uncaught exceptions and failed resource loads from the moment it starts
+loading; it navigates, evaluates JavaScript, clicks and types with real input events, and takes
+screenshots.
 """
+
 from __future__ import annotations
 
-import base64
 import contextlib
-import json
 import os
 import shutil
-import signal
-import subprocess
-import time
-import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import pytest
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--remote-debugging-port=0", "--window-size=1280,1600"]
+# Playwright adds --headless and its own automation flags; these keep the browser off the network.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+VIEWPORT = {"width": 1280, "height": 1600}
 
 
 def find_chromium() -> str | None:
@@ -37,100 +44,72 @@ def find_chromium() -> str | None:
 class Page:
     """One browser tab: navigate, collect errors, evaluate, click, type, screenshot."""
 
-    def __init__(self, ws_url: str):
-        from websockets.sync.client import connect
-
-        self.stack = contextlib.ExitStack()
-        self.ws = self.stack.enter_context(connect(ws_url, max_size=None, open_timeout=20))
-        self.next_id = 0
-        self.events: list[dict] = []
+    def __init__(self, page: Any):
+        self.page = page
         self.errors: list[str] = []
-        for domain in ("Runtime", "Log", "Page"):
-            self.send(f"{domain}.enable")
+        page.on("console", self._console)
+        page.on("pageerror", lambda e: self.errors.append(f"exception: {e.name}: {e.message}".strip()))
+        page.on("requestfailed", lambda r: self.errors.append(f"log: failed to load {r.url} ({r.failure})"))
 
-    def send(self, method: str, timeout: float = 60.0, **params) -> dict:
-        self.next_id += 1
-        my_id = self.next_id
-        self.ws.send(json.dumps({"id": my_id, "method": method, "params": params}))
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = self._recv(deadline, method)
-            if msg.get("id") == my_id:
-                if "error" in msg:
-                    raise RuntimeError(f"CDP {method}: {msg['error']}")
-                return msg["result"]
-            if "method" in msg:
-                self.events.append(msg)
-
-    def _recv(self, deadline: float, waiting_for: str) -> dict:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(f"CDP: no answer to {waiting_for}")
-        msg = json.loads(self.ws.recv(timeout=left))
-        method, params = msg.get("method"), msg.get("params", {})
-        if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-            self.errors.append("console: " + " ".join(str(a.get("value", a.get("description")))
-                                                      for a in params.get("args", [])))
-        elif method == "Runtime.exceptionThrown":
-            details = params["exceptionDetails"]
-            self.errors.append(f"exception: {details.get('text', '')} "
-                               f"{details.get('exception', {}).get('description', '')}".strip())
-        elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
-            self.errors.append(f"log: {params['entry'].get('text')} {params['entry'].get('url', '')}")
-        return msg
-
-    def wait_event(self, method: str, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            for i, ev in enumerate(self.events):
-                if ev.get("method") == method:
-                    return self.events.pop(i)
-            self.events.append(self._recv(deadline, method))
+    def _console(self, msg: Any) -> None:
+        if msg.type in ("error", "assert"):
+            self.errors.append(f"console: {msg.text}")
 
     def load(self, action: Callable[[], object], timeout: float = 60.0) -> None:
         """Run `action` (navigate, click, reload, key) and wait for the load event of the page it causes
         (all embedded images decoded)."""
-        self.events.clear()
-        action()
-        self.wait_event("Page.loadEventFired", timeout)
+        with self.page.expect_event("load", timeout=timeout * 1000):
+            action()
 
     def goto(self, url: str) -> None:
-        self.load(lambda: self.send("Page.navigate", url=url))
+        self.page.goto(url, wait_until="load")
 
     def open(self, path: Path) -> None:
         """A file, as a person opens a report copied off a cluster (file://, no server)."""
         self.goto(Path(path).resolve().as_uri())
 
     def reload(self) -> None:
-        self.load(lambda: self.send("Page.reload", ignoreCache=True))
+        self.page.reload(wait_until="load")
 
-    def evaluate(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise RuntimeError(f"evaluate {expression!r}: {result['exceptionDetails'].get('text')}")
-        return result["result"].get("value")
+    def evaluate(self, expression: str) -> Any:
+        return self.page.evaluate(expression)
 
     def click(self, selector: str) -> None:
-        """A real mouse click at the centre of the element (press + release)."""
-        box = self.evaluate(f"(() => {{const e = document.querySelector({json.dumps(selector)}); e.scrollIntoView();"
-                            "const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2];})()")
-        for kind in ("mousePressed", "mouseReleased"):
-            self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
+        """A real mouse click at the centre of the element (scrolled into view; press + release)."""
+        self.page.click(selector)
 
-    def key(self, key: str, code: str, keycode: int) -> None:
-        for kind in ("keyDown", "keyUp"):
-            self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=keycode)
+    def key(self, key: str, code: str = "", keycode: int = 0) -> None:
+        """A real key press (down + up); `code` and `keycode` are kept for the callers of the CDP harness."""
+        self.page.keyboard.press(key)
 
     def screenshot(self, path: Path) -> Path:
-        data = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
-        Path(path).write_bytes(base64.b64decode(data))
+        self.page.screenshot(path=str(path), full_page=True)
         return Path(path)
 
     def broken_images(self) -> int:
-        return self.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length")
+        return int(self.evaluate("[...document.images].filter(i => !i.complete || i.naturalWidth === 0).length"))
 
     def close(self) -> None:
-        self.stack.close()
+        self.page.close()
+
+
+_DRIVER: dict[str, Any] = {"users": 0}  # one Playwright driver per process: its sync API allows one per thread
+
+
+@contextlib.contextmanager
+def _playwright(sync_api: Any) -> Iterator[Any]:
+    """The process's Playwright driver, started by its first user and stopped after its last (a session's
+    browser and a test's own browser are open at the same time)."""
+    if _DRIVER["users"] == 0:
+        _DRIVER["manager"] = sync_api.sync_playwright()
+        _DRIVER["driver"] = _DRIVER["manager"].__enter__()
+    _DRIVER["users"] += 1
+    try:
+        yield _DRIVER["driver"]
+    finally:
+        _DRIVER["users"] -= 1
+        if _DRIVER["users"] == 0:
+            _DRIVER.pop("manager").__exit__(None, None, None)
 
 
 @contextlib.contextmanager
@@ -138,34 +117,22 @@ def chromium(profile: Path) -> Iterator[Callable[[], Page]]:
     """A headless Chromium for the block; yields `new_page()` -> a blank Page (closed at the end)."""
     exe = find_chromium()
     if exe is None:
-        pytest.skip("chromium not installed: run `make chromium` as root (apt-get install chromium) "
-                    "to check the HTML pages in a real browser")
-    pytest.importorskip("websockets", reason="websockets (test extra) drives Chromium over CDP")
-    proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
-    pages: list[Page] = []
-    try:
-        port_file, deadline = Path(profile) / "DevToolsActivePort", time.monotonic() + 60
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"chromium ({exe}) did not start (exit status {proc.poll()})")
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-
-        def new_page() -> Page:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/json/new?about:blank", method="PUT")
-            target = json.loads(opener.open(req, timeout=20).read())
-            pages.append(Page(target["webSocketDebuggerUrl"]))
-            return pages[-1]
-
-        yield new_page
-    finally:
-        for page in pages:
-            page.close()
-        os.killpg(proc.pid, signal.SIGTERM)
+        pytest.skip(
+            "chromium not installed: run `make chromium` as root (apt-get install chromium) "
+            "to check the HTML pages in a real browser"
+        )
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (test extra) drives Chromium")
+    with _playwright(sync_api) as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=exe,
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport=VIEWPORT,
+            proxy=None,
+            timeout=60_000,
+        )
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            yield lambda: Page(context.new_page())
+        finally:
+            context.close()

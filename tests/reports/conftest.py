@@ -1,7 +1,7 @@
 """Fake-but-real run folders for the report tests, and the headless Chromium they open reports in.
 
 Pages are opened as file:// URLs, the way a person opens a report copied off a cluster, and
-checked through the DevTools protocol (tests/chromium.py): console errors, uncaught exceptions and
+checked through Playwright (tests/chromium.py): console errors, uncaught exceptions and
 failed resource loads, then the DOM is queried and a full-page screenshot is written.
 """
 from __future__ import annotations
