@@ -188,14 +188,15 @@ class Captioner:
     backend: Literal["hf", "share-captioner"] = "hf"
     model: str = ""  # local folder or hub id
     revision: str | None = None
-    trust_remote_code: bool = False  # only on explicit opt-in
+    trust_remote_code: bool = field(default=False, metadata=SAME_OUTPUT)  # only on explicit opt-in
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     prompt: str = "Describe this image in detail."
     max_new_tokens: int = num(300, ge=1)
     generate: dict[str, Any] = field(default_factory=dict)  # extra generate() kwargs
     max_pixels: int | None = num(None, ge=1)  # Qwen2.5-VL style cap for 4K inputs
-    runtime_env: dict[str, Any] = field(default_factory=dict)  # Ray runtime_env for this backend's actors
-    resources: Resources = field(default_factory=lambda: Resources(batch_size=8))
+    # Ray runtime_env for this backend's actors
+    runtime_env: dict[str, Any] = field(default_factory=dict, metadata=SAME_OUTPUT)
+    resources: Resources = field(default_factory=lambda: Resources(batch_size=8), metadata=SAME_OUTPUT)
 
 
 @dataclass

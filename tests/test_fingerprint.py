@@ -113,3 +113,13 @@ def test_each_stage_fingerprints_what_changes_its_output_and_nothing_else(sectio
         after = fingerprint.flat(value_at(changed(key), section), section)
         assert after != base and f"{section}.{key}" in {k for k in after if after[k] != base.get(k)}, key
     assert dataclasses.is_dataclass(value_at(config.load(profile="demo"), section))
+
+
+def test_captioner_settings_that_only_place_or_permit_the_model_are_not_output():
+    from common import config
+
+    cap = config.load(profile="demo").captioning.captioners["hf"]
+    same = {"trust_remote_code", "runtime_env", "resources"}
+    flat = fingerprint.flat(cap, "c")
+    assert not {k for k in flat if k.split(".")[1] in same}
+    assert {"c.prompt", "c.max_new_tokens", "c.dtype", "c.model", "c.revision"} <= set(flat)
