@@ -48,7 +48,7 @@ def select(cfg: Config, name: str | None) -> tuple[str, Captioner]:
     if name not in cfg.captioning.captioners:
         raise SigmaError(f"{where}: no such captioner; choose one of {sorted(cfg.captioning.captioners)}")
     cap = cfg.captioning.captioners[name]
-    if not cap.model:
+    if not cap.model and cap.backend != "original":
         raise SigmaError(f"{where}.model: not set")
     if cap.backend == "share-captioner" and not cap.trust_remote_code:
         raise SigmaError(f"{where}.trust_remote_code: Share-Captioner is remote code (InternLM-XComposer) and "
@@ -57,7 +57,10 @@ def select(cfg: Config, name: str | None) -> tuple[str, Captioner]:
 
 
 def captioner_id(cap: Captioner) -> str:
-    """What the `captioner` column records: model id + revision ('local' for a folder)."""
+    """What the `captioner` column records: model id + revision ('local' for a folder); `original` for
+    the pass-through captioner."""
+    if cap.backend == "original":
+        return "original"
     return f"{cap.model}@{cap.revision or ('local' if Path(cap.model).exists() else 'main')}"
 
 
@@ -88,7 +91,8 @@ def stage_fingerprint(p: dict) -> dict:
     from shards.encoded import model_id
 
     keys = ("backend", "prompt", "max_new_tokens", "generate", "dtype", "max_pixels", "strip_openings")
-    return {**{k: p[k] for k in keys}, "model": model_id(p["model"]), "revision": p["captioner_id"].rsplit("@", 1)[1], "t5_tokenizer": model_id(p["t5_tokenizer"])}
+    return {**{k: p[k] for k in keys}, "model": model_id(p["model"]) if p["model"] else "",
+            "revision": p["captioner_id"].rpartition("@")[2], "t5_tokenizer": model_id(p["t5_tokenizer"])}
 
 
 def _check_sources(done: list[str], out: str) -> None:
@@ -112,6 +116,10 @@ def backend(cap: Captioner) -> tuple[type, dict]:
     common = dict(model=cap.model, prompt=cap.prompt, revision=cap.revision, dtype=cap.dtype,
                   max_new_tokens=cap.max_new_tokens, generate=dict(cap.generate),
                   trust_remote_code=cap.trust_remote_code)
+    if cap.backend == "original":
+        from captioning.original import OriginalCaptioner
+
+        return OriginalCaptioner, {}
     if cap.backend == "share-captioner":
         from captioning.share_captioner import ShareCaptioner
 

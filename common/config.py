@@ -163,7 +163,7 @@ class CurationConfig:
 
 @dataclass
 class Captioner:
-    backend: Literal["hf", "share-captioner"] = "hf"
+    backend: Literal["hf", "share-captioner", "original"] = "hf"  # original: the alt text, no model
     model: str = ""  # local folder or hub id
     revision: Optional[str] = None
     trust_remote_code: bool = False  # only on explicit opt-in
@@ -422,7 +422,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     """
 
     def fix(value: str | None) -> str | None:
-        if value is None or value.startswith(("/", "~")):
+        if not value or value.startswith(("/", "~")):
             return value
         candidate = base / value
         if value.startswith(".cache/") and not candidate.exists() and (USER_CACHE / value[7:]).exists():

@@ -1,0 +1,137 @@
+"""Every command line README.md shows, and every entry point's `--help` example, runs with --dry-run.
+
+The commands are read from the files (README code blocks, the `example:` of each `--help`), never
+copied here, so a changed README is tested as it reads. They run in an empty folder: the data they
+name does not exist, and a dry run must say what it could not check rather than fail.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from demo import run as demo_run
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("curation", "captioning", "encoding", "training", "evaluation")
+CONVERTERS = ("curation/convert_nsfw_head",)  # one-off tools run in another env (TensorFlow): no shared flags
+LAUNCHERS = ("python", "python3", "ray", "torchrun")  # what may stand before an entry point on a line
+
+
+def entry_points() -> list[str]:
+    """Executable scripts of the stage folders (`training/finetune`, `curation/run.py`, ...)."""
+    found = []
+    for folder in STAGES:
+        for p in sorted((REPO / folder).glob("*")) if (REPO / folder).is_dir() else []:
+            name = f"{folder}/{p.name}"
+            if p.is_file() and os.access(p, os.X_OK) and p.read_text(errors="replace").startswith("#!"):
+                found.append(name)
+    return found
+
+
+def _code_lines(markdown: str) -> list[str]:
+    """Lines of the ``` blocks, continuation lines (trailing backslash) joined, comments dropped."""
+    lines, block, pending = [], False, ""
+    for raw in markdown.splitlines():
+        if raw.lstrip().startswith("```"):
+            block, pending = not block, ""
+            continue
+        if not block:
+            continue
+        line = pending + raw.strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        lines.append(line)
+    return lines
+
+
+def _command(line: str, names: list[str]) -> list[str] | None:
+    """argv from the entry point on (`ray job submit ... --`, `torchrun ...`, `python` dropped), or None."""
+    try:
+        words = shlex.split(line, comments=True)
+    except ValueError:
+        return None
+    if not words or not (words[0] in names or words[0] in LAUNCHERS or words[0].endswith("/python")):
+        return None  # prose in a code block (the data-flow diagram), another tool
+    for i, w in enumerate(words):
+        if w in names:
+            # optional parts are shown as [--flag value]: run them too
+            return [x.strip("[]") for x in words[i:] if x.strip("[]")]
+    return None
+
+
+def pipeline_entry_points() -> list[str]:
+    """The entry points with the shared flags (--config, --profile, --set, --dry-run)."""
+    return [n for n in entry_points() if n not in CONVERTERS]
+
+
+def readme_commands() -> list[list[str]]:
+    names = entry_points()
+    out = []
+    for line in _code_lines((REPO / "README.md").read_text()):
+        argv = _command(line, names)
+        if argv and argv[1:] != ["--help"]:
+            out.append(argv)
+    return out
+
+
+def help_example(name: str) -> list[str]:
+    """The `example:` line(s) of an entry point's --help."""
+    r = subprocess.run([sys.executable, str(REPO / name), "--help"], capture_output=True, text=True, cwd=REPO,
+                       timeout=300)
+    assert r.returncode == 0, f"{name} --help: {r.stderr[-2000:]}"
+    assert "example:" in r.stdout, f"{name} --help has no example"
+    example = r.stdout.split("example:", 1)[1].strip().splitlines()
+    argv = _command(" ".join(x.strip().rstrip("\\") for x in example), [name])
+    assert argv, f"{name} --help: its example does not run {name}: {example}"
+    return argv
+
+
+def dry_run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, str(REPO / argv[0]), *argv[1:], "--dry-run"], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_readme_commands_are_found():
+    """The extraction sees the README's commands (a change of layout must not make the test vacuous)."""
+    commands = readme_commands()
+    heads = {c[0] for c in commands}
+    assert {"curation/run.py", "captioning/recaption", "encoding/encode", "training/finetune"} <= heads, heads
+    assert len(commands) >= 10, commands
+
+
+@pytest.mark.parametrize("argv", readme_commands(), ids=lambda a: " ".join(a)[:80])
+def test_readme_command_dry_runs(argv, tmp_path):
+    r = dry_run(argv, tmp_path)
+    assert r.returncode == 0, f"{shlex.join(argv)} --dry-run: exit {r.returncode}\n{r.stderr[-3000:]}"
+    assert r.stdout.strip(), f"{shlex.join(argv)} --dry-run printed no plan"
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("name", pipeline_entry_points())
+def test_help_example_dry_runs(name, tmp_path):
+    argv = help_example(name)
+    r = dry_run(argv, tmp_path)
+    assert r.returncode == 0, f"{shlex.join(argv)} --dry-run: exit {r.returncode}\n{r.stderr[-3000:]}"
+    assert r.stdout.strip(), f"{shlex.join(argv)} --dry-run printed no plan"
+
+
+def test_printed_commands_survive_a_shell():
+    """The commands `make demo` prints can be pasted into a shell as they are."""
+    argv = ["encoding/encode", "--images", "demo out/curated/shards/*.tar", "--prompt", "a fox's {red} tail"]
+    assert shlex.split(demo_run.command_line(argv)) == ["python", *argv]
+
+
+def test_extraction_joins_continuations_and_strips_wrappers():
+    md = ("text\n```bash\nray job submit --address http://H:8265 -- \\\n"
+          "    python encoding/encode --images '/d/*.tar' --out /e  # note\n```\n")
+    assert [_command(x, ["encoding/encode"]) for x in _code_lines(md)] == [
+        ["encoding/encode", "--images", "/d/*.tar", "--out", "/e"]]
