@@ -64,14 +64,21 @@ def captioner_id(cap: Captioner) -> str:
     return f"{cap.model}@{cap.revision or ('local' if Path(cap.model).exists() else 'main')}"
 
 
-def plan(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
-    """Everything a run will do, resolved; `--dry-run` prints it."""
+def plan(cfg: Config, shards: str, out: str, name: str | None = None, not_checked: list[str] | None = None) -> dict:
+    """Everything a run will do, resolved; `--dry-run` prints it. With `not_checked` (a dry run), missing
+    shards are noted there instead of raised: the plan is then made from the config alone."""
     paths = format.expand_shards(shards)
+    problem = None
     if not paths:
-        raise SigmaError(f"--shards {shards}: matches no shard")
+        problem = SigmaError(f"--shards {shards}: matches no shard")
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
-        raise SigmaError(f"--shards {missing[0]}: no such file ({len(missing)} missing)")
+        problem = SigmaError(f"--shards {missing[0]}: no such file ({len(missing)} missing)")
+    if problem is not None:
+        if not_checked is None:
+            raise problem
+        not_checked.append(str(problem))
+        paths = [p for p in paths if Path(p).is_file()]
     name, cap = select(cfg, name)
     done = [str(p) for p in paths if format.caption_file(out, p).exists()]
     return {
@@ -263,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = cli.load(args)
     with cli.user_errors():
         if args.dry_run:
-            cli.print_plan(plan(cfg, args.shards, args.out, args.captioner))
+            not_checked: list[str] = []
+            p = plan(cfg, args.shards, args.out, args.captioner, not_checked)
+            for line in not_checked:
+                print(f"dry run: not checked: {line}", file=sys.stderr)
+            cli.print_plan({**p, **({"not_checked": not_checked} if not_checked else {})})
             return
         run(cfg, args.shards, args.out, args.captioner)

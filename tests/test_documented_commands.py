@@ -81,16 +81,17 @@ def readme_commands() -> list[list[str]]:
     return out
 
 
-def help_example(name: str) -> list[str]:
-    """The `example:` line(s) of an entry point's --help."""
+def help_examples(name: str) -> list[list[str]]:
+    """The command lines under `example:` in an entry point's --help (one per line)."""
     r = subprocess.run([sys.executable, str(REPO / name), "--help"], capture_output=True, text=True, cwd=REPO,
                        timeout=300)
     assert r.returncode == 0, f"{name} --help: {r.stderr[-2000:]}"
     assert "example:" in r.stdout, f"{name} --help has no example"
-    example = r.stdout.split("example:", 1)[1].strip().splitlines()
-    argv = _command(" ".join(x.strip().rstrip("\\") for x in example), [name])
-    assert argv, f"{name} --help: its example does not run {name}: {example}"
-    return argv
+    lines = r.stdout.split("example:", 1)[1].strip().splitlines()
+    examples = [argv for argv in (_command(x, [name]) for x in _code_lines("```\n" + "\n".join(lines) + "\n```"))
+                if argv]
+    assert examples, f"{name} --help: its example does not run {name}: {lines}"
+    return examples
 
 
 def dry_run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -117,11 +118,12 @@ def test_readme_command_dry_runs(argv, tmp_path):
 
 
 @pytest.mark.parametrize("name", pipeline_entry_points())
-def test_help_example_dry_runs(name, tmp_path):
-    argv = help_example(name)
-    r = dry_run(argv, tmp_path)
-    assert r.returncode == 0, f"{shlex.join(argv)} --dry-run: exit {r.returncode}\n{r.stderr[-3000:]}"
-    assert r.stdout.strip(), f"{shlex.join(argv)} --dry-run printed no plan"
+def test_help_examples_dry_run(name, tmp_path):
+    for argv in help_examples(name):
+        r = dry_run(argv, tmp_path)
+        assert r.returncode == 0, f"{shlex.join(argv)} --dry-run: exit {r.returncode}\n{r.stderr[-3000:]}"
+        assert r.stdout.strip(), f"{shlex.join(argv)} --dry-run printed no plan"
+        assert "Traceback" not in r.stderr
 
 
 def test_printed_commands_survive_a_shell():
