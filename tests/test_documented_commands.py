@@ -6,6 +6,7 @@ name does not exist, and a dry run must say what it could not check rather than 
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -71,14 +72,19 @@ def pipeline_entry_points() -> list[str]:
     return [n for n in entry_points() if n not in CONVERTERS]
 
 
-def readme_commands() -> list[list[str]]:
-    names = entry_points()
+def readme_commands(readme: Path = REPO / "README.md") -> list[list[str]]:
+    names = pipeline_entry_points()
     out = []
-    for line in _code_lines((REPO / "README.md").read_text()):
+    for line in _code_lines(readme.read_text()):
         argv = _command(line, names)
-        if argv and argv[1:] != ["--help"]:
+        # a synopsis (`--set key=value ...`, `--urls ...`) shows the flags, it is not a command line
+        if argv and argv[1:] != ["--help"] and not any(a in ("...", "…", "key=value") for a in argv):
             out.append(argv)
     return out
+
+
+def folder_readme_commands() -> list[list[str]]:
+    return [argv for md in sorted(REPO.glob("*/README.md")) for argv in readme_commands(md)]
 
 
 def help_examples(name: str) -> list[list[str]]:
@@ -115,6 +121,25 @@ def test_readme_command_dry_runs(argv, tmp_path):
     assert r.returncode == 0, f"{shlex.join(argv)} --dry-run: exit {r.returncode}\n{r.stderr[-3000:]}"
     assert r.stdout.strip(), f"{shlex.join(argv)} --dry-run printed no plan"
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv", folder_readme_commands(), ids=lambda a: " ".join(a)[:80])
+def test_folder_readme_command_dry_runs(argv, tmp_path):
+    r = dry_run(argv, tmp_path)
+    assert r.returncode == 0, f"{shlex.join(argv)} --dry-run: exit {r.returncode}\n{r.stderr[-3000:]}"
+    assert r.stdout.strip() and "Traceback" not in r.stderr
+
+
+def test_finetune_dry_run_without_data_says_what_it_could_not_check(tmp_path):
+    """training/README.md's `training/finetune --stage 2k --dry-run`: no --data, no parent run yet."""
+    r = dry_run(["training/finetune", "--stage", "2k"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["stage"] == "2k" and plan["chain"][-2:] == ["1k", "2k"] and plan["init"] is None
+    assert any("no data; pass --data ENCDIR" in x for x in plan["not_checked"]), plan["not_checked"]
+    assert any("parent stage 1k" in x for x in plan["not_checked"]), plan["not_checked"]
+    assert "dry run: not checked: --stage 2k: no data" in r.stderr
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
 @pytest.mark.parametrize("name", pipeline_entry_points())
