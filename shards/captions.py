@@ -53,8 +53,26 @@ def resolve(path: str | Path, shards: list[str] | None = None) -> CaptionSource:
     names = {Path(f).name for f in files}
     per_shard = all(fmt.SHARD_RE.match(Path(n).stem + ".tar") and n.endswith(".parquet") for n in names)
     if per_shard and (shards is None or any(fmt.caption_file(p, s).name in names for s in shards)):
+        _check_columns(files)
         return CaptionSource(str(path), PER_SHARD, files)
     return CaptionSource(str(path), TABLE, files)
+
+
+def _check_columns(files: list[str]) -> None:
+    """Per-shard files are read by the shards' tasks: their columns are checked here first (footers only),
+    so a file without `key` or `caption` is one line now, not every sample `missing_caption` later."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            names = pq.read_schema(f).names
+        except (OSError, pa.ArrowException) as e:
+            raise SigmaError(f"{f}: unreadable caption file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        missing = [c for c in ("key", "caption") if c not in names]
+        if missing:
+            raise SigmaError(f"{f}: no {' or '.join(repr(c) for c in missing)} column (a caption file needs "
+                             f"'key' and 'caption'; it has {names[:8]})")
 
 
 def read_file(path: str | Path):

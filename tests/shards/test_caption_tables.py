@@ -87,7 +87,10 @@ def test_bad_tables_are_one_line_errors(tmp_path):
 
 
 def test_a_folder_is_per_shard_only_when_its_files_are_named_after_the_shards(tmp_path):
-    (tmp_path / "00000.parquet").write_bytes(b"")
+    pd.DataFrame({"key": ["1"], "text": ["a fox"]}).to_parquet(tmp_path / "00000.parquet")
+    with pytest.raises(SigmaError, match=r"00000.parquet: no 'caption' column .*it has \['key', 'text'\]"):
+        captions.resolve(tmp_path, ["/c/shards/00000.tar"])  # checked at once, not per sample later
+    table(["1"]).to_parquet(tmp_path / "00000.parquet")
     assert captions.resolve(tmp_path, ["/c/shards/00000.tar"]).kind == captions.PER_SHARD
     assert captions.resolve(tmp_path, ["/c/shards/00007.tar"]).kind == captions.TABLE  # a part file, not a shard's
     (tmp_path / "more.csv").write_text("key,caption\n")
