@@ -379,10 +379,9 @@ def main(argv: list[str] | None = None) -> None:
     not_checked: list[str] | None = [] if args.dry_run else None  # a dry run needs no data yet: it says so
     try:
         plan = prepare(cfg, args, not_checked)
-        fp = run_fingerprint(cfg, plan)
         master = int(os.environ.get("RANK", 0)) == 0
         if master and not not_checked and (not args.dry_run or (Path(plan.rundir) / fingerprint.FILE).exists()):
-            fingerprint.check(plan.rundir, fp)  # records it on a first start (not on a dry run)
+            fingerprint.check(plan.rundir, run_fingerprint(cfg, plan))  # records it on a first start (not on a dry run)
     except SigmaError as e:
         cli.fail(str(e))
     warning = position_warning(plan, bool(args.init) or (plan.init is not None and not plan.chain[:-1]))
