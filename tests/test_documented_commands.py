@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from demo import run as demo_run
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("curation", "captioning", "encoding", "training", "evaluation")
 CONVERTERS = ("curation/convert_nsfw_head",)  # one-off tools run in another env (TensorFlow): no shared flags
+PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]+$")  # CAPDIR, NAME: a synopsis' stand-in for a value
 LAUNCHERS = ("python", "python3", "ray", "torchrun")  # what may stand before an entry point on a line
 
 
@@ -77,8 +79,10 @@ def readme_commands(readme: Path = REPO / "README.md") -> list[list[str]]:
     out = []
     for line in _code_lines(readme.read_text()):
         argv = _command(line, names)
-        # a synopsis (`--set key=value ...`, `--urls ...`) shows the flags, it is not a command line
-        if argv and argv[1:] != ["--help"] and not any(a in ("...", "…", "key=value") for a in argv):
+        # a synopsis (`--set key=value ...`, `--out CAPDIR`, `--captioner NAME`) shows the flags, it is not
+        # a command line
+        if argv and argv[1:] != ["--help"] and not any(a in ("...", "…", "key=value") or PLACEHOLDER.match(a)
+                                                      for a in argv):
             out.append(argv)
     return out
 
