@@ -150,3 +150,15 @@ def test_a_table_matching_no_key_fails_in_one_line(curated, shard_models, capsys
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: --captions {path}: none of its 2 keys is a key of the curated shards"), err
+
+
+def test_the_caption_report_reads_a_table(tmp_path):
+    from captioning.report import build, write_caption_report
+
+    path = tmp_path / "vendor.jsonl"
+    pd.DataFrame({"key": ["k1", "k2", "k3"], "caption": ["a red fox", "a small house", ""]}).to_json(
+        path, orient="records", lines=True)
+    page = build(path)
+    assert "a red fox" in page and "table:vendor.jsonl" in page and reasons.EMPTY_CAPTION in page
+    assert write_caption_report(path) == tmp_path / "vendor.report.html"
+    assert (tmp_path / "vendor.report.html").read_text() == page
