@@ -47,7 +47,8 @@ def resolve(path: str | Path, shards: list[str] | None = None) -> CaptionSource:
         return CaptionSource(str(path), TABLE, [str(p)])
     if not p.is_dir():
         raise SigmaError(f"--captions {path}: no such file or folder")
-    files = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix in TABLE_EXTS)
+    files = sorted(str(f) for f in p.iterdir()
+                   if f.is_file() and f.suffix in TABLE_EXTS and not f.name.startswith("."))  # not atomic temps
     if not files:
         raise SigmaError(f"--captions {path}: no caption files ({', '.join('*' + e for e in TABLE_EXTS)})")
     names = {Path(f).name for f in files}
@@ -115,7 +116,8 @@ def normalize(df, name: str):
     if "reason" in df.columns:
         out["reason"] = df["reason"].fillna("").astype(str)
     else:
-        out["reason"] = [reasons.EMPTY_CAPTION if s != reasons.KEPT and not t else "" for s, t in zip(out["status"], text)]
+        out["reason"] = [reasons.EMPTY_CAPTION if s != reasons.KEPT and not t else ""
+                         for s, t in zip(out["status"], text)]
     out["captioner"] = df["captioner"].fillna("").astype(str) if "captioner" in df.columns else f"table:{name}"
     out["prompt"] = df["prompt"].fillna("").astype(str) if "prompt" in df.columns else ""
     out["original_caption"] = df["original_caption"].astype(object).where(df["original_caption"].notna(), None) \
