@@ -48,7 +48,7 @@ def select(cfg: Config, name: str | None) -> tuple[str, Captioner]:
     if name not in cfg.captioning.captioners:
         raise SigmaError(f"{where}: no such captioner; choose one of {sorted(cfg.captioning.captioners)}")
     cap = cfg.captioning.captioners[name]
-    if not cap.model:
+    if not cap.model and cap.backend != "original":
         raise SigmaError(f"{where}.model: not set")
     if cap.backend == "share-captioner" and not cap.trust_remote_code:
         raise SigmaError(f"{where}.trust_remote_code: Share-Captioner is remote code (InternLM-XComposer) and "
@@ -57,18 +57,28 @@ def select(cfg: Config, name: str | None) -> tuple[str, Captioner]:
 
 
 def captioner_id(cap: Captioner) -> str:
-    """What the `captioner` column records: model id + revision ('local' for a folder)."""
+    """What the `captioner` column records: model id + revision ('local' for a folder); `original` for
+    the pass-through captioner."""
+    if cap.backend == "original":
+        return "original"
     return f"{cap.model}@{cap.revision or ('local' if Path(cap.model).exists() else 'main')}"
 
 
-def plan(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
-    """Everything a run will do, resolved; `--dry-run` prints it."""
+def plan(cfg: Config, shards: str, out: str, name: str | None = None, not_checked: list[str] | None = None) -> dict:
+    """Everything a run will do, resolved; `--dry-run` prints it. With `not_checked` (a dry run), missing
+    shards are noted there instead of raised: the plan is then made from the config alone."""
     paths = format.expand_shards(shards)
+    problem = None
     if not paths:
-        raise SigmaError(f"--shards {shards}: matches no shard")
+        problem = SigmaError(f"--shards {shards}: matches no shard")
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
-        raise SigmaError(f"--shards {missing[0]}: no such file ({len(missing)} missing)")
+        problem = SigmaError(f"--shards {missing[0]}: no such file ({len(missing)} missing)")
+    if problem is not None:
+        if not_checked is None:
+            raise problem
+        not_checked.append(str(problem))
+        paths = [p for p in paths if Path(p).is_file()]
     name, cap = select(cfg, name)
     done = [str(p) for p in paths if format.caption_file(out, p).exists()]
     return {
@@ -88,7 +98,8 @@ def stage_fingerprint(p: dict) -> dict:
     from shards.encoded import model_id
 
     keys = ("backend", "prompt", "max_new_tokens", "generate", "dtype", "max_pixels", "strip_openings")
-    return {**{k: p[k] for k in keys}, "model": model_id(p["model"]), "revision": p["captioner_id"].rsplit("@", 1)[1], "t5_tokenizer": model_id(p["t5_tokenizer"])}
+    return {**{k: p[k] for k in keys}, "model": model_id(p["model"]) if p["model"] else "",
+            "revision": p["captioner_id"].rpartition("@")[2], "t5_tokenizer": model_id(p["t5_tokenizer"])}
 
 
 def _check_sources(done: list[str], out: str) -> None:
@@ -112,6 +123,10 @@ def backend(cap: Captioner) -> tuple[type, dict]:
     common = dict(model=cap.model, prompt=cap.prompt, revision=cap.revision, dtype=cap.dtype,
                   max_new_tokens=cap.max_new_tokens, generate=dict(cap.generate),
                   trust_remote_code=cap.trust_remote_code)
+    if cap.backend == "original":
+        from captioning.original import OriginalCaptioner
+
+        return OriginalCaptioner, {}
     if cap.backend == "share-captioner":
         from captioning.share_captioner import ShareCaptioner
 
@@ -255,6 +270,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = cli.load(args)
     with cli.user_errors():
         if args.dry_run:
-            cli.print_plan(plan(cfg, args.shards, args.out, args.captioner))
+            not_checked: list[str] = []
+            p = plan(cfg, args.shards, args.out, args.captioner, not_checked)
+            for line in not_checked:
+                print(f"dry run: not checked: {line}", file=sys.stderr)
+            cli.print_plan({**p, **({"not_checked": not_checked} if not_checked else {})})
             return
         run(cfg, args.shards, args.out, args.captioner)

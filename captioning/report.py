@@ -8,27 +8,20 @@ new caption and the original alt text. Images come from the curated shards when 
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from common import pages
-from shards import atomic, format, reasons
+from shards import atomic, captions, format, reasons
 from shards.errors import SigmaError
 
 REPORT = "report.html"
 EXAMPLES = 12  # spread over the token-length distribution, shortest to longest
-CAPTION_FILE = re.compile(r"^\d{5}\.parquet$")
 
 
 def read_captions(capdir: str | Path):
-    """All CAPDIR/NNNNN.parquet rows as one DataFrame, with a `shard` column (the file stem)."""
-    import pandas as pd
-
-    files = sorted(p for p in Path(capdir).glob("*.parquet") if CAPTION_FILE.match(p.name))
-    if not files:
-        raise SigmaError(f"{capdir}: no caption files (NNNNN.parquet)")
-    frames = [pd.read_parquet(p, columns=format.CAPTION_COLUMNS).assign(shard=p.stem) for p in files]
-    df = pd.concat(frames, ignore_index=True)
+    """Every caption row as one DataFrame, with a `shard` column (the file stem). `capdir`: a recaption
+    CAPDIR or a caption table from elsewhere (a file or folder, read by `shards.captions`)."""
+    df = captions.read_table(captions.resolve(capdir)).rename(columns={"file": "shard"})
     for col in ("caption", "original_caption", "status", "reason", "captioner", "prompt"):
         df[col] = df[col].fillna("").astype(str)
     return df
@@ -112,7 +105,8 @@ def build(capdir: str | Path, shards=None, token_budget: int = 300) -> str:
 
 
 def write_caption_report(capdir: str | Path, shards=None, token_budget: int = 300) -> Path:
-    """Write CAPDIR/report.html atomically; returns its path. Call at the end of a recaption run."""
-    out = Path(capdir) / REPORT
+    """Write CAPDIR/report.html (beside a single table file: FILE.report.html) atomically; returns its path.
+    Called at the end of a recaption run."""
+    out = Path(capdir) / REPORT if Path(capdir).is_dir() else Path(capdir).with_suffix(".report.html")
     atomic.write_text(out, build(capdir, shards, token_budget))
     return out

@@ -185,7 +185,7 @@ class CurationConfig:
 
 @dataclass
 class Captioner:
-    backend: Literal["hf", "share-captioner"] = "hf"
+    backend: Literal["hf", "share-captioner", "original"] = "hf"  # original: the alt text, no model
     model: str = ""  # local folder or hub id
     revision: str | None = None
     trust_remote_code: bool = field(default=False, metadata=SAME_OUTPUT)  # only on explicit opt-in
@@ -480,7 +480,7 @@ def _resolve_paths(cfg: Config, base: Path) -> None:
     """
 
     def fix(value: _Text) -> _Text:
-        if value is None or value.startswith(("/", "~")):
+        if not value or value.startswith(("/", "~")):
             return value
         candidate = base / value
         if value.startswith(".cache/") and not candidate.exists() and (USER_CACHE / value[7:]).exists():

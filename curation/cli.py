@@ -24,18 +24,11 @@ def main(argv: list[str] | None = None) -> None:
                         "dup_of = '<folder name>/<key>'")
     args = p.parse_args(argv)
     cfg = cli.load(args)
-    try:
-        config.require_file(cfg.models.aesthetic_head, "models.aesthetic_head", weights=True)
-        if cfg.curation.nsfw.enabled:
-            config.require_file(cfg.models.nsfw_head, "models.nsfw_head (curation.nsfw.enabled)", weights=True)
-        if cfg.curation.watermark.enabled:
-            config.require_file(cfg.models.watermark, "models.watermark (curation.watermark.enabled)", weights=True)
-        if not os.path.isfile(args.urls):  # the same check a real run makes, so --dry-run is honest
-            raise SigmaError(f"{args.urls}: URL list not found")
-        if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
-            config.require_file(cfg.models.clip.weights, "models.clip.weights")
-    except SigmaError as e:
-        cli.fail(str(e))
+    not_checked = _input_problems(cfg, args.urls)  # the checks a real run makes, so --dry-run is honest
+    if not_checked and not args.dry_run:
+        cli.fail(not_checked[0])
+    for line in not_checked:  # a dry run needs no model files or URL list yet: it says what it could not check
+        print(f"dry run: not checked: {line}", file=sys.stderr)
     from curation import decide, pipeline
 
     try:
@@ -47,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         cur = cfg.curation
         cli.print_plan({"urls": args.urls, "out": args.out, "profile": cfg.profile,
                         "clip": vars(cfg.models.clip), "aesthetic_head": cfg.models.aesthetic_head,
-                        "curation": json.loads(json.dumps(cur, default=vars))})
+                        "curation": json.loads(json.dumps(cur, default=vars)),
+                        **({"not_checked": not_checked} if not_checked else {})})
         return
     try:
         with cli.user_errors():
@@ -55,3 +49,27 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)
+
+
+
+def _input_problems(cfg, urls: str) -> list[str]:
+    """What a run needs before it starts and is missing: the model files the config enables, the URL list."""
+    needs = [(cfg.models.aesthetic_head, "models.aesthetic_head", True)]
+    if cfg.curation.nsfw.enabled:
+        needs.append((cfg.models.nsfw_head, "models.nsfw_head (curation.nsfw.enabled)", True))
+    if cfg.curation.watermark.enabled:
+        needs.append((cfg.models.watermark, "models.watermark (curation.watermark.enabled)", True))
+    problems = []
+    for path, key, weights in needs:
+        try:
+            config.require_file(path, key, weights=weights)
+        except SigmaError as e:
+            problems.append(str(e))
+    if not os.path.isfile(urls):
+        problems.append(f"{urls}: URL list not found")
+    if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
+        try:
+            config.require_file(cfg.models.clip.weights, "models.clip.weights")
+        except SigmaError as e:
+            problems.append(str(e))
+    return problems

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -475,10 +476,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     cfg = cli.load(args)
     curdir = Path(args.dir)
-    if not (curdir / format.MANIFEST).is_file():
-        cli.fail(f"{curdir}: no {format.MANIFEST} (is this a curated run folder?)")
+    missing = None if (curdir / format.MANIFEST).is_file() else f"{curdir}: no {format.MANIFEST} (is this a curated run folder?)"
+    if missing and not args.dry_run:
+        cli.fail(missing)
+    if missing:  # a dry run before curation has run: say so
+        print(f"dry run: not checked: {missing}", file=sys.stderr)
     if args.dry_run:
-        cli.print_plan({"curdir": str(curdir), "manifest": str(curdir / format.MANIFEST),
+        cli.print_plan({**({"not_checked": [missing]} if missing else {}),
+                        "curdir": str(curdir), "manifest": str(curdir / format.MANIFEST),
                         "shards": len(list((curdir / "shards").glob("*.tar"))),
                         "thumbs": str(curdir / THUMBS), "out": str(curdir / REPORT),
                         "thresholds": to_dict(cfg)["curation"]})

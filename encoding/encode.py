@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
 from common import cli, progress
 from encoders import vae
 from encoding import stages
-from shards import buckets, encoded, fingerprint, reasons
+from shards import buckets, captions, curated, encoded, fingerprint, reasons
 from shards import format as fmt
 from shards.errors import SigmaError
 
@@ -34,37 +35,47 @@ ROW = stages.ROW
 # ---------------------------------------------------------------------------------------------
 
 
-def plan(cfg, images: str, captions: str, out: str, tier: str) -> dict:
+def plan(cfg, images: str, captions_path: str, out: str, tier: str) -> dict:
     """Everything a run decides before touching data (what --dry-run prints)."""
     e, m = cfg.encode, cfg.models
     fp = encoded.fingerprint(encoded.model_id(m.t5), e.t5_dtype, e.t5_max_length, encoded.model_id(m.vae),
                              e.vae_dtype, e.vae_tiling, buckets.TIER_TABLES[tier])
     shards = [str(p) for p in fmt.expand_shards(images)]
-    return dict(images=images, shards=len(shards), shard_list=shards, captions=captions, out=out, tier=tier,
+    return dict(images=images, shards=len(shards), shard_list=shards, captions=captions_path, out=out, tier=tier,
                 table=buckets.TIER_TABLES[tier], fingerprint=fp, t5=m.t5, vae=m.vae, encode=dataclasses.asdict(e))
 
 
-def stage_fingerprint(cfg, p: dict) -> dict:
+def check_inputs(p: dict) -> captions.CaptionSource:
+    """The image shards exist and `--captions` holds caption files; SigmaError (one line) otherwise."""
+    if not p["shard_list"]:
+        raise SigmaError(f"--images {p['images']}: no shards found")
+    missing = [s for s in p["shard_list"] if not Path(s).exists()]
+    if missing:
+        raise SigmaError(f"--images: {missing[0]}: no such file")
+    return captions.resolve(p["captions"], p["shard_list"])
+
+
+def stage_fingerprint(cfg, p: dict, source: captions.CaptionSource) -> dict:
     """The inputs (image shards and caption files, by name and size) and what decides a sample's bytes."""
     e, m = cfg.encode, cfg.models
-    captions = [fmt.caption_file(p["captions"], s) for s in p["shard_list"]]
-    return {"--images": fingerprint.listing(p["shard_list"]), "--captions": fingerprint.listing(captions),
+    files = [source.shard_file(s) for s in p["shard_list"]] if source.kind == captions.PER_SHARD else source.files
+    return {"--images": fingerprint.listing(p["shard_list"]), "--captions": fingerprint.listing(files),
             "models.t5": encoded.model_id(m.t5), "models.vae": encoded.model_id(m.vae),
             "format": f"{encoded.FORMAT_VERSION}/{encoded.PREPROCESS}",
             **fingerprint.flat(e, "encode")}
 
 
-def _check_fingerprint(cfg, p: dict, encdir: Path, reencode: bool) -> None:
+def _check_fingerprint(cfg, p: dict, source: captions.CaptionSource, encdir: Path, reencode: bool) -> None:
     """Refuse a resume with other inputs or settings, unless --reencode accepts them."""
     if reencode:
         (encdir / fingerprint.FILE).unlink(missing_ok=True)
     try:
-        fingerprint.check(encdir, stage_fingerprint(cfg, p))
+        fingerprint.check(encdir, stage_fingerprint(cfg, p, source))
     except SigmaError as e:
         raise SigmaError(f"{e}; or pass --reencode to encode again what changed") from None
 
 
-def run(cfg, images: str, captions: str, out: str, tier: str, reencode: bool = False) -> dict:
+def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: bool = False) -> dict:
     """Encode what is missing; write shards, index.parquet and info.json. Returns a summary.
     `reencode`: accept changed inputs or settings (re-encode stale samples, encode new ones)."""
     import pyarrow as pa
@@ -72,17 +83,17 @@ def run(cfg, images: str, captions: str, out: str, tier: str, reencode: bool = F
     from shards import atomic
 
     t0 = time.time()
-    p = plan(cfg, images, captions, out, tier)
+    p = plan(cfg, images, captions_path, out, tier)
+    source = check_inputs(p)
     fp, e = p["fingerprint"], cfg.encode
     encdir = Path(out)
     encdir.mkdir(parents=True, exist_ok=True)
     _check_tier(encdir, tier)
-    _check_fingerprint(cfg, p, encdir, reencode)
+    _check_fingerprint(cfg, p, source, encdir, reencode)
     removed = encoded.remove_incomplete(encdir) + encoded.remove_stale(encdir, fp)
     done = encoded.committed_rows(encdir)
     done_by_source = done.groupby("source")["key"].apply(list).to_dict() if len(done) else {}
-    tasks = [dict(shard=s, captions=str(fmt.caption_file(captions, s)), done=done_by_source.get(Path(s).name, []))
-             for s in p["shard_list"]]
+    tasks = _tasks(p["shard_list"], source, done_by_source)
 
     ray = cli.init_ray(cfg)
     _check_gpus(ray, e)
@@ -102,6 +113,7 @@ def run(cfg, images: str, captions: str, out: str, tier: str, reencode: bool = F
     atomic.write_parquet(encdir / encoded.INDEX, pa.Table.from_pandas(index, preserve_index=False))
     _write_info(ray, encdir, cfg, tier, fp)
     counts = index.groupby(["status", "reason"]).size().to_dict() if len(index) else {}
+    _check_something_encoded(index, captions_path)
     return dict(out=str(encdir), fingerprint=fp, encoded_now=sum(len(w.written) for w in writers.values()),
                 removed_stale_or_partial=removed, total=len(index),
                 counts={f"{s}/{r}" if r else s: int(n) for (s, r), n in counts.items()}, seconds=round(time.time() - t0, 1))
@@ -127,12 +139,47 @@ def _encode(ray, tasks: list[dict], cfg, tier: str, encdir: Path, fp: str, write
                                  f"{sum(len(w.written) for w in writers.values())} samples encoded so far")
 
 
+def _tasks(shard_list: list[str], source: captions.CaptionSource, done_by_source: dict) -> list[dict]:
+    """One read task per curated shard: its per-shard caption file, or its rows of a caption table."""
+    tasks = [dict(shard=s, captions=str(source.shard_file(s)) if source.kind == captions.PER_SHARD else "",
+                  caption_rows="", n_captions=-1, done=done_by_source.get(Path(s).name, [])) for s in shard_list]
+    if source.kind == captions.TABLE:
+        keys = {}
+        for s in shard_list:
+            try:
+                keys[s] = curated.keys(s)
+            except curated.CorruptShard as e:  # the read task reports it per key
+                keys[s] = e.keys
+        rows = captions.rows_by_shard(source, keys)
+        for t in tasks:
+            t["caption_rows"] = json.dumps(rows[t["shard"]], default=_plain)
+            t["n_captions"] = len(rows[t["shard"]])
+    return tasks
+
+
+def _plain(value):
+    """JSON for numpy scalars in table rows."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+def _check_something_encoded(index, captions_path: str) -> None:
+    """A run that leaves nothing encoded because captions are missing is an error, not a quiet exit 0
+    (index.parquet is written first, so every sample is still accounted for)."""
+    if (index["status"] == KEPT).any():
+        return
+    missing = int((index["reason"] == reasons.MISSING_CAPTION).sum())
+    if missing:
+        raise SigmaError(f"--captions {captions_path}: nothing encoded: {missing} of {len(index)} samples have no "
+                         f"caption row (missing_caption); captions are matched by the curated `key`")
+
+
 def _to_encode(tasks: list[dict]) -> int | None:
-    """Samples left to encode, from the caption files' row counts (one row per sample); None if one is missing."""
+    """Samples left to encode, from the caption rows (one row per sample); None if a file is missing."""
     import pyarrow.parquet as pq
 
     try:
-        return sum(pq.ParquetFile(t["captions"]).metadata.num_rows - len(t["done"]) for t in tasks)
+        return sum((t["n_captions"] if t["n_captions"] >= 0 else pq.ParquetFile(t["captions"]).metadata.num_rows)
+                   - len(t["done"]) for t in tasks)
     except (OSError, ValueError):  # reported per sample as missing_caption; the bar just has no ETA
         return None
 
@@ -243,24 +290,25 @@ def main(argv: list[str] | None = None) -> None:
                     "(T5 features of both captions, VAE latent mean/std).",
                     "encoding/encode --images 'cur/shards/*.tar' --captions caps --out enc/1k --tier 1k --profile demo")
     ap.add_argument("--images", required=True, help="curated shards: a glob, a brace pattern or a folder")
-    ap.add_argument("--captions", required=True, help="CAPDIR with NNNNN.parquet per curated shard")
+    ap.add_argument("--captions", required=True,
+                    help="CAPDIR (NNNNN.parquet per curated shard, from captioning/recaption), or a caption table: "
+                         "a .parquet/.jsonl/.csv file or a folder of them with `key, caption` (keyed by the curated key)")
     ap.add_argument("--out", required=True, help="ENCDIR to write (resumable: rerun to finish or update)")
     ap.add_argument("--tier", required=True, choices=list(buckets.TIER_TABLES), help="bucket table to encode at")
     ap.add_argument("--reencode", action="store_true",
                     help="resume although inputs or settings changed: encode new and changed-setting samples again")
     args = ap.parse_args(argv)
     cfg = cli.load(args)
-    p = plan(cfg, args.images, args.captions, args.out, args.tier)
-    if not p["shard_list"]:
-        cli.fail(f"--images {args.images}: no shards found")
-    missing = [s for s in p["shard_list"] if not Path(s).exists()]
-    if missing:
-        cli.fail(f"--images: {missing[0]}: no such file")
-    if not Path(args.captions).is_dir():
-        cli.fail(f"--captions {args.captions}: not a folder")
-    if args.dry_run:  # after the input checks a real run makes
-        cli.print_plan({k: v for k, v in p.items() if k != "shard_list"})
-        return
     with cli.user_errors():
+        if args.dry_run:
+            p = plan(cfg, args.images, args.captions, args.out, args.tier)
+            try:
+                source = check_inputs(p)
+                p.update(captions_kind=source.kind, caption_files=len(source.files))
+            except SigmaError as e:  # the data may come later: say what was not checked
+                p["not_checked"] = [str(e)]
+                print(f"dry run: could not check the inputs: {e}", file=sys.stderr)
+            cli.print_plan({k: v for k, v in p.items() if k != "shard_list"})
+            return
         summary = run(cfg, args.images, args.captions, args.out, args.tier, reencode=args.reencode)
     print(json.dumps(summary, indent=2))

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from shards import buckets, curated, encoded, reasons
+from shards import buckets, captions, curated, encoded, reasons
 from shards import format as fmt
+from shards.errors import SigmaError
 
 KEPT, REJECTED, FAILED = reasons.KEPT, reasons.REJECTED, reasons.FAILED
 READ_CPUS = 0.5  # CPU share of a read or preprocess task
@@ -33,35 +34,36 @@ def _row(**kw) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _captions(path: Path) -> dict[str, dict]:
-    """{key: caption row}; empty when the file is missing or unreadable (its samples: missing_caption)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _captions(task: dict) -> dict[str, dict]:
+    """{key: caption row}: the task's rows (a caption table, split by the driver) or its per-shard file;
+    empty when the file is missing or unreadable (its samples: missing_caption)."""
+    if task.get("caption_rows"):
+        return {r["key"]: r for r in json.loads(task["caption_rows"])}
+    path = Path(task["captions"])
     if not path.exists():
         print(f"encode: {path}: no caption file; its samples are reported as missing_caption", flush=True)
         return {}
     try:
-        return {r["key"]: r for r in pq.read_table(path).to_pylist()}
-    except (pa.ArrowException, OSError) as e:
-        print(f"encode: {path}: unreadable caption file ({e}); its samples are reported as missing_caption", flush=True)
+        return {r["key"]: r for r in captions.read_file(path).to_dict("records")}
+    except SigmaError as e:
+        print(f"encode: {e}; its samples are reported as missing_caption", flush=True)
         return {}
 
 
 def read_shard(task: dict, tier: str):
     """Rows for every sample of one curated shard, minus those already encoded (`task["done"]`)."""
     source, done = Path(task["shard"]).name, set(task["done"])
-    captions = _captions(Path(task["captions"]))
+    rows = _captions(task)
     try:
         curated.keys(task["shard"])  # the whole tar is checked before any row is made
     except curated.CorruptShard as e:
         print(f"encode: {e}; skipped", flush=True)
-        for k in sorted((set(captions) | set(e.keys)) - done):
+        for k in sorted((set(rows) | set(e.keys)) - done):
             yield _row(key=k, source=source, status=FAILED, reason=reasons.CORRUPT_SHARD)
         return
     for key, members in curated.samples(task["shard"]):
         if key not in done:
-            yield _sample_row(key, members, captions.get(key), source, tier)
+            yield _sample_row(key, members, rows.get(key), source, tier)
 
 
 def _sample_row(key: str, members: dict[str, bytes], caption: dict | None, source: str, tier: str) -> dict:

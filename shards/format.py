@@ -2,7 +2,8 @@
 
 curation  ->  CURDIR/shards/NNNNN.tar     WebDataset: KEY.<jpg|png|webp> (original bytes), KEY.json, KEY.txt
               CURDIR/manifest.parquet     one row per input URL (MANIFEST_COLUMNS + carried input columns)
-captioning -> CAPDIR/NNNNN.parquet        one per curated shard, one row per sample (CAPTION_COLUMNS)
+captioning -> CAPDIR/NNNNN.parquet        one per curated shard, one row per sample (CAPTION_COLUMNS;
+                                          or a `key, caption` table from elsewhere: shards/captions.py)
 encode    ->  ENCDIR/...                  see shards/encoded.py
 """
 

@@ -30,6 +30,7 @@ DUPLICATE = "duplicate"
 CAPTION_ERROR = "caption_error"
 EMPTY_CAPTION = "empty_caption"
 MISSING_CAPTION = "missing_caption"
+NO_ALT_TEXT = "no_alt_text"  # the pass-through captioner: the sample has no KEY.txt text to pass on
 ENCODE_ERROR = "encode_error"
 NON_FINITE = "non_finite"  # NaN/Inf in an encoder output
 CORRUPT_SHARD = "corrupt_shard"
@@ -58,6 +59,7 @@ REASONS = (
     CAPTION_ERROR,
     EMPTY_CAPTION,
     MISSING_CAPTION,
+    NO_ALT_TEXT,
     ENCODE_ERROR,
     NON_FINITE,
     CORRUPT_SHARD,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,10 +364,25 @@ def main(argv=None) -> None:
         size = sample.parse_size(args.size)
         sample.check_request(*size, steps)
         seeds = parse_seeds(args.seeds)
-        prompts = read_prompts(args.prompts)
-        runs = resolve_runs(args.runs, cfg.training.stages)
     except SigmaError as e:
         cli.fail(str(e))
+    not_checked: list[str] = []  # a dry run before the prompts or runs exist: says what it could not check
+    prompts: list = []
+    runs: list = []
+    try:
+        prompts = read_prompts(args.prompts)
+    except SigmaError as e:
+        if not args.dry_run or Path(args.prompts).exists():  # a file that is there must be right
+            cli.fail(str(e))
+        not_checked.append(str(e))
+    try:
+        runs = resolve_runs(args.runs, cfg.training.stages)
+    except SigmaError as e:
+        if not args.dry_run or all(Path(r).exists() for r in args.runs):
+            cli.fail(str(e))
+        not_checked.append(str(e))
+    for line in not_checked:
+        print(f"dry run: not checked: {line}", file=sys.stderr)
     out = Path(args.out)
     settings = {"size": f"{size[0]}x{size[1]}", "steps": steps, "cfg": cfg_scale, "seeds": seeds,
                 "prompts": len(prompts)}
@@ -375,7 +391,7 @@ def main(argv=None) -> None:
                         **settings, "images": len(runs) * len(prompts) * len(seeds), "dit": cfg.models.dit,
                         "t5": cfg.models.t5, "vae": cfg.models.vae, "clip": [cfg.models.clip.arch, cfg.models.clip.weights],
                         "aesthetic_head": cfg.models.aesthetic_head, "rewards": vars(cfg.evaluation.rewards),
-                        "device": args.device, "out": str(out)})
+                        "device": args.device, "out": str(out), **({"not_checked": not_checked} if not_checked else {})})
         return
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     gen = None
@@ -417,6 +433,10 @@ def main_judge(cfg, model: str, evaldir: str, dry_run: bool = False) -> None:
     from training import judge, study
 
     try:
+        if dry_run and not Path(evaldir).is_dir():  # before `--runs` has written it: say so
+            print(f"dry run: not checked: {evaldir}: evaluation folder not found", file=sys.stderr)
+            cli.print_plan({"evaldir": evaldir, "judge": model, "not_checked": [f"{evaldir}: evaluation folder not found"]})
+            return
         if dry_run:
             cli.print_plan(judge.plan(evaldir, model, cfg.evaluation.judge))
             return

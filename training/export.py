@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from shards.errors import SigmaError
@@ -121,6 +122,16 @@ def main(argv=None) -> None:
     out = Path(args.diffusers)
     try:
         src = runs.resolve_source(args, cfg, args.stage, require_position=True)
+    except SigmaError as e:
+        if not args.dry_run:
+            cli.fail(str(e))
+        # a dry run before the run exists: say so, and show what the arguments and config decide
+        print(f"dry run: not checked: {e}", file=sys.stderr)
+        cli.print_plan({"checkpoint": None, "not_checked": [str(e)], "stage": args.stage, "dit": cfg.models.dit,
+                        "t5": None if args.transformer_only else cfg.models.t5, "encoders": args.encoders,
+                        "out": str(out)})
+        return
+    try:
         check_out(out, args.force)
         stage = cfg.training.stages.get(src.stage) if src.stage else None
         vae_path = (stage.vae if stage else None) or cfg.models.vae

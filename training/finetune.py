@@ -376,19 +376,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the stage's `steps`)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
+    not_checked: list[str] | None = [] if args.dry_run else None  # a dry run needs no data yet: it says so
     try:
-        plan = prepare(cfg, args)
-        fp = run_fingerprint(cfg, plan)
+        plan = prepare(cfg, args, not_checked)
         master = int(os.environ.get("RANK", 0)) == 0
-        if master and (not args.dry_run or (Path(plan.rundir) / fingerprint.FILE).exists()):
-            fingerprint.check(plan.rundir, fp)  # records it on a first start (not on a dry run)
+        if master and not not_checked and (not args.dry_run or (Path(plan.rundir) / fingerprint.FILE).exists()):
+            fingerprint.check(plan.rundir, run_fingerprint(cfg, plan))  # records it on a first start (not on a dry run)
     except SigmaError as e:
         cli.fail(str(e))
     warning = position_warning(plan, bool(args.init) or (plan.init is not None and not plan.chain[:-1]))
     if warning and master:
         print(warning, file=sys.stderr, flush=True)
     if args.dry_run:
-        cli.print_plan(asdict(plan))
+        for line in not_checked or []:
+            print(f"dry run: not checked: {line}", file=sys.stderr)
+        cli.print_plan({**asdict(plan), **({"not_checked": not_checked} if not_checked else {})})
         return
     try:
         train(cfg, plan)

@@ -37,34 +37,57 @@ class Plan:
     settings: dict
 
 
-def prepare(cfg, args) -> Plan:
-    """Stage, data, RUNDIR and starting point of this run; SigmaError on any mismatch."""
+def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
+    """Stage, data, RUNDIR and starting point of this run; SigmaError on any mismatch. With `not_checked`
+    (a dry run), what cannot be checked yet (data not encoded, parent run not trained) is appended
+    there instead of raised, and the plan is made from the config alone."""
     name = args.stage
     stage = stages.resolve(cfg, name)
     encdir = args.data or stage.data
+
+    def unchecked(e: SigmaError) -> None:
+        if not_checked is None:
+            raise e
+        not_checked.append(str(e))
+
     if not encdir:
-        raise SigmaError(f"--stage {name}: no data; pass --data ENCDIR or set training.stages.{name}.data")
-    info = encoded.read_info(encdir)
-    if info["tier"] != stage.tier:
-        raise SigmaError(f"--data {encdir}: encoded at tier {info['tier']}, stage {name} trains on tier {stage.tier}")
+        unchecked(SigmaError(f"--stage {name}: no data; pass --data ENCDIR or set training.stages.{name}.data"))
     vae_path = stage.vae or cfg.models.vae
-    scaling, channels = vae_mod.latent_format(vae_mod.read_config(vae_path))
-    loader.check_vae(encdir, scaling, channels)
     side = stages.resolution(stage)
-    if not stage.multi_scale and f"{side}x{side}" not in encoded.shards_by_bucket(encdir):
-        raise SigmaError(f"--data {encdir}: stage {name} is single-scale (multi_scale: false) and needs the "
-                         f"{side}x{side} bucket, which holds no sample")
-    kw = stages.model_kwargs(stage, info["latent_channels"], info["t5_dim"], info["max_length"])
+    info = None
+    try:
+        if encdir:
+            info = encoded.read_info(encdir)
+    except SigmaError as e:
+        unchecked(e)
+    if info is not None:
+        if info["tier"] != stage.tier:
+            raise SigmaError(f"--data {encdir}: encoded at tier {info['tier']}, stage {name} trains on tier {stage.tier}")
+        scaling, channels = vae_mod.latent_format(vae_mod.read_config(vae_path))
+        loader.check_vae(encdir, scaling, channels)
+        if not stage.multi_scale and f"{side}x{side}" not in encoded.shards_by_bucket(encdir):
+            raise SigmaError(f"--data {encdir}: stage {name} is single-scale (multi_scale: false) and needs the "
+                             f"{side}x{side} bucket, which holds no sample")
+        kw = stages.model_kwargs(stage, info["latent_channels"], info["t5_dim"], info["max_length"])
+    else:  # widths come from the data: the model is not built, only its stage settings shown
+        kw = stages.model_kwargs(stage, None, None, cfg.encode.t5_max_length)
+        if not_checked is not None:
+            not_checked.append("model: latent channels, caption width and the VAE match come from the encoded data")
     if cfg.models.dit not in DiT_models:
         raise SigmaError(f"models.dit: unknown size {cfg.models.dit!r}; choose one of {list(DiT_models)}")
-    with torch.device("meta"):  # checks the stage's model settings (e.g. KV layers beyond the depth) for free
-        DiT_models[cfg.models.dit](**kw)
+    if info is not None:
+        with torch.device("meta"):  # checks the stage's model settings (e.g. KV layers beyond the depth) for free
+            DiT_models[cfg.models.dit](**kw)
     rundir = stages.run_dir(cfg, name, args.out)
     resume = checkpoint.latest(rundir)
-    init = None if resume else stages.init_source(cfg, name, args.init)
+    init = None
+    try:
+        init = None if resume else stages.init_source(cfg, name, args.init)
+    except SigmaError as e:
+        unchecked(e)
     trained_at = runs.known_position(init) if init else None
     world = int(os.environ.get("WORLD_SIZE", 1))
-    return Plan(stage=name, chain=stages.chain(cfg, name), data=str(encdir), rundir=str(rundir),
+    return Plan(stage=name, chain=stages.chain(cfg, name), data=str(encdir or ""), rundir=str(rundir),
                 resume=str(resume) if resume else None, init=str(init) if init else None,
                 init_trained_at=runs.position_text(trained_at) if trained_at else None, resolution=side,
                 steps=args.max_steps or stage.steps, world_size=world,

@@ -27,6 +27,7 @@ import math
 import re
 import secrets
 import sqlite3
+import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -401,8 +402,11 @@ def main_serve(evaldir: str, host: str, port: int, dry_run: bool = False) -> Non
     if dry_run:  # no database written
         from common import cli
 
-        if not Path(evaldir).is_dir():
-            raise SigmaError(f"{evaldir}: evaluation folder not found")
+        if not Path(evaldir).is_dir():  # before `--runs` has written it: say so
+            print(f"dry run: not checked: {evaldir}: evaluation folder not found", file=sys.stderr)
+            cli.print_plan({"evaldir": evaldir, "host": host, "port": port,
+                            "not_checked": [f"{evaldir}: evaluation folder not found"]})
+            return
         pairs = load_pairs(Path(evaldir), "")
         cli.print_plan({"evaldir": evaldir, "host": host, "port": port, "pairs": len(pairs),
                         "runs": sorted({r for p in pairs for r in (p.run_a, p.run_b)}),

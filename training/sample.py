@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 
 import numpy as np
 import torch
@@ -180,10 +181,20 @@ def main(argv=None) -> None:
     try:
         height, width = parse_size(args.size)
         check_request(height, width, args.steps)
+    except SigmaError as e:
+        cli.fail(str(e))
+    try:
         src = runs.resolve_source(args, cfg)
         position = runs.position_for_size(src.position, height, width)
     except SigmaError as e:
-        cli.fail(str(e))
+        if not args.dry_run:
+            cli.fail(str(e))
+        # a dry run before the run exists: say so, and show what the arguments and config decide
+        print(f"dry run: not checked: {e}", file=sys.stderr)
+        cli.print_plan({"checkpoint": None, "not_checked": [str(e)], "dit": cfg.models.dit, "t5": cfg.models.t5,
+                        "vae": cfg.models.vae, "size": [height, width], "steps": args.steps, "cfg": args.cfg,
+                        "seed": args.seed, "device": args.device, "out": args.out})
+        return
     if args.dry_run:
         cli.print_plan({"checkpoint": str(src.checkpoint), "dit": src.size, **position, "t5": cfg.models.t5,
                         "vae": cfg.models.vae, "size": [height, width], "steps": args.steps, "cfg": args.cfg,

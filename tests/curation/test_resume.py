@@ -1,6 +1,7 @@
 """The entry point: bad inputs fail at once in one line; a driver killed with SIGKILL resumes cleanly."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -51,9 +52,12 @@ def test_bad_inputs_fail_at_once_in_one_line(tmp_path, capsys, tiny_models):
                           "--set", "curation.nsfw.enabled=true",
                           "--set", f"models.nsfw_head={tmp_path / 'clip_autokeras_binary_nsfw'}")
     assert code == 2 and "models.nsfw_head" in err and "not a PyTorch weights file" in err, err
-    code, err = _run_main(capsys, "--urls", str(tmp_path / "missing.parquet"), "--out", "o", "--profile", "demo",
-                          "--dry-run")  # --dry-run checks what a real run checks
-    assert code == 2 and "missing.parquet: URL list not found" in err, err
+    from curation import cli  # --dry-run runs before the list exists, and says it could not check it
+
+    cli.main(["--urls", str(tmp_path / "missing.parquet"), "--out", "o", "--profile", "demo", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert "dry run: not checked: " in err and "missing.parquet: URL list not found" in err, err
+    assert json.loads(out)["not_checked"] == [f"{tmp_path / 'missing.parquet'}: URL list not found"]
 
 
 def test_csv_and_jsonl_inputs(tmp_path):

@@ -113,9 +113,10 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path, capsys, runs, content, s
     path = tmp_path / f"prompts{suffix}"
     if content is not None:
         path.write_text(content)
+    dry = ["--dry-run"] if content is not None else []  # a dry run only notes a file that is not there yet
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--profile", "demo", "--runs", *map(str, runs), "--prompts", str(path),
-                         "--out", str(tmp_path / "out"), "--dry-run"])
+                         "--out", str(tmp_path / "out"), *dry])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

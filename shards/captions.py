@@ -1,0 +1,155 @@
+"""The one reader of caption files: a recaption CAPDIR, or a caption table made anywhere else.
+
+`--captions` (encode, the caption report) names one of:
+
+    CAPDIR/NNNNN.parquet       one file per curated shard (captioning/recaption's output)      -> "per_shard"
+    FILE.parquet|jsonl|csv     one table with at least `key, caption`                          -> "table"
+    DIR/ of such files         read as one table (any names; sub-folders are not searched)     -> "table"
+
+A folder is per-shard when all its caption files are named NNNNN.parquet and one of them is named
+after a given shard; anything else is a table, joined on the curated `key` (manifest.parquet).
+Whatever a file lacks of `shards.format.CAPTION_COLUMNS` is filled here, once: `status` kept when
+the caption is non-empty (else failed / empty_caption), `captioner` "table:<file name>", `prompt`
+"", `original_caption` null (encode then reads the shard's KEY.txt), `num_tokens` 0 (not counted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shards import format as fmt
+from shards import reasons
+from shards.errors import SigmaError
+
+TABLE_EXTS = (".parquet", ".jsonl", ".csv")
+PER_SHARD, TABLE = "per_shard", "table"
+
+
+@dataclass
+class CaptionSource:
+    """What `--captions` names, resolved: its kind and the files it reads."""
+
+    path: str
+    kind: str  # PER_SHARD or TABLE
+    files: list[str] = field(default_factory=list)
+
+    def shard_file(self, shard: str | Path) -> Path:
+        """The per-shard caption file of a curated shard (PER_SHARD only)."""
+        return fmt.caption_file(self.path, shard)
+
+
+def resolve(path: str | Path, shards: list[str] | None = None) -> CaptionSource:
+    """Decide what `path` is; SigmaError (one line) when it holds no caption file."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix not in TABLE_EXTS:
+            raise SigmaError(f"--captions {path}: not a caption table (expected {', '.join(TABLE_EXTS)})")
+        return CaptionSource(str(path), TABLE, [str(p)])
+    if not p.is_dir():
+        raise SigmaError(f"--captions {path}: no such file or folder")
+    files = sorted(str(f) for f in p.iterdir()
+                   if f.is_file() and f.suffix in TABLE_EXTS and not f.name.startswith("."))  # not atomic temps
+    if not files:
+        raise SigmaError(f"--captions {path}: no caption files ({', '.join('*' + e for e in TABLE_EXTS)})")
+    names = {Path(f).name for f in files}
+    per_shard = all(fmt.SHARD_RE.match(Path(n).stem + ".tar") and n.endswith(".parquet") for n in names)
+    if per_shard and (shards is None or any(fmt.caption_file(p, s).name in names for s in shards)):
+        _check_columns(files)
+        return CaptionSource(str(path), PER_SHARD, files)
+    return CaptionSource(str(path), TABLE, files)
+
+
+def _check_columns(files: list[str]) -> None:
+    """Per-shard files are read by the shards' tasks: their columns are checked here first (footers only),
+    so a file without `key` or `caption` is one line now, not every sample `missing_caption` later."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            names = pq.read_schema(f).names
+        except (OSError, pa.ArrowException) as e:
+            raise SigmaError(f"{f}: unreadable caption file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        missing = [c for c in ("key", "caption") if c not in names]
+        if missing:
+            raise SigmaError(f"{f}: no {' or '.join(repr(c) for c in missing)} column (a caption file needs "
+                             f"'key' and 'caption'; it has {names[:8]})")
+
+
+def read_file(path: str | Path):
+    """One caption file as a DataFrame with exactly CAPTION_COLUMNS (missing ones filled, see above)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif path.suffix == ".jsonl":
+            df = pd.read_json(path, lines=True, dtype=False)
+        elif path.suffix == ".csv":
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        else:
+            raise SigmaError(f"{path}: not a caption table (expected {', '.join(TABLE_EXTS)})")
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise SigmaError(f"{path}: unreadable caption file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return normalize(df, path.name)
+
+
+def normalize(df, name: str):
+    """Fill what a `key, caption` table lacks; check what it has."""
+    import pandas as pd
+
+    missing = [c for c in ("key", "caption") if c not in df.columns]
+    if missing:
+        raise SigmaError(f"{name}: no {' or '.join(repr(c) for c in missing)} column (a caption table needs "
+                         f"'key' and 'caption'; it has {list(df.columns)[:8]})")
+    out = pd.DataFrame({"key": df["key"].astype(str), "caption": df["caption"].fillna("").astype(str)})
+    text = out["caption"].str.strip() != ""
+    if "status" in df.columns:
+        out["status"] = df["status"].fillna("").astype(str)
+        bad = sorted(set(out["status"]) - set(reasons.STATUSES))
+        if bad:
+            raise SigmaError(f"{name}: status {bad[0]!r} is not one of {list(reasons.STATUSES)}")
+    else:
+        out["status"] = [reasons.KEPT if t else reasons.FAILED for t in text]
+    if "reason" in df.columns:
+        out["reason"] = df["reason"].fillna("").astype(str)
+    else:
+        out["reason"] = [reasons.EMPTY_CAPTION if s != reasons.KEPT and not t else ""
+                         for s, t in zip(out["status"], text)]
+    out["captioner"] = df["captioner"].fillna("").astype(str) if "captioner" in df.columns else f"table:{name}"
+    out["prompt"] = df["prompt"].fillna("").astype(str) if "prompt" in df.columns else ""
+    out["original_caption"] = df["original_caption"].astype(object).where(df["original_caption"].notna(), None) \
+        if "original_caption" in df.columns else None
+    out["num_tokens"] = pd.to_numeric(df["num_tokens"], errors="coerce").fillna(0).astype(int) \
+        if "num_tokens" in df.columns else 0
+    return out[fmt.CAPTION_COLUMNS]
+
+
+def read_table(source: CaptionSource):
+    """Every row of a source's files as one DataFrame (+ `file`: the file's stem); a key given twice is refused."""
+    import pandas as pd
+
+    frames = [read_file(f).assign(file=Path(f).stem) for f in source.files]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*fmt.CAPTION_COLUMNS, "file"])
+    dup = df["key"].duplicated(keep=False)
+    if dup.any():
+        key = df.loc[dup, "key"].iloc[0]
+        where = sorted(set(df.loc[df["key"] == key, "file"]))
+        raise SigmaError(f"--captions {source.path}: key {key!r} has {int((df['key'] == key).sum())} caption rows "
+                         f"(in {', '.join(where)}); give each key one caption")
+    return df
+
+
+def rows_by_shard(source: CaptionSource, shard_keys: dict[str, list[str]]) -> dict[str, list[dict]]:
+    """A TABLE source split by curated shard: {shard: its caption rows}. A table none of whose keys is a
+    curated key is refused (the usual cause: keyed by URL or file name instead of the curated `key`)."""
+    df = read_table(source)
+    by_key = {r["key"]: r for r in df[fmt.CAPTION_COLUMNS].to_dict("records")}
+    out = {s: [by_key[k] for k in keys if k in by_key] for s, keys in shard_keys.items()}
+    if by_key and not any(out.values()):
+        example = next(iter(by_key))
+        raise SigmaError(f"--captions {source.path}: none of its {len(by_key)} keys is a key of the curated shards "
+                         f"(e.g. {example!r}); key captions by the curated `key` (CURDIR/manifest.parquet)")
+    return out

@@ -1,0 +1,71 @@
+"""The pass-through captioner: alt text -> caption files with no model, then encode -> finetune on them."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from captioning import recaption
+from captioning.original import OriginalCaptioner
+from encoding import encode
+from shards import encoded, reasons
+from shards import format as fmt
+from tests.shards.synthetic import image_bytes
+from training import checkpoint, finetune
+
+ALT = {"000000001": "a red fox in the snow", "000000002": "  a small   wooden house ", "000000003": ""}
+
+
+def write_shard(path, alt: dict[str, str]) -> None:
+    """One curated shard: 300x300 JPEGs (the 256 stage's square bucket), KEY.json, KEY.txt."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for key, text in alt.items():
+            members = {"jpg": image_bytes(300, 300, int(key)), "json": json.dumps({"width": 300, "height": 300}).encode(),
+                       "txt": text.encode()}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_the_batch_callable_passes_alt_text_and_fails_rows_without():
+    batch = {"key": np.array(["a", "b"], dtype=object), "image": np.array([b"x", b"y"], dtype=object),
+             "original_caption": np.array([" a fox ", ""], dtype=object)}
+    out = OriginalCaptioner()(batch)
+    assert "image" not in out
+    assert list(out["caption"]) == ["a fox", ""]
+    assert list(zip(out["status"], out["reason"])) == [(reasons.KEPT, ""), (reasons.FAILED, reasons.NO_ALT_TEXT)]
+
+
+def test_original_captions_encode_and_train_end_to_end(tiny_models, ray_local, tmp_path, capsys):
+    shard = tmp_path / "cur" / "shards" / "00000.tar"
+    write_shard(shard, ALT)
+    caps, enc, runs = tmp_path / "caps", tmp_path / "enc", tmp_path / "runs"
+
+    recaption.main(["--shards", str(shard.parent), "--out", str(caps), "--captioner", "original", "--profile", "demo"])
+    rows = {r["key"]: r for r in pq.read_table(fmt.caption_file(caps, shard)).to_pylist()}
+    assert rows["000000001"]["caption"] == "a red fox in the snow" and rows["000000001"]["captioner"] == "original"
+    assert rows["000000002"]["caption"] == "a small wooden house"  # whitespace collapsed like every caption
+    assert rows["000000001"]["num_tokens"] > 1 and rows["000000001"]["prompt"] == ""
+    assert (rows["000000003"]["status"], rows["000000003"]["reason"]) == (reasons.FAILED, reasons.NO_ALT_TEXT)
+    assert (caps / "report.html").exists()
+    # a rerun skips the finished shard (same per-shard resume as the model backends)
+    capsys.readouterr()
+    recaption.main(["--shards", str(shard.parent), "--out", str(caps), "--captioner", "original", "--profile", "demo"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 1
+
+    encode.main(["--images", str(shard.parent), "--captions", str(caps), "--out", str(enc), "--tier", "256",
+                 "--profile", "demo"])
+    idx = pq.read_table(enc / encoded.INDEX).to_pandas().set_index("key")
+    assert dict(zip(idx.index, zip(idx["status"], idx["reason"]))) == {
+        "000000001": (reasons.KEPT, ""), "000000002": (reasons.KEPT, ""),
+        "000000003": (reasons.FAILED, reasons.NO_ALT_TEXT)}
+
+    finetune.main(["--stage", "256", "--data", str(enc), "--profile", "demo", "--max-steps", "2",
+                   "--set", f"training.out={runs}", "--set", "training.sample_every=0",
+                   "--set", "training.checkpoint_every=2", "--set", "training.stages.256.batch_size=1"])
+    assert checkpoint.list_steps(runs / "256") == [2]
