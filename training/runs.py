@@ -251,10 +251,11 @@ def encoders_record(encdir: str | Path, t5: str, vae: str) -> dict:
             facts, origin = encoded.model_facts(name, fallback), "config"
         return {"path": facts[name], "id": facts[f"{name}_id"], "revision": facts[f"{name}_revision"], "from": origin}
 
-    t5_entry = entry("t5", t5)
+    t5_entry = entry("t5", t5)  # the tokenizer is read from the T5's folder, as everywhere in this project
+    null_caption = {"text": "", "length": info["max_length"], "file": str(null),
+                    "sha256": hashlib.sha256(null.read_bytes()).hexdigest()}
     return {"t5": t5_entry, "tokenizer": dict(t5_entry), "vae": entry("vae", vae), "max_length": info["max_length"],
-            "t5_dtype": info.get("t5_dtype"), "null_caption": {"text": "", "length": info["max_length"], "file": str(null),
-                             "sha256": hashlib.sha256(null.read_bytes()).hexdigest()}}
+            "t5_dtype": info.get("t5_dtype"), "null_caption": null_caption}
 
 
 def run_encoders(run: Path) -> dict | None:
@@ -295,8 +296,8 @@ def resolve_models(args, cfg, src: Source) -> Models:
 def models_for(cfg, run: Path | None, stage: str | None, named: set, use_config: bool = False) -> Models:
     """A run's recorded T5 and VAE; the config's (`models.t5`, the stage's `vae` else `models.vae`)
     for a bare checkpoint, a run without the record, or `use_config`. A config model in `named`
-    must be the recorded one (same path, or same `model_id` and revision: the files moved), else a
-    one-line error naming both."""
+    must be the recorded one (same `model_id` and hub revision: a moved folder is fine, changed
+    files or another commit are not), else a one-line error naming both."""
     st = cfg.training.stages.get(stage) if stage else None
     config = {"t5": ("models.t5", cfg.models.t5),
               "vae": (f"training.stages.{stage}.vae", st.vae) if st and st.vae else ("models.vae", cfg.models.vae)}
@@ -308,11 +309,13 @@ def models_for(cfg, run: Path | None, stage: str | None, named: set, use_config:
         entry = record[name]
         if name not in named:
             chosen[name] = recorded_path(entry, run, key)
-        elif path == entry["path"] or same_model(path, entry):
+        elif same_model(path, entry):
             chosen[name] = path
         else:
-            raise SigmaError(f"{key} {path}: {run} was trained with {name} {entry['path']} (run.json); drop "
-                             f"the config's model (--profile/--set) or pass --use-config-models")
+            now, then = encoded.model_revision(path), entry.get("revision")
+            raise SigmaError(f"{key} {path}{f'@{now}' if now else ''}: {run} was trained with {name} "
+                             f"{entry['path']}{f'@{then}' if then else ''} (run.json); drop the config's model "
+                             f"(--profile/--set) or pass --use-config-models")
     return Models(chosen["t5"], chosen["vae"], int(record["max_length"]), record.get("t5_dtype") or cfg.encode.t5_dtype,
                   "run.json")
 

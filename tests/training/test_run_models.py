@@ -139,3 +139,38 @@ def _enc_1k(root: Path) -> Path:
         enc.mkdir()
         encdata.write(enc, "1k", encdata.TIER_BUCKETS["1k"])
     return enc
+
+
+def test_a_hub_model_is_pinned_to_the_recorded_revision(tmp_path, monkeypatch, tiny_models):
+    """A hub id resolves to the snapshot of the revision the data was encoded with (a real HF cache
+    layout, read offline); a config whose id now resolves to another commit is refused."""
+    from huggingface_hub import constants
+
+    from common import config
+
+    repo, first, second = "sigma-test/tiny-t5", "a" * 40, "b" * 40
+    cache = tmp_path / "hub"
+    for commit in (first, second):
+        shutil.copytree(tiny_models / "t5", cache / "models--sigma-test--tiny-t5" / "snapshots" / commit)
+    (cache / "models--sigma-test--tiny-t5" / "refs").mkdir()
+    main = cache / "models--sigma-test--tiny-t5" / "refs" / "main"
+    main.write_text(first)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert encoded.model_revision(repo) == first and encoded.model_revision(str(tiny_models / "t5")) is None
+
+    enc = encdata.write(tmp_path / "enc", "256", {(256, 256): 1})
+    as_encoded(enc, repo, tiny_models / "vae")
+    run = tmp_path / "runs" / "256"
+    run.mkdir(parents=True)
+    record = runs.encoders_record(enc, "unused", "unused")
+    assert record["t5"] == {"path": repo, "id": repo, "revision": first, "from": "data"}
+    (run / runs.RUN_INFO).write_text(json.dumps({"stage": "256", runs.ENCODERS: record}))
+    cfg = config.load(ROOT / "pipelines.yaml")
+    main.write_text(second)  # the hub moved on since encoding
+    models = runs.models_for(cfg, run, "256", named=set())
+    assert models.t5 == str(cache / "models--sigma-test--tiny-t5" / "snapshots" / first)
+    cfg.models.t5 = repo
+    with pytest.raises(runs.SigmaError, match=f"models.t5 {repo}@{second}: .* trained with t5 {repo}@{first}"):
+        runs.models_for(cfg, run, "256", named={"t5"})
+    main.write_text(first)
+    assert runs.models_for(cfg, run, "256", named={"t5"}).t5 == repo  # the same commit: the config's id is fine
