@@ -47,8 +47,11 @@ def chain(tmp_path_factory, tiny_models):
     enc = {"256": as_encoded(encdata.write(root / "enc-256", "256", encdata.TIER_BUCKETS["256"]), t5, vae),
            "vae": as_encoded(encdata.write(root / "enc-vae", "256", encdata.TIER_BUCKETS["256"], seed=1), t5, swap)}
     out = root / "runs"
+    grid = ("--set", "training.sample_every=1", "--set", "training.sample_steps=1",
+            "--set", "training.sample_prompts=[a red fox]")
     finetune.main(encdata.args("256", enc["256"], out, steps=1, batch=1))
-    finetune.main(encdata.args("vae", enc["vae"], out, "--set", f"training.stages.vae.vae={swap}", steps=1, batch=1))
+    finetune.main(encdata.args("vae", enc["vae"], out, "--set", f"training.stages.vae.vae={swap}", *grid,
+                               steps=1, batch=1))  # with a sample grid: T5 and VAE from the run's record
     return dict(root=root, t5=t5, vae=vae, swap=swap, enc=enc, run=out / "256", swap_run=out / "vae")
 
 
@@ -62,6 +65,7 @@ def test_run_json_records_the_datas_encoders(chain):
     assert record["null_caption"]["sha256"] == hashlib.sha256(null.read_bytes()).hexdigest()
     swap = json.loads((chain["swap_run"] / runs.RUN_INFO).read_text())[runs.ENCODERS]
     assert swap["vae"]["path"] == str(chain["swap"]) and swap["vae"]["id"] != record["vae"]["id"]
+    assert (chain["swap_run"] / "samples" / "step-0000001.png").is_file()
 
 
 def test_export_without_profile_is_a_pipeline_that_generates(chain, tmp_path):
