@@ -258,7 +258,8 @@ def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]
 
 
 def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
-    """info.json (VAE scaling factor, latent channels, T5 width) and the null caption, once per fingerprint."""
+    """info.json (the T5 and VAE used: path, id, revision; VAE scaling factor, latent channels, T5 width)
+    and the null caption, once per fingerprint. Training copies the models into its run.json."""
     from safetensors.torch import load_file
 
     from shards import atomic
@@ -273,8 +274,9 @@ def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
     scale, channels = vae.latent_format(vae.read_config(m.vae))
     y = load_file(null_path)["y_embedding"]  # [L, C]
     encoded.write_info(encdir, dict(
-        fingerprint=fp, tier=tier, table=buckets.TIER_TABLES[tier], t5=m.t5, t5_dtype=e.t5_dtype,
-        max_length=e.t5_max_length, t5_dim=int(y.shape[1]), vae=m.vae, vae_dtype=e.vae_dtype,
+        fingerprint=fp, tier=tier, table=buckets.TIER_TABLES[tier], **encoded.model_facts("t5", m.t5),
+        t5_dtype=e.t5_dtype, max_length=e.t5_max_length, t5_dim=int(y.shape[1]),
+        **encoded.model_facts("vae", m.vae), vae_dtype=e.vae_dtype,
         scaling_factor=scale, latent_channels=channels,
         vae_tiling=e.vae_tiling, null_caption="null_caption.safetensors", preprocess=encoded.PREPROCESS,
     ))

@@ -1,7 +1,8 @@
 """The training-shard format (ENCDIR), version 1: member names, dtypes, fingerprint, writer, reader.
 
     ENCDIR/info.json                       dataset facts: FORMAT_VERSION, fingerprint, tier, bucket table,
-                                           T5 id/dim/max length, VAE id, scaling factor, latent channels
+                                           T5 path/id/revision/dim/max length, VAE path/id/revision,
+                                           scaling factor, latent channels, null caption file
     ENCDIR/index.parquet                   one row per input sample (INDEX_COLUMNS), encoded or not
     ENCDIR/shards/<H>x<W>/<fp8>-NNNNN.tar  training shards: samples of one bucket only, ~shard_bytes each
     ENCDIR/shards/<H>x<W>/<fp8>-NNNNN.parquet   the tar's rows: its commit marker (written after the tar)
@@ -102,6 +103,27 @@ def model_id(path: str) -> str:
                 fh.seek(offset)
                 h.update(fh.read(2**20))
     return f"{p.name}:{h.hexdigest()[:16]}"
+
+
+def model_revision(path: str) -> str | None:
+    """The hub commit a hub id resolves to in the local Hugging Face cache (what a load would read),
+    None for a local folder or an id not in the cache. Reads the cache only: no network."""
+    if Path(path).exists():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(str(path), "config.json")
+    except ValueError:  # not a repo id
+        return None
+    parts = Path(found).parts if isinstance(found, str) else ()
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
+def model_facts(name: str, path: str) -> dict[str, Any]:
+    """What info.json records of a model the data was encoded with: `<name>` (path or hub id as
+    configured), `<name>_id` (`model_id`) and `<name>_revision` (`model_revision`)."""
+    return {name: path, f"{name}_id": model_id(path), f"{name}_revision": model_revision(path)}
 
 
 def read_info(encdir: str | Path) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """training/export: a run's DiT as a complete diffusers `PixArtSigmaPipeline` folder.
 
-    OUT/model_index.json   transformer/ (our weights)   text_encoder/ + tokenizer/ (models.t5)
-    vae/ (the stage's VAE, else models.vae)             scheduler/ (DPM-Solver++, PixArt-Σ's settings)
+    OUT/model_index.json   transformer/ (our weights)   text_encoder/ + tokenizer/ (the run's T5)
+    vae/ (the run's VAE: its stage's)                   scheduler/ (DPM-Solver++, PixArt-Σ's settings)
 
-so `PixArtSigmaPipeline.from_pretrained(OUT)` generates with its defaults. T5 and VAE are copied
-(re-saved from `models.t5` / `models.vae`), or with `--encoders link` are absolute symlinks to
-those local folders (no 4.8 GB T5 per export; OUT then breaks if they move); `--transformer-only`
+so `PixArtSigmaPipeline.from_pretrained(OUT)` generates with its defaults. The T5 and VAE are the
+ones the run's run.json records (`runs.resolve_models`; the config's for a bare checkpoint or with
+`--use-config-models`), so no profile is needed. They are copied (re-saved), or with
+`--encoders link` are absolute symlinks to those local folders (no 4.8 GB T5 per export; OUT then
+breaks if they move); `--transformer-only`
 writes just the transformer folder, to combine with a T5 and VAE the user already has. The folder
 is written beside OUT and renamed into place, so a failed export leaves nothing half-written; a
 non-empty OUT is refused unless `--force`. KV-compressed models are refused before anything is
@@ -80,7 +82,7 @@ def tokenizer_class(out: Path) -> str:
     return cls.removesuffix("Fast") if cls.startswith("T5") else cls
 
 
-def export(model, out: Path, t5_path: str, vae_path: str, transformer_only: bool, force: bool,
+def export(model, out: Path, t5_path: str | None, vae_path: str | None, transformer_only: bool, force: bool,
            links: dict[str, Path] | None = None) -> None:
     """Write into OUT.partial, then swap it in for OUT."""
     tmp = out.with_name(out.name + ".partial")
@@ -109,13 +111,14 @@ def main(argv=None) -> None:
                    "T5, tokenizer, VAE, scheduler). KV-compressed models are refused: diffusers cannot express them.",
                    "training/export --run runs/1k --diffusers out/pixart-1k")
     runs.add_source_args(p)
+    runs.add_model_args(p)
     p.add_argument("--diffusers", required=True, metavar="OUTDIR", help="pipeline folder to write (must be empty)")
     p.add_argument("--stage", help="stage whose resolution and pe_interpolation to record (default: the run's; "
                    "required for a --ckpt outside a run folder)")
     p.add_argument("--transformer-only", action="store_true", help="write only the transformer folder")
     p.add_argument("--encoders", choices=ENCODERS, default="copy",
                    help="copy: re-save the T5, tokenizer and VAE into OUTDIR (default); link: make text_encoder/, "
-                   "tokenizer/ and vae/ absolute symlinks to the local models.t5 and VAE folders (no copy)")
+                   "tokenizer/ and vae/ absolute symlinks to the run's local T5 and VAE folders (no copy)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     args = p.parse_args(argv)
     cfg = cli.load(args)
@@ -133,22 +136,31 @@ def main(argv=None) -> None:
         return
     try:
         check_out(out, args.force)
-        stage = cfg.training.stages.get(src.stage) if src.stage else None
-        vae_path = (stage.vae if stage else None) or cfg.models.vae
         linking = args.encoders == "link"
         if linking and args.transformer_only:
             raise SigmaError("--encoders link: --transformer-only writes no T5 or VAE to link")
-        links = link_targets(cfg.models.t5, vae_path) if linking else None
+        models = None if args.transformer_only else runs.resolve_models(args, cfg, src)
+        t5_path, vae_path = (models.t5, models.vae) if models else (None, None)
+        links = link_targets(t5_path, vae_path) if models and linking else None
         if args.dry_run:
             cli.print_plan({"checkpoint": str(src.checkpoint), "stage": src.stage, "dit": src.size, **src.position,
-                            "t5": None if args.transformer_only else cfg.models.t5,
-                            "vae": None if args.transformer_only else vae_path,
+                            "t5": t5_path, "vae": vae_path, "models_from": models.source if models else None,
                             "encoders": None if args.transformer_only else args.encoders, "out": str(out)})
             return
         model = runs.load_model(src.checkpoint, src.size, **src.position)
-        export(model, out, cfg.models.t5, vae_path, args.transformer_only, args.force, links)
+        export(model, out, t5_path, vae_path, args.transformer_only, args.force, links)
     except SigmaError as e:
         cli.fail(str(e))
-    config = diffusers_config(model)
-    print(f"wrote {out} ({src.checkpoint.name}; sample_size {config['sample_size']}, interpolation_scale "
-          f"{config['interpolation_scale']})")
+    print(summary(out, src, diffusers_config(model), models, args.encoders))
+
+
+def summary(out: Path, src: runs.Source, config: dict, models: runs.Models | None, encoders: str) -> str:
+    """What export wrote, for the terminal: the folder, the weights, the positions, the encoders."""
+    lines = [f"wrote {out}: {PIPELINE if models else 'transformer only'} from {src.checkpoint}",
+             f"  transformer  sample_size {config['sample_size']}, interpolation_scale {config['interpolation_scale']}"
+             f" ({runs.position_text(src.position)}, {config['num_layers']} layers)"]
+    if models:
+        how = "linked" if encoders == "link" else "copied"
+        lines += [f"  text_encoder + tokenizer  {how} from {models.t5} ({models.source})",
+                  f"  vae  {how} from {models.vae} ({models.source})", "  scheduler  DPM-Solver++"]
+    return "\n".join(lines)

@@ -200,8 +200,9 @@ class Logger:
         self.writer_for = lambda step: SummaryWriter(str(self.rundir / "tb"), purge_step=step + 1)
         if cfg.training.sample_every and self.prompts:
             e = cfg.encode
-            self.gen = sample.Generator(None, cfg.models.t5, plan.vae, d.device, t5_dtype=e.t5_dtype,
-                                        vae_dtype=e.vae_dtype, max_length=encoded.read_info(plan.data)["max_length"],
+            models = runs.models_for(cfg, Path(plan.rundir), plan.stage, named=set())  # the data's T5 and VAE
+            self.gen = sample.Generator(None, models.t5, models.vae, d.device, t5_dtype=models.t5_dtype,
+                                        vae_dtype=e.vae_dtype, max_length=models.max_length,
                                         vae_tiling=e.vae_tiling, vae_slicing=e.vae_slicing)
             self.gen.fix_prompts(self.prompts)  # T5 is freed: an XXL T5 is ~10 GB
 
@@ -384,7 +385,8 @@ def main(argv: list[str] | None = None) -> None:
             fingerprint.check(plan.rundir, run_fingerprint(cfg, plan))  # records it on a first start (not on a dry run)
     except SigmaError as e:
         cli.fail(str(e))
-    warning = position_warning(plan, bool(args.init) or (plan.init is not None and not plan.chain[:-1]))
+    warning = position_warning(plan, bool(args.init) or (plan.init is not None and not plan.chain[:-1]),
+                               cfg.training.stages)
     if warning and master:
         print(warning, file=sys.stderr, flush=True)
     if args.dry_run:

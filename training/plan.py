@@ -34,6 +34,7 @@ class Plan:
     global_batch: int
     model: dict  # size + the stage's model settings: what sample/export/evaluate rebuild
     vae: str
+    encoders: dict  # T5 + tokenizer, VAE, null caption of the data (runs.encoders_record): what sample/export use
     settings: dict
 
 
@@ -85,24 +86,27 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
         init = None if resume else stages.init_source(cfg, name, args.init)
     except SigmaError as e:
         unchecked(e)
-    trained_at = runs.known_position(init) if init else None
+    trained_at = runs.known_position(init, cfg.training.stages) if init else None
     world = int(os.environ.get("WORLD_SIZE", 1))
     return Plan(stage=name, chain=stages.chain(cfg, name), data=str(encdir or ""), rundir=str(rundir),
                 resume=str(resume) if resume else None, init=str(init) if init else None,
                 init_trained_at=runs.position_text(trained_at) if trained_at else None, resolution=side,
                 steps=args.max_steps or stage.steps, world_size=world,
                 global_batch=stage.batch_size * stage.grad_accum * world, model=dict(size=cfg.models.dit, **kw),
-                vae=vae_path, settings=dict(stage.__dict__))
+                vae=vae_path, encoders=runs.encoders_record(encdir, cfg.models.t5, vae_path) if info is not None else {},
+                settings=dict(stage.__dict__))
 
 
-def position_warning(plan: Plan, explicit_init: bool) -> str | None:
+def position_warning(plan: Plan, explicit_init: bool, stages: dict) -> str | None:
     """A note when weights given by --init / models.dit_weights were trained at another position setup
-    (moving up from the parent stage changes it by design)."""
+    (moving up from the parent stage changes it by design), naming the stage that trains at theirs."""
     want = runs.position_text({k: plan.model[k] for k in runs.POSITION_KEYS})
     if explicit_init and plan.init_trained_at and plan.init_trained_at != want:
+        theirs = runs.known_position(plan.init, stages)
+        match = runs.stage_for(stages, theirs) if theirs else None
+        advice = f"use the stage that matches: --stage {match}" if match else "no stage in training.stages matches"
         return (f"warning: {plan.init} was trained at {plan.init_trained_at}; stage {plan.stage} trains at "
-                f"{want} (the positions are re-learned: use the stage that matches, e.g. --stage 1k for the "
-                f"released 1024 model)")
+                f"{want} (the positions are re-learned; {advice})")
     return None
 
 

@@ -161,9 +161,10 @@ def main(argv=None) -> None:
     from training import runs
 
     p = cli.parser("training/sample", "Generate an image from a prompt with a trained PixArt-Sigma DiT "
-                   "(DPM-Solver++ with classifier-free guidance; T5 and VAE from the config's models).",
+                   "(DPM-Solver++ with classifier-free guidance; T5 and VAE: the run's own, from its run.json).",
                    'training/sample --run runs/1k --prompt "A red fox in the snow" --size 1024x1024 --out fox.png')
     runs.add_source_args(p)
+    runs.add_model_args(p)
     p.add_argument("--prompt", required=True, help="the text prompt")
     p.add_argument("--size", default="1024x1024", help="HEIGHTxWIDTH in pixels, multiples of 16 (default 1024x1024)")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
@@ -185,6 +186,7 @@ def main(argv=None) -> None:
         cli.fail(str(e))
     try:
         src = runs.resolve_source(args, cfg)
+        models = runs.resolve_models(args, cfg, src)
         position = runs.position_for_size(src.position, height, width)
     except SigmaError as e:
         if not args.dry_run:
@@ -196,16 +198,16 @@ def main(argv=None) -> None:
                         "seed": args.seed, "device": args.device, "out": args.out})
         return
     if args.dry_run:
-        cli.print_plan({"checkpoint": str(src.checkpoint), "dit": src.size, **position, "t5": cfg.models.t5,
-                        "vae": cfg.models.vae, "size": [height, width], "steps": args.steps, "cfg": args.cfg,
-                        "seed": args.seed, "uncond": "diffusers" if args.like_diffusers else args.uncond,
+        cli.print_plan({"checkpoint": str(src.checkpoint), "dit": src.size, **position, "t5": models.t5,
+                        "vae": models.vae, "models_from": models.source, "size": [height, width],
+                        "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "uncond": "diffusers" if args.like_diffusers else args.uncond,
                         "device": args.device, "out": args.out})
         return
     try:
         model = runs.load_model(src.checkpoint, src.size, **position)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        gen = Generator(model, cfg.models.t5, cfg.models.vae, args.device, dtype, t5_dtype=cfg.encode.t5_dtype,
-                        vae_dtype=cfg.encode.vae_dtype, max_length=cfg.encode.t5_max_length,
+        gen = Generator(model, models.t5, models.vae, args.device, dtype, t5_dtype=models.t5_dtype,
+                        vae_dtype=cfg.encode.vae_dtype, max_length=models.max_length,
                         keep_null=src.run is not None)
         image = gen([args.prompt], height, width, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                     uncond=args.uncond, like_diffusers=args.like_diffusers)[0]

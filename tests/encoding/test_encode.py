@@ -123,6 +123,8 @@ def test_info_records_vae_and_null_caption(first_run):
     info = encoded.read_info(first_run / "enc")
     assert info["scaling_factor"] == 0.13025 and info["latent_channels"] == 4 and info["tier"] == "256"
     assert info["t5_dim"] == 32 and info["max_length"] == 300
+    for model in ("t5", "vae"):  # which models, for the runs trained on it (training/runs.py)
+        assert info[f"{model}_id"] == encoded.model_id(info[model]) != info[model] and info[f"{model}_revision"] is None
     assert loader.null_caption(first_run / "enc").shape == (300, 32)
     loader.check_vae(first_run / "enc", 0.13025, 4)
     with pytest.raises(SigmaError, match="scaling_factor"):

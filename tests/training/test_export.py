@@ -174,6 +174,8 @@ def test_a_run_knows_its_model(tmp_path):
     # no --profile demo: models.dit is XL/2, but the run recorded the tiny model it trained
     r = export("--run", str(run), "--diffusers", str(tmp_path / "out"), "--transformer-only", profile=())
     assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"wrote {tmp_path / 'out'}: transformer only from {runs.find_run_checkpoint(run)}")
+    assert "sample_size 32, interpolation_scale 0.5 (256 px, pe_interpolation 0.5, single-scale, 4 layers)" in r.stdout
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_layers"] == 4
     # a checkpoint file inside the run counts as the run
     r = export("--ckpt", str(runs.find_run_checkpoint(run)), "--diffusers", str(tmp_path / "o2"), "--dry-run")
