@@ -16,22 +16,32 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     p = cli.parser("curation/run.py", "Curate a URL list into high-resolution image shards + a manifest "
                    "(download, tiers, quality, aesthetics, dedup) on Ray.", EXAMPLE)
-    p.add_argument("--urls", required=True, help="URL list: .parquet, .csv or .jsonl with a `url` column "
-                   "(optional `caption`; other columns are carried into the manifest)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--urls", help="URL list: .parquet, .csv, .tsv, .jsonl or .txt (one URL a line), or a folder "
+                     "or glob of them; URL and caption columns found (url/URL, caption/TEXT/text/alt) or named "
+                     "below; other columns are carried into the manifest")
+    src.add_argument("--images", help="images already on disk, curated without downloading: WebDataset/img2dataset "
+                     "tars (a .tar, '{00000..00009}.tar', a glob, or their folder), a folder of images (same-stem "
+                     ".txt captions), or a .parquet/.arrow table with an image-bytes column")
+    p.add_argument("--url-col", help="the URL column (curation.url_col)")
+    p.add_argument("--caption-col", help="the caption / alt-text column (curation.caption_col)")
+    p.add_argument("--image-col", help="a table's image-bytes column, for --images (curation.image_col)")
     p.add_argument("--out", required=True, help="output folder (rerun with the same arguments to resume)")
     p.add_argument("--dedup-against", nargs="+", default=[], metavar="OUT",
                    help="earlier runs' output folders: new images that duplicate their kept ones are `duplicate`, "
                         "dup_of = '<folder name>/<key>'")
     args = p.parse_args(argv)
     cfg = cli.load(args)
+    for flag in ("url_col", "caption_col", "image_col"):
+        if getattr(args, flag):
+            setattr(cfg.curation, flag, getattr(args, flag))
     try:
         config.require_file(cfg.models.aesthetic_head, "models.aesthetic_head", weights=True)
         if cfg.curation.nsfw.enabled:
             config.require_file(cfg.models.nsfw_head, "models.nsfw_head (curation.nsfw.enabled)", weights=True)
         if cfg.curation.watermark.enabled:
             config.require_file(cfg.models.watermark, "models.watermark (curation.watermark.enabled)", weights=True)
-        if not os.path.isfile(args.urls):  # the same check a real run makes, so --dry-run is honest
-            raise SigmaError(f"{args.urls}: URL list not found")
+        source = input_source(args, cfg.curation)  # headers read, columns chosen: --dry-run is honest
         if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
             config.require_file(cfg.models.clip.weights, "models.clip.weights")
     except SigmaError as e:
@@ -45,13 +55,26 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.dry_run:
         cur = cfg.curation
-        cli.print_plan({"urls": args.urls, "out": args.out, "profile": cfg.profile,
+        cli.print_plan({"input": source.describe(), "out": args.out, "profile": cfg.profile,
                         "clip": vars(cfg.models.clip), "aesthetic_head": cfg.models.aesthetic_head,
                         "curation": json.loads(json.dumps(cur, default=vars))})
         return
     try:
         with cli.user_errors():
-            stats = pipeline.run(args.urls, args.out, cfg, args.dedup_against)
+            stats = pipeline.run(source, args.out, cfg, args.dedup_against)
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)
+
+
+def input_source(args, cur):
+    """--urls or --images resolved (files, kind, columns); says in one line when a list has no captions."""
+    from curation import inputs, sources
+
+    if args.images:
+        return sources.local_images(args.images, args.out, cur.caption_col, cur.image_col, cur.url_col)
+    found = inputs.url_list(args.urls, cur.url_col, cur.caption_col)
+    if found.caption_col is None:
+        print(f"note: {args.urls}: no caption column (looked for {', '.join(inputs.CAPTION_NAMES)}): no KEY.txt, "
+              "no original_caption; name one with --caption-col", file=sys.stderr)
+    return found
