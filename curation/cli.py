@@ -41,12 +41,21 @@ def main(argv: list[str] | None = None) -> None:
             config.require_file(cfg.models.nsfw_head, "models.nsfw_head (curation.nsfw.enabled)", weights=True)
         if cfg.curation.watermark.enabled:
             config.require_file(cfg.models.watermark, "models.watermark (curation.watermark.enabled)", weights=True)
-        source = input_source(args, cfg.curation)  # headers read, columns chosen: --dry-run is honest
         if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
             config.require_file(cfg.models.clip.weights, "models.clip.weights")
     except SigmaError as e:
         cli.fail(str(e))
-    from curation import decide, pipeline
+    from curation import decide, inputs, pipeline
+
+    try:
+        source = input_source(args, cfg.curation)  # headers read, columns chosen: --dry-run is honest
+    except inputs.NotFound as e:  # --dry-run plans without the data, and says what it could not check
+        if not args.dry_run:
+            cli.fail(str(e))
+        print(f"note: not checked: {e}", file=sys.stderr)
+        source = None
+    except SigmaError as e:
+        cli.fail(str(e))
 
     try:
         decide.earlier_runs(args.dedup_against, args.out)
@@ -55,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.dry_run:
         cur = cfg.curation
-        cli.print_plan({"input": source.describe(), "out": args.out, "profile": cfg.profile,
+        unchecked = {"urls" if args.urls else "images": args.urls or args.images, "checked": False}
+        cli.print_plan({"input": source.describe() if source else unchecked, "out": args.out, "profile": cfg.profile,
                         "clip": vars(cfg.models.clip), "aesthetic_head": cfg.models.aesthetic_head,
                         "curation": json.loads(json.dumps(cur, default=vars))})
         return

@@ -34,6 +34,10 @@ URL_NAMES = ("url", "URL", "image_url", "img_url", "link")  # img2dataset's defa
 CAPTION_NAMES = ("caption", "TEXT", "text", "alt", "alt_text", "Caption")
 
 
+class NotFound(SigmaError):
+    """The input is not there (yet): a run stops, a --dry-run plans without it."""
+
+
 def list_format(path: str | Path) -> str | None:
     """'parquet', 'csv', ... for a list file (a `.gz` of a text format too); None for anything else."""
     parts = Path(path).name.lower().split(".")
@@ -56,7 +60,7 @@ def expand(spec: str | Path, what: str = "URL list") -> list[Path]:
         return [p]
     files = [Path(m) for s in braceexpand.braceexpand(str(spec)) for m in sorted(glob.glob(s))]
     if not files:
-        raise SigmaError(f"{spec}: {what} not found")
+        raise NotFound(f"{spec}: {what} not found")
     return files
 
 

@@ -391,7 +391,7 @@ def local_images(spec: str | Path, out: str | Path | None = None, caption_col: s
 
         files = [f for f in expand_shards(spec) if f.is_file()] if not p.is_file() or p.suffix == ".tar" else []
         if not files:
-            raise SigmaError(f"{spec}: no images found (give a .tar, a brace/glob pattern of tars, a folder of "
+            raise inputs.NotFound(f"{spec}: no images found (give a .tar, a brace/glob pattern of tars, a folder of "
                              "images or tars, or a .parquet/.arrow table with an image column)")
         if all(f.suffix in (".parquet", ".arrow") for f in files):
             found = _table(spec, files, caption_col, image_col, url_col)

@@ -51,9 +51,15 @@ def test_bad_inputs_fail_at_once_in_one_line(tmp_path, capsys, tiny_models):
                           "--set", "curation.nsfw.enabled=true",
                           "--set", f"models.nsfw_head={tmp_path / 'clip_autokeras_binary_nsfw'}")
     assert code == 2 and "models.nsfw_head" in err and "not a PyTorch weights file" in err, err
-    code, err = _run_main(capsys, "--urls", str(tmp_path / "missing.parquet"), "--out", "o", "--profile", "demo",
-                          "--dry-run")  # --dry-run checks what a real run checks
-    assert code == 2 and "missing.parquet: URL list not found" in err, err
+    from curation import cli  # --dry-run checks what a real run checks, and plans without a list not there yet
+
+    cli.main(["--urls", str(tmp_path / "missing.parquet"), "--out", "o", "--profile", "demo", "--dry-run"])
+    captured = capsys.readouterr()
+    assert "not checked: " in captured.err and "missing.parquet: URL list not found" in captured.err
+    assert '"checked": false' in captured.out
+    code, err = _run_main(capsys, "--urls", str(tmp_path / "nourl.parquet"), "--out", "o", "--profile", "demo",
+                          "--dry-run")
+    assert code == 2 and "no URL column" in err, err
 
 
 def test_csv_and_jsonl_inputs(tmp_path):
