@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TOPICS = ["curation", "curation_scale", "curation_before_after", "crawl", "captioning", "encode", "dit",
+TOPICS = ["curation", "curation_scale", "curation_before_after", "curation_sources", "crawl", "captioning", "encode", "dit",
           "weak_to_strong", "judge"]
 
 
