@@ -135,7 +135,8 @@ def test_tar_samples_point_into_the_users_tar(tmp_path):
     meta = {"url": "http://a/0.jpg", "key": "000000000", "status": "success", "width": 9, "similarity": 0.3}
     _tar(d / "00000.tar", {"000000000.jpg": b"JPEGDATA0", "000000000.txt": b"a red fox",
                            "000000000.json": json.dumps(meta).encode(), "000000001.png": b"PNGDATA",
-                           "000000001.json": json.dumps({**meta, "url": "http://a/1.png", "caption": "from json"}).encode(),
+                           "000000001.json": json.dumps({**meta, "url": "http://a/1.png",
+                                                         "caption": "from json"}).encode(),
                            "000000002.json": b"{}"})
     _tar(d / "00001.tar", {"x/a.webp": b"WEBP"})
     for spec in (d, f"{d}/*.tar", f"{d}/{{00000..00001}}.tar"):
@@ -173,7 +174,8 @@ def test_folder_of_images_with_captions(tmp_path):
     assert t["source"].tolist() == [str(d / "a.jpg"), str(d / "b" / "c.PNG")]
     assert t["caption"].tolist() == ["caption of a", None]
     rows = [r for i in range(2) for r in src.shard_rows(work, tmp_path / "out" / "downloads", i, None)]
-    assert [(r["src"], r["offset"], r["size"]) for r in rows] == [(str(d / "a.jpg"), 0, 1), (str(d / "b" / "c.PNG"), 0, 2)]
+    assert [(r["src"], r["offset"], r["size"]) for r in rows] == [(str(d / "a.jpg"), 0, 1),
+                                                                   (str(d / "b" / "c.PNG"), 0, 2)]
     with pytest.raises(SigmaError, match="overlaps --out"):
         sources.local_images(d, d / "curated")
 

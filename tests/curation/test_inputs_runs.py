@@ -67,8 +67,9 @@ def curate(capsys, *argv) -> tuple[Path, pd.DataFrame, dict]:
 
     out = Path(argv[argv.index("--out") + 1])
     cli.main([*argv, *SETTINGS])
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    return out, pd.read_parquet(out / "manifest.parquet"), summary
+    said = capsys.readouterr()
+    curate.err = said.err
+    return out, pd.read_parquet(out / "manifest.parquet"), json.loads(said.out.strip().splitlines()[-1])
 
 
 def samples(out: Path) -> dict[str, dict[str, bytes]]:
@@ -125,6 +126,21 @@ def test_laion_parquet_upper_case_columns_keep_their_alt_text(by_url, laion):
     assert meta["similarity"] == by_name.loc[PHOTOS[0], "similarity"] and meta["url"].endswith(PHOTOS[0])
 
 
+def test_tsv_list_and_a_txt_list_without_captions(by_url, laion, tmp_path, capsys):
+    urls = pq.read_table(laion).to_pandas().rename(columns={"URL": "url", "TEXT": "alt"})
+    tsv = tmp_path / "urls.tsv"
+    urls[["url", "alt", "similarity"]].to_csv(tsv, sep="\t", index=False)
+    out, m, _ = curate(capsys, "--urls", str(tsv), "--out", str(tmp_path / "tsv"))
+    assert kept(m) == kept(by_url[1]) and m["similarity"].notna().all()
+    check_captions(out, m, lambda r: r["url"].rsplit("/", 1)[1])
+    txt = tmp_path / "urls.txt"
+    txt.write_text("\n".join(urls["url"]) + "\n")
+    out, m, summary = curate(capsys, "--urls", str(txt), "--out", str(tmp_path / "txt"))
+    assert "no caption column" in curate.err and len(curate.err.strip().splitlines()) == 1  # said once, in one line
+    assert kept(m) == kept(by_url[1]) and summary["urls"] == 7 and "caption" not in m
+    assert not any("txt" in files for files in samples(out).values())
+
+
 def test_img2dataset_output_is_curated_without_downloading(by_url, laion, server, tmp_path, capsys):
     shards = tmp_path / "i2d"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -172,8 +188,8 @@ def test_table_of_image_bytes(by_url, photos, tmp_path, capsys):
     names = sorted(p.name for p in photos.iterdir())
     image = pa.array([{"bytes": (photos / n).read_bytes(), "path": n} for n in names],
                      pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-    meta = {b"huggingface": json.dumps({"info": {"features": {"image": {"_type": "Image"},
-                                                              "text": {"dtype": "string", "_type": "Value"}}}}).encode()}
+    features = {"image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}}
+    meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
     table = pa.table({"image": image, "text": [alt(n) for n in names], "name": names}).replace_schema_metadata(meta)
     path = tmp_path / "data" / "train.parquet"
     path.parent.mkdir()
