@@ -305,8 +305,9 @@ def _table_items(path: Path, src: LocalImages, shard_size: int) -> Iterator[tupl
             row += 1
 
 
-def _image_bytes(path: Path, image_col: str, rows: list[int]) -> list[bytes | None]:
-    """The image bytes of some rows of a table file (parquet: only the row groups holding them)."""
+def _image_bytes(path: Path, image_col: str, rows: list[int]) -> Iterator[tuple[int, bytes | None]]:
+    """(row, image bytes) for some rows of a table file, one parquet row group in memory at a time
+    (only the groups holding them are read); an .arrow file is memory-mapped."""
     if path.suffix == ".parquet":
         import bisect
 
@@ -317,47 +318,47 @@ def _image_bytes(path: Path, image_col: str, rows: list[int]) -> list[bytes | No
         groups: dict[int, list[int]] = {}
         for r in rows:
             groups.setdefault(bisect.bisect_right(starts, r) - 1, []).append(r)
-        found = {}
-        for g, members in groups.items():
+        for g, members in sorted(groups.items()):
             column = f.read_row_group(g, columns=[image_col]).column(0)
-            found.update({r: column[r - starts[g]].as_py() for r in members})
-        values = [found[r] for r in rows]
+            for r in members:
+                yield r, _cell_bytes(column[r - starts[g]].as_py(), path)
     else:
-        values = _read_arrow(path).column(image_col).take(pa.array(rows, pa.int64())).to_pylist()
-    out = []
-    for v in values:
-        if isinstance(v, dict):  # datasets' Image feature: bytes, or a path to the file
-            data = v.get("bytes")
-            if data is None and v.get("path"):
-                p = Path(v["path"]) if Path(v["path"]).is_absolute() else path.parent / v["path"]
-                data = p.read_bytes() if p.is_file() else None
-            v = data
-        out.append(v)
-    return out
+        column = _read_arrow(path).column(image_col)
+        for r in rows:
+            yield r, _cell_bytes(column[r].as_py(), path)
+
+
+def _cell_bytes(value, table: Path) -> bytes | None:
+    """A cell's image bytes: binary as is; datasets' Image struct: its bytes, or the file at its path."""
+    if isinstance(value, dict):
+        data = value.get("bytes")
+        if data is None and value.get("path"):
+            p = Path(value["path"]) if Path(value["path"]).is_absolute() else table.parent / value["path"]
+            data = p.read_bytes() if p.is_file() else None
+        return data
+    return value
 
 
 def _copy_table_bytes(rows: list[dict], image_col: str, tar_path: Path) -> list[dict]:
-    """Copy the rows' image bytes into the run's own tar (KEY.img members) and point the rows at them."""
-    by_file: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_file.setdefault(r["src"], []).append(i)
-    data: dict[int, bytes | None] = {}
-    for file, idx in by_file.items():
-        for i, b in zip(idx, _image_bytes(Path(file), image_col, [rows[i]["row"] for i in idx])):
-            data[i] = b
+    """Copy the rows' image bytes into the run's own tar (KEY.img members; written as read, never a
+    whole shard in memory) and point the rows at them."""
     import io
 
+    by_file: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        by_file.setdefault(r["src"], {})[r["row"]] = r
     with atomic.atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, r in enumerate(rows):
-            if data[i]:
-                info = tarfile.TarInfo(f"{r['key']}.img")
-                info.size, info.mtime, info.mode = len(data[i]), 0, 0o644
-                tar.addfile(info, io.BytesIO(data[i]))
+        for file, by_row in by_file.items():
+            for row, data in _image_bytes(Path(file), image_col, sorted(by_row)):
+                if data:
+                    info = tarfile.TarInfo(f"{by_row[row]['key']}.img")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    tar.addfile(info, io.BytesIO(data))
     offsets = {}
-    with tarfile.open(tar_path, "r:") as tar:
+    with tarfile.open(tar_path, "r:") as tar:  # headers only: where each copy's bytes start
         for m in tar:
             offsets[m.name.partition(".")[0]] = (m.offset_data, m.size)
-    for i, r in enumerate(rows):
+    for r in rows:
         if r["key"] in offsets:
             r.update(src=str(tar_path), offset=offsets[r["key"]][0], size=offsets[r["key"]][1])
         else:  # no bytes in the table's cell (null, or a path that is not there)
