@@ -14,8 +14,8 @@ EXAMPLE = "python curation/run.py --urls urls.parquet --out curated --profile de
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    p = cli.parser("curation/run.py", "Curate a URL list into high-resolution image shards + a manifest "
-                   "(download, tiers, quality, aesthetics, dedup) on Ray.", EXAMPLE)
+    p = cli.parser("curation/run.py", "Curate a URL list (or images on disk) into high-resolution image shards + "
+                   "a manifest (download, tiers, quality, aesthetics, dedup) on Ray.", EXAMPLE)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--urls", help="URL list: .parquet, .csv, .tsv, .jsonl or .txt (one URL a line), or a folder "
                      "or glob of them; URL and caption columns found (url/URL, caption/TEXT/text/alt) or named "
