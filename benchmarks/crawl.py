@@ -61,11 +61,11 @@ def guard_and_caps_off():
 
 
 def one_shard(urls: Path, work: Path, crawl) -> float:
-    from curation import download
+    from curation import download, inputs
 
     shutil.rmtree(work, ignore_errors=True)
     n = pq.ParquetFile(urls).metadata.num_rows
-    assert download.split_input(urls, work / "input", n) == 1
+    assert inputs.split_input(urls, work / "input", n) == 1
     t0 = time.perf_counter()
     download.download_shard(work / "input" / "00000.parquet", work / "dl", 0, crawl)
     seconds = time.perf_counter() - t0

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TOPICS = ["curation", "curation_scale", "curation_before_after", "crawl", "captioning", "encode", "dit",
-          "weak_to_strong", "judge"]
+TOPICS = ["curation", "curation_scale", "curation_before_after", "curation_sources", "crawl", "captioning", "encode",
+          "dit", "weak_to_strong", "judge"]
 
 
 def merge() -> Path:

@@ -1,7 +1,7 @@
 """Download with img2dataset, one shard per Ray task, safely and politely; failures become reason codes.
 
-The URL list is cut into input shards of `download.shard_size` rows (`_work/input/NNNNN.parquet`,
-carried columns included), each row keyed by its position in the list. A download shard runs
+The URL list is cut into input shards of `download.shard_size` rows by inputs.py
+(`_work/input/NNNNN.parquet`, carried columns included). A download shard runs
 img2dataset's own `Downloader` (what its Ray distributor runs per shard) with originals kept
 (`resize_mode="no"`, `disable_all_reencoding`); only http(s) URLs reach it, the rest are
 `invalid_url`. As in img2dataset, a shard is done once its `NNNNN_stats.json` exists, so a rerun
@@ -34,86 +34,11 @@ import pyarrow.parquet as pq
 
 from common.config import DownloadConfig
 from curation import fetch, guard, hosts
-from shards import atomic, curated, reasons
+from shards import curated, reasons
 from shards.errors import SigmaError, disk_full
 
-KEY_DIGITS = 10  # row index in the URL list, zero-padded: sortable, no dots
-URL_COL, CAPTION_COL = "url", "caption"
+URL_COL = "url"
 I2D_KEY = "sf_key"  # our key, carried through img2dataset as an extra column
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# URL list -> input shards
-# ---------------------------------------------------------------------------------------------
-
-
-def _batches(path: Path, rows: int) -> Iterator[pa.RecordBatch]:
-    """Stream a parquet / csv / jsonl file as record batches (never the whole list in memory)."""
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=rows)
-    elif suffix == ".csv":
-        from pyarrow import csv
-
-        yield from csv.open_csv(path, read_options=csv.ReadOptions(block_size=1 << 22))
-    elif suffix in (".jsonl", ".json"):
-        import pandas as pd
-
-        for chunk in pd.read_json(path, lines=True, chunksize=rows, dtype=False):
-            yield pa.RecordBatch.from_pandas(chunk, preserve_index=False)
-    else:
-        raise SigmaError(f"{path}: unsupported format {suffix or '(none)'}; use .parquet, .csv or .jsonl")
-
-
-def split_input(path: str | Path, work: Path, shard_size: int) -> int:
-    """Write `work/NNNNN.parquet` input shards (key + input columns); returns the shard count.
-
-    Done once: a `.complete` file records the count, so a rerun reads the same shards.
-    """
-    path, work = Path(path), Path(work)
-    done = work / ".complete"
-    if done.exists():
-        return int(done.read_text())
-    if not path.is_file():
-        raise SigmaError(f"{path}: URL list not found")
-    work.mkdir(parents=True, exist_ok=True)
-    n_rows, n_shards, pending = 0, 0, []
-    try:
-        for batch in _batches(path, shard_size):
-            if URL_COL not in batch.schema.names:
-                raise SigmaError(f"{path}: no '{URL_COL}' column (columns: {', '.join(batch.schema.names)})")
-            pending.append(batch)
-            while sum(len(b) for b in pending) >= shard_size:
-                n_rows, n_shards, pending = _flush(work, pending, shard_size, n_rows, n_shards)
-    except SigmaError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any reader error is a bad input file
-        raise SigmaError(f"{path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if pending and sum(len(b) for b in pending):
-        n_rows, n_shards, _ = _flush(work, pending, shard_size, n_rows, n_shards)
-    if n_rows == 0:
-        raise SigmaError(f"{path}: the URL list is empty")
-    atomic.write_text(done, str(n_shards))
-    return n_shards
-
-
-def _flush(work: Path, pending: list, size: int, n_rows: int, n_shards: int):
-    table = pa.Table.from_batches(pending).combine_chunks()
-    head, rest = table.slice(0, size), table.slice(size)
-    keys = pa.array([f"{n_rows + i:0{KEY_DIGITS}d}" for i in range(len(head))])
-    head = head.rename_columns([_carried_name(c) for c in head.column_names])
-    head = head.cast(pa.schema([f.with_type(pa.string()) if f.name == URL_COL else f for f in head.schema]))
-    atomic.write_parquet(work / f"{n_shards:05d}.parquet", head.add_column(0, "key", keys))
-    return n_rows + len(head), n_shards + 1, rest.to_batches()
-
-
-def _carried_name(col: str) -> str:
-    """Input columns keep their names unless they clash with a manifest column (then `input_<name>`)."""
-    from shards.format import MANIFEST_COLUMNS
-
-    return f"input_{col}" if col in MANIFEST_COLUMNS and col != URL_COL else col
 
 
 def invalid_url(url) -> bool:

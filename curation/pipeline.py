@@ -9,6 +9,7 @@
 
 Layout of DIR (each file written once, atomically; what exists is what is done):
     _work/input/NNNNN.parquet     the URL list cut into download shards, keyed, carried columns kept
+    _work/where/NNNNN.parquet     images on disk (--images): where each item's bytes lie (curation/sources.py)
     downloads/NNNNN_stats.json    img2dataset's per-shard stats (+ .parquet; the .tar goes once its outputs exist)
     _work/scored/NNNNN.parquet    one row per URL of the shard: reason so far, size, tier, scores, hashes
     _work/dedup/                  edges per dedup kind, then dups.parquet (id, dup_of)
@@ -32,9 +33,8 @@ import pyarrow.parquet as pq
 from common import progress
 from common.config import Config, CurationConfig
 from curation import decide as decisions
-from curation import dedup, download, metadata, outputs, placement, quality
+from curation import dedup, download, inputs, metadata, outputs, placement, quality
 from shards import atomic, buckets, fingerprint, reasons
-from shards.errors import SigmaError
 from shards.format import MANIFEST
 
 SCORED_COLUMNS = ["key", "url", "reason", "width", "height", "tier", "ext", "sharpness", "contrast", "brightness",
@@ -93,16 +93,14 @@ def size_verdict(height: int, width: int, min_tier: str) -> str | None:
     return reasons.TOO_SMALL if tier is None or TIER_RANK[tier] < TIER_RANK[min_tier] else None
 
 
-def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig) -> Iterator[dict]:
+def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig, source) -> Iterator[dict]:
     """Ray task body (I/O-bound): download each shard of the batch (unless done) and hand on its rows,
-    which say where each image's bytes lie in the download tar; the bytes themselves stay on disk."""
-    d = cur.download
+    which say where each image's bytes lie in the download tar; the bytes themselves stay on disk.
+    `source` (inputs.UrlList, or sources.LocalImages for images on disk) makes the rows."""
     placement.mark(work, "download")
     for shard in batch["shard"]:
         shard = int(shard)
-        src = Path(work) / "input" / f"{shard:05d}.parquet"
-        download.download_shard(src, Path(downloads), shard, download.crawl_of(d))
-        rows = [{**r, "shard": shard} for r in download.iter_shard(src, Path(downloads), shard)]
+        rows = [{**r, "shard": shard} for r in source.shard_rows(Path(work), Path(downloads), shard, cur)]
         yield {k: [r[k] for r in rows] for k in rows[0]}
 
 
@@ -150,7 +148,7 @@ class Embed:
         return batch
 
 
-def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config) -> None:
+def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, source) -> None:
     """Run the streaming flow over `pending` download shards; write each shard's scored file when complete."""
     import ray
 
@@ -163,7 +161,7 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config) -
     ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
     ds = ds.map_batches(download_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(cur.download.processes),
                         num_cpus=cur.download.num_cpus, fn_kwargs={"work": str(work), "downloads": str(downloads),
-                                                                   "cur": cur})
+                                                                   "cur": cur, "source": source})
     # other resources than the download tasks': never fused with them, so decoding never stalls a download
     ds = ds.map_batches(measure_rows, batch_size=MEASURE_BATCH, num_cpus=1, memory=MEASURE_MEMORY,
                         fn_kwargs={"cur": cur, "work": str(work)})
@@ -230,14 +228,18 @@ def decide(scored: Path, n_shards: int, cur: CurationConfig) -> dict[str, tuple[
 # ---------------------------------------------------------------------------------------------
 
 
-def run(urls: str | Path, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()) -> dict:
+def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()) -> dict:
     """Curate `urls` into `out`; resumes whatever a previous run with the same arguments finished.
+    `urls`: a URL list's path (columns from `curation.url_col` / `caption_col` or found), or a resolved
+    input (inputs.UrlList, sources.LocalImages: images on disk, no download).
     `dedup_against`: earlier runs' folders whose kept images new ones are deduplicated against."""
     from common import cli
 
+    source = urls if hasattr(urls, "shard_rows") else inputs.url_list(urls, cfg.curation.url_col,
+                                                                        cfg.curation.caption_col)
     out = Path(out).resolve()
     against = decisions.earlier_runs(dedup_against, out)
-    fp = stage_fingerprint(urls, cfg, against)
+    fp = stage_fingerprint(source, cfg, against)
     if (out / fingerprint.FILE).exists():  # a resume: refused if the URL list, a setting or an earlier run changed
         fingerprint.check(out, fp)
     if (out / "stats.json").exists() and (out / MANIFEST).exists():
@@ -246,7 +248,7 @@ def run(urls: str | Path, out: str | Path, cfg: Config, dedup_against: list[str 
     work, downloads = out / "_work", out / "downloads"
     timings = {}
     t0 = time.time()
-    n_shards = download.split_input(urls, work / "input", cur.download.shard_size)
+    n_shards = source.split(work / "input", cur.download.shard_size)
     fingerprint.check(out, fp)  # recorded once the URL list is known to be readable
     timings["split"] = time.time() - t0
     for folder in (work / "scored", downloads, out / "shards"):
@@ -256,7 +258,7 @@ def run(urls: str | Path, out: str | Path, cfg: Config, dedup_against: list[str 
     t0 = time.time()
     pending = [i for i in range(n_shards) if not (work / "scored" / f"{i:05d}.parquet").exists()]
     if pending:
-        score_shards(pending, work, downloads, cfg)
+        score_shards(pending, work, downloads, cfg, source)
     timings["download_score"] = time.time() - t0
     t0 = time.time()
     dups = decisions.run(work, n_shards, cur, against)
@@ -272,14 +274,13 @@ def run(urls: str | Path, out: str | Path, cfg: Config, dedup_against: list[str 
     return stats
 
 
-def stage_fingerprint(urls: str | Path, cfg: Config, against: list[Path] = ()) -> dict:
-    """The URL list's bytes, the settings that change what is kept, the scoring models' bytes, and the
-    earlier runs deduplicated against (folder + a listing of its dedup index)."""
-    if not Path(urls).is_file():
-        raise SigmaError(f"{urls}: URL list not found")
+def stage_fingerprint(source, cfg: Config, against: list[Path] = ()) -> dict:
+    """The input (a URL list's bytes; images on disk: their files' names and sizes), the settings that
+    change what is kept, the scoring models' bytes, and the earlier runs deduplicated against (folder +
+    a listing of its dedup index)."""
     m = cfg.models
     heads = {f"models.{k}": getattr(m, k) for k in ("aesthetic_head", "nsfw_head", "watermark")}
-    return {"--urls": fingerprint.file_digest(urls),
+    return {**source.fingerprint(),
             **fingerprint.flat(cfg.curation, "curation"),
             **{k: fingerprint.file_digest(v) if v and Path(v).is_file() else v for k, v in heads.items()},
             "models.clip": f"{m.clip.arch}/{Path(m.clip.weights).name}",

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation import download, hosts
+from curation import download, hosts, inputs
 from demo.serve import ImageServer, endless, trickle
 from common.config import DownloadConfig
 
@@ -46,7 +46,7 @@ def crawl(tmp_path, urls, **settings) -> dict[str, dict]:
                           **settings})
     folder = tmp_path / f"crawl{len(list(tmp_path.glob('crawl*')))}"
     pq.write_table(pa.table({"url": urls}), folder.with_suffix(".parquet"))
-    assert download.split_input(folder.with_suffix(".parquet"), folder / "input", 1000) == 1
+    assert inputs.split_input(folder.with_suffix(".parquet"), folder / "input", 1000) == 1
     src = folder / "input" / "00000.parquet"
     download.download_shard(src, folder / "dl", 0, download.crawl_of(d))
     return {r["url"]: r for r in download.iter_shard(src, folder / "dl", 0)}
@@ -273,7 +273,7 @@ def test_x_robots_tag_variants_on_the_wire(web, image_dir, tmp_path):
 @pytest.mark.parametrize("urls", [["ftp://example.invalid/a.jpg", "not a url", ""], [1, 2, 3]])
 def test_a_shard_without_one_valid_url_is_not_a_crash(tmp_path, urls):
     pq.write_table(pa.table({"url": urls}), tmp_path / "urls.parquet")
-    assert download.split_input(tmp_path / "urls.parquet", tmp_path / "input", 1000) == 1
+    assert inputs.split_input(tmp_path / "urls.parquet", tmp_path / "input", 1000) == 1
     src = tmp_path / "input" / "00000.parquet"
     download.download_shard(src, tmp_path / "dl", 0, download.crawl_of(DownloadConfig(allow_networks=WEB)))
     rows = list(download.iter_shard(src, tmp_path / "dl", 0))

@@ -6,14 +6,14 @@ import hashlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import download
+from curation import download, inputs
 from common.config import DownloadConfig
 
 
 def _shard(tmp_path, urls):
     work = tmp_path / "input"
     pq.write_table(pa.table({"url": urls, "caption": [f"c{i}" for i in range(len(urls))]}), tmp_path / "urls.parquet")
-    assert download.split_input(tmp_path / "urls.parquet", work, 100) == 1
+    assert inputs.split_input(tmp_path / "urls.parquet", work, 100) == 1
     return work / "00000.parquet"
 
 

@@ -32,12 +32,12 @@ def _run_main(capsys, *argv):
 
 
 def test_bad_inputs_fail_at_once_in_one_line(tmp_path, capsys, tiny_models):
-    pq.write_table(pa.table({"link": ["http://a/x.jpg"]}), tmp_path / "nourl.parquet")
+    pq.write_table(pa.table({"href": ["http://a/x.jpg"]}), tmp_path / "nourl.parquet")
     pq.write_table(pa.table({"url": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
-    (tmp_path / "list.txt").write_text("http://a/x.jpg\n")
-    cases = {"nourl.parquet": "no 'url' column", "empty.parquet": "empty", "broken.parquet": "cannot read",
-             "list.txt": "unsupported format", "missing.parquet": "not found"}
+    (tmp_path / "list.xml").write_text("<urls/>\n")
+    cases = {"nourl.parquet": "no URL column", "empty.parquet": "empty", "broken.parquet": "cannot read",
+             "list.xml": "unsupported format", "missing.parquet": "not found"}
     for name, msg in cases.items():
         code, err = _run_main(capsys, "--urls", str(tmp_path / name), "--out", str(tmp_path / "o"), "--profile", "demo")
         assert code == 2 and len(err.splitlines()) == 1 and name in err and msg in err, err
@@ -58,16 +58,19 @@ def test_bad_inputs_fail_at_once_in_one_line(tmp_path, capsys, tiny_models):
     out, err = capsys.readouterr()
     assert "dry run: not checked: " in err and "missing.parquet: URL list not found" in err, err
     assert json.loads(out)["not_checked"] == [f"{tmp_path / 'missing.parquet'}: URL list not found"]
+    code, err = _run_main(capsys, "--urls", str(tmp_path / "nourl.parquet"), "--out", "o", "--profile", "demo",
+                          "--dry-run")
+    assert code == 2 and "no URL column" in err, err
 
 
 def test_csv_and_jsonl_inputs(tmp_path):
-    from curation import download
+    from curation import inputs
 
     pd.DataFrame({"url": ["http://a/1.jpg", "ftp://b"], "caption": ["x", "y"]}).to_csv(tmp_path / "u.csv", index=False)
     pd.DataFrame({"url": ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg"]}).to_json(
         tmp_path / "u.jsonl", orient="records", lines=True)
-    assert download.split_input(tmp_path / "u.csv", tmp_path / "c", 10) == 1
-    assert download.split_input(tmp_path / "u.jsonl", tmp_path / "j", 2) == 2
+    assert inputs.split_input(tmp_path / "u.csv", tmp_path / "c", 10) == 1
+    assert inputs.split_input(tmp_path / "u.jsonl", tmp_path / "j", 2) == 2
     keys = [pq.read_table(p)["key"].to_pylist() for p in sorted((tmp_path / "j").glob("*.parquet"))]
     assert keys == [["0000000000", "0000000001"], ["0000000002"]]
     assert pq.read_table(tmp_path / "c" / "00000.parquet").column_names == ["key", "url", "caption"]
