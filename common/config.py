@@ -170,9 +170,9 @@ class DedupConfig:
 @dataclass
 class CurationConfig:
     download: DownloadConfig = field(default_factory=DownloadConfig)
-    url_col: Optional[str] = None  # the input's URL column; null: url, URL, ... (curation/inputs.py)
-    caption_col: Optional[str] = None  # the alt-text column; null: caption, TEXT, text, alt, ...
-    image_col: Optional[str] = None  # a table's image-bytes column (--images); null: image, ... or the only one
+    url_col: str | None = None  # the input's URL column; null: url, URL, ... (curation/inputs.py)
+    caption_col: str | None = None  # the alt-text column; null: caption, TEXT, text, alt, ...
+    image_col: str | None = None  # a table's image-bytes column (--images); null: image, ... or the only one
     min_tier: Literal["1k", "2k", "4k"] = "1k"
     max_pixels: int = num(64_000_000, ge=1)  # decompression-bomb guard, well above 4K (3840x2160 = 8.3 MP)
     measure_seconds: float = num(60.0, gt=0)  # deadline per image decode -> `timeout` (a 64 MP PNG decodes in a few s)
