@@ -28,7 +28,12 @@ DUPLICATE = "duplicate"
 
 # Later stages (status=failed)
 CAPTION_ERROR = "caption_error"
-EMPTY_CAPTION = "empty_caption"
+EMPTY_CAPTION = "empty_caption"     # nothing, or too few words, left of the caption
+# The caption-quality guard (captioning/guard.py): generated, but not a caption to train on
+DEGENERATE_CAPTION = "degenerate_caption"  # repetition loop: repeated words, phrases, sentences or characters
+TRUNCATED_CAPTION = "truncated_caption"    # cut at the token limit (engine finish reason, or an unfinished sentence)
+REFUSED_CAPTION = "refused_caption"        # "I'm sorry, I cannot ...", "As an AI ..."
+WRONG_LANGUAGE = "wrong_language"          # mostly another script, or another language, than the prompt asked for
 MISSING_CAPTION = "missing_caption"
 ENCODE_ERROR = "encode_error"
 NON_FINITE = "non_finite"          # NaN/Inf in an encoder output
@@ -38,7 +43,8 @@ NOT_IN_TIER = "not_in_tier"
 REASONS = (
     HTTP_ERROR, TIMEOUT, CONNECTION, INVALID_URL, OPT_OUT, BLOCKED_ADDRESS, TOO_LARGE, TOO_MANY_REDIRECTS,
     NOT_AN_IMAGE, DECOMPRESSION_BOMB, UNSUPPORTED_FORMAT, DOWNLOAD_ERROR, TOO_SMALL, ASPECT_RATIO, LOW_QUALITY,
-    LOW_AESTHETIC, NSFW, WATERMARK, DUPLICATE, CAPTION_ERROR, EMPTY_CAPTION, MISSING_CAPTION, ENCODE_ERROR, NON_FINITE,
+    LOW_AESTHETIC, NSFW, WATERMARK, DUPLICATE, CAPTION_ERROR, EMPTY_CAPTION, DEGENERATE_CAPTION,
+    TRUNCATED_CAPTION, REFUSED_CAPTION, WRONG_LANGUAGE, MISSING_CAPTION, ENCODE_ERROR, NON_FINITE,
     CORRUPT_SHARD, NOT_IN_TIER,
 )
 
