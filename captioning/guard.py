@@ -27,6 +27,11 @@ from shards import reasons
 GUARD_REASONS = (reasons.EMPTY_CAPTION, reasons.REFUSED_CAPTION, reasons.WRONG_LANGUAGE,
                  reasons.DEGENERATE_CAPTION, reasons.TRUNCATED_CAPTION)
 
+# Each caption parquet keeps what the model wrote for its guard failures (caption="" in the rows) in
+# its schema metadata, for the report: JSON [{key, reason, text}], at most this many per shard.
+GUARD_EXAMPLES = b"sigmaforge.guard_examples"
+GUARD_EXAMPLES_PER_SHARD = 20
+
 _WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
 _REFUSAL_OPENING = re.compile(
     r"^\W*(?:i'?m\s+sorry|i\s+am\s+sorry|sorry,|i\s+apologi[sz]e|unfortunately,\s+i|"

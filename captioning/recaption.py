@@ -16,7 +16,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from captioning.guard import GUARD_REASONS
+from captioning.guard import GUARD_EXAMPLES, GUARD_EXAMPLES_PER_SHARD, GUARD_REASONS
 from common import progress
 from common.config import Captioner, Config
 from shards import atomic, curated, fingerprint, format, reasons
@@ -124,8 +124,6 @@ def _check_sources(done: list[str], out: str) -> None:
 
 
 SOURCE_SIZE = b"sigmaforge.source_size"
-GUARD_EXAMPLES = b"sigmaforge.guard_examples"  # JSON [{key, reason, text}] of the shard's guard failures
-GUARD_EXAMPLES_PER_SHARD = 20
 # engine_kwargs that size the engine without changing what it writes: not in the fingerprint
 ENGINE_RESOURCES = ("gpu_memory_utilization", "tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens",
                     "enforce_eager", "swap_space")

@@ -198,3 +198,32 @@ def test_without_retry_the_guard_verdicts_stand_and_errors_are_not_retried():
     retried = []
     out = caption_batch(_batch(2), lambda b: b, broken, Guard(), lambda inputs: retried.append(inputs))
     assert list(out["reason"]) == [reasons.CAPTION_ERROR] * 2 and retried == []
+
+
+def test_guard_in_the_pipeline_fails_rows_retries_them_and_reports_them(ray_local, make_cfg, make_shards, tmp_path):
+    """The tiny random LLaVA writes noise cut at max_new_tokens: with the guard on, its rows fail with
+    guard reasons, each is retried once (sampling), and the report shows counts and what was written."""
+    import pyarrow.parquet as pq
+
+    from captioning import recaption, report
+    from shards import format as fmt
+
+    shards = make_shards(tmp_path / "cur", 2, 4, corrupt={"000010001"})
+    capdir = tmp_path / "caps"
+    cfg = make_cfg("captioning.guard.enabled=true", "captioning.captioners.hf.max_new_tokens=6",
+                   "captioning.captioners.hf.retry={do_sample: true, temperature: 1.5}")
+    summary = recaption.run(cfg, str(tmp_path / "cur" / "shards"), str(capdir))
+
+    rows = [r for s in shards for r in pq.read_table(fmt.caption_file(capdir, s)).to_pylist()]
+    guarded = [r for r in rows if r["reason"] in recaption.GUARD_REASONS]
+    assert len(rows) == 8 and summary["failed"].get(reasons.NOT_AN_IMAGE) == 1
+    assert guarded and all(r["status"] == reasons.FAILED and r["caption"] == "" for r in guarded)
+    assert sum(summary["failed"].get(r, 0) for r in recaption.GUARD_REASONS) == len(guarded)
+    assert summary["retried"] >= len(guarded) and summary["retried"] - summary["recovered"] == len(guarded)
+    examples = report.read_guard_examples(capdir)
+    assert sorted(e["key"] for e in examples) == sorted(r["key"] for r in guarded)
+    assert all(e["text"] for e in examples if e["reason"] == reasons.TRUNCATED_CAPTION)
+    html = (capdir / "report.html").read_text()
+    assert 'data-table="guard-counts"' in html and 'data-table="guard-examples"' in html
+    first = examples[0]
+    assert first["reason"] in html and report.pages.esc(first["text"][:20]) in html
