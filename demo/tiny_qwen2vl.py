@@ -1,8 +1,8 @@
 """A tiny random-weight Qwen2-VL, built offline, that both vLLM and transformers load.
 
 The `vllm` captioning backend is tested and benchmarked on it against the `hf` backend: the same
-folder, the same images. vLLM supports Qwen2-VL natively (its CPU build runs it); the tiny LLaVA of
-demo/tiny_models.py uses a CLIP tower at a size vLLM's CPU kernels do not cover (head_dim 8). Layout:
+folder, the same images. Qwen2-VL is the family of the shipped Qwen2.5-VL config (same processor
+and chat layout), and vLLM's CPU build runs it. Layout:
 2 text layers (hidden 128, 2 heads of 64, mrope sections [8, 12, 12]), a 1-layer vision tower
 (patch 14, 2x2 merge), 56-112 px images (4-16 visual tokens), a byte-level BPE tokenizer trained
 here on caption-like text plus Qwen's special tokens, and Qwen's chat template.
@@ -28,17 +28,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def build(out: str | Path, seed: int = 0) -> Path:
-    """Write the model, tokenizer, image processor and chat template to `out` (fixed seed: same files)."""
-    import torch
+def tokenizer(seed: int = 0):
+    """(tokenizer, {special token: id}): byte-level BPE trained here, Qwen's specials and chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor)
+    from transformers import PreTrainedTokenizerFast
 
     from encoders.vlm import _corpus
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     raw = Tokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
@@ -48,7 +44,18 @@ def build(out: str | Path, seed: int = 0) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                   additional_special_tokens=SPECIALS[1:], chat_template=CHAT_TEMPLATE,
                                   padding_side="left", model_max_length=1024)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
+    return tok, {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
+
+
+def build(out: str | Path, seed: int = 0) -> Path:
+    """Write the model, tokenizer, image processor and chat template to `out` (fixed seed: same files)."""
+    import torch
+    from transformers import (GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, ids = tokenizer(seed)
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
