@@ -56,7 +56,7 @@ def select(cfg: Config, name: str | None) -> tuple[str, Captioner]:
                           "runs only on explicit opt-in; set it to true to load it")
     if cap.require_revision and not cap.revision and not Path(cap.model).exists():
         raise SigmaError(f"{where}.revision: not pinned; set it to the hub commit of {cap.model} you checked "
-                         "(`--set {where}.revision=<40-hex commit>`), or point model at a local folder")
+                         f"(`--set {where}.revision=<40-hex commit>`), or point model at a local folder")
     if cap.engine_kwargs and cap.backend != "vllm":
         raise SigmaError(f"{where}.engine_kwargs: only the vllm backend takes engine arguments")
     return name, cap
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     from common import cli
 
     p = cli.parser("captioning/recaption",
-                   "Caption curated WebDataset shards with Share-Captioner or an HF vision-language model; "
+                   "Caption curated WebDataset shards with Share-Captioner, an HF vision-language model or a VLM on vLLM; "
                    "one parquet per shard, resumable.",
                    "captioning/recaption --shards 'cur/shards/{00000..00041}.tar' --out caps --profile demo")
     p.add_argument("--shards", required=True,

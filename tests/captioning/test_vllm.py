@@ -110,8 +110,9 @@ def test_shipped_vllm_configs_pin_revisions_and_refuse_without_one(make_cfg):
         assert {"max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "limit_mm_per_prompt"} <= \
             set(cap.engine_kwargs)
     unpinned = make_cfg("captioning.captioners.qwen25vl-7b-vllm.revision=null")
-    with pytest.raises(SigmaError, match=r"qwen25vl-7b-vllm\.revision: not pinned"):
+    with pytest.raises(SigmaError, match=r"qwen25vl-7b-vllm\.revision: not pinned") as e:
         recaption.select(unpinned, "qwen25vl-7b-vllm")
+    assert "--set captioning.captioners.qwen25vl-7b-vllm.revision=<40-hex commit>" in str(e.value)
     with pytest.raises(SigmaError, match="only the vllm backend takes engine arguments"):
         recaption.select(make_cfg("captioning.captioners.hf.engine_kwargs={max_model_len: 64}"), "hf")
 
