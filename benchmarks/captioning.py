@@ -159,9 +159,13 @@ def engines(n: int, rounds: int) -> None:
         "",
         f"Identical captions from both engines: {same} of {n} (greedy, same weights).",
         "",
-        "Reading: CPU numbers on a 2.6 MB model say nothing about GPUs: here per-token overhead dominates, "
-        "and vLLM's wins on a GPU (continuous batching, paged KV cache, CUDA graphs) have nothing to act "
-        "on. `benchmarks/gpu.py --captioning` measures Qwen2.5-VL-7B on both backends when a GPU is lent.",
+        "Reading: CPU numbers on a 2.6 MB model do not predict GPUs. With almost no compute per token, "
+        "what is measured is per-step overhead: HF `generate` runs a Python loop per token per batch, vLLM "
+        "one scheduler over all requests; on a GPU with a 7B model the gap comes from other things "
+        "(continuous batching, paged KV cache, CUDA graphs), and is what `benchmarks/gpu.py --captioning` "
+        "measures when a GPU is lent. The engine's start (model load, warm-up, KV-cache setup) is paid once "
+        "per actor. Captions differ mostly at their ends: vLLM holds back an incomplete UTF-8 sequence "
+        "of the byte-level tokenizer, and, probably, HF's left-padded batches (images of different sizes give different token counts) move a random model's greedy path.",
     ]
     out = ROOT / "benchmarks" / "results" / "captioning-engines.md"
     out.parent.mkdir(parents=True, exist_ok=True)
