@@ -77,6 +77,6 @@ def image_budget(model: str, revision: Optional[str], trust_remote_code: bool,
 
     try:
         processor = AutoImageProcessor.from_pretrained(model, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):  # no image processor of its own: vLLM's defaults apply, decode full size
+    except Exception:  # noqa: BLE001 - none of its own (or remote code that needs more): decode up to max_pixels
         return None, max_pixels
     return processor_input_size(processor), max_pixels or pixel_budget(processor)
