@@ -115,7 +115,7 @@ class VLM:
         self.model = AutoModelForImageTextToText.from_pretrained(
             model, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
         ).to(self.device).eval()
-        self.max_pixels = max_pixels
+        self.max_pixels = max_pixels or pixel_budget(getattr(self.processor, "image_processor", None))
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **(generate or {})}
         self.target = processor_input_size(getattr(self.processor, "image_processor", None))
         self.eos_ids = _eos_ids(self.model)

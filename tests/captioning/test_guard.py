@@ -227,3 +227,4 @@ def test_guard_in_the_pipeline_fails_rows_retries_them_and_reports_them(ray_loca
     assert 'data-table="guard-counts"' in html and 'data-table="guard-examples"' in html
     first = examples[0]
     assert first["reason"] in html and report.pages.esc(first["text"][:20]) in html
+
