@@ -7,13 +7,21 @@ On a CUDA machine (the lead runs it when a GPU is lent; one call, ~5 min):
   - T5 encoder of t5-v1_1-xxl size (4.7B encoder params): captions/s at 300 tokens, batches padded
     to 300 vs padded only to the longest caption (lengths ~ PixArt-Σ recaptions, 100-250 tokens);
   - SDXL-layout VAE encode: images/s at 1024² and 2048².
+  - `--captioning` (alone, ~6 min): Qwen2.5-VL-7B size (random weights, zeroed output rows past
+    the tiny tokenizer's vocabulary so every token decodes), captions/s of the `hf` backend
+    (HFCaptioner, here) vs the `vllm` backend (VLLMCaptioner, in vLLM's venv: `captioning/vllm-env
+    --kind cuda` first), same 64 JPEGs, 200 new tokens each (EOS ignored), batches of 16 (hf) and
+    all 64 in one engine call (vllm, as a Ray batch would be).
 `--smoke` runs the same code at tiny sizes on CPU (tests the script; numbers are meaningless).
 
-Usage: python -m benchmarks.gpu [--smoke] [--out benchmarks/results/gpu.md]
+Usage: python -m benchmarks.gpu [--smoke] [--captioning] [--out benchmarks/results/gpu.md]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -154,11 +162,107 @@ def vae_rows(p, device, dtype) -> list[str]:
     return rows
 
 
+QWEN25VL_7B = dict(  # Qwen2.5-VL-7B-Instruct's config.json sizes
+    text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+              num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+              rope_parameters={"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}),
+    vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                fullatt_block_indexes=[7, 15, 23, 31]),
+    max_pixels=1003520, images=64, hf_batch=16, new_tokens=200)
+QWEN25VL_SMOKE = dict(
+    text=dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=2, max_position_embeddings=2048,
+              rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6}),
+    vision=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128, patch_size=14,
+                spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0]),
+    max_pixels=112 * 112, images=8, hf_batch=4, new_tokens=8)
+
+
+def build_qwen25vl(out: Path, q: dict, device) -> Path:
+    """A random-weight Qwen2.5-VL of the given sizes with the tiny Qwen tokenizer (demo/tiny_qwen2vl.py)."""
+    from transformers import (GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2VLImageProcessor)
+
+    from demo import tiny_qwen2vl
+
+    tok, ids = tiny_qwen2vl.tokenizer()
+    cfg = Qwen2_5_VLConfig(text_config=dict(**q["text"], bos_token_id=ids["<|endoftext|>"],
+                                            eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+                           vision_config=q["vision"], image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        model.lm_head.weight[len(tok):] = 0  # greedy then picks a token the tiny tokenizer can decode
+    model.generation_config = GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=q["max_pixels"]).save_pretrained(out)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": tiny_qwen2vl.CHAT_TEMPLATE}))
+    del model
+    return out
+
+
+def caption_rows(smoke: bool, device) -> list[str]:
+    """hf vs vllm captions/s on a random Qwen2.5-VL (7B size, or tiny with --smoke)."""
+    import tempfile
+
+    from benchmarks.captioning import _batch, _images
+    from captioning import hf, vllm_env
+
+    q = QWEN25VL_SMOKE if smoke else QWEN25VL_7B
+    n, new = q["images"], q["new_tokens"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_qwen25vl(Path(tmp) / "qwen25vl", q, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        images = _images(n)
+        cap = hf.HFCaptioner(str(model), "Describe this image in detail.", dtype="bfloat16", max_new_tokens=new,
+                             generate={"min_new_tokens": new}, max_pixels=q["max_pixels"], device=device.type)
+        cap(_batch(images[:q["hf_batch"]]))  # warm-up
+        t = time.perf_counter()
+        for i in range(0, n, q["hf_batch"]):
+            cap(_batch(images[i:i + q["hf_batch"]]))
+        rows.append(f"| hf (transformers generate, batch {q['hf_batch']}) | {n} | {new} | {n / (time.perf_counter() - t):.2f} |")
+        print(rows[-1], flush=True)
+        del cap
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not vllm_env.ready():
+            rows.append("| vllm | | | not run: no vLLM venv (captioning/vllm-env --kind cuda) |")
+            return rows
+        script = ("import json, sys, time\n"
+                  "from benchmarks.captioning import _batch, _images\n"
+                  "from captioning.vllm_engine import VLLMCaptioner\n"
+                  "if __name__ == '__main__':\n"
+                  "    model, n, new, mp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])\n"
+                  "    cap = VLLMCaptioner(model, 'Describe this image in detail.', dtype='bfloat16', max_new_tokens=new,\n"
+                  "                        generate={'ignore_eos': True}, max_pixels=mp,\n"
+                  "                        engine_kwargs={'max_model_len': 4096, 'gpu_memory_utilization': 0.85})\n"
+                  "    images = _images(n); cap(_batch(images[:8]))\n"
+                  "    t = time.perf_counter(); cap(_batch(images))\n"
+                  "    print('RESULT', n / (time.perf_counter() - t), flush=True)\n")
+        done = subprocess.run([str(vllm_env.python()), "-c", script, str(model), str(n), str(new), str(q["max_pixels"])],
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"},
+                              capture_output=True, text=True)
+        found = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        rate = f"{float(found[-1].split()[1]):.2f}" if found else f"failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:120]}"
+        rows.append(f"| vllm (one engine call for all {n}) | {n} | {new} | {rate} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script runs")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.md"))
+    ap.add_argument("--captioning", action="store_true", help="only the hf vs vllm captioning row")
+    ap.add_argument("--out", default=None, help="default benchmarks/results/gpu.md (gpu-captioning.md)")
     args = ap.parse_args()
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / ("gpu-captioning.md" if args.captioning else "gpu.md"))
     p = SMOKE if args.smoke else REAL
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("error: benchmarks/gpu.py needs a CUDA device (use --smoke to test it on CPU)")
@@ -173,7 +277,15 @@ def main() -> None:
 
     t0 = time.time()
     head = [f"## GPU: {card}", "", f"torch {torch.__version__}; random weights; bf16. Command: "
-            f"`python -m benchmarks.gpu{' --smoke' if args.smoke else ''}`.", ""]
+            f"`python -m benchmarks.gpu{' --smoke' if args.smoke else ''}{' --captioning' if args.captioning else ''}`.", ""]
+    if args.captioning:
+        text = "\n".join(head + ["### Captioning: Qwen2.5-VL-7B size, hf vs vllm backend", "",
+                                 "| backend | images | new tokens each | captions/s |", "|---|---|---|---|",
+                                 *caption_rows(args.smoke, device)]) + f"\n\nTotal run time {time.time() - t0:.0f} s.\n"
+        print(text)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        return
     dit = [f"### DiT-{p['dit']} train step (bf16 autocast, AdamW step included; KV compression on blocks "
            f"{p['kv_layers'][0]}-{p['kv_layers'][-1]}, r = 2; caption 300 tokens, 200 valid)", "",
            "| bucket | tokens | batch | grad ckpt | KV | s/step | images/s | peak GiB |", "|---|---|---|---|---|---|---|---|",

@@ -1,23 +1,41 @@
 """Turning one Ray batch of curated samples into caption rows: shared by every backend.
 
 A sample whose bytes do not decode fails alone (`not_an_image`); an exception in generation fails
-that batch's rows (`caption_error`) and the shard still completes.
+that batch's rows (`caption_error`) and the shard still completes. Every generated caption then
+goes through the caption-quality guard (captioning/guard.py); with a `retry` generator the rows it
+fails are generated once more (other sampling settings) and the second answer is judged instead.
 """
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from captioning.guard import Guard
 from shards import reasons
+
+# What a backend's generate returns per input: the text, or (text, hit_limit) where hit_limit says
+# whether generation stopped at the token limit (None: the engine cannot tell).
+Generated = Union[str, tuple[str, Optional[bool]]]
+
+
+def _split(out: Generated) -> tuple[str, Optional[bool]]:
+    return (out, None) if isinstance(out, str) else (out[0], out[1])
 
 
 def caption_batch(batch: dict[str, np.ndarray], prepare: Callable[[bytes], Any],
-                  generate: Callable[[list], list[str]]) -> dict[str, np.ndarray]:
-    """`prepare` decodes one image's bytes for the model; `generate` captions the prepared list."""
+                  generate: Callable[[list], Sequence[Generated]], guard: Optional[Guard] = None,
+                  retry: Optional[Callable[[list], Sequence[Generated]]] = None) -> dict[str, np.ndarray]:
+    """`prepare` decodes one image's bytes for the model; `generate` captions the prepared list.
+
+    Adds `caption`, `status`, `reason`, and for the report `rejected` (what the model wrote for a
+    row the guard failed, else "") and `retried` (the row was generated a second time).
+    """
+    guard = guard or Guard(enabled=False)
     n = len(batch["key"])
     captions, statuses, why = [""] * n, [reasons.KEPT] * n, [""] * n
+    rejected, retried = [""] * n, [False] * n
     inputs, rows = [], []
     for i, data in enumerate(batch["image"]):
         try:
@@ -27,14 +45,42 @@ def caption_batch(batch: dict[str, np.ndarray], prepare: Callable[[bytes], Any],
             statuses[i], why[i] = reasons.FAILED, reasons.NOT_AN_IMAGE
     if rows:
         try:
-            for i, text in zip(rows, generate(inputs)):
-                captions[i] = text
+            for i, out in zip(rows, generate(inputs)):
+                captions[i], hit_limit = _split(out)
+                verdict = guard.check(captions[i], hit_limit)
+                if verdict.reason:
+                    statuses[i], why[i], rejected[i] = reasons.FAILED, verdict.reason, captions[i]
         except Exception as e:  # e.g. out of memory on one odd batch: fail its rows, keep the shard
             print(f"caption_error on keys {[batch['key'][i] for i in rows][:4]}: {type(e).__name__}: {e}",
                   file=sys.stderr)
             for i in rows:
-                statuses[i], why[i] = reasons.FAILED, reasons.CAPTION_ERROR
+                statuses[i], why[i], rejected[i] = reasons.FAILED, reasons.CAPTION_ERROR, ""
+        again = [(j, i) for j, i in enumerate(rows) if why[i] and why[i] != reasons.CAPTION_ERROR]
+        if again and retry is not None:
+            _retry(again, inputs, retry, guard, captions, statuses, why, rejected, retried, batch["key"])
+    for i in range(n):
+        if statuses[i] != reasons.KEPT:
+            captions[i] = ""
     out = {k: v for k, v in batch.items() if k != "image"}
     out.update(caption=np.array(captions, dtype=object), status=np.array(statuses, dtype=object),
-               reason=np.array(why, dtype=object))
+               reason=np.array(why, dtype=object), rejected=np.array(rejected, dtype=object),
+               retried=np.array(retried, dtype=bool))
     return out
+
+
+def _retry(again, inputs, retry, guard, captions, statuses, why, rejected, retried, keys) -> None:
+    """Generate the guard-failed rows once more; a caption that now passes replaces the failure."""
+    try:
+        outs = retry([inputs[j] for j, _ in again])
+    except Exception as e:  # the first verdicts stand
+        print(f"guard retry failed on keys {[keys[i] for _, i in again][:4]}: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        return
+    for (_, i), out in zip(again, outs):
+        retried[i] = True
+        text, hit_limit = _split(out)
+        verdict = guard.check(text, hit_limit)
+        if verdict.reason:
+            why[i], rejected[i] = verdict.reason, text
+        else:
+            captions[i], statuses[i], why[i], rejected[i] = text, reasons.KEPT, "", ""

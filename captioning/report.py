@@ -27,6 +27,47 @@ def read_captions(capdir: str | Path):
     return df
 
 
+def read_guard_examples(capdir: str | Path) -> list[dict]:
+    """What the model wrote for rows the caption-quality guard failed: [{shard, key, reason, text}]
+    (recaption keeps up to 20 per shard in each parquet's metadata; captions files without it: none)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from captioning.guard import GUARD_EXAMPLES
+
+    out = []
+    for p in sorted(p for p in Path(capdir).glob("*.parquet") if CAPTION_FILE.match(p.name)):
+        meta = pq.read_schema(p).metadata or {}
+        out += [{"shard": p.stem, **e} for e in json.loads(meta.get(GUARD_EXAMPLES, b"[]"))]
+    return out
+
+
+def _guard_section(df, examples: list[dict]) -> list[str]:
+    """Counts per guard reason and shard, and what the model wrote for some of those rows."""
+    from captioning.guard import GUARD_REASONS
+
+    guarded = df[df["reason"].isin(GUARD_REASONS)]
+    if not len(guarded):
+        return []
+    counts = guarded.groupby(["shard", "reason"]).size().unstack(fill_value=0)
+    reasons_seen = [r for r in GUARD_REASONS if r in counts.columns]
+    body = ["<h2>Caption-quality guard</h2>",
+            '<p class="muted">Generated, then failed by captioning/guard.py (rules in captioning/README.md); '
+            "encode leaves these rows out.</p>",
+            pages.table(["shard", *reasons_seen, "rows"],
+                        [(stem, *(int(row[r]) for r in reasons_seen), int(row[reasons_seen].sum()))
+                         for stem, row in counts.iterrows()], "guard-counts")]
+    per_reason: dict[str, list[dict]] = {}
+    for e in examples:
+        if len(per_reason.setdefault(e["reason"], [])) < 3:
+            per_reason[e["reason"]].append(e)
+    rows = [(e["reason"], e["key"], e["text"] or "(nothing)") for r in reasons_seen for e in per_reason.get(r, [])]
+    if rows:
+        body.append(pages.table(["reason", "key", "what the model wrote"], rows, "guard-examples"))
+    return body
+
+
 def _shard_paths(shards) -> dict[str, Path]:
     """{stem: tar path} from a list of paths, or a brace pattern / glob / directory string."""
     if shards is None:
@@ -96,6 +137,7 @@ def build(capdir: str | Path, shards=None, token_budget: int = 300) -> str:
     body += [f'<h2>Examples ({len(picks)} of {len(kept):,}, shortest to longest)</h2>',
              f'<section data-gallery="examples" data-count="{len(picks)}">'
              f"{_examples(picks, _shard_paths(shards), token_budget)}</section>"]
+    body += _guard_section(df, read_guard_examples(capdir))
     if len(failed):
         body += ["<h2>Failed rows</h2>",
                  pages.table(["key", "shard", "reason"],

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from captioning.batch import caption_batch
+from captioning.guard import Guard
 from encoders.dtypes import DTYPES
 from shards.errors import SigmaError
 
@@ -45,7 +46,8 @@ class ShareCaptioner:
 
     def __init__(self, model: str, prompt: str, revision: Optional[str] = None, dtype: str = "float16",
                  max_new_tokens: int = 500, generate: Optional[dict[str, Any]] = None,
-                 trust_remote_code: bool = False, device: Optional[str] = None):
+                 trust_remote_code: bool = False, device: Optional[str] = None,
+                 guard: Optional[dict[str, Any]] = None, retry: Optional[dict[str, Any]] = None):
         if not trust_remote_code:
             raise SigmaError(f"{model}: Share-Captioner is remote code (InternLM-XComposer); set "
                              "trust_remote_code: true for this captioner in the config to run it")
@@ -57,13 +59,16 @@ class ShareCaptioner:
         self.model = self.model.to(device=self.device, dtype=DTYPES[dtype])  # the script: .eval().half()
         self.model.tokenizer = tokenizer  # its encode_text/decode_text read the tokenizer from the model
         self.generate_kwargs = generate_kwargs(max_new_tokens, dict(generate or {}), tokenizer.eos_token_id)
+        self.guard = Guard(**(guard or {"enabled": False}))
+        self.retry = dict(retry or {})  # generate() kwargs for one more try at the guard's failures
         with torch.no_grad():
             self.seg_before = self.model.encode_text(USER, add_special_tokens=True)  # [1, t1, C]
             self.seg_after = self.model.encode_text(f"{prompt}{self.model.eoh}{BOT}", add_special_tokens=False)  # [1, t2, C]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        again = (lambda pixels: self.generate(torch.stack(pixels), self.retry)) if self.retry else None
         return caption_batch(batch, lambda data: self.model.vis_processor(_decode(data)),  # [3, 224, 224] each
-                             lambda pixels: self.generate(torch.stack(pixels)))
+                             lambda pixels: self.generate(torch.stack(pixels)), self.guard, again)
 
     def inputs_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         """Prompt assembly of the official script: [USER seg, image tokens, prompt + eoh + BOT seg]."""
@@ -72,12 +77,12 @@ class ShareCaptioner:
         return torch.cat([self.seg_before.repeat(b, 1, 1), image, self.seg_after.repeat(b, 1, 1)], dim=1)  # [b, T, C]
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor) -> list[str]:
-        """Captions for a [b, 3, 224, 224] batch of `vis_processor` outputs."""
+    def generate(self, pixels: torch.Tensor, overrides: Optional[dict[str, Any]] = None) -> list[str]:
+        """Captions for a [b, 3, 224, 224] batch of `vis_processor` outputs (`overrides`: generate kwargs)."""
         autocast = torch.autocast("cuda") if self.device.startswith("cuda") else contextlib.nullcontext()
         with autocast:
             embeds = self.inputs_embeds(pixels)  # [b, T, C]
-            out = self.model.internlm_model.generate(inputs_embeds=embeds, **self.generate_kwargs)  # [b, T_new]
+            out = self.model.internlm_model.generate(inputs_embeds=embeds, **{**self.generate_kwargs, **(overrides or {})})  # [b, T_new]
         texts = []
         for ids in out:
             ids[ids == -1] = EOS_FOR_PAD

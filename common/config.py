@@ -188,9 +188,11 @@ class CurationConfig:
 
 @dataclass
 class Captioner:
-    backend: Literal["hf", "share-captioner", "original"] = "hf"  # original: the alt text, no model
+    backend: Literal["hf", "share-captioner", "vllm", "original"] = "hf"  # original: the alt text, no model
     model: str = ""  # local folder or hub id
     revision: str | None = None
+    # refuse to run until `revision` pins a hub commit (shipped hub configs)
+    require_revision: bool = field(default=False, metadata=SAME_OUTPUT)
     trust_remote_code: bool = field(default=False, metadata=SAME_OUTPUT)  # only on explicit opt-in
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     prompt: str = "Describe this image in detail."
@@ -199,7 +201,20 @@ class Captioner:
     max_pixels: int | None = num(None, ge=1)  # Qwen2.5-VL style cap for 4K inputs
     # Ray runtime_env for this backend's actors
     runtime_env: dict[str, Any] = field(default_factory=dict, metadata=SAME_OUTPUT)
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)  # vllm: vllm.LLM(...) arguments
+    retry: dict[str, Any] = field(default_factory=dict)  # sampling settings for one retry of guard-failed rows; {}: none
     resources: Resources = field(default_factory=lambda: Resources(batch_size=8), metadata=SAME_OUTPUT)
+
+
+@dataclass
+class GuardConfig:
+    """The caption-quality guard (captioning/guard.py): which generated captions are failed rows."""
+
+    enabled: bool = True
+    language: Literal["en"] | None = "en"  # the prompt's language; None: no language rule
+    min_words: int = num(3, ge=1)  # fewer words: empty_caption
+    min_latin: float = num(0.7, ge=0, le=1)  # share of Latin-script letters an English caption needs
+    truncation: bool = True  # text cut at the token limit is truncated_caption
 
 
 @dataclass
@@ -208,6 +223,7 @@ class CaptioningConfig:
     captioners: dict[str, Captioner] = field(default_factory=dict)  # named entries: pipelines.yaml
     strip_openings: bool = True  # drop "The image shows ..." style openings
     token_budget: int = num(300, ge=1)  # T5 tokens PixArt-Sigma keeps
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 @dataclass

@@ -67,13 +67,29 @@ def processor_input_size(image_processor) -> tuple[int, int] | None:
     """
     size = getattr(image_processor, "size", None) or {}
     size = dict(size) if not isinstance(size, int) else {"shortest_edge": size}
-    if hasattr(image_processor, "max_pixels") or "max_pixels" in size:
+    if pixel_budget(image_processor) is not None:
         return None
     if "shortest_edge" in size and isinstance(size["shortest_edge"], int) and size["shortest_edge"] < 4096:
         return size["shortest_edge"], size["shortest_edge"]
     if "height" in size and "width" in size:
         return size["width"], size["height"]
     return None
+
+
+def pixel_budget(image_processor) -> int | None:
+    """The most pixels a Qwen2-VL-style (area-budgeted) processor feeds the model; None for other processors.
+
+    transformers 5 keeps the budget as size={"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    (pixel counts, not edges) on processors with a `merge_size`; older ones as `max_pixels`.
+    """
+    if image_processor is None:
+        return None
+    size = getattr(image_processor, "size", None) or {}
+    size = dict(size) if not isinstance(size, int) else {}
+    value = getattr(image_processor, "max_pixels", None) or size.get("max_pixels")
+    if value is None and hasattr(image_processor, "merge_size") and "longest_edge" in size:
+        value = size["longest_edge"]
+    return int(value) if value else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,9 +115,10 @@ class VLM:
         self.model = AutoModelForImageTextToText.from_pretrained(
             model, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
         ).to(self.device).eval()
-        self.max_pixels = max_pixels
+        self.max_pixels = max_pixels or pixel_budget(getattr(self.processor, "image_processor", None))
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **(generate or {})}
         self.target = processor_input_size(getattr(self.processor, "image_processor", None))
+        self.eos_ids = _eos_ids(self.model)
 
     def decode(self, data: bytes):
         """Encoded bytes -> an RGB PIL image no larger than this processor needs."""
@@ -115,14 +132,32 @@ class VLM:
             return self.processor.apply_chat_template(messages, add_generation_prompt=True)
         return fallback
 
-    @torch.inference_mode()
     def generate(self, texts: list[str], images: list) -> list[str]:
         """One answer per text; `images` are all rows' PIL images in order (as many per row as its text has)."""
+        return [text for text, _ in self.generate_with_limit(texts, images)]
+
+    @torch.inference_mode()
+    def generate_with_limit(self, texts: list[str], images: list,
+                            overrides: dict[str, Any] | None = None) -> list[tuple[str, bool]]:
+        """(answer, hit_limit) per text: hit_limit is True when no end-of-sequence token came within
+        `max_new_tokens` (the caption was cut). `overrides` replace generate() kwargs for this call."""
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
         inputs = {k: (v.to(self.model.dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
-        out = self.model.generate(**inputs, **self.generate_kwargs)  # [b, T_in + T_new] ([b, T_new] enc-dec)
+        kwargs = {**self.generate_kwargs, **(overrides or {})}
+        out = self.model.generate(**inputs, **kwargs)  # [b, T_in + T_new] ([b, T_new] enc-dec)
         new = out if self.model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]  # [b, T_new]
-        return [t.strip() for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+        ended = torch.isin(new, torch.tensor(sorted(self.eos_ids), device=new.device)).any(dim=1) \
+            if self.eos_ids else torch.zeros(len(new), dtype=torch.bool)  # [b]
+        hit = [(not bool(e)) and new.shape[1] >= kwargs["max_new_tokens"] for e in ended.tolist()]
+        return [(t.strip(), h) for t, h in zip(self.processor.batch_decode(new, skip_special_tokens=True), hit)]
+
+
+def _eos_ids(model) -> set[int]:
+    """The token ids that end generation (generation_config.eos_token_id: an int or a list)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None}
 
 
 # ---------------------------------------------------------------------------------------------

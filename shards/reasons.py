@@ -28,7 +28,12 @@ DUPLICATE = "duplicate"
 
 # Later stages (status=failed)
 CAPTION_ERROR = "caption_error"
-EMPTY_CAPTION = "empty_caption"
+EMPTY_CAPTION = "empty_caption"  # nothing, or too few words, left of the caption
+# The caption-quality guard (captioning/guard.py): generated, but not a caption to train on
+DEGENERATE_CAPTION = "degenerate_caption"  # repetition loop: repeated words, phrases, sentences or characters
+TRUNCATED_CAPTION = "truncated_caption"  # cut at the token limit (engine finish reason, or an unfinished sentence)
+REFUSED_CAPTION = "refused_caption"  # "I'm sorry, I cannot ...", "As an AI ..."
+WRONG_LANGUAGE = "wrong_language"  # mostly another script, or another language, than the prompt asked for
 MISSING_CAPTION = "missing_caption"
 NO_ALT_TEXT = "no_alt_text"  # the pass-through captioner: the sample has no KEY.txt text to pass on
 ENCODE_ERROR = "encode_error"
@@ -58,6 +63,10 @@ REASONS = (
     DUPLICATE,
     CAPTION_ERROR,
     EMPTY_CAPTION,
+    DEGENERATE_CAPTION,
+    TRUNCATED_CAPTION,
+    REFUSED_CAPTION,
+    WRONG_LANGUAGE,
     MISSING_CAPTION,
     NO_ALT_TEXT,
     ENCODE_ERROR,

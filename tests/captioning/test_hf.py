@@ -89,3 +89,25 @@ def test_processor_input_size():
 
     assert vlm.processor_input_size(CLIPImageProcessor(size={"shortest_edge": 336})) == (336, 336)
     assert vlm.processor_input_size(SiglipImageProcessor(size={"height": 384, "width": 384})) == (384, 384)
+
+
+def test_qwen2vl_processor_budget_is_an_area_cap(tmp_path):
+    """transformers 5 keeps Qwen2-VL's pixel budget as size={shortest_edge: min_pixels, longest_edge:
+    max_pixels}: read as an area cap for decoding, not as a 3136-px target edge."""
+    import io
+
+    from PIL import Image
+
+    from demo import tiny_qwen2vl
+    from encoders import vlm
+
+    model = tiny_qwen2vl.build(tmp_path / "qwen2vl")
+    cap = vlm.VLM(str(model), dtype="float32", max_new_tokens=4, device="cpu")
+    assert cap.target is None and cap.max_pixels == tiny_qwen2vl.MAX_PIXELS
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 900), "red").save(buf, "JPEG")
+    img = cap.decode(buf.getvalue())
+    assert img.width * img.height <= tiny_qwen2vl.MAX_PIXELS and abs(img.width / img.height - 16 / 9) < 0.05
+    texts = cap.generate_with_limit([cap.chat_text([{"type": "image"}, {"type": "text", "text": "Describe."}], "")],
+                                    [img])
+    assert len(texts) == 1 and isinstance(texts[0][1], bool)
