@@ -37,7 +37,7 @@ def read_guard_examples(capdir: str | Path) -> list[dict]:
     from captioning.guard import GUARD_EXAMPLES
 
     out = []
-    for p in sorted(p for p in Path(capdir).glob("*.parquet") if CAPTION_FILE.match(p.name)):
+    for p in sorted(Path(f) for f in captions.resolve(capdir).files if f.endswith(".parquet")):
         meta = pq.read_schema(p).metadata or {}
         out += [{"shard": p.stem, **e} for e in json.loads(meta.get(GUARD_EXAMPLES, b"[]"))]
     return out
