@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from common import cli, progress
+from common import cli, progress, ray_start
 from encoders import vae
 from encoding import actors
 from shards import buckets, encoded, fingerprint, reasons
@@ -84,7 +84,7 @@ def run(cfg, images: str, captions: str, out: str, tier: str, reencode: bool = F
     tasks = [dict(shard=s, captions=str(fmt.caption_file(captions, s)), done=done_by_source.get(Path(s).name, []))
              for s in p["shard_list"]]
 
-    ray = cli.init_ray(cfg)
+    ray = ray_start.init_ray(cfg)
     _check_gpus(ray, e)
     writers: dict[tuple[int, int], encoded.BucketWriter] = {}
     failures: list[dict] = []
