@@ -1,4 +1,5 @@
-"""Rows streamed back from Ray, grouped by shard: a shard is handed on once all its rows have come.
+"""Results streamed back from Ray: rows grouped by shard (a shard is handed on once all its rows have
+come), and task results with a bounded number in flight.
 
 Curation (scored rows per download shard) and recaptioning (captions per curated shard) both write
 one file per shard from a stream whose rows arrive in any order; this is that bookkeeping, once.
@@ -29,3 +30,20 @@ class ShardGather:
         if self.pending:
             short = {s: f"{len(r)}/{self.expected[s]}" for s, r in sorted(self.pending.items())}
             raise RuntimeError(f"incomplete shards after the run (rows/expected): {short}")
+
+
+def bounded(jobs, window: int):
+    """(key, result) of each (key, Ray ref) of `jobs` as it finishes, with at most `window` refs in
+    flight (the driver holds a task's handle only while it runs, however many tasks the run has)."""
+    import ray
+
+    jobs, pending = iter(jobs), {}
+    while True:
+        for key, ref in jobs:
+            pending[ref] = key
+            if len(pending) >= window:
+                break
+        if not pending:
+            return
+        done, _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(done[0]), ray.get(done[0])

@@ -252,7 +252,7 @@ def download_reason(error: str | None) -> str:
 
 def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
     """One dict per input row: key, url, reason ("" if downloaded), and where the served bytes lie
-    in the download tar (src, offset, size; read them with `read_member`). Only tar headers are
+    in the download tar (src, offset, size; read them with `shards.curated.read_member`). Only tar headers are
     read here: the bytes are read where they are decoded, in another Ray task.
     """
     inputs = pq.read_table(input_shard, columns=["key", URL_COL])
@@ -286,13 +286,6 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
             reason = reasons.DOWNLOAD_ERROR  # img2dataset lost it (a crashed shard)
         yield {"key": key, URL_COL: url if isinstance(url, str) else "", "reason": reason, "src": "", "offset": 0,
                "size": 0}
-
-
-def read_member(src: str, offset: int, size: int) -> bytes:
-    """The served bytes of one downloaded image, from its place in a download tar."""
-    with open(src, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
 
 
 def shard_stats(folder: Path) -> dict:

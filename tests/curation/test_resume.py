@@ -23,10 +23,10 @@ RUN = [sys.executable, str(ROOT / "curation" / "run.py")]
 
 
 def _run_main(capsys, *argv):
-    from curation import cli
+    from curation import run
 
     with pytest.raises(SystemExit) as e:
-        cli.main(list(argv))
+        run.main(list(argv))
     return e.value.code, capsys.readouterr().err.strip()
 
 

