@@ -4,8 +4,8 @@ The URL list is cut into input shards of `download.shard_size` rows (`_work/inpu
 carried columns included), each row keyed by its position in the list. A download shard runs
 img2dataset's own `Downloader` (what its Ray distributor runs per shard) with originals kept
 (`resize_mode="no"`, `disable_all_reencoding`); only http(s) URLs reach it, the rest are
-`invalid_url`. As in img2dataset, a shard is done once its `NNNNN_stats.json` exists, so a rerun
-skips it.
+`invalid_url`. A shard is done once its `NNNNN_reasons.parquet` exists (each failed URL's reason
+code, written after img2dataset's own files), so a rerun skips it.
 
 img2dataset stays the downloader (its threads, writer, stats and resumption), but each worker
 process replaces the one function its threads call per row, `download_image_with_retry`, with
@@ -15,7 +15,6 @@ meaningful retries, robots.txt, and per-host turns that never hold a thread (see
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -35,7 +34,7 @@ import pyarrow.parquet as pq
 from common.config import DownloadConfig
 from curation import fetch, guard, hosts
 from shards import atomic, curated, reasons
-from shards.errors import SigmaError, disk_full
+from shards.errors import DISK_FULL, SigmaError, disk_full
 
 KEY_DIGITS = 10  # row index in the URL list, zero-padded: sortable, no dots
 URL_COL, CAPTION_COL = "url", "caption"
@@ -195,14 +194,21 @@ def stats_path(folder: Path, shard: int) -> Path:
     return Path(folder) / f"{shard:05d}_stats.json"
 
 
+def reasons_path(folder: Path, shard: int) -> Path:
+    """`NNNNN_reasons.parquet`: (sf_key, reason) of each URL our fetch ended without bytes; last file
+    of a download shard, so it marks the shard done."""
+    return Path(folder) / f"{shard:05d}_reasons.parquet"
+
+
 def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) -> None:
-    """Run img2dataset on one input shard's http(s) URLs into `folder/NNNNN.{tar,parquet}` + stats."""
+    """Run img2dataset on one input shard's http(s) URLs into `folder/NNNNN.{tar,parquet}` + stats,
+    then the reason codes of the URLs that failed."""
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
     folder = Path(folder)
-    if stats_path(folder, shard).exists():
+    if reasons_path(folder, shard).exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
     table = pq.read_table(input_shard, columns=["key", URL_COL])
@@ -229,25 +235,27 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
         _current[0] = scheduler
         try:
             with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
-                ok, _ = downloader((shard, str(feather)))
+                downloader.download_shard((shard, str(feather)))  # not __call__, which prints and hides the error
+        except OSError as e:
+            if e.errno in DISK_FULL:  # a full disk is the user's to fix
+                raise SigmaError(disk_full(folder)) from None
+            print(said.getvalue(), file=sys.stderr)
+            raise
+        except Exception as e:
+            print(said.getvalue(), file=sys.stderr)
+            raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: "
+                               f"{scheduler.failure or f'{type(e).__name__}: {e}'}") from e
         finally:
             _current[0] = None
-    if not ok:  # img2dataset prints its exception and returns False: a full disk is the user's to fix
-        if f"[Errno {errno.ENOSPC}]" in said.getvalue():
-            raise SigmaError(disk_full(folder))
-        print(said.getvalue(), file=sys.stderr)
-        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: {scheduler.failure or 'see its log'}")
+    keys = todo[I2D_KEY].to_pylist()
+    rows = sorted(scheduler.reasons.items())
+    atomic.write_parquet(reasons_path(folder, shard), pa.table({I2D_KEY: pa.array([keys[i] for i, _ in rows], pa.string()),
+                                                                "reason": pa.array([r for _, r in rows], pa.string())}))
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading a finished download shard back
 # ---------------------------------------------------------------------------------------------
-
-
-def download_reason(error: str | None) -> str:
-    """The downloader's error message -> a stable reason code (fetch.fetch's messages start with it)."""
-    head = (error or "").split(":", 1)[0].strip().lower()
-    return head if reasons.is_reason(head) else reasons.DOWNLOAD_ERROR
 
 
 def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
@@ -260,8 +268,12 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
     status: dict[str, dict] = {}
     meta_file = Path(folder) / f"{shard:05d}.parquet"
     if meta_file.exists():
-        for r in pq.read_table(meta_file, columns=[I2D_KEY, "key", "status", "error_message"]).to_pylist():
+        for r in pq.read_table(meta_file, columns=[I2D_KEY, "key", "status"]).to_pylist():
             status[r[I2D_KEY]] = r
+    why = {}  # our fetch's reason codes; anything else img2dataset reported is download_error
+    if reasons_path(folder, shard).exists():
+        t = pq.read_table(reasons_path(folder, shard))
+        why = dict(zip(t[I2D_KEY].to_pylist(), t["reason"].to_pylist()))
     i2d_to_ours = {r["key"]: k for k, r in status.items() if r["status"] == "success"}
     seen: set[str] = set()
     tar_path = Path(folder) / f"{shard:05d}.tar"
@@ -281,7 +293,7 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
         if invalid_url(url):
             reason = reasons.INVALID_URL
         elif key in status and status[key]["status"] != "success":
-            reason = download_reason(status[key]["error_message"])
+            reason = why.get(key, reasons.DOWNLOAD_ERROR)
         else:
             reason = reasons.DOWNLOAD_ERROR  # img2dataset lost it (a crashed shard)
         yield {"key": key, URL_COL: url if isinstance(url, str) else "", "reason": reason, "src": "", "offset": 0,

@@ -114,13 +114,8 @@ def test_invalid_url(url, bad):
     assert download.invalid_url(url) is bad
 
 
-@pytest.mark.parametrize("msg,code", [("http_404: Not Found", "http_404"), ("http_503: x", "http_503"),
-                                      ("timeout: past max_seconds 30", "timeout"),
-                                      ("connection_error: ConnectionRefusedError: [Errno 111]", "connection_error"),
-                                      ("opt_out: X-Robots-Tag noai", "opt_out"),
-                                      ("blocked_address: a.example -> 10.0.0.1 (private)", "blocked_address"),
-                                      ("too_large: Content-Length 9 > max_bytes 8", "too_large"),
-                                      ("hash mismatch", "download_error"), ("something odd", "download_error")])
-def test_download_reason(msg, code):
-    assert download.download_reason(msg) == code
-    assert reasons.is_reason(code)
+def test_credentials_are_dropped_so_the_host_is_what_is_checked():
+    from curation import fetch
+
+    assert fetch.without_credentials("http://u:p@127.0.0.1:8080/x.jpg?a=1") == "http://127.0.0.1:8080/x.jpg?a=1"
+    assert fetch.without_credentials("https://a.example/x@y.jpg") == "https://a.example/x@y.jpg"
