@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
             stats = pipeline.run(args.urls, args.out, cfg, args.dedup_against)
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])
+    if not stats["kept"]:  # a finished run, but say so: every URL is in the manifest with its reason
+        why = ", ".join(f"{r} {n}" for r, n in stats["reason"].items())
+        print(f"curation: 0 of {stats['urls']} URLs kept ({why}); see {args.out}/manifest.parquet and "
+              "report.html", file=sys.stderr)
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)
 
 
