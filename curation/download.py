@@ -15,6 +15,7 @@ meaningful retries, robots.txt, and per-host turns that never hold a thread (see
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import io
 import json
@@ -23,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -231,22 +233,25 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
                                 crawl.per_domain_limit), crawl.retries, crawl.max_retry_after, crawl.robots_txt,
                                 _robots_rules)
     _install_hook()
+    error, trace = None, ""
     with _shard_lock:
         _current[0] = scheduler
         try:
             with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
-                downloader.download_shard((shard, str(feather)))  # not __call__, which prints and hides the error
-        except OSError as e:
-            if e.errno in DISK_FULL:  # a full disk is the user's to fix
-                raise SigmaError(disk_full(folder)) from None
-            print(said.getvalue(), file=sys.stderr)
-            raise
-        except Exception as e:
-            print(said.getvalue(), file=sys.stderr)
-            raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: "
-                               f"{scheduler.failure or f'{type(e).__name__}: {e}'}") from e
+                try:  # not img2dataset's __call__, which prints the error and returns False
+                    downloader.download_shard((shard, str(feather)))
+                except Exception as e:  # noqa: BLE001 - judged below: a full disk, or a bug
+                    error, trace = e, traceback.format_exc()
+                    e.__traceback__ = None  # its frames hold img2dataset's open tar: closed here, quietly
+                    gc.collect()
         finally:
             _current[0] = None
+    if error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:  # the user's to fix
+            raise SigmaError(disk_full(folder)) from None
+        print(said.getvalue() + trace, file=sys.stderr)
+        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: "
+                           f"{scheduler.failure or f'{type(error).__name__}: {error}'}")
     keys = todo[I2D_KEY].to_pylist()
     rows = sorted(scheduler.reasons.items())
     atomic.write_parquet(reasons_path(folder, shard), pa.table({I2D_KEY: pa.array([keys[i] for i, _ in rows], pa.string()),
