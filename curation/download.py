@@ -254,8 +254,9 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
                            f"{scheduler.failure or f'{type(error).__name__}: {error}'}")
     keys = todo[I2D_KEY].to_pylist()
     rows = sorted(scheduler.reasons.items())
-    atomic.write_parquet(reasons_path(folder, shard), pa.table({I2D_KEY: pa.array([keys[i] for i, _ in rows], pa.string()),
-                                                                "reason": pa.array([r for _, r in rows], pa.string())}))
+    table = pa.table({I2D_KEY: pa.array([keys[i] for i, _ in rows], pa.string()),
+                      "reason": pa.array([r for _, r in rows], pa.string())})
+    atomic.write_parquet(reasons_path(folder, shard), table)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-if __name__ == "__main__":  # run as a script: the repo root replaces this folder, whose modules must not shadow the stdlib
+if __name__ == "__main__":  # as a script: the repo root replaces this folder (its modules must not shadow the stdlib)
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from common import cli, config  # noqa: E402 - after the path fix above

@@ -119,3 +119,15 @@ def test_credentials_are_dropped_so_the_host_is_what_is_checked():
 
     assert fetch.without_credentials("http://u:p@127.0.0.1:8080/x.jpg?a=1") == "http://127.0.0.1:8080/x.jpg?a=1"
     assert fetch.without_credentials("https://a.example/x@y.jpg") == "https://a.example/x@y.jpg"
+
+
+def test_reason_codes_travel_as_data_not_in_messages():
+    from curation import fetch, robots
+
+    unreachable = robots.parse_rules(None, 503, "http_503", "Service Unavailable")
+    assert unreachable.refusal("http://a.example/x.jpg", ["sigmaforge"]) == ("http_503", "Service Unavailable (robots.txt)")
+    assert robots.parse_rules(None, 404, "http_404", "Not Found").refusal("http://a.example/x.jpg", ["x"]) is None
+    disallow = robots.parse_rules(b"User-agent: sigmaforge\nDisallow: /private\n", 200, None, "")
+    assert disallow.refusal("http://a.example/private/x.jpg", ["sigmaforge"])[0] == reasons.OPT_OUT
+    result = fetch.Result(reason=reasons.TIMEOUT, detail="past max_seconds 30")
+    assert result.reason == "timeout" and result.error == "timeout: past max_seconds 30"  # message only for people
