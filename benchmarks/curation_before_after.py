@@ -75,7 +75,7 @@ def side(checkout: Path, urls: Path, out: Path) -> dict:
     argv = [sys.executable, str(checkout / "curation" / "run.py"), "--urls", str(urls), "--out", str(out),
             "--profile", "demo", "--set", f"curation.download.processes={PROCESSES}",
             "--set", f"curation.download.threads={THREADS}"]
-    wall, tree, top = run_measured(argv, env, cwd=checkout)
+    wall, tree, top, _ = run_measured(argv, env, cwd=checkout)
     stats = json.loads((out / "stats.json").read_text())
     m = pd.read_parquet(out / "manifest.parquet", columns=["url", "key", "status", "reason", "dup_of", "width",
                                                           "height", "sha256", "phash"])
