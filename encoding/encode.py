@@ -2,8 +2,8 @@
 
     read_shard (tasks)  ->  T5Stage (actors)  ->  preprocess (tasks)  ->  VAEStage (actors)  ->  driver writes
 
-The stages (Ray actors and tasks) are in encoding/actors.py; this is the driver. Every input sample reaches it (failed
-rows pass through the stages untouched) and lands in `index.parquet`.
+The stages (Ray tasks and actors) are in encoding/actors.py; this is the driver. Every input sample
+reaches it (failed rows pass through the stages untouched) and lands in `index.parquet`.
 
 Resumption is per sample: rows of committed tars with the current fingerprint are skipped;
 everything else (missing, or failed before) is encoded again. A resume whose inputs or settings
