@@ -1,12 +1,14 @@
 """Curation throughput and memory on this machine, against img2dataset alone on the same served images.
 
-    python -m benchmarks.curation [--urls 200] [--links none,100] [--scale 200,2000]
+    python -m benchmarks.curation [--urls 200] [--links none,100] [--scale 200,2000] [--rounds 1]
 
 1. Real photos (Debian's wallpapers via tools/real-images; many 4K) behind the loopback
    server, `--urls` URLs cycling over them: img2dataset alone (same process and thread count,
    originals kept) vs the whole curation stage (demo profile: tiny CLIP), seconds per step, peak RSS
    of the whole process tree (driver + Ray); once per `--links` cap on the server's bandwidth (an
    uncapped loopback makes downloading nearly free, which no crawl sees).
+   `--rounds` times each (the table shows the round with the median ratio and the spread of all);
+   whether Ray printed its "will hang" warning.
 2. Peak RSS at each `--scale` URL count on small generated 1K images: it must stay flat.
 Writes benchmarks/results/curation.md.
 """
@@ -44,8 +46,8 @@ if __name__ == "__main__":
 """
 
 
-def run_measured(argv: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS of the process tree in MiB, peak RSS of the top process in MiB)."""
+def run_measured(argv: list[str], env: dict | None = None, cwd: Path = ROOT) -> tuple[float, float, float, str]:
+    """(wall seconds, peak RSS of the process tree in MiB, peak RSS of the top process in MiB, stderr)."""
     t0 = time.time()
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak_tree = peak_top = 0.0
@@ -71,7 +73,7 @@ def run_measured(argv: list[str], env: dict | None = None, cwd: Path = ROOT) -> 
     th.join()
     if proc.returncode != 0:
         sys.exit(f"benchmark step failed: {' '.join(argv[:3])} ...\n{err.decode()[-2000:]}")
-    return time.time() - t0, peak_tree, peak_top
+    return time.time() - t0, peak_tree, peak_top, err.decode(errors="replace")
 
 
 def real_photos() -> list[str]:
@@ -87,10 +89,10 @@ def url_list(path: Path, base: str, names: list[str], n: int) -> None:
 
 
 def curate(urls: Path, out: Path, env: dict) -> tuple[float, float, float, dict]:
-    wall, tree, top = run_measured([sys.executable, "curation/run.py", "--urls", str(urls), "--out", str(out),
+    wall, tree, top, err = run_measured([sys.executable, "curation/run.py", "--urls", str(urls), "--out", str(out),
                                     "--profile", "demo", "--set", f"curation.download.processes={PROCESSES}",
                                     "--set", f"curation.download.threads={THREADS}"], env)
-    return wall, tree, top, json.loads((out / "stats.json").read_text())
+    return wall, tree, top, {**json.loads((out / "stats.json").read_text()), "will_hang": "will hang" in err}
 
 
 def main() -> None:
@@ -99,6 +101,7 @@ def main() -> None:
     ap.add_argument("--scale", default="200,2000", help="URL counts for the memory table ('' to skip)")
     ap.add_argument("--links", default="none,100",
                     help="server link caps in Mbit/s for the comparison, 'none' = uncapped loopback")
+    ap.add_argument("--rounds", type=int, default=1, help="comparison rounds per link (median and spread)")
     args = ap.parse_args()
     from demo import tiny_models
     from demo.images import encode, render
@@ -114,13 +117,19 @@ def main() -> None:
         i2d = tmp / "i2d.py"
         i2d.write_text(I2D_SCRIPT.replace("{p}", str(PROCESSES)).replace("{t}", str(THREADS)))
         for link in links:
+            rounds = []
             with ImageServer(REAL / "images", link_mbps=link) as srv:
                 name = f"{link or 0:g}"
                 url_list(tmp / f"real-{name}.parquet", srv.url, photos, args.urls)
-                w_dl, tree_dl, _ = run_measured([sys.executable, str(i2d), str(tmp / f"real-{name}.parquet"),
-                                                 str(tmp / f"i2d-{name}")], env)
-                w_cur, tree_cur, _, stats = curate(tmp / f"real-{name}.parquet", tmp / f"cur-{name}", env)
-            runs.append((link, w_dl, tree_dl, w_cur, tree_cur, stats))
+                for r in range(args.rounds):
+                    w_dl, tree_dl, _, _ = run_measured([sys.executable, str(i2d), str(tmp / f"real-{name}.parquet"),
+                                                        str(tmp / f"i2d-{name}-{r}")], env)
+                    w_cur, tree_cur, _, stats = curate(tmp / f"real-{name}.parquet", tmp / f"cur-{name}-{r}", env)
+                    rounds.append((link, w_dl, tree_dl, w_cur, tree_cur, stats))
+            rounds.sort(key=lambda x: x[3] / x[1])
+            ratios = [x[3] / x[1] for x in rounds]
+            runs.append(rounds[len(rounds) // 2] + (min(ratios), max(ratios), len(rounds),
+                                                    any(x[5]["will_hang"] for x in rounds)))
 
         small = tmp / "small"
         small.mkdir()
@@ -137,27 +146,31 @@ def main() -> None:
     mb = sum((REAL / "images" / photos[i % len(photos)]).stat().st_size for i in range(args.urls)) / 1e6
     lines = ["## Curation", "",
              f"Machine: {platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} after the "
-             f"runs. Command: `python -m benchmarks.curation --urls {args.urls} --links {args.links}`. Both sides: "
+             f"runs. Command: `python -m benchmarks.curation --urls {args.urls} --links {args.links} "
+             f"--rounds {args.rounds}`. Both sides: "
              f"{PROCESSES} download processes x {THREADS} threads, the same loopback HTTP server.", "",
              f"{args.urls} URLs cycling over {len(photos)} real photos/wallpapers (Debian gnome/mate backgrounds; "
              f"many 4096²; JPEG/PNG/WebP; {mb:.0f} MB in all); demo profile (tiny random CLIP for aesthetics). "
              "Link: the server's cap on bytes/s for all connections together, as a crawling node's network "
              "link (none: loopback, where downloading costs next to nothing and decoding dominates).", "",
-             "| link | img2dataset alone (s) | curation stage, end to end (s) | ratio (target 1.5x) | of which: "
+             "| link | img2dataset alone (s) | curation stage, end to end (s) | ratio (target 1.5x) | ratio over "
+             "the rounds: min-max (rounds) | of which: "
              "download + measure + embed, streaming (s) | decide (s) | write shards + manifest (s) | the rest: "
-             "start-up, input split, report.html (s) | peak RSS, process tree: img2dataset / curation (MiB) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for link, w_dl, tree_dl, w_cur, tree_cur, stats in runs:
+             "start-up, input split, report.html (s) | peak RSS, process tree: img2dataset / curation (MiB) | "
+             "Ray's \"will hang\" warning |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for link, w_dl, tree_dl, w_cur, tree_cur, stats, lo, hi, n, hang in runs:
         sec = stats["seconds"]
         rest = w_cur - sec["download_score"] - sec["decide"] - sec["write"]
         lines.append(f"| {'none' if link is None else f'{link:g} Mbit/s'} | {w_dl:.1f} | {w_cur:.1f} | "
-                     f"**{w_cur / w_dl:.2f}x** | {sec['download_score']:.1f} | {sec['decide']:.1f} | {sec['write']:.1f} | "
-                     f"{rest:.1f} | {tree_dl:.0f} / {tree_cur:.0f} |")
+                     f"**{w_cur / w_dl:.2f}x** | {lo:.2f}-{hi:.2f} ({n}) | {sec['download_score']:.1f} | "
+                     f"{sec['decide']:.1f} | {sec['write']:.1f} | {rest:.1f} | {tree_dl:.0f} / {tree_cur:.0f} | "
+                     f"{'yes' if hang else 'no'} |")
     cpus = os.cpu_count()
     lines += [""] + [
         f"- Link {'none' if link is None else f'{link:g} Mbit/s'}: decoding alone (measure CPU s / {cpus} CPUs) needs "
         f"{stats['seconds']['measure_cpu'] / cpus:.0f} s = {stats['seconds']['measure_cpu'] / cpus / w_dl:.2f}x of "
-        "img2dataset alone, which stores the bytes without decoding them." for link, w_dl, _, _, _, stats in runs]
+        "img2dataset alone, which stores the bytes without decoding them." for link, w_dl, _, _, _, stats, *_ in runs]
     lines += ["", "| step, CPU seconds summed over workers | " + " | ".join(
         "none" if r[0] is None else f"{r[0]:g} Mbit/s" for r in runs) + " |", "| --- |" + " ---: |" * len(runs)]
     for label, get in (("measure (decode, tier, quality, hashes)", lambda st: st["seconds"]["measure_cpu"]),

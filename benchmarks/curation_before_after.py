@@ -75,7 +75,7 @@ def side(checkout: Path, urls: Path, out: Path) -> dict:
     argv = [sys.executable, str(checkout / "curation" / "run.py"), "--urls", str(urls), "--out", str(out),
             "--profile", "demo", "--set", f"curation.download.processes={PROCESSES}",
             "--set", f"curation.download.threads={THREADS}"]
-    wall, tree, top = run_measured(argv, env, cwd=checkout)
+    wall, tree, top, _ = run_measured(argv, env, cwd=checkout)
     stats = json.loads((out / "stats.json").read_text())
     m = pd.read_parquet(out / "manifest.parquet", columns=["url", "key", "status", "reason", "dup_of", "width",
                                                           "height", "sha256", "phash"])
@@ -94,10 +94,14 @@ def kept_images(out: Path) -> list[tuple[str, str]]:
 
 
 def _rule(checkout: Path):
-    """That checkout's in-process dedup rule, `find_duplicates`, loaded from its own file."""
+    """That checkout's in-process dedup rule, `find_duplicates`, loaded from its own file (curation/dedup.py
+    before issue #22, the tests' oracle since; the oracle imports this checkout's `curation` package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(f"dedup_{checkout.name}", checkout / "curation" / "dedup.py")
+    path = checkout / "curation" / "dedup.py"
+    if "def find_duplicates" not in path.read_text():
+        path = checkout / "tests" / "curation" / "oracle.py"
+    spec = importlib.util.spec_from_file_location(f"dedup_{checkout.name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.find_duplicates

@@ -4,7 +4,7 @@
 
 1. decide + write (no downloading): synthetic download shards of 1000 rows (input, scored rows with
    sha256 / pHash / 32-d embeddings, ~10% exact and ~10% near copies, a byte blob standing in for
-   the download tar), then `decide.run` + `outputs.write` + `summarize` in a fresh driver process
+   the download tar), then `dedup_job.run` + `outputs.write` + `summarize` in a fresh driver process
    on a local Ray (2 CPUs): the driver's peak RSS (getrusage) and the wall time.
 2. Semantic dedup on random 768-d embeddings with planted near copies: SemDeDup-style
    `dedup.clustered_edges` vs the loop curation used before (each image against every kept one),
@@ -82,13 +82,13 @@ import json, resource, sys, time
 from pathlib import Path
 import ray
 from common import config
-from curation import decide, outputs, pipeline
+from curation import dedup_job, outputs, pipeline
 out, n_shards = Path(sys.argv[1]), int(sys.argv[2])
 cfg = config.load("pipelines.yaml", "demo", ["curation.dedup.clip_similarity=0.97", "curation.dedup.cluster_size=2000",
                                              "curation.shard_size=1000"])
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 t0 = time.time()
-dups = decide.run(out / "_work", n_shards, cfg.curation)
+dups = dedup_job.run(out / "_work", n_shards, cfg.curation)
 t1 = time.time()
 rss_decide = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 written = outputs.write(out, n_shards, dups, cfg.curation)

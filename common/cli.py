@@ -9,17 +9,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
 from common import config as config_mod
-from common import quiet
 from shards.errors import SigmaError, user_message
-
-REPO_ROOT = str(config_mod.DEFAULT_CONFIG.parent)
-
 
 def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -72,35 +67,3 @@ def user_errors() -> Iterator[None]:
 def print_plan(plan: dict[str, Any]) -> None:
     """What --dry-run prints: the resolved plan as JSON."""
     print(json.dumps(plan, indent=2, default=str))
-
-
-def init_ray(cfg: config_mod.Config, runtime_env: dict[str, Any] | None = None) -> Any:
-    """Join the cluster `ray job submit` runs us in, or start a local one; quiet on a laptop (common/quiet.py)."""
-    import ray
-    from ray.data import DataContext
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    DataContext.get_current().enable_progress_bars = False  # each stage has its own: common.progress
-    quiet.drop(*quiet.PROGRESS_BARS)
-    if ray.is_initialized():
-        return ray
-    runtime_env = dict(runtime_env or {})
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, ignore_reinit_error=True, runtime_env=runtime_env or None)
-    else:
-        # A local cluster: workers import this checkout the way the driver does.
-        env_vars = runtime_env.setdefault("env_vars", {})
-        env_vars.setdefault("PYTHONPATH", os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")])))
-        env_vars.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-actor "Loading weights" bars: not the user's
-        quiet.drop(*quiet.TOKEN_AUTH)
-        # address="local": a new local Ray even when another one runs on this machine (`ray start`)
-        ray.init(
-            address="local",
-            num_cpus=cfg.ray.num_cpus,
-            include_dashboard=False,
-            ignore_reinit_error=True,
-            runtime_env=runtime_env,
-        )
-    quiet.spend_actor_restart_warning(ray)
-    return ray

@@ -2,7 +2,7 @@
 
 Under `ray job submit`, in CI logs or with output redirected, stderr is not a TTY and the bars stay
 off: there each stage prints its own per-shard or per-N-steps lines instead. Ray Data's per-operator
-bars are switched off in `cli.init_ray` so that one bar per stage counts what the user thinks in
+bars are switched off in `ray_start.init_ray` so that one bar per stage counts what the user thinks in
 (URLs, captions, samples, steps), not blocks.
 """
 

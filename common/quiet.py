@@ -14,7 +14,7 @@ from typing import Any
 # Ray 2.60 turns token authentication on for the local cluster `ray.init` starts and says so each
 # time. We keep it on (a security feature); only that notice goes, the "disabled" warning stays.
 TOKEN_AUTH = ("ray._private.authentication.authentication_token_setup", "Token authentication is enabled")
-# Ray Data's advice to turn back on the bars we turn off on purpose (common/cli.init_ray).
+# Ray Data's advice to turn back on the bars we turn off on purpose (common/ray_start.init_ray).
 PROGRESS_BARS = ("ray.data._internal.progress", "Progress bars disabled.")
 
 

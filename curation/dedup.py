@@ -3,8 +3,8 @@ connected components; each component keeps one image, and the others point at it
 
 Kept member: the highest-resolution image (ties: the smallest key); an earlier run's kept image
 always wins over a new one (it is already published). These functions are pure (numpy arrays in,
-edge arrays out), so the same code runs in one process (`find_duplicates`) or as Ray work over
-groups (`curation/decide.py`).
+edge arrays out), run as Ray tasks over partitions by `curation/dedup_job.py` (and in one process by
+the tests' oracle, tests/curation/oracle.py).
 
 Near duplicates: two 64-bit pHashes within Hamming radius r agree exactly on at least one of r + 1
 disjoint bands (pigeonhole), so only hashes sharing a (band, band value) are compared. A group is
@@ -151,7 +151,7 @@ def assign(emb: np.ndarray, centroids: np.ndarray, probe: int) -> np.ndarray:
 
 def clustered_edges(ids: np.ndarray, emb: np.ndarray, threshold: float, cluster_size: int,
                     probe: int) -> tuple[np.ndarray, np.ndarray]:
-    """`semantic_edges` inside k-means clusters, in one process (what decide.py spreads over tasks)."""
+    """`semantic_edges` inside k-means clusters, in one process (what dedup_job.py spreads over tasks)."""
     emb = normalise(emb)
     k = max(1, round(len(ids) / cluster_size))
     rng = np.random.default_rng(0)
@@ -182,30 +182,11 @@ def components(a: np.ndarray, b: np.ndarray, rank: np.ndarray) -> np.ndarray:
     return best[label]
 
 
-def find_duplicates(keys: list[str], pixels: list[int], sha256: list[str], phash: list[str | None],
-                    embeddings: np.ndarray | None, phash_radius: int | None,
-                    clip_similarity: float | None) -> dict[str, str]:
-    """{duplicate key: kept key} over all candidates, in one process (small runs and tests;
-    `curation/decide.py` runs the same steps as Ray work). CLIP: exact, all pairs."""
-    ids = np.arange(len(keys), dtype=np.int64)
-    parts = [exact_edges(ids, np.array(sha256, dtype=object))]
-    if phash_radius is not None:
-        has = np.array([bool(h) for h in phash])
-        hashes = phash_int([h for h in phash if h])
-        rows = band_rows(ids[has], hashes, phash_radius)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for j, key in enumerate(zip(rows["band"].tolist(), rows["value"].tolist())):
-            groups[key].append(j)
-        for js in groups.values():
-            if len(js) > 1:
-                js = np.array(js)
-                parts.append(near_edges(rows["id"][js], rows["phash"][js].view(np.uint64), phash_radius))
-    if clip_similarity is not None and embeddings is not None:
-        has = np.any(embeddings != 0, axis=1)
-        parts.append(semantic_edges(ids[has], normalise(embeddings[has]), clip_similarity))
-    a, b = concat(parts)
-    order = sorted(range(len(keys)), key=lambda i: (-pixels[i], keys[i]))
-    rank = np.empty(len(keys), np.int64)
-    rank[order] = np.arange(len(keys))
-    kept = components(a, b, rank)
-    return {keys[i]: keys[k] for i, k in enumerate(kept.tolist()) if k != i}
+def keep_rank(ids: np.ndarray, pixels: np.ndarray, earlier: np.ndarray | None = None) -> np.ndarray:
+    """Each node's rank under the keep rule (0 = kept first): an earlier run's image, then the
+    highest resolution, then the smallest id (ids are keys in order)."""
+    ids, pixels = np.asarray(ids), np.asarray(pixels, np.int64)
+    earlier = np.zeros(len(ids), bool) if earlier is None else np.asarray(earlier, bool)
+    rank = np.empty(len(ids), np.int64)
+    rank[np.lexsort((ids, -pixels, ~earlier))] = np.arange(len(ids))
+    return rank

@@ -4,8 +4,8 @@ The URL list is cut into input shards of `download.shard_size` rows by inputs.py
 (`_work/input/NNNNN.parquet`, carried columns included). A download shard runs
 img2dataset's own `Downloader` (what its Ray distributor runs per shard) with originals kept
 (`resize_mode="no"`, `disable_all_reencoding`); only http(s) URLs reach it, the rest are
-`invalid_url`. As in img2dataset, a shard is done once its `NNNNN_stats.json` exists, so a rerun
-skips it.
+`invalid_url`. A shard is done once its `NNNNN_reasons.parquet` exists (each failed URL's reason
+code, written after img2dataset's own files), so a rerun skips it.
 
 img2dataset stays the downloader (its threads, writer, stats and resumption), but each worker
 process replaces the one function its threads call per row, `download_image_with_retry`, with
@@ -15,7 +15,7 @@ meaningful retries, robots.txt, and per-host turns that never hold a thread (see
 from __future__ import annotations
 
 import contextlib
-import errno
+import gc
 import hashlib
 import io
 import json
@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,8 +35,8 @@ import pyarrow.parquet as pq
 
 from common.config import DownloadConfig
 from curation import fetch, guard, hosts
-from shards import curated, reasons
-from shards.errors import SigmaError, disk_full
+from shards import atomic, curated, reasons
+from shards.errors import DISK_FULL, SigmaError, disk_full
 
 URL_COL = "url"
 I2D_KEY = "sf_key"  # our key, carried through img2dataset as an extra column
@@ -120,14 +121,21 @@ def stats_path(folder: Path, shard: int) -> Path:
     return Path(folder) / f"{shard:05d}_stats.json"
 
 
+def reasons_path(folder: Path, shard: int) -> Path:
+    """`NNNNN_reasons.parquet`: (sf_key, reason) of each URL our fetch ended without bytes; last file
+    of a download shard, so it marks the shard done."""
+    return Path(folder) / f"{shard:05d}_reasons.parquet"
+
+
 def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) -> None:
-    """Run img2dataset on one input shard's http(s) URLs into `folder/NNNNN.{tar,parquet}` + stats."""
+    """Run img2dataset on one input shard's http(s) URLs into `folder/NNNNN.{tar,parquet}` + stats,
+    then the reason codes of the URLs that failed."""
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
     folder = Path(folder)
-    if stats_path(folder, shard).exists():
+    if reasons_path(folder, shard).exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
     table = pq.read_table(input_shard, columns=["key", URL_COL])
@@ -150,18 +158,30 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
                                 crawl.per_domain_limit), crawl.retries, crawl.max_retry_after, crawl.robots_txt,
                                 _robots_rules)
     _install_hook()
+    error, trace = None, ""
     with _shard_lock:
         _current[0] = scheduler
         try:
             with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
-                ok, _ = downloader((shard, str(feather)))
+                try:  # not img2dataset's __call__, which prints the error and returns False
+                    downloader.download_shard((shard, str(feather)))
+                except Exception as e:  # noqa: BLE001 - judged below: a full disk, or a bug
+                    error, trace = e, traceback.format_exc()
+                    e.__traceback__ = None  # its frames hold img2dataset's open tar: closed here, quietly
+                    gc.collect()
         finally:
             _current[0] = None
-    if not ok:  # img2dataset prints its exception and returns False: a full disk is the user's to fix
-        if f"[Errno {errno.ENOSPC}]" in said.getvalue():
-            raise SigmaError(disk_full(folder))
-        print(said.getvalue(), file=sys.stderr)
-        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: {scheduler.failure or 'see its log'}")
+    if error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL:  # the user's to fix
+            raise SigmaError(disk_full(folder)) from None
+        print(said.getvalue() + trace, file=sys.stderr)
+        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: "
+                           f"{scheduler.failure or f'{type(error).__name__}: {error}'}")
+    keys = todo[I2D_KEY].to_pylist()
+    rows = sorted(scheduler.reasons.items())
+    table = pa.table({I2D_KEY: pa.array([keys[i] for i, _ in rows], pa.string()),
+                      "reason": pa.array([r for _, r in rows], pa.string())})
+    atomic.write_parquet(reasons_path(folder, shard), table)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,15 +189,9 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def download_reason(error: str | None) -> str:
-    """The downloader's error message -> a stable reason code (fetch.fetch's messages start with it)."""
-    head = (error or "").split(":", 1)[0].strip().lower()
-    return head if reasons.is_reason(head) else reasons.DOWNLOAD_ERROR
-
-
 def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
     """One dict per input row: key, url, reason ("" if downloaded), and where the served bytes lie
-    in the download tar (src, offset, size; read them with `read_member`). Only tar headers are
+    in the download tar (src, offset, size; read them with `shards.curated.read_member`). Only tar headers are
     read here: the bytes are read where they are decoded, in another Ray task.
     """
     inputs = pq.read_table(input_shard, columns=["key", URL_COL])
@@ -185,8 +199,12 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
     status: dict[str, dict] = {}
     meta_file = Path(folder) / f"{shard:05d}.parquet"
     if meta_file.exists():
-        for r in pq.read_table(meta_file, columns=[I2D_KEY, "key", "status", "error_message"]).to_pylist():
+        for r in pq.read_table(meta_file, columns=[I2D_KEY, "key", "status"]).to_pylist():
             status[r[I2D_KEY]] = r
+    why = {}  # our fetch's reason codes; anything else img2dataset reported is download_error
+    if reasons_path(folder, shard).exists():
+        t = pq.read_table(reasons_path(folder, shard))
+        why = dict(zip(t[I2D_KEY].to_pylist(), t["reason"].to_pylist()))
     i2d_to_ours = {r["key"]: k for k, r in status.items() if r["status"] == "success"}
     seen: set[str] = set()
     tar_path = Path(folder) / f"{shard:05d}.tar"
@@ -206,18 +224,11 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
         if invalid_url(url):
             reason = reasons.INVALID_URL
         elif key in status and status[key]["status"] != "success":
-            reason = download_reason(status[key]["error_message"])
+            reason = why.get(key, reasons.DOWNLOAD_ERROR)
         else:
             reason = reasons.DOWNLOAD_ERROR  # img2dataset lost it (a crashed shard)
         yield {"key": key, URL_COL: url if isinstance(url, str) else "", "reason": reason, "src": "", "offset": 0,
                "size": 0}
-
-
-def read_member(src: str, offset: int, size: int) -> bytes:
-    """The served bytes of one downloaded image, from its place in a download tar."""
-    with open(src, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
 
 
 def shard_stats(folder: Path) -> dict:

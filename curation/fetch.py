@@ -7,7 +7,9 @@ environment, which would bypass the guard), connections through `guard.connect`,
 connect + headers + body): a watchdog thread shuts the socket down when it passes, so a server
 that trickles a byte a second cannot hold a thread for longer. A declared `Content-Length` above
 `max_bytes` is refused before the body is read; a body that grows past it is cut. `X-Robots-Tag`
-opt-outs are read from the headers, before the body. The result is data: bytes or a reason.
+opt-outs are read from the headers, before the body. The result is data: bytes, or a reason code
+with a detail for people (the code is never parsed back out of a message). Credentials in a URL
+(`http://user:pass@host/`) are dropped before the request: the host is what gets checked.
 """
 from __future__ import annotations
 
@@ -48,21 +50,24 @@ class Policy:
 @dataclass
 class Result:
     body: Optional[bytes] = None
-    error: Optional[str] = None  # "reason_code: detail" when body is None
+    reason: Optional[str] = None  # a shards.reasons code when body is None
+    detail: str = ""  # what happened, for people (img2dataset's error_message)
     status: int = 0  # HTTP status when one was received
     retry_after: Optional[float] = None  # seconds, from a Retry-After header
     final: bool = False  # no retry can change it (a refusal decided before any request)
 
     @property
-    def reason(self) -> str:
-        return (self.error or "").split(":", 1)[0]
+    def error(self) -> Optional[str]:
+        """The message img2dataset records for a failed row: "reason: detail"."""
+        return None if self.reason is None else f"{self.reason}: {self.detail}"
 
 
 def fetch(url: str, policy: Policy, max_bytes: int | None = None, opt_out: bool = True) -> Result:
     """GET `url` under `policy`; never raises for what the network or the server does."""
     limit = policy.max_bytes if max_bytes is None else max_bytes
     deadline = time.monotonic() + policy.max_seconds
-    req = urllib.request.Request(url, headers={"User-Agent": policy.user_agent, "Accept": "image/*,*/*;q=0.5"})
+    req = urllib.request.Request(without_credentials(url),
+                                 headers={"User-Agent": policy.user_agent, "Accept": "image/*,*/*;q=0.5"})
     with _watch(deadline) as watch:
         try:
             with _opener(policy.allow).open(req, timeout=min(policy.timeout, policy.max_seconds)) as r:
@@ -70,35 +75,46 @@ def fetch(url: str, policy: Policy, max_bytes: int | None = None, opt_out: bool 
         except urllib.error.HTTPError as e:
             e.close()
             if 300 <= e.code < 400:
-                return Result(error=f"{reasons.TOO_MANY_REDIRECTS}: more than {MAX_REDIRECTS} redirects",
+                return Result(reason=reasons.TOO_MANY_REDIRECTS, detail=f"more than {MAX_REDIRECTS} redirects",
                               status=e.code)
-            return Result(error=f"{reasons.http_reason(e.code)}: {e.reason}", status=e.code,
+            return Result(reason=reasons.http_reason(e.code), detail=str(e.reason), status=e.code,
                           retry_after=retry_after(e.headers.get("Retry-After")))
         except Exception as e:  # noqa: BLE001 - any failure of one request is that URL's reason
-            return Result(error=_describe(e, watch.expired or time.monotonic() >= deadline, policy))
+            return _describe(e, watch.expired or time.monotonic() >= deadline, policy)
+
+
+def without_credentials(url: str) -> str:
+    """`url` without `user:pass@` (whose `:` would otherwise be read as the port separator)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def _response(r, policy: Policy, limit: int, deadline: float, opt_out: bool) -> Result:
     """A 2xx response: opt-out and declared size from the headers, then the capped body."""
     tags = r.headers.get_all("X-Robots-Tag") or []
     if opt_out and robots.header_opts_out(tags, policy.tokens, policy.directives):
-        return Result(error=f"{reasons.OPT_OUT}: X-Robots-Tag {', '.join(tags)}", status=r.status)
+        return Result(reason=reasons.OPT_OUT, detail=f"X-Robots-Tag {', '.join(tags)}", status=r.status)
     declared = r.headers.get("Content-Length", "")
     if declared.strip().isdigit() and int(declared) > limit:
-        return Result(error=f"{reasons.TOO_LARGE}: Content-Length {declared} > max_bytes {limit}", status=r.status)
+        return Result(reason=reasons.TOO_LARGE, detail=f"Content-Length {declared} > max_bytes {limit}",
+                      status=r.status)
     body = _read(r, limit, deadline)
     if body is None:
-        return Result(error=f"{reasons.TOO_LARGE}: body passed max_bytes {limit}", status=r.status)
+        return Result(reason=reasons.TOO_LARGE, detail=f"body passed max_bytes {limit}", status=r.status)
     return Result(body=body, status=r.status)
 
 
-def _describe(e: BaseException, late: bool, policy: Policy) -> str:
+def _describe(e: BaseException, late: bool, policy: Policy) -> Result:
     inner = e.reason if isinstance(e, urllib.error.URLError) and isinstance(e.reason, BaseException) else e
     if isinstance(inner, (guard.Blocked, Refused)):
-        return str(inner)
+        return Result(reason=inner.reason, detail=inner.detail)
     if late or isinstance(inner, (socket.timeout, TimeoutError)):
-        return f"{reasons.TIMEOUT}: past max_seconds {policy.max_seconds:g} or timeout {policy.timeout:g}"
-    return f"{reasons.CONNECTION}: {type(inner).__name__}: {inner}"
+        return Result(reason=reasons.TIMEOUT,
+                      detail=f"past max_seconds {policy.max_seconds:g} or timeout {policy.timeout:g}")
+    return Result(reason=reasons.CONNECTION, detail=f"{type(inner).__name__}: {inner}")
 
 
 def _read(r, limit: int, deadline: float) -> bytes | None:
@@ -139,7 +155,11 @@ def retry_after(value: str | None) -> float | None:
 
 
 class Refused(OSError):
-    """A redirect a crawler must not follow (message starts with the reason code)."""
+    """A redirect a crawler must not follow (`reason` is its code)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
 
 
 class _HTTPConnection(http.client.HTTPConnection):
@@ -182,11 +202,29 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
 class _Redirects(urllib.request.HTTPRedirectHandler):
     max_redirections = MAX_REDIRECTS
 
+    def http_error_302(self, req, fp, code, msg, headers):
+        # urllib refuses a non-http(s) target itself, as an HTTPError with the 3xx code, which would
+        # read as too_many_redirects: refuse it first, as the blocked address it is
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            try:
+                self._check(urllib.parse.urljoin(req.full_url, target))
+            except Refused:
+                fp.close()
+                raise
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
     def redirect_request(self, req, fp, code, msg, headers, newurl):
+        self._check(newurl)
+        return super().redirect_request(req, fp, code, msg, headers, without_credentials(newurl))
+
+    @staticmethod
+    def _check(newurl: str) -> None:
         scheme = urllib.parse.urlsplit(newurl).scheme.lower()
         if scheme not in ("http", "https"):
-            raise Refused(f"{reasons.BLOCKED_ADDRESS}: redirect to {scheme or 'no'} scheme ({newurl[:80]})")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+            raise Refused(reasons.BLOCKED_ADDRESS, f"redirect to {scheme or 'no'} scheme ({newurl[:80]})")
 
 
 @functools.lru_cache(maxsize=8)

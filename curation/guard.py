@@ -21,10 +21,13 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv4 embedded in the last 32 bit
 
 
 class Blocked(OSError):
-    """A refused address; the message starts with the reason code (read by download.download_reason)."""
+    """A refused address (`reason` is its code, `detail` says which and why)."""
+
+    reason = reasons.BLOCKED_ADDRESS
 
     def __init__(self, host: str, address: str, why: str):
-        super().__init__(f"{reasons.BLOCKED_ADDRESS}: {host} -> {address} ({why})")
+        self.detail = f"{host} -> {address} ({why})"
+        super().__init__(f"{self.reason}: {self.detail}")
 
 
 def networks(cidrs: Iterable[str]) -> tuple[Network, ...]:

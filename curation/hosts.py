@@ -119,6 +119,7 @@ class Scheduler:
         self.unreachable: dict[str, robots.Rules] = {}  # robots.txt failures: for this shard only
         self.cv = threading.Condition()
         self.failure: str | None = None  # the first exception a thread met (a bug), for the shard's error
+        self.reasons: dict[int, str] = {}  # row -> reason code of each URL that ended without bytes
 
     def take(self) -> tuple[int, io.BytesIO | None, str | None]:
         """Fetch some URL of the shard to its final outcome; img2dataset's (key, stream, error)."""
@@ -139,6 +140,8 @@ class Scheduler:
                     self.inflight[item.host] -= 1
                     self.cv.notify_all()
             if self._settle(item, result):
+                if result.body is None:
+                    self.reasons[item.key] = result.reason  # the code as data; img2dataset keeps the message
                 return item.key, (io.BytesIO(result.body) if result.body is not None else None), result.error
 
     def _next(self) -> tuple[Item, int, bool]:
@@ -177,14 +180,16 @@ class Scheduler:
             org = robots.origin(item.url)
             if read_robots:
                 try:
-                    rules = robots.read_rules(item.url, self.policy)
+                    r = fetch.fetch(robots.rules_url(item.url), self.policy, max_bytes=robots.ROBOTS_MAX_BYTES,
+                                    opt_out=False)
+                    rules = robots.parse_rules(r.body, r.status, r.reason, r.detail)
                 finally:
                     with self.cv:
                         self.fetching.discard(org)
                 (self.unreachable if rules.failure else self.rules)[org] = rules
             refusal = self._rules(org).refusal(item.url, self.policy.tokens)
             if refusal:
-                return fetch.Result(error=refusal, final=True)
+                return fetch.Result(reason=refusal[0], detail=refusal[1], final=True)
         return fetch.fetch(item.url, self.policy)
 
     def _rules(self, org: str) -> robots.Rules | None:

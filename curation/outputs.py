@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import progress
+from common import gather, progress
 from common.config import CurationConfig
-from curation import decide, placement, writer
-from shards import atomic, reasons
+from curation import dedup_job, placement
+from shards import atomic, curated, reasons
 from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
 
 PARTS = "manifest"  # _work/manifest/NNNNN.parquet
@@ -34,23 +34,22 @@ MEMBER_SCHEMA = pa.schema([("key", pa.string()), ("src", pa.string()), ("offset"
                            ("shard", pa.string())])
 
 
-def decided(work: Path, shard: int, dups: Path | None, cur: CurationConfig) -> tuple[list[dict], list, list]:
-    """One download shard's scored rows (key order) with each row's final reason and dup_of."""
+def decided(work: Path, shard: int, dups: Path | None) -> tuple[list[dict], list, list]:
+    """One download shard's scored rows (key order) with each row's final reason and dup_of: the
+    scored `reason` (the scoring actor's record, thresholds included), else `duplicate` if dedup says so."""
     rows = pq.read_table(work / "scored" / f"{shard:05d}.parquet").to_pylist()
     if not rows:
         return rows, [], []
-    found = decide.shard_dups(dups, rows[0]["key"], rows[-1]["key"]) if dups else {}
-    final = decide.score_reasons([r["reason"] for r in rows], *([np.nan if r[c] is None else r[c] for r in rows]
-                                                              for c in ("aesthetic", "nsfw", "watermark")), cur)
+    found = dedup_job.shard_dups(dups, rows[0]["key"], rows[-1]["key"]) if dups else {}
     dup_of = [found.get(r["key"]) for r in rows]
-    reason = [reasons.DUPLICATE if d else (f or None) for f, d in zip(final.tolist(), dup_of)]
+    reason = [reasons.DUPLICATE if d else (r["reason"] or None) for r, d in zip(rows, dup_of)]
     return rows, reason, dup_of
 
 
-def _count(work: str, shard: int, dups: str | None, cur: CurationConfig) -> tuple[int, dict[str, int]]:
+def _count(work: str, shard: int, dups: str | None) -> tuple[int, dict[str, int]]:
     """Ray task: (kept rows, {reason: rejected rows whose bytes exist}) of one download shard."""
     placement.mark(work, "write")
-    rows, reason, _ = decided(Path(work), shard, Path(dups) if dups else None, cur)
+    rows, reason, _ = decided(Path(work), shard, Path(dups) if dups else None)
     thumbs: dict[str, int] = {}
     for r, why in zip(rows, reason):
         if reasons.status_of(why) == reasons.REJECTED and r["src"]:
@@ -70,7 +69,7 @@ def _finalize(out: str, shard: int, dups: str | None, first_kept: int, quota: di
     if part.exists():
         return shard
     inputs = pq.read_table(work / "input" / f"{shard:05d}.parquet").to_pylist()
-    rows, reason, dup_of = decided(work, shard, Path(dups) if dups else None, cur)
+    rows, reason, dup_of = decided(work, shard, Path(dups) if dups else None)
     carried = [c for c in schema.names if c not in MANIFEST_COLUMNS]
     manifest, members, index, rejected = [], [], [], []
     kept = first_kept
@@ -81,7 +80,7 @@ def _finalize(out: str, shard: int, dups: str | None, first_kept: int, quota: di
             kept += 1
             caption = inp.get("caption")
             members.append({"key": s["key"], "src": s["src"], "offset": s["offset"], "size": s["size"],
-                            "ext": s["ext"], "meta": writer.meta_json(row), "caption": str(caption) if caption else None,
+                            "ext": s["ext"], "meta": curated.meta_json(row), "caption": str(caption) if caption else None,
                             "shard": row["shard"]})
             index.append({"key": s["key"], "pixels": s["width"] * s["height"], "sha256": s["sha256"],
                           "phash": s["phash"], "embedding": s["embedding"]})
@@ -92,7 +91,7 @@ def _finalize(out: str, shard: int, dups: str | None, first_kept: int, quota: di
     if rejected:  # the report's galleries show a few per reason, read while the download tar exists
         report.save_rejected_thumbnails(out, rejected)
     atomic.write_parquet(work / MEMBERS / f"{shard:05d}.parquet", pa.Table.from_pylist(members, MEMBER_SCHEMA))
-    atomic.write_parquet(out / decide.INDEX / f"{shard:05d}.parquet", pa.Table.from_pylist(index, INDEX_SCHEMA))
+    atomic.write_parquet(out / dedup_job.INDEX / f"{shard:05d}.parquet", pa.Table.from_pylist(index, INDEX_SCHEMA))
     atomic.write_parquet(part, pa.Table.from_pylist(manifest, schema=schema))  # last: marks the shard done
     return shard
 
@@ -124,7 +123,7 @@ def _tar(out: str, index: int, shards: list[int]) -> int:
     for i in shards:
         t = pq.read_table(work / MEMBERS / f"{i:05d}.parquet", filters=[("shard", "==", name)])
         members += t.to_pylist()
-    writer.write_shard(Path(out) / "shards" / name, members)
+    curated.write_shard(Path(out) / "shards" / name, members)
     return index
 
 
@@ -149,13 +148,13 @@ def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> d
     import ray
 
     work = out / "_work"
-    for folder in (work / PARTS, work / MEMBERS, out / decide.INDEX):
+    for folder in (work / PARTS, work / MEMBERS, out / dedup_job.INDEX):
         folder.mkdir(parents=True, exist_ok=True)
         atomic.clean_temp(folder)
     dups_s = str(dups) if dups else None
     window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
     count = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_count)
-    counted = dict(_bounded(((i, count.remote(str(work), i, dups_s, cur)) for i in range(n_shards)), window))
+    counted = dict(gather.bounded(((i, count.remote(str(work), i, dups_s)) for i in range(n_shards)), window))
     starts = np.concatenate([[0], np.cumsum([counted[i][0] for i in range(n_shards)])]).astype(np.int64)
     kept = int(starts[-1])
     n_out = (kept + cur.shard_size - 1) // cur.shard_size
@@ -172,23 +171,6 @@ def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> d
     ray.get(ray.remote(num_cpus=0.25)(_merge).remote(
         [str(work / PARTS / f"{i:05d}.parquet") for i in range(n_shards)], str(out / MANIFEST), schema))
     return {"kept": kept, "shards": n_out}
-
-
-def _bounded(jobs, window: int):
-    """(key, result) of each (key, ref) of `jobs` as it finishes, with at most `window` refs in flight
-    (the driver holds a task's handle only while it runs, however many shards the run has)."""
-    import ray
-
-    jobs, pending = iter(jobs), {}
-    while True:
-        for key, ref in jobs:
-            pending[ref] = key
-            if len(pending) >= window:
-                break
-        if not pending:
-            return
-        done, _ = ray.wait(list(pending), num_returns=1)
-        yield pending.pop(done[0]), ray.get(done[0])
 
 
 def _span_bounds(starts: np.ndarray, n_out: int, shard_size: int) -> tuple[np.ndarray, np.ndarray]:

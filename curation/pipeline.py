@@ -2,9 +2,9 @@
 
     URL list -> input shards -> download (img2dataset; I/O-bound Ray tasks, `download.processes` at once)
              -> measure (decode once: size, tier, quality, hashes; CPU-bound Ray tasks, one per core)
-             -> [CLIP embedding + aesthetic (+ safety)] Ray actors -> scored/NNNNN.parquet (driver: no images)
-                (score thresholds decided there) -> scored/NNNNN.parquet when a shard is complete
-             -> curation/decide.py: dedup over the whole run (+ earlier runs), Ray Data groupbys + one components task
+             -> [CLIP embedding + aesthetic (+ safety)] Ray actors (the score thresholds are decided there,
+                and only there) -> scored/NNNNN.parquet when a shard is complete (driver: no images)
+             -> curation/dedup_job.py: dedup over the whole run (+ earlier runs), plain Ray tasks over files
              -> curation/outputs.py: manifest parts, shards/NNNNN.tar, manifest.parquet (Ray tasks)
 
 Layout of DIR (each file written once, atomically; what exists is what is done):
@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from common import progress
+from common import progress, ray_start
 from common.config import Config, CurationConfig
-from curation import decide as decisions
-from curation import dedup, download, inputs, metadata, outputs, placement, quality
-from shards import atomic, buckets, fingerprint, reasons
+from common.gather import ShardGather
+from curation import dedup, dedup_job, download, inputs, metadata, outputs, placement, quality
+from shards import atomic, buckets, curated, fingerprint, reasons
 from shards.format import MANIFEST
 
 SCORED_COLUMNS = ["key", "url", "reason", "width", "height", "tier", "ext", "sharpness", "contrast", "brightness",
@@ -63,7 +63,7 @@ def measure(row: dict, cur: CurationConfig) -> dict:
            "brightness": np.nan, "sha256": "", "phash": ""}
     row["image"] = b""
     if not row["reason"]:
-        data = download.read_member(row["src"], row["offset"], row["size"])
+        data = curated.read_member(row["src"], row["offset"], row["size"])
         info = metadata.inspect(data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier),
                                 cur.measure_seconds)
         out.update(width=info.width, height=info.height, ext=info.ext or "")
@@ -114,11 +114,33 @@ def measure_rows(batch: dict, cur: CurationConfig, work: str | None = None) -> d
     return out
 
 
-class Embed:
-    """Ray actor: the aesthetic scorer (+ safety heads when enabled) on rows still undecided."""
+SCORE_REASONS = (reasons.NSFW, reasons.WATERMARK, reasons.LOW_AESTHETIC)  # in the order they are checked
 
-    def __init__(self, clip: dict, aesthetic_head: str, safety: dict | None = None,
-                 cur: CurationConfig | None = None, work: str | None = None):
+
+def score_reasons(reason, aesthetic, nsfw, watermark, cur: CurationConfig) -> np.ndarray:
+    """The reason after the score thresholds (NSFW, then watermark, then aesthetic) for each row; rows
+    already decided keep theirs. The one place these thresholds are applied: the scoring actor."""
+    out = np.array(reason, dtype=object)
+    open_ = out == ""
+    a, n, w = (np.asarray(x, np.float64) for x in (aesthetic, nsfw, watermark))
+    rules = [(cur.nsfw.enabled, n >= cur.nsfw.threshold, reasons.NSFW),
+             (cur.watermark.enabled, w >= cur.watermark.threshold, reasons.WATERMARK),
+             (cur.aesthetic.enabled, ~(a >= cur.aesthetic.threshold), reasons.LOW_AESTHETIC)]
+    for enabled, hit, code in rules:
+        if enabled:
+            sel = open_ & hit
+            out[sel] = code
+            open_ &= ~sel
+    return out
+
+
+class Embed:
+    """Ray actor: the aesthetic scorer (+ safety heads when enabled) on rows still undecided; the score
+    thresholds are decided here, so the scored shard's `reason` is the record and only real survivors
+    go on to dedup."""
+
+    def __init__(self, clip: dict, aesthetic_head: str, safety: dict | None, cur: CurationConfig,
+                 work: str | None = None):
         from encoders.aesthetic import AestheticScorer
 
         self.cur, self.work = cur, work
@@ -137,10 +159,10 @@ class Embed:
         batch["watermark"] = np.full(n, np.nan, np.float32)
         if self.safety is not None:
             batch = self.safety(batch)
-        if self.cur is not None:  # decided here, so only real survivors go on to dedup
-            batch["reason"] = decisions.score_reasons(batch["reason"], batch["aesthetic"], batch["nsfw"],
-                                                      batch["watermark"], self.cur).astype(str)
-            placement.mark(self.work, "embed")
+        reason = batch["reason"] if "reason" in batch else np.full(n, "", dtype=object)
+        batch["reason"] = score_reasons(reason, batch["aesthetic"], batch["nsfw"], batch["watermark"],
+                                        self.cur).astype(str)
+        placement.mark(self.work, "embed")
         batch["embedding"] = np.array([e.astype(np.float16).tobytes() if np.any(e) else b""
                                        for e in batch.pop("clip_embedding")], dtype=object)
         batch["t_embed"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
@@ -170,57 +192,26 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, s
         compute=ray.data.ActorPoolStrategy(size=res.concurrency),
         fn_constructor_kwargs={"clip": vars(cfg.models.clip).copy(), "aesthetic_head": cfg.models.aesthetic_head,
                                "safety": safety, "cur": cur, "work": str(work)})
-    rows: dict[int, list[dict]] = {i: [] for i in pending}
+    gather = ShardGather(expected)
     done = 0
     with progress.bar(sum(expected.values()), "url", "download+score") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for row in batch.to_dict("records"):
                 shard = int(row.pop("shard"))
-                rows[shard].append(row)
-                if len(rows[shard]) == expected[shard]:
-                    write_scored(work / "scored" / f"{shard:05d}.parquet", rows.pop(shard))
+                rows = gather.add(shard, row)
+                if rows is not None:
+                    write_scored(work / "scored" / f"{shard:05d}.parquet", rows)
                     done += 1
                     progress.say(f"download shard {shard:05d}: {expected[shard]} URLs scored "
                                  f"({done}/{len(pending)} shards)")  # the log's progress (no bar off a TTY)
             bar.update(len(batch))
+    gather.close()
 
 
 def write_scored(path: Path, rows: list[dict]) -> None:
     rows = sorted(rows, key=lambda r: r["key"])
     table = pa.table({c: [r.get(c) for r in rows] for c in SCORED_COLUMNS})
     atomic.write_parquet(path, table)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decisions in one process (small runs, tests): the same rules curation/decide.py runs as Ray work
-# ---------------------------------------------------------------------------------------------
-
-
-def decide(scored: Path, n_shards: int, cur: CurationConfig) -> dict[str, tuple[str, str | None]]:
-    """{key: (reason, dup_of)} for rows that survived measuring but are dropped by scores or dedup.
-    Holds every survivor in memory: for inspecting thresholds on a small run, not for the pipeline."""
-    cols = ["key", "reason", "width", "height", "sha256", "phash", "aesthetic", "nsfw", "watermark", "embedding"]
-    t = pa.concat_tables([pq.read_table(scored / f"{i:05d}.parquet", columns=cols).filter(pc.field("reason") == "")
-                          for i in range(n_shards)])
-    floats = [np.array([np.nan if v is None else v for v in t[c].to_pylist()], np.float64)
-              for c in ("aesthetic", "nsfw", "watermark")]
-    final = decisions.score_reasons(t["reason"].to_numpy(zero_copy_only=False), *floats, cur)
-    out = {k: (r, None) for k, r in zip(t["key"].to_pylist(), final.tolist()) if r}
-    t = t.filter(pa.array(final == ""))
-    if cur.dedup.enabled and len(t):
-        emb = None
-        if cur.dedup.clip_similarity is not None:
-            raw = t["embedding"].to_pylist()
-            dim = max((len(e) // 2 for e in raw), default=0)
-            emb = np.zeros((len(raw), max(dim, 1)), np.float32)
-            for j, e in enumerate(raw):
-                if e:
-                    emb[j] = np.frombuffer(e, np.float16)
-        pixels = [w * h for w, h in zip(t["width"].to_pylist(), t["height"].to_pylist())]
-        dups = dedup.find_duplicates(t["key"].to_pylist(), pixels, t["sha256"].to_pylist(), t["phash"].to_pylist(),
-                                     emb, cur.dedup.phash_radius, cur.dedup.clip_similarity)
-        out.update({k: (reasons.DUPLICATE, v) for k, v in dups.items()})
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,12 +224,10 @@ def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()
     `urls`: a URL list's path (columns from `curation.url_col` / `caption_col` or found), or a resolved
     input (inputs.UrlList, sources.LocalImages: images on disk, no download).
     `dedup_against`: earlier runs' folders whose kept images new ones are deduplicated against."""
-    from common import cli
-
     source = urls if hasattr(urls, "shard_rows") else inputs.url_list(urls, cfg.curation.url_col,
                                                                         cfg.curation.caption_col)
     out = Path(out).resolve()
-    against = decisions.earlier_runs(dedup_against, out)
+    against = dedup_job.earlier_runs(dedup_against, out)
     fp = stage_fingerprint(source, cfg, against)
     if (out / fingerprint.FILE).exists():  # a resume: refused if the URL list, a setting or an earlier run changed
         fingerprint.check(out, fp)
@@ -254,14 +243,14 @@ def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()
     for folder in (work / "scored", downloads, out / "shards"):
         folder.mkdir(parents=True, exist_ok=True)
         atomic.clean_temp(folder)
-    cli.init_ray(cfg)
+    ray_start.init_ray(cfg)
     t0 = time.time()
     pending = [i for i in range(n_shards) if not (work / "scored" / f"{i:05d}.parquet").exists()]
     if pending:
         score_shards(pending, work, downloads, cfg, source)
     timings["download_score"] = time.time() - t0
     t0 = time.time()
-    dups = decisions.run(work, n_shards, cur, against)
+    dups = dedup_job.run(work, n_shards, cur, against)
     timings["decide"] = time.time() - t0
     t0 = time.time()
     written = outputs.write(out, n_shards, dups, cur)
@@ -284,7 +273,7 @@ def stage_fingerprint(source, cfg: Config, against: list[Path] = ()) -> dict:
             **fingerprint.flat(cfg.curation, "curation"),
             **{k: fingerprint.file_digest(v) if v and Path(v).is_file() else v for k, v in heads.items()},
             "models.clip": f"{m.clip.arch}/{Path(m.clip.weights).name}",
-            **({"--dedup-against": [f"{r} {fingerprint.listing((r / decisions.INDEX).glob('*.parquet'))}"
+            **({"--dedup-against": [f"{r} {fingerprint.listing((r / dedup_job.INDEX).glob('*.parquet'))}"
                                     for r in against]} if against else {})}
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 STEPS = ("download", "measure", "embed", "dedup", "write")
 
 
-def mark(work: str | Path, step: str) -> None:
-    """Record that this process's node ran some of `step` (no-op outside a Ray worker)."""
+def mark(work: str | Path | None, step: str) -> None:
+    """Record that this process's node ran some of `step` (no-op outside a Ray worker or without `work`)."""
     import ray
 
-    if not ray.is_initialized():
+    if work is None or not ray.is_initialized():
         return
     folder = Path(work) / "nodes" / step
     path = folder / ray.get_runtime_context().get_node_id()

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from common import pages
 from common.config import CurationConfig, to_dict
-from curation.download import read_member
 from shards import atomic, buckets, format, reasons
+from shards.curated import read_member
 from shards.errors import SigmaError
 
 REPORT = "report.html"

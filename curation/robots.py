@@ -50,32 +50,36 @@ def origin(url: str) -> str:
 class Rules:
     """The robots.txt verdict for one origin."""
 
-    def __init__(self, parser: urllib.robotparser.RobotFileParser | None = None, failure: str | None = None):
-        self.parser, self.failure = parser, failure
+    def __init__(self, parser: urllib.robotparser.RobotFileParser | None = None,
+                 failure: tuple[str, str] | None = None):
+        self.parser, self.failure = parser, failure  # failure: (reason code, detail) of the robots.txt request
         self.at = time.monotonic()
 
-    def refusal(self, url: str, tokens: Iterable[str]) -> str | None:
-        """None if `url` may be fetched, else the reason message ("opt_out: ..." or the failure)."""
+    def refusal(self, url: str, tokens: Iterable[str]) -> tuple[str, str] | None:
+        """None if `url` may be fetched, else (reason code, detail)."""
         if self.failure:
-            return f"{self.failure} (robots.txt)"
+            return self.failure[0], f"{self.failure[1]} (robots.txt)"
         if self.parser is not None:
             for token in tokens:
                 if not self.parser.can_fetch(token, url):
-                    return f"{reasons.OPT_OUT}: robots.txt disallows {token}"
+                    return reasons.OPT_OUT, f"robots.txt disallows {token}"
         return None
 
 
-def read_rules(url: str, policy) -> Rules:
-    """Fetch and parse `url`'s origin's robots.txt (through `fetch.fetch`, so guarded and capped)."""
-    from curation import fetch
+def rules_url(url: str) -> str:
+    """Where `url`'s origin keeps its robots.txt."""
+    return origin(url) + "/robots.txt"
 
-    r = fetch.fetch(origin(url) + "/robots.txt", policy, max_bytes=ROBOTS_MAX_BYTES, opt_out=False)
-    if r.body is not None:
+
+def parse_rules(body: bytes | None, status: int, reason: str | None, detail: str) -> Rules:
+    """The verdict from the robots.txt response (fetched by the caller through `fetch.fetch`, so
+    guarded and capped at ROBOTS_MAX_BYTES): its body, its HTTP status, or why it failed."""
+    if body is not None:
         parser = urllib.robotparser.RobotFileParser()
-        parser.parse(r.body.decode("utf-8", "replace").splitlines())
+        parser.parse(body.decode("utf-8", "replace").splitlines())
         return Rules(parser)
-    if 400 <= r.status < 500 and r.status != 429:
+    if 400 <= status < 500 and status != 429:
         return Rules()
-    if r.reason == reasons.TOO_LARGE:  # a robots.txt over the cap: RFC 9309 lets us parse the first 500 KiB; rare
+    if reason == reasons.TOO_LARGE:  # a robots.txt over the cap: RFC 9309 lets us parse the first 500 KiB; rare
         return Rules()
-    return Rules(failure=r.error)
+    return Rules(failure=(reason or reasons.DOWNLOAD_ERROR, detail))

@@ -2,8 +2,8 @@
 
     read_shard (tasks)  ->  T5Stage (actors)  ->  preprocess (tasks)  ->  VAEStage (actors)  ->  driver writes
 
-The stages are in encoding/stages.py; this is the driver. Every input sample reaches it (failed
-rows pass through the stages untouched) and lands in `index.parquet`.
+The stages (Ray tasks and actors) are in encoding/actors.py; this is the driver. Every input sample
+reaches it (failed rows pass through the stages untouched) and lands in `index.parquet`.
 
 Resumption is per sample: rows of committed tars with the current fingerprint are skipped;
 everything else (missing, or failed before) is encoded again. A resume whose inputs or settings
@@ -19,15 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from common import cli, progress
+from common import cli, progress, ray_start
 from encoders import vae
-from encoding import stages
+from encoding import actors
 from shards import buckets, captions, curated, encoded, fingerprint, reasons
 from shards import format as fmt
 from shards.errors import SigmaError
 
 KEPT, REJECTED, FAILED = reasons.KEPT, reasons.REJECTED, reasons.FAILED
-ROW = stages.ROW
+ROW = actors.ROW
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: boo
     done_by_source = done.groupby("source")["key"].apply(list).to_dict() if len(done) else {}
     tasks = _tasks(p["shard_list"], source, done_by_source)
 
-    ray = cli.init_ray(cfg)
+    ray = ray_start.init_ray(cfg)
     _check_gpus(ray, e)
     writers: dict[tuple[int, int], encoded.BucketWriter] = {}
     failures: list[dict] = []
@@ -188,16 +188,16 @@ def _dataset(ray, tasks: list[dict], cfg, tier: str):
     e, m = cfg.encode, cfg.models
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # Reading a tar is I/O: half a CPU, so the model actors never starve it of a slot (a deadlock on 2 CPUs).
-    ds = ds.flat_map(stages.read_shard, fn_kwargs=dict(tier=tier), num_cpus=stages.READ_CPUS)
+    ds = ds.flat_map(actors.read_shard, fn_kwargs=dict(tier=tier), num_cpus=actors.READ_CPUS)
     r = e.t5_resources
-    ds = ds.map_batches(stages.T5Stage, fn_constructor_kwargs=dict(model=m.t5, dtype=e.t5_dtype, max_length=e.t5_max_length,
+    ds = ds.map_batches(actors.T5Stage, fn_constructor_kwargs=dict(model=m.t5, dtype=e.t5_dtype, max_length=e.t5_max_length,
                                                              batch_size=r.batch_size),
                         batch_size=r.batch_size, num_gpus=r.num_gpus or None, num_cpus=r.num_cpus,
                         compute=ray.data.ActorPoolStrategy(size=r.concurrency), batch_format="numpy")
-    ds = ds.map_batches(stages.preprocess, fn_kwargs=dict(tier=tier, max_pixels=cfg.curation.max_pixels),
-                        batch_size=e.vae_resources.batch_size, num_cpus=stages.READ_CPUS, batch_format="numpy")
+    ds = ds.map_batches(actors.preprocess, fn_kwargs=dict(tier=tier, max_pixels=cfg.curation.max_pixels),
+                        batch_size=e.vae_resources.batch_size, num_cpus=actors.READ_CPUS, batch_format="numpy")
     r = e.vae_resources
-    ds = ds.map_batches(stages.VAEStage, fn_constructor_kwargs=dict(model=m.vae, dtype=e.vae_dtype, tiling=e.vae_tiling,
+    ds = ds.map_batches(actors.VAEStage, fn_constructor_kwargs=dict(model=m.vae, dtype=e.vae_dtype, tiling=e.vae_tiling,
                                                              slicing=e.vae_slicing),
                         batch_size=r.batch_size, num_gpus=r.num_gpus or None, num_cpus=r.num_cpus,
                         compute=ray.data.ActorPoolStrategy(size=r.concurrency), batch_format="numpy")
@@ -269,7 +269,7 @@ def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
     old = json.loads((encdir / encoded.INFO).read_text()) if (encdir / encoded.INFO).exists() else {}
     if old.get("fingerprint") != fp or not null_path.exists():
         r = e.t5_resources
-        task = ray.remote(num_gpus=r.num_gpus or None, num_cpus=r.num_cpus)(stages.null_caption)
+        task = ray.remote(num_gpus=r.num_gpus or None, num_cpus=r.num_cpus)(actors.null_caption)
         atomic.write_bytes(null_path, ray.get(task.remote(m.t5, e.t5_dtype, e.t5_max_length)))
     scale, channels = vae.latent_format(vae.read_config(m.vae))
     y = load_file(null_path)["y_embedding"]  # [L, C]

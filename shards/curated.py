@@ -1,6 +1,13 @@
-"""The one reader of curated shards (CURDIR/shards/NNNNN.tar, layout in shards/format.py).
+"""The curated-tar format (CURDIR/shards/NNNNN.tar, names in shards/format.py): its one reader, its
+one writer, and the offset reader of a downloaded image's bytes.
 
-A sample's key is its member path minus the extension (WebDataset: up to the first dot of the
+Writer: members sorted by key (Ray's WebDataset reader mis-groups out-of-order members), with fixed
+tar headers (`shards/tar_writer.py`), so the same inputs give byte-identical shards. The image bytes
+are read straight from the download tar at their recorded offset (`read_member`): they never pass
+through the curation driver. A shard appears under its final name only when complete (temp +
+rename); an existing shard is finished work and is never rewritten.
+
+Reader: a sample's key is its member path minus the extension (WebDataset: up to the first dot of the
 file name), so `a/x.jpg` and `b/x.jpg` are two samples. A key whose members are not consecutive,
 or a member given twice, is a duplicate: the shard is refused rather than two samples merged.
 `tarfile` reads a tar cut at a member boundary as a shorter valid archive; a complete tar ends
@@ -9,11 +16,14 @@ with two zero blocks, and a shard without them is refused as truncated.
 
 from __future__ import annotations
 
+import json
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from shards import atomic, tar_writer
 from shards.errors import SigmaError
+from shards.format import CAPTION_EXT, META_EXT
 
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError)
 
@@ -104,3 +114,36 @@ def samples(path: str | Path, only: set[str] | None = None) -> Iterator[tuple[st
         raise CorruptShard(f"{path}: corrupt tar after {n} samples ({type(e).__name__}: {e})") from None
     if members:
         yield key, members
+
+
+# ---------------------------------------------------------------------------------------------
+# Writer
+# ---------------------------------------------------------------------------------------------
+
+
+def read_member(src: str, offset: int, size: int) -> bytes:
+    """The served bytes of one downloaded image, from its place in a download tar."""
+    with open(src, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
+def meta_json(meta: dict) -> str:
+    """A sample's KEY.json text (sorted keys: the same row gives the same bytes)."""
+    return json.dumps(meta, sort_keys=True, default=str)
+
+
+def write_shard(path: str | Path, members: list[dict]) -> str:
+    """members: {key, src, offset, size, ext, meta (dict or its meta_json), caption (str|None)}; returns the path."""
+    path = Path(path)
+    if path.exists():
+        return str(path)
+    with atomic.atomic_path(path) as tmp, tar_writer.open_for_writing(tmp) as tar:
+        for m in sorted(members, key=lambda m: m["key"]):
+            meta = m["meta"] if isinstance(m["meta"], str) else meta_json(m["meta"])
+            files = {m["ext"]: read_member(m["src"], m["offset"], m["size"]), META_EXT: meta.encode()}
+            if m.get("caption"):
+                files[CAPTION_EXT] = str(m["caption"]).encode()
+            for ext in sorted(files):
+                tar_writer.add(tar, f"{m['key']}.{ext}", files[ext])
+    return str(path)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from shards import atomic
+from shards import atomic, tar_writer
 from shards.errors import DISK_FULL, SigmaError, disk_full
 
 FORMAT_VERSION = 1
@@ -195,12 +194,6 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: same input, same bytes
-    tar.addfile(info, io.BytesIO(data))
-
-
 class BucketWriter:
     """Writes one bucket's samples into `<fp8>-NNNNN.tar` files of about `shard_bytes` each.
 
@@ -224,7 +217,7 @@ class BucketWriter:
             n += 1
         self.path = self.folder / f"{self.fp[:8]}-{n:05d}.tar"
         self.tmp = self.folder / f".{self.path.name}.tmp"
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)
+        self.tar = tar_writer.open_for_writing(self.tmp)
         return self.tar
 
     def write(self, meta: dict[str, Any], t5: bytes, vae: bytes, row: dict[str, Any]) -> None:
@@ -232,7 +225,7 @@ class BucketWriter:
         key = meta["key"]
         try:
             for suffix, data in ((JSON, json.dumps(meta, sort_keys=True).encode()), (T5, t5), (VAE, vae)):
-                _add(tar, f"{key}.{suffix}", data)
+                tar_writer.add(tar, f"{key}.{suffix}", data)
                 self.size += len(data) + 1024  # header + padding, roughly
         except OSError as e:
             if e.errno in DISK_FULL:

@@ -36,9 +36,9 @@ def ray_local():
     """One local Ray for the whole session (2 CPUs, no dashboard)."""
     import ray
 
-    from common import cli, config
+    from common import config, ray_start
 
-    cli.init_ray(config.load(ROOT / "pipelines.yaml", "demo"))
+    ray_start.init_ray(config.load(ROOT / "pipelines.yaml", "demo"))
     yield ray
     ray.shutdown()
 

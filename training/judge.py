@@ -140,7 +140,7 @@ def plan(evaldir: str | Path, model: str, judge: JudgeConfig) -> dict:
 
 def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
     """Judge every pair not judged yet by this model; returns the counts (also printed)."""
-    from common import cli, progress
+    from common import progress, ray_start
 
     judge = cfg.evaluation.judge
     check(judge)
@@ -154,7 +154,7 @@ def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
     summary = {"judge": rater, "pairs": len(pairs), "skipped": len(pairs) - len(todo), "judged": 0,
                "answers": 0, "invalid": 0, "failed_pairs": 0}
     if todo:
-        cli.init_ray(cfg)
+        ray_start.init_ray(cfg)
         import ray.data
 
         r = judge.resources

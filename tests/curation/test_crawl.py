@@ -15,9 +15,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from common.config import DownloadConfig
 from curation import download, hosts, inputs
 from demo.serve import ImageServer, endless, trickle
-from common.config import DownloadConfig
 
 WEB = ["127.0.0.2/32", "127.0.0.3/32"]
 
@@ -82,6 +82,19 @@ def test_internal_addresses_are_refused_in_any_spelling_and_after_redirects(web,
     assert len(internal.log) == before  # nothing reached the inside, in any spelling or via a redirect
     assert sorted(p for p in web.paths() if p.startswith("/hop")) == ["/hop0", "/hop1", "/hop2", "/hop3"]
     assert web.paths().count("/square-1k.jpg") == 1  # the allowed redirect was followed
+
+
+def test_credentials_and_file_redirects_are_blocked_addresses(web, internal, tmp_path):
+    host_port = internal.url.split("://", 1)[1]
+    with_credentials = f"http://user:secret@{host_port}/square-1k.jpg"  # the inside, behind credentials
+    to_file = web.add("/to-file", (302, {"Location": "file:///etc/passwd"}, b""))
+    to_credentials = web.add("/to-credentials", (302, {"Location": with_credentials}, b""))
+    web_credentials = web.url.replace("://", "://user:secret@") + "/square-1k.jpg"
+    before = len(internal.log)
+    rows = crawl(tmp_path, [with_credentials, to_file, to_credentials, web_credentials])
+    assert reasons_of(rows, [with_credentials, to_file, to_credentials]) == ["blocked_address"] * 3
+    assert rows[web_credentials]["reason"] == ""  # an allowed host is fetched, its credentials not sent
+    assert len(internal.log) == before
 
 
 def test_allow_networks_admits_an_internal_mirror_and_nothing_else(web, internal, tmp_path):

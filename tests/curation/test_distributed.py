@@ -66,7 +66,7 @@ def test_two_node_cluster_spreads_every_step_and_matches_one_node(curated, tmp_p
 
 
 def test_dedup_against_an_earlier_run(curated, ray_local, server, tmp_path, capsys):
-    from curation import cli, pipeline
+    from curation import pipeline, run
 
     first, m1, _, _ = curated
     names = ["square-1k.jpg", "near-small.jpg", "fresh-1k.jpg", "small.jpg"]
@@ -84,7 +84,7 @@ def test_dedup_against_an_earlier_run(curated, ray_local, server, tmp_path, caps
         pipeline.run(tmp_path / "urls.parquet", tmp_path / "second", demo_cfg(), [])
     capsys.readouterr()  # what the runs above logged is not the error's line
     with pytest.raises(SystemExit) as e:
-        cli.main(["--urls", str(tmp_path / "urls.parquet"), "--out", str(tmp_path / "third"), "--profile", "demo",
+        run.main(["--urls", str(tmp_path / "urls.parquet"), "--out", str(tmp_path / "third"), "--profile", "demo",
                   "--dedup-against", str(tmp_path)])
     # ours is one line; Ray's own processes may still log to the same stderr from the run before
     ours = [line for line in capsys.readouterr().err.splitlines() if "(pid=" not in line]

@@ -6,8 +6,9 @@ import hashlib
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curation import download, inputs
 from common.config import DownloadConfig
+from curation import download, inputs
+from shards import curated
 
 
 def _shard(tmp_path, urls):
@@ -34,7 +35,7 @@ def test_download_shard_keeps_bytes_and_reports_reasons(server, image_dir, tmp_p
     assert len(rows) == len(urls)
     for name in ("square-1k.jpg", "portrait-1k.png"):
         r = rows[f"{server.url}/{name}"]
-        served = download.read_member(r["src"], r["offset"], r["size"])  # at the recorded place in the tar
+        served = curated.read_member(r["src"], r["offset"], r["size"])  # at the recorded place in the tar
         assert r["reason"] == "" and hashlib.sha256(served).digest() == hashlib.sha256(
             (image_dir / name).read_bytes()).digest()  # the served bytes, untouched
     assert [rows[u]["reason"] for u in urls[2:]] == ["http_404", "opt_out", "connection_error", "invalid_url"]

@@ -10,12 +10,12 @@ ORDER = ["square-1k.jpg", "wide-1k.webp", "portrait-1k.png", "hires-2k.jpg"]
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_line(ray_local, tiny_models, server, small_disk, tmp_path, capsys):
-    from curation import cli
+    from curation import run
 
     pq.write_table(pa.table({"url": [f"{server.url}/{n}" for n in ORDER]}), tmp_path / "urls.parquet")
     out = small_disk(64 * 1024) / "out"
     with pytest.raises(SystemExit) as e:
-        cli.main(["--urls", str(tmp_path / "urls.parquet"), "--out", str(out), "--profile", "demo",
+        run.main(["--urls", str(tmp_path / "urls.parquet"), "--out", str(out), "--profile", "demo",
                   "--set", "curation.download.shard_size=2"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "disk full" in err and str(out) in err, err

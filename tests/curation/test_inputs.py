@@ -94,7 +94,7 @@ def test_named_columns_and_clashes(tmp_path):
 
 
 def test_dry_run_reads_headers_and_says_when_there_is_no_caption(tmp_path, tiny_models, capsys):
-    from curation import cli
+    from curation import run as cli
 
     cli.main(["--urls", str(laion(tmp_path / "laion.parquet")), "--out", str(tmp_path / "o"), "--profile", "demo",
               "--dry-run"])

@@ -64,7 +64,7 @@ def laion(photos, server, tmp_path_factory) -> Path:
 
 def curate(capsys, *argv) -> tuple[Path, pd.DataFrame, dict, str]:
     """Run the entry point: (out, manifest, the printed summary, what it said on stderr)."""
-    from curation import cli
+    from curation import run as cli
 
     out = Path(argv[argv.index("--out") + 1])
     cli.main([*argv, *SETTINGS])
@@ -105,7 +105,7 @@ def check_captions(out: Path, m: pd.DataFrame, name_of) -> None:
 @pytest.fixture(scope="module")
 def by_url(ray_local, tiny_models, laion, tmp_path_factory):
     """The URL run every on-disk kind is compared with."""
-    from curation import cli
+    from curation import run as cli
 
     out = tmp_path_factory.mktemp("by-url") / "out"
     cli.main(["--urls", str(laion), "--out", str(out), *SETTINGS])

@@ -105,13 +105,13 @@ def test_shards_hold_original_bytes_sorted(curated, image_dir):
 
 
 def test_aesthetic_threshold_decides_on_recorded_scores(curated):
-    from curation import pipeline
+    from tests.curation import oracle
 
     out, m, _, _ = curated
     scores = m.loc[m.status == "kept", "aesthetic"].sort_values()
     threshold = float(scores.iloc[len(scores) // 2])
     cur = demo_cfg("curation.aesthetic.enabled=true", f"curation.aesthetic.threshold={threshold}").curation
-    decisions = pipeline.decide(out / "_work" / "scored", 4, cur)
+    decisions = oracle.decide(out / "_work" / "scored", 4, cur)
     low = {k for k, (r, _) in decisions.items() if r == reasons.LOW_AESTHETIC}
     candidates = m[m.status.eq("kept") | m.reason.eq("duplicate")]
     assert low == set(candidates.loc[candidates.aesthetic < threshold, "key"]) and low

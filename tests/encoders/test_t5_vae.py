@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from encoders import t5, vae
-from encoding import stages
+from encoding import actors
 from shards import encoded, reasons
 
 CAPTIONS = ["a red fox in the snow", "a small wooden house near a lake at sunset with mountains behind it and a boat",
@@ -89,7 +89,7 @@ def test_latent_mean_equals_autoencoderkl(shard_models):
 def _batch(**cols):
     n = len(cols["key"])
     return {k: np.array(cols.get(k, [v] * n), dtype=object if isinstance(v, (bytes, str)) else np.int64)
-            for k, v in stages.ROW.items()}
+            for k, v in actors.ROW.items()}
 
 
 def test_vae_stage_marks_non_finite_as_failed(shard_models, tmp_path):
@@ -102,17 +102,17 @@ def test_vae_stage_marks_non_finite_as_failed(shard_models, tmp_path):
     broken.save_pretrained(tmp_path / "nan-vae")
     pixels = np.zeros((64, 64, 3), np.uint8).tobytes()
     batch = _batch(key=["a", "b"], bucket_h=[64, 64], bucket_w=[64, 64], pixels=[pixels, pixels])
-    out = stages.VAEStage(str(tmp_path / "nan-vae"), "float32", False, False)(batch)
+    out = actors.VAEStage(str(tmp_path / "nan-vae"), "float32", False, False)(batch)
     assert list(out["status"]) == [reasons.FAILED] * 2 and list(out["reason"]) == [reasons.NON_FINITE] * 2
     assert list(out["vae"]) == [b"", b""]
-    good = stages.VAEStage(str(shard_models["vae"]), "float32", False, False)(batch)
+    good = actors.VAEStage(str(shard_models["vae"]), "float32", False, False)(batch)
     assert list(good["status"]) == [reasons.KEPT] * 2
     assert encoded.unpack(good["vae"][0])["mean"].dtype == torch.float16
 
 
 def test_t5_stage_stores_valid_tokens_fp16(shard_models):
     batch = _batch(key=["a", "b"], recaption=["a red fox", "a dog on a table"], original=["fox", ""])
-    out = stages.T5Stage(str(shard_models["t5"]), "float32", 300)(batch)
+    out = actors.T5Stage(str(shard_models["t5"]), "float32", 300)(batch)
     a, b = encoded.unpack(out["t5"][0]), encoded.unpack(out["t5"][1])
     assert set(a) == {"recaption", "original"} and set(b) == {"recaption"}  # no original: none stored
     assert a["recaption"].dtype == torch.float16 and a["recaption"].shape[0] == out["t5_len_recaption"][0]
@@ -150,7 +150,7 @@ def test_the_encode_stages_preprocess_as_vae_preprocess():
     img = Image.fromarray(np.random.default_rng(3).integers(0, 255, (300, 260, 3), dtype=np.uint8))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    out = stages.preprocess(_batch(key=["k"], image=[buf.getvalue()]), "256", 10**8)
+    out = actors.preprocess(_batch(key=["k"], image=[buf.getvalue()]), "256", 10**8)
     bh, bw = int(out["bucket_h"][0]), int(out["bucket_w"][0])
     x = vae.to_pixels(np.frombuffer(out["pixels"][0], np.uint8).reshape(1, bh, bw, 3))  # as VAEStage builds it
     ref, box = vae.preprocess(vae.open_image(buf.getvalue()), (bh, bw))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from encoders import t5, vae
-from encoding import encode, stages
+from encoding import actors, encode
 from shards import encoded, reasons
 from shards.errors import SigmaError
 from tests.shards.synthetic import ROOT, image_bytes, sample, truncate, write_curated
@@ -232,12 +232,12 @@ def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
     tar_path.write_bytes(tar_path.read_bytes()[:end_of_first])
     (caps / "00000.parquet").unlink()  # and no caption file: the keys read before the cut are still listed
     task = {"shard": str(tar_path), "captions": str(caps / "00000.parquet"), "done": []}
-    rows = list(stages.read_shard(task, "256"))
+    rows = list(actors.read_shard(task, "256"))
     assert [(r["key"], r["status"], r["reason"]) for r in rows] == [("000000001", "failed", reasons.CORRUPT_SHARD)]
     write_curated(tmp_path / "ok", [[sample(1, 300, 260), sample(2, 300, 260)]])
     ok = tmp_path / "ok"
     task = {"shard": str(ok / "curated" / "shards" / "00000.tar"), "captions": str(ok / "nope.parquet"), "done": ["000000002"]}
-    rows = list(stages.read_shard(task, "256"))
+    rows = list(actors.read_shard(task, "256"))
     assert [(r["key"], r["reason"]) for r in rows] == [("000000001", reasons.MISSING_CAPTION)]  # 2 is done: skipped
 
 
