@@ -24,6 +24,7 @@ import io
 import json
 import statistics
 import subprocess
+import sys
 import os
 import platform
 import random

@@ -196,7 +196,7 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     if not expected:
         return _finish(summary, out, p, cfg)
 
-    ray = ray_start.init_ray(cfg)
+    ray_start.init_ray(cfg)  # binds nothing: `import ray.data` below gives the module
     import ray.data
 
     from encoders import t5

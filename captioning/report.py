@@ -12,7 +12,6 @@ from pathlib import Path
 
 from common import pages
 from shards import atomic, captions, format, reasons
-from shards.errors import SigmaError
 
 REPORT = "report.html"
 EXAMPLES = 12  # spread over the token-length distribution, shortest to longest
