@@ -151,7 +151,7 @@ def test_tar_samples_point_into_the_users_tar(tmp_path):
     assert t["similarity"].tolist()[:2] == [0.3, 0.3] and "status" not in t  # img2dataset bookkeeping dropped
     rows = [r for i in range(2) for r in src.shard_rows(work, tmp_path / "out" / "downloads", i, None)]
     assert [r["reason"] for r in rows] == ["", "", "not_an_image", ""]  # a sample without an image: accounted
-    from curation.download import read_member
+    from shards.curated import read_member
 
     assert [read_member(r["src"], r["offset"], r["size"]) for r in rows if r["src"]] == [b"JPEGDATA0", b"PNGDATA",
                                                                                        b"WEBP"]
@@ -205,7 +205,7 @@ def test_table_bytes_copied_to_the_runs_own_tar(tmp_path, layout):
     assert list(t.columns) == ["key", "url", "caption", "source", "label"]
     assert t["source"].tolist() == [f"{path}#{i}" for i in range(4)] and t["caption"].tolist() == ALT[:4]
     rows = [r for i in range(2) for r in src.shard_rows(out / "_work", out / "downloads", i, None)]
-    from curation.download import read_member
+    from shards.curated import read_member
 
     assert [r["reason"] for r in rows] == ["", "", "not_an_image", ""]
     assert [read_member(r["src"], r["offset"], r["size"]) for r in rows if r["src"]] == [b"IMG0", b"FROMPATH", b"IMG3"]
