@@ -4,7 +4,7 @@ reward scores with bootstrap intervals; plus judge–human agreement (Cohen's κ
 position bias, so a reader knows how far to trust the judge.
 
 Everything is read from EVALDIR: the votes table of preference.sqlite (humans and judges) and
-scores.parquet. The results page (training/preference.py) shows `section`; `write_summary`
+scores.parquet. The results page (evaluation/serve.py) shows `section`; `write_summary`
 puts the same numbers into summary.md.
 """
 from __future__ import annotations
@@ -13,7 +13,8 @@ import html
 import math
 from pathlib import Path
 
-from training import judge, preference
+from evaluation import judge, stats
+from evaluation.store import DB, Store, load_pairs
 
 SUMMARY_MARK = "## Preference study"
 CHART_W, LABEL_W, BAR_H, GAP = 720, 170, 14, 10
@@ -23,8 +24,8 @@ COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
 def collect(evaldir: str | Path) -> dict:
     """The study's numbers from EVALDIR (votes on the images now there only)."""
     evaldir = Path(evaldir)
-    store = preference.Store(evaldir / preference.DB)
-    pairs = {p.id: p for p in preference.load_pairs(evaldir, store.salt)}
+    store = Store(evaldir / DB)
+    pairs = {p.id: p for p in load_pairs(evaldir, store.salt)}
     rows = store.rows(pairs.keys())
     runs = sorted({r for p in pairs.values() for r in (p.run_a, p.run_b)})
     series = [{"name": "human", "source": "human", "question": "overall",
@@ -37,13 +38,13 @@ def collect(evaldir: str | Path) -> dict:
                      if r["question"] == q and r["choice"] != "invalid"]
             series.append({"name": f"{rater} · {q}", "source": "judge", "question": q, "runs": _per_run(votes)})
         human = [r for r in rows if r["source"] == "human"]
-        judges.append({"judge": rater, "bias": judge.position_bias(mine),
-                       "agreement": judge.agreement(human + mine, pairs)})
+        judges.append({"judge": rater, "bias": stats.position_bias(mine),
+                       "agreement": stats.agreement(human + mine, pairs, judge.QUESTIONS)})
     return {"runs": runs, "pairs": len(pairs), "series": series, "judges": judges, "scores": scores(evaldir, runs)}
 
 
 def _per_run(votes) -> dict:
-    return {r["run"]: r for r in preference.win_rates(votes)["runs"]}
+    return {r["run"]: r for r in stats.win_rates(votes)["runs"]}
 
 
 def scores(evaldir: Path, runs: list[str]) -> dict:
@@ -53,7 +54,7 @@ def scores(evaldir: Path, runs: list[str]) -> dict:
         return {}
     import pandas as pd
 
-    from training.evaluate import bootstrap_ci, score_columns
+    from evaluation.scores import score_columns
 
     df = pd.read_parquet(path)
     out = {}
@@ -62,7 +63,7 @@ def scores(evaldir: Path, runs: list[str]) -> dict:
         for run in runs:
             values = df.loc[df.run == run, col].dropna()
             if len(values):
-                lo, hi = bootstrap_ci(values)
+                lo, hi = stats.bootstrap_ci(values)
                 out[col][run] = {"mean": float(values.mean()), "lo": lo, "hi": hi, "n": len(values)}
     return out
 
