@@ -1,10 +1,9 @@
 """One picture of a preference study, like PixArt-Σ's Fig. 9: per run, the human win rate, each
-judge's win rates (quality, prompt alignment) with 95% Wilson intervals, and the automatic and
-reward scores with bootstrap intervals; plus judge–human agreement (Cohen's κ) and the judge's
+judge's win rates (quality, prompt alignment) with 95% Wilson intervals; plus judge–human agreement (Cohen's κ) and the judge's
 position bias, so a reader knows how far to trust the judge.
 
-Everything is read from EVALDIR: the votes table of preference.sqlite (humans and judges) and
-scores.parquet. The results page (evaluation/serve.py) shows `section`; `write_summary`
+Everything is read from EVALDIR's votes table (preference.sqlite: humans and judges); the scores
+and FID are evaluation/results.py's. The results page (evaluation/serve.py) shows `section`; `write_summary`
 puts the same numbers into summary.md.
 """
 from __future__ import annotations
@@ -40,32 +39,11 @@ def collect(evaldir: str | Path) -> dict:
         human = [r for r in rows if r["source"] == "human"]
         judges.append({"judge": rater, "bias": stats.position_bias(mine),
                        "agreement": stats.agreement(human + mine, pairs, judge.QUESTIONS)})
-    return {"runs": runs, "pairs": len(pairs), "series": series, "judges": judges, "scores": scores(evaldir, runs)}
+    return {"runs": runs, "pairs": len(pairs), "series": series, "judges": judges}
 
 
 def _per_run(votes) -> dict:
     return {r["run"]: r for r in stats.win_rates(votes)["runs"]}
-
-
-def scores(evaldir: Path, runs: list[str]) -> dict:
-    """Per score column of scores.parquet and run: mean and 95% bootstrap interval ({} without the file)."""
-    path = Path(evaldir) / "scores.parquet"
-    if not path.exists():
-        return {}
-    import pandas as pd
-
-    from evaluation.scores import score_columns
-
-    df = pd.read_parquet(path)
-    out = {}
-    for col in score_columns(df):
-        out[col] = {}
-        for run in runs:
-            values = df.loc[df.run == run, col].dropna()
-            if len(values):
-                lo, hi = stats.bootstrap_ci(values)
-                out[col][run] = {"mean": float(values.mean()), "lo": lo, "hi": hi, "n": len(values)}
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,11 +93,6 @@ def chart_svg(data: dict) -> str:
 
 def section(data: dict) -> str:
     """The study part of the results page."""
-    fmt = lambda m, lo, hi: f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
-    score_rows = "".join(
-        f"<tr class='score-row' data-run='{html.escape(run)}'><td>{html.escape(run)}</td>" + "".join(
-            f"<td data-score='{col}'>{fmt(v[run]['mean'], v[run]['lo'], v[run]['hi']) if run in v else '-'}</td>"
-            for col, v in data["scores"].items()) + "</tr>" for run in data["runs"])
     judge_rows = "".join(
         f"<tr class='judge-row' data-judge='{html.escape(j['judge'])}'><td>{html.escape(j['judge'])}</td>"
         f"<td>{j['bias']['answers']}</td><td>{j['bias']['invalid']}</td><td>{_pct(j['bias']['first'])}</td>"
@@ -132,9 +105,6 @@ def section(data: dict) -> str:
         "half; 95% Wilson interval) from human votes and from each VLM judge, which answers quality and prompt "
         "alignment separately, every pair in both orders (invalid answers left out).</p>"
         f"{chart_svg(data)}"
-        "<h3>Scores</h3><p class='muted'>Mean and 95% bootstrap interval over the images.</p>"
-        f"<table id='scores'><tr><th>run</th>{''.join(f'<th>{html.escape(c)}</th>' for c in data['scores'])}</tr>"
-        f"{score_rows}</table>"
         "<h3>Judges</h3><p class='muted'>Position bias: how often the judge chose the first image, the second "
         "or a tie, and how often its two orders agreed. κ: Cohen's kappa between the judge's verdict (the same "
         "winner in both orders, else a tie) and the human majority, on the pairs both judged.</p>"
