@@ -31,6 +31,7 @@ QUESTIONS = {
                "regardless of the prompt?",
     "alignment": "Which image follows the prompt more faithfully (objects, attributes, counts, style)?",
 }
+assert tuple(QUESTIONS) == votes.JUDGE_QUESTIONS  # the votes table's CHECK constraint names them
 ANSWER_RULE = "Answer with exactly one word: A, B, or tie."
 ORDERS = 2  # (run_a, run_b) and (run_b, run_a)
 ANSWERS_PER_PAIR = ORDERS * len(QUESTIONS)

@@ -78,6 +78,7 @@ def next_pair(pairs: list[Pair], done: set[str], salt: str, rater: str) -> Pair 
 
 SOURCES = ("human", "judge")
 QUESTIONS = ("overall", "quality", "alignment")  # humans answer one overall question; the judge two
+JUDGE_QUESTIONS = QUESTIONS[1:]
 VOTES_SQL = """CREATE TABLE IF NOT EXISTS votes (
     rater TEXT NOT NULL, pair TEXT NOT NULL, prompt_idx INTEGER, seed INTEGER,
     run_a TEXT NOT NULL, run_b TEXT NOT NULL, left_run TEXT NOT NULL, right_run TEXT NOT NULL,

@@ -12,8 +12,8 @@ import html
 import math
 from pathlib import Path
 
-from evaluation import judge, stats
-from evaluation.store import DB, Store, load_pairs
+from evaluation import stats
+from evaluation.store import DB, JUDGE_QUESTIONS, Store, load_pairs
 
 SUMMARY_MARK = "## Preference study"
 CHART_W, LABEL_W, BAR_H, GAP = 720, 170, 14, 10
@@ -32,13 +32,13 @@ def collect(evaldir: str | Path) -> dict:
     judges = []
     for rater in sorted({r["rater"] for r in rows if r["source"] == "judge"}):
         mine = [r for r in rows if r["rater"] == rater]
-        for q in judge.QUESTIONS:
+        for q in JUDGE_QUESTIONS:
             votes = [(r["run_a"], r["run_b"], r["winner"]) for r in mine
                      if r["question"] == q and r["choice"] != "invalid"]
             series.append({"name": f"{rater} · {q}", "source": "judge", "question": q, "runs": _per_run(votes)})
         human = [r for r in rows if r["source"] == "human"]
         judges.append({"judge": rater, "bias": stats.position_bias(mine),
-                       "agreement": stats.agreement(human + mine, pairs, judge.QUESTIONS)})
+                       "agreement": stats.agreement(human + mine, pairs, JUDGE_QUESTIONS)})
     return {"runs": runs, "pairs": len(pairs), "series": series, "judges": judges}
 
 
@@ -99,7 +99,7 @@ def section(data: dict) -> str:
         f"<td>{_pct(j['bias']['second'])}</td><td>{_pct(j['bias']['tie'])}</td><td>{_pct(j['bias']['consistent'])}</td>"
         + "".join(f"<td data-kappa='{q}' data-n='{a['n']}'>{_kappa(a)}</td>" for q, a in j["agreement"].items())
         + "</tr>" for j in data["judges"])
-    questions = "".join(f"<th>κ vs humans, {q}</th>" for q in judge.QUESTIONS)
+    questions = "".join(f"<th>κ vs humans, {q}</th>" for q in JUDGE_QUESTIONS)
     return (
         "<h2>Preference study</h2><p class='muted'>Per run, its win rate against all other runs (a tie counts "
         "half; 95% Wilson interval) from human votes and from each VLM judge, which answers quality and prompt "
@@ -133,8 +133,8 @@ def markdown(data: dict) -> str:
     lines += [f"| {run} | " + " | ".join(pct(s["runs"].get(run)) for s in data["series"]) + " |" for run in data["runs"]]
     if data["judges"]:
         lines += ["", "| judge | answers | invalid | first | second | tie | orders agree | "
-                  + " | ".join(f"κ vs humans, {q}" for q in judge.QUESTIONS) + " |",
-                  "| --- |" + " ---: |" * (6 + len(judge.QUESTIONS))]
+                  + " | ".join(f"κ vs humans, {q}" for q in JUDGE_QUESTIONS) + " |",
+                  "| --- |" + " ---: |" * (6 + len(JUDGE_QUESTIONS))]
         lines += [f"| {j['judge']} | {j['bias']['answers']} | {j['bias']['invalid']} | {_pct(j['bias']['first'])} | "
                   f"{_pct(j['bias']['second'])} | {_pct(j['bias']['tie'])} | {_pct(j['bias']['consistent'])} | "
                   + " | ".join(_kappa(a) for a in j["agreement"].values()) + " |" for j in data["judges"]]
