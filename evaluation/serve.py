@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from evaluation import page, results, stats, study
-from evaluation.store import DB, Store, _hash, load_pairs, next_pair
+from evaluation.store import DB, Store, digest, load_pairs, next_pair
 from shards.errors import SigmaError
 
 RATER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -35,12 +35,13 @@ class App:
         self.store = Store(evaldir / DB)
         self.pairs = load_pairs(evaldir, self.store.salt)
         if not self.pairs:
-            raise SigmaError(f"{evaldir}: no image pairs (need images of two or more models under images/: training/sample --prompts, evaluation/generate)")
+            raise SigmaError(f"{evaldir}: no image pairs (need images of two or more models under images/: "
+                             "training/sample --prompts, evaluation/generate)")
         self.by_id = {p.id: p for p in self.pairs}
         self.tokens, self.files = {}, {}  # (pair id, run) -> token -> PNG path
         for p in self.pairs:
             for run, path in ((p.run_a, p.image_a), (p.run_b, p.image_b)):
-                token = _hash(self.store.salt, p.id, run)[:20]
+                token = digest(self.store.salt, p.id, run)[:20]
                 self.tokens[p.id, run], self.files[token] = token, path
         self.runs = sorted({r for p in self.pairs for r in (p.run_a, p.run_b)})
 

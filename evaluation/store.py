@@ -43,7 +43,8 @@ class Pair:
     image_b: Path
 
 
-def _hash(*parts) -> str:
+def digest(*parts) -> str:
+    """sha256 of the parts joined: pair ids, image tokens, a rater's order and sides."""
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
 
 
@@ -55,25 +56,25 @@ def load_pairs(evaldir: Path, salt: str) -> list[Pair]:
     """
     groups: dict[tuple[int, int], dict[str, tuple[str, Path, str]]] = {}
     for m in evalset.read_sidecars(evaldir):
-        groups.setdefault((m["prompt_idx"], m["seed"]), {})[m["run"]] = (m["prompt"], m["png"], _hash(m["text"]))
+        groups.setdefault((m["prompt_idx"], m["seed"]), {})[m["run"]] = (m["prompt"], m["png"], digest(m["text"]))
     pairs = []
     for (idx, seed), by_run in sorted(groups.items()):
         for a, b in combinations(sorted(by_run), 2):
             (prompt, png_a, sig_a), (_, png_b, sig_b) = by_run[a], by_run[b]
-            pairs.append(Pair(_hash(salt, idx, seed, a, b, sig_a, sig_b)[:16], idx, seed, prompt, a, b, png_a, png_b))
+            pairs.append(Pair(digest(salt, idx, seed, a, b, sig_a, sig_b)[:16], idx, seed, prompt, a, b, png_a, png_b))
     return pairs
 
 
 def sides(salt: str, rater: str, pair: Pair) -> tuple[str, str]:
     """(left run, right run) for this rater: random, but the same on every reload."""
-    flip = int(_hash(salt, rater, pair.id, "side")[:8], 16) & 1
+    flip = int(digest(salt, rater, pair.id, "side")[:8], 16) & 1
     return (pair.run_b, pair.run_a) if flip else (pair.run_a, pair.run_b)
 
 
 def next_pair(pairs: list[Pair], done: set[str], salt: str, rater: str) -> Pair | None:
     """The rater's first unjudged pair in their own random order."""
     pending = [p for p in pairs if p.id not in done]
-    return min(pending, key=lambda p: _hash(salt, rater, p.id, "order")) if pending else None
+    return min(pending, key=lambda p: digest(salt, rater, p.id, "order")) if pending else None
 
 
 SOURCES = ("human", "judge")
