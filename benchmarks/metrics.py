@@ -53,13 +53,16 @@ def main() -> None:
     prompts = ["a red fox in the snow"] * args.images
     scorer = scores.Scorer(m.clip.arch, m.clip.weights, m.clip.config_dir, m.aesthetic_head)
     clip = rate(lambda: scorer({"image": images, "prompt": prompts}), args.images, args.rounds)
+    print(f"CLIP-Score + aesthetic: {clip[0]:.1f} images/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         extract = fid.InceptionFeatures(fid.write_standin(Path(tmp) / "inception.pth"))
         inception = rate(lambda: extract(images), args.images, args.rounds)
+    print(f"Inception features: {inception[0]:.1f} images/s", flush=True)
     feats = rng.normal(size=(2 * 2048, 2048))  # full-rank covariances, as with thousands of images
     t0 = time.perf_counter()
     fid.frechet_distance(feats[:2048], feats[2048:] + 0.1)
     one_fid = time.perf_counter() - t0
+    print(f"one FID at 2048-d: {one_fid:.1f} s", flush=True)
     load = os.getloadavg()[0]
     fmt = lambda r: f"{r[0]:.1f} ({r[1]:.1f}-{r[2]:.1f})"  # noqa: E731
     text = f"""## Evaluation metrics pass (`benchmarks/metrics.py`)
@@ -75,12 +78,13 @@ Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch
 | FID features, full-size InceptionV3 at 299x299 (`evaluation/fid.py`, torchmetrics) | {fmt(inception)} |
 
 One FID from 2048-d features of 2,048 images per side (torchmetrics' `_compute_fid`, float64, CPU): \
-{one_fid:.1f} s; `--fid-resamples 10` costs ten of these per model and category.
+{one_fid:.1f} s; `--fid-resamples N` costs N of these per model and category, hence its default 0.
 
 **GPU estimate for MJHQ-30K (not measured: no GPU was lent to this task).** InceptionV3 is ~5.7 GFLOPs \
 per 299x299 image, so one A100/H100 extracts 30,000 images' features in well under a minute; decoding \
 30,000 1024x1024 JPEGs (~10 ms each per core) takes ~20 s on 16 cores, and the reference features are \
-cached (`fid-reference.npz`), so they are read once. CLIP-Score with ViT-L/14 at ~312 images/s per A100 \
+cached (`fid-reference.npz`), so they are read once; each FID (one 2048x2048 eigendecomposition) takes \
+seconds on a server CPU, ~11 per model with MJHQ's 10 categories. CLIP-Score with ViT-L/14 at ~312 images/s per A100 \
 (the curation figure in README.md) is ~100 s per 30,000 images. Generating the 30,000 images dominates: \
 Sana's table gives PixArt-Σ 0.4 samples/s at 1024x1024 (https://github.com/NVlabs/Sana, Performance), \
 ~21 GPU-hours per model.

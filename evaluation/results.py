@@ -75,7 +75,7 @@ def markdown(metrics: dict) -> str:
     cols = _columns(metrics)
     head = "| model | " + " | ".join(cols) + " |\n| --- |" + " --- |" * len(cols)
     lines = ["## Metrics", "", "Mean and 95% bootstrap interval over the images (FID: the point value on all "
-             "images, interval over resamples of the generated images).", "", head]
+             "images, interval (with --fid-resamples) over resamples of the generated images).", "", head]
     lines += [f"| {run} | " + " | ".join(_fmt(v.get(c), "fid" if c == "fid" else "mean") for c in cols) + " |"
               for run, v in metrics["overall"].items()]
     if metrics["categories"]:
@@ -138,7 +138,7 @@ def section(metrics: dict | None) -> str:
     ref_text = (f"FID against {html.escape(str(ref['path']))} ({ref['n']} images, Inception pool features "
                 f"{ref['features']})." if ref else "No reference set given: no FID (evaluation/evaluate --reference).")
     return ("<h2>Metrics</h2><p class='muted'>Mean and 95% bootstrap interval over the images; FID: the value on "
-            f"all images, interval over resamples of the generated images. {ref_text}</p>"
+            f"all images, interval (with --fid-resamples) over resamples of the generated images. {ref_text}</p>"
             f"<table id='metrics'><tr><th>model</th>{th}</tr>{body}</table>"
             + "".join(chart_svg(metrics, c) for c in cols)
             + (f"<h3>Per category</h3><table id='metrics-by-category'><tr><th>category</th><th>model</th>{th}</tr>"
