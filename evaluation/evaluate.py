@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--fid-features", type=int, default=fid.FEATURES, choices=(64, 192, 768, 2048),
                    help="Inception features for FID (default 2048, the one papers report)")
     p.add_argument("--fid-resamples", type=int, default=0, help="bootstrap resamples for an FID interval (default 0: "
-                   "the point value only; each costs one FID, a 2048x2048 eigendecomposition: 83 s on a busy 2-core "
+                   "the point value only; each costs one FID, a 2048x2048 eigendecomposition: ~100 s on a busy 2-core "
                    "CPU, see benchmarks/RESULTS.md)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device to score on (default: cuda if available, else cpu)")
