@@ -242,7 +242,7 @@ def write_batch(gen, args, src, position: dict, prompts: list[dict], seeds: list
     from shards import evalset
 
     height, width = parse_size(args.size)
-    uncond = "diffusers" if args.like_diffusers else args.uncond
+    uncond = "like-diffusers" if args.like_diffusers else args.uncond  # like-diffusers also lower-cases prompts
     settings = {"stage": src.stage, "steps": args.steps, "cfg": args.cfg, "size": [height, width],
                 "uncond": uncond, "checkpoint": str(src.checkpoint)}
     record = {"generator": "training/sample", "run": str(src.run) if src.run else None, "dit": src.size,
