@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from demo import tiny_models
-from training import judge, preference
+from evaluation import judge
+from evaluation import store as preference
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
@@ -68,7 +69,7 @@ def main() -> None:
     med = {bs: statistics.median(v) for bs, v in results.items()}
     lines = ["## VLM judge (`benchmarks/judge.py`)", "",
              f"Machine: {machine}. Tiny random-weight LLaVA (`encoders.vlm.build_tiny`), the `Judge` actor of "
-             f"`training/judge.py` called directly (no Ray), {args.pairs} pairs = {len(rows)} prompts (2 questions x "
+             f"`evaluation/judge.py` called directly (no Ray), {args.pairs} pairs = {len(rows)} prompts (2 questions x "
              f"2 orders), two 64x64 PNGs per prompt read from disk, greedy, 8 new tokens. {args.rounds} rounds. "
              f"Command: `python -m benchmarks.judge --pairs {args.pairs} --rounds {args.rounds}`.", "",
              "| batch size | prompts/s, median | min - max over rounds | pairs/s, median |", "| ---: | ---: | ---: | ---: |"]

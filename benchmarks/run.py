@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TOPICS = ["curation", "curation_scale", "curation_before_after", "curation_sources", "crawl", "captioning", "encode",
-          "dit", "weak_to_strong", "judge"]
+          "dit", "weak_to_strong", "judge", "metrics"]
 
 
 def merge() -> Path:

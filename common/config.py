@@ -291,7 +291,7 @@ class TrainingConfig:
 
 @dataclass
 class JudgeConfig:
-    """The VLM judge of `training/evaluate --judge MODEL EVALDIR` (MODEL is given on the command line)."""
+    """The VLM judge of `evaluation/judge MODEL EVALDIR` (MODEL is given on the command line)."""
 
     revision: str | None = None  # a pinned commit; required with trust_remote_code
     trust_remote_code: bool = False  # only on explicit opt-in
@@ -303,7 +303,7 @@ class JudgeConfig:
 
 @dataclass
 class RewardModels:
-    """Reward models scored beside CLIP and aesthetic by `training/evaluate --runs`; None: not scored."""
+    """Reward models scored beside CLIP and aesthetic by `evaluation/evaluate`; None: not scored."""
 
     hps_arch: str = "ViT-H-14"  # HPSv2: open_clip ViT-H-14 fine-tuned on human preferences
     hps_weights: str | None = None  # local HPS_v2.1_compressed.pt (or .safetensors)

@@ -5,7 +5,8 @@ the previous step's output), against a local Ray and the tiny models built offli
 
     images -> HTTP on 127.0.0.1 -> curation/run.py -> captioning/recaption -> encoding/encode
            -> training/finetune --stage 256 -> training/sample
-           -> training/evaluate (its two kept checkpoints) -> training/evaluate --judge (the tiny VLM)
+           -> training/sample --prompts (its two kept checkpoints into eval/images/) -> evaluation/evaluate
+           -> evaluation/judge (the tiny VLM)
 """
 from __future__ import annotations
 
@@ -81,9 +82,11 @@ def main() -> None:
                                         "--steps", "10", "--seed", "0", "--out", str(sample), *prof])
     (out / "prompts.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
     kept = sorted((out / "runs" / "256" / "checkpoints").glob("step-*/ema.safetensors"))  # the two newest steps
-    timings["evaluate"] = step("evaluate", ["training/evaluate", "--runs", *map(str, kept), "--prompts", str(out / "prompts.txt"),
-                                            "--out", str(out / "eval"), "--size", "256x256", "--steps", "10", *prof])
-    timings["judge"] = step("judge", ["training/evaluate", "--judge", str(ROOT / ".cache" / "tiny" / "captioner"), str(out / "eval"), *prof])
+    timings["evaluate"] = sum(step("eval images", ["training/sample", "--ckpt", str(ckpt), "--prompts", str(out / "prompts.txt"),
+                                                   "--out", str(out / "eval" / "images" / ckpt.parent.name), "--size", "256x256",
+                                                   "--steps", "10", *prof]) for ckpt in kept)
+    timings["evaluate"] += step("evaluate", ["evaluation/evaluate", str(out / "eval"), *prof])
+    timings["judge"] = step("judge", ["evaluation/judge", str(ROOT / ".cache" / "tiny" / "captioner"), str(out / "eval"), *prof])
     print_summary(out, n_urls, sample, timings)
 
 
@@ -110,7 +113,7 @@ def print_summary(out: Path, n_urls: int, sample: Path, timings: dict) -> None:
     print(f"encoded     {int((index['status'] == 'kept').sum())} samples at tier 256 in {out / 'encoded'}")
     print(f"training    final loss {last_loss} ({out / 'runs' / '256'})")
     print(f"sample      {sample}")
-    print(f"evaluation  {out / 'eval' / 'summary.md'}; page: training/evaluate --serve {out / 'eval'} --profile demo "
+    print(f"evaluation  {out / 'eval' / 'summary.md'}; page: evaluation/serve {out / 'eval'} --profile demo "
           "(results: /results)")
     print("time        " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("=" * 72)

@@ -1,6 +1,6 @@
 """The import direction of ../shared/docs/architecture.md, read from the source with `ast`.
 
-Stages (curation, captioning, encoding, training) import only the layers below them (shards,
+Stages (curation, captioning, encoding, training, evaluation) import only the layers below them (shards,
 encoders, common), never each other; shards imports no other project package and no Ray or model
 library; encoders and common import only shards.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["curation", "captioning", "encoding", "training"]
+STAGES = ["curation", "captioning", "encoding", "training", "evaluation"]
 LAYERS = {"shards": {"shards"}, "encoders": {"shards", "encoders"}, "common": {"shards", "common"},
           **{s: {"shards", "encoders", "common", s} for s in STAGES}}
 PROJECT = set(LAYERS) | {"demo", "benchmarks", "tests"}

@@ -1,7 +1,9 @@
 """Text -> image with a trained DiT: T5 prompt features, DPM-Solver++ with CFG, VAE decode.
 
 `training/sample` is the command line; `Generator` is the one sampling path (load T5, VAE and DiT
-once, then `__call__(prompts, ...)`), used by training/evaluate and by the trainer's sample grids.
+once, then `__call__(prompts, ...)`), used by the trainer's sample grids too. `--prompts FILE --seeds
+0,1 --out EVALDIR/images/NAME` is the batch mode evaluation/ reads: one image per prompt and seed in
+shards/evalset.py's layout, plus generation.json (how they were made).
 
 Same-image parity with diffusers' `PixArtSigmaPipeline` needs two conventions to agree:
   unconditional branch  official (default): the DiT's null caption `y_embedding` (T5("") padded
@@ -17,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,6 +41,7 @@ class Generator:
                  t5_dtype="float32", vae_dtype="float32", max_length: int = 300, *, vae_tiling: bool = False,
                  vae_slicing: bool = False, keep_null: bool = False):
         self.device, self.dtype, self.max_length = torch.device(device), dtype, max_length
+        self.t5_path, self.vae_path = str(t5_path), str(vae_path)  # what an evaluation folder records
         self.tokenizer = t5_mod.load_tokenizer(t5_path)
         self.t5 = t5_mod.load_t5(t5_path, t5_dtype, device)
         self.vae = vae_mod.load_vae(vae_path, vae_dtype, device, vae_tiling, vae_slicing)
@@ -161,11 +165,17 @@ def main(argv=None) -> None:
     from training import runs
 
     p = cli.parser("training/sample", "Generate an image from a prompt with a trained PixArt-Sigma DiT "
-                   "(DPM-Solver++ with classifier-free guidance; T5 and VAE: the run's own, from its run.json).",
-                   'training/sample --run runs/1k --prompt "A red fox in the snow" --size 1024x1024 --out fox.png')
+                   "(DPM-Solver++ with classifier-free guidance; T5 and VAE: the run's own, from its run.json); or, "
+                   "with --prompts, one image per prompt and seed into an evaluation folder.",
+                   'training/sample --run runs/1k --prompt "A red fox in the snow" --size 1024x1024 --out fox.png\n'
+                   "  training/sample --run runs/1k --prompts prompts.txt --seeds 0,1 --out eval/images/1k")
     runs.add_source_args(p)
     runs.add_model_args(p)
-    p.add_argument("--prompt", required=True, help="the text prompt")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text prompt")
+    what.add_argument("--prompts", help="batch mode: a prompt file (.txt, .jsonl, or MJHQ-30K's meta_data.json); "
+                      "--out is then the folder EVALDIR/images/NAME")
+    p.add_argument("--seeds", default="0,1", help="batch mode: initial-noise seeds (default 0,1)")
     p.add_argument("--size", default="1024x1024", help="HEIGHTxWIDTH in pixels, multiples of 16 (default 1024x1024)")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5; 1 = off)")
@@ -176,12 +186,13 @@ def main(argv=None) -> None:
                    help="the same image as diffusers' PixArtSigmaPipeline: --uncond diffusers and a lower-cased prompt")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda if available)")
-    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--out", required=True, help="PNG file to write (batch mode: the image folder)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
     try:
         height, width = parse_size(args.size)
         check_request(height, width, args.steps)
+        batch = batch_request(args)
     except SigmaError as e:
         cli.fail(str(e))
     try:
@@ -195,13 +206,16 @@ def main(argv=None) -> None:
         print(f"dry run: not checked: {e}", file=sys.stderr)
         cli.print_plan({"checkpoint": None, "not_checked": [str(e)], "dit": cfg.models.dit, "t5": cfg.models.t5,
                         "vae": cfg.models.vae, "size": [height, width], "steps": args.steps, "cfg": args.cfg,
-                        "seed": args.seed, "device": args.device, "out": args.out})
+                        "seed": args.seed, "device": args.device, "out": args.out,
+                        **({"prompts": len(batch[0]), "seeds": batch[1]} if batch else {})})
         return
     if args.dry_run:
         cli.print_plan({"checkpoint": str(src.checkpoint), "dit": src.size, **position, "t5": models.t5,
                         "vae": models.vae, "models_from": models.source, "size": [height, width],
-                        "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "uncond": "diffusers" if args.like_diffusers else args.uncond,
-                        "device": args.device, "out": args.out})
+                        "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
+                        "uncond": "diffusers" if args.like_diffusers else args.uncond,
+                        "device": args.device, "out": args.out,
+                        **({"prompts": len(batch[0]), "seeds": batch[1]} if batch else {})})
         return
     try:
         model = runs.load_model(src.checkpoint, src.size, **position)
@@ -209,6 +223,8 @@ def main(argv=None) -> None:
         gen = Generator(model, models.t5, models.vae, args.device, dtype, t5_dtype=models.t5_dtype,
                         vae_dtype=cfg.encode.vae_dtype, max_length=models.max_length,
                         keep_null=src.run is not None)
+        if batch:
+            return write_batch(gen, args, src, position, *batch)
         image = gen([args.prompt], height, width, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
                     uncond=args.uncond, like_diffusers=args.like_diffusers)[0]
     except SigmaError as e:
@@ -218,3 +234,39 @@ def main(argv=None) -> None:
     write_bytes(args.out, buf.getvalue())
     print(f"wrote {args.out} ({height}x{width} HxW, {args.steps} steps, cfg {args.cfg}, seed {args.seed}, "
           f"{src.checkpoint.name})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch mode: an evaluation folder (shards/evalset.py) for evaluation/
+# ---------------------------------------------------------------------------------------------
+
+
+def batch_request(args) -> tuple[list[dict], list[int]] | None:
+    """(prompts, seeds) of `--prompts FILE --seeds ...`, read before any model loads; None: one image."""
+    from shards import evalset
+
+    if not args.prompts:
+        return None
+    if Path(args.out).suffix.lower() == ".png":
+        raise SigmaError(f"--out {args.out}: with --prompts, --out is a folder (EVALDIR/images/NAME), not a PNG")
+    return evalset.read_prompts(args.prompts), evalset.parse_seeds(args.seeds)
+
+
+def write_batch(gen, args, src, position: dict, prompts: list[dict], seeds: list[int]) -> None:
+    """Every (prompt, seed) image of this run into --out; a rerun skips those whose sidecar matches."""
+    from shards import evalset
+
+    height, width = parse_size(args.size)
+    uncond = "like-diffusers" if args.like_diffusers else args.uncond  # like-diffusers also lower-cases prompts
+    settings = {"stage": src.stage, "steps": args.steps, "cfg": args.cfg, "size": [height, width],
+                "uncond": uncond, "checkpoint": str(src.checkpoint)}
+    record = {"generator": "training/sample", "run": str(src.run) if src.run else None, "dit": src.size,
+              **position, "sampler": f"DPM-Solver++ ({args.steps} steps)", "like_diffusers": args.like_diffusers,
+              "models": {"t5": gen.t5_path, "vae": gen.vae_path,
+                         "null_caption": "the run's checkpoint" if src.run else "T5('')"},
+              "prompts_file": str(Path(args.prompts).resolve())}
+    make = lambda text, seed: gen([text], height, width, steps=args.steps, cfg_scale=args.cfg, seed=seed,  # noqa: E731
+                                  uncond=args.uncond, like_diffusers=args.like_diffusers)[0]
+    made = evalset.write_folder(make, args.out, prompts, seeds, settings, record)
+    print(f"{Path(args.out).name}: {made} images generated, {len(prompts) * len(seeds) - made} already there "
+          f"({args.out})")

@@ -1,4 +1,5 @@
-"""Fixtures for training/evaluate: two tiny runs, one evaluated folder, a headless Chromium page."""
+"""Fixtures for evaluation/: two tiny runs sampled into one evaluation folder (training/sample
+--prompts), that folder scored (evaluation/evaluate), the Inception stand-in, a headless Chromium page."""
 from __future__ import annotations
 
 import json
@@ -19,10 +20,22 @@ SIZE = "64x64"
 STEPS = "2"
 
 
-def evaluate(*args, timeout=240):
-    """The real entry point, as the README runs it (demo profile: the tiny offline models)."""
-    cmd = [sys.executable, str(ROOT / "training" / "evaluate"), "--profile", "demo", *map(str, args)]
+def command(path: str, *args, timeout=240):
+    """A real entry point, as the README runs it (demo profile: the tiny offline models)."""
+    cmd = [sys.executable, str(ROOT / path), "--profile", "demo", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def evaluate(*args, timeout=240):
+    return command("evaluation/evaluate", *args, timeout=timeout)
+
+
+def sample_batch(source: list, prompts_file, out, *args):
+    """training/sample's batch mode: one run's images into an evaluation folder."""
+    r = command("training/sample", *source, "--prompts", prompts_file, "--out", out, "--size", SIZE, "--seeds", SEEDS,
+                "--steps", STEPS, "--device", "cpu", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +69,11 @@ def evaluate_cli():
 
 
 @pytest.fixture(scope="session")
+def command_cli():
+    return command
+
+
+@pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
@@ -64,12 +82,22 @@ def prompts_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def evaldir(tmp_path_factory, tiny_models, runs, prompts_file):
-    """One evaluation of both runs, shared by the tests that read its output."""
+    """One evaluation of both runs, shared by the tests that read its output: each run sampled by
+    training/sample --prompts, then evaluation/evaluate over the folder."""
     out = tmp_path_factory.mktemp("eval")
-    r = evaluate("--runs", *runs, "--prompts", prompts_file, "--out", out, "--size", SIZE, "--seeds", SEEDS,
-                 "--steps", STEPS, "--device", "cpu")
+    sample_batch(["--run", runs[0]], prompts_file, out / "images" / "512")
+    sample_batch(["--ckpt", runs[1]], prompts_file, out / "images" / "tuned")
+    r = evaluate(out, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="session")
+def inception(tmp_path_factory):
+    """A random-weight InceptionV3 in torch-fidelity's file format (~96 MB; its FIDs mean nothing)."""
+    from evaluation import fid
+
+    return fid.write_standin(tmp_path_factory.mktemp("inception") / "weights-inception-standin.pth")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest
 
 from tests.evaluation.test_preference import _fresh_copy, server_factory  # noqa: F401 - a fixture
 from tests.terminal import noise
-from training import judge, preference, study
+from evaluation import judge, stats, study
+from evaluation import store as preference
 
 
 @pytest.mark.parametrize("answer,parsed", [
@@ -26,11 +27,11 @@ def test_answers_are_parsed_strictly(answer, parsed):
 
 
 @pytest.mark.slow
-def test_judge_records_every_answer_both_orders_and_resumes(evaldir, tmp_path, tiny_models, evaluate_cli):
+def test_judge_records_every_answer_both_orders_and_resumes(evaldir, tmp_path, tiny_models, command_cli):
     src, evaldir = evaldir, _fresh_copy(evaldir, tmp_path)
     shutil.copy(src / "summary.md", evaldir / "summary.md")
     model = tiny_models / "captioner"
-    r = evaluate_cli("--judge", model, evaldir)
+    r = command_cli("evaluation/judge", model, evaldir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not noise(r.stderr), noise(r.stderr)  # its local Ray's token-auth notice, the Judge actor's core_worker line
     store = preference.Store(evaldir / preference.DB)
@@ -63,28 +64,28 @@ def test_judge_records_every_answer_both_orders_and_resumes(evaldir, tmp_path, t
     with sqlite3.connect(evaldir / preference.DB) as db:
         db.execute("DELETE FROM votes WHERE pair = ?", (lost,))
     kept = {(r["pair"], r["question"], r["left_run"]): r["created"] for r in rows if r["pair"] != lost}
-    r = evaluate_cli("--judge", model, evaldir)
+    r = command_cli("evaluation/judge", model, evaldir)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "1 pairs judged (4 answers" in r.stdout and "5 already judged" in r.stdout, r.stdout
     after = store.rows(source="judge")
     assert len(after) == 24 and {(x["pair"], x["question"], x["left_run"]): x["created"] for x in after
                                  if x["pair"] != lost} == kept
-    r = evaluate_cli("--judge", model, evaldir)
+    r = command_cli("evaluation/judge", model, evaldir)
     assert "0 pairs judged" in r.stdout and "6 already judged" in r.stdout, r.stdout
     summary = (evaldir / "summary.md").read_text()
     assert summary.count(study.SUMMARY_MARK) == 1 and f"{rater} · quality" in summary
     assert summary.startswith("# Evaluation summary") and "| 512 | 512 | 6 |" in summary  # the scores part kept
 
 
-def test_judge_errors_are_one_line_and_dry_run_writes_nothing(evaldir, tmp_path, tiny_models, evaluate_cli):
+def test_judge_errors_are_one_line_and_dry_run_writes_nothing(evaldir, tmp_path, tiny_models, command_cli):
     evaldir = _fresh_copy(evaldir, tmp_path)
-    r = evaluate_cli("--judge", tiny_models / "captioner", evaldir, "--dry-run")
+    r = command_cli("evaluation/judge", tiny_models / "captioner", evaldir, "--dry-run")
     plan = json.loads(r.stdout)
     assert r.returncode == 0 and plan["pairs"] == 6 and plan["todo"] == 6 and plan["prompts_per_pair"] == 4
     assert not (evaldir / preference.DB).exists()
     for args, message in (((tmp_path / "none",), "evaluation folder not found"), ((tmp_path,), "no image pairs"),
                           ((evaldir, "--set", "evaluation.judge.trust_remote_code=true"), "needs a pinned revision")):
-        r = evaluate_cli("--judge", tiny_models / "captioner", *args)
+        r = command_cli("evaluation/judge", tiny_models / "captioner", *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -102,21 +103,21 @@ def test_verdicts_position_bias_and_kappa():
         _row("p2", "quality", "a", "b", "invalid"), _row("p2", "quality", "b", "a", "left"),  # no verdict
         _row("p3", "quality", "a", "b", "tie"), _row("p3", "quality", "b", "a", "tie"),
     ]
-    assert judge.judge_verdicts(rows, "quality") == {"p0": "b", "p1": None, "p3": None}
-    bias = judge.position_bias(rows)
+    assert stats.judge_verdicts(rows, "quality") == {"p0": "b", "p1": None, "p3": None}
+    bias = stats.position_bias(rows)
     assert (bias["answers"], bias["valid"], bias["invalid"]) == (8, 7, 1)
     assert bias["first"] == pytest.approx(4 / 7) and bias["second"] == pytest.approx(1 / 7)
     assert bias["order_pairs"] == 3 and bias["consistent"] == pytest.approx(2 / 3)  # p0 and p3 agree
     humans = [_row("p0", "overall", "a", "b", "right", "human", "h1"), _row("p1", "overall", "b", "a", "tie", "human", "h1"),
               _row("p3", "overall", "a", "b", "left", "human", "h1"), _row("p3", "overall", "b", "a", "left", "human", "h2"),
               _row("p3", "overall", "a", "b", "left", "human", "h3")]
-    assert judge.human_verdicts(humans) == {"p0": "b", "p1": None, "p3": "a"}  # p3: three raters for a
-    got = judge.agreement(humans + rows, pairs)
+    assert stats.human_verdicts(humans) == {"p0": "b", "p1": None, "p3": "a"}  # p3: three raters for a
+    got = stats.agreement(humans + rows, pairs, judge.QUESTIONS)
     # labels on p0, p1, p3: human (b, tie, a), judge (b, tie, tie): observed 2/3, expected 1/9 + 2/9 = 1/3
     assert got["quality"]["n"] == 3 and got["quality"]["kappa"] == pytest.approx((2 / 3 - 1 / 3) / (1 - 1 / 3))
     assert got["alignment"]["n"] == 0 and math.isnan(got["alignment"]["kappa"])
-    assert judge.cohen_kappa(["a", "b", "a"], ["a", "b", "a"]) == 1.0
-    assert judge.cohen_kappa(["a", "b"], ["b", "a"]) == pytest.approx(-1.0)
+    assert stats.cohen_kappa(["a", "b", "a"], ["a", "b", "a"]) == 1.0
+    assert stats.cohen_kappa(["a", "b"], ["b", "a"]) == pytest.approx(-1.0)
 
 
 def test_old_database_is_migrated_with_its_human_votes(tmp_path):
@@ -137,7 +138,7 @@ def test_old_database_is_migrated_with_its_human_votes(tmp_path):
 
 def test_study_page_shows_the_win_rate_chart_in_chromium(evaldir, tmp_path, browser, server_factory):
     src, evaldir = evaldir, _fresh_copy(evaldir, tmp_path)
-    shutil.copy(src / "scores.parquet", evaldir / "scores.parquet")
+    shutil.copy(src / "metrics.json", evaldir / "metrics.json")
     store = preference.Store(evaldir / preference.DB)
     pairs = preference.load_pairs(evaldir, store.salt)
     # humans: 512 wins 4 of 6; the judge: quality always the first image (position bias), alignment always 512
@@ -170,7 +171,12 @@ def test_study_page_shows_the_win_rate_chart_in_chromium(evaldir, tmp_path, brow
     assert kappa["quality"][0] == "6" and kappa["alignment"][0] == "6"
     # alignment verdicts are 512 on every pair, humans 512 on 4: κ = 0 (the judge never varies)
     assert kappa["alignment"][1].startswith("0.00")
-    scores = browser.evaluate("Object.fromEntries([...document.querySelectorAll('#scores tr.score-row')].map(r =>"
-                              " [r.dataset.run, [...r.querySelectorAll('td[data-score]')].map(td => td.dataset.score)]))")
+    scores = browser.evaluate("Object.fromEntries([...document.querySelectorAll('#metrics tr.metric-row')].map(r =>"
+                              " [r.dataset.run, [...r.querySelectorAll('td[data-metric]')].map(td => td.dataset.metric)]))")
     assert scores == {run: ["clip_score", "aesthetic", "hps", "pickscore"] for run in ("512", "tuned")}
+    points = browser.evaluate("[...document.querySelectorAll('svg.metric-chart[data-metric=clip_score] circle.point')]"
+                              ".map(c => [c.dataset.run, +c.dataset.value, c.getBoundingClientRect().width > 0])")
+    metrics = json.loads((evaldir / "metrics.json").read_text())["overall"]
+    assert {run: pytest.approx(v) for run, v, _ in points} == {r: metrics[r]["clip_score"]["mean"] for r in metrics}
+    assert all(drawn for *_, drawn in points)
     assert browser.errors == []

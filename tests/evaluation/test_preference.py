@@ -13,17 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from training import preference
+from evaluation import stats
+from evaluation import store as preference
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 class Server:
-    """`training/evaluate --serve EVALDIR --port 0` in its own process group."""
+    """`evaluation/serve EVALDIR --port 0` in its own process group."""
 
     def __init__(self, evaldir: Path):
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "training" / "evaluate"), "--profile", "demo",
-                                      "--serve", str(evaldir), "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "evaluation" / "serve"), "--profile", "demo",
+                                      str(evaldir), "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         line = self.proc.stdout.readline()
         assert line.startswith("serving http://127.0.0.1:"), line + self.proc.stdout.read(2000)
@@ -155,26 +156,26 @@ def test_regenerated_images_are_new_pairs_and_old_votes_stop_counting(evaldir, t
 
 def test_win_rates_and_wilson_intervals():
     votes = [("a", "b", "a")] * 6 + [("a", "b", "b")] * 2 + [("a", "b", None)] * 2 + [("a", "c", "c")]
-    rates = preference.win_rates(votes)
+    rates = stats.win_rates(votes)
     ab = next(t for t in rates["pairs"] if t["run_b"] == "b")
     assert (ab["n"], ab["wins_a"], ab["wins_b"], ab["ties"]) == (10, 6, 2, 2) and ab["rate_a"] == 0.7
     assert 0.39 < ab["lo"] < 0.7 < ab["hi"] < 0.92  # Wilson 95% for 7/10: [0.397, 0.892]
     per_run = {r["run"]: r for r in rates["runs"]}
     assert per_run["a"]["n"] == 11 and per_run["a"]["rate"] == pytest.approx(7 / 11)
     assert per_run["c"]["rate"] == 1.0 and per_run["c"]["hi"] == 1.0 and per_run["c"]["lo"] > 0
-    assert preference.wilson(0.5, 0) == (0.0, 1.0)
+    assert stats.wilson(0.5, 0) == (0.0, 1.0)
 
 
 def test_serve_errors_are_one_line_and_dry_run_writes_nothing(evaldir, tmp_path, capsys):
-    from training import evaluate
+    from evaluation import serve
 
-    evaluate.main(["--serve", str(evaldir), "--dry-run"])
+    serve.main([str(evaldir), "--dry-run"])
     plan = json.loads(capsys.readouterr().out)
     assert plan["pairs"] == 6 and plan["runs"] == ["512", "tuned"] and plan["host"] == "127.0.0.1"
     assert not (evaldir / preference.DB).exists()
 
     for target, message in ((tmp_path / "none", "evaluation folder not found"), (tmp_path, "no image pairs")):
         with pytest.raises(SystemExit) as e:
-            evaluate.main(["--serve", str(target)])
+            serve.main([str(target)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

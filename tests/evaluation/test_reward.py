@@ -65,7 +65,7 @@ def test_tiny_builders_are_deterministic(tiny_models, tmp_path):
 
 
 def test_evaluation_scores_and_summarises_the_rewards(evaldir, demo_cfg):
-    from training import evaluate as evaluation
+    from evaluation import stats
 
     df = pd.read_parquet(evaldir / "scores.parquet")
     assert {"hps", "pickscore"} <= set(df.columns) and np.isfinite(df[["hps", "pickscore"]].to_numpy()).all()
@@ -76,11 +76,11 @@ def test_evaluation_scores_and_summarises_the_rewards(evaldir, demo_cfg):
         pytest.approx(row.hps, abs=1e-5)
     assert reward.PickScorer(rw.pickscore)([image], [row.prompt])[0] == pytest.approx(row.pickscore, abs=1e-4)
     summary = (evaldir / "summary.md").read_text()
-    rewards_part = summary[summary.index("Reward models"):]
-    line = next(x for x in rewards_part.splitlines() if x.startswith("| 512 | "))
+    metrics_part = summary[summary.index("## Metrics"):]
+    line = next(x for x in metrics_part.splitlines() if x.startswith("| 512 | "))
     assert f"{df[df.run == '512'].hps.mean():.3f}" in line and f"{df[df.run == '512'].pickscore.mean():.3f}" in line
-    lo, hi = evaluation.bootstrap_ci(df[df.run == "512"].hps)
+    lo, hi = stats.bootstrap_ci(df[df.run == "512"].hps)
     assert f"[{lo:.3f}, {hi:.3f}]" in line
-    tuned = next(x for x in rewards_part.splitlines() if x.startswith("| tuned | "))
+    tuned = next(x for x in summary.splitlines() if x.startswith("| tuned | 512 | 6 | "))  # paired to the first
     diff = (df[df.run == "tuned"].set_index(["prompt_idx", "seed"]).hps - df[df.run == "512"].set_index(["prompt_idx", "seed"]).hps)
     assert f"{diff.mean():.3f}" in tuned  # the paired difference to the first run

@@ -1,7 +1,7 @@
 """The AI half of PixArt-Σ's preference study, with an open model: a local VLM judges image pairs.
 
-`training/evaluate --judge MODEL EVALDIR`: for every pair of runs sharing a (prompt, seed) image in
-EVALDIR (the pairs of the human page, training/preference.py), MODEL (any transformers
+`evaluation/judge MODEL EVALDIR`: for every pair of models sharing a (prompt, seed) image in
+EVALDIR (the pairs of the human page, evaluation/store.py), MODEL (any transformers
 `AutoModelForImageTextToText`, a local folder or hub id) is shown the prompt and the two images and
 asked two questions separately: which image has the better quality, and which follows the prompt
 better. Each pair is asked in both orders, so a preference for the first (or second) image cancels
@@ -24,13 +24,14 @@ import numpy as np
 from common.config import JudgeConfig
 from encoders.vlm import VLM
 from shards.errors import SigmaError
-from training import preference
+from evaluation import store as votes
 
 QUESTIONS = {
     "quality": "Which image has the better visual quality (detail, sharpness, realism, no artifacts), "
                "regardless of the prompt?",
     "alignment": "Which image follows the prompt more faithfully (objects, attributes, counts, style)?",
 }
+assert tuple(QUESTIONS) == votes.JUDGE_QUESTIONS  # the votes table's CHECK constraint names them
 ANSWER_RULE = "Answer with exactly one word: A, B, or tie."
 ORDERS = 2  # (run_a, run_b) and (run_b, run_a)
 ANSWERS_PER_PAIR = ORDERS * len(QUESTIONS)
@@ -71,7 +72,7 @@ def check(judge: JudgeConfig) -> None:
                           "num_gpus and num_cpus >= 0")
 
 
-def tasks(pairs: list[preference.Pair]) -> list[dict]:
+def tasks(pairs: list[votes.Pair]) -> list[dict]:
     """One row per (pair, order, question): what an actor needs, image paths instead of pixels."""
     rows = []
     for p in pairs:
@@ -123,12 +124,12 @@ def plan(evaldir: str | Path, model: str, judge: JudgeConfig) -> dict:
     if not evaldir.is_dir():
         raise SigmaError(f"{evaldir}: evaluation folder not found")
     check(judge)
-    db = evaldir / preference.DB
-    store = preference.Store(db) if db.exists() else None
-    pairs = preference.load_pairs(evaldir, store.salt if store else "")
+    db = evaldir / votes.DB
+    store = votes.Store(db) if db.exists() else None
+    pairs = votes.load_pairs(evaldir, store.salt if store else "")
     if not pairs:
         raise SigmaError(f"{evaldir}: no image pairs (need images of two or more runs from "
-                                         "training/evaluate --runs)")
+                                         "training/sample --prompts or evaluation/generate)")
     rater = judge_id(model, judge.revision)
     done = store.judge_done(rater, ANSWERS_PER_PAIR) & {p.id for p in pairs} if store else set()
     return {"evaldir": str(evaldir), "judge": rater, "pairs": len(pairs), "done": len(done),
@@ -146,8 +147,8 @@ def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
     check(judge)
     evaldir = Path(evaldir)
     plan(evaldir, model, judge)  # the one-line errors before Ray starts
-    store = preference.Store(evaldir / preference.DB)
-    pairs = preference.load_pairs(evaldir, store.salt)
+    store = votes.Store(evaldir / votes.DB)
+    pairs = votes.load_pairs(evaldir, store.salt)
     rater = judge_id(model, judge.revision)
     done = store.judge_done(rater, ANSWERS_PER_PAIR)
     todo = [p for p in pairs if p.id not in done]
@@ -189,78 +190,24 @@ def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
     return summary
 
 
-# ---------------------------------------------------------------------------------------------
-# What the votes say: position bias, the judge's verdict per pair, agreement with humans
-# ---------------------------------------------------------------------------------------------
+def main(argv=None) -> None:
+    """`evaluation/judge MODEL EVALDIR`: judge the pairs, then refresh the summary's preference part."""
+    from common import cli
+    from evaluation import study
 
-
-def position_bias(rows: list[dict]) -> dict:
-    """Of the valid answers, how often the judge picked the first image (A), the second (B) or a tie,
-    and on how many (pair, question)s its two orders agreed (same winner, or tie both times)."""
-    valid = [r for r in rows if r["choice"] != "invalid"]
-    n = len(valid)
-    share = {c: (sum(r["choice"] == c for r in valid) / n if n else float("nan")) for c in ("left", "right", "tie")}
-    both: dict[tuple, list] = {}
-    for r in valid:
-        both.setdefault((r["rater"], r["pair"], r["question"]), []).append(r["winner"])
-    pairs = [w for w in both.values() if len(w) == 2]
-    return {"answers": len(rows), "valid": n, "invalid": len(rows) - n, "first": share["left"],
-            "second": share["right"], "tie": share["tie"], "order_pairs": len(pairs),
-            "consistent": (sum(w[0] == w[1] for w in pairs) / len(pairs)) if pairs else float("nan")}
-
-
-def judge_verdicts(rows: list[dict], question: str) -> dict[str, str | None]:
-    """Per pair: the run the judge prefers in both orders, None (a tie) if the orders disagree or
-    tie; pairs with an invalid answer in either order have no verdict."""
-    by_pair: dict[str, list] = {}
-    for r in rows:
-        if r["source"] == "judge" and r["question"] == question:
-            by_pair.setdefault(r["pair"], []).append(r)
-    out = {}
-    for pair, rs in by_pair.items():
-        if len(rs) == ORDERS and all(r["choice"] != "invalid" for r in rs):
-            out[pair] = rs[0]["winner"] if rs[0]["winner"] == rs[1]["winner"] else None
-    return out
-
-
-def human_verdicts(rows: list[dict]) -> dict[str, str | None]:
-    """Per pair: the run most human raters preferred; None (a tie) for a tie vote majority or an even split."""
-    counts: dict[str, dict] = {}
-    for r in rows:
-        if r["source"] == "human":
-            c = counts.setdefault(r["pair"], {})
-            c[r["winner"]] = c.get(r["winner"], 0) + 1
-    out = {}
-    for pair, c in counts.items():
-        best = max(c.values())
-        top = [w for w, k in c.items() if k == best]
-        out[pair] = top[0] if len(top) == 1 else None
-    return out
-
-
-def cohen_kappa(a: list, b: list) -> float:
-    """Cohen's κ of two raters' labels on the same items (nan for no items; 1 for perfect agreement
-    on a single category)."""
-    n = len(a)
-    if n == 0:
-        return float("nan")
-    observed = sum(x == y for x, y in zip(a, b)) / n
-    labels = set(a) | set(b)
-    expected = sum((a.count(k) / n) * (b.count(k) / n) for k in labels)
-    if expected == 1:
-        return 1.0 if observed == 1 else 0.0
-    return (observed - expected) / (1 - expected)
-
-
-def agreement(rows: list[dict], pairs: dict[str, preference.Pair]) -> dict:
-    """Judge–human Cohen's κ per question over the pairs both have a verdict on (labels: run A wins,
-    run B wins, tie)."""
-    human = human_verdicts(rows)
-    out = {}
-    for q in QUESTIONS:
-        judge = judge_verdicts(rows, q)
-        both = sorted(set(human) & set(judge) & set(pairs))
-        side = lambda pid, w: "tie" if w is None else ("a" if w == pairs[pid].run_a else "b")
-        out[q] = {"n": len(both), "kappa": cohen_kappa([side(p, human[p]) for p in both],
-                                                       [side(p, judge[p]) for p in both])}
-    return out
+    p = cli.parser("evaluation/judge", "Have a VLM (any AutoModelForImageTextToText: folder or hub id) judge every "
+                   "pair of models in EVALDIR, both orders, quality and prompt alignment asked separately; votes "
+                   "go beside the human ones and summary.md gets the study.",
+                   "evaluation/judge Qwen/Qwen2.5-VL-7B-Instruct eval/1k")
+    p.add_argument("model", metavar="MODEL", help="the judge: a local folder or a hub id")
+    p.add_argument("evaldir", metavar="EVALDIR", help="the evaluation folder (images/<model>/...)")
+    args = p.parse_args(argv)
+    cfg = cli.load(args)
+    try:
+        if args.dry_run:
+            cli.print_plan(plan(args.evaldir, args.model, cfg.evaluation.judge))
+            return
+        run(cfg, args.model, args.evaldir)
+        study.write_summary(args.evaldir)
+    except SigmaError as e:
+        cli.fail(str(e))

@@ -1,10 +1,9 @@
 """One picture of a preference study, like PixArt-Σ's Fig. 9: per run, the human win rate, each
-judge's win rates (quality, prompt alignment) with 95% Wilson intervals, and the automatic and
-reward scores with bootstrap intervals; plus judge–human agreement (Cohen's κ) and the judge's
+judge's win rates (quality, prompt alignment) with 95% Wilson intervals; plus judge–human agreement (Cohen's κ) and the judge's
 position bias, so a reader knows how far to trust the judge.
 
-Everything is read from EVALDIR: the votes table of preference.sqlite (humans and judges) and
-scores.parquet. The results page (training/preference.py) shows `section`; `write_summary`
+Everything is read from EVALDIR's votes table (preference.sqlite: humans and judges); the scores
+and FID are evaluation/results.py's. The results page (evaluation/serve.py) shows `section`; `write_summary`
 puts the same numbers into summary.md.
 """
 from __future__ import annotations
@@ -13,7 +12,8 @@ import html
 import math
 from pathlib import Path
 
-from training import judge, preference
+from evaluation import stats
+from evaluation.store import DB, JUDGE_QUESTIONS, Store, load_pairs
 
 SUMMARY_MARK = "## Preference study"
 CHART_W, LABEL_W, BAR_H, GAP = 720, 170, 14, 10
@@ -23,8 +23,8 @@ COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
 def collect(evaldir: str | Path) -> dict:
     """The study's numbers from EVALDIR (votes on the images now there only)."""
     evaldir = Path(evaldir)
-    store = preference.Store(evaldir / preference.DB)
-    pairs = {p.id: p for p in preference.load_pairs(evaldir, store.salt)}
+    store = Store(evaldir / DB)
+    pairs = {p.id: p for p in load_pairs(evaldir, store.salt)}
     rows = store.rows(pairs.keys())
     runs = sorted({r for p in pairs.values() for r in (p.run_a, p.run_b)})
     series = [{"name": "human", "source": "human", "question": "overall",
@@ -32,39 +32,18 @@ def collect(evaldir: str | Path) -> dict:
     judges = []
     for rater in sorted({r["rater"] for r in rows if r["source"] == "judge"}):
         mine = [r for r in rows if r["rater"] == rater]
-        for q in judge.QUESTIONS:
+        for q in JUDGE_QUESTIONS:
             votes = [(r["run_a"], r["run_b"], r["winner"]) for r in mine
                      if r["question"] == q and r["choice"] != "invalid"]
             series.append({"name": f"{rater} · {q}", "source": "judge", "question": q, "runs": _per_run(votes)})
         human = [r for r in rows if r["source"] == "human"]
-        judges.append({"judge": rater, "bias": judge.position_bias(mine),
-                       "agreement": judge.agreement(human + mine, pairs)})
-    return {"runs": runs, "pairs": len(pairs), "series": series, "judges": judges, "scores": scores(evaldir, runs)}
+        judges.append({"judge": rater, "bias": stats.position_bias(mine),
+                       "agreement": stats.agreement(human + mine, pairs, JUDGE_QUESTIONS)})
+    return {"runs": runs, "pairs": len(pairs), "series": series, "judges": judges}
 
 
 def _per_run(votes) -> dict:
-    return {r["run"]: r for r in preference.win_rates(votes)["runs"]}
-
-
-def scores(evaldir: Path, runs: list[str]) -> dict:
-    """Per score column of scores.parquet and run: mean and 95% bootstrap interval ({} without the file)."""
-    path = Path(evaldir) / "scores.parquet"
-    if not path.exists():
-        return {}
-    import pandas as pd
-
-    from training.evaluate import bootstrap_ci, score_columns
-
-    df = pd.read_parquet(path)
-    out = {}
-    for col in score_columns(df):
-        out[col] = {}
-        for run in runs:
-            values = df.loc[df.run == run, col].dropna()
-            if len(values):
-                lo, hi = bootstrap_ci(values)
-                out[col][run] = {"mean": float(values.mean()), "lo": lo, "hi": hi, "n": len(values)}
-    return out
+    return {r["run"]: r for r in stats.win_rates(votes)["runs"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,26 +93,18 @@ def chart_svg(data: dict) -> str:
 
 def section(data: dict) -> str:
     """The study part of the results page."""
-    fmt = lambda m, lo, hi: f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
-    score_rows = "".join(
-        f"<tr class='score-row' data-run='{html.escape(run)}'><td>{html.escape(run)}</td>" + "".join(
-            f"<td data-score='{col}'>{fmt(v[run]['mean'], v[run]['lo'], v[run]['hi']) if run in v else '-'}</td>"
-            for col, v in data["scores"].items()) + "</tr>" for run in data["runs"])
     judge_rows = "".join(
         f"<tr class='judge-row' data-judge='{html.escape(j['judge'])}'><td>{html.escape(j['judge'])}</td>"
         f"<td>{j['bias']['answers']}</td><td>{j['bias']['invalid']}</td><td>{_pct(j['bias']['first'])}</td>"
         f"<td>{_pct(j['bias']['second'])}</td><td>{_pct(j['bias']['tie'])}</td><td>{_pct(j['bias']['consistent'])}</td>"
         + "".join(f"<td data-kappa='{q}' data-n='{a['n']}'>{_kappa(a)}</td>" for q, a in j["agreement"].items())
         + "</tr>" for j in data["judges"])
-    questions = "".join(f"<th>κ vs humans, {q}</th>" for q in judge.QUESTIONS)
+    questions = "".join(f"<th>κ vs humans, {q}</th>" for q in JUDGE_QUESTIONS)
     return (
         "<h2>Preference study</h2><p class='muted'>Per run, its win rate against all other runs (a tie counts "
         "half; 95% Wilson interval) from human votes and from each VLM judge, which answers quality and prompt "
         "alignment separately, every pair in both orders (invalid answers left out).</p>"
         f"{chart_svg(data)}"
-        "<h3>Scores</h3><p class='muted'>Mean and 95% bootstrap interval over the images.</p>"
-        f"<table id='scores'><tr><th>run</th>{''.join(f'<th>{html.escape(c)}</th>' for c in data['scores'])}</tr>"
-        f"{score_rows}</table>"
         "<h3>Judges</h3><p class='muted'>Position bias: how often the judge chose the first image, the second "
         "or a tie, and how often its two orders agreed. κ: Cohen's kappa between the judge's verdict (the same "
         "winner in both orders, else a tie) and the human majority, on the pairs both judged.</p>"
@@ -162,8 +133,8 @@ def markdown(data: dict) -> str:
     lines += [f"| {run} | " + " | ".join(pct(s["runs"].get(run)) for s in data["series"]) + " |" for run in data["runs"]]
     if data["judges"]:
         lines += ["", "| judge | answers | invalid | first | second | tie | orders agree | "
-                  + " | ".join(f"κ vs humans, {q}" for q in judge.QUESTIONS) + " |",
-                  "| --- |" + " ---: |" * (6 + len(judge.QUESTIONS))]
+                  + " | ".join(f"κ vs humans, {q}" for q in JUDGE_QUESTIONS) + " |",
+                  "| --- |" + " ---: |" * (6 + len(JUDGE_QUESTIONS))]
         lines += [f"| {j['judge']} | {j['bias']['answers']} | {j['bias']['invalid']} | {_pct(j['bias']['first'])} | "
                   f"{_pct(j['bias']['second'])} | {_pct(j['bias']['tie'])} | {_pct(j['bias']['consistent'])} | "
                   + " | ".join(_kappa(a) for a in j["agreement"].values()) + " |" for j in data["judges"]]
