@@ -64,6 +64,12 @@ def user_errors() -> Iterator[None]:
         fail(message)
 
 
+def unchecked(problem: str) -> str:
+    """A dry run planned without something a real run needs (data not there yet): say so on stderr, one line."""
+    print(f"dry run: not checked: {problem}", file=sys.stderr)
+    return problem
+
+
 def print_plan(plan: dict[str, Any]) -> None:
     """What --dry-run prints: the resolved plan as JSON."""
     print(json.dumps(plan, indent=2, default=str))

@@ -131,6 +131,11 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cfg = cli.load(args)
     evaldir = Path(args.evaldir)
+    if args.dry_run and not evaldir.is_dir():  # before training/sample has written it
+        missing = cli.unchecked(f"{evaldir}: evaluation folder not found")
+        cli.print_plan({"evaldir": str(evaldir), "reference": args.reference, "inception": args.inception,
+                        "fid_features": args.fid_features, "device": args.device, "not_checked": [missing]})
+        return
     try:
         if args.reference and not args.inception:
             raise SigmaError("--reference needs --inception FILE (the Inception weights are never downloaded)")

@@ -99,15 +99,23 @@ def main(argv=None) -> None:
         height, width = parse_size(args.size)
         if args.steps < 1:
             raise SigmaError(f"--steps {args.steps}: must be at least 1")
-        prompts, seeds = evalset.read_prompts(args.prompts), evalset.parse_seeds(args.seeds)
+        seeds = evalset.parse_seeds(args.seeds)
         source = check_source(args.pipeline)
     except SigmaError as e:
         cli.fail(str(e))
+    not_checked: list[str] = []
+    try:
+        prompts = evalset.read_prompts(args.prompts)
+    except SigmaError as e:
+        if not args.dry_run or Path(args.prompts).exists():  # a file that is there must be right
+            cli.fail(str(e))
+        prompts, not_checked = [], [cli.unchecked(str(e))]
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if args.dry_run:
         cli.print_plan({"pipeline": source, "revision": args.revision, "prompts": len(prompts), "seeds": seeds,
                         "size": [height, width], "steps": args.steps, "cfg": args.cfg, "device": args.device,
-                        "images": len(prompts) * len(seeds), "out": args.out})
+                        "images": len(prompts) * len(seeds), "out": args.out,
+                        **({"not_checked": not_checked} if not_checked else {})})
         return
     try:
         pipe = load_pipeline(source, args.device, dtype, args.revision)

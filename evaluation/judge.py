@@ -203,6 +203,10 @@ def main(argv=None) -> None:
     p.add_argument("evaldir", metavar="EVALDIR", help="the evaluation folder (images/<model>/...)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
+    if args.dry_run and not Path(args.evaldir).is_dir():  # before training/sample has written it
+        missing = cli.unchecked(f"{args.evaldir}: evaluation folder not found")
+        cli.print_plan({"evaldir": args.evaldir, "judge": args.model, "not_checked": [missing]})
+        return
     try:
         if args.dry_run:
             cli.print_plan(plan(args.evaldir, args.model, cfg.evaluation.judge))

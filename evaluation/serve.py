@@ -128,8 +128,10 @@ def serve(evaldir: str, host: str, port: int, dry_run: bool = False) -> None:
     if dry_run:  # no database written
         from common import cli
 
-        if not Path(evaldir).is_dir():
-            raise SigmaError(f"{evaldir}: evaluation folder not found")
+        if not Path(evaldir).is_dir():  # before training/sample has written it
+            missing = cli.unchecked(f"{evaldir}: evaluation folder not found")
+            cli.print_plan({"evaldir": evaldir, "host": host, "port": port, "not_checked": [missing]})
+            return
         pairs = load_pairs(Path(evaldir), "")
         cli.print_plan({"evaldir": evaldir, "host": host, "port": port, "pairs": len(pairs),
                         "runs": sorted({r for p in pairs for r in (p.run_a, p.run_b)}),
