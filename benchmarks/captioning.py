@@ -17,17 +17,18 @@
 
 Usage: python -m benchmarks.captioning [--quick] [--engines [--rounds 5]]
 """
+
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import statistics
-import subprocess
-import sys
 import os
 import platform
 import random
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -66,13 +67,16 @@ def batch_sizes(cap: hf.HFCaptioner, images: list[bytes], sizes: list[int]) -> l
         cap(_batch(images[:bs]))  # warm-up at this shape
         t = time.perf_counter()
         for start in range(0, len(images), bs):
-            cap(_batch(images[start:start + bs]))
+            cap(_batch(images[start : start + bs]))
         rows.append((bs, len(images) / (time.perf_counter() - t)))
     return rows
 
 
 def _batch(images: list[bytes]) -> dict:
-    return {"key": np.array([str(i) for i in range(len(images))], dtype=object), "image": np.array(images, dtype=object)}
+    return {
+        "key": np.array([str(i) for i in range(len(images))], dtype=object),
+        "image": np.array(images, dtype=object),
+    }
 
 
 @torch.inference_mode()
@@ -84,14 +88,17 @@ def padded_vs_sorted(cap: hf.HFCaptioner, n: int, bs: int) -> list[tuple[str, fl
     image = cap.decode(_images(1)[0])
     lengths = [len(cap.processor(images=[image], text=[t])["input_ids"][0]) for t in texts]
     rows = []
-    for name, order in (("padded (arrival order)", list(range(n))),
-                        ("length-sorted", sorted(range(n), key=lambda i: lengths[i]))):
+    for name, order in (
+        ("padded (arrival order)", list(range(n))),
+        ("length-sorted", sorted(range(n), key=lambda i: lengths[i])),
+    ):
         real = padded = 0
         t = time.perf_counter()
         for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            inputs = cap.processor(images=[image] * len(idx), text=[texts[i] for i in idx], return_tensors="pt",
-                                   padding=True)
+            idx = order[start : start + bs]
+            inputs = cap.processor(
+                images=[image] * len(idx), text=[texts[i] for i in idx], return_tensors="pt", padding=True
+            )
             real += int(inputs["attention_mask"].sum())
             padded += inputs["attention_mask"].numel()
             cap.model.generate(**inputs, **cap.generate_kwargs)
@@ -108,14 +115,20 @@ def engine_rounds(engine: str, model: str, n: int, rounds: int) -> dict:
     if engine == "vllm":
         from captioning.vllm_engine import VLLMCaptioner
 
-        cap = VLLMCaptioner(model, "Describe this image in detail.", dtype="float32", max_new_tokens=MAX_NEW_TOKENS,
-                            engine_kwargs={"max_model_len": 256, "max_num_seqs": ENGINE_BATCH})
+        cap = VLLMCaptioner(
+            model,
+            "Describe this image in detail.",
+            dtype="float32",
+            max_new_tokens=MAX_NEW_TOKENS,
+            engine_kwargs={"max_model_len": 256, "max_num_seqs": ENGINE_BATCH},
+        )
     else:
-        cap = hf.HFCaptioner(model, "Describe this image in detail.", dtype="float32", max_new_tokens=MAX_NEW_TOKENS,
-                             device="cpu")
+        cap = hf.HFCaptioner(
+            model, "Describe this image in detail.", dtype="float32", max_new_tokens=MAX_NEW_TOKENS, device="cpu"
+        )
     start = time.perf_counter() - t
     images = _images(n)
-    batches = [_batch(images[i:i + ENGINE_BATCH]) for i in range(0, n, ENGINE_BATCH)]
+    batches = [_batch(images[i : i + ENGINE_BATCH]) for i in range(0, n, ENGINE_BATCH)]
     cap(batches[0])  # warm-up
     rates, captions = [], []
     for _ in range(rounds):
@@ -134,15 +147,22 @@ def engines(n: int, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = str(tiny_qwen2vl.build(Path(tmp) / "qwen2vl"))
         env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"}
-        done = subprocess.run([str(python), "-m", "benchmarks.captioning", "--worker", "vllm", model, str(n),
-                               str(rounds)], cwd=ROOT, env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            [str(python), "-m", "benchmarks.captioning", "--worker", "vllm", model, str(n), str(rounds)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode or not lines:
             sys.exit(f"vllm worker failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
         results = [json.loads(lines[-1][7:]), engine_rounds("hf", model, n, rounds)]
     same = sum(a == b for a, b in zip(results[0]["captions"], results[1]["captions"]))
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (1-min load average at "
-               f"the end {os.getloadavg()[0]:.1f}: absolute numbers are noisy)")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (1-min load average at "
+        f"the end {os.getloadavg()[0]:.1f}: absolute numbers are noisy)"
+    )
     lines = [
         "## Captioning: `vllm` vs `hf` backend on CPU (`python -m benchmarks.captioning --engines`)",
         "",
@@ -154,8 +174,11 @@ def engines(n: int, rounds: int) -> None:
         "",
         "| backend | start (s) | captions/s, median | min - max over rounds |",
         "| --- | ---: | ---: | ---: |",
-        *[f"| {r['engine']} | {r['start_s']:.0f} | {statistics.median(r['rates']):.1f} | "
-          f"{min(r['rates']):.1f} - {max(r['rates']):.1f} |" for r in results],
+        *[
+            f"| {r['engine']} | {r['start_s']:.0f} | {statistics.median(r['rates']):.1f} | "
+            f"{min(r['rates']):.1f} - {max(r['rates']):.1f} |"
+            for r in results
+        ],
         "",
         f"Identical captions from both engines: {same} of {n} (greedy, same weights).",
         "",
@@ -165,7 +188,8 @@ def engines(n: int, rounds: int) -> None:
         "(continuous batching, paged KV cache, CUDA graphs), and is what `benchmarks/gpu.py --captioning` "
         "measures when a GPU is lent. The engine's start (model load, warm-up, KV-cache setup) is paid once "
         "per actor. Captions differ mostly at their ends: vLLM holds back an incomplete UTF-8 sequence "
-        "of the byte-level tokenizer, and, probably, HF's left-padded batches (images of different sizes give different token counts) move a random model's greedy path.",
+        "of the byte-level tokenizer, and, probably, HF's left-padded batches (images of different sizes give "
+        "different token counts) move a random model's greedy path.",
     ]
     out = ROOT / "benchmarks" / "results" / "captioning-engines.md"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +200,9 @@ def engines(n: int, rounds: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer images (a smoke run)")
-    ap.add_argument("--engines", action="store_true", help="vllm vs hf on the tiny Qwen2-VL (needs captioning/vllm-env)")
+    ap.add_argument(
+        "--engines", action="store_true", help="vllm vs hf on the tiny Qwen2-VL (needs captioning/vllm-env)"
+    )
     ap.add_argument("--rounds", type=int, default=5, help="timed rounds for --engines")
     ap.add_argument("--worker", nargs=4, metavar=("ENGINE", "MODEL", "N", "ROUNDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -191,14 +217,17 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model = vlm.build_tiny(Path(tmp) / "captioner")
-        cap = hf.HFCaptioner(str(model), "Describe this image in detail.", dtype="float32",
-                             max_new_tokens=MAX_NEW_TOKENS, device="cpu")
+        cap = hf.HFCaptioner(
+            str(model), "Describe this image in detail.", dtype="float32", max_new_tokens=MAX_NEW_TOKENS, device="cpu"
+        )
         images = _images(n)
         by_batch = batch_sizes(cap, images, [1, 8, 32])
         sorting = padded_vs_sorted(cap, n, 8)
 
-    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads; 1-min load average at the end {os.getloadavg()[0]:.1f}")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; 1-min load average at the end {os.getloadavg()[0]:.1f}"
+    )
     lines = [
         "## Captioning (`benchmarks/captioning.py`)",
         "",

@@ -14,6 +14,7 @@ there and the guard's per-request work is all that differs. Rounds alternate whi
 
 The cost is (median on - median off) / median stage. Writes benchmarks/results/crawl.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,7 +104,7 @@ def main() -> None:
             url_list(urls, srv.url, photos, args.urls)
             one_shard(urls, tmp / "shard", crawl)  # warm-up, not timed: imports, robots.txt, page cache
             for r in range(args.rounds):
-                for side in (("on", "off") if r % 2 == 0 else ("off", "on")):
+                for side in ("on", "off") if r % 2 == 0 else ("off", "on"):
                     if side == "on":
                         on.append(one_shard(urls, tmp / "shard", crawl))
                     else:
@@ -122,20 +123,25 @@ def main() -> None:
         return
     cost = (statistics.median(on) - statistics.median(off)) / statistics.median(stage)
     mb = sum((REAL / "images" / photos[i % len(photos)]).stat().st_size for i in range(args.urls)) / 1e6
-    lines = ["## Crawl: address guard and caps (`benchmarks/crawl.py`)", "",
-             f"Machine: {platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} after the "
-             f"runs. Command: `python -m benchmarks.crawl --urls {args.urls} --rounds {args.rounds}`. {args.urls} URLs "
-             f"over {len(photos)} real photos ({mb:.0f} MB), uncapped loopback server (the worst case for the "
-             f"ratio); one download shard, {THREADS} threads, demo profile; rounds alternate which side runs first.",
-             "", "| | seconds, median (min-max) | rounds |", "| --- | ---: | ---: |",
-             f"| download shard, guard + caps on | {spread(on)} | {len(on)} |",
-             f"| download shard, guard + caps off (plain connect, no deadline, unbounded read) | {spread(off)} | "
-             f"{len(off)} |",
-             f"| curation stage end to end, same URLs (`curation/run.py --profile demo`) | {spread(stage)} | "
-             f"{len(stage)} |", "",
-             f"Guard + caps cost: (median on - median off) / median stage = **{100 * cost:+.1f}%** of the stage's "
-             "time (target <= 5%). Per request: "
-             f"{1000 * (statistics.median(on) - statistics.median(off)) / args.urls * THREADS:+.2f} ms of a thread."]
+    lines = [
+        "## Crawl: address guard and caps (`benchmarks/crawl.py`)",
+        "",
+        f"Machine: {platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} after the "
+        f"runs. Command: `python -m benchmarks.crawl --urls {args.urls} --rounds {args.rounds}`. {args.urls} URLs "
+        f"over {len(photos)} real photos ({mb:.0f} MB), uncapped loopback server (the worst case for the "
+        f"ratio); one download shard, {THREADS} threads, demo profile; rounds alternate which side runs first.",
+        "",
+        "| | seconds, median (min-max) | rounds |",
+        "| --- | ---: | ---: |",
+        f"| download shard, guard + caps on | {spread(on)} | {len(on)} |",
+        f"| download shard, guard + caps off (plain connect, no deadline, unbounded read) | {spread(off)} | "
+        f"{len(off)} |",
+        f"| curation stage end to end, same URLs (`curation/run.py --profile demo`) | {spread(stage)} | {len(stage)} |",
+        "",
+        f"Guard + caps cost: (median on - median off) / median stage = **{100 * cost:+.1f}%** of the stage's "
+        "time (target <= 5%). Per request: "
+        f"{1000 * (statistics.median(on) - statistics.median(off)) / args.urls * THREADS:+.2f} ms of a thread.",
+    ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

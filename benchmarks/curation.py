@@ -12,6 +12,7 @@
 2. Peak RSS at each `--scale` URL count on small generated 1K images: it must stay flat.
 Writes benchmarks/results/curation.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,9 +90,23 @@ def url_list(path: Path, base: str, names: list[str], n: int) -> None:
 
 
 def curate(urls: Path, out: Path, env: dict) -> tuple[float, float, float, dict]:
-    wall, tree, top, err = run_measured([sys.executable, "curation/run.py", "--urls", str(urls), "--out", str(out),
-                                    "--profile", "demo", "--set", f"curation.download.processes={PROCESSES}",
-                                    "--set", f"curation.download.threads={THREADS}"], env)
+    wall, tree, top, err = run_measured(
+        [
+            sys.executable,
+            "curation/run.py",
+            "--urls",
+            str(urls),
+            "--out",
+            str(out),
+            "--profile",
+            "demo",
+            "--set",
+            f"curation.download.processes={PROCESSES}",
+            "--set",
+            f"curation.download.threads={THREADS}",
+        ],
+        env,
+    )
     return wall, tree, top, {**json.loads((out / "stats.json").read_text()), "will_hang": "will hang" in err}
 
 
@@ -99,8 +114,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--urls", type=int, default=200)
     ap.add_argument("--scale", default="200,2000", help="URL counts for the memory table ('' to skip)")
-    ap.add_argument("--links", default="none,100",
-                    help="server link caps in Mbit/s for the comparison, 'none' = uncapped loopback")
+    ap.add_argument(
+        "--links", default="none,100", help="server link caps in Mbit/s for the comparison, 'none' = uncapped loopback"
+    )
     ap.add_argument("--rounds", type=int, default=1, help="comparison rounds per link (median and spread)")
     args = ap.parse_args()
     from demo import tiny_models
@@ -122,14 +138,17 @@ def main() -> None:
                 name = f"{link or 0:g}"
                 url_list(tmp / f"real-{name}.parquet", srv.url, photos, args.urls)
                 for r in range(args.rounds):
-                    w_dl, tree_dl, _, _ = run_measured([sys.executable, str(i2d), str(tmp / f"real-{name}.parquet"),
-                                                        str(tmp / f"i2d-{name}-{r}")], env)
+                    w_dl, tree_dl, _, _ = run_measured(
+                        [sys.executable, str(i2d), str(tmp / f"real-{name}.parquet"), str(tmp / f"i2d-{name}-{r}")], env
+                    )
                     w_cur, tree_cur, _, stats = curate(tmp / f"real-{name}.parquet", tmp / f"cur-{name}-{r}", env)
                     rounds.append((link, w_dl, tree_dl, w_cur, tree_cur, stats))
             rounds.sort(key=lambda x: x[3] / x[1])
             ratios = [x[3] / x[1] for x in rounds]
-            runs.append(rounds[len(rounds) // 2] + (min(ratios), max(ratios), len(rounds),
-                                                    any(x[5]["will_hang"] for x in rounds)))
+            runs.append(
+                rounds[len(rounds) // 2]
+                + (min(ratios), max(ratios), len(rounds), any(x[5]["will_hang"] for x in rounds))
+            )
 
         small = tmp / "small"
         small.mkdir()
@@ -144,44 +163,65 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     mb = sum((REAL / "images" / photos[i % len(photos)]).stat().st_size for i in range(args.urls)) / 1e6
-    lines = ["## Curation", "",
-             f"Machine: {platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} after the "
-             f"runs. Command: `python -m benchmarks.curation --urls {args.urls} --links {args.links} "
-             f"--rounds {args.rounds}`. Both sides: "
-             f"{PROCESSES} download processes x {THREADS} threads, the same loopback HTTP server.", "",
-             f"{args.urls} URLs cycling over {len(photos)} real photos/wallpapers (Debian gnome/mate backgrounds; "
-             f"many 4096²; JPEG/PNG/WebP; {mb:.0f} MB in all); demo profile (tiny random CLIP for aesthetics). "
-             "Link: the server's cap on bytes/s for all connections together, as a crawling node's network "
-             "link (none: loopback, where downloading costs next to nothing and decoding dominates).", "",
-             "| link | img2dataset alone (s) | curation stage, end to end (s) | ratio (target 1.5x) | ratio over "
-             "the rounds: min-max (rounds) | of which: "
-             "download + measure + embed, streaming (s) | decide (s) | write shards + manifest (s) | the rest: "
-             "start-up, input split, report.html (s) | peak RSS, process tree: img2dataset / curation (MiB) | "
-             "Ray's \"will hang\" warning |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        "## Curation",
+        "",
+        f"Machine: {platform.node()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} after the "
+        f"runs. Command: `python -m benchmarks.curation --urls {args.urls} --links {args.links} "
+        f"--rounds {args.rounds}`. Both sides: "
+        f"{PROCESSES} download processes x {THREADS} threads, the same loopback HTTP server.",
+        "",
+        f"{args.urls} URLs cycling over {len(photos)} real photos/wallpapers (Debian gnome/mate backgrounds; "
+        f"many 4096²; JPEG/PNG/WebP; {mb:.0f} MB in all); demo profile (tiny random CLIP for aesthetics). "
+        "Link: the server's cap on bytes/s for all connections together, as a crawling node's network "
+        "link (none: loopback, where downloading costs next to nothing and decoding dominates).",
+        "",
+        "| link | img2dataset alone (s) | curation stage, end to end (s) | ratio (target 1.5x) | ratio over "
+        "the rounds: min-max (rounds) | of which: "
+        "download + measure + embed, streaming (s) | decide (s) | write shards + manifest (s) | the rest: "
+        "start-up, input split, report.html (s) | peak RSS, process tree: img2dataset / curation (MiB) | "
+        'Ray\'s "will hang" warning |',
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for link, w_dl, tree_dl, w_cur, tree_cur, stats, lo, hi, n, hang in runs:
         sec = stats["seconds"]
         rest = w_cur - sec["download_score"] - sec["decide"] - sec["write"]
-        lines.append(f"| {'none' if link is None else f'{link:g} Mbit/s'} | {w_dl:.1f} | {w_cur:.1f} | "
-                     f"**{w_cur / w_dl:.2f}x** | {lo:.2f}-{hi:.2f} ({n}) | {sec['download_score']:.1f} | "
-                     f"{sec['decide']:.1f} | {sec['write']:.1f} | {rest:.1f} | {tree_dl:.0f} / {tree_cur:.0f} | "
-                     f"{'yes' if hang else 'no'} |")
+        lines.append(
+            f"| {'none' if link is None else f'{link:g} Mbit/s'} | {w_dl:.1f} | {w_cur:.1f} | "
+            f"**{w_cur / w_dl:.2f}x** | {lo:.2f}-{hi:.2f} ({n}) | {sec['download_score']:.1f} | "
+            f"{sec['decide']:.1f} | {sec['write']:.1f} | {rest:.1f} | {tree_dl:.0f} / {tree_cur:.0f} | "
+            f"{'yes' if hang else 'no'} |"
+        )
     cpus = os.cpu_count()
     lines += [""] + [
         f"- Link {'none' if link is None else f'{link:g} Mbit/s'}: decoding alone (measure CPU s / {cpus} CPUs) needs "
         f"{stats['seconds']['measure_cpu'] / cpus:.0f} s = {stats['seconds']['measure_cpu'] / cpus / w_dl:.2f}x of "
-        "img2dataset alone, which stores the bytes without decoding them." for link, w_dl, _, _, _, stats, *_ in runs]
-    lines += ["", "| step, CPU seconds summed over workers | " + " | ".join(
-        "none" if r[0] is None else f"{r[0]:g} Mbit/s" for r in runs) + " |", "| --- |" + " ---: |" * len(runs)]
-    for label, get in (("measure (decode, tier, quality, hashes)", lambda st: st["seconds"]["measure_cpu"]),
-                       ("embed + aesthetic (tiny CLIP)", lambda st: st["seconds"]["embed_cpu"]),
-                       ("img2dataset download inside the stage (s, summed over shards)",
-                        lambda st: st["img2dataset"]["duration"])):
+        "img2dataset alone, which stores the bytes without decoding them."
+        for link, w_dl, _, _, _, stats, *_ in runs
+    ]
+    lines += [
+        "",
+        "| step, CPU seconds summed over workers | "
+        + " | ".join("none" if r[0] is None else f"{r[0]:g} Mbit/s" for r in runs)
+        + " |",
+        "| --- |" + " ---: |" * len(runs),
+    ]
+    for label, get in (
+        ("measure (decode, tier, quality, hashes)", lambda st: st["seconds"]["measure_cpu"]),
+        ("embed + aesthetic (tiny CLIP)", lambda st: st["seconds"]["embed_cpu"]),
+        ("img2dataset download inside the stage (s, summed over shards)", lambda st: st["img2dataset"]["duration"]),
+    ):
         lines.append(f"| {label} | " + " | ".join(f"{get(r[5]):.1f}" for r in runs) + " |")
-    lines += ["", "Peak RSS against URL count (generated 1024² JPEGs, 20 distinct, the rest duplicates):", "",
-              "| URLs | seconds | images/s | driver peak RSS (MiB) | process tree peak RSS (MiB) | kept |",
-              "| ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {n} | {w:.1f} | {ips:.1f} | {top:.0f} | {tree:.0f} | {kept} |" for n, w, ips, top, tree, kept in scale_rows]
+    lines += [
+        "",
+        "Peak RSS against URL count (generated 1024² JPEGs, 20 distinct, the rest duplicates):",
+        "",
+        "| URLs | seconds | images/s | driver peak RSS (MiB) | process tree peak RSS (MiB) | kept |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += [
+        f"| {n} | {w:.1f} | {ips:.1f} | {top:.0f} | {tree:.0f} | {kept} |" for n, w, ips, top, tree, kept in scale_rows
+    ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -11,6 +11,7 @@
    and recall against exact brute force (`dedup.semantic_edges` over all pairs).
 Writes benchmarks/results/curation_scale.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,16 +59,39 @@ def synth(root: Path, n: int, seed: int = 0) -> int:
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
         data = rng.bytes(64 * m)
         (blob / f"{s:05d}.tar").write_bytes(data)
-        pq.write_table(pa.table({"key": keys, "url": [f"http://h/{k}.jpg" for k in keys],
-                                 "caption": [f"photo {k}" for k in keys]}), _mk(work / "input" / f"{s:05d}.parquet"))
+        pq.write_table(
+            pa.table(
+                {"key": keys, "url": [f"http://h/{k}.jpg" for k in keys], "caption": [f"photo {k}" for k in keys]}
+            ),
+            _mk(work / "input" / f"{s:05d}.parquet"),
+        )
         side = rng.integers(1024, 2048, size=m)
-        rows = [{"key": k, "url": f"http://h/{k}.jpg", "reason": "too_small" if j % 20 == 7 else "",
-                 "width": int(side[j]), "height": 1024, "tier": "1k", "ext": "jpg", "sharpness": 50.0,
-                 "contrast": 30.0, "brightness": 120.0, "sha256": sha[j],
-                 "phash": f"{int(base[j]) & (2**64 - 1):016x}", "aesthetic": 5.5, "nsfw": None, "watermark": None,
-                 "src": str(blob / f"{s:05d}.tar"), "offset": 64 * j, "size": 64,
-                 "embedding": emb[j].astype(np.float16).tobytes(), "t_measure": 0.0, "t_embed": 0.0}
-                for j, k in enumerate(keys)]
+        rows = [
+            {
+                "key": k,
+                "url": f"http://h/{k}.jpg",
+                "reason": "too_small" if j % 20 == 7 else "",
+                "width": int(side[j]),
+                "height": 1024,
+                "tier": "1k",
+                "ext": "jpg",
+                "sharpness": 50.0,
+                "contrast": 30.0,
+                "brightness": 120.0,
+                "sha256": sha[j],
+                "phash": f"{int(base[j]) & (2**64 - 1):016x}",
+                "aesthetic": 5.5,
+                "nsfw": None,
+                "watermark": None,
+                "src": str(blob / f"{s:05d}.tar"),
+                "offset": 64 * j,
+                "size": 64,
+                "embedding": emb[j].astype(np.float16).tobytes(),
+                "t_measure": 0.0,
+                "t_embed": 0.0,
+            }
+            for j, k in enumerate(keys)
+        ]
         pipeline.write_scored(work / "scored" / f"{s:05d}.parquet", rows)
     return shards
 
@@ -105,14 +129,20 @@ def decide_write(n: int) -> dict:
         root = Path(tmp)
         shards = synth(root, n)
         env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
-        r = subprocess.run([sys.executable, "-c", CHILD, str(root), str(shards)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, check=False)
+        r = subprocess.run(
+            [sys.executable, "-c", CHILD, str(root), str(shards)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if r.returncode:
             sys.exit(r.stderr[-3000:])
         result = [line for line in r.stdout.splitlines() if line.startswith("RESULT ")]
         if not result:
             sys.exit(f"no result from the child:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
-        return {"rows": n, **json.loads(result[-1][len("RESULT "):])}
+        return {"rows": n, **json.loads(result[-1][len("RESULT ") :])}
 
 
 def old_loop(emb: np.ndarray, threshold: float) -> int:
@@ -178,8 +208,11 @@ def main() -> None:
     p.add_argument("--embeddings", default="100000,1000000")
     p.add_argument("--brute", type=int, default=100000, help="recall vs brute force up to this many embeddings")
     p.add_argument("--queries", type=int, default=2000, help="beyond --brute: recall over this many sampled rows")
-    p.add_argument("--old", default="10000,40000,160000",
-                   help="sizes for the old O(n*kept) loop (skipped once the last one predicts > 10 min)")
+    p.add_argument(
+        "--old",
+        default="10000,40000,160000",
+        help="sizes for the old O(n*kept) loop (skipped once the last one predicts > 10 min)",
+    )
     args = p.parse_args()
     rows = [decide_write(n) for n in sizes(args.rows)]
     sem = [semantic(n, n <= args.brute, args.queries) for n in sizes(args.embeddings)]
@@ -192,29 +225,54 @@ def main() -> None:
         old_loop(planted(n), 0.95)
         old.append({"n": n, "seconds": time.time() - t0})
     load = os.getloadavg()[0]
-    head = (f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, 1-min load average at the end {load:.1f} "
-            "(shared with other jobs: absolute numbers are noisy). Command: `python -m benchmarks.curation_scale "
-            f"--rows {args.rows} --embeddings {args.embeddings} --old {args.old}`.")
-    what = ("Decide + write over synthetic scored shards of 1000 rows (demo profile + CLIP dedup at 0.97 on 32-d "
-            "embeddings, output shards of 1000 images; "
-            "local Ray, 2 CPUs; the driver process only):")
-    lines = ["## Curation at scale (`benchmarks/curation_scale.py`)", "", head, "", what, "",
-             "| rows | decide (s) | write (s) | s per 1k rows | driver peak RSS after decide / after write (MiB) | "
-             "kept | duplicate |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    head = (
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, 1-min load average at the end {load:.1f} "
+        "(shared with other jobs: absolute numbers are noisy). Command: `python -m benchmarks.curation_scale "
+        f"--rows {args.rows} --embeddings {args.embeddings} --old {args.old}`."
+    )
+    what = (
+        "Decide + write over synthetic scored shards of 1000 rows (demo profile + CLIP dedup at 0.97 on 32-d "
+        "embeddings, output shards of 1000 images; "
+        "local Ray, 2 CPUs; the driver process only):"
+    )
+    lines = [
+        "## Curation at scale (`benchmarks/curation_scale.py`)",
+        "",
+        head,
+        "",
+        what,
+        "",
+        "| rows | decide (s) | write (s) | s per 1k rows | driver peak RSS after decide / after write (MiB) | "
+        "kept | duplicate |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
         per = (r["decide"] + r["write"]) / r["rows"] * 1000
-        lines.append(f"| {r['rows']} | {r['decide']:.1f} | {r['write']:.1f} | {per:.2f} | "
-                     f"{r['rss_decide_mib']:.0f} / {r['rss_mib']:.0f} | "
-                     f"{r['kept']} | {r['dup']} |")
-    lines += ["", "Semantic dedup, 768-d, 10% planted near copies, cosine >= 0.95 (one process):", "",
-              "| embeddings | clustered (k-means, probe 2) s | distinct pairs found | recall vs brute force | over | "
-              "brute force s |", "| ---: | ---: | ---: | ---: | --- | ---: |"]
+        lines.append(
+            f"| {r['rows']} | {r['decide']:.1f} | {r['write']:.1f} | {per:.2f} | "
+            f"{r['rss_decide_mib']:.0f} / {r['rss_mib']:.0f} | "
+            f"{r['kept']} | {r['dup']} |"
+        )
+    lines += [
+        "",
+        "Semantic dedup, 768-d, 10% planted near copies, cosine >= 0.95 (one process):",
+        "",
+        "| embeddings | clustered (k-means, probe 2) s | distinct pairs found | recall vs brute force | over | "
+        "brute force s |",
+        "| ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
     for s in sem:
-        lines.append(f"| {s['n']} | {s['seconds']:.1f} | {s['pairs']} | {s['recall']:.4f} | {s['recall_of']} "
-                     f"({s['truth']} true pairs) | {s['brute_seconds']:.1f} |")
+        lines.append(
+            f"| {s['n']} | {s['seconds']:.1f} | {s['pairs']} | {s['recall']:.4f} | {s['recall_of']} "
+            f"({s['truth']} true pairs) | {s['brute_seconds']:.1f} |"
+        )
     lines += ["", "| embeddings | old loop (each vs every kept) s |", "| ---: | ---: |"]
-    lines += [f"| {o['n']} | {o['seconds']:.1f} |" if o["seconds"] == o["seconds"] else
-              f"| {o['n']} | not run: > 10 min predicted (quadratic) |" for o in old]
+    lines += [
+        f"| {o['n']} | {o['seconds']:.1f} |"
+        if o["seconds"] == o["seconds"]
+        else f"| {o['n']} | not run: > 10 min predicted (quadratic) |"
+        for o in old
+    ]
     RESULTS.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

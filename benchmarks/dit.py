@@ -10,6 +10,7 @@
 
 Usage: python -m benchmarks.dit [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,15 @@ def timed(fn, repeats: int, warmup: int = 1) -> float:
 
 def kv_case(grid: int, compress: bool, width: int, depth: int, repeats: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    m = PixArtSigma(input_size=grid * 2, hidden_size=width, depth=depth, num_heads=4, caption_channels=32,
-                    model_max_length=120, kv_compress_layers=range(depth) if compress else ())
+    m = PixArtSigma(
+        input_size=grid * 2,
+        hidden_size=width,
+        depth=depth,
+        num_heads=4,
+        caption_channels=32,
+        model_max_length=120,
+        kv_compress_layers=range(depth) if compress else (),
+    )
     x = torch.randn(1, 4, grid * 2, grid * 2)
     t, y, mask = torch.tensor([500]), torch.randn(1, 120, 32), torch.ones(1, 120, dtype=torch.bool)
 
@@ -70,8 +78,15 @@ def pair_steps(grid: int, width: int, depth: int, heads: int) -> dict:
     from training import convert
 
     torch.manual_seed(0)
-    ours = PixArtSigma(input_size=grid * 2, hidden_size=width, depth=depth, num_heads=heads, caption_channels=4096,
-                       model_max_length=300, pe_interpolation=1.0).eval()
+    ours = PixArtSigma(
+        input_size=grid * 2,
+        hidden_size=width,
+        depth=depth,
+        num_heads=heads,
+        caption_channels=4096,
+        model_max_length=300,
+        pe_interpolation=1.0,
+    ).eval()
     cfg = {k: v for k, v in convert.diffusers_config(ours).items() if not k.startswith("_")}
     theirs = PixArtTransformer2DModel(**cfg)
     theirs.load_state_dict(convert.to_diffusers(ours.state_dict()))
@@ -80,14 +95,19 @@ def pair_steps(grid: int, width: int, depth: int, heads: int) -> dict:
     mask = torch.zeros(2, 300, dtype=torch.bool)
     mask[0, :120], mask[1, :250] = True, True
     cond = {"resolution": None, "aspect_ratio": None}
-    runs = {"ours": (ours, lambda: ours(x, t, y, mask)),
-            "diffusers": (theirs, lambda: theirs(x, y, t, encoder_attention_mask=mask.long(),
-                                                 added_cond_kwargs=cond).sample)}
+    runs = {
+        "ours": (ours, lambda: ours(x, t, y, mask)),
+        "diffusers": (
+            theirs,
+            lambda: theirs(x, y, t, encoder_attention_mask=mask.long(), added_cond_kwargs=cond).sample,
+        ),
+    }
 
     def make_step(model, run):
         def step():
             model.zero_grad(set_to_none=True)
             run().square().mean().backward()
+
         return step
 
     steps = {name: make_step(*r) for name, r in runs.items()}
@@ -165,19 +185,26 @@ def main() -> None:
     width, depth, repeats = 64, 2, 1
     threads = torch.get_num_threads()
     load = os.getloadavg()[0]
-    lines = ["## DiT (training/model.py)", "",
-             f"Machine: {platform.processor() or platform.machine()}, {threads} torch threads (CPU shared with "
-             f"other jobs; load average {load:.1f} at start), torch {torch.__version__}. Command: "
-             "`python -m benchmarks.dit`.", "",
-             f"### KV compression (width {width}, depth {depth}, 4 heads, r = 2 on every block, batch 1, "
-             f"120 caption tokens; one timed step each, no warm-up at these sizes)", "",
-             "| token grid | tokens | train step plain (s) | train step KV (s) | speed-up | sampling step plain (s) "
-             "| sampling step KV (s) | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## DiT (training/model.py)",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {threads} torch threads (CPU shared with "
+        f"other jobs; load average {load:.1f} at start), torch {torch.__version__}. Command: "
+        "`python -m benchmarks.dit`.",
+        "",
+        f"### KV compression (width {width}, depth {depth}, 4 heads, r = 2 on every block, batch 1, "
+        f"120 caption tokens; one timed step each, no warm-up at these sizes)",
+        "",
+        "| token grid | tokens | train step plain (s) | train step KV (s) | speed-up | sampling step plain (s) "
+        "| sampling step KV (s) | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, grid in grids.items():
         tp, sp = kv_case(grid, False, width, depth, repeats)
         tk, sk = kv_case(grid, True, width, depth, repeats)
-        lines.append(f"| {name} | {grid * grid} | {tp:.2f} | {tk:.2f} | {tp / tk:.2f}x | {sp:.2f} | {sk:.2f} "
-                     f"| {sp / sk:.2f}x |")
+        lines.append(
+            f"| {name} | {grid * grid} | {tp:.2f} | {tk:.2f} | {tp / tk:.2f}x | {sp:.2f} | {sk:.2f} | {sp / sk:.2f}x |"
+        )
         print(lines[-1], flush=True)
     cfg = dict(grid=16 if args.quick else 32, width=256, depth=4, heads=4)
     rounds, steps = 3, 3
@@ -185,19 +212,26 @@ def main() -> None:
     mem = {impl: in_fresh_process("memory_child", impl=impl, **cfg) for impl in ("ours", "diffusers")}
     rows = {impl: {**timed_[impl], **mem[impl]} for impl in ("ours", "diffusers")}
     ours, theirs = rows["ours"], rows["diffusers"]
-    lines += ["", f"### This model vs diffusers PixArtTransformer2DModel (same weights and input: width "
-              f"{cfg['width']}, depth {cfg['depth']}, {cfg['heads']} heads, {cfg['grid']}x{cfg['grid']} tokens, "
-              f"batch 2, 300 x 4096 caption tokens with padding)", "",
-              f"Train step: median of {rounds} alternating rounds x {steps} steps in one process. Activations: "
-              "what autograd saves for the backward pass (saved-tensor hooks; deterministic). Peak RSS: a fresh "
-              "process per implementation holding both models, RSS sampled every 2 ms during two steps, above "
-              "its RSS at rest (allocator noise of a few %).", "",
-              "| implementation | train step (s) | activations saved for backward (MiB) | peak RSS added by a step (MiB) |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        f"### This model vs diffusers PixArtTransformer2DModel (same weights and input: width "
+        f"{cfg['width']}, depth {cfg['depth']}, {cfg['heads']} heads, {cfg['grid']}x{cfg['grid']} tokens, "
+        f"batch 2, 300 x 4096 caption tokens with padding)",
+        "",
+        f"Train step: median of {rounds} alternating rounds x {steps} steps in one process. Activations: "
+        "what autograd saves for the backward pass (saved-tensor hooks; deterministic). Peak RSS: a fresh "
+        "process per implementation holding both models, RSS sampled every 2 ms during two steps, above "
+        "its RSS at rest (allocator noise of a few %).",
+        "",
+        "| implementation | train step (s) | activations saved for backward (MiB) | peak RSS added by a step (MiB) |",
+        "|---|---|---|---|",
+    ]
     for name, r in (("ours", ours), ("diffusers", theirs)):
         lines.append(f"| {name} | {r['time']:.3f} | {r['saved_mb']:.1f} | {r['step_mb']:.0f} |")
-    lines.append(f"| ratio ours / diffusers | {ours['time'] / theirs['time']:.2f}x | "
-                 f"{ours['saved_mb'] / theirs['saved_mb']:.2f}x | {ours['step_mb'] / max(theirs['step_mb'], 1e-9):.2f}x |")
+    lines.append(
+        f"| ratio ours / diffusers | {ours['time'] / theirs['time']:.2f}x | "
+        f"{ours['saved_mb'] / theirs['saved_mb']:.2f}x | {ours['step_mb'] / max(theirs['step_mb'], 1e-9):.2f}x |"
+    )
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:

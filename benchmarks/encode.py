@@ -12,6 +12,7 @@
 
 Usage: python -m benchmarks.encode [--quick]   (writes benchmarks/results/encode.md)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,11 +66,16 @@ def ours(n_re: int, n_orig: int, h: int, w: int, rng) -> tuple[int, int]:
 
 def bench_bytes(n: int) -> list[str]:
     rng = np.random.default_rng(0)
-    rows = ["| captions (tokens incl. `</s>`) | ours: T5 | PixArt npz: T5 | ratio T5 "
-            "| ours: sample | PixArt: sample | ratio sample |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for label, re_kind, orig_kind in [("both ~100", "100", "100"), ("recaption ~195 ± 30, original ~18", "recaption", "original"),
-                                      ("recaption only, 100", "100", None)]:
+    rows = [
+        "| captions (tokens incl. `</s>`) | ours: T5 | PixArt npz: T5 | ratio T5 "
+        "| ours: sample | PixArt: sample | ratio sample |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, re_kind, orig_kind in [
+        ("both ~100", "100", "100"),
+        ("recaption ~195 ± 30, original ~18", "recaption", "original"),
+        ("recaption only, 100", "100", None),
+    ]:
         re_len, orig_len = lengths(n, re_kind, rng), (lengths(n, orig_kind, rng) if orig_kind else np.zeros(n, int))
         o_t5, o_all, p_t5, p_all = [], [], [], []
         for a, b in zip(re_len, orig_len):
@@ -80,8 +86,10 @@ def bench_bytes(n: int) -> list[str]:
             p_t5.append(pt5)
             p_all.append(pt5 + len(vae_npy(1024, 1024, rng)))
         mib = lambda v: f"{np.mean(v) / 2**20:.2f} MiB"
-        rows.append(f"| {label} | {mib(o_t5)} | {mib(p_t5)} | {np.mean(o_t5) / np.mean(p_t5):.2f}x | {mib(o_all)} | "
-                    f"{mib(p_all)} | {np.mean(o_all) / np.mean(p_all):.2f}x |")
+        rows.append(
+            f"| {label} | {mib(o_t5)} | {mib(p_t5)} | {np.mean(o_t5) / np.mean(p_t5):.2f}x | {mib(o_all)} | "
+            f"{mib(p_all)} | {np.mean(o_all) / np.mean(p_all):.2f}x |"
+        )
     return rows
 
 
@@ -113,8 +121,12 @@ def bench_loader(n: int, hw: int) -> tuple[list[str], int, int]:
             lat = torch.from_numpy(rng.standard_normal((4, hw // 8, hw // 8)).astype(np.float16))
             feats = {"recaption": torch.from_numpy(rng.standard_normal((re_len[i], C)).astype(np.float16))}
             meta = {"key": f"{i:06d}", "bucket": "1.0", "bucket_hw": [hw, hw], "captions": {"recaption": "x"}}
-            writer.write(meta, encoded.pack_t5(feats), encoded.pack_vae(lat, lat.abs(), 0.13025),
-                         dict(key=meta["key"], status="kept", source="b"))
+            writer.write(
+                meta,
+                encoded.pack_t5(feats),
+                encoded.pack_vae(lat, lat.abs(), 0.13025),
+                dict(key=meta["key"], status="kept", source="b"),
+            )
             (tmp / "npz").mkdir(exist_ok=True)
             (tmp / "npz" / f"{i:06d}.npz").write_bytes(padded_npz(re_len[i], rng))
             (tmp / "npz" / f"{i:06d}.npy").write_bytes(vae_npy(hw, hw, rng))
@@ -132,11 +144,18 @@ def bench_loader(n: int, hw: int) -> tuple[list[str], int, int]:
                 rates[name].append(seen / (time.perf_counter() - t0))
     fmt = lambda v: f"{max(v):.0f} ({' / '.join(f'{x:.0f}' for x in v)})"
     speedups = [a / b for a, b in zip(rates["ours"], rates["npz"])]
-    return ["| layout | samples/s, best (each of 3 alternating passes) |", "| --- | ---: |",
+    return (
+        [
+            "| layout | samples/s, best (each of 3 alternating passes) |",
+            "| --- | ---: |",
             f"| bucketed tars, valid-token safetensors (`shards.loader`) | {fmt(rates['ours'])} |",
             f"| one padded `.npz` + `.npy` per sample | {fmt(rates['npz'])} |",
             f"| speed-up | {max(rates['ours']) / max(rates['npz']):.1f}x best vs best "
-            f"({' / '.join(f'{x:.1f}x' for x in speedups)} per round) |"], n, hw
+            f"({' / '.join(f'{x:.1f}x' for x in speedups)} per round) |",
+        ],
+        n,
+        hw,
+    )
 
 
 def bench_t5(n: int) -> tuple[list[str], float]:
@@ -148,13 +167,18 @@ def bench_t5(n: int) -> tuple[list[str], float]:
     t5.build_tiny(tmp / "tok")
     tok = t5.load_tokenizer(tmp / "tok")
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=len(tok), d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_heads=8,
-                   feed_forward_proj="gated-gelu")
+    cfg = T5Config(
+        vocab_size=len(tok), d_model=256, d_kv=32, d_ff=1024, num_layers=4, num_heads=8, feed_forward_proj="gated-gelu"
+    )
     enc = T5EncoderModel(cfg).eval()
     rng = np.random.default_rng(2)
     words = "a red fox in the snow small wooden house near lake sunset mountain".split()
-    caps = [" ".join(rng.choice(words, k)) for k in np.concatenate([lengths(n // 2, "recaption", rng) // 1.3,
-                                                                   lengths(n - n // 2, "original", rng)]).astype(int)]
+    caps = [
+        " ".join(rng.choice(words, k))
+        for k in np.concatenate(
+            [lengths(n // 2, "recaption", rng) // 1.3, lengths(n - n // 2, "original", rng)]
+        ).astype(int)
+    ]
     rng.shuffle(caps)  # a Ray batch mixes both kinds of caption
     rows = ["| batching | samples/s (best of 3) | mean padded length |", "| --- | ---: | ---: |"]
     torch.set_num_threads(2)
@@ -165,13 +189,21 @@ def bench_t5(n: int) -> tuple[list[str], float]:
         for sort in (True, False):
             t0, lens = time.perf_counter(), []
             for start in range(0, n, actor_batch):
-                lens += t5.encode_captions(tok, enc, caps[start:start + actor_batch], 300, sort_by_length=sort,
-                                           batch_size=sub)[1]
+                lens += t5.encode_captions(
+                    tok, enc, caps[start : start + actor_batch], 300, sort_by_length=sort, batch_size=sub
+                )[1]
             rates[sort].append(n / (time.perf_counter() - t0))
-    padded = np.mean([max(sorted(lens[s:s + actor_batch])[i:i + sub])
-                      for s in range(0, n, actor_batch) for i in range(0, min(actor_batch, n - s), sub)])
-    rows.append(f"| length-sorted within each batch of {actor_batch}, padded to sub-batch max "
-                f"| {max(rates[True]):.1f} | {padded:.0f} |")
+    padded = np.mean(
+        [
+            max(sorted(lens[s : s + actor_batch])[i : i + sub])
+            for s in range(0, n, actor_batch)
+            for i in range(0, min(actor_batch, n - s), sub)
+        ]
+    )
+    rows.append(
+        f"| length-sorted within each batch of {actor_batch}, padded to sub-batch max "
+        f"| {max(rates[True]):.1f} | {padded:.0f} |"
+    )
     rows.append(f"| fixed 300 (PixArt) | {max(rates[False]):.1f} | 300 |")
     return rows, float(np.mean(lens))
 
@@ -185,26 +217,38 @@ def main() -> None:
     loader_rows, n, hw = bench_loader(n_loader, 256)
     t5_rows, mean_len = bench_t5(n_t5)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, CPU"
-    text = "\n".join([
-        "## Encode (`python -m benchmarks.encode`)", "",
-        f"Machine: {machine}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end. Measured "
-        f"{time.strftime('%Y-%m-%d')}.", "",
-        f"### Bytes per sample (T5 width {C}, 1024² bucket, {n_bytes} samples per row)", "",
-        "Ours: `KEY.t5.safetensors` (valid tokens, fp16) + `KEY.vae.safetensors` (mean + std fp16) "
-        "+ tar headers (the ~0.4 kB json is not counted). "
-        "PixArt: one `savez_compressed` per caption (`caption_feature` [1, 300, 4096] fp16 + mask) "
-        "+ an 8-channel fp16 `.npy`. "
-        "Target: ≤ 0.5x for ~100-token captions.", "",
-        *bytes_rows, "",
-        f"### Loader throughput ({n} samples at {hw}², recaption ~195 tokens at width {C})", "",
-        "2 DataLoader workers, batch 16. Both read from the page cache (files just written), "
-        "decode, sample the latent and pad `y` to 300 in float32; "
-        "one pass over all samples per measurement. Target ≥ 3x.", "",
-        *loader_rows, "",
-        f"### T5 encode, length-sorted vs fixed-300 ({n_t5} captions, half Share-Captioner-like, "
-        f"half alt-text-like, mean {mean_len:.0f} tokens; random T5 d_model 256, 4 layers, on CPU)", "",
-        *t5_rows, "",
-    ])
+    text = "\n".join(
+        [
+            "## Encode (`python -m benchmarks.encode`)",
+            "",
+            f"Machine: {machine}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end. Measured "
+            f"{time.strftime('%Y-%m-%d')}.",
+            "",
+            f"### Bytes per sample (T5 width {C}, 1024² bucket, {n_bytes} samples per row)",
+            "",
+            "Ours: `KEY.t5.safetensors` (valid tokens, fp16) + `KEY.vae.safetensors` (mean + std fp16) "
+            "+ tar headers (the ~0.4 kB json is not counted). "
+            "PixArt: one `savez_compressed` per caption (`caption_feature` [1, 300, 4096] fp16 + mask) "
+            "+ an 8-channel fp16 `.npy`. "
+            "Target: ≤ 0.5x for ~100-token captions.",
+            "",
+            *bytes_rows,
+            "",
+            f"### Loader throughput ({n} samples at {hw}², recaption ~195 tokens at width {C})",
+            "",
+            "2 DataLoader workers, batch 16. Both read from the page cache (files just written), "
+            "decode, sample the latent and pad `y` to 300 in float32; "
+            "one pass over all samples per measurement. Target ≥ 3x.",
+            "",
+            *loader_rows,
+            "",
+            f"### T5 encode, length-sorted vs fixed-300 ({n_t5} captions, half Share-Captioner-like, "
+            f"half alt-text-like, mean {mean_len:.0f} tokens; random T5 d_model 256, 4 layers, on CPU)",
+            "",
+            *t5_rows,
+            "",
+        ]
+    )
     out = HERE / "results" / "encode.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text)

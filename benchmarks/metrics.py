@@ -6,6 +6,7 @@ as the real file), and the cost of one FID from features (2048-d, the library's 
 
 Writes benchmarks/results/metrics.md with a labelled GPU estimate for MJHQ-30K (30,000 images).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,9 @@ def main() -> None:
     tiny_models.build(ROOT / ".cache" / "tiny")
     m = config.load(ROOT / "pipelines.yaml", "demo").models
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8))
-              for _ in range(args.images)]
+    images = [
+        Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)) for _ in range(args.images)
+    ]
     prompts = ["a red fox in the snow"] * args.images
     scorer = scores.Scorer(m.clip.arch, m.clip.weights, m.clip.config_dir, m.aesthetic_head)
     clip = rate(lambda: scorer({"image": images, "prompt": prompts}), args.images, args.rounds)
@@ -64,7 +66,7 @@ def main() -> None:
     one_fid = time.perf_counter() - t0
     print(f"one FID at 2048-d: {one_fid:.1f} s", flush=True)
     load = os.getloadavg()[0]
-    fmt = lambda r: f"{r[0]:.1f} ({r[1]:.1f}-{r[2]:.1f})"  # noqa: E731
+    fmt = lambda r: f"{r[0]:.1f} ({r[1]:.1f}-{r[2]:.1f})"
     text = f"""## Evaluation metrics pass (`benchmarks/metrics.py`)
 
 Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), torch {torch.__version__}, \

@@ -5,6 +5,7 @@ Each benchmark is a script `benchmarks/<topic>.py` that measures on this machine
 single benchmark can be rerun alone (`python -m benchmarks.<topic>`) and merged with `--merge`.
 `benchmarks/gpu.py` is not run here: it needs a CUDA machine.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,17 +14,30 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TOPICS = ["curation", "curation_scale", "curation_before_after", "curation_sources", "crawl", "captioning", "encode",
-          "dit", "weak_to_strong", "judge", "metrics"]
+TOPICS = [
+    "curation",
+    "curation_scale",
+    "curation_before_after",
+    "curation_sources",
+    "crawl",
+    "captioning",
+    "encode",
+    "dit",
+    "weak_to_strong",
+    "judge",
+    "metrics",
+]
 
 
 def merge() -> Path:
     parts = [(HERE / "results" / f"{t}.md") for t in TOPICS + ["gpu"]]
     body = "\n\n".join(p.read_text().strip() for p in parts if p.exists())
     out = HERE / "RESULTS.md"
-    out.write_text("# Benchmark results\n\nMeasured numbers only; each section names its machine and command.\n"
-                   "Regenerate with `make bench` (or one topic: `python -m benchmarks.<topic>` then "
-                   "`python -m benchmarks.run --merge`).\n\n" + body + "\n")
+    out.write_text(
+        "# Benchmark results\n\nMeasured numbers only; each section names its machine and command.\n"
+        "Regenerate with `make bench` (or one topic: `python -m benchmarks.<topic>` then "
+        "`python -m benchmarks.run --merge`).\n\n" + body + "\n"
+    )
     return out
 
 

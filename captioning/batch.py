@@ -5,10 +5,12 @@ that batch's rows (`caption_error`) and the shard still completes. Every generat
 goes through the caption-quality guard (captioning/guard.py); with a `retry` generator the rows it
 fails are generated once more (other sampling settings) and the second answer is judged instead.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,16 +19,20 @@ from shards import reasons
 
 # What a backend's generate returns per input: the text, or (text, hit_limit) where hit_limit says
 # whether generation stopped at the token limit (None: the engine cannot tell).
-Generated = Union[str, tuple[str, Optional[bool]]]
+Generated = str | tuple[str, bool | None]
 
 
-def _split(out: Generated) -> tuple[str, Optional[bool]]:
+def _split(out: Generated) -> tuple[str, bool | None]:
     return (out, None) if isinstance(out, str) else (out[0], out[1])
 
 
-def caption_batch(batch: dict[str, np.ndarray], prepare: Callable[[bytes], Any],
-                  generate: Callable[[list], Sequence[Generated]], guard: Optional[Guard] = None,
-                  retry: Optional[Callable[[list], Sequence[Generated]]] = None) -> dict[str, np.ndarray]:
+def caption_batch(
+    batch: dict[str, np.ndarray],
+    prepare: Callable[[bytes], Any],
+    generate: Callable[[list], Sequence[Generated]],
+    guard: Guard | None = None,
+    retry: Callable[[list], Sequence[Generated]] | None = None,
+) -> dict[str, np.ndarray]:
     """`prepare` decodes one image's bytes for the model; `generate` captions the prepared list.
 
     Adds `caption`, `status`, `reason`, and for the report `rejected` (what the model wrote for a
@@ -41,7 +47,7 @@ def caption_batch(batch: dict[str, np.ndarray], prepare: Callable[[bytes], Any],
         try:
             inputs.append(prepare(bytes(data)))
             rows.append(i)
-        except Exception:  # PIL raises many types for bad bytes; the row records it
+        except Exception:  # noqa: BLE001 - PIL raises many types for bad bytes; the row records it
             statuses[i], why[i] = reasons.FAILED, reasons.NOT_AN_IMAGE
     if rows:
         try:
@@ -50,9 +56,10 @@ def caption_batch(batch: dict[str, np.ndarray], prepare: Callable[[bytes], Any],
                 verdict = guard.check(captions[i], hit_limit)
                 if verdict.reason:
                     statuses[i], why[i], rejected[i] = reasons.FAILED, verdict.reason, captions[i]
-        except Exception as e:  # e.g. out of memory on one odd batch: fail its rows, keep the shard
-            print(f"caption_error on keys {[batch['key'][i] for i in rows][:4]}: {type(e).__name__}: {e}",
-                  file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory on one odd batch: fail its rows, keep the shard
+            print(
+                f"caption_error on keys {[batch['key'][i] for i in rows][:4]}: {type(e).__name__}: {e}", file=sys.stderr
+            )
             for i in rows:
                 statuses[i], why[i], rejected[i] = reasons.FAILED, reasons.CAPTION_ERROR, ""
         again = [(j, i) for j, i in enumerate(rows) if why[i] and why[i] != reasons.CAPTION_ERROR]
@@ -62,9 +69,13 @@ def caption_batch(batch: dict[str, np.ndarray], prepare: Callable[[bytes], Any],
         if statuses[i] != reasons.KEPT:
             captions[i] = ""
     out = {k: v for k, v in batch.items() if k != "image"}
-    out.update(caption=np.array(captions, dtype=object), status=np.array(statuses, dtype=object),
-               reason=np.array(why, dtype=object), rejected=np.array(rejected, dtype=object),
-               retried=np.array(retried, dtype=bool))
+    out.update(
+        caption=np.array(captions, dtype=object),
+        status=np.array(statuses, dtype=object),
+        reason=np.array(why, dtype=object),
+        rejected=np.array(rejected, dtype=object),
+        retried=np.array(retried, dtype=bool),
+    )
     return out
 
 
@@ -72,9 +83,8 @@ def _retry(again, inputs, retry, guard, captions, statuses, why, rejected, retri
     """Generate the guard-failed rows once more; a caption that now passes replaces the failure."""
     try:
         outs = retry([inputs[j] for j, _ in again])
-    except Exception as e:  # the first verdicts stand
-        print(f"guard retry failed on keys {[keys[i] for _, i in again][:4]}: {type(e).__name__}: {e}",
-              file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - the retry is optional: the first verdicts stand
+        print(f"guard retry failed on keys {[keys[i] for _, i in again][:4]}: {type(e).__name__}: {e}", file=sys.stderr)
         return
     for (_, i), out in zip(again, outs):
         retried[i] = True

@@ -3,29 +3,29 @@
 Batch VLM captioning degenerates in a few known ways; each has a reason code (shards/reasons.py)
 and a rule here, checked in this order (the first that fires names the row):
 
-| reason | rule |
-| --- | --- |
-| `empty_caption` | fewer than `min_words` words (a word: a run of letters or digits) |
-| `refused_caption` | opens with a refusal or assistant boilerplate ("I'm sorry", "I cannot", "I am unable to", "As an AI", ...), or says "as an AI (language) model" anywhere |
-| `wrong_language` | (`language: en`) under `min_latin` of its letters are Latin script, or, with 8+ words, more French/German/Spanish/Italian/Portuguese function words than English ones (at least 3) |
-| `degenerate_caption` | a repetition loop: one word 4+ times in a row; a 2-8-word phrase 3+ times in a row; a sentence of 5+ words twice, or any sentence 3+ times; a character run of 1-12 characters 8+ times in a row; or, from 40 words on, under 25% distinct words |
-| `truncated_caption` | the engine says generation stopped at the token limit (HF: no EOS within `max_new_tokens`; vLLM: `finish_reason == "length"`); where the engine cannot say, the text ends inside a sentence (a trailing comma, colon, dash or open bracket, or an article, preposition or conjunction as the last word) |
+`empty_caption`, `refused_caption`, `wrong_language`, `degenerate_caption`, `truncated_caption`:
+the rules, with their numbers, are the table in captioning/README.md ("Caption-quality guard").
 
 Captions that pass are untouched. The rules are deliberately conservative: a dense caption with
 quoted foreign text, numbers or non-ASCII names passes (tests/captioning/test_guard.py holds 50 such
 captions). Failed rows keep `caption=""`; what the model wrote is kept for the report (`examples`).
 """
+
 from __future__ import annotations
 
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import Optional
 
 from shards import reasons
 
-GUARD_REASONS = (reasons.EMPTY_CAPTION, reasons.REFUSED_CAPTION, reasons.WRONG_LANGUAGE,
-                 reasons.DEGENERATE_CAPTION, reasons.TRUNCATED_CAPTION)
+GUARD_REASONS = (
+    reasons.EMPTY_CAPTION,
+    reasons.REFUSED_CAPTION,
+    reasons.WRONG_LANGUAGE,
+    reasons.DEGENERATE_CAPTION,
+    reasons.TRUNCATED_CAPTION,
+)
 
 # Each caption parquet keeps what the model wrote for its guard failures (caption="" in the rows) in
 # its schema metadata, for the report: JSON [{key, reason, text}], at most this many per shard.
@@ -38,17 +38,28 @@ _REFUSAL_OPENING = re.compile(
     r"i\s+(?:cannot|can't|can\s+not|won't|will\s+not|am\s+unable|'m\s+unable|am\s+not\s+able|'m\s+not\s+able)|"
     r"as\s+an\s+ai\b|i\s+do\s+not\s+(?:feel\s+comfortable|have\s+the\s+ability)|"
     r"i'?m\s+not\s+(?:able|comfortable)|there\s+is\s+no\s+image|no\s+image\s+(?:was|is)\s+provided)",
-    re.IGNORECASE)
+    re.IGNORECASE,
+)
 _AS_AN_AI = re.compile(r"\bas\s+an\s+ai(?:\s+language)?\s+model\b", re.IGNORECASE)
 _CHAR_LOOP = re.compile(r"(\S{1,12}?)\1{7,}")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
-_UNFINISHED_END = re.compile(r"(?:[,;:\-–—(\[{/&]|\b(?:a|an|the|and|or|but|of|with|in|on|at|to|from|by|for|"
-                             r"its|their|his|her|is|are|which|that|while|as)\b)\s*$", re.IGNORECASE)
+_UNFINISHED_END = re.compile(
+    r"(?:[,;:\-–—(\[{/&]|\b(?:a|an|the|and|or|but|of|with|in|on|at|to|from|by|for|"
+    r"its|their|his|her|is|are|which|that|while|as)\b)\s*$",
+    re.IGNORECASE,
+)
 
 _ENGLISH = frozenset("the a an of and in on with is are to at by from this that it its there".split())
-_FOREIGN = frozenset(("le la les des du une et est dans avec sur der die das und ist mit ein eine einem "
-                      "auf el los las del y en con una es il gli della di che per o um uma com os não na no "
-                      "nel").split()) - _ENGLISH
+_FOREIGN = (
+    frozenset(
+        (
+            "le la les des du une et est dans avec sur der die das und ist mit ein eine einem "
+            "auf el los las del y en con una es il gli della di che per o um uma com os não na no "
+            "nel"
+        ).split()
+    )
+    - _ENGLISH
+)
 
 
 @dataclass
@@ -60,15 +71,21 @@ class Verdict:
 class Guard:
     """`check(text, hit_limit)` -> Verdict. `hit_limit`: True/False from the engine, None if unknown."""
 
-    def __init__(self, enabled: bool = True, language: Optional[str] = "en", min_words: int = 3,
-                 min_latin: float = 0.7, truncation: bool = True):
+    def __init__(
+        self,
+        enabled: bool = True,
+        language: str | None = "en",
+        min_words: int = 3,
+        min_latin: float = 0.7,
+        truncation: bool = True,
+    ):
         self.enabled = enabled
         self.language = language
         self.min_words = min_words
         self.min_latin = min_latin
         self.truncation = truncation
 
-    def check(self, text: str, hit_limit: Optional[bool] = None) -> Verdict:
+    def check(self, text: str, hit_limit: bool | None = None) -> Verdict:
         if not self.enabled:
             return Verdict("")
         text = " ".join((text or "").split())
@@ -117,8 +134,8 @@ def repetition(text: str, words: list[str]) -> str:
             return f"word {words[i]!r} {run}x in a row"
     for n in range(2, 9):
         for i in range(0, len(words) - 3 * n + 1):
-            if words[i:i + n] == words[i + n:i + 2 * n] == words[i + 2 * n:i + 3 * n]:
-                return f"phrase {' '.join(words[i:i + n])!r} 3x in a row"
+            if words[i : i + n] == words[i + n : i + 2 * n] == words[i + 2 * n : i + 3 * n]:
+                return f"phrase {' '.join(words[i : i + n])!r} 3x in a row"
     seen: dict[str, int] = {}
     for sentence in _SENTENCE_END.split(text):
         key = " ".join(_WORD.findall(sentence.lower()))

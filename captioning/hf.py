@@ -2,6 +2,7 @@
 
 The driver never touches pixels: images are decoded and downscaled in the actor.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,10 +22,20 @@ class HFCaptioner(VLM):
     `retry`: generate() kwargs for one more try at the guard's failures ({}: none).
     """
 
-    def __init__(self, model: str, prompt: str, revision: str | None = None, dtype: str = "bfloat16",
-                 max_new_tokens: int = 300, generate: dict[str, Any] | None = None,
-                 max_pixels: int | None = None, trust_remote_code: bool = False, device: str | None = None,
-                 guard: dict[str, Any] | None = None, retry: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        model: str,
+        prompt: str,
+        revision: str | None = None,
+        dtype: str = "bfloat16",
+        max_new_tokens: int = 300,
+        generate: dict[str, Any] | None = None,
+        max_pixels: int | None = None,
+        trust_remote_code: bool = False,
+        device: str | None = None,
+        guard: dict[str, Any] | None = None,
+        retry: dict[str, Any] | None = None,
+    ):
         super().__init__(model, revision, dtype, max_new_tokens, generate, max_pixels, trust_remote_code, device)
         self.prompt = prompt
         self.text = self.chat_text([{"type": "image"}, {"type": "text", "text": prompt}], prompt)

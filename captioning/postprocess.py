@@ -5,6 +5,7 @@ T5 tokens and teaches the DiT nothing; PixArt-Sigma keeps 300 T5 tokens (`</s>` 
 Share-Captioner averages ~826 characters (~170-220 tokens), so a tail of long captions is cut
 at encode time: `finish_rows` counts them so the run can report how many.
 """
+
 from __future__ import annotations
 
 import re
@@ -37,7 +38,7 @@ def strip_opening(text: str) -> str:
     m = _OPENING_RE.match(text)
     if not m or m.end() >= len(text):
         return text
-    rest = text[m.end():]
+    rest = text[m.end() :]
     return rest[:1].upper() + rest[1:]
 
 

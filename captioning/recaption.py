@@ -9,6 +9,7 @@ atomically), so a rerun skips it and a killed run loses only the shards in fligh
 never touches pixels: it lists each tar's keys (headers only) to know when a shard is complete,
 and does text work only. Images are decoded and downscaled in the captioner actors.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from captioning.guard import GUARD_EXAMPLES, GUARD_EXAMPLES_PER_SHARD, GUARD_REASONS
 from common import progress
-from common.gather import ShardGather
 from common.config import Captioner, Config
+from common.gather import ShardGather
 from shards import atomic, curated, fingerprint, format, reasons
 from shards.errors import SigmaError
 
@@ -53,11 +54,15 @@ def select(cfg: Config, name: str | None) -> tuple[str, Captioner]:
     if not cap.model and cap.backend != "original":
         raise SigmaError(f"{where}.model: not set")
     if cap.backend == "share-captioner" and not cap.trust_remote_code:
-        raise SigmaError(f"{where}.trust_remote_code: Share-Captioner is remote code (InternLM-XComposer) and "
-                          "runs only on explicit opt-in; set it to true to load it")
+        raise SigmaError(
+            f"{where}.trust_remote_code: Share-Captioner is remote code (InternLM-XComposer) and "
+            "runs only on explicit opt-in; set it to true to load it"
+        )
     if cap.require_revision and not cap.revision and not Path(cap.model).exists():
-        raise SigmaError(f"{where}.revision: not pinned; set it to the hub commit of {cap.model} you checked "
-                         f"(`--set {where}.revision=<40-hex commit>`), or point model at a local folder")
+        raise SigmaError(
+            f"{where}.revision: not pinned; set it to the hub commit of {cap.model} you checked "
+            f"(`--set {where}.revision=<40-hex commit>`), or point model at a local folder"
+        )
     if cap.engine_kwargs and cap.backend != "vllm":
         raise SigmaError(f"{where}.engine_kwargs: only the vllm backend takes engine arguments")
     return name, cap
@@ -99,14 +104,27 @@ def plan(cfg: Config, shards: str, out: str, name: str | None = None, not_checke
     name, cap = select(cfg, name)
     done = [str(p) for p in paths if format.caption_file(out, p).exists()]
     return {
-        "shards": [str(p) for p in paths], "out": str(out), "done": done,
+        "shards": [str(p) for p in paths],
+        "out": str(out),
+        "done": done,
         "todo": [str(p) for p in paths if str(p) not in set(done)],
-        "captioner": name, "captioner_id": captioner_id(cap), "backend": cap.backend, "model": cap.model,
-        "prompt": cap.prompt, "max_new_tokens": cap.max_new_tokens, "generate": cap.generate,
-        "dtype": cap.dtype, "max_pixels": cap.max_pixels, "runtime_env": cap.runtime_env,
-        "engine_kwargs": cap.engine_kwargs, "retry": cap.retry, "guard": vars(cfg.captioning.guard),
-        "resources": vars(cap.resources), "strip_openings": cfg.captioning.strip_openings,
-        "token_budget": cfg.captioning.token_budget, "t5_tokenizer": cfg.models.t5,
+        "captioner": name,
+        "captioner_id": captioner_id(cap),
+        "backend": cap.backend,
+        "model": cap.model,
+        "prompt": cap.prompt,
+        "max_new_tokens": cap.max_new_tokens,
+        "generate": cap.generate,
+        "dtype": cap.dtype,
+        "max_pixels": cap.max_pixels,
+        "runtime_env": cap.runtime_env,
+        "engine_kwargs": cap.engine_kwargs,
+        "retry": cap.retry,
+        "guard": vars(cfg.captioning.guard),
+        "resources": vars(cap.resources),
+        "strip_openings": cfg.captioning.strip_openings,
+        "token_budget": cfg.captioning.token_budget,
+        "t5_tokenizer": cfg.models.t5,
     }
 
 
@@ -115,11 +133,25 @@ def stage_fingerprint(p: dict) -> dict:
     so more shards may be captioned into the same CAPDIR later."""
     from shards.encoded import model_id
 
-    keys = ("backend", "prompt", "max_new_tokens", "generate", "dtype", "max_pixels", "strip_openings", "retry",
-            "guard")
+    keys = (
+        "backend",
+        "prompt",
+        "max_new_tokens",
+        "generate",
+        "dtype",
+        "max_pixels",
+        "strip_openings",
+        "retry",
+        "guard",
+    )
     engine = {k: v for k, v in p["engine_kwargs"].items() if k not in ENGINE_RESOURCES}
-    return {**{k: p[k] for k in keys}, "engine": engine, "model": model_id(p["model"]) if p["model"] else "",
-            "revision": p["captioner_id"].rpartition("@")[2], "t5_tokenizer": model_id(p["t5_tokenizer"])}
+    return {
+        **{k: p[k] for k in keys},
+        "engine": engine,
+        "model": model_id(p["model"]) if p["model"] else "",
+        "revision": p["captioner_id"].rpartition("@")[2],
+        "t5_tokenizer": model_id(p["t5_tokenizer"]),
+    }
 
 
 def _check_sources(done: list[str], out: str) -> None:
@@ -130,23 +162,38 @@ def _check_sources(done: list[str], out: str) -> None:
         meta = pq.read_schema(format.caption_file(out, shard)).metadata or {}
         size = meta.get(SOURCE_SIZE)
         if size is not None and int(size) != Path(shard).stat().st_size:
-            raise SigmaError(f"{shard}: changed since {format.caption_file(out, shard)} was written from it "
-                             f"({int(size)} -> {Path(shard).stat().st_size} bytes); use another --out, or delete "
-                             "that parquet to caption it again")
+            raise SigmaError(
+                f"{shard}: changed since {format.caption_file(out, shard)} was written from it "
+                f"({int(size)} -> {Path(shard).stat().st_size} bytes); use another --out, or delete "
+                "that parquet to caption it again"
+            )
 
 
 SOURCE_SIZE = b"sigmaforge.source_size"
 # engine_kwargs that size the engine without changing what it writes: not in the fingerprint
-ENGINE_RESOURCES = ("gpu_memory_utilization", "tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens",
-                    "enforce_eager", "swap_space")
+ENGINE_RESOURCES = (
+    "gpu_memory_utilization",
+    "tensor_parallel_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enforce_eager",
+    "swap_space",
+)
 
 
 def backend(cap: Captioner, guard=None) -> tuple[type, dict]:
     """The actor class for a captioner and its constructor arguments (a plain dict, not the config)."""
-    common = dict(model=cap.model, prompt=cap.prompt, revision=cap.revision, dtype=cap.dtype,
-                  max_new_tokens=cap.max_new_tokens, generate=dict(cap.generate),
-                  trust_remote_code=cap.trust_remote_code, guard=dict(vars(guard)) if guard else None,
-                  retry=dict(cap.retry))
+    common = dict(
+        model=cap.model,
+        prompt=cap.prompt,
+        revision=cap.revision,
+        dtype=cap.dtype,
+        max_new_tokens=cap.max_new_tokens,
+        generate=dict(cap.generate),
+        trust_remote_code=cap.trust_remote_code,
+        guard=dict(vars(guard)) if guard else None,
+        retry=dict(cap.retry),
+    )
     if cap.backend == "original":
         from captioning.original import OriginalCaptioner
 
@@ -179,9 +226,18 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     fingerprint.check(out, stage_fingerprint(p))
     _check_sources(p["done"], out)
     atomic.clean_temp(out)  # a killed run's half-written parquet never counts
-    summary = {"shards": len(p["shards"]), "skipped": len(p["done"]), "written": 0, "corrupt_shards": [],
-               "captions": 0, "failed": {}, "over_budget": 0, "token_budget": p["token_budget"], "retried": 0,
-               "recovered": 0}
+    summary = {
+        "shards": len(p["shards"]),
+        "skipped": len(p["done"]),
+        "written": 0,
+        "corrupt_shards": [],
+        "captions": 0,
+        "failed": {},
+        "over_budget": 0,
+        "token_budget": p["token_budget"],
+        "retried": 0,
+        "recovered": 0,
+    }
     expected: dict[str, int] = {}
     for shard in p["todo"]:
         try:
@@ -206,9 +262,16 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     r = cap.resources
     ds = ray.data.from_items([{"shard": s} for s in expected], override_num_blocks=len(expected))
     ds = ds.flat_map(read_shard)
-    ds = ds.map_batches(cls, fn_constructor_kwargs=kwargs, batch_size=r.batch_size, num_gpus=r.num_gpus,
-                        num_cpus=r.num_cpus, compute=ray.data.ActorPoolStrategy(size=r.concurrency),
-                        batch_format="numpy", runtime_env=runtime_env(cap) or None)
+    ds = ds.map_batches(
+        cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=r.batch_size,
+        num_gpus=r.num_gpus,
+        num_cpus=r.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=r.concurrency),
+        batch_format="numpy",
+        runtime_env=runtime_env(cap) or None,
+    )
 
     gather = ShardGather(expected)
     failed: Counter = Counter()
@@ -268,21 +331,30 @@ def _write(out: str, shard: str, rows: list[dict], cap: Captioner, tokenizer, cf
     assert list(columns) == format.CAPTION_COLUMNS
     types = {c: pa.string() for c in format.CAPTION_COLUMNS if c != "num_tokens"}
     table = pa.table({c: columns[c] if c == "num_tokens" else pa.array(columns[c], types[c]) for c in columns})
-    examples = [{"key": r["key"], "reason": r["reason"], "text": r.get("rejected", "")[:500]}
-                for r in rows if r["reason"] in GUARD_REASONS][:GUARD_EXAMPLES_PER_SHARD]
-    table = table.replace_schema_metadata({SOURCE_SIZE: str(Path(shard).stat().st_size),
-                                           GUARD_EXAMPLES: json.dumps(examples, ensure_ascii=False)})
+    examples = [
+        {"key": r["key"], "reason": r["reason"], "text": r.get("rejected", "")[:500]}
+        for r in rows
+        if r["reason"] in GUARD_REASONS
+    ][:GUARD_EXAMPLES_PER_SHARD]
+    table = table.replace_schema_metadata(
+        {SOURCE_SIZE: str(Path(shard).stat().st_size), GUARD_EXAMPLES: json.dumps(examples, ensure_ascii=False)}
+    )
     path = format.caption_file(out, shard)
     atomic.write_parquet(path, table)
     kept = [r for r in rows if r["status"] == reasons.KEPT]
-    stats = {"kept": len(kept), "failed": Counter(r["reason"] for r in rows if r["status"] != reasons.KEPT),
-             "over_budget": sum(r["num_tokens"] > cfg.captioning.token_budget for r in kept),
-             "retried": sum(bool(r.get("retried")) for r in rows),
-             "recovered": sum(bool(r.get("retried")) and r["status"] == reasons.KEPT for r in rows)}
+    stats = {
+        "kept": len(kept),
+        "failed": Counter(r["reason"] for r in rows if r["status"] != reasons.KEPT),
+        "over_budget": sum(r["num_tokens"] > cfg.captioning.token_budget for r in kept),
+        "retried": sum(bool(r.get("retried")) for r in rows),
+        "recovered": sum(bool(r.get("retried")) and r["status"] == reasons.KEPT for r in rows),
+    }
     guarded = sum(n for reason, n in stats["failed"].items() if reason in GUARD_REASONS)
-    stats["line"] = (f"{path.name}: {len(rows)} rows, {stats['kept']} captions, {sum(stats['failed'].values())} "
-                     f"failed ({guarded} by the caption guard, {stats['recovered']}/{stats['retried']} retried rows "
-                     f"recovered), {stats['over_budget']} over {cfg.captioning.token_budget} T5 tokens")
+    stats["line"] = (
+        f"{path.name}: {len(rows)} rows, {stats['kept']} captions, {sum(stats['failed'].values())} "
+        f"failed ({guarded} by the caption guard, {stats['recovered']}/{stats['retried']} retried rows "
+        f"recovered), {stats['over_budget']} over {cfg.captioning.token_budget} T5 tokens"
+    )
     return stats
 
 
@@ -294,15 +366,21 @@ def _write(out: str, shard: str, rows: list[dict], cap: Captioner, tokenizer, cf
 def main(argv: list[str] | None = None) -> None:
     from common import cli
 
-    p = cli.parser("captioning/recaption",
-                   "Caption curated WebDataset shards with Share-Captioner, an HF vision-language model or a VLM on vLLM; "
-                   "one parquet per shard, resumable.",
-                   "captioning/recaption --shards 'cur/shards/{00000..00041}.tar' --out caps --profile demo")
-    p.add_argument("--shards", required=True,
-                   help="curated shards: a brace pattern ('d/{00000..00041}.tar'), a glob or a directory")
+    p = cli.parser(
+        "captioning/recaption",
+        "Caption curated WebDataset shards with Share-Captioner, an HF vision-language model or a VLM on vLLM; "
+        "one parquet per shard, resumable.",
+        "captioning/recaption --shards 'cur/shards/{00000..00041}.tar' --out caps --profile demo",
+    )
+    p.add_argument(
+        "--shards",
+        required=True,
+        help="curated shards: a brace pattern ('d/{00000..00041}.tar'), a glob or a directory",
+    )
     p.add_argument("--out", required=True, help="CAPDIR: NNNNN.parquet per input shard")
-    p.add_argument("--captioner", default=None,
-                   help="a key of captioning.captioners in the config (default: captioning.captioner)")
+    p.add_argument(
+        "--captioner", default=None, help="a key of captioning.captioners in the config (default: captioning.captioner)"
+    )
     args = p.parse_args(argv)
     cfg = cli.load(args)
     with cli.user_errors():

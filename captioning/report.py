@@ -6,6 +6,7 @@ truncated at encode time, which rows failed and why, and examples side by side: 
 new caption and the original alt text. Images come from the curated shards when they are given
 (`shards`); without them the examples are text only.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,12 +52,19 @@ def _guard_section(df, examples: list[dict]) -> list[str]:
         return []
     counts = guarded.groupby(["shard", "reason"]).size().unstack(fill_value=0)
     reasons_seen = [r for r in GUARD_REASONS if r in counts.columns]
-    body = ["<h2>Caption-quality guard</h2>",
-            '<p class="muted">Generated, then failed by captioning/guard.py (rules in captioning/README.md); '
-            "encode leaves these rows out.</p>",
-            pages.table(["shard", *reasons_seen, "rows"],
-                        [(stem, *(int(row[r]) for r in reasons_seen), int(row[reasons_seen].sum()))
-                         for stem, row in counts.iterrows()], "guard-counts")]
+    body = [
+        "<h2>Caption-quality guard</h2>",
+        '<p class="muted">Generated, then failed by captioning/guard.py (rules in captioning/README.md); '
+        "encode leaves these rows out.</p>",
+        pages.table(
+            ["shard", *reasons_seen, "rows"],
+            [
+                (stem, *(int(row[r]) for r in reasons_seen), int(row[reasons_seen].sum()))
+                for stem, row in counts.iterrows()
+            ],
+            "guard-counts",
+        ),
+    ]
     per_reason: dict[str, list[dict]] = {}
     for e in examples:
         if len(per_reason.setdefault(e["reason"], [])) < 3:
@@ -88,10 +96,11 @@ def _examples(rows, shard_paths: dict[str, Path], budget: int) -> str:
         out.append(
             f'<div class="example" data-key="{pages.esc(r["key"])}"><div>{picture}</div><div class="text">'
             f'<b>{pages.esc(r["key"])}</b> <span class="tokens{over}">{int(r["num_tokens"])} T5 tokens, '
-            f'{len(r["caption"]):,} characters{" (over budget: truncated at encode)" if over else ""}</span>'
+            f"{len(r['caption']):,} characters{' (over budget: truncated at encode)' if over else ''}</span>"
             f'<div class="caption new">{pages.esc(r["caption"])}</div>'
             f'<div class="caption original muted">alt text: {pages.esc(r["original_caption"]) or "(none)"}</div>'
-            f"</div></div>")
+            f"</div></div>"
+        )
     return "".join(out)
 
 
@@ -107,41 +116,73 @@ def build(capdir: str | Path, shards=None, token_budget: int = 300) -> str:
     tokens = kept["num_tokens"].astype(int)
     over = int((tokens > token_budget).sum())
     share = f"{100 * over / max(len(kept), 1):.1f}%"
-    summary = [("caption files", int(df["shard"].nunique())), ("rows", len(df)), ("captions", len(kept)),
-               ("failed", len(failed)), (f"over {token_budget} T5 tokens (truncated at encode)", over),
-               ("share truncated", share),
-               ("mean characters", f"{chars.mean():.0f}" if len(kept) else "-"),
-               ("mean T5 tokens", f"{tokens.mean():.0f}" if len(kept) else "-")]
-    body = [f'<p class="muted">{pages.esc(capdir.resolve())}</p>', "<h2>Summary</h2>",
-            pages.table(["", "value"], summary, "summary"),
-            pages.table(["captioner", "prompt", "rows"],
-                       [(c, p, int(n)) for (c, p), n in df.groupby(["captioner", "prompt"]).size().items()],
-                       "captioners")]
+    summary = [
+        ("caption files", int(df["shard"].nunique())),
+        ("rows", len(df)),
+        ("captions", len(kept)),
+        ("failed", len(failed)),
+        (f"over {token_budget} T5 tokens (truncated at encode)", over),
+        ("share truncated", share),
+        ("mean characters", f"{chars.mean():.0f}" if len(kept) else "-"),
+        ("mean T5 tokens", f"{tokens.mean():.0f}" if len(kept) else "-"),
+    ]
+    body = [
+        f'<p class="muted">{pages.esc(capdir.resolve())}</p>',
+        "<h2>Summary</h2>",
+        pages.table(["", "value"], summary, "summary"),
+        pages.table(
+            ["captioner", "prompt", "rows"],
+            [(c, p, int(n)) for (c, p), n in df.groupby(["captioner", "prompt"]).size().items()],
+            "captioners",
+        ),
+    ]
     if len(failed):
-        body.append(pages.table(["status", "reason", "rows"],
-                               [(s, r, int(n)) for (s, r), n in failed.groupby(["status", "reason"]).size().items()],
-                               "failed"))
+        body.append(
+            pages.table(
+                ["status", "reason", "rows"],
+                [(s, r, int(n)) for (s, r), n in failed.groupby(["status", "reason"]).size().items()],
+                "failed",
+            )
+        )
     alt = kept["original_caption"].str.len()
-    body += ["<h2>Lengths</h2>", '<div class="plots">',
-             pages.histogram("tokens", tokens, "New captions: T5 tokens", "T5 tokens (</s> included)",
-                            [("budget", token_budget)]),
-             pages.histogram("chars", chars, "New captions: characters", "characters",
-                            [("mean", round(float(chars.mean())))] if len(kept) else []),
-             pages.histogram("alt-chars", alt[alt > 0], "Original alt text: characters", "characters"),
-             "</div>"]
+    body += [
+        "<h2>Lengths</h2>",
+        '<div class="plots">',
+        pages.histogram(
+            "tokens", tokens, "New captions: T5 tokens", "T5 tokens (</s> included)", [("budget", token_budget)]
+        ),
+        pages.histogram(
+            "chars",
+            chars,
+            "New captions: characters",
+            "characters",
+            [("mean", round(float(chars.mean())))] if len(kept) else [],
+        ),
+        pages.histogram("alt-chars", alt[alt > 0], "Original alt text: characters", "characters"),
+        "</div>",
+    ]
     # examples spread evenly over the token-length order, so short, typical and long ones all show
     ordered = kept.sort_values(["num_tokens", "key"], kind="stable")
-    picks = ordered.iloc[np.unique(np.linspace(0, len(ordered) - 1, min(EXAMPLES, len(ordered))).round().astype(int))] \
-        if len(ordered) else ordered
-    body += [f'<h2>Examples ({len(picks)} of {len(kept):,}, shortest to longest)</h2>',
-             f'<section data-gallery="examples" data-count="{len(picks)}">'
-             f"{_examples(picks, _shard_paths(shards), token_budget)}</section>"]
+    picks = (
+        ordered.iloc[np.unique(np.linspace(0, len(ordered) - 1, min(EXAMPLES, len(ordered))).round().astype(int))]
+        if len(ordered)
+        else ordered
+    )
+    body += [
+        f"<h2>Examples ({len(picks)} of {len(kept):,}, shortest to longest)</h2>",
+        f'<section data-gallery="examples" data-count="{len(picks)}">'
+        f"{_examples(picks, _shard_paths(shards), token_budget)}</section>",
+    ]
     body += _guard_section(df, read_guard_examples(capdir))
     if len(failed):
-        body += ["<h2>Failed rows</h2>",
-                 pages.table(["key", "shard", "reason"],
-                            [(r["key"], r["shard"], r["reason"]) for _, r in failed.head(50).iterrows()],
-                            "failed-rows")]
+        body += [
+            "<h2>Failed rows</h2>",
+            pages.table(
+                ["key", "shard", "reason"],
+                [(r["key"], r["shard"], r["reason"]) for _, r in failed.head(50).iterrows()],
+                "failed-rows",
+            ),
+        ]
     return pages.page(f"Caption report: {capdir.name}", "\n".join(body))
 
 

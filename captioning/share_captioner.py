@@ -18,11 +18,12 @@ The model and its tokenizer are InternLM-XComposer v1 remote code that needs
 nothing that needs a newer transformers. Images go through the model's own `vis_processor`
 (bicubic 224 x 224, CLIP normalisation) in the actor, at full decoded size as the script does.
 """
+
 from __future__ import annotations
 
 import contextlib
 import io
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,13 +45,24 @@ def generate_kwargs(max_new_tokens: int, generate: dict[str, Any], eos_token_id:
 class ShareCaptioner:
     """Ray Data callable: {"key", "image" (bytes), ...} -> the same rows plus caption/status/reason."""
 
-    def __init__(self, model: str, prompt: str, revision: Optional[str] = None, dtype: str = "float16",
-                 max_new_tokens: int = 500, generate: Optional[dict[str, Any]] = None,
-                 trust_remote_code: bool = False, device: Optional[str] = None,
-                 guard: Optional[dict[str, Any]] = None, retry: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        model: str,
+        prompt: str,
+        revision: str | None = None,
+        dtype: str = "float16",
+        max_new_tokens: int = 500,
+        generate: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        device: str | None = None,
+        guard: dict[str, Any] | None = None,
+        retry: dict[str, Any] | None = None,
+    ):
         if not trust_remote_code:
-            raise SigmaError(f"{model}: Share-Captioner is remote code (InternLM-XComposer); set "
-                             "trust_remote_code: true for this captioner in the config to run it")
+            raise SigmaError(
+                f"{model}: Share-Captioner is remote code (InternLM-XComposer); set "
+                "trust_remote_code: true for this captioner in the config to run it"
+            )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,12 +75,19 @@ class ShareCaptioner:
         self.retry = dict(retry or {})  # generate() kwargs for one more try at the guard's failures
         with torch.no_grad():
             self.seg_before = self.model.encode_text(USER, add_special_tokens=True)  # [1, t1, C]
-            self.seg_after = self.model.encode_text(f"{prompt}{self.model.eoh}{BOT}", add_special_tokens=False)  # [1, t2, C]
+            self.seg_after = self.model.encode_text(
+                f"{prompt}{self.model.eoh}{BOT}", add_special_tokens=False
+            )  # [1, t2, C]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         again = (lambda pixels: self.generate(torch.stack(pixels), self.retry)) if self.retry else None
-        return caption_batch(batch, lambda data: self.model.vis_processor(_decode(data)),  # [3, 224, 224] each
-                             lambda pixels: self.generate(torch.stack(pixels)), self.guard, again)
+        return caption_batch(
+            batch,
+            lambda data: self.model.vis_processor(_decode(data)),  # [3, 224, 224] each
+            lambda pixels: self.generate(torch.stack(pixels)),
+            self.guard,
+            again,
+        )
 
     def inputs_embeds(self, pixels: torch.Tensor) -> torch.Tensor:
         """Prompt assembly of the official script: [USER seg, image tokens, prompt + eoh + BOT seg]."""
@@ -77,12 +96,14 @@ class ShareCaptioner:
         return torch.cat([self.seg_before.repeat(b, 1, 1), image, self.seg_after.repeat(b, 1, 1)], dim=1)  # [b, T, C]
 
     @torch.no_grad()
-    def generate(self, pixels: torch.Tensor, overrides: Optional[dict[str, Any]] = None) -> list[str]:
+    def generate(self, pixels: torch.Tensor, overrides: dict[str, Any] | None = None) -> list[str]:
         """Captions for a [b, 3, 224, 224] batch of `vis_processor` outputs (`overrides`: generate kwargs)."""
         autocast = torch.autocast("cuda") if self.device.startswith("cuda") else contextlib.nullcontext()
         with autocast:
             embeds = self.inputs_embeds(pixels)  # [b, T, C]
-            out = self.model.internlm_model.generate(inputs_embeds=embeds, **{**self.generate_kwargs, **(overrides or {})})  # [b, T_new]
+            out = self.model.internlm_model.generate(
+                inputs_embeds=embeds, **{**self.generate_kwargs, **(overrides or {})}
+            )  # [b, T_new]
         texts = []
         for ids in out:
             ids[ids == -1] = EOS_FOR_PAD

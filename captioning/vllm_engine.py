@@ -8,9 +8,10 @@ transformers. Images are decoded and downscaled here to the model's pixel budget
 decoding, encoders/vlm.py) before vLLM's processor sees them; the prompt goes through the model's
 chat template by `LLM.chat` with the image as a PIL part.
 """
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -30,15 +31,30 @@ class VLLMCaptioner:
     `retry`: SamplingParams arguments for one more try at the guard's failures ({}: none).
     """
 
-    def __init__(self, model: str, prompt: str, revision: Optional[str] = None, dtype: str = "bfloat16",
-                 max_new_tokens: int = 300, generate: Optional[dict[str, Any]] = None,
-                 max_pixels: Optional[int] = None, trust_remote_code: bool = False,
-                 engine_kwargs: Optional[dict[str, Any]] = None, guard: Optional[dict[str, Any]] = None,
-                 retry: Optional[dict[str, Any]] = None):
+    def __init__(
+        self,
+        model: str,
+        prompt: str,
+        revision: str | None = None,
+        dtype: str = "bfloat16",
+        max_new_tokens: int = 300,
+        generate: dict[str, Any] | None = None,
+        max_pixels: int | None = None,
+        trust_remote_code: bool = False,
+        engine_kwargs: dict[str, Any] | None = None,
+        guard: dict[str, Any] | None = None,
+        retry: dict[str, Any] | None = None,
+    ):
         from vllm import LLM
 
-        self.llm = LLM(model=model, revision=revision, tokenizer_revision=revision, dtype=dtype,
-                       trust_remote_code=trust_remote_code, **{**ENGINE_DEFAULTS, **(engine_kwargs or {})})
+        self.llm = LLM(
+            model=model,
+            revision=revision,
+            tokenizer_revision=revision,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            **{**ENGINE_DEFAULTS, **(engine_kwargs or {})},
+        )
         self.prompt = prompt
         self.sampling = {"max_tokens": max_new_tokens, "temperature": 0.0, **(generate or {})}
         self.retry = dict(retry or {})
@@ -55,20 +71,27 @@ class VLLMCaptioner:
         again = (lambda images: self.caption(images, self.retry)) if self.retry else None
         return caption_batch(batch, self.decode, self.caption, self.guard, again)
 
-    def caption(self, images: list, overrides: Optional[dict[str, Any]] = None) -> list[tuple[str, bool]]:
+    def caption(self, images: list, overrides: dict[str, Any] | None = None) -> list[tuple[str, bool]]:
         """(caption, hit_limit) per PIL image: one `LLM.chat` call for the whole batch."""
         from vllm import SamplingParams
 
         params = SamplingParams(**{**self.sampling, **(overrides or {})})
-        conversations = [[{"role": "user", "content": [{"type": "image_pil", "image_pil": image},
-                                                       {"type": "text", "text": self.prompt}]}]
-                         for image in images]
+        conversations = [
+            [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_pil", "image_pil": image}, {"type": "text", "text": self.prompt}],
+                }
+            ]
+            for image in images
+        ]
         outs = self.llm.chat(conversations, params, use_tqdm=False)
         return [(o.outputs[0].text.strip(), o.outputs[0].finish_reason == "length") for o in outs]
 
 
-def image_budget(model: str, revision: Optional[str], trust_remote_code: bool,
-                 max_pixels: Optional[int]) -> tuple[Optional[tuple[int, int]], Optional[int]]:
+def image_budget(
+    model: str, revision: str | None, trust_remote_code: bool, max_pixels: int | None
+) -> tuple[tuple[int, int] | None, int | None]:
     """(target size, pixel cap) for decode_image from the model's own image processor: a fixed-size
     processor's input size, an area-budgeted one's max pixels (the config's `max_pixels` wins)."""
     from transformers import AutoImageProcessor

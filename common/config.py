@@ -202,7 +202,9 @@ class Captioner:
     # Ray runtime_env for this backend's actors
     runtime_env: dict[str, Any] = field(default_factory=dict, metadata=SAME_OUTPUT)
     engine_kwargs: dict[str, Any] = field(default_factory=dict)  # vllm: vllm.LLM(...) arguments
-    retry: dict[str, Any] = field(default_factory=dict)  # sampling settings for one retry of guard-failed rows; {}: none
+    retry: dict[str, Any] = field(
+        default_factory=dict
+    )  # sampling settings for one retry of guard-failed rows; {}: none
     resources: Resources = field(default_factory=lambda: Resources(batch_size=8), metadata=SAME_OUTPUT)
 
 

@@ -4,10 +4,12 @@ come), and task results with a bounded number in flight.
 Curation (scored rows per download shard) and recaptioning (captions per curated shard) both write
 one file per shard from a stream whose rows arrive in any order; this is that bookkeeping, once.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable, Iterator
+from typing import Any
 
 
 class ShardGather:
@@ -15,9 +17,9 @@ class ShardGather:
 
     def __init__(self, expected: dict[Hashable, int]):
         self.expected = dict(expected)
-        self.pending: dict[Hashable, list] = defaultdict(list)
+        self.pending: dict[Hashable, list[Any]] = defaultdict(list)
 
-    def add(self, shard: Hashable, row) -> list | None:
+    def add(self, shard: Hashable, row: Any) -> list[Any] | None:
         rows = self.pending[shard]
         rows.append(row)
         if len(rows) < self.expected[shard]:
@@ -32,7 +34,7 @@ class ShardGather:
             raise RuntimeError(f"incomplete shards after the run (rows/expected): {short}")
 
 
-def bounded(jobs, window: int):
+def bounded(jobs: Iterable[tuple[Any, Any]], window: int) -> Iterator[tuple[Any, Any]]:
     """(key, result) of each (key, Ray ref) of `jobs` as it finishes, with at most `window` refs in
     flight (the driver holds a task's handle only while it runs, however many tasks the run has)."""
     import ray

@@ -2,9 +2,11 @@
 
 Library `run()` functions call it (not only entry points), so it lives apart from the CLI flags.
 """
+
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from common import quiet
 from common.config import DEFAULT_CONFIG, Config
@@ -12,7 +14,7 @@ from common.config import DEFAULT_CONFIG, Config
 REPO_ROOT = str(DEFAULT_CONFIG.parent)
 
 
-def init_ray(cfg: Config, runtime_env: dict | None = None):
+def init_ray(cfg: Config, runtime_env: dict[str, Any] | None = None) -> Any:
     """Join the cluster `ray job submit` runs us in, or start a local one; quiet on a laptop (common/quiet.py)."""
     import ray
     from ray.data import DataContext
@@ -33,7 +35,12 @@ def init_ray(cfg: Config, runtime_env: dict | None = None):
         env_vars.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # per-actor "Loading weights" bars: not the user's
         quiet.drop(*quiet.TOKEN_AUTH)
         # address="local": a new local Ray even when another one runs on this machine (`ray start`)
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, include_dashboard=False, ignore_reinit_error=True,
-                 runtime_env=runtime_env)
+        ray.init(
+            address="local",
+            num_cpus=cfg.ray.num_cpus,
+            include_dashboard=False,
+            ignore_reinit_error=True,
+            runtime_env=runtime_env,
+        )
     quiet.spend_actor_restart_warning(ray)
     return ray

@@ -12,6 +12,7 @@ read with TensorFlow alone, in its own environment (see curation/README.md), fro
 The Dense kernels are stored transposed ([in, out] in Keras, [out, in] in torch). This module
 imports only the standard library and shards/ at the top, so the main environment imports it too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,16 @@ WIDTHS = [768, 64, 512, 256, 1]  # LAION's ViT-L/14 head: embedding -> 64 -> 512
 TF_PACKAGES = ["tensorflow-cpu==2.21.0", "safetensors", "numpy"]  # never a dependency of the project
 TF_ENV = f"python -m venv /tmp/tf && /tmp/tf/bin/pip install {' '.join(TF_PACKAGES)}"
 VARIABLE = re.compile(r"(?P<layer>.+)/(?P<attr>[^/]+)/\.ATTRIBUTES/VARIABLE_VALUE")
-NAMES = {"kernel": "kernel", "_kernel": "kernel", "bias": "bias",  # Keras 2 / Keras 3 attribute names
-         "mean": "mean", "adapt_mean": "mean", "variance": "variance", "adapt_variance": "variance", "count": "count"}
+NAMES = {
+    "kernel": "kernel",
+    "_kernel": "kernel",
+    "bias": "bias",  # Keras 2 / Keras 3 attribute names
+    "mean": "mean",
+    "adapt_mean": "mean",
+    "variance": "variance",
+    "adapt_variance": "variance",
+    "count": "count",
+}
 NOT_LAYERS = ("keras_api/", "optimizer/", "save_counter")  # metrics, optimizer state
 
 
@@ -37,8 +46,10 @@ def check_folder(folder: Path) -> None:
     """A SavedModel folder has saved_model.pb and variables/variables.index (checked before TF loads)."""
     missing = [n for n in ("saved_model.pb", "variables/variables.index") if not (folder / n).is_file()]
     if missing:
-        raise SigmaError(f"{folder}: not a TensorFlow SavedModel folder (no {', '.join(missing)}); "
-                         "expected LAION's unzipped clip_autokeras_binary_nsfw/")
+        raise SigmaError(
+            f"{folder}: not a TensorFlow SavedModel folder (no {', '.join(missing)}); "
+            "expected LAION's unzipped clip_autokeras_binary_nsfw/"
+        )
 
 
 def _place(layer: str) -> list:
@@ -55,11 +66,15 @@ def read_layers(shapes: dict[str, list], folder: Path) -> tuple[str, list[str]]:
             layers.setdefault(m["layer"], {})[NAMES.get(m["attr"], m["attr"])] = list(shape)
     order = sorted(layers, key=_place)
     found = "; ".join(f"{p}: " + ", ".join(f"{a} {s}" for a, s in layers[p].items()) for p in order)
-    want = [{"mean": [768], "variance": [768]}] + [{"kernel": [a, b], "bias": [b]} for a, b in itertools.pairwise(WIDTHS)]
+    want = [{"mean": [768], "variance": [768]}] + [
+        {"kernel": [a, b], "bias": [b]} for a, b in itertools.pairwise(WIDTHS)
+    ]
     got = [{a: s for a, s in layers[p].items() if a != "count"} for p in order]
     if got != want:
-        raise SigmaError(f"{folder}: expected a Normalization (mean, variance [768]) and 4 Dense layers "
-                         f"{' -> '.join(map(str, WIDTHS))}; found {found or 'no variables'}")
+        raise SigmaError(
+            f"{folder}: expected a Normalization (mean, variance [768]) and 4 Dense layers "
+            f"{' -> '.join(map(str, WIDTHS))}; found {found or 'no variables'}"
+        )
     return order[0], order[1:]
 
 
@@ -81,8 +96,9 @@ def read_lookups(tf, model, folder: Path) -> list[tuple[int, list[int], list[int
                 todo.append((f"{path}/{name}" if path else name, child))
     lookups = []
     for column, table in sorted(found, key=lambda t: t[0]):
-        keys, index = tf.raw_ops.LookupTableExportV2(table_handle=table.resource_handle, Tkeys=tf.string,
-                                                     Tvalues=tf.int64)
+        keys, index = tf.raw_ops.LookupTableExportV2(
+            table_handle=table.resource_handle, Tkeys=tf.string, Tvalues=tf.int64
+        )
         texts = [k.decode() for k in keys.numpy()]
         if not all(re.fullmatch(r"-?\d+\.\d{6}", t) for t in texts):
             raise SigmaError(f"{folder}: column {column}: lookup keys are not '%f' numbers: {texts[:3]}")
@@ -107,8 +123,10 @@ def convert(folder: str | Path, out: str | Path) -> str:
         import tensorflow as tf
         from safetensors.numpy import save_file
     except ImportError as e:
-        raise SigmaError(f"{e.name} is not installed here; this command runs in its own TensorFlow environment: "
-                         f"{TF_ENV}, then /tmp/tf/bin/python curation/convert_nsfw_head KERAS_DIR OUT.safetensors")
+        raise SigmaError(
+            f"{e.name} is not installed here; this command runs in its own TensorFlow environment: "
+            f"{TF_ENV}, then /tmp/tf/bin/python curation/convert_nsfw_head KERAS_DIR OUT.safetensors"
+        ) from None
     reader = tf.train.load_checkpoint(str(folder / "variables" / "variables"))
     norm, dense = read_layers(reader.get_variable_to_shape_map(), folder)
 
@@ -134,10 +152,12 @@ def convert(folder: str | Path, out: str | Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="curation/convert_nsfw_head", description=__doc__.splitlines()[0],
+        prog="curation/convert_nsfw_head",
+        description=__doc__.splitlines()[0],
         epilog=f"example (in the TensorFlow environment: {TF_ENV}):\n"
-               "  /tmp/tf/bin/python curation/convert_nsfw_head clip_autokeras_binary_nsfw/ nsfw_head.safetensors",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  /tmp/tf/bin/python curation/convert_nsfw_head clip_autokeras_binary_nsfw/ nsfw_head.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("keras_dir", help="LAION's unzipped clip_autokeras_binary_nsfw/ (saved_model.pb + variables/)")
     p.add_argument("out", help="the .safetensors file to write (models.nsfw_head)")
     args = p.parse_args(argv)

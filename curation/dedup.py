@@ -18,6 +18,7 @@ further apart in sorted order (such groups are rare among survivors: flat images
 Semantic duplicates (SemDeDup, as NVIDIA NeMo Curator does it): k-means over the embeddings, each
 embedding assigned to its `probe` nearest centroids, cosine similarity only inside a cluster.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -46,7 +47,7 @@ def band_masks(bits: list[int], n: int) -> list[np.uint64]:
     out, start = [], 0
     for i in range(n):
         width = len(bits) // n + (1 if i < len(bits) % n else 0)
-        out.append(np.uint64(sum(1 << b for b in bits[start:start + width])))
+        out.append(np.uint64(sum(1 << b for b in bits[start : start + width])))
         start += width
     return out
 
@@ -73,8 +74,9 @@ def exact_edges(ids: np.ndarray, sha256: np.ndarray) -> tuple[np.ndarray, np.nda
     return concat([_star(np.array(g)) for g in groups.values() if len(g) > 1])
 
 
-def near_edges(ids: np.ndarray, hashes: np.ndarray, radius: int,
-               max_group: int = 50_000) -> tuple[np.ndarray, np.ndarray]:
+def near_edges(
+    ids: np.ndarray, hashes: np.ndarray, radius: int, max_group: int = 50_000
+) -> tuple[np.ndarray, np.ndarray]:
     """Edges between images of one band group whose pHashes are within `radius` (see the module
     docstring for the guard on oversized groups)."""
     order = np.argsort(hashes, kind="stable")
@@ -84,7 +86,7 @@ def near_edges(ids: np.ndarray, hashes: np.ndarray, radius: int,
     parts = [_star(ids[s:e]) for s, e in pairwise(bounds) if e - s > 1]
     reps = ids[first]  # one image per distinct hash
     for s in range(0, len(uniq), max_group):  # one window unless the group is oversized
-        parts.append(_pairs_within(reps[s:s + 2 * max_group], uniq[s:s + 2 * max_group], radius, max_group))
+        parts.append(_pairs_within(reps[s : s + 2 * max_group], uniq[s : s + 2 * max_group], radius, max_group))
     return concat(parts)
 
 
@@ -92,7 +94,7 @@ def _pairs_within(ids: np.ndarray, hashes: np.ndarray, radius: int, first: int) 
     """Pairs i < j within `radius` for i among the `first` rows, in blocks (vectorised XOR + popcount)."""
     parts = []
     for s in range(0, min(first, len(ids)), BLOCK):
-        d = np.bitwise_count(hashes[s:min(s + BLOCK, first), None] ^ hashes[None, :])
+        d = np.bitwise_count(hashes[s : min(s + BLOCK, first), None] ^ hashes[None, :])
         i, j = np.nonzero(d <= radius)
         keep = j > i + s
         parts.append((ids[i[keep] + s], ids[j[keep]]))
@@ -103,10 +105,12 @@ def band_rows(ids: np.ndarray, hashes: np.ndarray, radius: int) -> dict[str, np.
     """One row per (image, band): band index, band value (as int64 bits), id, hash (as int64 bits)."""
     masks = band_masks(ALL_BITS, radius + 1)
     n = len(ids)
-    return {"band": np.repeat(np.arange(len(masks), dtype=np.int64), n),
-            "value": np.concatenate([hashes & m for m in masks]).view(np.int64),
-            "id": np.tile(np.asarray(ids, np.int64), len(masks)),
-            "phash": np.tile(hashes, len(masks)).view(np.int64)}
+    return {
+        "band": np.repeat(np.arange(len(masks), dtype=np.int64), n),
+        "value": np.concatenate([hashes & m for m in masks]).view(np.int64),
+        "id": np.tile(np.asarray(ids, np.int64), len(masks)),
+        "phash": np.tile(hashes, len(masks)).view(np.int64),
+    }
 
 
 def semantic_edges(ids: np.ndarray, emb: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +118,7 @@ def semantic_edges(ids: np.ndarray, emb: np.ndarray, threshold: float) -> tuple[
     emb = np.asarray(emb, np.float32)
     parts = []
     for s in range(0, len(ids), BLOCK):
-        sims = emb[s:s + BLOCK] @ emb.T
+        sims = emb[s : s + BLOCK] @ emb.T
         i, j = np.nonzero(sims >= threshold)
         keep = j > i + s
         parts.append((np.asarray(ids)[i[keep] + s], np.asarray(ids)[j[keep]]))
@@ -133,8 +137,9 @@ def kmeans(sample: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
     sample = np.ascontiguousarray(normalise(sample))
     k = max(1, min(k, len(sample)))
-    km = faiss.Kmeans(sample.shape[1], k, niter=20, seed=seed, spherical=True,
-                      gpu=faiss.get_num_gpus() > 0, verbose=False)
+    km = faiss.Kmeans(
+        sample.shape[1], k, niter=20, seed=seed, spherical=True, gpu=faiss.get_num_gpus() > 0, verbose=False
+    )
     km.train(sample)
     return km.centroids
 
@@ -149,8 +154,9 @@ def assign(emb: np.ndarray, centroids: np.ndarray, probe: int) -> np.ndarray:
     return nearest
 
 
-def clustered_edges(ids: np.ndarray, emb: np.ndarray, threshold: float, cluster_size: int,
-                    probe: int) -> tuple[np.ndarray, np.ndarray]:
+def clustered_edges(
+    ids: np.ndarray, emb: np.ndarray, threshold: float, cluster_size: int, probe: int
+) -> tuple[np.ndarray, np.ndarray]:
     """`semantic_edges` inside k-means clusters, in one process (what dedup_job.py spreads over tasks)."""
     emb = normalise(emb)
     k = max(1, round(len(ids) / cluster_size))

@@ -16,6 +16,7 @@ A hand-rolled shuffle: the same partitions and edges as a Ray Data groupby, with
 folder is written as `.tmp` and renamed when complete; a rerun redoes only an unfinished step. The
 driver holds only per-group counts: no rows.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,10 @@ def earlier_runs(folders, out: Path) -> list[Path]:
         if r == Path(out).resolve():
             raise AgainstError(f"--dedup-against {r}: is the output folder itself")
         if not (r / "manifest.parquet").is_file() or not (r / INDEX).is_dir():
-            raise AgainstError(f"--dedup-against {r}: not a finished curation run with {INDEX}/ "
-                               "(runs made before incremental dedup have none)")
+            raise AgainstError(
+                f"--dedup-against {r}: not a finished curation run with {INDEX}/ "
+                "(runs made before incremental dedup have none)"
+            )
     names = [r.name for r in runs]
     for n in names:
         if names.count(n) > 1:
@@ -88,20 +91,43 @@ def _read_nodes(sources: list[tuple[str, int]]) -> pa.Table:
         else:
             t = pq.read_table(path, columns=INDEX_COLUMNS)
             pixels = t["pixels"]
-        tables.append(_nodes(pc.cast(t["key"], pa.int64()), pixels.to_numpy(zero_copy_only=False), t["sha256"],
-                             t["phash"], t["embedding"], run))
+        tables.append(
+            _nodes(
+                pc.cast(t["key"], pa.int64()),
+                pixels.to_numpy(zero_copy_only=False),
+                t["sha256"],
+                t["phash"],
+                t["embedding"],
+                run,
+            )
+        )
     return pa.concat_tables(tables) if tables else NODE_SCHEMA.empty_table()
 
 
 def _nodes(keys, pixels, sha256, phash, embedding, run: int) -> pa.Table:
     ids = np.asarray(keys, np.int64) + run * RUN_SPAN
     hashes = dedup.phash_int(phash.to_pylist()).view(np.int64)
-    return pa.table({"id": ids, "pixels": np.asarray(pixels, np.int64), "sha256": pc.cast(sha256, pa.string()),
-                     "phash": hashes, "embedding": pc.cast(embedding, pa.binary())}, schema=NODE_SCHEMA)
+    return pa.table(
+        {
+            "id": ids,
+            "pixels": np.asarray(pixels, np.int64),
+            "sha256": pc.cast(sha256, pa.string()),
+            "phash": hashes,
+            "embedding": pc.cast(embedding, pa.binary()),
+        },
+        schema=NODE_SCHEMA,
+    )
 
 
-NODE_SCHEMA = pa.schema([("id", pa.int64()), ("pixels", pa.int64()), ("sha256", pa.string()), ("phash", pa.int64()),
-                         ("embedding", pa.binary())])
+NODE_SCHEMA = pa.schema(
+    [
+        ("id", pa.int64()),
+        ("pixels", pa.int64()),
+        ("sha256", pa.string()),
+        ("phash", pa.int64()),
+        ("embedding", pa.binary()),
+    ]
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,10 +135,26 @@ NODE_SCHEMA = pa.schema([("id", pa.int64()), ("pixels", pa.int64()), ("sha256", 
 # ---------------------------------------------------------------------------------------------
 
 
-HASH_SCHEMA = pa.schema([("band", pa.int64()), ("value", pa.int64()), ("id", pa.int64()), ("phash", pa.int64()),
-                         ("sha256", pa.string()), ("pixels", pa.int64()), ("part", pa.int64())])
-CLIP_SCHEMA = pa.schema([("cluster", pa.int64()), ("id", pa.int64()), ("pixels", pa.int64()),
-                         ("embedding", pa.binary()), ("part", pa.int64())])
+HASH_SCHEMA = pa.schema(
+    [
+        ("band", pa.int64()),
+        ("value", pa.int64()),
+        ("id", pa.int64()),
+        ("phash", pa.int64()),
+        ("sha256", pa.string()),
+        ("pixels", pa.int64()),
+        ("part", pa.int64()),
+    ]
+)
+CLIP_SCHEMA = pa.schema(
+    [
+        ("cluster", pa.int64()),
+        ("id", pa.int64()),
+        ("pixels", pa.int64()),
+        ("embedding", pa.binary()),
+        ("part", pa.int64()),
+    ]
+)
 
 
 def _write_parts(path: Path, rows: dict, schema: pa.Schema) -> None:
@@ -154,17 +196,22 @@ def _hash_rows(batch: dict, radius: int | None, parts: int) -> dict:
     """Rows to group on: (band -1, sha256 digest) for exact copies, plus one per pHash band; `part`
     spreads the (band, value) groups over the partitions."""
     n = len(batch["id"])
-    exact = {"band": np.full(n, -1, np.int64),
-             "value": np.array([_digest64(h) for h in batch["sha256"]], np.int64),
-             "id": batch["id"], "phash": batch["phash"], "sha256": np.asarray(batch["sha256"], dtype=object),
-             "pixels": batch["pixels"]}
+    exact = {
+        "band": np.full(n, -1, np.int64),
+        "value": np.array([_digest64(h) for h in batch["sha256"]], np.int64),
+        "id": batch["id"],
+        "phash": batch["phash"],
+        "sha256": np.asarray(batch["sha256"], dtype=object),
+        "pixels": batch["pixels"],
+    }
     if radius is not None:
         near = dedup.band_rows(batch["id"], batch["phash"].view(np.uint64), radius)
         near["sha256"] = np.full(len(near["id"]), "", dtype=object)
         near["pixels"] = np.tile(batch["pixels"], radius + 1)
         exact = {k: np.concatenate([exact[k], near[k]]) for k in exact}
-    exact["part"] = (_mix(exact["value"].view(np.uint64) ^ exact["band"].view(np.uint64)) % np.uint64(parts)) \
-        .astype(np.int64)
+    exact["part"] = (_mix(exact["value"].view(np.uint64) ^ exact["band"].view(np.uint64)) % np.uint64(parts)).astype(
+        np.int64
+    )
     return exact
 
 
@@ -199,8 +246,11 @@ def _hash_reduce(files: list[str], part: int, path: str, radius: int, max_group:
     band, value = batch["band"], batch["value"]
     order = np.lexsort((value, band))
     band, value = band[order], value[order]
-    starts = np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (value[1:] != value[:-1])]) if len(order) \
+    starts = (
+        np.flatnonzero(np.r_[True, (band[1:] != band[:-1]) | (value[1:] != value[:-1])])
+        if len(order)
         else np.zeros(0, np.int64)
+    )
     size = np.diff(np.r_[starts, len(order)])
     ids, phash, sha = batch["id"], batch["phash"].view(np.uint64), batch["sha256"]
     s2 = starts[size == 2]
@@ -208,7 +258,7 @@ def _hash_reduce(files: list[str], part: int, path: str, radius: int, max_group:
     same = np.where(band[s2] == -1, sha[i] == sha[j], np.bitwise_count(phash[i] ^ phash[j]) <= radius)
     parts = [(ids[i[same]], ids[j[same]])]
     for s, n in zip(starts[size > 2].tolist(), size[size > 2].tolist()):
-        rows = order[s:s + n]
+        rows = order[s : s + n]
         if band[s] == -1:
             parts.append(dedup.exact_edges(ids[rows], sha[rows]))
         else:
@@ -256,9 +306,17 @@ def _assign(node_file: str, path: str, centroids: np.ndarray, probe: int, parts:
     near = dedup.assign(_embeddings(emb), centroids, probe) if len(t) else np.zeros((0, 1), np.int64)
     p = near.shape[1]
     cluster = near.reshape(-1).astype(np.int64)
-    _write_parts(Path(path), {"cluster": cluster, "id": np.repeat(t["id"].to_numpy(), p),
-                              "pixels": np.repeat(t["pixels"].to_numpy(), p), "embedding": np.repeat(emb, p),
-                              "part": cluster % parts}, CLIP_SCHEMA)
+    _write_parts(
+        Path(path),
+        {
+            "cluster": cluster,
+            "id": np.repeat(t["id"].to_numpy(), p),
+            "pixels": np.repeat(t["pixels"].to_numpy(), p),
+            "embedding": np.repeat(emb, p),
+            "part": cluster % parts,
+        },
+        CLIP_SCHEMA,
+    )
     return len(t)
 
 
@@ -338,8 +396,11 @@ def _hashes(tmp: Path, groups: list, parts: int, cur: CurationConfig, work: str,
     r = cur.dedup.phash_radius
     maps = [str(tmp / "map" / f"{g:05d}.parquet") for g in range(len(groups))]
     _run_tasks(_hash_map, [(src, m, r, parts, work) for src, m in zip(groups, maps)], window)
-    _run_tasks(_hash_reduce, [(maps, p, str(tmp / f"{p:05d}.parquet"), r, cur.dedup.max_group, work)
-                              for p in range(parts)], window)
+    _run_tasks(
+        _hash_reduce,
+        [(maps, p, str(tmp / f"{p:05d}.parquet"), r, cur.dedup.max_group, work) for p in range(parts)],
+        window,
+    )
 
 
 def _clip(tmp: Path, groups: list, parts: int, cur: CurationConfig, work: str, window: int) -> None:
@@ -355,8 +416,9 @@ def _clip(tmp: Path, groups: list, parts: int, cur: CurationConfig, work: str, w
     centroids = ray.remote(num_cpus=1)(_train).remote(nodes, fraction, k, work)
     maps = [str(tmp / "map" / f"{g:05d}.parquet") for g in range(len(groups))]
     _run_tasks(_assign, [(f, m, centroids, dc.probe, parts, work) for f, m in zip(nodes, maps)], window)
-    _run_tasks(_clip_reduce, [(maps, p, str(tmp / f"{p:05d}.parquet"), dc.clip_similarity, work)
-                              for p in range(parts)], window)
+    _run_tasks(
+        _clip_reduce, [(maps, p, str(tmp / f"{p:05d}.parquet"), dc.clip_similarity, work) for p in range(parts)], window
+    )
 
 
 def _components(steps: list[str], out: str, names: list[str], work: str) -> str:
@@ -368,11 +430,16 @@ def _components(steps: list[str], out: str, names: list[str], work: str) -> str:
     nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
     pixels = np.zeros(len(nodes), np.int64)
     pixels[inverse] = np.concatenate([e["pa"].to_numpy(), e["pb"].to_numpy()])
-    kept = nodes[dedup.components(inverse[:len(a)], inverse[len(a):],
-                                  dedup.keep_rank(nodes, pixels, earlier=nodes >= RUN_SPAN))]
+    kept = nodes[
+        dedup.components(
+            inverse[: len(a)], inverse[len(a) :], dedup.keep_rank(nodes, pixels, earlier=nodes >= RUN_SPAN)
+        )
+    ]
     dup = (kept != nodes) & (nodes < RUN_SPAN)
-    table = pa.table({"id": nodes[dup], "dup_of": [dup_name(k, names) for k in kept[dup].tolist()]},
-                     schema=pa.schema([("id", pa.int64()), ("dup_of", pa.string())]))
+    table = pa.table(
+        {"id": nodes[dup], "dup_of": [dup_name(k, names) for k in kept[dup].tolist()]},
+        schema=pa.schema([("id", pa.int64()), ("dup_of", pa.string())]),
+    )
     with atomic.atomic_path(out) as tmp:
         pq.write_table(table, tmp, row_group_size=ROW_GROUP)  # small groups: each shard reads only its own
     return out

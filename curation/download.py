@@ -12,6 +12,7 @@ process replaces the one function its threads call per row, `download_image_with
 `hosts.Scheduler.take`: the address guard, size and time caps and opt-outs of `fetch.fetch`,
 meaningful retries, robots.txt, and per-host turns that never hold a thread (see hosts.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,9 +26,9 @@ import tarfile
 import tempfile
 import threading
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 import pyarrow as pa
@@ -73,9 +74,15 @@ class Crawl:
 def crawl_of(d: DownloadConfig) -> Crawl:
     """The plain values a download shard needs from the config (checked there at load)."""
     tokens = tuple(t for t in (d.user_agent_token, "img2dataset") if t)
-    policy = fetch.Policy(user_agent=user_agent(d.user_agent_token, d.contact), timeout=d.timeout,
-                          max_seconds=d.max_seconds, max_bytes=d.max_bytes, allow=guard.networks(d.allow_networks),
-                          tokens=tokens, directives=frozenset(x.lower() for x in d.disallowed_header_directives))
+    policy = fetch.Policy(
+        user_agent=user_agent(d.user_agent_token, d.contact),
+        timeout=d.timeout,
+        max_seconds=d.max_seconds,
+        max_bytes=d.max_bytes,
+        allow=guard.networks(d.allow_networks),
+        tokens=tokens,
+        directives=frozenset(x.lower() for x in d.disallowed_header_directives),
+    )
     return Crawl(policy, d.threads, d.retries, d.per_domain_limit, d.max_retry_after, d.robots_txt)
 
 
@@ -146,17 +153,34 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
         writer.write_table(todo)
     resizer = Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True)
     downloader = Downloader(
-        sample_writer_class=WebDatasetSampleWriter, resizer=resizer, thread_count=crawl.threads, save_caption=False,
-        extract_exif=False, output_folder=str(folder), column_list=[URL_COL, I2D_KEY],
-        timeout=crawl.policy.timeout, number_sample_per_shard=max(10, len(table)), oom_shard_count=5,
-        compute_hash=None, verify_hash_type=None, encode_format="jpg", retries=crawl.retries,
-        user_agent_token=None, disallowed_header_directives=None,  # both applied by fetch.fetch
+        sample_writer_class=WebDatasetSampleWriter,
+        resizer=resizer,
+        thread_count=crawl.threads,
+        save_caption=False,
+        extract_exif=False,
+        output_folder=str(folder),
+        column_list=[URL_COL, I2D_KEY],
+        timeout=crawl.policy.timeout,
+        number_sample_per_shard=max(10, len(table)),
+        oom_shard_count=5,
+        compute_hash=None,
+        verify_hash_type=None,
+        encode_format="jpg",
+        retries=crawl.retries,
+        user_agent_token=None,
+        disallowed_header_directives=None,  # both applied by fetch.fetch
     )
     if len(_robots_rules) > 100_000:
         _robots_rules.clear()
-    scheduler = hosts.Scheduler(todo[URL_COL].to_pylist(), crawl.policy, hosts.Slots(slots_file(folder),
-                                crawl.per_domain_limit), crawl.retries, crawl.max_retry_after, crawl.robots_txt,
-                                _robots_rules)
+    scheduler = hosts.Scheduler(
+        todo[URL_COL].to_pylist(),
+        crawl.policy,
+        hosts.Slots(slots_file(folder), crawl.per_domain_limit),
+        crawl.retries,
+        crawl.max_retry_after,
+        crawl.robots_txt,
+        _robots_rules,
+    )
     _install_hook()
     error, trace = None, ""
     with _shard_lock:
@@ -175,12 +199,18 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
         if isinstance(error, OSError) and error.errno in DISK_FULL:  # the user's to fix
             raise SigmaError(disk_full(folder)) from None
         print(said.getvalue() + trace, file=sys.stderr)
-        raise RuntimeError(f"img2dataset failed on download shard {shard:05d}: "
-                           f"{scheduler.failure or f'{type(error).__name__}: {error}'}")
+        raise RuntimeError(
+            f"img2dataset failed on download shard {shard:05d}: "
+            f"{scheduler.failure or f'{type(error).__name__}: {error}'}"
+        )
     keys = todo[I2D_KEY].to_pylist()
     rows = sorted(scheduler.reasons.items())
-    table = pa.table({I2D_KEY: pa.array([keys[i] for i, _ in rows], pa.string()),
-                      "reason": pa.array([r for _, r in rows], pa.string())})
+    table = pa.table(
+        {
+            I2D_KEY: pa.array([keys[i] for i, _ in rows], pa.string()),
+            "reason": pa.array([r for _, r in rows], pa.string()),
+        }
+    )
     atomic.write_parquet(reasons_path(folder, shard), table)
 
 
@@ -216,8 +246,14 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
                 if ext != "jpg" or ours is None or ours in seen:
                     continue
                 seen.add(ours)
-                yield {"key": ours, URL_COL: urls[ours], "reason": "", "src": str(tar_path), "offset": m.offset_data,
-                       "size": m.size}
+                yield {
+                    "key": ours,
+                    URL_COL: urls[ours],
+                    "reason": "",
+                    "src": str(tar_path),
+                    "offset": m.offset_data,
+                    "size": m.size,
+                }
     for key, url in urls.items():
         if key in seen:
             continue
@@ -227,14 +263,26 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
             reason = why.get(key, reasons.DOWNLOAD_ERROR)
         else:
             reason = reasons.DOWNLOAD_ERROR  # img2dataset lost it (a crashed shard)
-        yield {"key": key, URL_COL: url if isinstance(url, str) else "", "reason": reason, "src": "", "offset": 0,
-               "size": 0}
+        yield {
+            "key": key,
+            URL_COL: url if isinstance(url, str) else "",
+            "reason": reason,
+            "src": "",
+            "offset": 0,
+            "size": 0,
+        }
 
 
 def shard_stats(folder: Path) -> dict:
     """img2dataset's per-shard stats, summed: count, successes, failed_to_download, ... and statuses."""
-    total: dict = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "duration": 0.0,
-                   "status_dict": {}}
+    total: dict = {
+        "count": 0,
+        "successes": 0,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "duration": 0.0,
+        "status_dict": {},
+    }
     for p in sorted(Path(folder).glob("*_stats.json")):
         s = json.loads(p.read_text())
         for k in ("count", "successes", "failed_to_download", "failed_to_resize", "duration"):

@@ -11,6 +11,7 @@ opt-outs are read from the headers, before the body. The result is data: bytes, 
 with a detail for people (the code is never parsed back out of a message). Credentials in a URL
 (`http://user:pass@host/`) are dropped before the request: the host is what gets checked.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -23,8 +24,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 from curation import guard, robots
 from shards import reasons
@@ -49,15 +50,15 @@ class Policy:
 
 @dataclass
 class Result:
-    body: Optional[bytes] = None
-    reason: Optional[str] = None  # a shards.reasons code when body is None
+    body: bytes | None = None
+    reason: str | None = None  # a shards.reasons code when body is None
     detail: str = ""  # what happened, for people (img2dataset's error_message)
     status: int = 0  # HTTP status when one was received
-    retry_after: Optional[float] = None  # seconds, from a Retry-After header
+    retry_after: float | None = None  # seconds, from a Retry-After header
     final: bool = False  # no retry can change it (a refusal decided before any request)
 
     @property
-    def error(self) -> Optional[str]:
+    def error(self) -> str | None:
         """The message img2dataset records for a failed row: "reason: detail"."""
         return None if self.reason is None else f"{self.reason}: {self.detail}"
 
@@ -66,8 +67,9 @@ def fetch(url: str, policy: Policy, max_bytes: int | None = None, opt_out: bool 
     """GET `url` under `policy`; never raises for what the network or the server does."""
     limit = policy.max_bytes if max_bytes is None else max_bytes
     deadline = time.monotonic() + policy.max_seconds
-    req = urllib.request.Request(without_credentials(url),
-                                 headers={"User-Agent": policy.user_agent, "Accept": "image/*,*/*;q=0.5"})
+    req = urllib.request.Request(
+        without_credentials(url), headers={"User-Agent": policy.user_agent, "Accept": "image/*,*/*;q=0.5"}
+    )
     with _watch(deadline) as watch:
         try:
             with _opener(policy.allow).open(req, timeout=min(policy.timeout, policy.max_seconds)) as r:
@@ -75,10 +77,15 @@ def fetch(url: str, policy: Policy, max_bytes: int | None = None, opt_out: bool 
         except urllib.error.HTTPError as e:
             e.close()
             if 300 <= e.code < 400:
-                return Result(reason=reasons.TOO_MANY_REDIRECTS, detail=f"more than {MAX_REDIRECTS} redirects",
-                              status=e.code)
-            return Result(reason=reasons.http_reason(e.code), detail=str(e.reason), status=e.code,
-                          retry_after=retry_after(e.headers.get("Retry-After")))
+                return Result(
+                    reason=reasons.TOO_MANY_REDIRECTS, detail=f"more than {MAX_REDIRECTS} redirects", status=e.code
+                )
+            return Result(
+                reason=reasons.http_reason(e.code),
+                detail=str(e.reason),
+                status=e.code,
+                retry_after=retry_after(e.headers.get("Retry-After")),
+            )
         except Exception as e:  # noqa: BLE001 - any failure of one request is that URL's reason
             return _describe(e, watch.expired or time.monotonic() >= deadline, policy)
 
@@ -99,8 +106,9 @@ def _response(r, policy: Policy, limit: int, deadline: float, opt_out: bool) -> 
         return Result(reason=reasons.OPT_OUT, detail=f"X-Robots-Tag {', '.join(tags)}", status=r.status)
     declared = r.headers.get("Content-Length", "")
     if declared.strip().isdigit() and int(declared) > limit:
-        return Result(reason=reasons.TOO_LARGE, detail=f"Content-Length {declared} > max_bytes {limit}",
-                      status=r.status)
+        return Result(
+            reason=reasons.TOO_LARGE, detail=f"Content-Length {declared} > max_bytes {limit}", status=r.status
+        )
     body = _read(r, limit, deadline)
     if body is None:
         return Result(reason=reasons.TOO_LARGE, detail=f"body passed max_bytes {limit}", status=r.status)
@@ -112,8 +120,9 @@ def _describe(e: BaseException, late: bool, policy: Policy) -> Result:
     if isinstance(inner, (guard.Blocked, Refused)):
         return Result(reason=inner.reason, detail=inner.detail)
     if late or isinstance(inner, (socket.timeout, TimeoutError)):
-        return Result(reason=reasons.TIMEOUT,
-                      detail=f"past max_seconds {policy.max_seconds:g} or timeout {policy.timeout:g}")
+        return Result(
+            reason=reasons.TIMEOUT, detail=f"past max_seconds {policy.max_seconds:g} or timeout {policy.timeout:g}"
+        )
     return Result(reason=reasons.CONNECTION, detail=f"{type(inner).__name__}: {inner}")
 
 
@@ -231,8 +240,13 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
 def _opener(allow: Sequence) -> urllib.request.OpenerDirector:
     """http(s) only, no proxies, guarded connections: nothing else reaches the network."""
     opener = urllib.request.OpenerDirector()
-    for handler in (_HTTPHandler(allow), _HTTPSHandler(allow), _Redirects(), urllib.request.HTTPErrorProcessor(),
-                    urllib.request.HTTPDefaultErrorHandler()):
+    for handler in (
+        _HTTPHandler(allow),
+        _HTTPSHandler(allow),
+        _Redirects(),
+        urllib.request.HTTPErrorProcessor(),
+        urllib.request.HTTPDefaultErrorHandler(),
+    ):
         opener.add_handler(handler)
     return opener
 

@@ -8,11 +8,12 @@ second DNS lookup between check and connect: no DNS rebinding). Redirects open n
 so each hop is checked the same way. Numeric spellings (`127.1`, `2130706433`, `0x7f000001`) are
 resolved by the system resolver to the address they mean, and that address is what is checked.
 """
+
 from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from shards import reasons
 

@@ -16,6 +16,7 @@ Retries: no retry for a 4xx other than 408/429, nor for a refused address, a cap
 it, or out of retries, the URL ends as `http_429`/`http_503`); other transient errors (timeouts,
 resets, 5xx) are retried after a jittered exponential backoff. Waiting is the URL's, not a thread's.
 """
+
 from __future__ import annotations
 
 import collections
@@ -104,8 +105,16 @@ class Slots:
 class Scheduler:
     """All URLs of one shard; img2dataset's threads call `take()` once per row."""
 
-    def __init__(self, urls: list[str], policy: fetch.Policy, slots: Slots, retries: int, max_retry_after: float,
-                 robots_txt: bool, rules: dict):
+    def __init__(
+        self,
+        urls: list[str],
+        policy: fetch.Policy,
+        slots: Slots,
+        retries: int,
+        max_retry_after: float,
+        robots_txt: bool,
+        rules: dict,
+    ):
         self.policy, self.slots, self.retries, self.max_retry_after = policy, slots, retries, max_retry_after
         self.robots_txt, self.rules = robots_txt, rules  # rules: origin -> robots.Rules, shared by the process
         self.queues: dict[str, collections.deque] = {}
@@ -180,8 +189,9 @@ class Scheduler:
             org = robots.origin(item.url)
             if read_robots:
                 try:
-                    r = fetch.fetch(robots.rules_url(item.url), self.policy, max_bytes=robots.ROBOTS_MAX_BYTES,
-                                    opt_out=False)
+                    r = fetch.fetch(
+                        robots.rules_url(item.url), self.policy, max_bytes=robots.ROBOTS_MAX_BYTES, opt_out=False
+                    )
                     rules = robots.parse_rules(r.body, r.status, r.reason, r.detail)
                 finally:
                     with self.cv:

@@ -11,14 +11,15 @@ In the input shards the chosen columns are renamed `url` and `caption` (what the
 reads); a column that would clash keeps its value as `input_<name>`. Each row is keyed by its
 position in the whole list (10 digits), so the keys are the same however the list is cut.
 """
+
 from __future__ import annotations
 
 import glob
 import gzip
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -137,9 +138,12 @@ def _batches(path: Path, rows: int, url_col: str) -> Iterator[pa.RecordBatch]:
     elif fmt in ("csv", "tsv"):
         from pyarrow import csv
 
-        yield from csv.open_csv(path, read_options=csv.ReadOptions(block_size=1 << 22),
-                                parse_options=csv.ParseOptions(delimiter="," if fmt == "csv" else "\t"),
-                                convert_options=csv.ConvertOptions(column_types={url_col: pa.string()}))
+        yield from csv.open_csv(
+            path,
+            read_options=csv.ReadOptions(block_size=1 << 22),
+            parse_options=csv.ParseOptions(delimiter="," if fmt == "csv" else "\t"),
+            convert_options=csv.ConvertOptions(column_types={url_col: pa.string()}),
+        )
     elif fmt == "txt":
         with _open_text(path) as f:
             chunk: list[str] = []
@@ -177,9 +181,15 @@ class UrlList:
     def describe(self) -> dict:
         """What --dry-run prints: files, rows (footer or line count), the chosen and carried columns."""
         carried = [c for c in self.columns if c not in (self.url_col, self.caption_col)]
-        return {"urls": self.spec, "files": len(self.files), "format": sorted({list_format(f) for f in self.files}),
-                "rows": sum(count_rows(Path(f)) for f in self.files), "url_col": self.url_col,
-                "caption_col": self.caption_col, "carried": [input_name(c, None, None) for c in carried]}
+        return {
+            "urls": self.spec,
+            "files": len(self.files),
+            "format": sorted({list_format(f) for f in self.files}),
+            "rows": sum(count_rows(Path(f)) for f in self.files),
+            "url_col": self.url_col,
+            "caption_col": self.caption_col,
+            "carried": [input_name(c, None, None) for c in carried],
+        }
 
     def fingerprint(self) -> dict:
         """The list's bytes (one file: its digest, as runs before folders of lists recorded it)."""
@@ -235,8 +245,10 @@ class UrlList:
 def _conform(batch: pa.RecordBatch, schema: pa.Schema, path: Path) -> pa.RecordBatch:
     """Every file of a list must have the first one's columns; types are cast to the first's."""
     if batch.schema.names != schema.names:
-        raise SigmaError(f"{path}: columns {', '.join(batch.schema.names)} differ from the list's first file "
-                         f"({', '.join(schema.names)})")
+        raise SigmaError(
+            f"{path}: columns {', '.join(batch.schema.names)} differ from the list's first file "
+            f"({', '.join(schema.names)})"
+        )
     if batch.schema == schema:
         return batch
     try:
@@ -254,19 +266,23 @@ def url_list(spec: str | Path, url_col: str | None = None, caption_col: str | No
     try:
         names = column_names(files[0])
     except Exception as e:  # noqa: BLE001 - any reader error is a bad input file
-        raise SigmaError(f"{files[0]}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") \
-            from None
+        raise SigmaError(
+            f"{files[0]}: cannot read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     url = choose(names, url_col, URL_NAMES, "--url-col / curation.url_col", str(files[0]))
     if url is None:
-        raise SigmaError(f"{files[0]}: no URL column (looked for {', '.join(URL_NAMES)}; columns: "
-                         f"{', '.join(names)}); name it with --url-col")
+        raise SigmaError(
+            f"{files[0]}: no URL column (looked for {', '.join(URL_NAMES)}; columns: "
+            f"{', '.join(names)}); name it with --url-col"
+        )
     caption = choose(names, caption_col, CAPTION_NAMES, "--caption-col / curation.caption_col", str(files[0]))
     if all(list_format(f) == "parquet" for f in files) and not sum(count_rows(f) for f in files):
         raise SigmaError(f"{spec}: the URL list is empty")  # from the footers; text lists are counted by the split
     return UrlList(str(spec), tuple(map(str, files)), url, caption, tuple(names))
 
 
-def split_input(path: str | Path, work: Path, shard_size: int, url_col: str | None = None,
-                caption_col: str | None = None) -> int:
+def split_input(
+    path: str | Path, work: Path, shard_size: int, url_col: str | None = None, caption_col: str | None = None
+) -> int:
     """`url_list(path, ...).split(work, shard_size)`: the keyed input shards of a URL list."""
     return url_list(path, url_col, caption_col).split(Path(work), shard_size)

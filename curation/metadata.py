@@ -17,6 +17,7 @@ and animated PNG/WebP (the stored file would not be the still that was scored) a
 metric sees them. A decode past `deadline` seconds (when run in a main thread, as Ray tasks are)
 is a `timeout`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,8 @@ import io
 import signal
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -37,18 +38,24 @@ NEUTRAL = (128, 128, 128)  # background under transparent pixels: mid grey, neit
 WORK_SIDE = 512  # side of the grey working copy quality + phash read
 THUMB_SIDE = 256  # shortest side of the copy the models read (CLIP resizes to 224, the watermark model to 256)
 ORIENTATION = 0x0112
-TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-             8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that shows the image upright
+TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}  # EXIF orientation -> the transpose that shows the image upright
 
 
 @dataclass
 class ImageInfo:
-    reason: Optional[str]  # None when the image decoded and passed the guard
+    reason: str | None  # None when the image decoded and passed the guard
     width: int = 0  # after EXIF orientation
     height: int = 0
-    ext: Optional[str] = None  # jpg | png | webp
-    grey: Optional[Image.Image] = None  # mode L, longest side <= WORK_SIDE, orientation applied
+    ext: str | None = None  # jpg | png | webp
+    grey: Image.Image | None = None  # mode L, longest side <= WORK_SIDE, orientation applied
     thumb: bytes = b""  # JPEG, RGB, orientation applied, shortest side <= THUMB_SIDE
 
 
@@ -57,7 +64,7 @@ class _Late(Exception):
 
 
 @contextlib.contextmanager
-def _deadline(seconds: Optional[float]):
+def _deadline(seconds: float | None):
     """Raise _Late in this thread after `seconds` (SIGALRM: main thread only; elsewhere no deadline).
     PIL decodes in chunks with Python between them, so the alarm lands within one chunk."""
     if not seconds or threading.current_thread() is not threading.main_thread():
@@ -76,8 +83,12 @@ def _deadline(seconds: Optional[float]):
         signal.signal(signal.SIGALRM, previous)
 
 
-def inspect(data: bytes, max_pixels: int, size_check: Optional[Callable[[int, int], Optional[str]]] = None,
-            deadline: Optional[float] = None) -> ImageInfo:
+def inspect(
+    data: bytes,
+    max_pixels: int,
+    size_check: Callable[[int, int], str | None] | None = None,
+    deadline: float | None = None,
+) -> ImageInfo:
     """Size, format and a small grey copy of encoded bytes; a reason code instead of an exception.
 
     `size_check(height, width)` (upright size) may reject from the header alone: no decode is spent

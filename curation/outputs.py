@@ -13,6 +13,7 @@
 Kept images are numbered in key order, so the output is the same however the work is spread.
 Every file is written once, atomically; existing ones are finished work, so a rerun resumes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,9 +30,18 @@ from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
 
 PARTS = "manifest"  # _work/manifest/NNNNN.parquet
 MEMBERS = "members"  # _work/members/NNNNN.parquet
-MEMBER_SCHEMA = pa.schema([("key", pa.string()), ("src", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
-                           ("ext", pa.string()), ("meta", pa.string()), ("caption", pa.string()),
-                           ("shard", pa.string())])
+MEMBER_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("src", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("ext", pa.string()),
+        ("meta", pa.string()),
+        ("caption", pa.string()),
+        ("shard", pa.string()),
+    ]
+)
 
 
 def decided(work: Path, shard: int, dups: Path | None) -> tuple[list[dict], list, list]:
@@ -57,8 +67,15 @@ def _count(work: str, shard: int, dups: str | None) -> tuple[int, dict[str, int]
     return sum(why is None for why in reason), thumbs
 
 
-def _finalize(out: str, shard: int, dups: str | None, first_kept: int, quota: dict[str, int],
-              schema: pa.Schema, cur: CurationConfig) -> int:
+def _finalize(
+    out: str,
+    shard: int,
+    dups: str | None,
+    first_kept: int,
+    quota: dict[str, int],
+    schema: pa.Schema,
+    cur: CurationConfig,
+) -> int:
     """Ray task: one download shard's manifest rows, kept members, dedup index rows and thumbnails."""
     from curation import report
 
@@ -79,11 +96,27 @@ def _finalize(out: str, shard: int, dups: str | None, first_kept: int, quota: di
             row["shard"] = shard_name(kept // cur.shard_size)
             kept += 1
             caption = inp.get("caption")
-            members.append({"key": s["key"], "src": s["src"], "offset": s["offset"], "size": s["size"],
-                            "ext": s["ext"], "meta": curated.meta_json(row), "caption": str(caption) if caption else None,
-                            "shard": row["shard"]})
-            index.append({"key": s["key"], "pixels": s["width"] * s["height"], "sha256": s["sha256"],
-                          "phash": s["phash"], "embedding": s["embedding"]})
+            members.append(
+                {
+                    "key": s["key"],
+                    "src": s["src"],
+                    "offset": s["offset"],
+                    "size": s["size"],
+                    "ext": s["ext"],
+                    "meta": curated.meta_json(row),
+                    "caption": str(caption) if caption else None,
+                    "shard": row["shard"],
+                }
+            )
+            index.append(
+                {
+                    "key": s["key"],
+                    "pixels": s["width"] * s["height"],
+                    "sha256": s["sha256"],
+                    "phash": s["phash"],
+                    "embedding": s["embedding"],
+                }
+            )
         elif row["status"] == reasons.REJECTED and s["src"] and quota.get(why, 0) > 0:
             quota[why] -= 1
             rejected.append({"key": s["key"], "reason": why, "src": s["src"], "offset": s["offset"], "size": s["size"]})
@@ -96,18 +129,39 @@ def _finalize(out: str, shard: int, dups: str | None, first_kept: int, quota: di
     return shard
 
 
-INDEX_SCHEMA = pa.schema([("key", pa.string()), ("pixels", pa.int64()), ("sha256", pa.string()),
-                          ("phash", pa.string()), ("embedding", pa.binary())])
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("pixels", pa.int64()),
+        ("sha256", pa.string()),
+        ("phash", pa.string()),
+        ("embedding", pa.binary()),
+    ]
+)
 
 
 def manifest_row(inp: dict, s: dict, reason: str | None, dup_of: str | None, carried: list[str]) -> dict:
     """The manifest row of one input row (its scored row `s`, its final reason)."""
-    return {"url": inp["url"], "key": inp["key"], "status": reasons.status_of(reason), "reason": reason,
-            "width": s["width"] or None, "height": s["height"] or None, "tier": s["tier"] or None,
-            "aesthetic": _num(s["aesthetic"]), "sharpness": _num(s["sharpness"]), "contrast": _num(s["contrast"]),
-            "brightness": _num(s["brightness"]), "nsfw": _num(s["nsfw"]), "watermark": _num(s["watermark"]),
-            "sha256": s["sha256"] or None, "phash": s["phash"] or None, "dup_of": dup_of, "shard": None,
-            **{c: inp[c] for c in carried}}
+    return {
+        "url": inp["url"],
+        "key": inp["key"],
+        "status": reasons.status_of(reason),
+        "reason": reason,
+        "width": s["width"] or None,
+        "height": s["height"] or None,
+        "tier": s["tier"] or None,
+        "aesthetic": _num(s["aesthetic"]),
+        "sharpness": _num(s["sharpness"]),
+        "contrast": _num(s["contrast"]),
+        "brightness": _num(s["brightness"]),
+        "nsfw": _num(s["nsfw"]),
+        "watermark": _num(s["watermark"]),
+        "sha256": s["sha256"] or None,
+        "phash": s["phash"] or None,
+        "dup_of": dup_of,
+        "shard": None,
+        **{c: inp[c] for c in carried},
+    }
 
 
 def _num(v):
@@ -137,8 +191,16 @@ def _merge(parts: list[str], path: str, schema: pa.Schema) -> str:
 
 def manifest_schema(inputs: pa.Schema) -> pa.Schema:
     """The manifest's columns + the input's carried ones (a clash is already renamed by the splitter)."""
-    types = {"width": pa.int64(), "height": pa.int64(), "aesthetic": pa.float64(), "sharpness": pa.float64(),
-             "contrast": pa.float64(), "brightness": pa.float64(), "nsfw": pa.float64(), "watermark": pa.float64()}
+    types = {
+        "width": pa.int64(),
+        "height": pa.int64(),
+        "aesthetic": pa.float64(),
+        "sharpness": pa.float64(),
+        "contrast": pa.float64(),
+        "brightness": pa.float64(),
+        "nsfw": pa.float64(),
+        "watermark": pa.float64(),
+    }
     fields = [pa.field(c, types.get(c, pa.string())) for c in MANIFEST_COLUMNS]
     return pa.schema(fields + [inputs.field(c) for c in inputs.names if c not in ("key", "url")])
 
@@ -168,8 +230,11 @@ def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> d
             left[r] -= n
     del counted
     _schedule(out, n_shards, n_out, starts, window, dups_s, quotas, schema, cur)
-    ray.get(ray.remote(num_cpus=0.25)(_merge).remote(
-        [str(work / PARTS / f"{i:05d}.parquet") for i in range(n_shards)], str(out / MANIFEST), schema))
+    ray.get(
+        ray.remote(num_cpus=0.25)(_merge).remote(
+            [str(work / PARTS / f"{i:05d}.parquet") for i in range(n_shards)], str(out / MANIFEST), schema
+        )
+    )
     return {"kept": kept, "shards": n_out}
 
 
@@ -181,8 +246,17 @@ def _span_bounds(starts: np.ndarray, n_out: int, shard_size: int) -> tuple[np.nd
     return np.searchsorted(starts, lo, side="right") - 1, np.searchsorted(starts, hi, side="left")
 
 
-def _schedule(out: Path, n_shards: int, n_out: int, starts: np.ndarray, window: int, dups: str | None,
-              quotas: list, schema: pa.Schema, cur: CurationConfig) -> None:
+def _schedule(
+    out: Path,
+    n_shards: int,
+    n_out: int,
+    starts: np.ndarray,
+    window: int,
+    dups: str | None,
+    quotas: list,
+    schema: pa.Schema,
+    cur: CurationConfig,
+) -> None:
     """Finalize tasks in shard order, each output shard's tar task once the shards it reads are
     finalized; a download tar is deleted once it is finalized and every tar reading it is written.
     At most `window` tasks in flight; the driver keeps numbers (per download shard: finalized, readers;
@@ -208,18 +282,19 @@ def _schedule(out: Path, n_shards: int, n_out: int, starts: np.ndarray, window: 
     with progress.bar(n_shards, "shard", "write") as bar:
         while next_fin < n_shards or next_tar < n_out or pending:
             while len(pending) < window:
-                if next_tar < n_out and finalized[first[next_tar]:stop[next_tar]].all():
+                if next_tar < n_out and finalized[first[next_tar] : stop[next_tar]].all():
                     spans = range(first[next_tar], stop[next_tar])
                     if (out / "shards" / shard_name(next_tar)).exists():  # written by an earlier run
-                        readers[spans.start:spans.stop] -= 1
+                        readers[spans.start : spans.stop] -= 1
                         for i in spans:
                             free(i)
                     else:
                         pending[tar.remote(str(out), next_tar, list(spans))] = ("tar", next_tar)
                     next_tar += 1
                 elif next_fin < n_shards:
-                    ref = finalize.remote(str(out), next_fin, dups, int(starts[next_fin]), quotas[next_fin],
-                                          schema, cur)
+                    ref = finalize.remote(
+                        str(out), next_fin, dups, int(starts[next_fin]), quotas[next_fin], schema, cur
+                    )
                     pending[ref] = ("fin", next_fin)
                     next_fin += 1
                 else:
@@ -234,6 +309,6 @@ def _schedule(out: Path, n_shards: int, n_out: int, starts: np.ndarray, window: 
                 free(n)
             else:
                 spans = range(first[n], stop[n])
-                readers[spans.start:spans.stop] -= 1
+                readers[spans.start : spans.stop] -= 1
                 for i in spans:
                     free(i)

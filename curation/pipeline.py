@@ -16,6 +16,7 @@ Layout of DIR (each file written once, atomically; what exists is what is done):
     _work/manifest/, _work/members/  per download shard: manifest rows, kept members
     shards/NNNNN.tar              kept images; dedup_index/ (for --dedup-against); manifest.parquet, stats.json last
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,9 +38,29 @@ from curation import dedup, dedup_job, download, inputs, metadata, outputs, plac
 from shards import atomic, buckets, curated, fingerprint, reasons
 from shards.format import MANIFEST
 
-SCORED_COLUMNS = ["key", "url", "reason", "width", "height", "tier", "ext", "sharpness", "contrast", "brightness",
-                  "sha256", "phash", "aesthetic", "nsfw", "watermark", "src", "offset", "size", "embedding",
-                  "t_measure", "t_embed"]
+SCORED_COLUMNS = [
+    "key",
+    "url",
+    "reason",
+    "width",
+    "height",
+    "tier",
+    "ext",
+    "sharpness",
+    "contrast",
+    "brightness",
+    "sha256",
+    "phash",
+    "aesthetic",
+    "nsfw",
+    "watermark",
+    "src",
+    "offset",
+    "size",
+    "embedding",
+    "t_measure",
+    "t_embed",
+]
 TIER_RANK = {t: i for i, t in enumerate(buckets.CURATION_TIERS)}
 MEASURE_BATCH = 4  # rows per measuring task: a few seconds of decoding for 4K photos
 # Per measuring task (Ray's logical memory, also what its issue detector checks: it advises more when
@@ -59,13 +80,23 @@ def measure(row: dict, cur: CurationConfig) -> dict:
     """Decode-safe size, tier, quality and hashes of one downloaded row; sets `reason` when rejected.
     `image` becomes the small JPEG the models read (empty once the row is decided)."""
     t0 = time.perf_counter()
-    out = {"width": 0, "height": 0, "tier": "", "ext": "", "sharpness": np.nan, "contrast": np.nan,
-           "brightness": np.nan, "sha256": "", "phash": ""}
+    out = {
+        "width": 0,
+        "height": 0,
+        "tier": "",
+        "ext": "",
+        "sharpness": np.nan,
+        "contrast": np.nan,
+        "brightness": np.nan,
+        "sha256": "",
+        "phash": "",
+    }
     row["image"] = b""
     if not row["reason"]:
         data = curated.read_member(row["src"], row["offset"], row["size"])
-        info = metadata.inspect(data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier),
-                                cur.measure_seconds)
+        info = metadata.inspect(
+            data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier), cur.measure_seconds
+        )
         out.update(width=info.width, height=info.height, ext=info.ext or "")
         if info.width and info.height:
             out["tier"] = buckets.tier_of(info.height, info.width) or ""
@@ -123,9 +154,11 @@ def score_reasons(reason, aesthetic, nsfw, watermark, cur: CurationConfig) -> np
     out = np.array(reason, dtype=object)
     open_ = out == ""
     a, n, w = (np.asarray(x, np.float64) for x in (aesthetic, nsfw, watermark))
-    rules = [(cur.nsfw.enabled, n >= cur.nsfw.threshold, reasons.NSFW),
-             (cur.watermark.enabled, w >= cur.watermark.threshold, reasons.WATERMARK),
-             (cur.aesthetic.enabled, ~(a >= cur.aesthetic.threshold), reasons.LOW_AESTHETIC)]
+    rules = [
+        (cur.nsfw.enabled, n >= cur.nsfw.threshold, reasons.NSFW),
+        (cur.watermark.enabled, w >= cur.watermark.threshold, reasons.WATERMARK),
+        (cur.aesthetic.enabled, ~(a >= cur.aesthetic.threshold), reasons.LOW_AESTHETIC),
+    ]
     for enabled, hit, code in rules:
         if enabled:
             sel = open_ & hit
@@ -139,8 +172,9 @@ class Embed:
     thresholds are decided here, so the scored shard's `reason` is the record and only real survivors
     go on to dedup."""
 
-    def __init__(self, clip: dict, aesthetic_head: str, safety: dict | None, cur: CurationConfig,
-                 work: str | None = None):
+    def __init__(
+        self, clip: dict, aesthetic_head: str, safety: dict | None, cur: CurationConfig, work: str | None = None
+    ):
         from encoders.aesthetic import AestheticScorer
 
         self.cur, self.work = cur, work
@@ -160,11 +194,13 @@ class Embed:
         if self.safety is not None:
             batch = self.safety(batch)
         reason = batch["reason"] if "reason" in batch else np.full(n, "", dtype=object)
-        batch["reason"] = score_reasons(reason, batch["aesthetic"], batch["nsfw"], batch["watermark"],
-                                        self.cur).astype(str)
+        batch["reason"] = score_reasons(reason, batch["aesthetic"], batch["nsfw"], batch["watermark"], self.cur).astype(
+            str
+        )
         placement.mark(self.work, "embed")
-        batch["embedding"] = np.array([e.astype(np.float16).tobytes() if np.any(e) else b""
-                                       for e in batch.pop("clip_embedding")], dtype=object)
+        batch["embedding"] = np.array(
+            [e.astype(np.float16).tobytes() if np.any(e) else b"" for e in batch.pop("clip_embedding")], dtype=object
+        )
         batch["t_embed"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
         del batch["image"]  # images stop here: the driver only ever sees scores
         return batch
@@ -178,20 +214,40 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, s
     expected = {i: pq.ParquetFile(work / "input" / f"{i:05d}.parquet").metadata.num_rows for i in pending}
     safety = None
     if cur.nsfw.enabled or cur.watermark.enabled:
-        safety = {"nsfw_head": cfg.models.nsfw_head if cur.nsfw.enabled else None,
-                  "watermark": cfg.models.watermark if cur.watermark.enabled else None}
+        safety = {
+            "nsfw_head": cfg.models.nsfw_head if cur.nsfw.enabled else None,
+            "watermark": cfg.models.watermark if cur.watermark.enabled else None,
+        }
     ds = ray.data.from_items([{"shard": i} for i in pending], override_num_blocks=len(pending))
-    ds = ds.map_batches(download_rows, batch_size=1, compute=ray.data.TaskPoolStrategy(cur.download.processes),
-                        num_cpus=cur.download.num_cpus, fn_kwargs={"work": str(work), "downloads": str(downloads),
-                                                                   "cur": cur, "source": source})
-    # other resources than the download tasks': never fused with them, so decoding never stalls a download
-    ds = ds.map_batches(measure_rows, batch_size=MEASURE_BATCH, num_cpus=1, memory=MEASURE_MEMORY,
-                        fn_kwargs={"cur": cur, "work": str(work)})
     ds = ds.map_batches(
-        Embed, batch_size=res.batch_size, num_gpus=res.num_gpus, num_cpus=res.num_cpus,
+        download_rows,
+        batch_size=1,
+        compute=ray.data.TaskPoolStrategy(cur.download.processes),
+        num_cpus=cur.download.num_cpus,
+        fn_kwargs={"work": str(work), "downloads": str(downloads), "cur": cur, "source": source},
+    )
+    # other resources than the download tasks': never fused with them, so decoding never stalls a download
+    ds = ds.map_batches(
+        measure_rows,
+        batch_size=MEASURE_BATCH,
+        num_cpus=1,
+        memory=MEASURE_MEMORY,
+        fn_kwargs={"cur": cur, "work": str(work)},
+    )
+    ds = ds.map_batches(
+        Embed,
+        batch_size=res.batch_size,
+        num_gpus=res.num_gpus,
+        num_cpus=res.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=res.concurrency),
-        fn_constructor_kwargs={"clip": vars(cfg.models.clip).copy(), "aesthetic_head": cfg.models.aesthetic_head,
-                               "safety": safety, "cur": cur, "work": str(work)})
+        fn_constructor_kwargs={
+            "clip": vars(cfg.models.clip).copy(),
+            "aesthetic_head": cfg.models.aesthetic_head,
+            "safety": safety,
+            "cur": cur,
+            "work": str(work),
+        },
+    )
     gather = ShardGather(expected)
     done = 0
     with progress.bar(sum(expected.values()), "url", "download+score") as bar:
@@ -202,8 +258,9 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, s
                 if rows is not None:
                     write_scored(work / "scored" / f"{shard:05d}.parquet", rows)
                     done += 1
-                    progress.say(f"download shard {shard:05d}: {expected[shard]} URLs scored "
-                                 f"({done}/{len(pending)} shards)")  # the log's progress (no bar off a TTY)
+                    progress.say(
+                        f"download shard {shard:05d}: {expected[shard]} URLs scored ({done}/{len(pending)} shards)"
+                    )  # the log's progress (no bar off a TTY)
             bar.update(len(batch))
     gather.close()
 
@@ -224,8 +281,9 @@ def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()
     `urls`: a URL list's path (columns from `curation.url_col` / `caption_col` or found), or a resolved
     input (inputs.UrlList, sources.LocalImages: images on disk, no download).
     `dedup_against`: earlier runs' folders whose kept images new ones are deduplicated against."""
-    source = urls if hasattr(urls, "shard_rows") else inputs.url_list(urls, cfg.curation.url_col,
-                                                                        cfg.curation.caption_col)
+    source = (
+        urls if hasattr(urls, "shard_rows") else inputs.url_list(urls, cfg.curation.url_col, cfg.curation.caption_col)
+    )
     out = Path(out).resolve()
     against = dedup_job.earlier_runs(dedup_against, out)
     fp = stage_fingerprint(source, cfg, against)
@@ -269,12 +327,21 @@ def stage_fingerprint(source, cfg: Config, against: list[Path] = ()) -> dict:
     a listing of its dedup index)."""
     m = cfg.models
     heads = {f"models.{k}": getattr(m, k) for k in ("aesthetic_head", "nsfw_head", "watermark")}
-    return {**source.fingerprint(),
-            **fingerprint.flat(cfg.curation, "curation"),
-            **{k: fingerprint.file_digest(v) if v and Path(v).is_file() else v for k, v in heads.items()},
-            "models.clip": f"{m.clip.arch}/{Path(m.clip.weights).name}",
-            **({"--dedup-against": [f"{r} {fingerprint.listing((r / dedup_job.INDEX).glob('*.parquet'))}"
-                                    for r in against]} if against else {})}
+    return {
+        **source.fingerprint(),
+        **fingerprint.flat(cfg.curation, "curation"),
+        **{k: fingerprint.file_digest(v) if v and Path(v).is_file() else v for k, v in heads.items()},
+        "models.clip": f"{m.clip.arch}/{Path(m.clip.weights).name}",
+        **(
+            {
+                "--dedup-against": [
+                    f"{r} {fingerprint.listing((r / dedup_job.INDEX).glob('*.parquet'))}" for r in against
+                ]
+            }
+            if against
+            else {}
+        ),
+    }
 
 
 def summarize(out: Path, work: Path, n_shards: int, timings: dict, written: dict) -> dict:
@@ -293,8 +360,11 @@ def summarize(out: Path, work: Path, n_shards: int, timings: dict, written: dict
         cpu["embed_cpu"] += float(pc.sum(t["t_embed"]).as_py() or 0)
     return {
         "urls": sum(status.values()),
-        "status": dict(status.most_common()), "reason": dict(reason.most_common()), "tier": dict(tier.most_common()),
-        "kept": written["kept"], "shards": written["shards"],
+        "status": dict(status.most_common()),
+        "reason": dict(reason.most_common()),
+        "tier": dict(tier.most_common()),
+        "kept": written["kept"],
+        "shards": written["shards"],
         "seconds": {**{k: round(v, 3) for k, v in timings.items()}, **{k: round(v, 3) for k, v in cpu.items()}},
         "nodes": placement.counts(work),
         "img2dataset": download.shard_stats(out / "downloads"),

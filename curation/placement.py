@@ -3,6 +3,7 @@
 Cheap (one empty file per step and node) and visible in stats.json (`nodes`), so an operator (and
 the multi-node test) can see that a step really spread over the cluster.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -15,6 +15,7 @@ does not grow with the run (10^7-10^8 URLs); and the gallery images' tar members
 because each section's streaming aggregate sits beside the HTML it feeds; split, they would be read
 apart.
 """
+
 from __future__ import annotations
 
 import json
@@ -193,11 +194,17 @@ def _counts(curdir: Path, total: int, stats: dict) -> str:
         detail.update(b[b["status"] != reasons.KEPT].groupby(["status", "reason"]).size().to_dict())
     rows = [(s, int(by_status[s]), f"{100 * by_status[s] / max(total, 1):.1f}%") for s in reasons.STATUSES]
     out = ["<h2>Counts</h2>", pages.table(["status", "images", "share"], rows + [("total", total, "100%")], "status")]
-    out.append(pages.table(["status", "reason", "images"],
-                          [(s, r or "(none)", n) for (s, r), n in _largest(dict(sorted(detail.items())))], "reason"))
+    out.append(
+        pages.table(
+            ["status", "reason", "images"],
+            [(s, r or "(none)", n) for (s, r), n in _largest(dict(sorted(detail.items())))],
+            "reason",
+        )
+    )
     if stats:
-        out.append(f"<details><summary>stats.json</summary><pre>{pages.esc(json.dumps(stats, indent=2))}</pre>"
-                   "</details>")
+        out.append(
+            f"<details><summary>stats.json</summary><pre>{pages.esc(json.dumps(stats, indent=2))}</pre></details>"
+        )
     return "\n".join(out)
 
 
@@ -206,16 +213,21 @@ def _thresholds(cur: CurationConfig) -> str:
     rows = [
         ("min_tier", cur.min_tier),
         ("quality", "on" if q.enabled else "off"),
-        ("quality.min_sharpness", q.min_sharpness), ("quality.min_contrast", q.min_contrast),
-        ("quality.min_brightness", q.min_brightness), ("quality.max_brightness", q.max_brightness),
+        ("quality.min_sharpness", q.min_sharpness),
+        ("quality.min_contrast", q.min_contrast),
+        ("quality.min_brightness", q.min_brightness),
+        ("quality.max_brightness", q.max_brightness),
         ("aesthetic.threshold", f"{cur.aesthetic.threshold:g} ({'on' if cur.aesthetic.enabled else 'off'})"),
         ("nsfw.threshold", f"{cur.nsfw.threshold:g} ({'on' if cur.nsfw.enabled else 'off'})"),
         ("watermark.threshold", f"{cur.watermark.threshold:g} ({'on' if cur.watermark.enabled else 'off'})"),
         ("dedup.phash_radius", cur.dedup.phash_radius if cur.dedup.enabled else "off"),
-        ("dedup.clip_similarity", cur.dedup.clip_similarity if cur.dedup.enabled and
-         cur.dedup.clip_similarity is not None else "off"),
+        (
+            "dedup.clip_similarity",
+            cur.dedup.clip_similarity if cur.dedup.enabled and cur.dedup.clip_similarity is not None else "off",
+        ),
         ("download.allow_networks", ", ".join(d.allow_networks) or "none: global addresses only"),
-        ("download.max_bytes", f"{d.max_bytes:,}"), ("download.max_seconds", f"{d.max_seconds:g}"),
+        ("download.max_bytes", f"{d.max_bytes:,}"),
+        ("download.max_seconds", f"{d.max_seconds:g}"),
         ("download.robots_txt", "on" if d.robots_txt else "off"),
     ]
     return "<h2>Thresholds</h2>" + pages.table(["setting", "value"], rows, "thresholds")
@@ -239,19 +251,39 @@ def _quantities(cur: CurationConfig) -> tuple[list, list]:
     shape = [
         ("width", "Width", "pixels", [(f"{cur.min_tier} side", side)], False),
         ("height", "Height", "pixels", [(f"{cur.min_tier} side", side)], False),
-        ("aspect", "Aspect ratio", "height / width",
-         [("min bucket", buckets.MIN_ASPECT), ("max bucket", buckets.MAX_ASPECT)], True),
+        (
+            "aspect",
+            "Aspect ratio",
+            "height / width",
+            [("min bucket", buckets.MIN_ASPECT), ("max bucket", buckets.MAX_ASPECT)],
+            True,
+        ),
     ]
     scores = [
-        ("aesthetic", "Aesthetic score", "LAION aesthetic (1-10)",
-         [(_on("threshold", cur.aesthetic.enabled), cur.aesthetic.threshold)], False),
+        (
+            "aesthetic",
+            "Aesthetic score",
+            "LAION aesthetic (1-10)",
+            [(_on("threshold", cur.aesthetic.enabled), cur.aesthetic.threshold)],
+            False,
+        ),
         ("sharpness", "Sharpness", "variance of the Laplacian", [(_on("min", q.enabled), q.min_sharpness)], True),
         ("contrast", "Contrast", "std of grey levels", [(_on("min", q.enabled), q.min_contrast)], False),
-        ("brightness", "Brightness", "mean grey level",
-         [(_on("min", q.enabled), q.min_brightness), (_on("max", q.enabled), q.max_brightness)], False),
+        (
+            "brightness",
+            "Brightness",
+            "mean grey level",
+            [(_on("min", q.enabled), q.min_brightness), (_on("max", q.enabled), q.max_brightness)],
+            False,
+        ),
         ("nsfw", "NSFW probability", "punsafe", [(_on("threshold", cur.nsfw.enabled), cur.nsfw.threshold)], False),
-        ("watermark", "Watermark probability", "pwatermark",
-         [(_on("threshold", cur.watermark.enabled), cur.watermark.threshold)], False),
+        (
+            "watermark",
+            "Watermark probability",
+            "pwatermark",
+            [(_on("threshold", cur.watermark.enabled), cur.watermark.threshold)],
+            False,
+        ),
     ]
     return shape, scores
 
@@ -275,8 +307,11 @@ def _histograms(curdir: Path, cur: CurationConfig) -> str:
             v = pages.finite(d[col], log_x)
             if len(v):
                 lo[col], hi[col] = min(lo.get(col, np.inf), v.min()), max(hi.get(col, -np.inf), v.max())
-    edges = {col: pages.histogram_edges(lo[col], hi[col], lines, log_x=log_x)
-             for col, _, _, lines, log_x in shape + scores if col in lo}
+    edges = {
+        col: pages.histogram_edges(lo[col], hi[col], lines, log_x=log_x)
+        for col, _, _, lines, log_x in shape + scores
+        if col in lo
+    }
     counts = {col: np.zeros(len(e) - 1, dtype=np.int64) for col, e in edges.items()}
     if edges:
         for d in _decoded(curdir, [q[0] for q in scores if q[0] in edges]):
@@ -291,8 +326,10 @@ def _histograms(curdir: Path, cur: CurationConfig) -> str:
     plots = [plot(*q) for q in shape]
     plots.append(pages.bars("tier", {t: int(tiers[t]) for t in order}, f"Tier (n={decoded:,})", marked=cur.min_tier))
     plots += [plot(*q) for q in scores if q[0] in seen]
-    return "<h2>Distributions</h2><p class=\"muted\">All decoded images (kept and rejected); dashed lines: " \
-           "the configured thresholds.</p>\n<div class=\"plots\">" + "".join(plots) + "</div>"
+    return (
+        '<h2>Distributions</h2><p class="muted">All decoded images (kept and rejected); dashed lines: '
+        'the configured thresholds.</p>\n<div class="plots">' + "".join(plots) + "</div>"
+    )
 
 
 def _tile_lines(row) -> list[str]:
@@ -333,6 +370,7 @@ def _ranked(best, worst, rows):
     """Merge a batch into the GALLERY first and GALLERY last rows of the descending aesthetic
     order, ties in manifest order (what a stable sort of the whole manifest gives: best and worst
     come from earlier batches, so a stable sort of them followed by the batch keeps that order)."""
+
     def order(*frames):
         both = _cat(*frames)
         return None if both is None else both.sort_values("aesthetic", ascending=False, kind="stable")
@@ -349,8 +387,19 @@ def _gallery_rows(curdir: Path, thumbs: set[str]) -> dict:
     Holds GALLERY rows per gallery, per-reason counts, FAILED_EXAMPLES URLs per failure reason,
     and one counter entry per kept image that has duplicates (the duplicate groups' sizes).
     """
-    g = {"best": None, "worst": None, "scored": 0, "kept": 0, "first_kept": None, "with_thumb": None,
-         "without_thumb": None, "rejected": Counter(), "dups": Counter(), "failed": Counter(), "failed_urls": None}
+    g = {
+        "best": None,
+        "worst": None,
+        "scored": 0,
+        "kept": 0,
+        "first_kept": None,
+        "with_thumb": None,
+        "without_thumb": None,
+        "rejected": Counter(),
+        "dups": Counter(),
+        "failed": Counter(),
+        "failed_urls": None,
+    }
     for b in scan(curdir, [*GALLERY_COLUMNS, "url"]):
         kept, rejected, failed = (b[b["status"] == s] for s in (reasons.KEPT, reasons.REJECTED, reasons.FAILED))
         scored = kept[kept["aesthetic"].notna()]
@@ -422,8 +471,15 @@ def _galleries(curdir: Path) -> str:
     if not g["rejected"]:
         out.append("<p>None.</p>")
     for reason, count in _largest(g["rejected"]):
-        out.append(pages.gallery(f"rejected-{reason}", reason, tiles(_rows(shown_rejected, "reason", reason)),
-                                 count, note="thumbnails: CURDIR/thumbs/ (a sample per reason)"))
+        out.append(
+            pages.gallery(
+                f"rejected-{reason}",
+                reason,
+                tiles(_rows(shown_rejected, "reason", reason)),
+                count,
+                note="thumbnails: CURDIR/thumbs/ (a sample per reason)",
+            )
+        )
     out.append("<h2>Duplicate groups</h2>")
     if not groups:
         out.append("<p>None.</p>")
@@ -431,8 +487,9 @@ def _galleries(curdir: Path) -> str:
         head = _rows(originals, "key", original)
         shown = tiles(head) if head else [pages.tile(None, [original, "(not in manifest)"], original)]
         shown += tiles(_rows(members, "dup_of", original))
-        out.append(f'<div class="group" data-group="{pages.esc(original)}" data-count="{len(shown)}">'
-                   f'{"".join(shown)}</div>')
+        out.append(
+            f'<div class="group" data-group="{pages.esc(original)}" data-count="{len(shown)}">{"".join(shown)}</div>'
+        )
     if g["failed"]:
         urls = g["failed_urls"]
         rows = [(r, count, " ".join(urls["url"][urls["reason"] == r])) for r, count in _largest(g["failed"])]
@@ -453,8 +510,13 @@ def build(curdir: str | Path, cur: CurationConfig | None = None) -> str:
         total = f.metadata.num_rows
     stats_file = curdir / STATS
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
-    body = [f'<p class="muted">{pages.esc(curdir.resolve())}: {total:,} URLs</p>',
-            _counts(curdir, total, stats), _thresholds(cur), _histograms(curdir, cur), _galleries(curdir)]
+    body = [
+        f'<p class="muted">{pages.esc(curdir.resolve())}: {total:,} URLs</p>',
+        _counts(curdir, total, stats),
+        _thresholds(cur),
+        _histograms(curdir, cur),
+        _galleries(curdir),
+    ]
     return pages.page(f"Dataset report: {curdir.name}", "\n".join(body))
 
 
@@ -468,24 +530,36 @@ def write_report(curdir: str | Path, cur: CurationConfig | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     from common import cli
 
-    p = cli.parser("curation/report",
-                   "Write DIR/report.html for a curated run: counts, histograms with thresholds, galleries. "
-                   "Pass the same --profile/--set as the run so the thresholds drawn are the ones used.",
-                   "curation/report demo-out/curated --profile demo")
+    p = cli.parser(
+        "curation/report",
+        "Write DIR/report.html for a curated run: counts, histograms with thresholds, galleries. "
+        "Pass the same --profile/--set as the run so the thresholds drawn are the ones used.",
+        "curation/report demo-out/curated --profile demo",
+    )
     p.add_argument("dir", help="CURDIR: a curated run folder (manifest.parquet, shards/, stats.json)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
     curdir = Path(args.dir)
-    missing = None if (curdir / format.MANIFEST).is_file() else f"{curdir}: no {format.MANIFEST} (is this a curated run folder?)"
+    missing = (
+        None
+        if (curdir / format.MANIFEST).is_file()
+        else f"{curdir}: no {format.MANIFEST} (is this a curated run folder?)"
+    )
     if missing and not args.dry_run:
         cli.fail(missing)
     if missing:  # a dry run before curation has run: say so
         print(f"dry run: not checked: {missing}", file=sys.stderr)
     if args.dry_run:
-        cli.print_plan({**({"not_checked": [missing]} if missing else {}),
-                        "curdir": str(curdir), "manifest": str(curdir / format.MANIFEST),
-                        "shards": len(list((curdir / "shards").glob("*.tar"))),
-                        "thumbs": str(curdir / THUMBS), "out": str(curdir / REPORT),
-                        "thresholds": to_dict(cfg)["curation"]})
+        cli.print_plan(
+            {
+                **({"not_checked": [missing]} if missing else {}),
+                "curdir": str(curdir),
+                "manifest": str(curdir / format.MANIFEST),
+                "shards": len(list((curdir / "shards").glob("*.tar"))),
+                "thumbs": str(curdir / THUMBS),
+                "out": str(curdir / REPORT),
+                "thresholds": to_dict(cfg)["curation"],
+            }
+        )
         return
     print(write_report(curdir, cfg.curation))

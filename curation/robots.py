@@ -11,11 +11,12 @@ up to a day, and honoured for either of our tokens: a 2xx is parsed, a 4xx means
 URLs in the shard get the robots.txt request's reason.
 Python's `urllib.robotparser` does prefix matching only (no `*` / `$` wildcards in paths).
 """
+
 from __future__ import annotations
 
 import time
 import urllib.robotparser
-from typing import Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from shards import reasons
@@ -50,8 +51,9 @@ def origin(url: str) -> str:
 class Rules:
     """The robots.txt verdict for one origin."""
 
-    def __init__(self, parser: urllib.robotparser.RobotFileParser | None = None,
-                 failure: tuple[str, str] | None = None):
+    def __init__(
+        self, parser: urllib.robotparser.RobotFileParser | None = None, failure: tuple[str, str] | None = None
+    ):
         self.parser, self.failure = parser, failure  # failure: (reason code, detail) of the robots.txt request
         self.at = time.monotonic()
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """`python curation/run.py (--urls LIST | --images SPEC) --out DIR [--config ...] [--profile ...] [--set k=v]`:
 arguments, input checks (one-line errors before Ray starts), plan, then the pipeline."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import sys
 if __name__ == "__main__":  # as a script: the repo root replaces this folder (its modules must not shadow the stdlib)
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from common import cli, config  # noqa: E402 - after the path fix above
-from shards.errors import SigmaError  # noqa: E402 - after the path fix above
+from common import cli, config
+from shards.errors import SigmaError
 
 EXAMPLE = "python curation/run.py --urls urls.parquet --out curated --profile demo"
 
@@ -19,22 +20,37 @@ EXAMPLE = "python curation/run.py --urls urls.parquet --out curated --profile de
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    p = cli.parser("curation/run.py", "Curate a URL list (or images on disk) into high-resolution image shards + "
-                   "a manifest (download, tiers, quality, aesthetics, dedup) on Ray.", EXAMPLE)
+    p = cli.parser(
+        "curation/run.py",
+        "Curate a URL list (or images on disk) into high-resolution image shards + "
+        "a manifest (download, tiers, quality, aesthetics, dedup) on Ray.",
+        EXAMPLE,
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--urls", help="URL list: .parquet, .csv, .tsv, .jsonl or .txt (one URL a line), or a folder "
-                     "or glob of them; URL and caption columns found (url/URL, caption/TEXT/text/alt) or named "
-                     "below; other columns are carried into the manifest")
-    src.add_argument("--images", help="images already on disk, curated without downloading: WebDataset/img2dataset "
-                     "tars (a .tar, '{00000..00009}.tar', a glob, or their folder), a folder of images (same-stem "
-                     ".txt captions), or a .parquet/.arrow table with an image-bytes column")
+    src.add_argument(
+        "--urls",
+        help="URL list: .parquet, .csv, .tsv, .jsonl or .txt (one URL a line), or a folder "
+        "or glob of them; URL and caption columns found (url/URL, caption/TEXT/text/alt) or named "
+        "below; other columns are carried into the manifest",
+    )
+    src.add_argument(
+        "--images",
+        help="images already on disk, curated without downloading: WebDataset/img2dataset "
+        "tars (a .tar, '{00000..00009}.tar', a glob, or their folder), a folder of images (same-stem "
+        ".txt captions), or a .parquet/.arrow table with an image-bytes column",
+    )
     p.add_argument("--url-col", help="the URL column (curation.url_col)")
     p.add_argument("--caption-col", help="the caption / alt-text column (curation.caption_col)")
     p.add_argument("--image-col", help="a table's image-bytes column, for --images (curation.image_col)")
     p.add_argument("--out", required=True, help="output folder (rerun with the same arguments to resume)")
-    p.add_argument("--dedup-against", nargs="+", default=[], metavar="OUT",
-                   help="earlier runs' output folders: new images that duplicate their kept ones are `duplicate`, "
-                        "dup_of = '<folder name>/<key>'")
+    p.add_argument(
+        "--dedup-against",
+        nargs="+",
+        default=[],
+        metavar="OUT",
+        help="earlier runs' output folders: new images that duplicate their kept ones are `duplicate`, "
+        "dup_of = '<folder name>/<key>'",
+    )
     args = p.parse_args(argv)
     cfg = cli.load(args)
     for flag in ("url_col", "caption_col", "image_col"):
@@ -63,10 +79,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         cur = cfg.curation
         unchecked = {"urls" if args.urls else "images": args.urls or args.images, "checked": False}
-        cli.print_plan({"input": source.describe() if source else unchecked, "out": args.out, "profile": cfg.profile,
-                        "clip": vars(cfg.models.clip), "aesthetic_head": cfg.models.aesthetic_head,
-                        "curation": json.loads(json.dumps(cur, default=vars)),
-                        **({"not_checked": not_checked} if not_checked else {})})
+        cli.print_plan(
+            {
+                "input": source.describe() if source else unchecked,
+                "out": args.out,
+                "profile": cfg.profile,
+                "clip": vars(cfg.models.clip),
+                "aesthetic_head": cfg.models.aesthetic_head,
+                "curation": json.loads(json.dumps(cur, default=vars)),
+                **({"not_checked": not_checked} if not_checked else {}),
+            }
+        )
         return
     try:
         with cli.user_errors():
@@ -75,10 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(str(e).splitlines()[0])
     if not stats["kept"]:  # a finished run, but say so: every input is in the manifest with its reason
         why = ", ".join(f"{r} {n}" for r, n in stats["reason"].items())
-        print(f"curation: 0 of {stats['urls']} inputs kept ({why}); see {args.out}/manifest.parquet and "
-              "report.html", file=sys.stderr)
+        print(
+            f"curation: 0 of {stats['urls']} inputs kept ({why}); see {args.out}/manifest.parquet and report.html",
+            file=sys.stderr,
+        )
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)
-
 
 
 def _input_problems(cfg) -> list[str]:
@@ -110,8 +134,11 @@ def input_source(args, cur):
         return sources.local_images(args.images, args.out, cur.caption_col, cur.image_col, cur.url_col)
     found = inputs.url_list(args.urls, cur.url_col, cur.caption_col)
     if found.caption_col is None:
-        print(f"note: {args.urls}: no caption column (looked for {', '.join(inputs.CAPTION_NAMES)}): no KEY.txt, "
-              "no original_caption; name one with --caption-col", file=sys.stderr)
+        print(
+            f"note: {args.urls}: no caption column (looked for {', '.join(inputs.CAPTION_NAMES)}): no KEY.txt, "
+            "no original_caption; name one with --caption-col",
+            file=sys.stderr,
+        )
     return found
 
 

@@ -22,14 +22,15 @@ user's files are only ever read.
     table    `download.shard_size` rows per input shard; caption/url columns found as in a URL list,
              other columns carried; source = TABLE#ROW
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,10 +43,31 @@ WHERE = "where"  # _work/where/NNNNN.parquet
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}  # gif/bmp/tiff: `unsupported_format`
 IMAGE_NAMES = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
 # img2dataset's own fields in each sample's .json: what it did, not what the sample carries
-I2D_FIELDS = {"key", "status", "error_message", "width", "height", "original_width", "original_height", "exif",
-              "sha256", "url", "caption", "sf_key"}
-WHERE_SCHEMA = pa.schema([("key", pa.string()), ("url", pa.string()), ("reason", pa.string()), ("src", pa.string()),
-                          ("offset", pa.int64()), ("size", pa.int64()), ("row", pa.int64())])
+I2D_FIELDS = {
+    "key",
+    "status",
+    "error_message",
+    "width",
+    "height",
+    "original_width",
+    "original_height",
+    "exif",
+    "sha256",
+    "url",
+    "caption",
+    "sf_key",
+}
+WHERE_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("reason", pa.string()),
+        ("src", pa.string()),
+        ("offset", pa.int64()),
+        ("size", pa.int64()),
+        ("row", pa.int64()),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +86,12 @@ class LocalImages:
         """What --dry-run prints (from names and headers only: no image is read)."""
         plan = {"images": self.spec, "kind": self.kind, "files": len(self.files)}
         if self.kind == "table":
-            plan.update(rows=sum(_table_rows(Path(f)) for f in self.files), image_col=self.image_col,
-                        caption_col=self.caption_col, url_col=self.url_col)
+            plan.update(
+                rows=sum(_table_rows(Path(f)) for f in self.files),
+                image_col=self.image_col,
+                caption_col=self.caption_col,
+                url_col=self.url_col,
+            )
         return plan
 
     def fingerprint(self) -> dict:
@@ -157,8 +183,9 @@ class _Shards:
             self.schema = _schema_of(self.items[0])
         table = pa.Table.from_pylist([_coerce(i, self.schema) for i in self.items], self.schema)
         (self.work.parent / WHERE).mkdir(parents=True, exist_ok=True)
-        atomic.write_parquet(self.work.parent / WHERE / f"{self.shards:05d}.parquet",
-                             pa.Table.from_pylist(self.wheres, WHERE_SCHEMA))
+        atomic.write_parquet(
+            self.work.parent / WHERE / f"{self.shards:05d}.parquet", pa.Table.from_pylist(self.wheres, WHERE_SCHEMA)
+        )
         atomic.write_parquet(self.work / f"{self.shards:05d}.parquet", table)
         self.rows += len(self.items)
         self.shards += 1
@@ -172,8 +199,12 @@ def _ext(name: str) -> str:
 def _schema_of(item: dict) -> pa.Schema:
     """Input shard columns for tar samples: the base ones + the first sample's carried .json fields."""
     types = {bool: pa.bool_(), int: pa.int64(), float: pa.float64(), str: pa.string()}
-    return pa.schema([(k, types.get(type(v), pa.string())) if k not in ("key", "url", "caption", "source")
-                      else (k, pa.string()) for k, v in item.items()])
+    return pa.schema(
+        [
+            (k, types.get(type(v), pa.string())) if k not in ("key", "url", "caption", "source") else (k, pa.string())
+            for k, v in item.items()
+        ]
+    )
 
 
 def _coerce(item: dict, schema: pa.Schema) -> dict:
@@ -212,8 +243,9 @@ def _tar_items(tar_path: Path) -> Iterator[tuple[dict, dict]]:
                     key, ext = curated.split_name(m.name)
                     samples.setdefault(key, {})[ext.lower()] = m
         except (tarfile.TarError, OSError, EOFError) as e:
-            raise SigmaError(f"{tar_path}: corrupt tar after {len(samples)} samples ({type(e).__name__}: {e})") \
-                from None
+            raise SigmaError(
+                f"{tar_path}: corrupt tar after {len(samples)} samples ({type(e).__name__}: {e})"
+            ) from None
         for key, members in samples.items():
             meta = {}
             if "json" in members:
@@ -222,18 +254,25 @@ def _tar_items(tar_path: Path) -> Iterator[tuple[dict, dict]]:
                 except ValueError:
                     meta = {}
             meta = meta if isinstance(meta, dict) else {}
-            caption = tar.extractfile(members["txt"]).read().decode("utf-8", "replace") if "txt" in members \
+            caption = (
+                tar.extractfile(members["txt"]).read().decode("utf-8", "replace")
+                if "txt" in members
                 else meta.get("caption")
+            )
             image = next((members[e] for e in members if e in IMAGE_EXTS), None)
-            item = {"url": meta.get("url") if isinstance(meta.get("url"), str) else None,
-                    "caption": caption if isinstance(caption, str) else None,
-                    "source": f"{tar_path}::{image.name if image else key}",
-                    **{inputs.input_name(k, None, None): v for k, v in meta.items() if k not in I2D_FIELDS}}
+            item = {
+                "url": meta.get("url") if isinstance(meta.get("url"), str) else None,
+                "caption": caption if isinstance(caption, str) else None,
+                "source": f"{tar_path}::{image.name if image else key}",
+                **{inputs.input_name(k, None, None): v for k, v in meta.items() if k not in I2D_FIELDS},
+            }
             if image is None:  # a sample without an image member: accounted for, never usable
                 yield item, {"reason": reasons.NOT_AN_IMAGE, "src": "", "offset": 0, "size": 0, "row": -1}
             else:
-                yield item, {"reason": "", "src": str(tar_path), "offset": image.offset_data, "size": image.size,
-                             "row": -1}
+                yield (
+                    item,
+                    {"reason": "", "src": str(tar_path), "offset": image.offset_data, "size": image.size, "row": -1},
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,8 +283,10 @@ def _tar_items(tar_path: Path) -> Iterator[tuple[dict, dict]]:
 def _file_item(path: Path) -> tuple[dict, dict]:
     txt = path.with_suffix(".txt")
     caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
-    return ({"url": None, "caption": caption, "source": str(path)},
-            {"reason": "", "src": str(path), "offset": 0, "size": path.stat().st_size, "row": -1})
+    return (
+        {"url": None, "caption": caption, "source": str(path)},
+        {"reason": "", "src": str(path), "offset": 0, "size": path.stat().st_size, "row": -1},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +314,7 @@ def _table_rows(path: Path) -> int:
 def image_column(schema: pa.Schema, given: str | None, where: str) -> str | None:
     """The column holding image bytes: named, else the first of the usual names with bytes, else the
     first column with bytes (binary, or a struct with a binary `bytes` field: datasets' Image)."""
+
     def has_bytes(t: pa.DataType) -> bool:
         if pa.types.is_binary(t) or pa.types.is_large_binary(t):
             return True
@@ -280,8 +322,10 @@ def image_column(schema: pa.Schema, given: str | None, where: str) -> str | None
 
     if given:
         if given not in schema.names or not has_bytes(schema.field(given).type):
-            raise SigmaError(f"{where}: no image-bytes column {given!r} (--image-col / curation.image_col; "
-                             f"columns: {', '.join(f'{f.name}: {f.type}' for f in schema)})")
+            raise SigmaError(
+                f"{where}: no image-bytes column {given!r} (--image-col / curation.image_col; "
+                f"columns: {', '.join(f'{f.name}: {f.type}' for f in schema)})"
+            )
         return given
     candidates = [f.name for f in schema if has_bytes(f.type)]
     return next((n for n in IMAGE_NAMES if n in candidates), candidates[0] if candidates else None)
@@ -298,9 +342,12 @@ def _table_items(path: Path, src: LocalImages, shard_size: int) -> Iterator[tupl
         for r in batch.to_pylist():
             url = r.pop(src.url_col) if src.url_col else None
             caption = r.pop(src.caption_col) if src.caption_col else None
-            item = {"url": url if isinstance(url, str) else None,
-                    "caption": None if caption is None else str(caption), "source": f"{path}#{row}",
-                    **{inputs.input_name(k, None, None): v for k, v in r.items()}}
+            item = {
+                "url": url if isinstance(url, str) else None,
+                "caption": None if caption is None else str(caption),
+                "source": f"{path}#{row}",
+                **{inputs.input_name(k, None, None): v for k, v in r.items()},
+            }
             yield item, {"reason": "", "src": str(path), "offset": 0, "size": 0, "row": row}
             row += 1
 
@@ -371,8 +418,13 @@ def _copy_table_bytes(rows: list[dict], image_col: str, tar_path: Path) -> list[
 # ---------------------------------------------------------------------------------------------
 
 
-def local_images(spec: str | Path, out: str | Path | None = None, caption_col: str | None = None,
-                 image_col: str | None = None, url_col: str | None = None) -> LocalImages:
+def local_images(
+    spec: str | Path,
+    out: str | Path | None = None,
+    caption_col: str | None = None,
+    image_col: str | None = None,
+    url_col: str | None = None,
+) -> LocalImages:
     """Resolve `--images SPEC` into its kind and files (headers only); SigmaError naming the path."""
     spec = str(spec)
     p = Path(spec)
@@ -392,8 +444,10 @@ def local_images(spec: str | Path, out: str | Path | None = None, caption_col: s
 
         files = [f for f in expand_shards(spec) if f.is_file()] if not p.is_file() or p.suffix == ".tar" else []
         if not files:
-            raise inputs.NotFound(f"{spec}: no images found (give a .tar, a brace/glob pattern of tars, a folder of "
-                             "images or tars, or a .parquet/.arrow table with an image column)")
+            raise inputs.NotFound(
+                f"{spec}: no images found (give a .tar, a brace/glob pattern of tars, a folder of "
+                "images or tars, or a .parquet/.arrow table with an image column)"
+            )
         if all(f.suffix in (".parquet", ".arrow") for f in files):
             found = _table(spec, files, caption_col, image_col, url_col)
         elif all(f.suffix == ".tar" for f in files):
@@ -416,11 +470,14 @@ def _table(spec: str, files: list[Path], caption_col, image_col, url_col) -> Loc
     schema = _table_schema(files[0])
     image = image_column(schema, image_col, str(files[0]))
     if image is None:
-        raise SigmaError(f"{files[0]}: no image-bytes column (binary, or a {{bytes, path}} struct; columns: "
-                         f"{', '.join(f'{f.name}: {f.type}' for f in schema)}); name it with --image-col")
+        raise SigmaError(
+            f"{files[0]}: no image-bytes column (binary, or a {{bytes, path}} struct; columns: "
+            f"{', '.join(f'{f.name}: {f.type}' for f in schema)}); name it with --image-col"
+        )
     names = [n for n in schema.names if n != image]
-    caption = inputs.choose(names, caption_col, inputs.CAPTION_NAMES, "--caption-col / curation.caption_col",
-                            str(files[0]))
+    caption = inputs.choose(
+        names, caption_col, inputs.CAPTION_NAMES, "--caption-col / curation.caption_col", str(files[0])
+    )
     url = inputs.choose(names, url_col, inputs.URL_NAMES, "--url-col / curation.url_col", str(files[0]))
     for f in files[1:]:
         if _table_schema(f).names != schema.names:

@@ -5,6 +5,7 @@ between 1K and 2K, a few at 2K and one at 4K, one panorama outside the 1:4 range
 (`aspect_ratio`), an exact and a near duplicate, a flat grey image (`low_quality`), and two
 broken files (an HTML page saved as .jpg, a truncated JPEG). Captions are alt-text-like.
 """
+
 from __future__ import annotations
 
 import io

@@ -8,6 +8,7 @@ the previous step's output), against a local Ray and the tiny models built offli
            -> training/sample --prompts (its two kept checkpoints into eval/images/) -> evaluation/evaluate
            -> evaluation/judge (the tiny VLM)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,9 @@ def step(title: str, argv: list[str]) -> float:
     t0 = time.time()
     r = subprocess.run([sys.executable, *argv], cwd=ROOT)
     if r.returncode != 0:
-        sys.exit(f"demo: step '{title}' failed (exit {r.returncode}); fix it and rerun `make demo` (finished steps are kept)")
+        sys.exit(
+            f"demo: step '{title}' failed (exit {r.returncode}); fix it and rerun `make demo` (finished steps are kept)"
+        )
     return time.time() - t0
 
 
@@ -72,21 +75,87 @@ def main() -> None:
 
     with serve.ImageServer(out / "images") as server:
         n_urls = write_urls(out / "urls.parquet", server.url, rows)
-        timings["curation"] = step("curation", ["curation/run.py", "--urls", str(out / "urls.parquet"), "--out", str(out / "curated"), *prof])
-    timings["recaption"] = step("recaption", ["captioning/recaption", "--shards", str(out / "curated" / "shards"), "--out", str(out / "captions"), *prof])
-    timings["encode"] = step("encode", ["encoding/encode", "--images", str(out / "curated" / "shards" / "*.tar"), "--captions", str(out / "captions"),
-                                        "--out", str(out / "encoded"), "--tier", "256", *prof])
-    timings["finetune"] = step("finetune", ["training/finetune", "--stage", "256", "--data", str(out / "encoded"), "--out", str(out / "runs" / "256"), *prof])
+        timings["curation"] = step(
+            "curation", ["curation/run.py", "--urls", str(out / "urls.parquet"), "--out", str(out / "curated"), *prof]
+        )
+    timings["recaption"] = step(
+        "recaption",
+        ["captioning/recaption", "--shards", str(out / "curated" / "shards"), "--out", str(out / "captions"), *prof],
+    )
+    timings["encode"] = step(
+        "encode",
+        [
+            "encoding/encode",
+            "--images",
+            str(out / "curated" / "shards" / "*.tar"),
+            "--captions",
+            str(out / "captions"),
+            "--out",
+            str(out / "encoded"),
+            "--tier",
+            "256",
+            *prof,
+        ],
+    )
+    timings["finetune"] = step(
+        "finetune",
+        [
+            "training/finetune",
+            "--stage",
+            "256",
+            "--data",
+            str(out / "encoded"),
+            "--out",
+            str(out / "runs" / "256"),
+            *prof,
+        ],
+    )
     sample = out / "samples" / "demo.png"
-    timings["sample"] = step("sample", ["training/sample", "--run", str(out / "runs" / "256"), "--prompt", PROMPT, "--size", "256x256",
-                                        "--steps", "10", "--seed", "0", "--out", str(sample), *prof])
+    timings["sample"] = step(
+        "sample",
+        [
+            "training/sample",
+            "--run",
+            str(out / "runs" / "256"),
+            "--prompt",
+            PROMPT,
+            "--size",
+            "256x256",
+            "--steps",
+            "10",
+            "--seed",
+            "0",
+            "--out",
+            str(sample),
+            *prof,
+        ],
+    )
     (out / "prompts.txt").write_text("\n".join(EVAL_PROMPTS) + "\n")
     kept = sorted((out / "runs" / "256" / "checkpoints").glob("step-*/ema.safetensors"))  # the two newest steps
-    timings["evaluate"] = sum(step("eval images", ["training/sample", "--ckpt", str(ckpt), "--prompts", str(out / "prompts.txt"),
-                                                   "--out", str(out / "eval" / "images" / ckpt.parent.name), "--size", "256x256",
-                                                   "--steps", "10", *prof]) for ckpt in kept)
+    timings["evaluate"] = sum(
+        step(
+            "eval images",
+            [
+                "training/sample",
+                "--ckpt",
+                str(ckpt),
+                "--prompts",
+                str(out / "prompts.txt"),
+                "--out",
+                str(out / "eval" / "images" / ckpt.parent.name),
+                "--size",
+                "256x256",
+                "--steps",
+                "10",
+                *prof,
+            ],
+        )
+        for ckpt in kept
+    )
     timings["evaluate"] += step("evaluate", ["evaluation/evaluate", str(out / "eval"), *prof])
-    timings["judge"] = step("judge", ["evaluation/judge", str(ROOT / ".cache" / "tiny" / "captioner"), str(out / "eval"), *prof])
+    timings["judge"] = step(
+        "judge", ["evaluation/judge", str(ROOT / ".cache" / "tiny" / "captioner"), str(out / "eval"), *prof]
+    )
     print_summary(out, n_urls, sample, timings)
 
 
@@ -95,7 +164,7 @@ def print_summary(out: Path, n_urls: int, sample: Path, timings: dict) -> None:
     caption_files = sorted((out / "captions").glob("*.parquet"))
     captions = pd.concat([pd.read_parquet(f) for f in caption_files]) if caption_files else None
     index = pq.read_table(out / "encoded" / "index.parquet").to_pandas()
-    log = (out / "runs" / "256" / "log.txt")
+    log = out / "runs" / "256" / "log.txt"
     last_loss = _last_loss(log)
     print("\n" + "=" * 72)
     print(f"SigmaForge demo: {n_urls} URLs -> {out}")
@@ -113,11 +182,15 @@ def print_summary(out: Path, n_urls: int, sample: Path, timings: dict) -> None:
     print(f"encoded     {int((index['status'] == 'kept').sum())} samples at tier 256 in {out / 'encoded'}")
     print(f"training    final loss {last_loss} ({out / 'runs' / '256'})")
     print(f"sample      {sample}")
-    print(f"evaluation  {out / 'eval' / 'summary.md'}; page: evaluation/serve {out / 'eval'} --profile demo "
-          "(results: /results)")
+    print(
+        f"evaluation  {out / 'eval' / 'summary.md'}; page: evaluation/serve {out / 'eval'} --profile demo "
+        "(results: /results)"
+    )
     print("time        " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     print("=" * 72)
-    (out / "summary.json").write_text(json.dumps({"urls": n_urls, "timings": timings, "final_loss": last_loss}, indent=2))
+    (out / "summary.json").write_text(
+        json.dumps({"urls": n_urls, "timings": timings, "final_loss": last_loss}, indent=2)
+    )
 
 
 def _last_loss(log: Path) -> str:

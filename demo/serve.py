@@ -18,6 +18,7 @@ entry per request (path, monotonic time, user agent, bytes of body sent): the ev
 `link_mbps` caps the bytes/s of all responses together, as the network link of a crawling node
 does (loopback alone moves gigabytes per second: downloading would cost nothing; benchmarks).
 """
+
 from __future__ import annotations
 
 import io
@@ -42,7 +43,9 @@ def huge_png(width: int = 100_000, height: int = 100_000) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def sample_jpeg(width: int = 1024, height: int = 1024) -> bytes:
@@ -54,8 +57,9 @@ def sample_jpeg(width: int = 1024, height: int = 1024) -> bytes:
 class ImageServer:
     """Start on enter (or `start()`), stop on exit (or `stop()`); port chosen by the OS."""
 
-    def __init__(self, folder: str | Path, slow_s: float = 30.0, host: str = "127.0.0.1",
-                 link_mbps: float | None = None):
+    def __init__(
+        self, folder: str | Path, slow_s: float = 30.0, host: str = "127.0.0.1", link_mbps: float | None = None
+    ):
         self.folder = Path(folder).resolve()
         self.slow_s = slow_s
         self.host = host
@@ -87,12 +91,16 @@ class ImageServer:
         """One URL per fault, keyed by the reason code curation should give it."""
         u = self.url
         return {
-            "http_404": f"{u}/fault/404", "timeout": f"{u}/fault/slow.jpg", "not_an_image": f"{u}/fault/html.jpg",
-            "truncated": f"{u}/fault/truncated.jpg", "decompression_bomb": f"{u}/fault/huge.png",
-            "opt_out": f"{u}/fault/noai.jpg", "connection_error": refused_url(),
+            "http_404": f"{u}/fault/404",
+            "timeout": f"{u}/fault/slow.jpg",
+            "not_an_image": f"{u}/fault/html.jpg",
+            "truncated": f"{u}/fault/truncated.jpg",
+            "decompression_bomb": f"{u}/fault/huge.png",
+            "opt_out": f"{u}/fault/noai.jpg",
+            "connection_error": refused_url(),
         }
 
-    def start(self) -> "ImageServer":
+    def start(self) -> ImageServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -101,13 +109,17 @@ class ImageServer:
             def log_message(self, *args):  # quiet
                 pass
 
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):
                 with server._lock:
                     server.inflight += 1
                     server.max_inflight = max(server.max_inflight, server.inflight)
                     server.requests.append(self.path)
-                    self.entry = {"path": self.path, "time": time.monotonic(), "sent": 0,
-                                  "user_agent": self.headers.get("User-Agent", "")}
+                    self.entry = {
+                        "path": self.path,
+                        "time": time.monotonic(),
+                        "sent": 0,
+                        "user_agent": self.headers.get("User-Agent", ""),
+                    }
                     server.log.append(self.entry)
                 self.in_flight = True
                 try:
@@ -145,7 +157,7 @@ class ImageServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> "ImageServer":
+    def __enter__(self) -> ImageServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -165,7 +177,7 @@ class ImageServer:
             return self._send(h, 200, {"Content-Type": "image/jpeg"}, b"")
         if path.startswith("/hold/"):
             self._release.wait()
-            path = path[len("/hold"):]
+            path = path[len("/hold") :]
         if path.startswith("/delay/"):
             _, _, ms, path = path.split("/", 3)
             time.sleep(int(ms) / 1000)
@@ -194,7 +206,7 @@ class ImageServer:
         chunk = 64 * 1024
         for i in range(0, len(body), chunk):
             self._pace(min(chunk, len(body) - i))
-            h.wfile.write(body[i:i + chunk])
+            h.wfile.write(body[i : i + chunk])
             h.entry["sent"] += min(chunk, len(body) - i)
 
     def _pace(self, n: int) -> None:

@@ -15,6 +15,7 @@ and mirrors it to ~/.cache/sigmaforge/tiny ($SIGMAFORGE_CACHE), where a Ray job 
 
 Usage: python -m demo.tiny_models [DIR]
 """
+
 from __future__ import annotations
 
 import shutil

@@ -9,6 +9,7 @@ scores drift). The head (`sac+logos+ava1-l14-linearMSE.pth`) is a plain state di
 normalised embedding, which dedup (near duplicates) and the safety heads reuse.
 `build_tiny` writes a random-weight tiny CLIP + head of the same formats for offline tests.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,9 +37,12 @@ class AestheticHead(nn.Module):
     def __init__(self, dim: int = EMBED_DIM):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(dim, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
             nn.Linear(64, 16),
             nn.Linear(16, 1),
         )
@@ -111,8 +115,15 @@ class AestheticScorer:
     embeddings, so a batch never fails for one bad image.
     """
 
-    def __init__(self, clip_arch: str, clip_weights: str, clip_config_dir: str | None, aesthetic_head: str,
-                 device: str | None = None, image_column: str = "image"):
+    def __init__(
+        self,
+        clip_arch: str,
+        clip_weights: str,
+        clip_config_dir: str | None,
+        aesthetic_head: str,
+        device: str | None = None,
+        image_column: str = "image",
+    ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.clip, self.preprocess, _ = load_clip(clip_arch, clip_weights, clip_config_dir, self.device)
         self.head = load_head(aesthetic_head, self.device)

@@ -1,4 +1,5 @@
 """The dtype names config files use (`encode.t5_dtype: bfloat16`, ...) and the torch dtypes they mean."""
+
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

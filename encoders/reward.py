@@ -9,6 +9,7 @@ score: `logit_scale.exp()` times that cosine (~18-23 for real models), as its mo
 `build_tiny_hps` / `build_tiny_pickscore` write random-weight stand-ins in the same formats.
 `__call__(images: [PIL], prompts: [str]) -> [N] float32` for both.
 """
+
 from __future__ import annotations
 
 import json
@@ -59,10 +60,13 @@ class PickScorer:
 
     @torch.no_grad()
     def __call__(self, images: list, prompts: list[str]) -> np.ndarray:
-        inputs = self.processor(images=images, text=list(prompts), padding=True, truncation=True, max_length=77,
-                                return_tensors="pt").to(self.device)
+        inputs = self.processor(
+            images=images, text=list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt"
+        ).to(self.device)
         out = self.model(**inputs)  # image_embeds [N, E], text_embeds [N, E]: projected
-        return (self.model.logit_scale.exp() * _cosine(out.image_embeds, out.text_embeds)).cpu().numpy().astype(np.float32)
+        return (
+            (self.model.logit_scale.exp() * _cosine(out.image_embeds, out.text_embeds)).cpu().numpy().astype(np.float32)
+        )
 
 
 def load(rewards, device: str = "cpu") -> dict:
@@ -113,12 +117,20 @@ def build_tiny_pickscore(out: str | Path, seed: int = 3) -> Path:
     raw = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
     raw.normalizer = normalizers.Lowercase()
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    words = ("a an the red fox snow lighthouse cliff sunset small cactus happy face photo painting of in on at "
-             "with and image picture dog cat house tree sky blue green").split()
+    words = (
+        "a an the red fox snow lighthouse cliff sunset small cactus happy face photo painting of in on at "
+        "with and image picture dog cat house tree sky blue green"
+    ).split()
     corpus = [" ".join(np.random.default_rng(seed + i).choice(words, 8)) for i in range(200)]
-    raw.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    raw.train_from_iterator(
+        corpus,
+        trainer=trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<|startoftext|>", "<|endoftext|>"],
+            end_of_word_suffix="</w>",
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     bpe = json.loads(raw.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in bpe["merges"]]
     tokenizer = CLIPTokenizerFast(vocab=bpe["vocab"], merges=merges, model_max_length=77)
@@ -126,13 +138,29 @@ def build_tiny_pickscore(out: str | Path, seed: int = 3) -> Path:
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=2, max_position_embeddings=77,
-                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id).to_dict(),
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=32, patch_size=8).to_dict(),
-        projection_dim=32)
+        text_config=CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ).to_dict(),
+        projection_dim=32,
+    )
     CLIPModel(config).eval().save_pretrained(out)
-    (out / "README.txt").write_text(json.dumps({"what": "tiny random-weight PickScore-format CLIPModel", "seed": seed}) + "\n")
+    (out / "README.txt").write_text(
+        json.dumps({"what": "tiny random-weight PickScore-format CLIPModel", "seed": seed}) + "\n"
+    )
     return out

@@ -14,6 +14,7 @@ Watermark: LAION's detector (`watermark_model_v1.pt`) is timm `efficientnet_b3a`
 classifier replaced by 1536 -> 625 -> 256 -> 2, on 256 x 256 ImageNet-normalised inputs;
 pwatermark = softmax[:, 0]. LAION-Aesthetics keeps pwatermark < 0.8.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,7 +63,7 @@ class NsfwHead(nn.Module):
         # '%f' rounds the exact value half-to-even to 6 decimals; so does round() on value * 1e6 in float64
         micro = torch.round(emb[:, self.lookup.columns].T.double() * 1e6).long().contiguous()  # [C, N]
         for i, col in enumerate(self.lookup.columns.tolist()):
-            keys, index = self.lookup.keys[bounds[i]:bounds[i + 1]], self.lookup.index[bounds[i]:bounds[i + 1]]
+            keys, index = self.lookup.keys[bounds[i] : bounds[i + 1]], self.lookup.index[bounds[i] : bounds[i + 1]]
             pos = torch.searchsorted(keys, micro[i]).clamp(max=len(keys) - 1)  # [N]
             x[:, col] = torch.where(keys[pos] == micro[i], index[pos], 0.0)
         return x
@@ -76,8 +77,9 @@ def load_nsfw_head(path: str) -> NsfwHead:
         optional = {k: v for k, v in head.state_dict().items() if k.startswith("lookup.")}
         head.load_state_dict({**optional, **state})
     except RuntimeError as e:
-        raise SigmaError(f"models.nsfw_head: {path}: not LAION's ViT-L/14 NSFW head "
-                         f"({str(e).splitlines()[-1].strip()})") from None
+        raise SigmaError(
+            f"models.nsfw_head: {path}: not LAION's ViT-L/14 NSFW head ({str(e).splitlines()[-1].strip()})"
+        ) from None
     return head
 
 
@@ -87,8 +89,9 @@ def watermark_model() -> nn.Module:
 
     # timm renamed `efficientnet_b3a` (LAION's name) to `efficientnet_b3`: same layers, same keys
     model = timm.create_model("efficientnet_b3", pretrained=False, num_classes=2)
-    model.classifier = nn.Sequential(nn.Linear(1536, 625), nn.ReLU(), nn.Dropout(0.3),
-                                     nn.Linear(625, 256), nn.ReLU(), nn.Linear(256, 2))
+    model.classifier = nn.Sequential(
+        nn.Linear(1536, 625), nn.ReLU(), nn.Dropout(0.3), nn.Linear(625, 256), nn.ReLU(), nn.Linear(256, 2)
+    )
     return model
 
 

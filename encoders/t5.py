@@ -8,6 +8,7 @@ a typical ~100-token caption. `encode_captions` returns exactly those rows.
 Transformers keeps T5's `wo` projections in fp32 even when loading in fp16/bf16 (they overflow
 in fp16); the rest runs in the requested dtype.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ def load_t5(path: str, dtype: str | torch.dtype = "bfloat16", device: str | torc
 
 
 @torch.no_grad()
-def encode_captions(tokenizer, encoder, captions: list[str], max_length: int = 300,
-                    sort_by_length: bool = True, batch_size: int = 32) -> tuple[list[torch.Tensor], list[int]]:
+def encode_captions(
+    tokenizer, encoder, captions: list[str], max_length: int = 300, sort_by_length: bool = True, batch_size: int = 32
+) -> tuple[list[torch.Tensor], list[int]]:
     """T5 features of the valid tokens of each caption: ([n_i, C] float tensors, [n_i]).
 
     Captions are truncated to `max_length` tokens (including `</s>`), as the official extractor does.
@@ -60,16 +62,16 @@ def encode_captions(tokenizer, encoder, captions: list[str], max_length: int = 3
     order = sorted(range(len(ids)), key=lambda i: lengths[i]) if sort_by_length else list(range(len(ids)))
     out: list[torch.Tensor | None] = [None] * len(ids)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         width = max(lengths[i] for i in chunk) if sort_by_length else max_length
         input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)  # [b, T]
         mask = torch.zeros((len(chunk), width), dtype=torch.long)  # [b, T]
         for row, i in enumerate(chunk):
-            input_ids[row, :lengths[i]] = torch.tensor(ids[i])
-            mask[row, :lengths[i]] = 1
+            input_ids[row, : lengths[i]] = torch.tensor(ids[i])
+            mask[row, : lengths[i]] = 1
         hidden = encoder(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [b, T, C]
         for row, i in enumerate(chunk):
-            out[i] = hidden[row, :lengths[i]].float().cpu()  # [n_i, C]
+            out[i] = hidden[row, : lengths[i]].float().cpu()  # [n_i, C]
     return out, lengths
 
 
@@ -91,11 +93,13 @@ def null_caption_embedding(tokenizer, encoder, max_length: int = 300) -> torch.T
 # ---------------------------------------------------------------------------------------------
 
 _CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()"
-_WORDS = ("a an the red green blue small large old young bright dark wooden metal glass stone cat dog horse bird "
-          "fox tree house car boat mountain river lake sky cloud sun moon street city field flower garden window "
-          "door table chair book lamp painting photo close-up view of on in under near with and at by during "
-          "sunset morning night winter summer snow rain light shadow colourful abstract composition detailed "
-          "background foreground standing sitting running flying lying a portrait landscape texture pattern").split()
+_WORDS = (
+    "a an the red green blue small large old young bright dark wooden metal glass stone cat dog horse bird "
+    "fox tree house car boat mountain river lake sky cloud sun moon street city field flower garden window "
+    "door table chair book lamp painting photo close-up view of on in under near with and at by during "
+    "sunset morning night winter summer snow rain light shadow colourful abstract composition detailed "
+    "background foreground standing sitting running flying lying a portrait landscape texture pattern"
+).split()
 
 
 def _sentences(n: int, seed: int) -> list[str]:
@@ -141,8 +145,18 @@ def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 1000) -> Path:
     tokenizer.save_pretrained(out)
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      feed_forward_proj="gated-gelu", is_encoder_decoder=True, pad_token_id=0, eos_token_id=1,
-                      decoder_start_token_id=0)  # gated-gelu: the t5-v1_1 layout
+    config = T5Config(
+        vocab_size=len(vocab),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )  # gated-gelu: the t5-v1_1 layout
     T5EncoderModel(config).eval().save_pretrained(out)
     return out

@@ -8,6 +8,7 @@ or bf16, and treat any NaN/Inf in its output as a failed sample.
 Preprocessing follows PixArt's multi-scale dataset: resize so the image covers its bucket keeping
 the aspect ratio (bicubic; Lanczos for 2K+ buckets), center-crop to the bucket, scale to [-1, 1].
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -28,8 +29,13 @@ LANCZOS_FROM = 2048  # bucket side (max of h, w) from which resizing uses Lanczo
 # ---------------------------------------------------------------------------------------------
 
 
-def load_vae(path: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-             tiling: bool = False, slicing: bool = False):
+def load_vae(
+    path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    tiling: bool = False,
+    slicing: bool = False,
+):
     """diffusers `AutoencoderKL` in eval mode, no grad.
 
     `tiling` encodes large images in overlapping tiles (bounded memory for 2K/4K on small GPUs;
@@ -154,10 +160,17 @@ def build_tiny(out: str | Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64), layers_per_block=1, latent_channels=4,
-        norm_num_groups=32, sample_size=256, scaling_factor=0.13025, force_upcast=True,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=256,
+        scaling_factor=0.13025,
+        force_upcast=True,
     ).eval()
     out = Path(out)
     vae.save_pretrained(out, safe_serialization=True)

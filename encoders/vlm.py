@@ -8,6 +8,7 @@ will feed the model anyway (a 4K JPEG is decoded at reduced size with `draft`). 
 captioning backend and the evaluation's VLM judge. `build_tiny` writes a random-weight LLaVA in
 the same format for the demo and tests.
 """
+
 from __future__ import annotations
 
 import io
@@ -100,21 +101,37 @@ def pixel_budget(image_processor) -> int | None:
 class VLM:
     """A processor + model pair on one device; `generate(texts, images)` is one batched call."""
 
-    def __init__(self, model: str, revision: str | None = None, dtype: str = "bfloat16",
-                 max_new_tokens: int = 300, generate: dict[str, Any] | None = None,
-                 max_pixels: int | None = None, trust_remote_code: bool = False, device: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        revision: str | None = None,
+        dtype: str = "bfloat16",
+        max_new_tokens: int = 300,
+        generate: dict[str, Any] | None = None,
+        max_pixels: int | None = None,
+        trust_remote_code: bool = False,
+        device: str | None = None,
+    ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         extra = {"max_pixels": max_pixels} if max_pixels else {}
-        self.processor = AutoProcessor.from_pretrained(model, revision=revision,
-                                                       trust_remote_code=trust_remote_code, **extra)
+        self.processor = AutoProcessor.from_pretrained(
+            model, revision=revision, trust_remote_code=trust_remote_code, **extra
+        )
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # decoder-only batches: every row generates from the same column
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            model, revision=revision, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-        ).to(self.device).eval()
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(
+                model,
+                revision=revision,
+                dtype=DTYPES[dtype],
+                trust_remote_code=trust_remote_code,
+            )
+            .to(self.device)
+            .eval()
+        )
         self.max_pixels = max_pixels or pixel_budget(getattr(self.processor, "image_processor", None))
         self.generate_kwargs = {"max_new_tokens": max_new_tokens, "do_sample": False, **(generate or {})}
         self.target = processor_input_size(getattr(self.processor, "image_processor", None))
@@ -137,17 +154,21 @@ class VLM:
         return [text for text, _ in self.generate_with_limit(texts, images)]
 
     @torch.inference_mode()
-    def generate_with_limit(self, texts: list[str], images: list,
-                            overrides: dict[str, Any] | None = None) -> list[tuple[str, bool]]:
+    def generate_with_limit(
+        self, texts: list[str], images: list, overrides: dict[str, Any] | None = None
+    ) -> list[tuple[str, bool]]:
         """(answer, hit_limit) per text: hit_limit is True when no end-of-sequence token came within
         `max_new_tokens` (the caption was cut). `overrides` replace generate() kwargs for this call."""
         inputs = self.processor(images=images, text=texts, return_tensors="pt", padding=True).to(self.device)
         inputs = {k: (v.to(self.model.dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
         kwargs = {**self.generate_kwargs, **(overrides or {})}
         out = self.model.generate(**inputs, **kwargs)  # [b, T_in + T_new] ([b, T_new] enc-dec)
-        new = out if self.model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]  # [b, T_new]
-        ended = torch.isin(new, torch.tensor(sorted(self.eos_ids), device=new.device)).any(dim=1) \
-            if self.eos_ids else torch.zeros(len(new), dtype=torch.bool)  # [b]
+        new = out if self.model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1] :]  # [b, T_new]
+        ended = (
+            torch.isin(new, torch.tensor(sorted(self.eos_ids), device=new.device)).any(dim=1)
+            if self.eos_ids
+            else torch.zeros(len(new), dtype=torch.bool)
+        )  # [b]
         hit = [(not bool(e)) and new.shape[1] >= kwargs["max_new_tokens"] for e in ended.tolist()]
         return [(t.strip(), h) for t, h in zip(self.processor.batch_decode(new, skip_special_tokens=True), hit)]
 
@@ -164,13 +185,15 @@ def _eos_ids(model) -> set[int]:
 # Tiny offline model (demo and tests)
 # ---------------------------------------------------------------------------------------------
 
-_WORDS = ("a an the this image shows picture of photo with red green blue white black small large old young "
-          "bright dark wooden metal glass stone cat dog horse bird fox tree house car boat mountain river lake "
-          "sky cloud sun moon street city field flower garden window door table chair book lamp painting "
-          "close-up view on in under near and at by during sunset morning night winter summer snow rain light "
-          "shadow colourful abstract composition detailed background foreground standing sitting running "
-          "flying lying portrait landscape texture pattern there is are two three several people person "
-          "woman man child grass water road building wall floor soft warm cool tones centre left right").split()
+_WORDS = (
+    "a an the this image shows picture of photo with red green blue white black small large old young "
+    "bright dark wooden metal glass stone cat dog horse bird fox tree house car boat mountain river lake "
+    "sky cloud sun moon street city field flower garden window door table chair book lamp painting "
+    "close-up view on in under near and at by during sunset morning night winter summer snow rain light "
+    "shadow colourful abstract composition detailed background foreground standing sitting running "
+    "flying lying portrait landscape texture pattern there is are two three several people person "
+    "woman man child grass water road building wall floor soft warm cool tones centre left right"
+).split()
 
 # LLaVA-1.5's chat layout ("USER: <image>\n... ASSISTANT:"), the one llava-hf checkpoints ship.
 _CHAT_TEMPLATE = (
@@ -211,30 +234,66 @@ def build_tiny(out: str | Path, seed: int = 0, vocab_size: int = 400) -> Path:
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'-()"),
+    )
     raw.train_from_iterator(_corpus(400, seed), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"},
-                                        padding_side="left", model_max_length=512)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        model_max_length=512,
+    )
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     # vision_feature_select_strategy="default" drops CLS: 16 patch tokens per image, and the processor
     # must count the CLS it drops (num_additional_image_tokens=1) or it inserts one token too few.
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                               vision_feature_select_strategy="default", chat_template=_CHAT_TEMPLATE,
-                               image_token="<image>", num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=_CHAT_TEMPLATE,
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
     processor.save_pretrained(out)
 
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=32, patch_size=8, projection_dim=32)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id,
-                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_token_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -5,6 +5,7 @@
 Each row carries `status`/`reason`; a stage passes failed rows through untouched. Pixels travel
 as uint8 bytes and tensors as safetensors bytes, so every column is a plain Arrow scalar.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,28 @@ KEPT, REJECTED, FAILED = reasons.KEPT, reasons.REJECTED, reasons.FAILED
 READ_CPUS = 0.5  # CPU share of a read or preprocess task
 
 # Every row has these columns (Ray Data needs one schema); stages fill them in.
-ROW = dict(key="", source="", status=KEPT, reason="", width=0, height=0, recaption="", original="",
-           image=b"", bucket="", bucket_h=0, bucket_w=0, resized_h=0, resized_w=0, crop="", pixels=b"",
-           t5=b"", t5_len_recaption=0, t5_len_original=0, vae=b"")
+ROW = dict(
+    key="",
+    source="",
+    status=KEPT,
+    reason="",
+    width=0,
+    height=0,
+    recaption="",
+    original="",
+    image=b"",
+    bucket="",
+    bucket_h=0,
+    bucket_w=0,
+    resized_h=0,
+    resized_w=0,
+    crop="",
+    pixels=b"",
+    t5=b"",
+    t5_len_recaption=0,
+    t5_len_original=0,
+    vae=b"",
+)
 
 
 def _row(**kw) -> dict:
@@ -127,8 +147,11 @@ class T5Stage:
         batch = {k: list(v) for k, v in batch.items()}
         ok = _ok(batch)
         texts = [batch["recaption"][i] for i in ok] + [batch["original"][i] for i in ok if batch["original"][i]]
-        feats, lengths = self.t5.encode_captions(self.tokenizer, self.encoder, texts, self.max_length,
-                                                 batch_size=self.batch_size) if texts else ([], [])
+        feats, lengths = (
+            self.t5.encode_captions(self.tokenizer, self.encoder, texts, self.max_length, batch_size=self.batch_size)
+            if texts
+            else ([], [])
+        )
         originals = iter(range(len(ok), len(texts)))
         for j, i in enumerate(ok):
             group = {"recaption": feats[j]}
@@ -208,7 +231,9 @@ class VAEStage:
         for i in _ok(batch):
             groups.setdefault((batch["bucket_h"][i], batch["bucket_w"][i]), []).append(i)
         for (bh, bw), rows in groups.items():
-            pixels = np.stack([np.frombuffer(batch["pixels"][i], np.uint8).reshape(bh, bw, 3) for i in rows])  # [b, H, W, 3]
+            pixels = np.stack(
+                [np.frombuffer(batch["pixels"][i], np.uint8).reshape(bh, bw, 3) for i in rows]
+            )  # [b, H, W, 3]
             x = self.vae_mod.to_pixels(pixels)  # [b, 3, H, W] in [-1, 1]: the tested preprocessing, not a copy
             try:
                 mean, std = self.vae_mod.encode_latent_dist(self.vae, x)  # [b, 4, H/8, W/8] each

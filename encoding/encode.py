@@ -11,6 +11,7 @@ changed (ENCDIR/fingerprint.json) is refused unless `--reencode` accepts it: the
 under other settings are encoded again and new ones added (a changed caption of an already
 encoded sample is not: use another --out for that).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,11 +39,29 @@ ROW = actors.ROW
 def plan(cfg, images: str, captions_path: str, out: str, tier: str) -> dict:
     """Everything a run decides before touching data (what --dry-run prints)."""
     e, m = cfg.encode, cfg.models
-    fp = encoded.fingerprint(encoded.model_id(m.t5), e.t5_dtype, e.t5_max_length, encoded.model_id(m.vae),
-                             e.vae_dtype, e.vae_tiling, buckets.TIER_TABLES[tier])
+    fp = encoded.fingerprint(
+        encoded.model_id(m.t5),
+        e.t5_dtype,
+        e.t5_max_length,
+        encoded.model_id(m.vae),
+        e.vae_dtype,
+        e.vae_tiling,
+        buckets.TIER_TABLES[tier],
+    )
     shards = [str(p) for p in fmt.expand_shards(images)]
-    return dict(images=images, shards=len(shards), shard_list=shards, captions=captions_path, out=out, tier=tier,
-                table=buckets.TIER_TABLES[tier], fingerprint=fp, t5=m.t5, vae=m.vae, encode=dataclasses.asdict(e))
+    return dict(
+        images=images,
+        shards=len(shards),
+        shard_list=shards,
+        captions=captions_path,
+        out=out,
+        tier=tier,
+        table=buckets.TIER_TABLES[tier],
+        fingerprint=fp,
+        t5=m.t5,
+        vae=m.vae,
+        encode=dataclasses.asdict(e),
+    )
 
 
 def check_inputs(p: dict) -> captions.CaptionSource:
@@ -59,10 +78,14 @@ def stage_fingerprint(cfg, p: dict, source: captions.CaptionSource) -> dict:
     """The inputs (image shards and caption files, by name and size) and what decides a sample's bytes."""
     e, m = cfg.encode, cfg.models
     files = [source.shard_file(s) for s in p["shard_list"]] if source.kind == captions.PER_SHARD else source.files
-    return {"--images": fingerprint.listing(p["shard_list"]), "--captions": fingerprint.listing(files),
-            "models.t5": encoded.model_id(m.t5), "models.vae": encoded.model_id(m.vae),
-            "format": f"{encoded.FORMAT_VERSION}/{encoded.PREPROCESS}",
-            **fingerprint.flat(e, "encode")}
+    return {
+        "--images": fingerprint.listing(p["shard_list"]),
+        "--captions": fingerprint.listing(files),
+        "models.t5": encoded.model_id(m.t5),
+        "models.vae": encoded.model_id(m.vae),
+        "format": f"{encoded.FORMAT_VERSION}/{encoded.PREPROCESS}",
+        **fingerprint.flat(e, "encode"),
+    }
 
 
 def _check_fingerprint(cfg, p: dict, source: captions.CaptionSource, encdir: Path, reencode: bool) -> None:
@@ -114,9 +137,15 @@ def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: boo
     _write_info(ray, encdir, cfg, tier, fp)
     counts = index.groupby(["status", "reason"]).size().to_dict() if len(index) else {}
     _check_something_encoded(index, captions_path)
-    return dict(out=str(encdir), fingerprint=fp, encoded_now=sum(len(w.written) for w in writers.values()),
-                removed_stale_or_partial=removed, total=len(index),
-                counts={f"{s}/{r}" if r else s: int(n) for (s, r), n in counts.items()}, seconds=round(time.time() - t0, 1))
+    return dict(
+        out=str(encdir),
+        fingerprint=fp,
+        encoded_now=sum(len(w.written) for w in writers.values()),
+        removed_stale_or_partial=removed,
+        total=len(index),
+        counts={f"{s}/{r}" if r else s: int(n) for (s, r), n in counts.items()},
+        seconds=round(time.time() - t0, 1),
+    )
 
 
 def _encode(ray, tasks: list[dict], cfg, tier: str, encdir: Path, fp: str, writers: dict, failures: list) -> None:
@@ -135,14 +164,24 @@ def _encode(ray, tasks: list[dict], cfg, tier: str, encdir: Path, fp: str, write
                 committed = len(writers[hw].written)
                 writers[hw].write(_meta(row, fp), row["t5"], row["vae"], _index_row(row, fp, shard=""))
                 if len(writers[hw].written) > committed:  # a shard was completed: the log's progress line
-                    progress.say(f"encode {tier}: {hw[0]}x{hw[1]} shard committed, "
-                                 f"{sum(len(w.written) for w in writers.values())} samples encoded so far")
+                    progress.say(
+                        f"encode {tier}: {hw[0]}x{hw[1]} shard committed, "
+                        f"{sum(len(w.written) for w in writers.values())} samples encoded so far"
+                    )
 
 
 def _tasks(shard_list: list[str], source: captions.CaptionSource, done_by_source: dict) -> list[dict]:
     """One read task per curated shard: its per-shard caption file, or its rows of a caption table."""
-    tasks = [dict(shard=s, captions=str(source.shard_file(s)) if source.kind == captions.PER_SHARD else "",
-                  caption_rows="", n_captions=-1, done=done_by_source.get(Path(s).name, [])) for s in shard_list]
+    tasks = [
+        dict(
+            shard=s,
+            captions=str(source.shard_file(s)) if source.kind == captions.PER_SHARD else "",
+            caption_rows="",
+            n_captions=-1,
+            done=done_by_source.get(Path(s).name, []),
+        )
+        for s in shard_list
+    ]
     if source.kind == captions.TABLE:
         keys = {}
         for s in shard_list:
@@ -169,8 +208,10 @@ def _check_something_encoded(index, captions_path: str) -> None:
         return
     missing = int((index["reason"] == reasons.MISSING_CAPTION).sum())
     if missing:
-        raise SigmaError(f"--captions {captions_path}: nothing encoded: {missing} of {len(index)} samples have no "
-                         f"caption row (missing_caption); captions are matched by the curated `key`")
+        raise SigmaError(
+            f"--captions {captions_path}: nothing encoded: {missing} of {len(index)} samples have no "
+            f"caption row (missing_caption); captions are matched by the curated `key`"
+        )
 
 
 def _to_encode(tasks: list[dict]) -> int | None:
@@ -178,8 +219,11 @@ def _to_encode(tasks: list[dict]) -> int | None:
     import pyarrow.parquet as pq
 
     try:
-        return sum((t["n_captions"] if t["n_captions"] >= 0 else pq.ParquetFile(t["captions"]).metadata.num_rows)
-                   - len(t["done"]) for t in tasks)
+        return sum(
+            (t["n_captions"] if t["n_captions"] >= 0 else pq.ParquetFile(t["captions"]).metadata.num_rows)
+            - len(t["done"])
+            for t in tasks
+        )
     except (OSError, ValueError):  # reported per sample as missing_caption; the bar just has no ETA
         return None
 
@@ -190,17 +234,32 @@ def _dataset(ray, tasks: list[dict], cfg, tier: str):
     # Reading a tar is I/O: half a CPU, so the model actors never starve it of a slot (a deadlock on 2 CPUs).
     ds = ds.flat_map(actors.read_shard, fn_kwargs=dict(tier=tier), num_cpus=actors.READ_CPUS)
     r = e.t5_resources
-    ds = ds.map_batches(actors.T5Stage, fn_constructor_kwargs=dict(model=m.t5, dtype=e.t5_dtype, max_length=e.t5_max_length,
-                                                             batch_size=r.batch_size),
-                        batch_size=r.batch_size, num_gpus=r.num_gpus or None, num_cpus=r.num_cpus,
-                        compute=ray.data.ActorPoolStrategy(size=r.concurrency), batch_format="numpy")
-    ds = ds.map_batches(actors.preprocess, fn_kwargs=dict(tier=tier, max_pixels=cfg.curation.max_pixels),
-                        batch_size=e.vae_resources.batch_size, num_cpus=actors.READ_CPUS, batch_format="numpy")
+    ds = ds.map_batches(
+        actors.T5Stage,
+        fn_constructor_kwargs=dict(model=m.t5, dtype=e.t5_dtype, max_length=e.t5_max_length, batch_size=r.batch_size),
+        batch_size=r.batch_size,
+        num_gpus=r.num_gpus or None,
+        num_cpus=r.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=r.concurrency),
+        batch_format="numpy",
+    )
+    ds = ds.map_batches(
+        actors.preprocess,
+        fn_kwargs=dict(tier=tier, max_pixels=cfg.curation.max_pixels),
+        batch_size=e.vae_resources.batch_size,
+        num_cpus=actors.READ_CPUS,
+        batch_format="numpy",
+    )
     r = e.vae_resources
-    ds = ds.map_batches(actors.VAEStage, fn_constructor_kwargs=dict(model=m.vae, dtype=e.vae_dtype, tiling=e.vae_tiling,
-                                                             slicing=e.vae_slicing),
-                        batch_size=r.batch_size, num_gpus=r.num_gpus or None, num_cpus=r.num_cpus,
-                        compute=ray.data.ActorPoolStrategy(size=r.concurrency), batch_format="numpy")
+    ds = ds.map_batches(
+        actors.VAEStage,
+        fn_constructor_kwargs=dict(model=m.vae, dtype=e.vae_dtype, tiling=e.vae_tiling, slicing=e.vae_slicing),
+        batch_size=r.batch_size,
+        num_gpus=r.num_gpus or None,
+        num_cpus=r.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=r.concurrency),
+        batch_format="numpy",
+    )
     ds.context.execution_options.preserve_order = True  # same input, same shard contents (this dataset only)
     return ds
 
@@ -217,27 +276,47 @@ def _check_tier(encdir: Path, tier: str) -> None:
 def _check_gpus(ray, e) -> None:
     want = max(e.t5_resources.num_gpus, e.vae_resources.num_gpus)
     if want > 0 and ray.cluster_resources().get("GPU", 0) < want:
-        raise SigmaError("encode.t5_resources/vae_resources ask for GPUs but the Ray cluster has none; "
-                 "use --set encode.t5_resources.num_gpus=0 --set encode.vae_resources.num_gpus=0 (or --profile demo)")
+        raise SigmaError(
+            "encode.t5_resources/vae_resources ask for GPUs but the Ray cluster has none; "
+            "use --set encode.t5_resources.num_gpus=0 --set encode.vae_resources.num_gpus=0 (or --profile demo)"
+        )
 
 
 def _meta(row: dict, fp: str) -> dict:
     return {
-        "key": row["key"], "bucket": row["bucket"], "bucket_hw": [int(row["bucket_h"]), int(row["bucket_w"])],
-        "size": [int(row["height"]), int(row["width"])], "resized": [int(row["resized_h"]), int(row["resized_w"])],
+        "key": row["key"],
+        "bucket": row["bucket"],
+        "bucket_hw": [int(row["bucket_h"]), int(row["bucket_w"])],
+        "size": [int(row["height"]), int(row["width"])],
+        "resized": [int(row["resized_h"]), int(row["resized_w"])],
         "crop_box": json.loads(row["crop"]),
         "captions": {"recaption": row["recaption"], **({"original": row["original"]} if row["original"] else {})},
-        "t5_lengths": {"recaption": int(row["t5_len_recaption"]),
-                       **({"original": int(row["t5_len_original"])} if row["original"] else {})},
-        "source": row["source"], "fingerprint": fp, "format_version": encoded.FORMAT_VERSION,
+        "t5_lengths": {
+            "recaption": int(row["t5_len_recaption"]),
+            **({"original": int(row["t5_len_original"])} if row["original"] else {}),
+        },
+        "source": row["source"],
+        "fingerprint": fp,
+        "format_version": encoded.FORMAT_VERSION,
     }
 
 
 def _index_row(row: dict, fp: str, shard: str) -> dict:
-    return dict(key=row["key"], status=row["status"], reason=row["reason"], shard=shard, bucket=row["bucket"],
-                bucket_h=int(row["bucket_h"]), bucket_w=int(row["bucket_w"]), width=int(row["width"]),
-                height=int(row["height"]), t5_len_recaption=int(row["t5_len_recaption"]),
-                t5_len_original=int(row["t5_len_original"]), source=row["source"], fingerprint=fp)
+    return dict(
+        key=row["key"],
+        status=row["status"],
+        reason=row["reason"],
+        shard=shard,
+        bucket=row["bucket"],
+        bucket_h=int(row["bucket_h"]),
+        bucket_w=int(row["bucket_w"]),
+        width=int(row["width"]),
+        height=int(row["height"]),
+        t5_len_recaption=int(row["t5_len_recaption"]),
+        t5_len_original=int(row["t5_len_original"]),
+        source=row["source"],
+        fingerprint=fp,
+    )
 
 
 def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]):
@@ -251,8 +330,11 @@ def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]
         old = pq.read_table(old_path).to_pandas()
         old = old[(old["status"] != KEPT) & ~old["source"].isin({Path(s).name for s in inputs})]
         frames.append(old)
-    index = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
+    index = (
+        pd.concat([f for f in frames if len(f)], ignore_index=True)
+        if any(len(f) for f in frames)
         else pd.DataFrame(columns=encoded.INDEX_COLUMNS)
+    )
     index = index.drop_duplicates("key", keep="first")[encoded.INDEX_COLUMNS]
     return index.sort_values(["source", "key"], kind="stable").reset_index(drop=True)
 
@@ -273,13 +355,25 @@ def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
         atomic.write_bytes(null_path, ray.get(task.remote(m.t5, e.t5_dtype, e.t5_max_length)))
     scale, channels = vae.latent_format(vae.read_config(m.vae))
     y = load_file(null_path)["y_embedding"]  # [L, C]
-    encoded.write_info(encdir, dict(
-        fingerprint=fp, tier=tier, table=buckets.TIER_TABLES[tier], **encoded.model_facts("t5", m.t5),
-        t5_dtype=e.t5_dtype, max_length=e.t5_max_length, t5_dim=int(y.shape[1]),
-        **encoded.model_facts("vae", m.vae), vae_dtype=e.vae_dtype,
-        scaling_factor=scale, latent_channels=channels,
-        vae_tiling=e.vae_tiling, null_caption="null_caption.safetensors", preprocess=encoded.PREPROCESS,
-    ))
+    encoded.write_info(
+        encdir,
+        dict(
+            fingerprint=fp,
+            tier=tier,
+            table=buckets.TIER_TABLES[tier],
+            **encoded.model_facts("t5", m.t5),
+            t5_dtype=e.t5_dtype,
+            max_length=e.t5_max_length,
+            t5_dim=int(y.shape[1]),
+            **encoded.model_facts("vae", m.vae),
+            vae_dtype=e.vae_dtype,
+            scaling_factor=scale,
+            latent_channels=channels,
+            vae_tiling=e.vae_tiling,
+            null_caption="null_caption.safetensors",
+            preprocess=encoded.PREPROCESS,
+        ),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,17 +382,26 @@ def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = cli.parser("encoding/encode", "Encode curated images + captions into bucketed training shards "
-                    "(T5 features of both captions, VAE latent mean/std).",
-                    "encoding/encode --images 'cur/shards/*.tar' --captions caps --out enc/1k --tier 1k --profile demo")
+    ap = cli.parser(
+        "encoding/encode",
+        "Encode curated images + captions into bucketed training shards "
+        "(T5 features of both captions, VAE latent mean/std).",
+        "encoding/encode --images 'cur/shards/*.tar' --captions caps --out enc/1k --tier 1k --profile demo",
+    )
     ap.add_argument("--images", required=True, help="curated shards: a glob, a brace pattern or a folder")
-    ap.add_argument("--captions", required=True,
-                    help="CAPDIR (NNNNN.parquet per curated shard, from captioning/recaption), or a caption table: "
-                         "a .parquet/.jsonl/.csv file or a folder of them with `key, caption` (keyed by the curated key)")
+    ap.add_argument(
+        "--captions",
+        required=True,
+        help="CAPDIR (NNNNN.parquet per curated shard, from captioning/recaption), or a caption table: "
+        "a .parquet/.jsonl/.csv file or a folder of them with `key, caption` (keyed by the curated key)",
+    )
     ap.add_argument("--out", required=True, help="ENCDIR to write (resumable: rerun to finish or update)")
     ap.add_argument("--tier", required=True, choices=list(buckets.TIER_TABLES), help="bucket table to encode at")
-    ap.add_argument("--reencode", action="store_true",
-                    help="resume although inputs or settings changed: encode new and changed-setting samples again")
+    ap.add_argument(
+        "--reencode",
+        action="store_true",
+        help="resume although inputs or settings changed: encode new and changed-setting samples again",
+    )
     args = ap.parse_args(argv)
     cfg = cli.load(args)
     with cli.user_errors():

@@ -14,6 +14,7 @@ CLIP-Score and aesthetic: evaluation/scores.py. PixArt-Σ itself was judged by h
 preference (evaluation/serve, evaluation/judge); FID and CLIP-Score on MJHQ-30K are what later
 papers (Sana) tabulate, so both are here.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def models(evaldir: Path) -> tuple[list[dict], list[str], dict]:
         raise SigmaError(f"{evaldir}: evaluation folder not found")
     metas = evalset.read_sidecars(evaldir)
     if not metas:
-        raise SigmaError(f"{evaldir}: no images under {evalset.IMAGES}/ (write them with training/sample "
-                         "--prompts P --out EVALDIR/images/NAME or evaluation/generate)")
+        raise SigmaError(
+            f"{evaldir}: no images under {evalset.IMAGES}/ (write them with training/sample "
+            "--prompts P --out EVALDIR/images/NAME or evaluation/generate)"
+        )
     names = sorted({m["run"] for m in metas})
     records = {}
     for name in names:
@@ -57,15 +60,30 @@ def summarize(df, runs: list[str]) -> list[dict]:
         for col in score_columns(df):
             diff = d.loc[both, col] - base.loc[both, col]
             lo, hi = stats.bootstrap_ci(diff)
-            rows.append({"run": run, "vs": runs[0], "score": col, "n": len(diff), "mean": float(diff.mean()),
-                         "lo": lo, "hi": hi})
+            rows.append(
+                {
+                    "run": run,
+                    "vs": runs[0],
+                    "score": col,
+                    "n": len(diff),
+                    "mean": float(diff.mean()),
+                    "lo": lo,
+                    "hi": hi,
+                }
+            )
     return rows
 
 
 def summary_markdown(metrics: dict, paired: list[dict], settings: dict) -> str:
-    lines = ["# Evaluation summary", "", ", ".join(f"{k}: {v}" for k, v in settings.items()), "",
-             "| model | stage | images | CLIP score | aesthetic |", "| --- | --- | ---: | --- | --- |"]
-    fmt = lambda r: f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"  # noqa: E731
+    lines = [
+        "# Evaluation summary",
+        "",
+        ", ".join(f"{k}: {v}" for k, v in settings.items()),
+        "",
+        "| model | stage | images | CLIP score | aesthetic |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
+    fmt = lambda r: f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
     for run, v in metrics["overall"].items():
         stage = (metrics["models"].get(run) or {}).get("stage") or "-"
         lines.append(f"| {run} | {stage} | {v['clip_score']['n']} | {fmt(v['clip_score'])} | {fmt(v['aesthetic'])} |")
@@ -74,16 +92,31 @@ def summary_markdown(metrics: dict, paired: list[dict], settings: dict) -> str:
         by_run.setdefault((r["run"], r["vs"]), {"n": r["n"]})[r["score"]] = fmt(r)
     if by_run:
         cols = [c for c in ("clip_score", "aesthetic") + REWARD_COLUMNS if any(c in v for v in by_run.values())]
-        lines += ["", "Paired difference to the first model over the same prompts and seeds (an interval above 0: "
-                      "better).", "", "| model | vs | pairs | " + " | ".join(f"Δ {c}" for c in cols) + " |",
-                  "| --- | --- | ---: |" + " --- |" * len(cols)]
-        lines += [f"| {run} | {vs} | {v['n']} | " + " | ".join(v.get(c, "-") for c in cols) + " |"
-                  for (run, vs), v in by_run.items()]
+        lines += [
+            "",
+            "Paired difference to the first model over the same prompts and seeds (an interval above 0: better).",
+            "",
+            "| model | vs | pairs | " + " | ".join(f"Δ {c}" for c in cols) + " |",
+            "| --- | --- | ---: |" + " --- |" * len(cols),
+        ]
+        lines += [
+            f"| {run} | {vs} | {v['n']} | " + " | ".join(v.get(c, "-") for c in cols) + " |"
+            for (run, vs), v in by_run.items()
+        ]
     return "\n".join(lines) + "\n\n" + results.markdown(metrics)
 
 
-def fid_all(metas: list[dict], runs: list[str], reference: str, inception: str, features: int, resamples: int,
-            evaldir: Path, device: str, log=print) -> tuple[dict, dict]:
+def fid_all(
+    metas: list[dict],
+    runs: list[str],
+    reference: str,
+    inception: str,
+    features: int,
+    resamples: int,
+    evaldir: Path,
+    device: str,
+    log=print,
+) -> tuple[dict, dict]:
     """{(run, category or None): FID result} over every model, overall and per category (the
     reference's category folders against the prompts' categories), and the reference's description."""
     from PIL import Image
@@ -113,28 +146,55 @@ def main(argv=None) -> None:
     from evaluation.store import DB
     from shards.atomic import write_parquet, write_text
 
-    p = cli.parser("evaluation/evaluate", "Score every model's images in an evaluation folder: CLIP-Score, "
-                   "aesthetic and the configured reward models per image, each model's means with 95% bootstrap "
-                   "intervals (overall and per prompt category), FID against a reference image set.",
-                   "evaluation/evaluate eval/1k --reference mjhq30k_imgs --inception pt_inception-2015-12-05.pth")
+    p = cli.parser(
+        "evaluation/evaluate",
+        "Score every model's images in an evaluation folder: CLIP-Score, "
+        "aesthetic and the configured reward models per image, each model's means with 95% bootstrap "
+        "intervals (overall and per prompt category), FID against a reference image set.",
+        "evaluation/evaluate eval/1k --reference mjhq30k_imgs --inception pt_inception-2015-12-05.pth",
+    )
     p.add_argument("evaldir", metavar="EVALDIR", help="the evaluation folder: images/<model>/<prompt>-<seed>.png")
     p.add_argument("--reference", help="reference image folder for FID (MJHQ-30K's mjhq30k_imgs/<category>/...)")
-    p.add_argument("--inception", help="with --reference: torch-fidelity's InceptionV3 weights file "
-                   "(weights-inception-2015-12-05-6726825d.pth); never downloaded")
-    p.add_argument("--fid-features", type=int, default=fid.FEATURES, choices=(64, 192, 768, 2048),
-                   help="Inception features for FID (default 2048, the one papers report)")
-    p.add_argument("--fid-resamples", type=int, default=0, help="bootstrap resamples for an FID interval (default 0: "
-                   "the point value only; each costs one FID, a 2048x2048 eigendecomposition: ~100 s on a busy 2-core "
-                   "CPU, see benchmarks/RESULTS.md)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device to score on (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--inception",
+        help="with --reference: torch-fidelity's InceptionV3 weights file "
+        "(weights-inception-2015-12-05-6726825d.pth); never downloaded",
+    )
+    p.add_argument(
+        "--fid-features",
+        type=int,
+        default=fid.FEATURES,
+        choices=(64, 192, 768, 2048),
+        help="Inception features for FID (default 2048, the one papers report)",
+    )
+    p.add_argument(
+        "--fid-resamples",
+        type=int,
+        default=0,
+        help="bootstrap resamples for an FID interval (default 0: "
+        "the point value only; each costs one FID, a 2048x2048 eigendecomposition: ~100 s on a busy 2-core "
+        "CPU, see benchmarks/RESULTS.md)",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device to score on (default: cuda if available, else cpu)",
+    )
     args = p.parse_args(argv)
     cfg = cli.load(args)
     evaldir = Path(args.evaldir)
     if args.dry_run and not evaldir.is_dir():  # before training/sample has written it
         missing = cli.unchecked(f"{evaldir}: evaluation folder not found")
-        cli.print_plan({"evaldir": str(evaldir), "reference": args.reference, "inception": args.inception,
-                        "fid_features": args.fid_features, "device": args.device, "not_checked": [missing]})
+        cli.print_plan(
+            {
+                "evaldir": str(evaldir),
+                "reference": args.reference,
+                "inception": args.inception,
+                "fid_features": args.fid_features,
+                "device": args.device,
+                "not_checked": [missing],
+            }
+        )
         return
     try:
         if args.reference and not args.inception:
@@ -145,30 +205,56 @@ def main(argv=None) -> None:
     except SigmaError as e:
         cli.fail(str(e))
     if args.dry_run:
-        cli.print_plan({"evaldir": str(evaldir), "models": {r: sum(m["run"] == r for m in metas) for r in runs},
-                        "clip": [cfg.models.clip.arch, cfg.models.clip.weights], "aesthetic_head": cfg.models.aesthetic_head,
-                        "rewards": vars(cfg.evaluation.rewards), "reference": args.reference,
-                        "inception": args.inception, "fid_features": args.fid_features, "device": args.device})
+        cli.print_plan(
+            {
+                "evaldir": str(evaldir),
+                "models": {r: sum(m["run"] == r for m in metas) for r in runs},
+                "clip": [cfg.models.clip.arch, cfg.models.clip.weights],
+                "aesthetic_head": cfg.models.aesthetic_head,
+                "rewards": vars(cfg.evaluation.rewards),
+                "reference": args.reference,
+                "inception": args.inception,
+                "fid_features": args.fid_features,
+                "device": args.device,
+            }
+        )
         return
     from encoders import reward
 
     try:
         rewards = reward.load(cfg.evaluation.rewards, args.device)
-        scorer = Scorer(cfg.models.clip.arch, cfg.models.clip.weights, cfg.models.clip.config_dir,
-                        cfg.models.aesthetic_head, args.device, rewards)
+        scorer = Scorer(
+            cfg.models.clip.arch,
+            cfg.models.clip.weights,
+            cfg.models.clip.config_dir,
+            cfg.models.aesthetic_head,
+            args.device,
+            rewards,
+        )
         df = score_images(scorer, metas, evaldir)
         del scorer
-        fids, reference = fid_all(metas, runs, args.reference, args.inception, args.fid_features, args.fid_resamples,
-                                  evaldir, args.device) if args.reference else ({}, None)
+        fids, reference = (
+            fid_all(
+                metas, runs, args.reference, args.inception, args.fid_features, args.fid_resamples, evaldir, args.device
+            )
+            if args.reference
+            else ({}, None)
+        )
     except SigmaError as e:
         cli.fail(str(e))
     metrics = results.collect(df, runs, fids, records, reference)
     write_parquet(evaldir / SCORES, df)
     results.write(evaldir, metrics)
-    settings = {"models": len(runs), "images": len(df), "prompts": df.prompt_idx.nunique(),
-                "seeds": sorted(df.seed.unique().tolist())}
+    settings = {
+        "models": len(runs),
+        "images": len(df),
+        "prompts": df.prompt_idx.nunique(),
+        "seeds": sorted(df.seed.unique().tolist()),
+    }
     write_text(evaldir / SUMMARY, summary_markdown(metrics, summarize(df, runs), settings))
     if (evaldir / DB).exists():  # votes already cast stay in the summary
         study.write_summary(evaldir)
-    print(f"wrote {evaldir / SCORES} ({len(df)} images of {len(runs)} models), {evaldir / results.METRICS} "
-          f"and {evaldir / SUMMARY}")
+    print(
+        f"wrote {evaldir / SCORES} ({len(df)} images of {len(runs)} models), {evaldir / results.METRICS} "
+        f"and {evaldir / SUMMARY}"
+    )

@@ -13,6 +13,7 @@ library's `_compute_fid` on their mean and covariance (float64), exactly what
 the generated images) need no second pass over the pixels. Reference folders: any tree of images;
 MJHQ-30K's `mjhq30k_imgs/<category>/<id>.jpg` gives each image its category (its folder).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,13 +35,16 @@ class InceptionFeatures:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         if not Path(weights).is_file():
-            raise SigmaError(f"--inception {weights}: file not found (torch-fidelity's "
-                             "weights-inception-2015-12-05-6726825d.pth, see evaluation/README.md)")
+            raise SigmaError(
+                f"--inception {weights}: file not found (torch-fidelity's "
+                "weights-inception-2015-12-05-6726825d.pth, see evaluation/README.md)"
+            )
         try:
             self.metric = FrechetInceptionDistance(feature=features, feature_extractor_weights_path=str(weights))
         except (RuntimeError, KeyError, ValueError) as e:
-            raise SigmaError(f"--inception {weights}: not torch-fidelity's InceptionV3 state dict "
-                             f"({str(e).splitlines()[0][:200]})") from None
+            raise SigmaError(
+                f"--inception {weights}: not torch-fidelity's InceptionV3 state dict ({str(e).splitlines()[0][:200]})"
+            ) from None
         self.metric.to(device)
         self.device, self.features = device, features
 
@@ -69,8 +73,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(_compute_fid(ta.mean(0), torch.cov(ta.T), tb.mean(0), torch.cov(tb.T)))
 
 
-def fid_with_interval(fake: np.ndarray, real: np.ndarray, resamples: int = 0, level: float = 0.95,
-                      seed: int = 0) -> dict:
+def fid_with_interval(
+    fake: np.ndarray, real: np.ndarray, resamples: int = 0, level: float = 0.95, seed: int = 0
+) -> dict:
     """FID of the generated set against the reference, and a percentile interval over bootstrap
     resamples of the generated images (duplicates in a resample raise FID a little: read the
     interval as the spread from the choice of prompts, not as a shift)."""
@@ -103,8 +108,10 @@ def reference_features(extract: InceptionFeatures, root: str | Path, cache: Path
     from shards.atomic import write_bytes
 
     files = reference_images(root)
-    key = hashlib.sha256("|".join(f"{p.relative_to(root)}:{p.stat().st_size}" for p, _ in files).encode()
-                         + f"|{extract.features}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "|".join(f"{p.relative_to(root)}:{p.stat().st_size}" for p, _ in files).encode()
+        + f"|{extract.features}".encode()
+    ).hexdigest()[:16]
     if cache.exists():
         with np.load(cache, allow_pickle=False) as z:
             if str(z["key"]) == key:
@@ -112,7 +119,7 @@ def reference_features(extract: InceptionFeatures, root: str | Path, cache: Path
     feats = []
     for start in range(0, len(files), 64):
         images = []
-        for p, _ in files[start:start + 64]:
+        for p, _ in files[start : start + 64]:
             with Image.open(p) as im:
                 images.append(im.convert("RGB"))
         feats.append(extract(images))

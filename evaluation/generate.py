@@ -10,6 +10,7 @@ prompts, seeds, size, steps and guidance as `training/sample --prompts`. Images 
 where shards/evalset.py says, with generation.json recording the pipeline, its class, scheduler
 and components.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -37,8 +38,10 @@ def check_source(source: str) -> str:
     path = Path(source)
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise SigmaError(f"--pipeline {source}: not a diffusers pipeline folder (no model_index.json; "
-                             "training/export --run RUN --diffusers OUT writes one)")
+            raise SigmaError(
+                f"--pipeline {source}: not a diffusers pipeline folder (no model_index.json; "
+                "training/export --run RUN --diffusers OUT writes one)"
+            )
         return str(path.resolve())
     if not HUB_ID.match(source) or source.startswith((".", "/")):
         raise SigmaError(f"--pipeline {source}: no such folder, and not a hub id (owner/name)")
@@ -62,27 +65,44 @@ def maker(pipe, height: int, width: int, steps: int, cfg: float):
     extra = {"use_resolution_binning": False} if "use_resolution_binning" in params else {}
 
     def make(prompt: str, seed: int):
-        return pipe(prompt, height=height, width=width, num_inference_steps=steps, guidance_scale=cfg,
-                    generator=torch.Generator().manual_seed(seed), **extra).images[0]
+        return pipe(
+            prompt,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            generator=torch.Generator().manual_seed(seed),
+            **extra,
+        ).images[0]
+
     return make
 
 
 def record(pipe, source: str, revision: str | None, steps: int, dtype) -> dict:
     """generation.json: what made the folder."""
     components = {k: type(v).__name__ for k, v in pipe.components.items() if v is not None}
-    return {"generator": "evaluation/generate", "pipeline": source, "revision": revision,
-            "class": type(pipe).__name__, "sampler": f"{type(pipe.scheduler).__name__} ({steps} steps)",
-            "dtype": str(dtype).removeprefix("torch."), "models": components}
+    return {
+        "generator": "evaluation/generate",
+        "pipeline": source,
+        "revision": revision,
+        "class": type(pipe).__name__,
+        "sampler": f"{type(pipe.scheduler).__name__} ({steps} steps)",
+        "dtype": str(dtype).removeprefix("torch."),
+        "models": components,
+    }
 
 
 def main(argv=None) -> None:
     from common import cli
 
-    p = cli.parser("evaluation/generate", "Generate an evaluation folder's images with any diffusers pipeline "
-                   "(a folder, e.g. a training/export, or a hub id): one image per prompt and seed, the same "
-                   "prompts, seeds, size, steps and guidance as training/sample --prompts.",
-                   "evaluation/generate --pipeline PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompts prompts.txt "
-                   "--out eval/images/pixart-sigma")
+    p = cli.parser(
+        "evaluation/generate",
+        "Generate an evaluation folder's images with any diffusers pipeline "
+        "(a folder, e.g. a training/export, or a hub id): one image per prompt and seed, the same "
+        "prompts, seeds, size, steps and guidance as training/sample --prompts.",
+        "evaluation/generate --pipeline PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompts prompts.txt "
+        "--out eval/images/pixart-sigma",
+    )
     p.add_argument("--pipeline", required=True, help="diffusers pipeline folder or hub id")
     p.add_argument("--revision", default=None, help="hub revision to load (a commit hash pins it)")
     p.add_argument("--prompts", required=True, help="prompt file: .txt, .jsonl, or MJHQ-30K's meta_data.json")
@@ -90,8 +110,11 @@ def main(argv=None) -> None:
     p.add_argument("--size", default="1024x1024", help="HEIGHTxWIDTH in pixels (default 1024x1024)")
     p.add_argument("--steps", type=int, default=20, help="inference steps (default 20, PixArt-Sigma's)")
     p.add_argument("--cfg", type=float, default=4.5, help="guidance scale (default 4.5, PixArt-Sigma's)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available)",
+    )
     p.add_argument("--out", required=True, help="the image folder: EVALDIR/images/NAME (NAME names the model)")
     args = p.parse_args(argv)
     cli.load(args)
@@ -112,19 +135,42 @@ def main(argv=None) -> None:
         prompts, not_checked = [], [cli.unchecked(str(e))]
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     if args.dry_run:
-        cli.print_plan({"pipeline": source, "revision": args.revision, "prompts": len(prompts), "seeds": seeds,
-                        "size": [height, width], "steps": args.steps, "cfg": args.cfg, "device": args.device,
-                        "images": len(prompts) * len(seeds), "out": args.out,
-                        **({"not_checked": not_checked} if not_checked else {})})
+        cli.print_plan(
+            {
+                "pipeline": source,
+                "revision": args.revision,
+                "prompts": len(prompts),
+                "seeds": seeds,
+                "size": [height, width],
+                "steps": args.steps,
+                "cfg": args.cfg,
+                "device": args.device,
+                "images": len(prompts) * len(seeds),
+                "out": args.out,
+                **({"not_checked": not_checked} if not_checked else {}),
+            }
+        )
         return
     try:
         pipe = load_pipeline(source, args.device, dtype, args.revision)
     except SigmaError as e:
         cli.fail(str(e))
-    settings = {"stage": None, "steps": args.steps, "cfg": args.cfg, "size": [height, width], "uncond": "pipeline",
-                "checkpoint": source}
-    made = evalset.write_folder(maker(pipe, height, width, args.steps, args.cfg), args.out, prompts, seeds, settings,
-                                {**record(pipe, source, args.revision, args.steps, dtype),
-                                 "prompts_file": str(Path(args.prompts).resolve())})
-    print(f"{Path(args.out).name}: {made} images generated, {len(prompts) * len(seeds) - made} already there "
-          f"({args.out})")
+    settings = {
+        "stage": None,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "size": [height, width],
+        "uncond": "pipeline",
+        "checkpoint": source,
+    }
+    made = evalset.write_folder(
+        maker(pipe, height, width, args.steps, args.cfg),
+        args.out,
+        prompts,
+        seeds,
+        settings,
+        {**record(pipe, source, args.revision, args.steps, dtype), "prompts_file": str(Path(args.prompts).resolve())},
+    )
+    print(
+        f"{Path(args.out).name}: {made} images generated, {len(prompts) * len(seeds) - made} already there ({args.out})"
+    )

@@ -13,6 +13,7 @@ a pair's four answers in one transaction: a rerun skips the pairs already judged
 as a Ray Data actor pool like captioning (`evaluation.judge.resources`); actors read the images,
 the driver only schedules and writes votes.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,12 +24,12 @@ import numpy as np
 
 from common.config import JudgeConfig
 from encoders.vlm import VLM
-from shards.errors import SigmaError
 from evaluation import store as votes
+from shards.errors import SigmaError
 
 QUESTIONS = {
     "quality": "Which image has the better visual quality (detail, sharpness, realism, no artifacts), "
-               "regardless of the prompt?",
+    "regardless of the prompt?",
     "alignment": "Which image follows the prompt more faithfully (objects, attributes, counts, style)?",
 }
 assert tuple(QUESTIONS) == votes.JUDGE_QUESTIONS  # the votes table's CHECK constraint names them
@@ -49,9 +50,13 @@ def parse_answer(text: str) -> str:
 
 def content(prompt: str, question: str) -> list[dict]:
     """The user turn: the generation prompt, image A, image B, one question and the answer rule."""
-    return [{"type": "text", "text": f'Two images were generated for the prompt: "{prompt}"\nImage A:'},
-            {"type": "image"}, {"type": "text", "text": "Image B:"}, {"type": "image"},
-            {"type": "text", "text": f"{QUESTIONS[question]} {ANSWER_RULE}"}]
+    return [
+        {"type": "text", "text": f'Two images were generated for the prompt: "{prompt}"\nImage A:'},
+        {"type": "image"},
+        {"type": "text", "text": "Image B:"},
+        {"type": "image"},
+        {"type": "text", "text": f"{QUESTIONS[question]} {ANSWER_RULE}"},
+    ]
 
 
 def judge_id(model: str, revision: str | None) -> str:
@@ -64,23 +69,37 @@ def judge_id(model: str, revision: str | None) -> str:
 
 def check(judge: JudgeConfig) -> None:
     if judge.trust_remote_code and not judge.revision:
-        raise SigmaError("evaluation.judge.revision: trust_remote_code runs the model's own code and needs a "
-                          "pinned revision (a commit hash)")
+        raise SigmaError(
+            "evaluation.judge.revision: trust_remote_code runs the model's own code and needs a "
+            "pinned revision (a commit hash)"
+        )
     r = judge.resources
     if r.batch_size < 1 or r.concurrency < 1 or r.num_gpus < 0 or r.num_cpus < 0:
-        raise SigmaError("evaluation.judge.resources: batch_size and concurrency must be >= 1, "
-                          "num_gpus and num_cpus >= 0")
+        raise SigmaError(
+            "evaluation.judge.resources: batch_size and concurrency must be >= 1, num_gpus and num_cpus >= 0"
+        )
 
 
 def tasks(pairs: list[votes.Pair]) -> list[dict]:
     """One row per (pair, order, question): what an actor needs, image paths instead of pixels."""
     rows = []
     for p in pairs:
-        for left, right, first, second in ((p.run_a, p.run_b, p.image_a, p.image_b),
-                                           (p.run_b, p.run_a, p.image_b, p.image_a)):
+        for left, right, first, second in (
+            (p.run_a, p.run_b, p.image_a, p.image_b),
+            (p.run_b, p.run_a, p.image_b, p.image_a),
+        ):
             for q in QUESTIONS:
-                rows.append({"pair": p.id, "question": q, "left": left, "right": right, "prompt": p.prompt,
-                             "image_left": str(first), "image_right": str(second)})
+                rows.append(
+                    {
+                        "pair": p.id,
+                        "question": q,
+                        "left": left,
+                        "right": right,
+                        "prompt": p.prompt,
+                        "image_left": str(first),
+                        "image_right": str(second),
+                    }
+                )
     return rows
 
 
@@ -97,16 +116,27 @@ class Judge(VLM):
         n = len(batch["pair"])
         answers, errors = [""] * n, [""] * n
         try:
-            images = [self.decode(Path(path).read_bytes()) for i in range(n)
-                      for path in (batch["image_left"][i], batch["image_right"][i])]
-            texts = [self.chat_text(content(batch["prompt"][i], batch["question"][i]),
-                                    f"{batch['prompt'][i]} {QUESTIONS[batch['question'][i]]}") for i in range(n)]
+            images = [
+                self.decode(Path(path).read_bytes())
+                for i in range(n)
+                for path in (batch["image_left"][i], batch["image_right"][i])
+            ]
+            texts = [
+                self.chat_text(
+                    content(batch["prompt"][i], batch["question"][i]),
+                    f"{batch['prompt'][i]} {QUESTIONS[batch['question'][i]]}",
+                )
+                for i in range(n)
+            ]
             answers = self.generate(texts, images)
-        except Exception as e:  # an unreadable image or out of memory: these rows are no votes (asked again)
+        except Exception as e:  # noqa: BLE001 - an unreadable image or out of memory: no votes (asked again)
             errors = [f"{type(e).__name__}: {e}"[:300]] * n
         out = {k: v for k, v in batch.items() if not k.startswith("image_")}
-        out.update(answer=np.array(answers, dtype=object), error=np.array(errors, dtype=object),
-                   choice=np.array([parse_answer(a) for a in answers], dtype=object))
+        out.update(
+            answer=np.array(answers, dtype=object),
+            error=np.array(errors, dtype=object),
+            choice=np.array([parse_answer(a) for a in answers], dtype=object),
+        )
         return out
 
 
@@ -128,15 +158,27 @@ def plan(evaldir: str | Path, model: str, judge: JudgeConfig) -> dict:
     store = votes.Store(db) if db.exists() else None
     pairs = votes.load_pairs(evaldir, store.salt if store else "")
     if not pairs:
-        raise SigmaError(f"{evaldir}: no image pairs (need images of two or more runs from "
-                                         "training/sample --prompts or evaluation/generate)")
+        raise SigmaError(
+            f"{evaldir}: no image pairs (need images of two or more runs from "
+            "training/sample --prompts or evaluation/generate)"
+        )
     rater = judge_id(model, judge.revision)
     done = store.judge_done(rater, ANSWERS_PER_PAIR) & {p.id for p in pairs} if store else set()
-    return {"evaldir": str(evaldir), "judge": rater, "pairs": len(pairs), "done": len(done),
-            "todo": len(pairs) - len(done), "prompts_per_pair": ANSWERS_PER_PAIR, "questions": list(QUESTIONS),
-            "dtype": judge.dtype, "max_new_tokens": judge.max_new_tokens, "max_pixels": judge.max_pixels,
-            "trust_remote_code": judge.trust_remote_code, "resources": vars(judge.resources),
-            "database": str(db)}
+    return {
+        "evaldir": str(evaldir),
+        "judge": rater,
+        "pairs": len(pairs),
+        "done": len(done),
+        "todo": len(pairs) - len(done),
+        "prompts_per_pair": ANSWERS_PER_PAIR,
+        "questions": list(QUESTIONS),
+        "dtype": judge.dtype,
+        "max_new_tokens": judge.max_new_tokens,
+        "max_pixels": judge.max_pixels,
+        "trust_remote_code": judge.trust_remote_code,
+        "resources": vars(judge.resources),
+        "database": str(db),
+    }
 
 
 def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
@@ -152,19 +194,38 @@ def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
     rater = judge_id(model, judge.revision)
     done = store.judge_done(rater, ANSWERS_PER_PAIR)
     todo = [p for p in pairs if p.id not in done]
-    summary = {"judge": rater, "pairs": len(pairs), "skipped": len(pairs) - len(todo), "judged": 0,
-               "answers": 0, "invalid": 0, "failed_pairs": 0}
+    summary = {
+        "judge": rater,
+        "pairs": len(pairs),
+        "skipped": len(pairs) - len(todo),
+        "judged": 0,
+        "answers": 0,
+        "invalid": 0,
+        "failed_pairs": 0,
+    }
     if todo:
         ray_start.init_ray(cfg)
         import ray.data
 
         r = judge.resources
-        kwargs = dict(model=model, revision=judge.revision, dtype=judge.dtype, max_new_tokens=judge.max_new_tokens,
-                      max_pixels=judge.max_pixels, trust_remote_code=judge.trust_remote_code)
+        kwargs = dict(
+            model=model,
+            revision=judge.revision,
+            dtype=judge.dtype,
+            max_new_tokens=judge.max_new_tokens,
+            max_pixels=judge.max_pixels,
+            trust_remote_code=judge.trust_remote_code,
+        )
         ds = ray.data.from_items(tasks(todo))
-        ds = ds.map_batches(Judge, fn_constructor_kwargs=kwargs, batch_size=r.batch_size, num_gpus=r.num_gpus,
-                            num_cpus=r.num_cpus, compute=ray.data.ActorPoolStrategy(size=r.concurrency),
-                            batch_format="numpy")
+        ds = ds.map_batches(
+            Judge,
+            fn_constructor_kwargs=kwargs,
+            batch_size=r.batch_size,
+            num_gpus=r.num_gpus,
+            num_cpus=r.num_cpus,
+            compute=ray.data.ActorPoolStrategy(size=r.concurrency),
+            batch_format="numpy",
+        )
         by_id = {p.id: p for p in todo}
         pending: dict[str, list[dict]] = {}
         bar = progress.bar(len(todo) * ANSWERS_PER_PAIR, "answer", "judge")
@@ -177,16 +238,21 @@ def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
             del pending[row["pair"]]
             if any(x["error"] for x in rows):  # not recorded: the next run asks again
                 summary["failed_pairs"] += 1
-                progress.say(f"pair {row['pair']}: not judged ({rows[0]['error'] or rows[-1]['error']})", file=sys.stderr)
+                progress.say(
+                    f"pair {row['pair']}: not judged ({rows[0]['error'] or rows[-1]['error']})", file=sys.stderr
+                )
                 continue
-            store.record_judge(rater, by_id[row["pair"]],
-                               [(x["question"], x["left"], CHOICE[x["choice"]], x["answer"]) for x in rows])
+            store.record_judge(
+                rater, by_id[row["pair"]], [(x["question"], x["left"], CHOICE[x["choice"]], x["answer"]) for x in rows]
+            )
             summary["judged"] += 1
             summary["answers"] += len(rows)
             summary["invalid"] += sum(x["choice"] == "invalid" for x in rows)
         bar.close()
-    log(f"{rater}: {summary['judged']} pairs judged ({summary['answers']} answers, {summary['invalid']} invalid), "
-        f"{summary['skipped']} already judged, {summary['failed_pairs']} failed")
+    log(
+        f"{rater}: {summary['judged']} pairs judged ({summary['answers']} answers, {summary['invalid']} invalid), "
+        f"{summary['skipped']} already judged, {summary['failed_pairs']} failed"
+    )
     return summary
 
 
@@ -195,10 +261,13 @@ def main(argv=None) -> None:
     from common import cli
     from evaluation import study
 
-    p = cli.parser("evaluation/judge", "Have a VLM (any AutoModelForImageTextToText: folder or hub id) judge every "
-                   "pair of models in EVALDIR, both orders, quality and prompt alignment asked separately; votes "
-                   "go beside the human ones and summary.md gets the study.",
-                   "evaluation/judge Qwen/Qwen2.5-VL-7B-Instruct eval/1k")
+    p = cli.parser(
+        "evaluation/judge",
+        "Have a VLM (any AutoModelForImageTextToText: folder or hub id) judge every "
+        "pair of models in EVALDIR, both orders, quality and prompt alignment asked separately; votes "
+        "go beside the human ones and summary.md gets the study.",
+        "evaluation/judge Qwen/Qwen2.5-VL-7B-Instruct eval/1k",
+    )
     p.add_argument("model", metavar="MODEL", help="the judge: a local folder or a hub id")
     p.add_argument("evaldir", metavar="EVALDIR", help="the evaluation folder (images/<model>/...)")
     args = p.parse_args(argv)

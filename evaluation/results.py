@@ -2,6 +2,7 @@
 mean with a 95% bootstrap interval and the FID against the reference set; EVALDIR/metrics.json,
 its markdown table for summary.md and its section of the results page (table + inline SVG plot).
 """
+
 from __future__ import annotations
 
 import html
@@ -17,8 +18,9 @@ CHART_W, LABEL_W, ROW_H = 720, 170, 18
 COLOURS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860"]
 
 
-def collect(df, runs: list[str], fid: dict | None = None, records: dict | None = None,
-            reference: dict | None = None) -> dict:
+def collect(
+    df, runs: list[str], fid: dict | None = None, records: dict | None = None, reference: dict | None = None
+) -> dict:
     """metrics.json's content. `df`: scores.parquet's table; `fid`: {(run, category or None): result}."""
     fid = fid or {}
 
@@ -27,8 +29,12 @@ def collect(df, runs: list[str], fid: dict | None = None, records: dict | None =
         for col in score_columns(df):
             values = d[col].dropna()
             lo, hi = stats.bootstrap_ci(values)
-            out[col] = {"mean": float(values.mean()) if len(values) else float("nan"), "lo": lo, "hi": hi,
-                        "n": len(values)}
+            out[col] = {
+                "mean": float(values.mean()) if len(values) else float("nan"),
+                "lo": lo,
+                "hi": hi,
+                "n": len(values),
+            }
         if (run, category) in fid:
             out["fid"] = fid[run, category]
         return out
@@ -38,8 +44,7 @@ def collect(df, runs: list[str], fid: dict | None = None, records: dict | None =
     if "category" in df.columns and df.category.notna().any():
         for cat in sorted(df.category.dropna().unique()):
             categories[cat] = {run: cell(df[(df.run == run) & (df.category == cat)], run, cat) for run in runs}
-    return {"runs": runs, "overall": overall, "categories": categories, "models": records or {},
-            "reference": reference}
+    return {"runs": runs, "overall": overall, "categories": categories, "models": records or {}, "reference": reference}
 
 
 def write(evaldir: str | Path, metrics: dict) -> Path:
@@ -74,16 +79,31 @@ def markdown(metrics: dict) -> str:
     """Per model, then per category x model: every score and FID with its interval."""
     cols = _columns(metrics)
     head = "| model | " + " | ".join(cols) + " |\n| --- |" + " --- |" * len(cols)
-    lines = ["## Metrics", "", "Mean and 95% bootstrap interval over the images (FID: the point value on all "
-             "images, interval (with --fid-resamples) over resamples of the generated images).", "", head]
-    lines += [f"| {run} | " + " | ".join(_fmt(v.get(c), "fid" if c == "fid" else "mean") for c in cols) + " |"
-              for run, v in metrics["overall"].items()]
+    lines = [
+        "## Metrics",
+        "",
+        "Mean and 95% bootstrap interval over the images (FID: the point value on all "
+        "images, interval (with --fid-resamples) over resamples of the generated images).",
+        "",
+        head,
+    ]
+    lines += [
+        f"| {run} | " + " | ".join(_fmt(v.get(c), "fid" if c == "fid" else "mean") for c in cols) + " |"
+        for run, v in metrics["overall"].items()
+    ]
     if metrics["categories"]:
-        lines += ["", "Per prompt category.", "", "| category | model | " + " | ".join(cols) + " |",
-                  "| --- | --- |" + " --- |" * len(cols)]
+        lines += [
+            "",
+            "Per prompt category.",
+            "",
+            "| category | model | " + " | ".join(cols) + " |",
+            "| --- | --- |" + " --- |" * len(cols),
+        ]
         for cat, per_run in metrics["categories"].items():
-            lines += [f"| {cat} | {run} | " + " | ".join(_fmt(v.get(c), "fid" if c == "fid" else "mean")
-                                                          for c in cols) + " |" for run, v in per_run.items()]
+            lines += [
+                f"| {cat} | {run} | " + " | ".join(_fmt(v.get(c), "fid" if c == "fid" else "mean") for c in cols) + " |"
+                for run, v in per_run.items()
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -97,20 +117,24 @@ def chart_svg(metrics: dict, col: str) -> str:
     lo, hi = min(values), max(values)
     pad = (hi - lo) * 0.1 or 1.0
     lo, hi = lo - pad, hi + pad
-    x = lambda v: LABEL_W + (v - lo) / (hi - lo) * (CHART_W - LABEL_W - 20)  # noqa: E731
+    x = lambda v: LABEL_W + (v - lo) / (hi - lo) * (CHART_W - LABEL_W - 20)
     height = 30 + ROW_H * len(rows)
-    parts = [f"<svg class='metric-chart' data-metric='{col}' xmlns='http://www.w3.org/2000/svg' width='{CHART_W}' "
-             f"height='{height}' role='img' aria-label='{col} per model'>"
-             f"<text x='{LABEL_W}' y='12' font-size='11'>{html.escape(col)} ({lo:.3g} – {hi:.3g})</text>"]
+    parts = [
+        f"<svg class='metric-chart' data-metric='{col}' xmlns='http://www.w3.org/2000/svg' width='{CHART_W}' "
+        f"height='{height}' role='img' aria-label='{col} per model'>"
+        f"<text x='{LABEL_W}' y='12' font-size='11'>{html.escape(col)} ({lo:.3g} – {hi:.3g})</text>"
+    ]
     for i, (run, r) in enumerate(rows):
         y = 28 + i * ROW_H
         colour = COLOURS[i % len(COLOURS)]
         parts.append(f"<text x='{LABEL_W - 8}' y='{y + 4}' font-size='12' text-anchor='end'>{html.escape(run)}</text>")
         if not _missing(r.get("lo")):
             parts.append(f"<line x1='{x(r['lo']):.1f}' x2='{x(r['hi']):.1f}' y1='{y}' y2='{y}' stroke='#222'/>")
-        parts.append(f"<circle class='point' data-run='{html.escape(run)}' data-value='{r[key]:.6f}' "
-                     f"cx='{x(r[key]):.1f}' cy='{y}' r='5' fill='{colour}'><title>{html.escape(run)}: "
-                     f"{_fmt(r, key)}</title></circle>")
+        parts.append(
+            f"<circle class='point' data-run='{html.escape(run)}' data-value='{r[key]:.6f}' "
+            f"cx='{x(r[key]):.1f}' cy='{y}' r='5' fill='{colour}'><title>{html.escape(run)}: "
+            f"{_fmt(r, key)}</title></circle>"
+        )
     return "".join(parts) + "</svg>"
 
 
@@ -127,19 +151,31 @@ def section(metrics: dict | None) -> str:
 
     def row(run, v, cat=None):
         first = f"<td>{html.escape(cat)}</td>" if cat is not None else ""
-        return (f"<tr class='metric-row' data-run='{html.escape(run)}'" + (f" data-category='{html.escape(cat)}'"
-                if cat is not None else "") + f">{first}<td>{html.escape(run)}</td>" + "".join(
-                    f"<td data-metric='{c}'>{_fmt(v.get(c), 'fid' if c == 'fid' else 'mean')}</td>" for c in cols)
-                + "</tr>")
+        return (
+            f"<tr class='metric-row' data-run='{html.escape(run)}'"
+            + (f" data-category='{html.escape(cat)}'" if cat is not None else "")
+            + f">{first}<td>{html.escape(run)}</td>"
+            + "".join(f"<td data-metric='{c}'>{_fmt(v.get(c), 'fid' if c == 'fid' else 'mean')}</td>" for c in cols)
+            + "</tr>"
+        )
 
     body = "".join(row(run, v) for run, v in metrics["overall"].items())
     per_cat = "".join(row(run, v, cat) for cat, per_run in metrics["categories"].items() for run, v in per_run.items())
     ref = metrics.get("reference")
-    ref_text = (f"FID against {html.escape(str(ref['path']))} ({ref['n']} images, Inception pool features "
-                f"{ref['features']})." if ref else "No reference set given: no FID (evaluation/evaluate --reference).")
-    return ("<h2>Metrics</h2><p class='muted'>Mean and 95% bootstrap interval over the images; FID: the value on "
-            f"all images, interval (with --fid-resamples) over resamples of the generated images. {ref_text}</p>"
-            f"<table id='metrics'><tr><th>model</th>{th}</tr>{body}</table>"
-            + "".join(chart_svg(metrics, c) for c in cols)
-            + (f"<h3>Per category</h3><table id='metrics-by-category'><tr><th>category</th><th>model</th>{th}</tr>"
-               f"{per_cat}</table>" if per_cat else ""))
+    ref_text = (
+        f"FID against {html.escape(str(ref['path']))} ({ref['n']} images, Inception pool features {ref['features']})."
+        if ref
+        else "No reference set given: no FID (evaluation/evaluate --reference)."
+    )
+    return (
+        "<h2>Metrics</h2><p class='muted'>Mean and 95% bootstrap interval over the images; FID: the value on "
+        f"all images, interval (with --fid-resamples) over resamples of the generated images. {ref_text}</p>"
+        f"<table id='metrics'><tr><th>model</th>{th}</tr>{body}</table>"
+        + "".join(chart_svg(metrics, c) for c in cols)
+        + (
+            f"<h3>Per category</h3><table id='metrics-by-category'><tr><th>category</th><th>model</th>{th}</tr>"
+            f"{per_cat}</table>"
+            if per_cat
+            else ""
+        )
+    )

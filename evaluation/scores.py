@@ -7,6 +7,7 @@ negative values that the clamp would flatten. Aesthetic: curation's scorer (CLIP
 MLP head), reused as is. Rewards: encoders/reward.py (HPSv2, PickScore) when
 `evaluation.rewards` names them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,15 @@ class Scorer:
     `__call__({"image": [PIL], "prompt": [str]}) -> {"clip_score": [N], "aesthetic": [N], ...}`.
     """
 
-    def __init__(self, clip_arch: str, clip_weights: str, clip_config_dir: str | None, aesthetic_head: str,
-                 device="cpu", rewards: dict | None = None):
+    def __init__(
+        self,
+        clip_arch: str,
+        clip_weights: str,
+        clip_config_dir: str | None,
+        aesthetic_head: str,
+        device="cpu",
+        rewards: dict | None = None,
+    ):
         import open_clip
 
         from encoders import aesthetic
@@ -59,17 +67,25 @@ def score_images(scorer, metas: list[dict], evaldir: Path, batch_size: int = 16,
 
     rows = []
     for start in range(0, len(metas), batch_size):
-        chunk = metas[start:start + batch_size]
+        chunk = metas[start : start + batch_size]
         images = []
         for m in chunk:
             with Image.open(m["png"]) as im:
                 images.append(im.convert("RGB"))
         scores = scorer({"image": images, "prompt": [m["prompt"] for m in chunk]})
         for j, m in enumerate(chunk):
-            rows.append({"run": m["run"], "stage": m.get("stage"), "prompt_idx": m["prompt_idx"],
-                         "prompt": m["prompt"], "category": m.get("category"), "seed": m["seed"],
-                         **{k: float(v[j]) for k, v in scores.items() if k in SCORE_COLUMNS + REWARD_COLUMNS},
-                         "image": Path(m["png"]).relative_to(evaldir).as_posix()})
+            rows.append(
+                {
+                    "run": m["run"],
+                    "stage": m.get("stage"),
+                    "prompt_idx": m["prompt_idx"],
+                    "prompt": m["prompt"],
+                    "category": m.get("category"),
+                    "seed": m["seed"],
+                    **{k: float(v[j]) for k, v in scores.items() if k in SCORE_COLUMNS + REWARD_COLUMNS},
+                    "image": Path(m["png"]).relative_to(evaldir).as_posix(),
+                }
+            )
         if log:
             log(f"scored {min(start + batch_size, len(metas))}/{len(metas)} images")
     return pd.DataFrame(rows)

@@ -6,6 +6,7 @@ model names. `/results` shows the win rates (a tie counts half; 95% Wilson inter
 (evaluation/study.py) and the metrics (evaluation/results.py); `/results.json` the same numbers.
 Standard library only.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,10 @@ class App:
         self.store = Store(evaldir / DB)
         self.pairs = load_pairs(evaldir, self.store.salt)
         if not self.pairs:
-            raise SigmaError(f"{evaldir}: no image pairs (need images of two or more models under images/: "
-                             "training/sample --prompts, evaluation/generate)")
+            raise SigmaError(
+                f"{evaldir}: no image pairs (need images of two or more models under images/: "
+                "training/sample --prompts, evaluation/generate)"
+            )
         self.by_id = {p.id: p for p in self.pairs}
         self.tokens, self.files = {}, {}  # (pair id, run) -> token -> PNG path
         for p in self.pairs:
@@ -75,8 +78,9 @@ class Handler(BaseHTTPRequestHandler):
         cookie = self._cookie()
         given = query.get("rater", [None])[0] or cookie
         rater = given if given and RATER_RE.match(given) else secrets.token_hex(6)
-        set_cookie = {} if cookie == rater else \
-            {"Set-Cookie": f"rater={rater}; Path=/; Max-Age=31536000; SameSite=Strict"}
+        set_cookie = (
+            {} if cookie == rater else {"Set-Cookie": f"rater={rater}; Path=/; Max-Age=31536000; SameSite=Strict"}
+        )
         return rater, set_cookie
 
     def do_GET(self):
@@ -93,8 +97,9 @@ class Handler(BaseHTTPRequestHandler):
             rates, data = stats.win_rates(app.store.votes(app.by_id.keys())), study.collect(app.evaldir)
             metrics = results.read(app.evaldir)
             if path.endswith(".json"):
-                return self._send(200, json.dumps({**rates, "study": data, "metrics": metrics}, indent=1).encode(),
-                                  "application/json")
+                return self._send(
+                    200, json.dumps({**rates, "study": data, "metrics": metrics}, indent=1).encode(), "application/json"
+                )
             body = page.results_page(rates, study.section(data) + results.section(metrics))
             return self._send(200, body.encode(), "text/html; charset=utf-8")
         self._send(404, b"not found\n", "text/plain")
@@ -108,8 +113,9 @@ class Handler(BaseHTTPRequestHandler):
         pair = self.app.by_id.get(form.get("pair", [""])[0])
         choice = CHOICES.get(form.get("choice", [""])[0])
         if not RATER_RE.match(rater) or pair is None or choice is None:
-            return self._send(400, b"bad vote: needs the rater cookie, a known pair and choice A, B or tie\n",
-                              "text/plain")
+            return self._send(
+                400, b"bad vote: needs the rater cookie, a known pair and choice A, B or tie\n", "text/plain"
+            )
         if self.app.store.record(rater, pair, choice):
             print(f"vote: rater {rater} pair {pair.id} {choice}", flush=True)
         self._send(303, b"", "text/plain", {"Location": "/"})
@@ -133,17 +139,27 @@ def serve(evaldir: str, host: str, port: int, dry_run: bool = False) -> None:
             cli.print_plan({"evaldir": evaldir, "host": host, "port": port, "not_checked": [missing]})
             return
         pairs = load_pairs(Path(evaldir), "")
-        cli.print_plan({"evaldir": evaldir, "host": host, "port": port, "pairs": len(pairs),
-                        "runs": sorted({r for p in pairs for r in (p.run_a, p.run_b)}),
-                        "database": str(Path(evaldir) / DB)})
+        cli.print_plan(
+            {
+                "evaldir": evaldir,
+                "host": host,
+                "port": port,
+                "pairs": len(pairs),
+                "runs": sorted({r for p in pairs for r in (p.run_a, p.run_b)}),
+                "database": str(Path(evaldir) / DB),
+            }
+        )
         return
     try:
         server = make_server(evaldir, host, port)
     except OSError as e:
         raise SigmaError(f"{host}:{port}: cannot listen ({e.strerror or e})") from None
     app = server.RequestHandlerClass.app
-    print(f"serving http://{host}:{server.server_address[1]}/ ({len(app.pairs)} pairs over {len(app.runs)} runs; "
-          f"votes in {app.store.path}; Ctrl-C to stop)", flush=True)
+    print(
+        f"serving http://{host}:{server.server_address[1]}/ ({len(app.pairs)} pairs over {len(app.runs)} runs; "
+        f"votes in {app.store.path}; Ctrl-C to stop)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -155,10 +171,13 @@ def serve(evaldir: str, host: str, port: int, dry_run: bool = False) -> None:
 def main(argv=None) -> None:
     from common import cli
 
-    p = cli.parser("evaluation/serve", "Serve the side-by-side preference page for an evaluation folder (every "
-                   "pair of models on the same prompt and seed, anonymised) and its results page (win rates, "
-                   "the judges, the metrics with 95% intervals).",
-                   "evaluation/serve eval/1k --port 8008")
+    p = cli.parser(
+        "evaluation/serve",
+        "Serve the side-by-side preference page for an evaluation folder (every "
+        "pair of models on the same prompt and seed, anonymised) and its results page (win rates, "
+        "the judges, the metrics with 95% intervals).",
+        "evaluation/serve eval/1k --port 8008",
+    )
     p.add_argument("evaldir", metavar="EVALDIR", help="the evaluation folder (images/<model>/...)")
     p.add_argument("--port", type=int, default=8008, help="port (0: any free one; default 8008)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -4,6 +4,7 @@ Everything here is a plain function over numbers or vote rows (dicts with the co
 table, evaluation/store.py); nothing reads files. Used by the summary, the judge, the study and
 the results page.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,13 +46,19 @@ def win_rates(votes) -> dict:
         t["lo"], t["hi"] = wilson(t["rate_a"], t["n"])
         for run, wins, losses in ((t["run_a"], t["wins_a"], t["wins_b"]), (t["run_b"], t["wins_b"], t["wins_a"])):
             r = runs.setdefault(run, {"run": run, "n": 0, "wins": 0, "losses": 0, "ties": 0})
-            r["n"], r["wins"], r["losses"], r["ties"] = r["n"] + t["n"], r["wins"] + wins, r["losses"] + losses, \
-                r["ties"] + t["ties"]
+            r["n"], r["wins"], r["losses"], r["ties"] = (
+                r["n"] + t["n"],
+                r["wins"] + wins,
+                r["losses"] + losses,
+                r["ties"] + t["ties"],
+            )
     for r in runs.values():
         r["rate"] = (r["wins"] + 0.5 * r["ties"]) / r["n"]
         r["lo"], r["hi"] = wilson(r["rate"], r["n"])
-    return {"pairs": sorted(pairs.values(), key=lambda t: (t["run_a"], t["run_b"])),
-            "runs": sorted(runs.values(), key=lambda r: -r["rate"])}
+    return {
+        "pairs": sorted(pairs.values(), key=lambda t: (t["run_a"], t["run_b"])),
+        "runs": sorted(runs.values(), key=lambda r: -r["rate"]),
+    }
 
 
 def cohen_kappa(a: list, b: list) -> float:
@@ -78,9 +85,16 @@ def position_bias(rows: list[dict]) -> dict:
     for r in valid:
         both.setdefault((r["rater"], r["pair"], r["question"]), []).append(r["winner"])
     pairs = [w for w in both.values() if len(w) == 2]
-    return {"answers": len(rows), "valid": n, "invalid": len(rows) - n, "first": share["left"],
-            "second": share["right"], "tie": share["tie"], "order_pairs": len(pairs),
-            "consistent": (sum(w[0] == w[1] for w in pairs) / len(pairs)) if pairs else float("nan")}
+    return {
+        "answers": len(rows),
+        "valid": n,
+        "invalid": len(rows) - n,
+        "first": share["left"],
+        "second": share["right"],
+        "tie": share["tie"],
+        "order_pairs": len(pairs),
+        "consistent": (sum(w[0] == w[1] for w in pairs) / len(pairs)) if pairs else float("nan"),
+    }
 
 
 def judge_verdicts(rows: list[dict], question: str, orders: int = 2) -> dict[str, str | None]:
@@ -120,7 +134,9 @@ def agreement(rows: list[dict], pairs: dict, questions) -> dict:
     for q in questions:
         judge = judge_verdicts(rows, q)
         both = sorted(set(human) & set(judge) & set(pairs))
-        side = lambda pid, w: "tie" if w is None else ("a" if w == pairs[pid].run_a else "b")  # noqa: E731
-        out[q] = {"n": len(both), "kappa": cohen_kappa([side(p, human[p]) for p in both],
-                                                       [side(p, judge[p]) for p in both])}
+        side = lambda pid, w: "tie" if w is None else ("a" if w == pairs[pid].run_a else "b")
+        out[q] = {
+            "n": len(both),
+            "kappa": cohen_kappa([side(p, human[p]) for p in both], [side(p, judge[p]) for p in both]),
+        }
     return out

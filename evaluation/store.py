@@ -10,6 +10,7 @@ Votes: EVALDIR/preference.sqlite, one row per (rater, pair, question, left run),
 (synchronous=FULL) before the call returns. Humans (evaluation/serve) and VLM judges
 (evaluation/judge) write into the same table, told apart by `source`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,8 +88,22 @@ VOTES_SQL = """CREATE TABLE IF NOT EXISTS votes (
     source TEXT NOT NULL DEFAULT 'human' CHECK (source IN ('human', 'judge')),
     question TEXT NOT NULL DEFAULT 'overall' CHECK (question IN ('overall', 'quality', 'alignment')),
     answer TEXT, PRIMARY KEY (rater, pair, question, left_run))"""
-COLUMNS = ("rater", "pair", "prompt_idx", "seed", "run_a", "run_b", "left_run", "right_run", "choice", "winner",
-           "created", "source", "question", "answer")
+COLUMNS = (
+    "rater",
+    "pair",
+    "prompt_idx",
+    "seed",
+    "run_a",
+    "run_b",
+    "left_run",
+    "right_run",
+    "choice",
+    "winner",
+    "created",
+    "source",
+    "question",
+    "answer",
+)
 
 
 class Store:
@@ -139,33 +154,62 @@ class Store:
     def record_judge(self, rater: str, pair: Pair, answers: list[tuple[str, str, str, str]]) -> None:
         """All of a judge's answers on one pair, (question, left run, choice, raw answer) each, in one
         transaction: a pair is judged completely or not at all (resumption is per pair)."""
-        rows = [_row(rater, pair, left, pair.run_b if left == pair.run_a else pair.run_a, choice, "judge", q, answer)
-                for q, left, choice, answer in answers]
+        rows = [
+            _row(rater, pair, left, pair.run_b if left == pair.run_a else pair.run_a, choice, "judge", q, answer)
+            for q, left, choice, answer in answers
+        ]
         with self._connect() as db:
             db.executemany(f"INSERT OR REPLACE INTO votes ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * 14)})", rows)
 
     def judge_done(self, rater: str, answers_per_pair: int) -> set[str]:
         """Pairs this judge has answered completely."""
         with self._connect() as db:
-            return {r[0] for r in db.execute("SELECT pair FROM votes WHERE rater = ? AND source = 'judge' "
-                                             "GROUP BY pair HAVING COUNT(*) = ?", (rater, answers_per_pair))}
+            return {
+                r[0]
+                for r in db.execute(
+                    "SELECT pair FROM votes WHERE rater = ? AND source = 'judge' GROUP BY pair HAVING COUNT(*) = ?",
+                    (rater, answers_per_pair),
+                )
+            }
 
     def votes(self, pairs=None, source: str = "human", question: str = "overall") -> list[tuple[str, str, str | None]]:
         """(run_a, run_b, winner) of every valid vote of `source` on `question` (only on `pairs`, ids, if
         given); winner None is a tie."""
-        return [(r["run_a"], r["run_b"], r["winner"]) for r in self.rows(pairs, source, question)
-                if r["choice"] != "invalid"]
+        return [
+            (r["run_a"], r["run_b"], r["winner"])
+            for r in self.rows(pairs, source, question)
+            if r["choice"] != "invalid"
+        ]
 
     def rows(self, pairs=None, source: str | None = None, question: str | None = None) -> list[dict]:
         """Whole vote rows (invalid ones included), filtered."""
         with self._connect() as db:
             db.row_factory = sqlite3.Row
             rows = [dict(r) for r in db.execute("SELECT * FROM votes")]
-        return [r for r in rows if (pairs is None or r["pair"] in pairs) and source in (None, r["source"])
-                and question in (None, r["question"])]
+        return [
+            r
+            for r in rows
+            if (pairs is None or r["pair"] in pairs)
+            and source in (None, r["source"])
+            and question in (None, r["question"])
+        ]
 
 
 def _row(rater: str, pair: Pair, left: str, right: str, choice: str, source: str, question: str, answer):
     winner = {"left": left, "right": right}.get(choice)  # None: a tie, or an invalid answer
-    return (rater, pair.id, pair.prompt_idx, pair.seed, pair.run_a, pair.run_b, left, right, choice, winner,
-            time.time(), source, question, answer)
+    return (
+        rater,
+        pair.id,
+        pair.prompt_idx,
+        pair.seed,
+        pair.run_a,
+        pair.run_b,
+        left,
+        right,
+        choice,
+        winner,
+        time.time(),
+        source,
+        question,
+        answer,
+    )

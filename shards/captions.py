@@ -12,10 +12,12 @@ Whatever a file lacks of `shards.format.CAPTION_COLUMNS` is filled here, once: `
 the caption is non-empty (else failed / empty_caption), `captioner` "table:<file name>", `prompt`
 "", `original_caption` null (encode then reads the shard's KEY.txt), `num_tokens` 0 (not counted).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shards import format as fmt
 from shards import reasons
@@ -47,8 +49,9 @@ def resolve(path: str | Path, shards: list[str] | None = None) -> CaptionSource:
         return CaptionSource(str(path), TABLE, [str(p)])
     if not p.is_dir():
         raise SigmaError(f"--captions {path}: no such file or folder")
-    files = sorted(str(f) for f in p.iterdir()
-                   if f.is_file() and f.suffix in TABLE_EXTS and not f.name.startswith("."))  # not atomic temps
+    files = sorted(
+        str(f) for f in p.iterdir() if f.is_file() and f.suffix in TABLE_EXTS and not f.name.startswith(".")
+    )  # not atomic temps
     if not files:
         raise SigmaError(f"--captions {path}: no caption files ({', '.join('*' + e for e in TABLE_EXTS)})")
     names = {Path(f).name for f in files}
@@ -72,11 +75,13 @@ def _check_columns(files: list[str]) -> None:
             raise SigmaError(f"{f}: unreadable caption file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         missing = [c for c in ("key", "caption") if c not in names]
         if missing:
-            raise SigmaError(f"{f}: no {' or '.join(repr(c) for c in missing)} column (a caption file needs "
-                             f"'key' and 'caption'; it has {names[:8]})")
+            raise SigmaError(
+                f"{f}: no {' or '.join(repr(c) for c in missing)} column (a caption file needs "
+                f"'key' and 'caption'; it has {names[:8]})"
+            )
 
 
-def read_file(path: str | Path):
+def read_file(path: str | Path) -> Any:  # a pandas DataFrame (pandas is untyped here)
     """One caption file as a DataFrame with exactly CAPTION_COLUMNS (missing ones filled, see above)."""
     import pandas as pd
     import pyarrow as pa
@@ -96,14 +101,16 @@ def read_file(path: str | Path):
     return normalize(df, path.name)
 
 
-def normalize(df, name: str):
+def normalize(df: Any, name: str) -> Any:
     """Fill what a `key, caption` table lacks; check what it has."""
     import pandas as pd
 
     missing = [c for c in ("key", "caption") if c not in df.columns]
     if missing:
-        raise SigmaError(f"{name}: no {' or '.join(repr(c) for c in missing)} column (a caption table needs "
-                         f"'key' and 'caption'; it has {list(df.columns)[:8]})")
+        raise SigmaError(
+            f"{name}: no {' or '.join(repr(c) for c in missing)} column (a caption table needs "
+            f"'key' and 'caption'; it has {list(df.columns)[:8]})"
+        )
     out = pd.DataFrame({"key": df["key"].astype(str), "caption": df["caption"].fillna("").astype(str)})
     text = out["caption"].str.strip() != ""
     if "status" in df.columns:
@@ -116,18 +123,23 @@ def normalize(df, name: str):
     if "reason" in df.columns:
         out["reason"] = df["reason"].fillna("").astype(str)
     else:
-        out["reason"] = [reasons.EMPTY_CAPTION if s != reasons.KEPT and not t else ""
-                         for s, t in zip(out["status"], text)]
+        out["reason"] = [
+            reasons.EMPTY_CAPTION if s != reasons.KEPT and not t else "" for s, t in zip(out["status"], text)
+        ]
     out["captioner"] = df["captioner"].fillna("").astype(str) if "captioner" in df.columns else f"table:{name}"
     out["prompt"] = df["prompt"].fillna("").astype(str) if "prompt" in df.columns else ""
-    out["original_caption"] = df["original_caption"].astype(object).where(df["original_caption"].notna(), None) \
-        if "original_caption" in df.columns else None
-    out["num_tokens"] = pd.to_numeric(df["num_tokens"], errors="coerce").fillna(0).astype(int) \
-        if "num_tokens" in df.columns else 0
+    out["original_caption"] = (
+        df["original_caption"].astype(object).where(df["original_caption"].notna(), None)
+        if "original_caption" in df.columns
+        else None
+    )
+    out["num_tokens"] = (
+        pd.to_numeric(df["num_tokens"], errors="coerce").fillna(0).astype(int) if "num_tokens" in df.columns else 0
+    )
     return out[fmt.CAPTION_COLUMNS]
 
 
-def read_table(source: CaptionSource):
+def read_table(source: CaptionSource) -> Any:
     """Every row of a source's files as one DataFrame (+ `file`: the file's stem); a key given twice is refused."""
     import pandas as pd
 
@@ -137,12 +149,14 @@ def read_table(source: CaptionSource):
     if dup.any():
         key = df.loc[dup, "key"].iloc[0]
         where = sorted(set(df.loc[df["key"] == key, "file"]))
-        raise SigmaError(f"--captions {source.path}: key {key!r} has {int((df['key'] == key).sum())} caption rows "
-                         f"(in {', '.join(where)}); give each key one caption")
+        raise SigmaError(
+            f"--captions {source.path}: key {key!r} has {int((df['key'] == key).sum())} caption rows "
+            f"(in {', '.join(where)}); give each key one caption"
+        )
     return df
 
 
-def rows_by_shard(source: CaptionSource, shard_keys: dict[str, list[str]]) -> dict[str, list[dict]]:
+def rows_by_shard(source: CaptionSource, shard_keys: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
     """A TABLE source split by curated shard: {shard: its caption rows}. A table none of whose keys is a
     curated key is refused (the usual cause: keyed by URL or file name instead of the curated `key`)."""
     df = read_table(source)
@@ -150,6 +164,8 @@ def rows_by_shard(source: CaptionSource, shard_keys: dict[str, list[str]]) -> di
     out = {s: [by_key[k] for k in keys if k in by_key] for s, keys in shard_keys.items()}
     if by_key and not any(out.values()):
         example = next(iter(by_key))
-        raise SigmaError(f"--captions {source.path}: none of its {len(by_key)} keys is a key of the curated shards "
-                         f"(e.g. {example!r}); key captions by the curated `key` (CURDIR/manifest.parquet)")
+        raise SigmaError(
+            f"--captions {source.path}: none of its {len(by_key)} keys is a key of the curated shards "
+            f"(e.g. {example!r}); key captions by the curated `key` (CURDIR/manifest.parquet)"
+        )
     return out

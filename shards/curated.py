@@ -20,6 +20,7 @@ import json
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from shards import atomic, tar_writer
 from shards.errors import SigmaError
@@ -128,12 +129,12 @@ def read_member(src: str, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-def meta_json(meta: dict) -> str:
+def meta_json(meta: dict[str, Any]) -> str:
     """A sample's KEY.json text (sorted keys: the same row gives the same bytes)."""
     return json.dumps(meta, sort_keys=True, default=str)
 
 
-def write_shard(path: str | Path, members: list[dict]) -> str:
+def write_shard(path: str | Path, members: list[dict[str, Any]]) -> str:
     """members: {key, src, offset, size, ext, meta (dict or its meta_json), caption (str|None)}; returns the path."""
     path = Path(path)
     if path.exists():

@@ -14,12 +14,14 @@ Prompt files as the field writes them: .txt (one per line), .jsonl ({"prompt", o
 Each (prompt, seed) image is drawn from `torch.Generator().manual_seed(seed)`, so every model
 of a study starts from the same noise where the latent shapes agree.
 """
+
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from shards.errors import SigmaError
 
@@ -27,7 +29,7 @@ IMAGES = "images"
 RECORD = "generation.json"
 
 
-def read_prompts(path: str | Path) -> list[dict]:
+def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     """[{"prompt", "category" (or None), "id" (or None)}] from a .txt, .jsonl or MJHQ-style .json."""
     path = Path(path)
     if not path.is_file():
@@ -41,7 +43,7 @@ def read_prompts(path: str | Path) -> list[dict]:
     return prompts
 
 
-def _read_lines(path: Path, text: str) -> list[dict]:
+def _read_lines(path: Path, text: str) -> list[dict[str, Any]]:
     prompts = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -59,7 +61,7 @@ def _read_lines(path: Path, text: str) -> list[dict]:
     return prompts
 
 
-def _read_json(path: Path, text: str) -> list[dict]:
+def _read_json(path: Path, text: str) -> list[dict[str, Any]]:
     """MJHQ-30K's meta_data.json: {id: {"prompt": str, "category": str}}, in file order."""
     try:
         data = json.loads(text)
@@ -75,11 +77,12 @@ def _read_json(path: Path, text: str) -> list[dict]:
     return prompts
 
 
-def _category(path: Path, where, row: dict) -> str | None:
+def _category(path: Path, where: str | int, row: dict[str, Any]) -> str | None:
     cat = row.get("category")
     if cat is not None and not (isinstance(cat, str) and cat.strip()):
-        raise SigmaError(f'{path} {"line" if isinstance(where, int) else "id"} {where}: "category" must be a '
-                         "non-empty string")
+        raise SigmaError(
+            f'{path} {"line" if isinstance(where, int) else "id"} {where}: "category" must be a non-empty string'
+        )
     return cat.strip() if cat else None
 
 
@@ -95,33 +98,48 @@ def image_stem(folder: str | Path, prompt_idx: int, seed: int) -> Path:
     return Path(folder) / f"{prompt_idx}-{seed}"
 
 
-def sidecar(name: str, prompt_idx: int, prompt: dict, seed: int, settings: dict) -> dict:
+def sidecar(name: str, prompt_idx: int, prompt: dict[str, Any], seed: int, settings: dict[str, Any]) -> dict[str, Any]:
     """One image's record; `settings`: stage, steps, cfg, size, uncond, checkpoint (what changes the pixels)."""
-    return {"prompt": prompt["prompt"], "prompt_idx": prompt_idx, "category": prompt["category"], "run": name,
-            "seed": seed, **settings}
+    return {
+        "prompt": prompt["prompt"],
+        "prompt_idx": prompt_idx,
+        "category": prompt["category"],
+        "run": name,
+        "seed": seed,
+        **settings,
+    }
 
 
-def done(stem: Path, meta: dict) -> bool:
+def done(stem: Path, meta: dict[str, Any]) -> bool:
     """The image exists and its sidecar records exactly these settings."""
     js = stem.with_suffix(".json")
     if not (js.exists() and stem.with_suffix(".png").exists()):
         return False
     try:
-        return json.loads(js.read_text()) == meta
+        return bool(json.loads(js.read_text()) == meta)
     except json.JSONDecodeError:
         return False
 
 
-def write_folder(make: Callable[[str, int], "object"], folder: str | Path, prompts: list[dict], seeds: list[int],
-                 settings: dict, record: dict, log=print) -> int:
+def write_folder(
+    make: Callable[[str, int], Any],
+    folder: str | Path,
+    prompts: list[dict[str, Any]],
+    seeds: list[int],
+    settings: dict[str, Any],
+    record: dict[str, Any],
+    log: Callable[[str], None] = print,
+) -> int:
     """Every (prompt, seed) image of one model into `folder` (named for it), skipping those done;
     `make(prompt text, seed) -> PIL image`. Writes generation.json first; returns how many were made."""
     from shards.atomic import write_bytes, write_text
 
     folder = Path(folder)
     name = folder.name
-    write_text(folder / RECORD, json.dumps({**record, "name": name, **settings, "seeds": seeds,
-                                            "prompts": len(prompts)}, indent=1) + "\n")
+    write_text(
+        folder / RECORD,
+        json.dumps({**record, "name": name, **settings, "seeds": seeds, "prompts": len(prompts)}, indent=1) + "\n",
+    )
     made = 0
     for i, prompt in enumerate(prompts):
         for seed in seeds:
@@ -138,7 +156,7 @@ def write_folder(make: Callable[[str, int], "object"], folder: str | Path, promp
     return made
 
 
-def read_sidecars(evaldir: str | Path) -> list[dict]:
+def read_sidecars(evaldir: str | Path) -> list[dict[str, Any]]:
     """Every image's sidecar under EVALDIR/images/*/ whose PNG exists (others' JSON files skipped),
     with `text` (the raw sidecar) and `png` (its path) added."""
     metas = []

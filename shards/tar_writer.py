@@ -1,6 +1,7 @@
 """The one tar member writer: fixed headers (mtime 0, mode 644, USTAR), so the same bytes in the
 same order give a byte-identical tar. Curated shards (`shards/curated.py`) and training shards
 (`shards/encoded.py`) are both written through it."""
+
 from __future__ import annotations
 
 import io

@@ -2,6 +2,7 @@
 
 Stage-specific fixtures live in tests/<stage>/conftest.py.
 """
+
 from __future__ import annotations
 
 import os
@@ -72,4 +73,3 @@ def shard_models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("models")
     return {"t5": t5.build_tiny(root / "t5"), "vae": vae.build_tiny(root / "vae")}
-

@@ -1,5 +1,6 @@
 """A real pseudo-terminal for tests of what a user sees in a shell (progress bars), and the lines
 a user must not see there (NOISE: silenced by common/quiet.py, curation/pipeline.py, encoders/vae.py)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,11 +15,13 @@ import threading
 # tqdm's "[elapsed<remaining, 12.3url/s" (or " 2.50s/url" below one per second)
 RATE_AND_ETA = r"\[(\d+:)?\d\d:\d\d<(\d+:)?\d\d:\d\d, +\d+(\.\d+)?({unit}/s|s/{unit})"
 # Ray's and diffusers' lines that are not the user's concern (issue 15), as they appeared in `make demo`
-NOISE = ("Token authentication is enabled for this Ray cluster",  # every local ray.init
-         "has constructor arguments in the object store and max_restarts > 0",  # core_worker.cc, per actor stage
-         "' used up to ",  # Ray Data's issue detector: "Operator 'MapBatches(measure_rows)' used up to 429.4MiB ..."
-         "pip install accelerate",  # diffusers, on each VAE load
-         "Progress bars disabled")  # Ray Data, on each dataset: we turn them off ourselves
+NOISE = (
+    "Token authentication is enabled for this Ray cluster",  # every local ray.init
+    "has constructor arguments in the object store and max_restarts > 0",  # core_worker.cc, per actor stage
+    "' used up to ",  # Ray Data's issue detector: "Operator 'MapBatches(measure_rows)' used up to 429.4MiB ..."
+    "pip install accelerate",  # diffusers, on each VAE load
+    "Progress bars disabled",
+)  # Ray Data, on each dataset: we turn them off ourselves
 
 
 def noise(text: str) -> list[str]:

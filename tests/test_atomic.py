@@ -1,4 +1,5 @@
 """Atomic writes: all or nothing, readable by others, temp files cleaned."""
+
 import os
 
 import pytest

@@ -1,4 +1,5 @@
 """The tier rule on images of known sizes, against PixArt-Sigma's tables."""
+
 import pytest
 
 from shards import buckets
@@ -17,13 +18,13 @@ def test_tables_shape():
     "h, w, tier",
     [
         (1024, 1024, "1k"),
-        (1023, 1024, None),        # nearest bucket 1.0 = 1024x1024 not covered
+        (1023, 1024, None),  # nearest bucket 1.0 = 1024x1024 not covered
         (2048, 2048, "2k"),
         (2879, 2880, "2k"),
         (2880, 2880, "4k"),
-        (768, 1344, "1k"),         # 0.57 bucket = 768x1344
+        (768, 1344, "1k"),  # 0.57 bucket = 768x1344
         (600, 800, None),
-        (1440, 2560, "1k"),        # 0.56 -> 0.57 bucket of the 2048 table is 1536x2688: not covered
+        (1440, 2560, "1k"),  # 0.56 -> 0.57 bucket of the 2048 table is 1536x2688: not covered
     ],
 )
 def test_tier_of(h, w, tier):

@@ -4,6 +4,7 @@ The commands are read from the files (README code blocks, the `example:` of each
 copied here, so a changed README is tested as it reads. They run in an empty folder: the data they
 name does not exist, and a dry run must say what it could not check rather than fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -81,8 +82,11 @@ def readme_commands(readme: Path = REPO / "README.md") -> list[list[str]]:
         argv = _command(line, names)
         # a synopsis (`--set key=value ...`, `--out CAPDIR`, `--captioner NAME`) shows the flags, it is not
         # a command line
-        if argv and argv[1:] != ["--help"] and not any(a in ("...", "…", "key=value") or PLACEHOLDER.match(a)
-                                                      for a in argv):
+        if (
+            argv
+            and argv[1:] != ["--help"]
+            and not any(a in ("...", "…", "key=value") or PLACEHOLDER.match(a) for a in argv)
+        ):
             out.append(argv)
     return out
 
@@ -93,13 +97,15 @@ def folder_readme_commands() -> list[list[str]]:
 
 def help_examples(name: str) -> list[list[str]]:
     """The command lines under `example:` in an entry point's --help (one per line)."""
-    r = subprocess.run([sys.executable, str(REPO / name), "--help"], capture_output=True, text=True, cwd=REPO,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, str(REPO / name), "--help"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert r.returncode == 0, f"{name} --help: {r.stderr[-2000:]}"
     assert "example:" in r.stdout, f"{name} --help has no example"
     lines = r.stdout.split("example:", 1)[1].strip().splitlines()
-    examples = [argv for argv in (_command(x, [name]) for x in _code_lines("```\n" + "\n".join(lines) + "\n```"))
-                if argv]
+    examples = [
+        argv for argv in (_command(x, [name]) for x in _code_lines("```\n" + "\n".join(lines) + "\n```")) if argv
+    ]
     assert examples, f"{name} --help: its example does not run {name}: {lines}"
     return examples
 
@@ -107,8 +113,14 @@ def help_examples(name: str) -> list[list[str]]:
 def dry_run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, str(REPO / argv[0]), *argv[1:], "--dry-run"], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / argv[0]), *argv[1:], "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_readme_commands_are_found():
@@ -162,7 +174,10 @@ def test_printed_commands_survive_a_shell():
 
 
 def test_extraction_joins_continuations_and_strips_wrappers():
-    md = ("text\n```bash\nray job submit --address http://H:8265 -- \\\n"
-          "    python encoding/encode --images '/d/*.tar' --out /e  # note\n```\n")
+    md = (
+        "text\n```bash\nray job submit --address http://H:8265 -- \\\n"
+        "    python encoding/encode --images '/d/*.tar' --out /e  # note\n```\n"
+    )
     assert [_command(x, ["encoding/encode"]) for x in _code_lines(md)] == [
-        ["encoding/encode", "--images", "/d/*.tar", "--out", "/e"]]
+        ["encoding/encode", "--images", "/d/*.tar", "--out", "/e"]
+    ]

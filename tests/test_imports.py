@@ -4,6 +4,7 @@ Stages (curation, captioning, encoding, training, evaluation) import only the la
 encoders, common), never each other; shards imports no other project package and no Ray or model
 library; encoders and common import only shards.
 """
+
 from __future__ import annotations
 
 import ast
@@ -13,8 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["curation", "captioning", "encoding", "training", "evaluation"]
-LAYERS = {"shards": {"shards"}, "encoders": {"shards", "encoders"}, "common": {"shards", "common"},
-          **{s: {"shards", "encoders", "common", s} for s in STAGES}}
+LAYERS = {
+    "shards": {"shards"},
+    "encoders": {"shards", "encoders"},
+    "common": {"shards", "common"},
+    **{s: {"shards", "encoders", "common", s} for s in STAGES},
+}
 PROJECT = set(LAYERS) | {"demo", "benchmarks", "tests"}
 NOT_IN_SHARDS = {"ray", "transformers", "diffusers", "open_clip", "timm"}
 
@@ -32,14 +37,21 @@ def imports(path: Path) -> set[str]:
 
 def sources(package: str) -> list[Path]:
     folder = ROOT / package
-    scripts = [p for p in folder.iterdir() if p.is_file() and not p.suffix and p.read_text().startswith("#!/usr/bin/env python")]
+    scripts = [
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.suffix and p.read_text().startswith("#!/usr/bin/env python")
+    ]
     return sorted(folder.glob("*.py")) + scripts
 
 
 @pytest.mark.parametrize("package", sorted(LAYERS))
 def test_imports_follow_the_layers(package):
-    wrong = {f"{p.relative_to(ROOT)} imports {name}" for p in sources(package)
-             for name in imports(p) & PROJECT - LAYERS[package]}
+    wrong = {
+        f"{p.relative_to(ROOT)} imports {name}"
+        for p in sources(package)
+        for name in imports(p) & PROJECT - LAYERS[package]
+    }
     assert not wrong, sorted(wrong)
 
 
@@ -79,7 +91,9 @@ def module_imports(path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
         else:
             continue

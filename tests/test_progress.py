@@ -1,4 +1,5 @@
 """Progress bars: rate and ETA on a terminal, nothing when stderr is a pipe or a log."""
+
 from __future__ import annotations
 
 import re
@@ -21,10 +22,12 @@ def test_bar_shows_rate_and_eta_on_a_terminal():
 
 
 def test_bar_is_silent_off_a_terminal_and_when_quiet():
-    code = ("from common import progress\n"
-            "with progress.bar(40, 'url', 'download+score') as b:\n"
-            "    b.update(40)\n"
-            "progress.say('a log line')\n")
+    code = (
+        "from common import progress\n"
+        "with progress.bar(40, 'url', 'download+score') as b:\n"
+        "    b.update(40)\n"
+        "progress.say('a log line')\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr == "" and r.stdout == "a log line\n", (r.stdout, r.stderr)
     with on_terminal() as tty:

@@ -7,6 +7,7 @@ diffusers' `attn1` / `attn2`.
 Mixed precision: the official code upcasts attention to fp32 (`fp32_attention`) to avoid NaN
 losses in fp16. SDPA's fused kernels already accumulate the softmax in fp32, and we train in bf16.
 """
+
 from __future__ import annotations
 
 import torch

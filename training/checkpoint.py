@@ -10,6 +10,7 @@ step name: a folder named `step-*` is always complete, so `kill -9` at any momen
 previous checkpoints intact. Only the newest `keep` checkpoints are kept (deleted after the new
 one is in place).
 """
+
 from __future__ import annotations
 
 import os
@@ -108,8 +109,10 @@ def load_weights(path: str | Path) -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise Unreadable(f"{path}: not a readable .safetensors file ({e}; truncated, empty or another "
-                         f"format such as a pickled .pth?)") from None
+        raise Unreadable(
+            f"{path}: not a readable .safetensors file ({e}; truncated, empty or another "
+            f"format such as a pickled .pth?)"
+        ) from None
 
 
 def load_state(ckpt_dir: str | Path) -> dict:
@@ -142,8 +145,11 @@ def load_resumable(rundir: str | Path, ema: bool) -> tuple[Path, dict, dict | No
 def rng_state() -> dict:
     """This process's Python, NumPy, torch (and CUDA) RNG states: one entry of trainer.pt's `rng`."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state

@@ -25,6 +25,7 @@ PixArt-α 1024 checkpoints carry micro-condition embedders (`csize_embedder`, `a
 none, so they are refused. Loading never unpickles arbitrary objects: `.pth` goes through
 `torch.load(weights_only=True)`; everything we write is safetensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,13 +55,13 @@ _RENAMES = [
 ]
 # Fused projections: ours (one tensor) <-> diffusers (chunks along dim 0, in this order).
 _SPLITS = [
-    ("blocks.{i}.attn.qkv", ["transformer_blocks.{i}.attn1.to_q", "transformer_blocks.{i}.attn1.to_k",
-                             "transformer_blocks.{i}.attn1.to_v"]),
+    (
+        "blocks.{i}.attn.qkv",
+        ["transformer_blocks.{i}.attn1.to_q", "transformer_blocks.{i}.attn1.to_k", "transformer_blocks.{i}.attn1.to_v"],
+    ),
     ("blocks.{i}.cross_attn.kv_linear", ["transformer_blocks.{i}.attn2.to_k", "transformer_blocks.{i}.attn2.to_v"]),
 ]
 NULL_CAPTION_KEY = "y_embedder.y_embedding"
-
-
 
 
 def _depth(keys, prefix: str) -> int:
@@ -84,9 +85,11 @@ def to_diffusers(state_dict: dict) -> dict:
     """Our (= official) names -> diffusers `PixArtTransformer2DModel` names. Refuses KV compression."""
     compressed = sorted({int(k.split(".")[1]) for k in state_dict if re.match(r"blocks\.\d+\.attn\.(sr|norm)\.", k)})
     if compressed:
-        raise SigmaError(f"blocks {compressed} use KV compression (attn.sr/attn.norm), which diffusers' "
-                              "PixArtTransformer2DModel cannot express; sample it with training/sample, or export "
-                         "the run of the stage before KV compression (e.g. runs/4k)")
+        raise SigmaError(
+            f"blocks {compressed} use KV compression (attn.sr/attn.norm), which diffusers' "
+            "PixArtTransformer2DModel cannot express; sample it with training/sample, or export "
+            "the run of the stage before KV compression (e.g. runs/4k)"
+        )
     sd = {k: v for k, v in state_dict.items() if k not in (NULL_CAPTION_KEY, "pos_embed")}
     renames, splits = _pairs(_depth(sd, "blocks."))
     out = _move(sd, renames)
@@ -112,8 +115,12 @@ def _move(sd: dict, renames: list[tuple[str, str]]) -> dict:
 def from_diffusers(state_dict: dict) -> dict:
     """diffusers names -> ours. The result has no null caption: set it with `set_null_caption`."""
     sd = dict(state_dict)
-    extra = [k for k in sd if k.startswith("adaln_single.emb.resolution_embedder")
-             or k.startswith("adaln_single.emb.aspect_ratio_embedder")]
+    extra = [
+        k
+        for k in sd
+        if k.startswith("adaln_single.emb.resolution_embedder")
+        or k.startswith("adaln_single.emb.aspect_ratio_embedder")
+    ]
     if extra:
         raise SigmaError(f"{extra[0]}: micro-conditions (use_additional_conditions) are PixArt-α only")
     renames, splits = _pairs(_depth(sd, "transformer_blocks."))
@@ -171,7 +178,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.suffix in (".pth", ".pt", ".bin"):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle with arbitrary objects: refuse rather than execute it
+        except Exception as e:  # noqa: BLE001 - pickle with arbitrary objects: refuse rather than execute it
             raise SigmaError(f"{path}: not loadable with weights_only=True ({type(e).__name__})") from None
         return from_official(sd)
     raise SigmaError(f"{path}: unknown checkpoint format (want .safetensors, .pth or a diffusers folder)")
@@ -182,11 +189,16 @@ def infer_arch(state_dict: dict) -> dict:
     w = state_dict["x_embedder.proj.weight"]  # [D, C_in, p, p]
     depth = _depth(state_dict, "blocks.")
     kv_layers = [i for i in range(depth) if f"blocks.{i}.attn.sr.weight" in state_dict]
-    arch = dict(hidden_size=w.shape[0], in_channels=w.shape[1], patch_size=w.shape[2], depth=depth,
-                caption_channels=state_dict["y_embedder.y_proj.fc1.weight"].shape[1],
-                learn_sigma=state_dict["final_layer.linear.weight"].shape[0] == 2 * w.shape[1] * w.shape[2] ** 2,
-                mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
-                kv_compress_layers=kv_layers)
+    arch = dict(
+        hidden_size=w.shape[0],
+        in_channels=w.shape[1],
+        patch_size=w.shape[2],
+        depth=depth,
+        caption_channels=state_dict["y_embedder.y_proj.fc1.weight"].shape[1],
+        learn_sigma=state_dict["final_layer.linear.weight"].shape[0] == 2 * w.shape[1] * w.shape[2] ** 2,
+        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / w.shape[0],
+        kv_compress_layers=kv_layers,
+    )
     if kv_layers:
         arch["kv_compress_ratio"] = state_dict[f"blocks.{kv_layers[0]}.attn.sr.weight"].shape[-1]
     if NULL_CAPTION_KEY in state_dict:

@@ -10,6 +10,7 @@ detached mean, so it trains only the variance. Optional Min-SNR-gamma weighting 
 Sampling: diffusers' DPM-Solver++ (2nd-order multistep, 20 steps) with classifier-free guidance
 (4.5), the scheduler config of the released PixArt-Σ pipeline; the variance channels are unused.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,7 +72,9 @@ class GaussianDiffusion:
         return out.reshape(-1, *([1] * (like.ndim - 1)))
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (
+            self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
     def q_posterior(self, x0, xt, t):
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -84,7 +87,10 @@ class GaussianDiffusion:
         max_log = self._at(torch.log(self.betas), t, xt)
         frac = (v + 1) / 2  # v in [-1, 1] -> [min_var, max_var]
         logvar = frac * max_log + (1 - frac) * min_log
-        x0 = self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+        x0 = (
+            self._at(self.sqrt_recip_alphas_cumprod, t, xt) * xt
+            - self._at(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+        )
         mean, _ = self.q_posterior(x0, xt, t)
         return mean, logvar
 
@@ -97,8 +103,15 @@ class GaussianDiffusion:
         nll = mean_flat(nll) / math.log(2.0)  # [N]
         return torch.where(t == 0, nll, kl)
 
-    def training_losses(self, model, x0: torch.Tensor, t: torch.Tensor, model_kwargs: dict,
-                        snr_gamma: float | None = None, noise: torch.Tensor | None = None) -> dict:
+    def training_losses(
+        self,
+        model,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict,
+        snr_gamma: float | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> dict:
         """dict(loss, mse, vb), each [N]. `model(x_t, t, **model_kwargs)` returns [N, 2C, H, W]."""
         noise = torch.randn_like(x0) if noise is None else noise
         xt = self.q_sample(x0, t, noise)  # [N, C, H, W]
@@ -121,10 +134,20 @@ class GaussianDiffusion:
 # ---------------------------------------------------------------------------------------------
 
 # The released PixArt-Sigma-XL-2-1024-MS pipeline's scheduler (same betas as training).
-SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-                        prediction_type="epsilon", algorithm_type="dpmsolver++", solver_order=2,
-                        solver_type="midpoint", lower_order_final=True, timestep_spacing="linspace",
-                        use_karras_sigmas=False, thresholding=False)
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=1e-4,
+    beta_end=0.02,
+    beta_schedule="linear",
+    prediction_type="epsilon",
+    algorithm_type="dpmsolver++",
+    solver_order=2,
+    solver_type="midpoint",
+    lower_order_final=True,
+    timestep_spacing="linspace",
+    use_karras_sigmas=False,
+    thresholding=False,
+)
 
 
 def make_scheduler():
@@ -144,8 +167,17 @@ def _pad_tokens(y: torch.Tensor, mask: torch.Tensor, length: int):
 
 
 @torch.no_grad()
-def sample(model, shape, y, mask, null_y, null_mask, steps: int = 20, cfg_scale: float = 4.5,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    model,
+    shape,
+    y,
+    mask,
+    null_y,
+    null_mask,
+    steps: int = 20,
+    cfg_scale: float = 4.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Latents [N, C, H, W] by DPM-Solver++ with classifier-free guidance.
 
     y [N, L, C] / mask [N, L] is the prompt; null_y [1 or N, L', C] / null_mask the unconditional

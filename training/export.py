@@ -14,6 +14,7 @@ non-empty OUT is refused unless `--force`. KV-compressed models are refused befo
 written: diffusers' `PixArtTransformer2DModel` has no KV compression (sample them with
 training/sample instead).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,14 +39,18 @@ def link_targets(t5_path: str, vae_path: str) -> dict[str, Path]:
     """{pipeline entry: absolute local folder} for `--encoders link`. The tokenizer shares the T5
     folder (as everywhere in this project); a hub id, or a folder that is not the component itself
     (a whole pipeline with the component in a subfolder), is refused naming the component."""
-    wanted = {"text_encoder": (t5_path, "config.json"), "tokenizer": (t5_path, "tokenizer_config.json"),
-              "vae": (vae_path, "config.json")}  # the file the pipeline reads first in each
+    wanted = {
+        "text_encoder": (t5_path, "config.json"),
+        "tokenizer": (t5_path, "tokenizer_config.json"),
+        "vae": (vae_path, "config.json"),
+    }  # the file the pipeline reads first in each
     targets = {}
     for name, (path, marker) in wanted.items():
         folder = Path(path).expanduser()
         if not (folder / marker).is_file():
-            raise SigmaError(f"--encoders link: {name} {path} is not a local folder with {marker} at its top; "
-                             "use --encoders copy")
+            raise SigmaError(
+                f"--encoders link: {name} {path} is not a local folder with {marker} at its top; use --encoders copy"
+            )
         targets[name] = folder.resolve()
     return targets
 
@@ -70,10 +75,15 @@ def write_pipeline(model, out: Path, t5_path: str, vae_path: str, links: dict[st
         T5EncoderModel.from_pretrained(str(t5_path)).save_pretrained(str(out / "text_encoder"))
         vae_mod.load_vae(str(vae_path)).save_pretrained(str(out / "vae"))  # the one VAE loader: no accelerate hint
     make_scheduler().save_pretrained(str(out / "scheduler"))
-    index = {"_class_name": PIPELINE, "_diffusers_version": diffusers.__version__,
-             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", tokenizer_class(out)],
-             "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
-             "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}
+    index = {
+        "_class_name": PIPELINE,
+        "_diffusers_version": diffusers.__version__,
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", tokenizer_class(out)],
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    }
     write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")
 
 
@@ -82,8 +92,15 @@ def tokenizer_class(out: Path) -> str:
     return cls.removesuffix("Fast") if cls.startswith("T5") else cls
 
 
-def export(model, out: Path, t5_path: str | None, vae_path: str | None, transformer_only: bool, force: bool,
-           links: dict[str, Path] | None = None) -> None:
+def export(
+    model,
+    out: Path,
+    t5_path: str | None,
+    vae_path: str | None,
+    transformer_only: bool,
+    force: bool,
+    links: dict[str, Path] | None = None,
+) -> None:
     """Write into OUT.partial, then swap it in for OUT."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -107,18 +124,28 @@ def export(model, out: Path, t5_path: str | None, vae_path: str | None, transfor
 def main(argv=None) -> None:
     from common import cli
 
-    p = cli.parser("training/export", "Write a run's DiT as a diffusers PixArtSigmaPipeline folder (transformer, "
-                   "T5, tokenizer, VAE, scheduler). KV-compressed models are refused: diffusers cannot express them.",
-                   "training/export --run runs/1k --diffusers out/pixart-1k")
+    p = cli.parser(
+        "training/export",
+        "Write a run's DiT as a diffusers PixArtSigmaPipeline folder (transformer, "
+        "T5, tokenizer, VAE, scheduler). KV-compressed models are refused: diffusers cannot express them.",
+        "training/export --run runs/1k --diffusers out/pixart-1k",
+    )
     runs.add_source_args(p)
     runs.add_model_args(p)
     p.add_argument("--diffusers", required=True, metavar="OUTDIR", help="pipeline folder to write (must be empty)")
-    p.add_argument("--stage", help="stage whose resolution and pe_interpolation to record (default: the run's; "
-                   "required for a --ckpt outside a run folder)")
+    p.add_argument(
+        "--stage",
+        help="stage whose resolution and pe_interpolation to record (default: the run's; "
+        "required for a --ckpt outside a run folder)",
+    )
     p.add_argument("--transformer-only", action="store_true", help="write only the transformer folder")
-    p.add_argument("--encoders", choices=ENCODERS, default="copy",
-                   help="copy: re-save the T5, tokenizer and VAE into OUTDIR (default); link: make text_encoder/, "
-                   "tokenizer/ and vae/ absolute symlinks to the run's local T5 and VAE folders (no copy)")
+    p.add_argument(
+        "--encoders",
+        choices=ENCODERS,
+        default="copy",
+        help="copy: re-save the T5, tokenizer and VAE into OUTDIR (default); link: make text_encoder/, "
+        "tokenizer/ and vae/ absolute symlinks to the run's local T5 and VAE folders (no copy)",
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     args = p.parse_args(argv)
     cfg = cli.load(args)
@@ -130,9 +157,17 @@ def main(argv=None) -> None:
             cli.fail(str(e))
         # a dry run before the run exists: say so, and show what the arguments and config decide
         print(f"dry run: not checked: {e}", file=sys.stderr)
-        cli.print_plan({"checkpoint": None, "not_checked": [str(e)], "stage": args.stage, "dit": cfg.models.dit,
-                        "t5": None if args.transformer_only else cfg.models.t5, "encoders": args.encoders,
-                        "out": str(out)})
+        cli.print_plan(
+            {
+                "checkpoint": None,
+                "not_checked": [str(e)],
+                "stage": args.stage,
+                "dit": cfg.models.dit,
+                "t5": None if args.transformer_only else cfg.models.t5,
+                "encoders": args.encoders,
+                "out": str(out),
+            }
+        )
         return
     try:
         check_out(out, args.force)
@@ -143,9 +178,19 @@ def main(argv=None) -> None:
         t5_path, vae_path = (models.t5, models.vae) if models else (None, None)
         links = link_targets(t5_path, vae_path) if models and linking else None
         if args.dry_run:
-            cli.print_plan({"checkpoint": str(src.checkpoint), "stage": src.stage, "dit": src.size, **src.position,
-                            "t5": t5_path, "vae": vae_path, "models_from": models.source if models else None,
-                            "encoders": None if args.transformer_only else args.encoders, "out": str(out)})
+            cli.print_plan(
+                {
+                    "checkpoint": str(src.checkpoint),
+                    "stage": src.stage,
+                    "dit": src.size,
+                    **src.position,
+                    "t5": t5_path,
+                    "vae": vae_path,
+                    "models_from": models.source if models else None,
+                    "encoders": None if args.transformer_only else args.encoders,
+                    "out": str(out),
+                }
+            )
             return
         model = runs.load_model(src.checkpoint, src.size, **src.position)
         export(model, out, t5_path, vae_path, args.transformer_only, args.force, links)
@@ -156,11 +201,16 @@ def main(argv=None) -> None:
 
 def summary(out: Path, src: runs.Source, config: dict, models: runs.Models | None, encoders: str) -> str:
     """What export wrote, for the terminal: the folder, the weights, the positions, the encoders."""
-    lines = [f"wrote {out}: {PIPELINE if models else 'transformer only'} from {src.checkpoint}",
-             f"  transformer  sample_size {config['sample_size']}, interpolation_scale {config['interpolation_scale']}"
-             f" ({runs.position_text(src.position)}, {config['num_layers']} layers)"]
+    lines = [
+        f"wrote {out}: {PIPELINE if models else 'transformer only'} from {src.checkpoint}",
+        f"  transformer  sample_size {config['sample_size']}, interpolation_scale {config['interpolation_scale']}"
+        f" ({runs.position_text(src.position)}, {config['num_layers']} layers)",
+    ]
     if models:
         how = "linked" if encoders == "link" else "copied"
-        lines += [f"  text_encoder + tokenizer  {how} from {models.t5} ({models.source})",
-                  f"  vae  {how} from {models.vae} ({models.source})", "  scheduler  DPM-Solver++"]
+        lines += [
+            f"  text_encoder + tokenizer  {how} from {models.t5} ({models.source})",
+            f"  vae  {how} from {models.vae} ({models.source})",
+            "  scheduler  DPM-Solver++",
+        ]
     return "\n".join(lines)

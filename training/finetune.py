@@ -16,6 +16,7 @@ virtual rank). The loader streams restart at every checkpoint, seeded with its s
 A run records its fingerprint (data listing + the settings that change its weights) on the first
 start; a resume with another one is refused, naming what changed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -124,8 +125,10 @@ def build_state(cfg, plan: Plan, stage, d: Dist, say) -> State:
         model.load_state_dict(found[1])
     elif plan.init:
         kv_fresh = stages.load_init(model, stages.read_weights(Path(plan.init)), plan.init)
-        say(f"initialised from {plan.init}" + (f" ({len(kv_fresh)} KV-compression tensors at their average init)"
-                                               if kv_fresh else ""))
+        say(
+            f"initialised from {plan.init}"
+            + (f" ({len(kv_fresh)} KV-compression tensors at their average init)" if kv_fresh else "")
+        )
     model.set_null_caption(loader.null_caption(plan.data))  # T5("") of this data: the CFG null caption
     model.grad_checkpointing = stage.grad_checkpointing
     model.to(d.device).train()
@@ -149,8 +152,10 @@ def resume(state: State, found: tuple, stage, d: Dist, say) -> None:
         checkpoint.set_rng_state(trainer["rng"][d.rank])
     say(f"resuming from step {state.step}")
     if trainer["layout"] != [d.world, stage.grad_accum]:
-        say(f"note: checkpoint was written by {trainer['layout'][0]} processes x accum {trainer['layout'][1]}, "
-            f"now {d.world} x {stage.grad_accum}: the data order changes from here")
+        say(
+            f"note: checkpoint was written by {trainer['layout'][0]} processes x accum {trainer['layout'][1]}, "
+            f"now {d.world} x {stage.grad_accum}: the data order changes from here"
+        )
 
 
 class Streams:
@@ -165,11 +170,19 @@ class Streams:
         st, d = self.stage, self.d
         self.its = []
         for micro in range(st.grad_accum):
-            dl = loader.make_loader(self.plan.data, batch_size=st.batch_size, model_max_length=self.max_length,
-                                    real_prompt_ratio=st.real_prompt_ratio, seed=st.seed,
-                                    num_workers=self.cfg.training.num_workers, rank=d.rank * st.grad_accum + micro,
-                                    world_size=d.world * st.grad_accum, resample=True, tier=st.tier,
-                                    pin_memory=d.device.type == "cuda")
+            dl = loader.make_loader(
+                self.plan.data,
+                batch_size=st.batch_size,
+                model_max_length=self.max_length,
+                real_prompt_ratio=st.real_prompt_ratio,
+                seed=st.seed,
+                num_workers=self.cfg.training.num_workers,
+                rank=d.rank * st.grad_accum + micro,
+                world_size=d.world * st.grad_accum,
+                resample=True,
+                tier=st.tier,
+                pin_memory=d.device.type == "cuda",
+            )
             dl.dataset.set_epoch(epoch)
             self.its.append(iter(dl))
 
@@ -201,9 +214,17 @@ class Logger:
         if cfg.training.sample_every and self.prompts:
             e = cfg.encode
             models = runs.models_for(cfg, Path(plan.rundir), plan.stage, named=set())  # the data's T5 and VAE
-            self.gen = sample.Generator(None, models.t5, models.vae, d.device, t5_dtype=models.t5_dtype,
-                                        vae_dtype=e.vae_dtype, max_length=models.max_length,
-                                        vae_tiling=e.vae_tiling, vae_slicing=e.vae_slicing)
+            self.gen = sample.Generator(
+                None,
+                models.t5,
+                models.vae,
+                d.device,
+                t5_dtype=models.t5_dtype,
+                vae_dtype=e.vae_dtype,
+                max_length=models.max_length,
+                vae_tiling=e.vae_tiling,
+                vae_slicing=e.vae_slicing,
+            )
             self.gen.fix_prompts(self.prompts)  # T5 is freed: an XXL T5 is ~10 GB
 
     def start(self, step: int) -> None:
@@ -225,8 +246,15 @@ class Logger:
 
     def grid(self, step: int, plan: Plan, model, autocast) -> None:
         with autocast():
-            z = self.gen.latents(self.prompts, plan.resolution, plan.resolution, steps=self.steps,
-                                 cfg_scale=self.cfg_scale, seed=plan.settings["seed"], model=model)
+            z = self.gen.latents(
+                self.prompts,
+                plan.resolution,
+                plan.resolution,
+                steps=self.steps,
+                cfg_scale=self.cfg_scale,
+                seed=plan.settings["seed"],
+                model=model,
+            )
         png = sample.grid_png(self.gen.decode(z), self.prompts)
         atomic.write_bytes(self.rundir / "samples" / f"step-{step:07d}.png", png)
         image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))  # [H, W, 3] uint8
@@ -249,11 +277,21 @@ def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int) ->
         states = [torch.load(io.BytesIO(b), weights_only=True) for b in blobs]
     path = None
     if d.master:
-        trainer = {"optimizer": state.opt.state_dict(), "rng": states, "layout": [d.world, accum],
-                   "data_epoch": state.step, "stage": plan.stage}  # data position: streams restart here
-        path = checkpoint.save(plan.rundir, state.step, model_sd=state.model.state_dict(),
-                               ema_sd=state.ema.state_dict() if state.ema is not None else None, state=trainer,
-                               keep=keep)
+        trainer = {
+            "optimizer": state.opt.state_dict(),
+            "rng": states,
+            "layout": [d.world, accum],
+            "data_epoch": state.step,
+            "stage": plan.stage,
+        }  # data position: streams restart here
+        path = checkpoint.save(
+            plan.rundir,
+            state.step,
+            model_sd=state.model.state_dict(),
+            ema_sd=state.ema.state_dict() if state.ema is not None else None,
+            state=trainer,
+            keep=keep,
+        )
     if d.ddp:
         dist.barrier()
     return path
@@ -267,8 +305,10 @@ def non_finite(d: Dist, step: int, loss_sum: torch.Tensor, values: tuple, keys: 
         reports = [None] * d.world
         dist.all_gather_object(reports, (d.rank, local, keys))
     bad = [k for _, v, ks in reports if not math.isfinite(v) for k in ks] or keys
-    return SigmaError(f"step {step + 1}: non-finite loss {values[0]} (grad norm {values[1]}) on batch keys "
-                      f"{bad[:8]}; stopped without saving (last checkpoint: {checkpoint.latest(rundir) or 'none'})")
+    return SigmaError(
+        f"step {step + 1}: non-finite loss {values[0]} (grad norm {values[1]}) on batch keys "
+        f"{bad[:8]}; stopped without saving (last checkpoint: {checkpoint.latest(rundir) or 'none'})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,18 +320,23 @@ def train(cfg, plan: Plan) -> None:
     stage, tc, total, accum = cfg.training.stages[plan.stage], cfg.training, plan.steps, plan.settings["grad_accum"]
     d = setup_dist()
     bf16 = stage.mixed_precision == "bf16"
-    autocast = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
+    autocast = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
     log = Logger(cfg, plan, d)
     state = build_state(cfg, plan, stage, d, log.say)
     model = state.model
-    ddp_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[d.local] if d.device.type == "cuda" else None) if d.ddp else model
+    ddp_model = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local] if d.device.type == "cuda" else None)
+        if d.ddp
+        else model
+    )
     diffusion = GaussianDiffusion()
     streams = Streams(cfg, plan, stage, d)
     streams.restart(state.step)
     log.start(state.step)
-    log.say(f"stage {plan.stage} ({' -> '.join(plan.chain)}): {total} steps, {d.world} process(es) x batch "
-            f"{stage.batch_size} x accum {accum} = {plan.global_batch} per step, data {plan.data}")
+    log.say(
+        f"stage {plan.stage} ({' -> '.join(plan.chain)}): {total} steps, {d.world} process(es) x batch "
+        f"{stage.batch_size} x accum {accum} = {plan.global_batch} per step, data {plan.data}"
+    )
     if state.step >= total:
         log.say(f"stage {plan.stage} already at step {state.step} of {total}: nothing to do")
 
@@ -317,8 +362,14 @@ def train(cfg, plan: Plan) -> None:
             sync = contextlib.nullcontext() if not d.ddp or micro == accum - 1 else ddp_model.no_sync()
             with sync:
                 with autocast():
-                    losses = diffusion.training_losses(ddp_model, x0, t, model_kwargs=dict(y=y, mask=mask,
-                                                       force_drop_ids=drop), snr_gamma=stage.snr_gamma, noise=noise)
+                    losses = diffusion.training_losses(
+                        ddp_model,
+                        x0,
+                        t,
+                        model_kwargs=dict(y=y, mask=mask, force_drop_ids=drop),
+                        snr_gamma=stage.snr_gamma,
+                        noise=noise,
+                    )
                     loss = losses["loss"].mean() / accum
                 loss.backward()
             loss_sum += loss.detach()
@@ -342,9 +393,17 @@ def train(cfg, plan: Plan) -> None:
 
         if d.master and (step % tc.log_every == 0 or step == total):
             step_time = win_t / win_n
-            log.scalars(step, total, {"train/loss": win_loss / win_n, "train/lr": lr, "train/grad_norm": norm_val,
-                                      "perf/samples_per_s": plan.global_batch / step_time,
-                                      "perf/step_time_s": step_time})
+            log.scalars(
+                step,
+                total,
+                {
+                    "train/loss": win_loss / win_n,
+                    "train/lr": lr,
+                    "train/grad_norm": norm_val,
+                    "perf/samples_per_s": plan.global_batch / step_time,
+                    "perf/step_time_s": step_time,
+                },
+            )
             win_loss, win_n, win_t = 0.0, 0, 0.0
         if log.gen is not None and (step % tc.sample_every == 0 or step == total):
             log.grid(step, plan, state.ema if state.ema is not None else model, autocast)
@@ -366,13 +425,20 @@ def train(cfg, plan: Plan) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = cli.parser("training/finetune", "Run one stage of PixArt-Sigma weak-to-strong fine-tuning (resumable; "
-                   "DDP under torchrun). Without --init a stage starts from its parent stage's run.", EXAMPLE)
+    p = cli.parser(
+        "training/finetune",
+        "Run one stage of PixArt-Sigma weak-to-strong fine-tuning (resumable; "
+        "DDP under torchrun). Without --init a stage starts from its parent stage's run.",
+        EXAMPLE,
+    )
     p.add_argument("--stage", required=True, help="stage name in training.stages (256, vae, 512, 1k, 2k, 4k, kv)")
     p.add_argument("--data", help="ENCDIR written by encoding/encode (default: the stage's `data`)")
-    p.add_argument("--init", metavar="CKPT|RUNDIR",
-                   help="start from these weights instead of the parent stage's run (ignored when resuming), "
-                        "e.g. --stage 1k --init PixArt-Sigma-XL-2-1024-MS.pth to fine-tune the released model")
+    p.add_argument(
+        "--init",
+        metavar="CKPT|RUNDIR",
+        help="start from these weights instead of the parent stage's run (ignored when resuming), "
+        "e.g. --stage 1k --init PixArt-Sigma-XL-2-1024-MS.pth to fine-tune the released model",
+    )
     p.add_argument("--out", metavar="RUNDIR", help="run folder (default: <training.out>/<stage>)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the stage's `steps`)")
     args = p.parse_args(argv)
@@ -385,8 +451,9 @@ def main(argv: list[str] | None = None) -> None:
             fingerprint.check(plan.rundir, run_fingerprint(cfg, plan))  # records it on a first start (not on a dry run)
     except SigmaError as e:
         cli.fail(str(e))
-    warning = position_warning(plan, bool(args.init) or (plan.init is not None and not plan.chain[:-1]),
-                               cfg.training.stages)
+    warning = position_warning(
+        plan, bool(args.init) or (plan.init is not None and not plan.chain[:-1]), cfg.training.stages
+    )
     if warning and master:
         print(warning, file=sys.stderr, flush=True)
     if args.dry_run:

@@ -12,6 +12,7 @@ Parameter and buffer names are the official PixArt ones (`x_embedder`, `t_block`
 ...), so an official `.pth` loads after dropping its fixed `pos_embed`; `training/convert.py` maps
 to and from diffusers' `PixArtTransformer2DModel`. XL/2: 610.9M parameters (21.26M per block).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,14 +23,12 @@ from torch.utils.checkpoint import checkpoint
 
 from training.attention import CrossAttention, SelfAttention
 
-
 #################################################################################
 #                      Embeddings: position, timestep, caption                  #
 #################################################################################
 
 
-def sincos_pos_embed(dim: int, h: int, w: int, base_size: float, pe_interpolation: float,
-                     device=None) -> torch.Tensor:
+def sincos_pos_embed(dim: int, h: int, w: int, base_size: float, pe_interpolation: float, device=None) -> torch.Tensor:
     """2-D sin-cos position embedding [h*w, dim] for an h x w token grid.
 
     Grid coordinates are divided by (grid / base_size) and by pe_interpolation, so every size and
@@ -108,8 +107,10 @@ class CaptionEmbedder(nn.Module):
     def forward(self, y: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if force_drop_ids is not None or (train and self.dropout_prob > 0):
             if y.shape[1:] != self.y_embedding.shape:
-                raise ValueError(f"caption dropout needs captions padded to {tuple(self.y_embedding.shape)} "
-                                 f"(model_max_length x caption_channels), got {tuple(y.shape[1:])}")
+                raise ValueError(
+                    f"caption dropout needs captions padded to {tuple(self.y_embedding.shape)} "
+                    f"(model_max_length x caption_channels), got {tuple(y.shape[1:])}"
+                )
             if force_drop_ids is None:
                 drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob  # [N]
             else:
@@ -179,11 +180,26 @@ class PixArtSigma(nn.Module):
     compressed by `kv_compress_ratio`.
     """
 
-    def __init__(self, input_size: int, patch_size: int = 2, in_channels: int = 4, *, hidden_size: int,
-                 depth: int, num_heads: int, mlp_ratio: float = 4.0, caption_channels: int = 4096,
-                 model_max_length: int = 300, pe_interpolation: float = 1.0, base_size: int | None = None,
-                 multi_scale: bool = True, kv_compress_layers=(), kv_compress_ratio: int = 2,
-                 learn_sigma: bool = True, class_dropout_prob: float = 0.1):
+    def __init__(
+        self,
+        input_size: int,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        *,
+        hidden_size: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        caption_channels: int = 4096,
+        model_max_length: int = 300,
+        pe_interpolation: float = 1.0,
+        base_size: int | None = None,
+        multi_scale: bool = True,
+        kv_compress_layers=(),
+        kv_compress_ratio: int = 2,
+        learn_sigma: bool = True,
+        class_dropout_prob: float = 0.1,
+    ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -204,16 +220,20 @@ class PixArtSigma(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.y_embedder = CaptionEmbedder(caption_channels, hidden_size, model_max_length, class_dropout_prob)
-        self.blocks = nn.ModuleList([
-            PixArtBlock(hidden_size, num_heads, mlp_ratio,
-                        kv_compress_ratio if i in self.kv_compress_layers else 1)
-            for i in range(depth)
-        ])
+        self.blocks = nn.ModuleList(
+            [
+                PixArtBlock(hidden_size, num_heads, mlp_ratio, kv_compress_ratio if i in self.kv_compress_layers else 1)
+                for i in range(depth)
+            ]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         if not multi_scale:
             grid = input_size // patch_size
-            self.register_buffer("pos_embed", sincos_pos_embed(hidden_size, grid, grid, self.base_size,
-                                                               self.pe_interpolation)[None], persistent=False)
+            self.register_buffer(
+                "pos_embed",
+                sincos_pos_embed(hidden_size, grid, grid, self.base_size, self.pe_interpolation)[None],
+                persistent=False,
+            )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -225,8 +245,13 @@ class PixArtSigma(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
-                    self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2):
+        for lin in (
+            self.t_embedder.mlp[0],
+            self.t_embedder.mlp[2],
+            self.t_block[1],
+            self.y_embedder.y_proj.fc1,
+            self.y_embedder.y_proj.fc2,
+        ):
             nn.init.normal_(lin.weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.cross_attn.proj.weight)
@@ -249,13 +274,21 @@ class PixArtSigma(nn.Module):
         if not self.multi_scale:
             grid = self.input_size // self.patch_size
             if (h, w) != (grid, grid):
-                raise ValueError(f"single-scale model takes only a {grid}x{grid} token grid "
-                                 f"({self.input_size}x{self.input_size} latents), got {h}x{w}")
+                raise ValueError(
+                    f"single-scale model takes only a {grid}x{grid} token grid "
+                    f"({self.input_size}x{self.input_size} latents), got {h}x{w}"
+                )
             return self.pos_embed
         return sincos_pos_embed(self.hidden_size, h, w, self.base_size, self.pe_interpolation, device)[None]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
-                force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         N, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:

@@ -2,6 +2,7 @@
 weights and the model (the `Plan` that --dry-run prints and RUNDIR/run.json records), and the
 run's fingerprint, compared on every resume.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,6 +17,7 @@ from shards import encoded, fingerprint, loader
 from shards.errors import SigmaError
 from training import checkpoint, runs, stages
 from training.model import DiT_models
+
 
 @dataclass
 class Plan:
@@ -63,12 +65,16 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
         unchecked(e)
     if info is not None:
         if info["tier"] != stage.tier:
-            raise SigmaError(f"--data {encdir}: encoded at tier {info['tier']}, stage {name} trains on tier {stage.tier}")
+            raise SigmaError(
+                f"--data {encdir}: encoded at tier {info['tier']}, stage {name} trains on tier {stage.tier}"
+            )
         scaling, channels = vae_mod.latent_format(vae_mod.read_config(vae_path))
         loader.check_vae(encdir, scaling, channels)
         if not stage.multi_scale and f"{side}x{side}" not in encoded.shards_by_bucket(encdir):
-            raise SigmaError(f"--data {encdir}: stage {name} is single-scale (multi_scale: false) and needs the "
-                             f"{side}x{side} bucket, which holds no sample")
+            raise SigmaError(
+                f"--data {encdir}: stage {name} is single-scale (multi_scale: false) and needs the "
+                f"{side}x{side} bucket, which holds no sample"
+            )
         kw = stages.model_kwargs(stage, info["latent_channels"], info["t5_dim"], info["max_length"])
     else:  # widths come from the data: the model is not built, only its stage settings shown
         kw = stages.model_kwargs(stage, None, None, cfg.encode.t5_max_length)
@@ -88,13 +94,23 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
         unchecked(e)
     trained_at = runs.known_position(init, cfg.training.stages) if init else None
     world = int(os.environ.get("WORLD_SIZE", 1))
-    return Plan(stage=name, chain=stages.chain(cfg, name), data=str(encdir or ""), rundir=str(rundir),
-                resume=str(resume) if resume else None, init=str(init) if init else None,
-                init_trained_at=runs.position_text(trained_at) if trained_at else None, resolution=side,
-                steps=args.max_steps or stage.steps, world_size=world,
-                global_batch=stage.batch_size * stage.grad_accum * world, model=dict(size=cfg.models.dit, **kw),
-                vae=vae_path, encoders=runs.encoders_record(encdir, cfg.models.t5, vae_path) if info is not None else {},
-                settings=dict(stage.__dict__))
+    return Plan(
+        stage=name,
+        chain=stages.chain(cfg, name),
+        data=str(encdir or ""),
+        rundir=str(rundir),
+        resume=str(resume) if resume else None,
+        init=str(init) if init else None,
+        init_trained_at=runs.position_text(trained_at) if trained_at else None,
+        resolution=side,
+        steps=args.max_steps or stage.steps,
+        world_size=world,
+        global_batch=stage.batch_size * stage.grad_accum * world,
+        model=dict(size=cfg.models.dit, **kw),
+        vae=vae_path,
+        encoders=runs.encoders_record(encdir, cfg.models.t5, vae_path) if info is not None else {},
+        settings=dict(stage.__dict__),
+    )
 
 
 def position_warning(plan: Plan, explicit_init: bool, stages: dict) -> str | None:
@@ -105,8 +121,10 @@ def position_warning(plan: Plan, explicit_init: bool, stages: dict) -> str | Non
         theirs = runs.known_position(plan.init, stages)
         match = runs.stage_for(stages, theirs) if theirs else None
         advice = f"use the stage that matches: --stage {match}" if match else "no stage in training.stages matches"
-        return (f"warning: {plan.init} was trained at {plan.init_trained_at}; stage {plan.stage} trains at "
-                f"{want} (the positions are re-learned; {advice})")
+        return (
+            f"warning: {plan.init} was trained at {plan.init_trained_at}; stage {plan.stage} trains at "
+            f"{want} (the positions are re-learned; {advice})"
+        )
     return None
 
 
@@ -115,8 +133,10 @@ def run_fingerprint(cfg, plan: Plan) -> dict:
     data = Path(plan.data)
     files = [p for p in data.rglob("*") if p.is_file()]
     where = f"training.stages.{plan.stage}"
-    return {"data": fingerprint.listing(files), "model": plan.model, "vae": plan.vae,
-            "training.num_workers": cfg.training.num_workers,
-            **fingerprint.flat(Stage(**plan.settings), where)}
-
-
+    return {
+        "data": fingerprint.listing(files),
+        "model": plan.model,
+        "vae": plan.vae,
+        "training.num_workers": cfg.training.num_workers,
+        **fingerprint.flat(Stage(**plan.settings), where),
+    }

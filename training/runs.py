@@ -15,6 +15,7 @@ the run was trained with. A config that names other models is refused unless `--
 
 A run folder's layout is `training/checkpoint.py`'s; `training/convert.py` reads the weight files.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -120,24 +121,31 @@ def resolve_source(args, cfg, stage_flag: str | None = None, require_position: b
     if found is not None:
         size, position = found
         if flagged is not None and flagged != position:
-            raise SigmaError(f"--stage {stage_flag}: {position_text(flagged)}, but {run} was trained with "
-                             f"{position_text(position)} (run.json); drop --stage")
+            raise SigmaError(
+                f"--stage {stage_flag}: {position_text(flagged)}, but {run} was trained with "
+                f"{position_text(position)} (run.json); drop --stage"
+            )
         return Source(ckpt, run, size, position, stage_flag or run.name)
     by_name = run.name if run and run.name in stages else None
     stage = stage_flag or by_name
     if stage is None and (found := known_position(ckpt, stages)) is not None:
         return Source(ckpt, run, cfg.models.dit, found, None)  # a diffusers folder's config
     if stage is None and require_position:
-        raise SigmaError(f"--ckpt {ckpt}: not inside a run folder, so its position setup is unknown; pass "
-                         f"--stage (one of {sorted(stages)})")
+        raise SigmaError(
+            f"--ckpt {ckpt}: not inside a run folder, so its position setup is unknown; pass "
+            f"--stage (one of {sorted(stages)})"
+        )
     position = position_setup(stages[stage]) if stage else dict(DEFAULT_POSITION)
     return Source(ckpt, run, cfg.models.dit, position, stage)
 
 
 # The released checkpoints' names -> the position setup they were trained with.
-RELEASED = {"256x256": dict(input_size=32, pe_interpolation=0.5, multi_scale=False),
-            "512-MS": dict(input_size=64, pe_interpolation=1.0, multi_scale=True),
-            "1024-MS": DEFAULT_POSITION, "2K-MS": dict(input_size=256, pe_interpolation=4.0, multi_scale=True)}
+RELEASED = {
+    "256x256": dict(input_size=32, pe_interpolation=0.5, multi_scale=False),
+    "512-MS": dict(input_size=64, pe_interpolation=1.0, multi_scale=True),
+    "1024-MS": DEFAULT_POSITION,
+    "2K-MS": dict(input_size=256, pe_interpolation=4.0, multi_scale=True),
+}
 
 
 def known_position(weights: str | Path, stages: dict | None = None) -> dict | None:
@@ -191,8 +199,10 @@ def position_setup(stage) -> dict:
 
 
 def position_text(position: dict) -> str:
-    return (f"{position['input_size'] * 8} px, pe_interpolation {position['pe_interpolation']}"
-            f"{'' if position['multi_scale'] else ', single-scale'}")
+    return (
+        f"{position['input_size'] * 8} px, pe_interpolation {position['pe_interpolation']}"
+        f"{'' if position['multi_scale'] else ', single-scale'}"
+    )
 
 
 def position_for_size(position: dict, height: int, width: int) -> dict:
@@ -202,7 +212,7 @@ def position_for_size(position: dict, height: int, width: int) -> dict:
     return dict(position)
 
 
-def load_model(path: str | Path, size: str, **position) -> "torch.nn.Module":
+def load_model(path: str | Path, size: str, **position) -> torch.nn.Module:
     """A `PixArtSigma` shaped like the checkpoint's weights (num_heads from the named `size`)."""
     from training.model import DiT_models, PixArtSigma
 
@@ -213,8 +223,9 @@ def load_model(path: str | Path, size: str, **position) -> "torch.nn.Module":
     with torch.device("meta"):
         named = DiT_models[size]()
     if named.hidden_size != arch["hidden_size"]:
-        raise SigmaError(f"{path}: hidden size {arch['hidden_size']} does not match models.dit={size} "
-                         f"({named.hidden_size})")
+        raise SigmaError(
+            f"{path}: hidden size {arch['hidden_size']} does not match models.dit={size} ({named.hidden_size})"
+        )
     model = PixArtSigma(num_heads=named.num_heads, **{**arch, **position})
     load_into(model, sd)
     return model.eval()
@@ -252,10 +263,20 @@ def encoders_record(encdir: str | Path, t5: str, vae: str) -> dict:
         return {"path": facts[name], "id": facts[f"{name}_id"], "revision": facts[f"{name}_revision"], "from": origin}
 
     t5_entry = entry("t5", t5)  # the tokenizer is read from the T5's folder, as everywhere in this project
-    null_caption = {"text": "", "length": info["max_length"], "file": str(null),
-                    "sha256": hashlib.sha256(null.read_bytes()).hexdigest()}
-    return {"t5": t5_entry, "tokenizer": dict(t5_entry), "vae": entry("vae", vae), "max_length": info["max_length"],
-            "t5_dtype": info.get("t5_dtype"), "null_caption": null_caption}
+    null_caption = {
+        "text": "",
+        "length": info["max_length"],
+        "file": str(null),
+        "sha256": hashlib.sha256(null.read_bytes()).hexdigest(),
+    }
+    return {
+        "t5": t5_entry,
+        "tokenizer": dict(t5_entry),
+        "vae": entry("vae", vae),
+        "max_length": info["max_length"],
+        "t5_dtype": info.get("t5_dtype"),
+        "null_caption": null_caption,
+    }
 
 
 def run_encoders(run: Path) -> dict | None:
@@ -270,9 +291,12 @@ def run_encoders(run: Path) -> dict | None:
 
 def add_model_args(p) -> None:
     """`--use-config-models`, for the commands that generate with a run's T5 and VAE."""
-    p.add_argument("--use-config-models", action="store_true",
-                   help="generate with the config's models.t5 / VAE even where the run's run.json records others "
-                        "(default: the run's own, and a config naming others is an error)")
+    p.add_argument(
+        "--use-config-models",
+        action="store_true",
+        help="generate with the config's models.t5 / VAE even where the run's run.json records others "
+        "(default: the run's own, and a config naming others is an error)",
+    )
 
 
 def config_names(args) -> set[str]:
@@ -299,8 +323,10 @@ def models_for(cfg, run: Path | None, stage: str | None, named: set, use_config:
     must be the recorded one (same `model_id` and hub revision: a moved folder is fine, changed
     files or another commit are not), else a one-line error naming both."""
     st = cfg.training.stages.get(stage) if stage else None
-    config = {"t5": ("models.t5", cfg.models.t5),
-              "vae": (f"training.stages.{stage}.vae", st.vae) if st and st.vae else ("models.vae", cfg.models.vae)}
+    config = {
+        "t5": ("models.t5", cfg.models.t5),
+        "vae": (f"training.stages.{stage}.vae", st.vae) if st and st.vae else ("models.vae", cfg.models.vae),
+    }
     record = run_encoders(run) if run else None
     if record is None or use_config:
         return Models(config["t5"][1], config["vae"][1], cfg.encode.t5_max_length, cfg.encode.t5_dtype, "config")
@@ -313,18 +339,26 @@ def models_for(cfg, run: Path | None, stage: str | None, named: set, use_config:
             chosen[name] = path
         else:
             now, then = encoded.model_revision(path), entry.get("revision")
-            raise SigmaError(f"{key} {path}{f'@{now}' if now else ''}: {run} was trained with {name} "
-                             f"{entry['path']}{f'@{then}' if then else ''} (run.json); drop the config's model "
-                             f"(--profile/--set) or pass --use-config-models")
-    return Models(chosen["t5"], chosen["vae"], int(record["max_length"]), record.get("t5_dtype") or cfg.encode.t5_dtype,
-                  "run.json")
+            raise SigmaError(
+                f"{key} {path}{f'@{now}' if now else ''}: {run} was trained with {name} "
+                f"{entry['path']}{f'@{then}' if then else ''} (run.json); drop the config's model "
+                f"(--profile/--set) or pass --use-config-models"
+            )
+    return Models(
+        chosen["t5"],
+        chosen["vae"],
+        int(record["max_length"]),
+        record.get("t5_dtype") or cfg.encode.t5_dtype,
+        "run.json",
+    )
 
 
 def same_model(path: str, entry: dict) -> bool:
     """Whether `path` holds the model a run recorded: its `model_id` and (for a hub id) revision."""
     revision = encoded.model_revision(path)
-    return encoded.model_id(path) == entry["id"] and (None in (revision, entry["revision"]) or
-                                                      revision == entry["revision"])
+    return encoded.model_id(path) == entry["id"] and (
+        None in (revision, entry["revision"]) or revision == entry["revision"]
+    )
 
 
 def recorded_path(entry: dict, run: Path, key: str) -> str:
@@ -334,8 +368,10 @@ def recorded_path(entry: dict, run: Path, key: str) -> str:
     if Path(path).exists():
         return path
     if path.startswith(("/", "~", ".")):
-        raise SigmaError(f"{run}: its {key.rpartition('.')[2]} {path} (run.json) is not there any more; point "
-                         f"{key} at where it is now (checked against the recorded id)")
+        raise SigmaError(
+            f"{run}: its {key.rpartition('.')[2]} {path} (run.json) is not there any more; point "
+            f"{key} at where it is now (checked against the recorded id)"
+        )
     if revision:
         from huggingface_hub import snapshot_download
 

@@ -14,6 +14,7 @@ Same-image parity with diffusers' `PixArtSigmaPipeline` needs two conventions to
 `--like-diffusers` (`Generator(..., like_diffusers=True)`) switches both, and then matches the
 pipeline's latents for the same seed (tests/training/test_export.py).
 """
+
 from __future__ import annotations
 
 import io
@@ -37,9 +38,21 @@ CAPTION_H = 14  # pixels of text under each image of a sample grid
 class Generator:
     """Holds T5, VAE and the DiT; `__call__(prompts, height, width, ...) -> [PIL images]`."""
 
-    def __init__(self, model, t5_path: str, vae_path: str, device="cpu", dtype=torch.float32,
-                 t5_dtype="float32", vae_dtype="float32", max_length: int = 300, *, vae_tiling: bool = False,
-                 vae_slicing: bool = False, keep_null: bool = False):
+    def __init__(
+        self,
+        model,
+        t5_path: str,
+        vae_path: str,
+        device="cpu",
+        dtype=torch.float32,
+        t5_dtype="float32",
+        vae_dtype="float32",
+        max_length: int = 300,
+        *,
+        vae_tiling: bool = False,
+        vae_slicing: bool = False,
+        keep_null: bool = False,
+    ):
         self.device, self.dtype, self.max_length = torch.device(device), dtype, max_length
         self.t5_path, self.vae_path = str(t5_path), str(vae_path)  # what an evaluation folder records
         self.tokenizer = t5_mod.load_tokenizer(t5_path)
@@ -56,8 +69,9 @@ class Generator:
         checkpoint carries the null caption of its training data)."""
         self.model = model.to(self.device, self.dtype).eval()
         if not keep_null:
-            self.model.set_null_caption(t5_mod.null_caption_embedding(self.tokenizer, self.t5,
-                                                                      model.y_embedding.shape[0]))  # [L, C]
+            self.model.set_null_caption(
+                t5_mod.null_caption_embedding(self.tokenizer, self.t5, model.y_embedding.shape[0])
+            )  # [L, C]
 
     def fix_prompts(self, prompts: list[str]) -> None:
         """Encode these prompts (and "") once, then free T5: an XXL T5 is ~10 GB (training grids)."""
@@ -69,14 +83,14 @@ class Generator:
         """Prompt features zero-padded to the longest prompt: ([N, L, C], mask [N, L])."""
         if all(p in self.fixed for p in prompts):
             parts = [self.fixed[p] for p in prompts]
-            feats, lengths = [y[0, :int(m.sum())] for y, m in parts], [int(m.sum()) for _, m in parts]
+            feats, lengths = [y[0, : int(m.sum())] for y, m in parts], [int(m.sum()) for _, m in parts]
         else:
             feats, lengths = t5_mod.encode_captions(self.tokenizer, self.t5, prompts, max_length=self.max_length)
         L = max(lengths)
         y = torch.zeros(len(prompts), L, feats[0].shape[1])  # [N, L, C]
         mask = torch.zeros(len(prompts), L, dtype=torch.bool)  # [N, L]
         for i, f in enumerate(feats):
-            y[i, :len(f)], mask[i, :len(f)] = f, True
+            y[i, : len(f)], mask[i, : len(f)] = f, True
         return y, mask
 
     def null_branch(self, model, mask: torch.Tensor, uncond: str):
@@ -89,8 +103,18 @@ class Generator:
         return self.encode([""])
 
     @torch.no_grad()
-    def latents(self, prompts, height, width, steps=20, cfg_scale=4.5, seed=0, uncond="official",
-                like_diffusers=False, model=None):
+    def latents(
+        self,
+        prompts,
+        height,
+        width,
+        steps=20,
+        cfg_scale=4.5,
+        seed=0,
+        uncond="official",
+        like_diffusers=False,
+        model=None,
+    ):
         """Latents [N, 4, h, w]; `model` overrides the held DiT (the trainer's EMA, left in its mode)."""
         check_request(height, width, steps)
         model = model if model is not None else self.model
@@ -164,28 +188,44 @@ def main(argv=None) -> None:
     from shards.atomic import write_bytes
     from training import runs
 
-    p = cli.parser("training/sample", "Generate an image from a prompt with a trained PixArt-Sigma DiT "
-                   "(DPM-Solver++ with classifier-free guidance; T5 and VAE: the run's own, from its run.json); or, "
-                   "with --prompts, one image per prompt and seed into an evaluation folder.",
-                   'training/sample --run runs/1k --prompt "A red fox in the snow" --size 1024x1024 --out fox.png\n'
-                   "  training/sample --run runs/1k --prompts prompts.txt --seeds 0,1 --out eval/images/1k")
+    p = cli.parser(
+        "training/sample",
+        "Generate an image from a prompt with a trained PixArt-Sigma DiT "
+        "(DPM-Solver++ with classifier-free guidance; T5 and VAE: the run's own, from its run.json); or, "
+        "with --prompts, one image per prompt and seed into an evaluation folder.",
+        'training/sample --run runs/1k --prompt "A red fox in the snow" --size 1024x1024 --out fox.png\n'
+        "  training/sample --run runs/1k --prompts prompts.txt --seeds 0,1 --out eval/images/1k",
+    )
     runs.add_source_args(p)
     runs.add_model_args(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the text prompt")
-    what.add_argument("--prompts", help="batch mode: a prompt file (.txt, .jsonl, or MJHQ-30K's meta_data.json); "
-                      "--out is then the folder EVALDIR/images/NAME")
+    what.add_argument(
+        "--prompts",
+        help="batch mode: a prompt file (.txt, .jsonl, or MJHQ-30K's meta_data.json); "
+        "--out is then the folder EVALDIR/images/NAME",
+    )
     p.add_argument("--seeds", default="0,1", help="batch mode: initial-noise seeds (default 0,1)")
     p.add_argument("--size", default="1024x1024", help="HEIGHTxWIDTH in pixels, multiples of 16 (default 1024x1024)")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++ steps (default 20)")
     p.add_argument("--cfg", type=float, default=4.5, help="classifier-free guidance scale (default 4.5; 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="initial-noise seed")
-    p.add_argument("--uncond", choices=["official", "diffusers"], default="official",
-                   help="unconditional branch: null caption under the prompt's mask (official) or T5('') (diffusers)")
-    p.add_argument("--like-diffusers", action="store_true",
-                   help="the same image as diffusers' PixArtSigmaPipeline: --uncond diffusers and a lower-cased prompt")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="torch device (default: cuda if available)")
+    p.add_argument(
+        "--uncond",
+        choices=["official", "diffusers"],
+        default="official",
+        help="unconditional branch: null caption under the prompt's mask (official) or T5('') (diffusers)",
+    )
+    p.add_argument(
+        "--like-diffusers",
+        action="store_true",
+        help="the same image as diffusers' PixArtSigmaPipeline: --uncond diffusers and a lower-cased prompt",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="torch device (default: cuda if available)",
+    )
     p.add_argument("--out", required=True, help="PNG file to write (batch mode: the image folder)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
@@ -204,36 +244,78 @@ def main(argv=None) -> None:
             cli.fail(str(e))
         # a dry run before the run exists: say so, and show what the arguments and config decide
         print(f"dry run: not checked: {e}", file=sys.stderr)
-        cli.print_plan({"checkpoint": None, "not_checked": [str(e)], "dit": cfg.models.dit, "t5": cfg.models.t5,
-                        "vae": cfg.models.vae, "size": [height, width], "steps": args.steps, "cfg": args.cfg,
-                        "seed": args.seed, "device": args.device, "out": args.out,
-                        **({"prompts": len(batch[0]), "seeds": batch[1]} if batch else {})})
+        cli.print_plan(
+            {
+                "checkpoint": None,
+                "not_checked": [str(e)],
+                "dit": cfg.models.dit,
+                "t5": cfg.models.t5,
+                "vae": cfg.models.vae,
+                "size": [height, width],
+                "steps": args.steps,
+                "cfg": args.cfg,
+                "seed": args.seed,
+                "device": args.device,
+                "out": args.out,
+                **({"prompts": len(batch[0]), "seeds": batch[1]} if batch else {}),
+            }
+        )
         return
     if args.dry_run:
-        cli.print_plan({"checkpoint": str(src.checkpoint), "dit": src.size, **position, "t5": models.t5,
-                        "vae": models.vae, "models_from": models.source, "size": [height, width],
-                        "steps": args.steps, "cfg": args.cfg, "seed": args.seed,
-                        "uncond": "diffusers" if args.like_diffusers else args.uncond,
-                        "device": args.device, "out": args.out,
-                        **({"prompts": len(batch[0]), "seeds": batch[1]} if batch else {})})
+        cli.print_plan(
+            {
+                "checkpoint": str(src.checkpoint),
+                "dit": src.size,
+                **position,
+                "t5": models.t5,
+                "vae": models.vae,
+                "models_from": models.source,
+                "size": [height, width],
+                "steps": args.steps,
+                "cfg": args.cfg,
+                "seed": args.seed,
+                "uncond": "diffusers" if args.like_diffusers else args.uncond,
+                "device": args.device,
+                "out": args.out,
+                **({"prompts": len(batch[0]), "seeds": batch[1]} if batch else {}),
+            }
+        )
         return
     try:
         model = runs.load_model(src.checkpoint, src.size, **position)
         dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-        gen = Generator(model, models.t5, models.vae, args.device, dtype, t5_dtype=models.t5_dtype,
-                        vae_dtype=cfg.encode.vae_dtype, max_length=models.max_length,
-                        keep_null=src.run is not None)
+        gen = Generator(
+            model,
+            models.t5,
+            models.vae,
+            args.device,
+            dtype,
+            t5_dtype=models.t5_dtype,
+            vae_dtype=cfg.encode.vae_dtype,
+            max_length=models.max_length,
+            keep_null=src.run is not None,
+        )
         if batch:
             return write_batch(gen, args, src, position, *batch)
-        image = gen([args.prompt], height, width, steps=args.steps, cfg_scale=args.cfg, seed=args.seed,
-                    uncond=args.uncond, like_diffusers=args.like_diffusers)[0]
+        image = gen(
+            [args.prompt],
+            height,
+            width,
+            steps=args.steps,
+            cfg_scale=args.cfg,
+            seed=args.seed,
+            uncond=args.uncond,
+            like_diffusers=args.like_diffusers,
+        )[0]
     except SigmaError as e:
         cli.fail(str(e))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     write_bytes(args.out, buf.getvalue())
-    print(f"wrote {args.out} ({height}x{width} HxW, {args.steps} steps, cfg {args.cfg}, seed {args.seed}, "
-          f"{src.checkpoint.name})")
+    print(
+        f"wrote {args.out} ({height}x{width} HxW, {args.steps} steps, cfg {args.cfg}, seed {args.seed}, "
+        f"{src.checkpoint.name})"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,15 +340,39 @@ def write_batch(gen, args, src, position: dict, prompts: list[dict], seeds: list
 
     height, width = parse_size(args.size)
     uncond = "like-diffusers" if args.like_diffusers else args.uncond  # like-diffusers also lower-cases prompts
-    settings = {"stage": src.stage, "steps": args.steps, "cfg": args.cfg, "size": [height, width],
-                "uncond": uncond, "checkpoint": str(src.checkpoint)}
-    record = {"generator": "training/sample", "run": str(src.run) if src.run else None, "dit": src.size,
-              **position, "sampler": f"DPM-Solver++ ({args.steps} steps)", "like_diffusers": args.like_diffusers,
-              "models": {"t5": gen.t5_path, "vae": gen.vae_path,
-                         "null_caption": "the run's checkpoint" if src.run else "T5('')"},
-              "prompts_file": str(Path(args.prompts).resolve())}
-    make = lambda text, seed: gen([text], height, width, steps=args.steps, cfg_scale=args.cfg, seed=seed,  # noqa: E731
-                                  uncond=args.uncond, like_diffusers=args.like_diffusers)[0]
+    settings = {
+        "stage": src.stage,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "size": [height, width],
+        "uncond": uncond,
+        "checkpoint": str(src.checkpoint),
+    }
+    record = {
+        "generator": "training/sample",
+        "run": str(src.run) if src.run else None,
+        "dit": src.size,
+        **position,
+        "sampler": f"DPM-Solver++ ({args.steps} steps)",
+        "like_diffusers": args.like_diffusers,
+        "models": {
+            "t5": gen.t5_path,
+            "vae": gen.vae_path,
+            "null_caption": "the run's checkpoint" if src.run else "T5('')",
+        },
+        "prompts_file": str(Path(args.prompts).resolve()),
+    }
+    make = lambda text, seed: gen(
+        [text],
+        height,
+        width,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        seed=seed,
+        uncond=args.uncond,
+        like_diffusers=args.like_diffusers,
+    )[0]
     made = evalset.write_folder(make, args.out, prompts, seeds, settings, record)
-    print(f"{Path(args.out).name}: {made} images generated, {len(prompts) * len(seeds) - made} already there "
-          f"({args.out})")
+    print(
+        f"{Path(args.out).name}: {made} images generated, {len(prompts) * len(seeds) - made} already there ({args.out})"
+    )

@@ -14,6 +14,7 @@ newly compressed layers keep their average initialisation, and the null caption 
 data. The position embedding is never stored; it is recomputed for the new `pe_interpolation`.
 Every problem here is a `SigmaError` whose message is one line.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,6 @@ from training import checkpoint
 from training.convert import NULL_CAPTION_KEY
 
 KV_PARAMS = (".attn.sr.", ".attn.norm.")  # what switching on KV compression adds to a block
-
-
 
 
 def resolve(cfg: Config, name: str) -> Stage:
@@ -77,11 +76,17 @@ def resolution(stage: Stage) -> int:
 
 def model_kwargs(stage: Stage, latent_channels: int, caption_channels: int, max_length: int) -> dict:
     """Overrides of the named DiT size for this stage: position setup, KV compression, data widths."""
-    return dict(input_size=resolution(stage) // 8, pe_interpolation=stage.pe_interpolation,
-                multi_scale=stage.multi_scale, in_channels=latent_channels, caption_channels=caption_channels,
-                model_max_length=max_length, class_dropout_prob=stage.cfg_dropout,
-                kv_compress_layers=tuple(stage.kv_compress_layers) if stage.kv_compress else (),
-                kv_compress_ratio=stage.kv_compress_ratio)
+    return dict(
+        input_size=resolution(stage) // 8,
+        pe_interpolation=stage.pe_interpolation,
+        multi_scale=stage.multi_scale,
+        in_channels=latent_channels,
+        caption_channels=caption_channels,
+        model_max_length=max_length,
+        class_dropout_prob=stage.cfg_dropout,
+        kv_compress_layers=tuple(stage.kv_compress_layers) if stage.kv_compress else (),
+        kv_compress_ratio=stage.kv_compress_ratio,
+    )
 
 
 def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
@@ -101,8 +106,10 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
         parent_dir = run_dir(cfg, parent)
         ckpt = checkpoint.latest(parent_dir)
         if ckpt is None:
-            raise SigmaError(f"--stage {name}: starts from its parent stage {parent}, but {parent_dir} has no "
-                             f"checkpoint; run `training/finetune --stage {parent}` first or pass --init")
+            raise SigmaError(
+                f"--stage {name}: starts from its parent stage {parent}, but {parent_dir} has no "
+                f"checkpoint; run `training/finetune --stage {parent}` first or pass --init"
+            )
         return ckpt / checkpoint.MODEL
     if cfg.models.dit_weights:
         return Path(cfg.models.dit_weights)
@@ -126,12 +133,16 @@ def load_init(model: torch.nn.Module, state_dict: dict, source: str) -> list[str
     own = model.state_dict()
     w = state_dict.get("x_embedder.proj.weight")
     if w is not None and w.shape[1] != own["x_embedder.proj.weight"].shape[1]:
-        raise SigmaError(f"{source}: weights take {w.shape[1]} latent channels, the data has "
-                         f"{own['x_embedder.proj.weight'].shape[1]} (latents from another VAE?)")
+        raise SigmaError(
+            f"{source}: weights take {w.shape[1]} latent channels, the data has "
+            f"{own['x_embedder.proj.weight'].shape[1]} (latents from another VAE?)"
+        )
     for k, v in state_dict.items():
         if k in own and own[k].shape != v.shape and k != NULL_CAPTION_KEY:
-            raise SigmaError(f"{source}: {k} has shape {list(v.shape)}, the model wants {list(own[k].shape)} "
-                             f"(another models.dit size or caption width?)")
+            raise SigmaError(
+                f"{source}: {k} has shape {list(v.shape)}, the model wants {list(own[k].shape)} "
+                f"(another models.dit size or caption width?)"
+            )
     state_dict = {k: v for k, v in state_dict.items() if k != NULL_CAPTION_KEY}
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if unexpected:

@@ -7,6 +7,7 @@ one plot per scalar and the latest grid. Given the parent of several stage folde
 (`<training.out>`: runs/256, runs/512, ...) it shows every stage: one series per stage in each
 plot, and the latest grid per stage. Self-contained: opens from disk, copied off a cluster.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,23 @@ from shards.errors import SigmaError
 
 SUMMARY = "summary.html"
 # (tag, title, log-scale y): what finetune.py writes to TensorBoard
-SCALARS = [("train/loss", "Loss", True), ("train/lr", "Learning rate", False),
-           ("train/grad_norm", "Gradient norm (before clipping)", True),
-           ("perf/samples_per_s", "Throughput (samples/s)", False), ("perf/step_time_s", "Step time (s)", False)]
+SCALARS = [
+    ("train/loss", "Loss", True),
+    ("train/lr", "Learning rate", False),
+    ("train/grad_norm", "Gradient norm (before clipping)", True),
+    ("perf/samples_per_s", "Throughput (samples/s)", False),
+    ("perf/step_time_s", "Step time (s)", False),
+]
 LOG = "log.txt"
 # log.txt's step lines, written by `log_line` and read by `parse_log_line` (this module owns the format):
 #   step 20/100 loss 0.123456 lr 1.000e-04 grad_norm 0.5000 samples/s 12.3 step_time 0.160s
-LOG_FIELDS = [("loss", "train/loss", "{:.6f}"), ("lr", "train/lr", "{:.3e}"), ("grad_norm", "train/grad_norm", "{:.4f}"),
-              ("samples/s", "perf/samples_per_s", "{:.1f}"), ("step_time", "perf/step_time_s", "{:.3f}s")]
+LOG_FIELDS = [
+    ("loss", "train/loss", "{:.6f}"),
+    ("lr", "train/lr", "{:.3e}"),
+    ("grad_norm", "train/grad_norm", "{:.4f}"),
+    ("samples/s", "perf/samples_per_s", "{:.1f}"),
+    ("step_time", "perf/step_time_s", "{:.3f}s"),
+]
 LOG_LINE = re.compile(r"^step (\d+)/\d+ (.*)$")
 LOG_PAIR = re.compile(r"(\S+) ([-+0-9.eE]+|nan|inf)s?(?=\s|$)")
 
@@ -121,30 +131,47 @@ def build(rundir: str | Path) -> str:
     for stage, tags in scalars.items():
         loss = tags.get("train/loss", [])
         speed = [v for _, v in tags.get("perf/samples_per_s", [])]
-        rows.append((stage, max((s for s, _ in loss), default="-"), f"{loss[-1][1]:.6g}" if loss else "-",
-                     f"{min(v for _, v in loss):.6g}" if loss else "-",
-                     f"{sum(speed) / len(speed):.1f}" if speed else "-"))
+        rows.append(
+            (
+                stage,
+                max((s for s, _ in loss), default="-"),
+                f"{loss[-1][1]:.6g}" if loss else "-",
+                f"{min(v for _, v in loss):.6g}" if loss else "-",
+                f"{sum(speed) / len(speed):.1f}" if speed else "-",
+            )
+        )
     known = [t for t, _, _ in SCALARS]
     extra = sorted({t for tags in scalars.values() for t in tags} - set(known))
-    plots = [_plot(tag, title, log_y, {s: tags.get(tag, []) for s, tags in scalars.items()})
-             for tag, title, log_y in SCALARS + [(t, t, False) for t in extra]
-             if any(tag in tags for tags in scalars.values())]
+    plots = [
+        _plot(tag, title, log_y, {s: tags.get(tag, []) for s, tags in scalars.items()})
+        for tag, title, log_y in SCALARS + [(t, t, False) for t in extra]
+        if any(tag in tags for tags in scalars.values())
+    ]
     grids = []
     for stage, folder in runs.items():
         latest = latest_grid(folder)
         if latest is None:
-            grids.append(f'<section class="grid" data-stage="{pages.esc(stage)}"><h3>{pages.esc(stage)}</h3>'
-                         '<p class="muted">no sample grid yet</p></section>')
+            grids.append(
+                f'<section class="grid" data-stage="{pages.esc(stage)}"><h3>{pages.esc(stage)}</h3>'
+                '<p class="muted">no sample grid yet</p></section>'
+            )
             continue
         step, path = latest
-        grids.append(f'<section class="grid" data-stage="{pages.esc(stage)}" data-step="{step}">'
-                     f"<h3>{pages.esc(stage)}: step {step:,} ({pages.esc(path.name)})</h3>"
-                     f'<img alt="{pages.esc(stage)} step {step}" style="max-width:100%" '
-                     f'src="{pages.data_uri(path.read_bytes(), "image/png")}"></section>')
-    body = [f'<p class="muted">{pages.esc(rundir.resolve())}</p>', "<h2>Stages</h2>",
-            pages.table(["stage", "last step", "last loss", "min loss", "mean samples/s"], rows, "stages"),
-            "<h2>Curves</h2>", f'<div class="plots">{"".join(plots) or "<p>No scalars logged yet.</p>"}</div>',
-            "<h2>Latest sample grids</h2>", "".join(grids)]
+        grids.append(
+            f'<section class="grid" data-stage="{pages.esc(stage)}" data-step="{step}">'
+            f"<h3>{pages.esc(stage)}: step {step:,} ({pages.esc(path.name)})</h3>"
+            f'<img alt="{pages.esc(stage)} step {step}" style="max-width:100%" '
+            f'src="{pages.data_uri(path.read_bytes(), "image/png")}"></section>'
+        )
+    body = [
+        f'<p class="muted">{pages.esc(rundir.resolve())}</p>',
+        "<h2>Stages</h2>",
+        pages.table(["stage", "last step", "last loss", "min loss", "mean samples/s"], rows, "stages"),
+        "<h2>Curves</h2>",
+        f'<div class="plots">{"".join(plots) or "<p>No scalars logged yet.</p>"}</div>',
+        "<h2>Latest sample grids</h2>",
+        "".join(grids),
+    ]
     return pages.page(f"Training summary: {rundir.name}", "\n".join(body))
 
 

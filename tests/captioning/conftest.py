@@ -4,6 +4,7 @@ The curated shards are real WebDataset tars in curation's layout (KEY.<jpg|png|w
 KEY.txt), built here so these tests do not depend on the curation code. The Share-Captioner folder
 is a STAND-IN (tests/captioning/standin_share_captioner/): the real weights are not reachable here.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,10 +36,15 @@ def cap_models(tmp_path_factory) -> dict[str, Path]:
 def load_cfg(cap_models: dict, *overrides: str):
     from common import config
 
-    return config.load(ROOT / "pipelines.yaml", "demo", [
-        f"captioning.captioners.hf.model={cap_models['captioner']}", f"models.t5={cap_models['t5']}",
-        *overrides,
-    ])
+    return config.load(
+        ROOT / "pipelines.yaml",
+        "demo",
+        [
+            f"captioning.captioners.hf.model={cap_models['captioner']}",
+            f"models.t5={cap_models['t5']}",
+            *overrides,
+        ],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +72,11 @@ def write_shards(curdir: Path, n_shards: int, per_shard: int, corrupt: set[str] 
                 key, ext = f"{s:05d}{i:04d}", exts[i % 3]
                 data = NOT_AN_IMAGE if key in corrupt else image_bytes(40 + 7 * i, 30 + 5 * i, s * 100 + i, ext)
                 meta = json.dumps({"key": key, "url": f"http://127.0.0.1/{key}.{ext}"}).encode()
-                for name, payload in ((f"{key}.{ext}", data), (f"{key}.json", meta),
-                                      (f"{key}.txt", f"alt text {key}".encode())):
+                for name, payload in (
+                    (f"{key}.{ext}", data),
+                    (f"{key}.json", meta),
+                    (f"{key}.txt", f"alt text {key}".encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -93,23 +102,44 @@ def standin_share_captioner(tmp_path_factory) -> Path:
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     raw.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    raw.train_from_iterator(["<|User|>: Analyze the image in a comprehensive and detailed manner.",
-                             "<|Bot|>: A red fox sits in the snow near a small wooden house at sunset."] * 4,
-                            trainers.BpeTrainer(vocab_size=120, special_tokens=specials))
+    raw.train_from_iterator(
+        [
+            "<|User|>: Analyze the image in a comprehensive and detailed manner.",
+            "<|Bot|>: A red fox sits in the snow near a small wooden house at sunset.",
+        ]
+        * 4,
+        trainers.BpeTrainer(vocab_size=120, special_tokens=specials),
+    )
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                  pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     tok.save_pretrained(out)
     _save_for_transformers_431(out)
-    (out / "config.json").write_text(json.dumps({
-        "model_type": "standin_share_captioner",
-        "architectures": ["StandInShareCaptioner"],
-        "auto_map": {"AutoConfig": "configuration_standin.StandInShareCaptionerConfig",
-                     "AutoModelForCausalLM": "modeling_standin.StandInShareCaptioner"},
-        "text_config": {"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 1024,
-                        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3},
-    }))
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "standin_share_captioner",
+                "architectures": ["StandInShareCaptioner"],
+                "auto_map": {
+                    "AutoConfig": "configuration_standin.StandInShareCaptionerConfig",
+                    "AutoModelForCausalLM": "modeling_standin.StandInShareCaptioner",
+                },
+                "text_config": {
+                    "vocab_size": len(tok),
+                    "hidden_size": 32,
+                    "intermediate_size": 64,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 4,
+                    "max_position_embeddings": 1024,
+                    "bos_token_id": 1,
+                    "eos_token_id": 2,
+                    "pad_token_id": 3,
+                },
+            }
+        )
+    )
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(out, trust_remote_code=True)
     AutoModelForCausalLM.from_config(config, trust_remote_code=True).save_pretrained(out)

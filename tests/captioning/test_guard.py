@@ -1,4 +1,5 @@
 """The caption-quality guard: hand-made degenerate outputs are caught, 50 varied good captions pass."""
+
 import numpy as np
 import pytest
 
@@ -39,23 +40,22 @@ GOOD = [
     "shadow to the right. The cup has a matte finish and a small handle; a single coffee bean lies beside "
     "its saucer. The composition is centered and the lighting soft and even.",
     # numbers, quotes, signs
-    "A storefront with a green awning that reads \"Joe's Bakery - Est. 1952\" in white letters, and a "
-    "chalkboard sign on the sidewalk listing \"Croissants $2.50\" and \"Coffee $1.75\".",
+    'A storefront with a green awning that reads "Joe\'s Bakery - Est. 1952" in white letters, and a '
+    'chalkboard sign on the sidewalk listing "Croissants $2.50" and "Coffee $1.75".',
     "A digital clock on a bedside table showing 07:45 in red segments, next to a glass of water and a "
     "pair of folded reading glasses.",
     "A marathon runner wearing bib number 2047 crosses the finish line with both arms raised; the race "
     "clock above reads 3:12:08.",
-    "A vintage poster with the words \"Visit Paris\" above an illustration of the Eiffel Tower at sunset, "
+    'A vintage poster with the words "Visit Paris" above an illustration of the Eiffel Tower at sunset, '
     "printed in 1931 according to the small text at the bottom.",
     "A scoreboard at a baseball stadium showing the home team leading 5 to 3 in the bottom of the 9th "
     "inning, with a crowd of fans in blue jerseys below.",
     "Three identical yellow rubber ducks in a row on the edge of a bathtub, the middle one slightly "
     "larger than the others.",
-    "A street sign at an intersection reading \"Main St\" and \"5th Ave\", with a red traffic light "
+    'A street sign at an intersection reading "Main St" and "5th Ave", with a red traffic light '
     "above and yellow taxis waiting below.",
-    "A birthday cake with 30 lit candles and the words \"Happy Birthday, Maria!\" piped in pink icing on "
-    "white frosting.",
-    "A handwritten note on lined paper that says \"Back in 10 minutes\" taped to a glass door.",
+    'A birthday cake with 30 lit candles and the words "Happy Birthday, Maria!" piped in pink icing on white frosting.',
+    'A handwritten note on lined paper that says "Back in 10 minutes" taped to a glass door.',
     "A bar chart on a laptop screen comparing quarterly sales for 2021, 2022 and 2023, with the tallest "
     "bar in Q4 2023.",
     # non-ASCII names and places, foreign words in quotes
@@ -65,17 +65,16 @@ GOOD = [
     "cafezinho under a striped umbrella.",
     "A portrait of the footballer Zlatan Ibrahimović in a black jersey, mid-shout, with stadium lights "
     "blurred behind him.",
-    "A bakery window in Zürich displaying rows of Gipfeli and a handwritten sign that reads \"Frisch "
-    "gebacken\", with snow on the window ledge.",
-    "A shop sign in Tokyo showing the characters \"東京ラーメン\" above a red lantern, with a man in a "
+    'A bakery window in Zürich displaying rows of Gipfeli and a handwritten sign that reads "Frisch '
+    'gebacken", with snow on the window ledge.',
+    'A shop sign in Tokyo showing the characters "東京ラーメン" above a red lantern, with a man in a '
     "white apron standing in the doorway.",
     "A museum label next to a painting by Renée Sintenis, describing a small bronze sculpture of a foal "
     "on a marble plinth.",
     "A bowl of crème brûlée with a caramelized sugar crust cracked by a spoon, on a blue linen napkin.",
     "A Moroccan riad courtyard with a tiled fountain, orange trees in terracotta pots and carved cedar "
     "doors, in soft afternoon light.",
-    "A mural in Mexico City of Frida Kahlo surrounded by marigolds, monkeys and parrots in bright "
-    "saturated colours.",
+    "A mural in Mexico City of Frida Kahlo surrounded by marigolds, monkeys and parrots in bright saturated colours.",
     "A red phone box in a village near Llandudno, with a green hill and grazing sheep behind it.",
     # short and medium captions, varied structure
     "A black cat sleeping on a sunny windowsill.",
@@ -104,8 +103,10 @@ GOOD = [
     "of a church tower across the water.",
 ]
 
-LOOP = ("A red car parked on the street. A red car parked on the street. A red car parked on the street. "
-        "A red car parked on the street.")
+LOOP = (
+    "A red car parked on the street. A red car parked on the street. A red car parked on the street. "
+    "A red car parked on the street."
+)
 BAD = [
     ("", None, reasons.EMPTY_CAPTION),
     ("   ", None, reasons.EMPTY_CAPTION),
@@ -118,25 +119,43 @@ BAD = [
     ("A dog on a beach. As an AI model I may be wrong about the breed.", None, reasons.REFUSED_CAPTION),
     ("一只红色的狐狸站在雪地里，背景是松树林，阳光从右边照过来。", False, reasons.WRONG_LANGUAGE),
     ("Красная лиса стоит в глубоком снегу на краю соснового леса.", False, reasons.WRONG_LANGUAGE),
-    ("Un renard roux se tient dans la neige au bord de la forêt, avec des arbres et une lumière douce sur "
-     "les branches.", False, reasons.WRONG_LANGUAGE),
-    ("Ein roter Fuchs steht im Schnee am Rand des Waldes, und die Sonne scheint auf die Bäume.", False,
-     reasons.WRONG_LANGUAGE),
+    (
+        "Un renard roux se tient dans la neige au bord de la forêt, avec des arbres et une lumière douce sur "
+        "les branches.",
+        False,
+        reasons.WRONG_LANGUAGE,
+    ),
+    (
+        "Ein roter Fuchs steht im Schnee am Rand des Waldes, und die Sonne scheint auf die Bäume.",
+        False,
+        reasons.WRONG_LANGUAGE,
+    ),
     (LOOP, False, reasons.DEGENERATE_CAPTION),
     ("A garden with flowers flowers flowers flowers flowers flowers", True, reasons.DEGENERATE_CAPTION),
-    ("A table with a cup of tea and a cup of tea and a cup of tea and a cup of tea", True,
-     reasons.DEGENERATE_CAPTION),
+    ("A table with a cup of tea and a cup of tea and a cup of tea and a cup of tea", True, reasons.DEGENERATE_CAPTION),
     ("A sign that reads hahahahahahahahahahahaha in red paint.", False, reasons.DEGENERATE_CAPTION),
     ("A mountain lake at sunset.................................", False, reasons.DEGENERATE_CAPTION),
     (" ".join(["the blue sky and the sea and the blue sea and the sky"] * 5), None, reasons.DEGENERATE_CAPTION),
-    ("A woman in a red dress walks along a beach at sunset, holding her sandals in one hand while",
-     True, reasons.TRUNCATED_CAPTION),
-    ("A woman in a red dress walks along a beach at sunset, holding her sandals in one hand.",
-     True, reasons.TRUNCATED_CAPTION),  # the engine says it hit the limit: trusted even at a full stop
-    ("A woman in a red dress walks along a beach at sunset, holding her sandals in one hand and",
-     None, reasons.TRUNCATED_CAPTION),  # engine cannot say: the unfinished sentence tells
-    ("A busy kitchen with chefs preparing dishes, steam rising from pots, and a row of plates on the",
-     None, reasons.TRUNCATED_CAPTION),
+    (
+        "A woman in a red dress walks along a beach at sunset, holding her sandals in one hand while",
+        True,
+        reasons.TRUNCATED_CAPTION,
+    ),
+    (
+        "A woman in a red dress walks along a beach at sunset, holding her sandals in one hand.",
+        True,
+        reasons.TRUNCATED_CAPTION,
+    ),  # the engine says it hit the limit: trusted even at a full stop
+    (
+        "A woman in a red dress walks along a beach at sunset, holding her sandals in one hand and",
+        None,
+        reasons.TRUNCATED_CAPTION,
+    ),  # engine cannot say: the unfinished sentence tells
+    (
+        "A busy kitchen with chefs preparing dishes, steam rising from pots, and a row of plates on the",
+        None,
+        reasons.TRUNCATED_CAPTION,
+    ),
     ("A busy kitchen with chefs preparing dishes, steam rising from pots,", None, reasons.TRUNCATED_CAPTION),
 ]
 
@@ -164,8 +183,7 @@ def test_rules_can_be_switched_off():
 
 
 def _batch(n):
-    return {"key": np.array([f"k{i}" for i in range(n)], dtype=object),
-            "image": np.array([b"img"] * n, dtype=object)}
+    return {"key": np.array([f"k{i}" for i in range(n)], dtype=object), "image": np.array([b"img"] * n, dtype=object)}
 
 
 def test_failed_rows_are_retried_once_with_the_retry_generator():
@@ -210,8 +228,11 @@ def test_guard_in_the_pipeline_fails_rows_retries_them_and_reports_them(ray_loca
 
     shards = make_shards(tmp_path / "cur", 2, 4, corrupt={"000010001"})
     capdir = tmp_path / "caps"
-    cfg = make_cfg("captioning.guard.enabled=true", "captioning.captioners.hf.max_new_tokens=6",
-                   "captioning.captioners.hf.retry={do_sample: true, temperature: 1.5}")
+    cfg = make_cfg(
+        "captioning.guard.enabled=true",
+        "captioning.captioners.hf.max_new_tokens=6",
+        "captioning.captioners.hf.retry={do_sample: true, temperature: 1.5}",
+    )
     summary = recaption.run(cfg, str(tmp_path / "cur" / "shards"), str(capdir))
 
     rows = [r for s in shards for r in pq.read_table(fmt.caption_file(capdir, s)).to_pylist()]
@@ -227,4 +248,3 @@ def test_guard_in_the_pipeline_fails_rows_retries_them_and_reports_them(ray_loca
     assert 'data-table="guard-counts"' in html and 'data-table="guard-examples"' in html
     first = examples[0]
     assert first["reason"] in html and report.pages.esc(first["text"][:20]) in html
-

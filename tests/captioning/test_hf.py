@@ -1,4 +1,5 @@
 """The `hf` backend on the real tiny LLaVA: loading, chat template, left padding, failure rows."""
+
 import io
 
 import numpy as np
@@ -13,14 +14,17 @@ NOT_AN_IMAGE = b"<html><body>404 served as a jpg</body></html>"
 
 
 def _batch(*images):
-    return {"key": np.array([f"k{i}" for i in range(len(images))], dtype=object),
-            "image": np.array(list(images), dtype=object)}
+    return {
+        "key": np.array([f"k{i}" for i in range(len(images))], dtype=object),
+        "image": np.array(list(images), dtype=object),
+    }
 
 
 @pytest.fixture(scope="module")
 def captioner(cap_models):
-    return hf.HFCaptioner(str(cap_models["captioner"]), "Describe this image in detail.", dtype="float32",
-                          max_new_tokens=12)
+    return hf.HFCaptioner(
+        str(cap_models["captioner"]), "Describe this image in detail.", dtype="float32", max_new_tokens=12
+    )
 
 
 def test_tiny_model_is_a_real_llava_with_a_working_processor(cap_models):
@@ -30,8 +34,9 @@ def test_tiny_model_is_a_real_llava_with_a_working_processor(cap_models):
     model = AutoModelForImageTextToText.from_pretrained(cap_models["captioner"])
     assert type(model).__name__ == "LlavaForConditionalGeneration"
     assert proc.tokenizer.padding_side == "left" and proc.chat_template
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}],
-                                    add_generation_prompt=True)
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}], add_generation_prompt=True
+    )
     assert text == "USER: <image>\nHi ASSISTANT:"
     inputs = proc(images=[Image.new("RGB", (50, 20))], text=[text], return_tensors="pt")
     # 32 px / patch 8 = 16 patch tokens; the CLS the "default" strategy drops must not be counted.
@@ -66,8 +71,9 @@ def test_failure_rows_keep_the_batch(captioner, cap_models, make_image):
     out = captioner(_batch(image_bytes(40, 30, 1), NOT_AN_IMAGE, image_bytes(40, 30, 1)[:200]))
     assert list(out["status"]) == [reasons.KEPT, reasons.FAILED, reasons.FAILED]
     assert list(out["reason"]) == ["", reasons.NOT_AN_IMAGE, reasons.NOT_AN_IMAGE]  # truncated JPEG too
-    broken = hf.HFCaptioner(str(cap_models["captioner"]), "Describe.", dtype="float32", max_new_tokens=4,
-                            generate={"num_beams": 0})  # generate() raises: a generation error
+    broken = hf.HFCaptioner(
+        str(cap_models["captioner"]), "Describe.", dtype="float32", max_new_tokens=4, generate={"num_beams": 0}
+    )  # generate() raises: a generation error
     out = broken(_batch(image_bytes(40, 30, 1), NOT_AN_IMAGE))
     assert list(out["reason"]) == [reasons.CAPTION_ERROR, reasons.NOT_AN_IMAGE]
 
@@ -108,6 +114,7 @@ def test_qwen2vl_processor_budget_is_an_area_cap(tmp_path):
     Image.new("RGB", (1600, 900), "red").save(buf, "JPEG")
     img = cap.decode(buf.getvalue())
     assert img.width * img.height <= tiny_qwen2vl.MAX_PIXELS and abs(img.width / img.height - 16 / 9) < 0.05
-    texts = cap.generate_with_limit([cap.chat_text([{"type": "image"}, {"type": "text", "text": "Describe."}], "")],
-                                    [img])
+    texts = cap.generate_with_limit(
+        [cap.chat_text([{"type": "image"}, {"type": "text", "text": "Describe."}], "")], [img]
+    )
     assert len(texts) == 1 and isinstance(texts[0][1], bool)

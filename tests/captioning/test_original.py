@@ -1,4 +1,5 @@
 """The pass-through captioner: alt text -> caption files with no model, then encode -> finetune on them."""
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,11 @@ def write_shard(path, alt: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
         for key, text in alt.items():
-            members = {"jpg": image_bytes(300, 300, int(key)), "json": json.dumps({"width": 300, "height": 300}).encode(),
-                       "txt": text.encode()}
+            members = {
+                "jpg": image_bytes(300, 300, int(key)),
+                "json": json.dumps({"width": 300, "height": 300}).encode(),
+                "txt": text.encode(),
+            }
             for ext, data in members.items():
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
@@ -33,8 +37,11 @@ def write_shard(path, alt: dict[str, str]) -> None:
 
 
 def test_the_batch_callable_passes_alt_text_and_fails_rows_without():
-    batch = {"key": np.array(["a", "b"], dtype=object), "image": np.array([b"x", b"y"], dtype=object),
-             "original_caption": np.array([" a fox ", ""], dtype=object)}
+    batch = {
+        "key": np.array(["a", "b"], dtype=object),
+        "image": np.array([b"x", b"y"], dtype=object),
+        "original_caption": np.array([" a fox ", ""], dtype=object),
+    }
     out = OriginalCaptioner()(batch)
     assert "image" not in out
     assert list(out["caption"]) == ["a fox", ""]
@@ -58,14 +65,45 @@ def test_original_captions_encode_and_train_end_to_end(tiny_models, ray_local, t
     recaption.main(["--shards", str(shard.parent), "--out", str(caps), "--captioner", "original", "--profile", "demo"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["skipped"] == 1
 
-    encode.main(["--images", str(shard.parent), "--captions", str(caps), "--out", str(enc), "--tier", "256",
-                 "--profile", "demo"])
+    encode.main(
+        [
+            "--images",
+            str(shard.parent),
+            "--captions",
+            str(caps),
+            "--out",
+            str(enc),
+            "--tier",
+            "256",
+            "--profile",
+            "demo",
+        ]
+    )
     idx = pq.read_table(enc / encoded.INDEX).to_pandas().set_index("key")
     assert dict(zip(idx.index, zip(idx["status"], idx["reason"]))) == {
-        "000000001": (reasons.KEPT, ""), "000000002": (reasons.KEPT, ""),
-        "000000003": (reasons.FAILED, reasons.NO_ALT_TEXT)}
+        "000000001": (reasons.KEPT, ""),
+        "000000002": (reasons.KEPT, ""),
+        "000000003": (reasons.FAILED, reasons.NO_ALT_TEXT),
+    }
 
-    finetune.main(["--stage", "256", "--data", str(enc), "--profile", "demo", "--max-steps", "2",
-                   "--set", f"training.out={runs}", "--set", "training.sample_every=0",
-                   "--set", "training.checkpoint_every=2", "--set", "training.stages.256.batch_size=1"])
+    finetune.main(
+        [
+            "--stage",
+            "256",
+            "--data",
+            str(enc),
+            "--profile",
+            "demo",
+            "--max-steps",
+            "2",
+            "--set",
+            f"training.out={runs}",
+            "--set",
+            "training.sample_every=0",
+            "--set",
+            "training.checkpoint_every=2",
+            "--set",
+            "training.stages.256.batch_size=1",
+        ]
+    )
     assert checkpoint.list_steps(runs / "256") == [2]

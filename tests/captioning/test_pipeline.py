@@ -1,4 +1,5 @@
 """The recaption stage end to end through Ray with the real tiny LLaVA: outputs, failure rows, resume."""
+
 import json
 import os
 import re
@@ -18,14 +19,27 @@ from tests.shards.test_curated import cut_after, write_tar
 from tests.terminal import RATE_AND_ETA, on_terminal
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"}
+ENV = {
+    **os.environ,
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+}
 
 
 def _cli(cap_models, *args):
-    return [sys.executable, str(ROOT / "captioning" / "recaption"), "--profile", "demo",
-            "--set", f"captioning.captioners.hf.model={cap_models['captioner']}",
-            "--set", f"models.t5={cap_models['t5']}", *args]
+    return [
+        sys.executable,
+        str(ROOT / "captioning" / "recaption"),
+        "--profile",
+        "demo",
+        "--set",
+        f"captioning.captioners.hf.model={cap_models['captioner']}",
+        "--set",
+        f"models.t5={cap_models['t5']}",
+        *args,
+    ]
 
 
 def test_end_to_end_through_ray(ray_local, cap_cfg, cap_models, make_shards, tmp_path):
@@ -53,7 +67,11 @@ def test_end_to_end_through_ray(ray_local, cap_cfg, cap_models, make_shards, tmp
             assert r["original_caption"] == f"alt text {r['key']}"
             if r["key"] == "000010003":
                 assert (r["status"], r["reason"], r["caption"], r["num_tokens"]) == (
-                    reasons.FAILED, reasons.NOT_AN_IMAGE, "", 0)
+                    reasons.FAILED,
+                    reasons.NOT_AN_IMAGE,
+                    "",
+                    0,
+                )
             elif r["status"] == reasons.KEPT:
                 assert r["reason"] == "" and r["caption"] == " ".join(r["caption"].split())
                 assert r["num_tokens"] == len(tok(r["caption"]).input_ids)
@@ -71,19 +89,48 @@ def test_dry_run_and_bad_input_messages(cap_models, make_shards, tmp_path):
     make_shards(tmp_path / "cur", 3, 1)
     (tmp_path / "caps").mkdir()
     (tmp_path / "caps" / "00001.parquet").write_bytes(b"done earlier")
-    out = subprocess.run(_cli(cap_models, "--shards", str(tmp_path / "cur" / "shards" / "*.tar"),
-                              "--out", str(tmp_path / "caps"), "--dry-run"),
-                         env=ENV, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        _cli(
+            cap_models,
+            "--shards",
+            str(tmp_path / "cur" / "shards" / "*.tar"),
+            "--out",
+            str(tmp_path / "caps"),
+            "--dry-run",
+        ),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert [Path(p).name for p in plan["todo"]] == ["00000.tar", "00002.tar"]
     assert plan["backend"] == "hf" and plan["resources"]["batch_size"] == 8
 
-    bad = subprocess.run(_cli(cap_models, "--shards", str(tmp_path / "nope" / "{00000..00003}.tar"),
-                              "--out", str(tmp_path / "caps")), env=ENV, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        _cli(cap_models, "--shards", str(tmp_path / "nope" / "{00000..00003}.tar"), "--out", str(tmp_path / "caps")),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: --shards ") and "no such file" in bad.stderr
-    bad = subprocess.run(_cli(cap_models, "--shards", str(tmp_path / "cur" / "shards"), "--out", str(tmp_path / "c2"),
-                              "--captioner", "llava-9000"), env=ENV, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        _cli(
+            cap_models,
+            "--shards",
+            str(tmp_path / "cur" / "shards"),
+            "--out",
+            str(tmp_path / "c2"),
+            "--captioner",
+            "llava-9000",
+        ),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "captioning.captioners.llava-9000: no such captioner" in bad.stderr
 
 
@@ -93,8 +140,14 @@ def test_resume_after_kill(ray_local, cap_models, make_cfg, make_shards, tmp_pat
     make_shards(tmp_path / "cur", n, 4)
     capdir = tmp_path / "caps"
     overrides = ["captioning.captioners.hf.max_new_tokens=48", "captioning.captioners.hf.resources.batch_size=4"]
-    cmd = _cli(cap_models, "--shards", str(tmp_path / "cur" / "shards"), "--out", str(capdir),
-               *[a for o in overrides for a in ("--set", o)])
+    cmd = _cli(
+        cap_models,
+        "--shards",
+        str(tmp_path / "cur" / "shards"),
+        "--out",
+        str(capdir),
+        *[a for o in overrides for a in ("--set", o)],
+    )
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 150
@@ -108,12 +161,16 @@ def test_resume_after_kill(ray_local, cap_models, make_cfg, make_shards, tmp_pat
     (capdir / ".00005.parquet.killed.tmp").write_bytes(b"half a file")  # what a kill mid-write leaves
 
     # The rerun, in-process; a 3-token budget so the over-budget report has something to count.
-    summary = recaption.run(make_cfg(*overrides, "captioning.token_budget=3"), str(tmp_path / "cur" / "shards"), str(capdir))
+    summary = recaption.run(
+        make_cfg(*overrides, "captioning.token_budget=3"), str(tmp_path / "cur" / "shards"), str(capdir)
+    )
     assert summary["skipped"] == len(first) and summary["written"] == n - len(first)
     rerun = [pq.read_table(p).to_pylist() for p in sorted(capdir.glob("*.parquet")) if p.name not in first]
     assert summary["over_budget"] == sum(r["num_tokens"] > 3 for rows in rerun for r in rows) > 0
-    assert sorted(p.name for p in capdir.iterdir()) == \
-        [fmt.caption_file("", f"{i:05d}.tar").name for i in range(n)] + ["fingerprint.json", "report.html"]  # no temp files
+    assert sorted(p.name for p in capdir.iterdir()) == [fmt.caption_file("", f"{i:05d}.tar").name for i in range(n)] + [
+        "fingerprint.json",
+        "report.html",
+    ]  # no temp files
     assert {name: (capdir / name).stat().st_mtime_ns for name in first} == first  # finished shards untouched
     for i in range(n):
         assert pq.read_table(capdir / f"{i:05d}.parquet").num_rows == 4
@@ -168,7 +225,13 @@ def test_a_full_disk_is_one_line(cap_models, small_disk, tmp_path):
     with tf.open(tar, "w"):  # no samples: its (empty) parquet is written without Ray
         pass
     caps = small_disk(4096) / "caps"  # one page: fingerprint.json, then nothing
-    r = subprocess.run(_cli(cap_models, "--shards", str(tar), "--out", str(caps)), capture_output=True, text=True,
-                       cwd=ROOT, env=ENV, timeout=300)
+    r = subprocess.run(
+        _cli(cap_models, "--shards", str(tar), "--out", str(caps)),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=300,
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "disk full" in r.stderr, r.stderr
     assert str(caps) in r.stderr and not list(caps.glob(".*.tmp"))

@@ -4,6 +4,7 @@ The real Share-Captioner weights are not reachable offline. `standin_share_capti
 code exposing the same interface (vis_processor, encode_img, encode_text, eoh, internlm_model.generate,
 decode_text), loaded the same way (trust_remote_code from a folder), with tiny random weights.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -16,8 +17,16 @@ from shards.errors import SigmaError
 PROMPT = "Analyze the image in a comprehensive and detailed manner."
 # share-cap_batch_infer.py, InternLM-XComposer projects/ShareGPT4V/tools (the script passes max_length=500,
 # which with inputs_embeds only bounds the new tokens in transformers 4.31: max_new_tokens here).
-RECIPE = dict(max_new_tokens=500, num_beams=3, min_length=1, do_sample=True, repetition_penalty=1.5,
-              length_penalty=1.0, temperature=1.0, num_return_sequences=1)
+RECIPE = dict(
+    max_new_tokens=500,
+    num_beams=3,
+    min_length=1,
+    do_sample=True,
+    repetition_penalty=1.5,
+    length_penalty=1.0,
+    temperature=1.0,
+    num_return_sequences=1,
+)
 
 
 def _share_cfg(cap_models, standin, *overrides):
@@ -26,10 +35,18 @@ def _share_cfg(cap_models, standin, *overrides):
     from common import config
 
     root = Path(__file__).resolve().parents[2]
-    return config.load(root / "pipelines.yaml", "demo", [
-        "captioning.captioner=share-captioner", f"captioning.captioners.share-captioner.model={standin}",
-        "captioning.captioners.share-captioner.revision=null",  # the shipped revision is the hub repo's
-        "captioning.captioners.share-captioner.runtime_env={}", f"models.t5={cap_models['t5']}", *overrides])
+    return config.load(
+        root / "pipelines.yaml",
+        "demo",
+        [
+            "captioning.captioner=share-captioner",
+            f"captioning.captioners.share-captioner.model={standin}",
+            "captioning.captioners.share-captioner.revision=null",  # the shipped revision is the hub repo's
+            "captioning.captioners.share-captioner.runtime_env={}",
+            f"models.t5={cap_models['t5']}",
+            *overrides,
+        ],
+    )
 
 
 def _share(cfg) -> ShareCaptioner:
@@ -42,8 +59,14 @@ def _share(cfg) -> ShareCaptioner:
 @pytest.fixture(scope="module")
 def share(cap_models, standin_share_captioner):
     """The backend as the config's `share-captioner` entry builds it (fp32 on CPU), 6 new tokens."""
-    return _share(_share_cfg(cap_models, standin_share_captioner, "captioning.captioners.share-captioner.dtype=float32",
-                             "captioning.captioners.share-captioner.max_new_tokens=6"))
+    return _share(
+        _share_cfg(
+            cap_models,
+            standin_share_captioner,
+            "captioning.captioners.share-captioner.dtype=float32",
+            "captioning.captioners.share-captioner.max_new_tokens=6",
+        )
+    )
 
 
 def test_generate_kwargs_are_the_official_ones(cap_models, standin_share_captioner):
@@ -78,13 +101,17 @@ def test_prompt_assembly_matches_the_recipe(share, make_image):
 
 
 def test_minus_one_padding_is_decoded_as_eos(share, make_image):
-    out = share({"key": np.array(["a", "b", "c"], dtype=object),
-                 "image": np.array([make_image(50, 50, 3), b"not an image", make_image(80, 20, 4)], dtype=object)})
+    out = share(
+        {
+            "key": np.array(["a", "b", "c"], dtype=object),
+            "image": np.array([make_image(50, 50, 3), b"not an image", make_image(80, 20, 4)], dtype=object),
+        }
+    )
     assert list(out["status"]) == [reasons.KEPT, reasons.FAILED, reasons.KEPT]
     assert out["reason"][1] == reasons.NOT_AN_IMAGE
     assert all(isinstance(c, str) for c in out["caption"])
     # The stand-in's generate() appends -1 to every row; decoded raw, -1 is not a token id at all.
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - tokenizers raise differing types for an invalid id
         share.model.tokenizer.batch_decode([[5, -1]], skip_special_tokens=True)
 
 
@@ -95,14 +122,18 @@ def test_shipped_config_pins_the_remote_code_revision():
 
     from common import config
 
-    cap = config.load(Path(__file__).resolve().parents[2] / "pipelines.yaml", None, []).captioning.captioners["share-captioner"]
+    cap = config.load(Path(__file__).resolve().parents[2] / "pipelines.yaml", None, []).captioning.captioners[
+        "share-captioner"
+    ]
     assert cap.model == "Lin-Chen/ShareCaptioner" and cap.trust_remote_code
     assert re.fullmatch(r"[0-9a-f]{40}", cap.revision or ""), cap.revision
     assert recaption.captioner_id(cap) == f"Lin-Chen/ShareCaptioner@{cap.revision}"
 
 
 def test_trust_remote_code_false_refuses_to_load(cap_models, standin_share_captioner):
-    cfg = _share_cfg(cap_models, standin_share_captioner, "captioning.captioners.share-captioner.trust_remote_code=false")
+    cfg = _share_cfg(
+        cap_models, standin_share_captioner, "captioning.captioners.share-captioner.trust_remote_code=false"
+    )
     with pytest.raises(SigmaError, match=r"captioners\.share-captioner\.trust_remote_code: .*explicit opt-in"):
         recaption.select(cfg, None)
     with pytest.raises(SigmaError, match="trust_remote_code"):
@@ -112,9 +143,13 @@ def test_trust_remote_code_false_refuses_to_load(cap_models, standin_share_capti
 def test_share_captioner_backend_through_ray(ray_local, cap_models, standin_share_captioner, make_shards, tmp_path):
     import pyarrow.parquet as pq
 
-    cfg = _share_cfg(cap_models, standin_share_captioner, "captioning.captioners.share-captioner.dtype=float32",
-                     "captioning.captioners.share-captioner.max_new_tokens=4",
-                     "captioning.captioners.share-captioner.resources={batch_size: 4, num_gpus: 0, num_cpus: 1, concurrency: 1}")
+    cfg = _share_cfg(
+        cap_models,
+        standin_share_captioner,
+        "captioning.captioners.share-captioner.dtype=float32",
+        "captioning.captioners.share-captioner.max_new_tokens=4",
+        "captioning.captioners.share-captioner.resources={batch_size: 4, num_gpus: 0, num_cpus: 1, concurrency: 1}",
+    )
     shards = make_shards(tmp_path / "cur", 1, 3, corrupt={"000000001"})
     summary = recaption.run(cfg, str(shards[0]), str(tmp_path / "caps"))
     rows = pq.read_table(tmp_path / "caps" / "00000.parquet").to_pylist()

@@ -5,6 +5,7 @@ venv) and the STAND-IN Share-Captioner (remote code, see conftest) captions a cu
 through `recaption.run`. The stand-in's loader reports, from inside the actor, the transformers
 it was imported with.
 """
+
 import json
 from pathlib import Path
 
@@ -18,7 +19,9 @@ KEY = "captioning.captioners.share-captioner"
 
 
 def shipped_runtime_env() -> dict:
-    return yaml.safe_load((ROOT / "pipelines.yaml").read_text())["captioning"]["captioners"]["share-captioner"]["runtime_env"]
+    return yaml.safe_load((ROOT / "pipelines.yaml").read_text())["captioning"]["captioners"]["share-captioner"][
+        "runtime_env"
+    ]
 
 
 @pytest.fixture
@@ -35,8 +38,9 @@ def built_envs(ray_local):
 
 
 @pytest.mark.slow
-def test_share_captioner_runs_in_its_own_environment(built_envs, cap_models, standin_share_captioner, make_shards,
-                                                     tmp_path):
+def test_share_captioner_runs_in_its_own_environment(
+    built_envs, cap_models, standin_share_captioner, make_shards, tmp_path
+):
     import pyarrow.parquet as pq
     import transformers
 
@@ -47,10 +51,20 @@ def test_share_captioner_runs_in_its_own_environment(built_envs, cap_models, sta
     report.mkdir()
     env = {**shipped_runtime_env(), "env_vars": {"STANDIN_SHARE_CAPTIONER_REPORT": str(report)}}
     assert "transformers==4.31.0" in env["pip"]["packages"]
-    cfg = config.load(ROOT / "pipelines.yaml", "demo", [
-        "captioning.captioner=share-captioner", f"{KEY}.model={standin_share_captioner}", f"{KEY}.revision=null",
-        f"{KEY}.dtype=float32", f"{KEY}.max_new_tokens=4", f"{KEY}.runtime_env={json.dumps(env)}", f"models.t5={cap_models['t5']}",
-        f"{KEY}.resources={{batch_size: 4, num_gpus: 0, num_cpus: 1, concurrency: 1}}"])
+    cfg = config.load(
+        ROOT / "pipelines.yaml",
+        "demo",
+        [
+            "captioning.captioner=share-captioner",
+            f"{KEY}.model={standin_share_captioner}",
+            f"{KEY}.revision=null",
+            f"{KEY}.dtype=float32",
+            f"{KEY}.max_new_tokens=4",
+            f"{KEY}.runtime_env={json.dumps(env)}",
+            f"models.t5={cap_models['t5']}",
+            f"{KEY}.resources={{batch_size: 4, num_gpus: 0, num_cpus: 1, concurrency: 1}}",
+        ],
+    )
     shards = make_shards(tmp_path / "cur", 1, 3, corrupt={"000000001"})
 
     summary = recaption.run(cfg, str(shards[0]), str(tmp_path / "caps"))

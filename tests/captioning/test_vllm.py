@@ -6,6 +6,7 @@ with `captioning/vllm-env --kind cpu`, builds the tiny random Qwen2-VL offline, 
 in-process, then compared with the `hf` backend on the same model and shards. The engine starts
 twice (once per run: 60-90 s each on 2 cores).
 """
+
 import os
 import signal
 import subprocess
@@ -22,8 +23,14 @@ from shards import reasons
 from shards.errors import SigmaError
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+ENV = {
+    **os.environ,
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONPATH": str(ROOT),
+}
 N_SHARDS, PER_SHARD = 8, 4
 CORRUPT = "000020001"
 
@@ -45,8 +52,12 @@ def qwen2vl(tmp_path_factory) -> Path:
 
 
 def _overrides(qwen2vl, cap_models, name):
-    return [f"captioning.captioners.{name}.model={qwen2vl}", f"models.t5={cap_models['t5']}",
-            f"captioning.captioners.{name}.max_new_tokens=16", f"captioning.captioners.{name}.resources.batch_size=4"]
+    return [
+        f"captioning.captioners.{name}.model={qwen2vl}",
+        f"models.t5={cap_models['t5']}",
+        f"captioning.captioners.{name}.max_new_tokens=16",
+        f"captioning.captioners.{name}.resources.batch_size=4",
+    ]
 
 
 def _rows(capdir):
@@ -54,14 +65,26 @@ def _rows(capdir):
 
 
 @pytest.mark.slow
-def test_vllm_recaption_end_to_end_resume_and_same_files_as_hf(vllm_python, qwen2vl, cap_models, make_cfg,
-                                                                make_shards, ray_local, tmp_path):
+def test_vllm_recaption_end_to_end_resume_and_same_files_as_hf(
+    vllm_python, qwen2vl, cap_models, make_cfg, make_shards, ray_local, tmp_path
+):
     make_shards(tmp_path / "cur", N_SHARDS, PER_SHARD, corrupt={CORRUPT})
     shards = str(tmp_path / "cur" / "shards")
     capdir = tmp_path / "vllm"
     sets = [a for o in _overrides(qwen2vl, cap_models, "vllm-cpu") for a in ("--set", o)]
-    cmd = [sys.executable, str(ROOT / "captioning" / "recaption"), "--profile", "demo", "--captioner", "vllm-cpu",
-           "--shards", shards, "--out", str(capdir), *sets]
+    cmd = [
+        sys.executable,
+        str(ROOT / "captioning" / "recaption"),
+        "--profile",
+        "demo",
+        "--captioner",
+        "vllm-cpu",
+        "--shards",
+        shards,
+        "--out",
+        str(capdir),
+        *sets,
+    ]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 420  # the engine's start dominates
@@ -107,8 +130,9 @@ def test_shipped_vllm_configs_pin_revisions_and_refuse_without_one(make_cfg):
     for name in ("qwen25vl-7b-vllm", "internvl3-8b-vllm"):
         cap = cfg.captioning.captioners[name]
         assert cap.backend == "vllm" and cap.require_revision and len(cap.revision) == 40
-        assert {"max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "limit_mm_per_prompt"} <= \
-            set(cap.engine_kwargs)
+        assert {"max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "limit_mm_per_prompt"} <= set(
+            cap.engine_kwargs
+        )
     unpinned = make_cfg("captioning.captioners.qwen25vl-7b-vllm.revision=null")
     with pytest.raises(SigmaError, match=r"qwen25vl-7b-vllm\.revision: not pinned") as e:
         recaption.select(unpinned, "qwen25vl-7b-vllm")

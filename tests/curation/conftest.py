@@ -1,4 +1,5 @@
 """Curation fixtures: a folder of real images of known sizes behind a real loopback HTTP server."""
+
 from __future__ import annotations
 
 import io
@@ -13,15 +14,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # name -> (seed, width, height, format): sizes against the PixArt-Sigma bucket tables
 IMAGES = {
-    "square-1k.jpg": (1, 1024, 1024, "JPEG"),      # 1k
-    "hires-2k.jpg": (2, 2048, 2048, "JPEG"),       # 2k
-    "uhd-4k.jpg": (3, 2880, 2880, "JPEG"),         # 4k (2880 table)
-    "wide-1k.webp": (4, 1344, 768, "WEBP"),        # 1k, aspect 0.57
-    "portrait-1k.png": (6, 896, 1152, "PNG"),      # 1k
-    "small.jpg": (7, 800, 600, "JPEG"),            # too_small
-    "panorama.jpg": (8, 4400, 1000, "JPEG"),       # aspect_ratio (h/w 0.23)
-    "near-big.jpg": (5, 2100, 2100, "JPEG"),       # kept member of that group
-    "fresh-1k.jpg": (10, 1024, 1024, "JPEG"),      # in no run but the incremental one
+    "square-1k.jpg": (1, 1024, 1024, "JPEG"),  # 1k
+    "hires-2k.jpg": (2, 2048, 2048, "JPEG"),  # 2k
+    "uhd-4k.jpg": (3, 2880, 2880, "JPEG"),  # 4k (2880 table)
+    "wide-1k.webp": (4, 1344, 768, "WEBP"),  # 1k, aspect 0.57
+    "portrait-1k.png": (6, 896, 1152, "PNG"),  # 1k
+    "small.jpg": (7, 800, 600, "JPEG"),  # too_small
+    "panorama.jpg": (8, 4400, 1000, "JPEG"),  # aspect_ratio (h/w 0.23)
+    "near-big.jpg": (5, 2100, 2100, "JPEG"),  # kept member of that group
+    "fresh-1k.jpg": (10, 1024, 1024, "JPEG"),  # in no run but the incremental one
 }
 
 
@@ -71,8 +72,12 @@ def curated(ray_local, tiny_models, server, tmp_path_factory):
     faults = server.fault_urls()
     urls = [f"{server.url}/{n}" for n in ORDER] + [faults[f] for f in FAULTS] + ["ftp://example.invalid/a.jpg"]
     names = ORDER + FAULTS + ["ftp"]
-    pq.write_table(pa.table({"url": urls, "caption": [f"alt text {n}" for n in names], "name": names,
-                             "status": ["carried"] * len(urls)}), tmp / "urls.parquet")
+    pq.write_table(
+        pa.table(
+            {"url": urls, "caption": [f"alt text {n}" for n in names], "name": names, "status": ["carried"] * len(urls)}
+        ),
+        tmp / "urls.parquet",
+    )
     stats = pipeline.run(tmp / "urls.parquet", tmp / "out", demo_cfg())
     manifest = pd.read_parquet(tmp / "out" / "manifest.parquet")
     return tmp / "out", manifest.set_index("name"), stats, urls

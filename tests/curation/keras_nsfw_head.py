@@ -8,6 +8,7 @@ vocabulary, unseen: 0; autokeras' MultiCategoryEncoding), a Normalization adapte
 non-trivial mean and variance, Dense 768 -> 64 -> 512 -> 256 -> 1 with ReLU layers, a sigmoid.
 Random weights and biases; half of the embeddings' category values are in the vocabularies.
 """
+
 import sys
 from pathlib import Path
 
@@ -25,13 +26,19 @@ class MultiCategoryEncoding(layers.Layer):
 
     def __init__(self, vocabularies: dict, **kwargs):
         super().__init__(**kwargs)
-        self.encoding_layers = [layers.StringLookup(vocabulary=vocabularies[c]) if c in vocabularies else None
-                                for c in range(768)]
+        self.encoding_layers = [
+            layers.StringLookup(vocabulary=vocabularies[c]) if c in vocabularies else None for c in range(768)
+        ]
 
     def call(self, x):
         columns = tf.split(x, 768, axis=-1)
-        return tf.concat([tf.cast(lookup(tf.strings.as_string(col)) if lookup is not None else col, "float32")
-                          for col, lookup in zip(columns, self.encoding_layers)], axis=-1)
+        return tf.concat(
+            [
+                tf.cast(lookup(tf.strings.as_string(col)) if lookup is not None else col, "float32")
+                for col, lookup in zip(columns, self.encoding_layers)
+            ],
+            axis=-1,
+        )
 
 
 def model(widths: list[int], vocabularies: dict) -> keras.Model:

@@ -4,6 +4,7 @@ The pipeline decides as Ray work (thresholds in the scoring actor, `curation/ded
 dedup); tests compare it with these, which call the same rules (`pipeline.score_reasons`,
 `dedup`'s edges, components and keep rank) with no Ray and no files between the steps.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -20,9 +21,15 @@ from curation.dedup_job import CANDIDATE_COLUMNS
 from shards import reasons
 
 
-def find_duplicates(keys: list[str], pixels: list[int], sha256: list[str], phash: list[str | None],
-                    embeddings: np.ndarray | None, phash_radius: int | None,
-                    clip_similarity: float | None) -> dict[str, str]:
+def find_duplicates(
+    keys: list[str],
+    pixels: list[int],
+    sha256: list[str],
+    phash: list[str | None],
+    embeddings: np.ndarray | None,
+    phash_radius: int | None,
+    clip_similarity: float | None,
+) -> dict[str, str]:
     """{duplicate key: kept key} over all candidates, in one process. CLIP: exact, all pairs."""
     ids = np.arange(len(keys), dtype=np.int64)
     parts = [dedup.exact_edges(ids, np.array(sha256, dtype=object))]
@@ -51,8 +58,10 @@ def decide(scored: Path, n_shards: int, cur: CurationConfig) -> dict[str, tuple[
     cols = CANDIDATE_COLUMNS + ["aesthetic", "nsfw", "watermark"]
     t = pa.concat_tables([pq.read_table(scored / f"{i:05d}.parquet", columns=cols) for i in range(n_shards)])
     t = t.filter(pc.is_in(t["reason"], pa.array(["", *pipeline.SCORE_REASONS])))  # passed measuring
-    floats = [np.array([np.nan if v is None else v for v in t[c].to_pylist()], np.float64)
-              for c in ("aesthetic", "nsfw", "watermark")]
+    floats = [
+        np.array([np.nan if v is None else v for v in t[c].to_pylist()], np.float64)
+        for c in ("aesthetic", "nsfw", "watermark")
+    ]
     final = pipeline.score_reasons(np.full(len(t), "", dtype=object), *floats, cur)
     out = {k: (r, None) for k, r in zip(t["key"].to_pylist(), final.tolist()) if r}
     t = t.filter(pa.array(final == ""))
@@ -66,7 +75,14 @@ def decide(scored: Path, n_shards: int, cur: CurationConfig) -> dict[str, tuple[
                 if e:
                     emb[j] = np.frombuffer(e, np.float16)
         pixels = [w * h for w, h in zip(t["width"].to_pylist(), t["height"].to_pylist())]
-        dups = find_duplicates(t["key"].to_pylist(), pixels, t["sha256"].to_pylist(), t["phash"].to_pylist(),
-                               emb, cur.dedup.phash_radius, cur.dedup.clip_similarity)
+        dups = find_duplicates(
+            t["key"].to_pylist(),
+            pixels,
+            t["sha256"].to_pylist(),
+            t["phash"].to_pylist(),
+            emb,
+            cur.dedup.phash_radius,
+            cur.dedup.clip_similarity,
+        )
         out.update({k: (reasons.DUPLICATE, v) for k, v in dups.items()})
     return out

@@ -4,6 +4,7 @@ The slow test builds (once) a TensorFlow venv in the user cache, saves a random 
 LAION's layers there (tests/curation/keras_nsfw_head.py), runs the real command in that venv, and
 checks the converted head, loaded the way SafetyScorer loads it, against Keras' own outputs.
 """
+
 import importlib.util
 import os
 import shutil
@@ -26,8 +27,13 @@ QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
 
 def _works(python: Path) -> bool:
     check = "import numpy, safetensors, tensorflow; assert tensorflow.__version__ == '2.21.0'"
-    return python.exists() and subprocess.run([str(python), "-c", check], check=False, capture_output=True,
-                                              env={**os.environ, **QUIET}).returncode == 0
+    return (
+        python.exists()
+        and subprocess.run(
+            [str(python), "-c", check], check=False, capture_output=True, env={**os.environ, **QUIET}
+        ).returncode
+        == 0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,9 @@ def tf_python() -> Path:
     if not _works(python):
         shutil.rmtree(TF_VENV, ignore_errors=True)
         subprocess.run([sys.executable, "-m", "venv", str(TF_VENV)], check=True)
-        pip = subprocess.run([str(python), "-m", "pip", "install", "-q", *TF_PACKAGES], check=False,
-                             capture_output=True, text=True)
+        pip = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *TF_PACKAGES], check=False, capture_output=True, text=True
+        )
         if pip.returncode:
             shutil.rmtree(TF_VENV, ignore_errors=True)
             pytest.fail(f"pip install {' '.join(TF_PACKAGES)} failed:\n{pip.stderr[-3000:]}")
@@ -47,14 +54,22 @@ def tf_python() -> Path:
 
 
 def convert(python, keras_dir, out) -> subprocess.CompletedProcess:
-    return subprocess.run([str(python), str(COMMAND), str(keras_dir), str(out)], check=False, capture_output=True,
-                          text=True, env={**os.environ, **QUIET})
+    return subprocess.run(
+        [str(python), str(COMMAND), str(keras_dir), str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **QUIET},
+    )
 
 
 @pytest.mark.slow
 def test_converted_head_matches_keras(tf_python, tmp_path):
-    subprocess.run([str(tf_python), str(ROOT / "tests" / "curation" / "keras_nsfw_head.py"), str(tmp_path)],
-                   check=True, env={**os.environ, **QUIET})
+    subprocess.run(
+        [str(tf_python), str(ROOT / "tests" / "curation" / "keras_nsfw_head.py"), str(tmp_path)],
+        check=True,
+        env={**os.environ, **QUIET},
+    )
     out = tmp_path / "nsfw_head.safetensors"
 
     done = convert(tf_python, tmp_path / "keras_head", out)
@@ -80,9 +95,13 @@ def test_a_folder_that_is_not_a_savedmodel_is_one_line(tmp_path):
     done = convert(sys.executable, tmp_path / "keras", tmp_path / "out.safetensors")
 
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.splitlines() == [(f"error: {tmp_path / 'keras'}: not a TensorFlow SavedModel folder "
-                                         "(no saved_model.pb, variables/variables.index); "
-                                         "expected LAION's unzipped clip_autokeras_binary_nsfw/")]
+    assert done.stderr.splitlines() == [
+        (
+            f"error: {tmp_path / 'keras'}: not a TensorFlow SavedModel folder "
+            "(no saved_model.pb, variables/variables.index); "
+            "expected LAION's unzipped clip_autokeras_binary_nsfw/"
+        )
+    ]
     assert not (tmp_path / "out.safetensors").exists()
 
 

@@ -3,6 +3,7 @@
 Addresses: 127.0.0.2 and 127.0.0.3 stand for the web (allowed by `allow_networks`, exactly),
 127.0.0.1 for the cluster's inside (not allowed). No test sends traffic beyond 127.0.0.0/8.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -42,8 +43,9 @@ def internal(image_dir):
 
 def crawl(tmp_path, urls, **settings) -> dict[str, dict]:
     """Download `urls` as one shard through img2dataset with these `curation.download` settings."""
-    d = DownloadConfig(**{"threads": 4, "timeout": 2, "retries": 0, "robots_txt": False, "allow_networks": WEB,
-                          **settings})
+    d = DownloadConfig(
+        **{"threads": 4, "timeout": 2, "retries": 0, "robots_txt": False, "allow_networks": WEB, **settings}
+    )
     folder = tmp_path / f"crawl{len(list(tmp_path.glob('crawl*')))}"
     pq.write_table(pa.table({"url": urls}), folder.with_suffix(".parquet"))
     assert inputs.split_input(folder.with_suffix(".parquet"), folder / "input", 1000) == 1
@@ -148,7 +150,7 @@ def test_retries_mean_something(web, web2, image_dir, tmp_path):
     urls = [missing, gone, flaky, timeout_then_ok, busy, later, down]
     rows = crawl(tmp_path, urls, retries=2, max_retry_after=10)
     assert reasons_of(rows, urls) == ["http_404", "http_410", "", "", "", "http_429", "http_503"]
-    count = lambda srv, p: srv.paths().count(p)  # noqa: E731
+    count = lambda srv, p: srv.paths().count(p)
     assert count(web, "/missing.jpg") == 1 and count(web, "/gone.jpg") == 1  # a 4xx is an answer
     assert count(web, "/flaky.jpg") == 2 and count(web, "/408.jpg") == 2
     assert count(web2, "/later.jpg") == 1  # Retry-After: 3600 is past the cap: give up, do not hammer
@@ -184,16 +186,20 @@ def test_one_slow_host_does_not_delay_the_others(web, web2, tmp_path):
 
 def test_numeric_spellings_of_one_host_share_its_limit(web, tmp_path):
     port = web.url.rsplit(":", 1)[1]
-    urls = [f"http://{h}:{port}/delay/200/small.jpg?i={i}"
-            for i, h in enumerate(["127.0.0.2", "127.2", "2130706434", "0x7f000002"] * 2)]
+    urls = [
+        f"http://{h}:{port}/delay/200/small.jpg?i={i}"
+        for i, h in enumerate(["127.0.0.2", "127.2", "2130706434", "0x7f000002"] * 2)
+    ]
     rows = crawl(tmp_path, urls, per_domain_limit=1)
     assert all(r["reason"] == "" for r in rows.values())
     assert web.max_inflight == 1
 
 
 def test_host_key_normalises_names():
-    assert {hosts.host_key(u) for u in ("http://127.1/", "http://2130706433:80/", "http://0x7f000001/x",
-                                          "http://127.0.0.1./")} == {"127.0.0.1"}
+    assert {
+        hosts.host_key(u)
+        for u in ("http://127.1/", "http://2130706433:80/", "http://0x7f000001/x", "http://127.0.0.1./")
+    } == {"127.0.0.1"}
     assert hosts.host_key("http://Example.COM./a") == "example.com"
     assert hosts.host_key("http://bücher.example/") == "xn--bcher-kva.example"
     assert hosts.host_key("http://[0:0::FFFF:7f00:1]/") == hosts.host_key("http://[::ffff:127.0.0.1]/")
@@ -230,8 +236,14 @@ def test_host_slots_hold_across_processes(tmp_path):
 
 
 def test_robots_txt_is_read_once_per_host_and_honoured(web, web2, image_dir, tmp_path):
-    web.add("/robots.txt", (200, {"Content-Type": "text/plain"},
-                            b"User-agent: sigmaforge\nDisallow: /private/\n\nUser-agent: *\nDisallow:\n"))
+    web.add(
+        "/robots.txt",
+        (
+            200,
+            {"Content-Type": "text/plain"},
+            b"User-agent: sigmaforge\nDisallow: /private/\n\nUser-agent: *\nDisallow:\n",
+        ),
+    )
     web2.add("/robots.txt", (200, {"Content-Type": "text/plain"}, b"User-agent: img2dataset\nDisallow: /\n"))
     allowed = [f"{web.url}/small.jpg?i={i}" for i in range(6)]
     private = web.url + "/private/small.jpg"
@@ -256,11 +268,22 @@ def test_unreachable_robots_txt_means_do_not_crawl(web, tmp_path):
     assert web.paths() == ["/robots.txt"]  # RFC 9309: a server error on robots.txt is a full disallow
 
 
-@pytest.mark.parametrize("value,opted_out", [
-    ("noai", True), ("noimageai", True), ("none", True), ("NoAI", True), ("sigmaforge: noai", True),
-    ("img2dataset: noimageai", True), ("googlebot: noindex, sigmaforge: none", True), ("noindex, noai", True),
-    ("otherbot: noai", False), ("unavailable_after: 25 Jun 2030 15:00:00 PST", False), ("nofollow", False),
-])
+@pytest.mark.parametrize(
+    "value,opted_out",
+    [
+        ("noai", True),
+        ("noimageai", True),
+        ("none", True),
+        ("NoAI", True),
+        ("sigmaforge: noai", True),
+        ("img2dataset: noimageai", True),
+        ("googlebot: noindex, sigmaforge: none", True),
+        ("noindex, noai", True),
+        ("otherbot: noai", False),
+        ("unavailable_after: 25 Jun 2030 15:00:00 PST", False),
+        ("nofollow", False),
+    ],
+)
 def test_x_robots_tag(value, opted_out):
     from curation import robots
 
@@ -270,8 +293,13 @@ def test_x_robots_tag(value, opted_out):
 
 def test_x_robots_tag_variants_on_the_wire(web, image_dir, tmp_path):
     _, headers, body = jpeg(image_dir)
-    tags = {"noai": "opt_out", "none": "opt_out", "sigmaforge: noimageai": "opt_out",
-            "img2dataset: noai": "opt_out", "otherbot: noai": ""}
+    tags = {
+        "noai": "opt_out",
+        "none": "opt_out",
+        "sigmaforge: noimageai": "opt_out",
+        "img2dataset: noai": "opt_out",
+        "otherbot: noai": "",
+    }
     urls = [web.add(f"/tag{i}.jpg", (200, {**headers, "X-Robots-Tag": t}, body)) for i, t in enumerate(tags)]
     rows = crawl(tmp_path, urls)
     assert reasons_of(rows, urls) == list(tags.values())
@@ -305,8 +333,8 @@ def test_new_reasons_reach_the_manifest_and_the_report(ray_local, tiny_models, w
     import pandas as pd
     from PIL import Image
 
-    from curation import pipeline
     from common import config
+    from curation import pipeline
     from shards import reasons
 
     gif = io.BytesIO()
@@ -322,14 +350,18 @@ def test_new_reasons_reach_the_manifest_and_the_report(ray_local, tiny_models, w
     cap = (image_dir / "uhd-4k.jpg").stat().st_size - 1
     assert (image_dir / "square-1k.jpg").stat().st_size < cap
     pq.write_table(pa.table({"url": list(cases.values()), "name": list(cases)}), tmp_path / "urls.parquet")
-    cfg = config.load(config.DEFAULT_CONFIG, "demo", [f"curation.download.allow_networks=[{WEB[0]}]",
-                                                      f"curation.download.max_bytes={cap}"])
+    cfg = config.load(
+        config.DEFAULT_CONFIG,
+        "demo",
+        [f"curation.download.allow_networks=[{WEB[0]}]", f"curation.download.max_bytes={cap}"],
+    )
     before = len(internal.log)
     pipeline.run(tmp_path / "urls.parquet", tmp_path / "out", cfg)
     m = pd.read_parquet(tmp_path / "out" / "manifest.parquet").set_index("name")
     got = {name: (m.loc[name, "status"], m.loc[name, "reason"]) for name in cases}
-    want = {name: (reasons.status_of(None if name == "kept" else name), None if name == "kept" else name)
-            for name in cases}
+    want = {
+        name: (reasons.status_of(None if name == "kept" else name), None if name == "kept" else name) for name in cases
+    }
     assert got == want
     assert all(got[n][0] == "failed" for n in cases if n != "kept")
     assert len(internal.log) == before

@@ -1,5 +1,6 @@
 """The stage on a real two-node Ray cluster (same outputs as one node), and incremental runs
 (`--dedup-against` an earlier run's kept images)."""
+
 from __future__ import annotations
 
 import json
@@ -43,13 +44,21 @@ def test_two_node_cluster_spreads_every_step_and_matches_one_node(curated, tmp_p
     from ray.cluster_utils import Cluster
 
     ref_out, _, _, _ = curated
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 2, "object_store_memory": 200 * 2**20})
+    cluster = Cluster(
+        initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "object_store_memory": 200 * 2**20}
+    )
     try:
         cluster.add_node(num_cpus=2, object_store_memory=200 * 2**20)
         cluster.wait_for_nodes()
-        argv = RUN + ["--urls", str(ref_out.parent / "urls.parquet"), "--out", str(tmp_path / "out"),
-                      "--profile", "demo", *[a for s in SETS for a in ("--set", s)]]
+        argv = RUN + [
+            "--urls",
+            str(ref_out.parent / "urls.parquet"),
+            "--out",
+            str(tmp_path / "out"),
+            "--profile",
+            "demo",
+            *[a for s in SETS for a in ("--set", s)],
+        ]
         env = {**os.environ, "RAY_ADDRESS": cluster.address}
         r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -84,8 +93,18 @@ def test_dedup_against_an_earlier_run(curated, ray_local, server, tmp_path, caps
         pipeline.run(tmp_path / "urls.parquet", tmp_path / "second", demo_cfg(), [])
     capsys.readouterr()  # what the runs above logged is not the error's line
     with pytest.raises(SystemExit) as e:
-        run.main(["--urls", str(tmp_path / "urls.parquet"), "--out", str(tmp_path / "third"), "--profile", "demo",
-                  "--dedup-against", str(tmp_path)])
+        run.main(
+            [
+                "--urls",
+                str(tmp_path / "urls.parquet"),
+                "--out",
+                str(tmp_path / "third"),
+                "--profile",
+                "demo",
+                "--dedup-against",
+                str(tmp_path),
+            ]
+        )
     # ours is one line; Ray's own processes may still log to the same stderr from the run before
     ours = [line for line in capsys.readouterr().err.splitlines() if "(pid=" not in line]
     assert e.value.code == 2 and len(ours) == 1 and "not a finished curation run" in ours[0]

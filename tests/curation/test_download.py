@@ -1,4 +1,5 @@
 """img2dataset on one shard against the loopback server: originals kept, reasons, per-domain limit."""
+
 from __future__ import annotations
 
 import hashlib
@@ -19,15 +20,22 @@ def _shard(tmp_path, urls):
 
 
 def _run(src, folder, limit, threads=8):
-    d = DownloadConfig(threads=threads, timeout=2, retries=0, per_domain_limit=limit, robots_txt=False,
-                       allow_networks=["127.0.0.1/32"])  # the fixture server's address, nothing else
+    d = DownloadConfig(
+        threads=threads, timeout=2, retries=0, per_domain_limit=limit, robots_txt=False, allow_networks=["127.0.0.1/32"]
+    )  # the fixture server's address, nothing else
     download.download_shard(src, folder, 0, download.crawl_of(d))
 
 
 def test_download_shard_keeps_bytes_and_reports_reasons(server, image_dir, tmp_path):
     f = server.fault_urls()
-    urls = [f"{server.url}/square-1k.jpg", f"{server.url}/portrait-1k.png", f["http_404"], f["opt_out"],
-            f["connection_error"], "ftp://example.invalid/x.jpg"]
+    urls = [
+        f"{server.url}/square-1k.jpg",
+        f"{server.url}/portrait-1k.png",
+        f["http_404"],
+        f["opt_out"],
+        f["connection_error"],
+        "ftp://example.invalid/x.jpg",
+    ]
     src = _shard(tmp_path, urls)
     _run(src, tmp_path / "dl", limit=4)
     assert download.stats_path(tmp_path / "dl", 0).exists()
@@ -36,8 +44,10 @@ def test_download_shard_keeps_bytes_and_reports_reasons(server, image_dir, tmp_p
     for name in ("square-1k.jpg", "portrait-1k.png"):
         r = rows[f"{server.url}/{name}"]
         served = curated.read_member(r["src"], r["offset"], r["size"])  # at the recorded place in the tar
-        assert r["reason"] == "" and hashlib.sha256(served).digest() == hashlib.sha256(
-            (image_dir / name).read_bytes()).digest()  # the served bytes, untouched
+        assert (
+            r["reason"] == ""
+            and hashlib.sha256(served).digest() == hashlib.sha256((image_dir / name).read_bytes()).digest()
+        )  # the served bytes, untouched
     assert [rows[u]["reason"] for u in urls[2:]] == ["http_404", "opt_out", "connection_error", "invalid_url"]
     n = len(server.requests)
     _run(src, tmp_path / "dl", limit=4)  # done shard (stats file): not downloaded again
@@ -67,8 +77,9 @@ def test_link_cap_shares_the_bandwidth_between_connections(image_dir):
     with ImageServer(image_dir, link_mbps=8 * size / 1e6 / 0.25) as srv:  # one file per 0.25 s
         t0 = time.monotonic()
         with ThreadPoolExecutor(4) as pool:
-            bodies = list(pool.map(lambda i: urllib.request.urlopen(f"{srv.url}/{name}?i={i}", timeout=10).read(),
-                                   range(4)))
+            bodies = list(
+                pool.map(lambda i: urllib.request.urlopen(f"{srv.url}/{name}?i={i}", timeout=10).read(), range(4))
+            )
         elapsed = time.monotonic() - t0
     assert all(b == (image_dir / name).read_bytes() for b in bodies)
     assert elapsed >= 4 * 0.25 * 0.95, elapsed  # 4 files through one link: at least 1 s, however many connections

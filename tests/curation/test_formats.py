@@ -1,4 +1,5 @@
 """Formats met on the web, as real files: MPO, 16-bit grey PNG, GIF/TIFF/BMP, animated PNG/WebP, alpha."""
+
 from __future__ import annotations
 
 import io

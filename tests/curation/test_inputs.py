@@ -1,5 +1,6 @@
 """Curation inputs without Ray: URL lists in img2dataset's formats and column names, images on disk
 (tars, folders, tables) indexed into the same input shards, and the entry point's --dry-run."""
+
 from __future__ import annotations
 
 import gzip
@@ -21,8 +22,19 @@ ALT = [f"alt text {i}" for i in range(5)]
 
 def laion(path):
     """A LAION-style parquet: upper-case URL / TEXT and the columns LAION ships with them."""
-    pq.write_table(pa.table({"URL": URLS, "TEXT": ALT, "WIDTH": [1024.0] * 5, "HEIGHT": [768.0] * 5,
-                             "similarity": [0.31, 0.32, 0.33, 0.34, 0.35], "hash": list(range(5))}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "URL": URLS,
+                "TEXT": ALT,
+                "WIDTH": [1024.0] * 5,
+                "HEIGHT": [768.0] * 5,
+                "similarity": [0.31, 0.32, 0.33, 0.34, 0.35],
+                "hash": list(range(5)),
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -45,9 +57,12 @@ def test_text_formats(tmp_path, fmt, capsys):
     frame = pd.DataFrame({"url": URLS, "alt": ALT, "score": [1, 2, 3, 4, 5]})
     path = tmp_path / f"urls.{fmt}"
     base = fmt.removesuffix(".gz")
-    text = {"csv": lambda: frame.to_csv(index=False), "tsv": lambda: frame.to_csv(index=False, sep="\t"),
-            "jsonl": lambda: frame.to_json(orient="records", lines=True),
-            "txt": lambda: "\n".join(URLS) + "\n\n"}[base]()
+    text = {
+        "csv": lambda: frame.to_csv(index=False),
+        "tsv": lambda: frame.to_csv(index=False, sep="\t"),
+        "jsonl": lambda: frame.to_json(orient="records", lines=True),
+        "txt": lambda: "\n".join(URLS) + "\n\n",
+    }[base]()
     path.write_bytes(gzip.compress(text.encode()) if fmt.endswith(".gz") else text.encode())
     found = inputs.url_list(path)
     assert found.describe()["rows"] == 5
@@ -64,8 +79,9 @@ def test_folder_and_glob_of_parts_are_one_list(tmp_path):
     parts = tmp_path / "parts"
     parts.mkdir()
     for i in range(2):
-        pq.write_table(pa.table({"URL": URLS[i * 3:i * 3 + 3], "TEXT": ALT[i * 3:i * 3 + 3]}),
-                       parts / f"part-{i}.parquet")
+        pq.write_table(
+            pa.table({"URL": URLS[i * 3 : i * 3 + 3], "TEXT": ALT[i * 3 : i * 3 + 3]}), parts / f"part-{i}.parquet"
+        )
     (parts / "README.md").write_text("not a list")
     for spec in (parts, f"{parts}/part-*.parquet", f"{parts}/part-{{0..1}}.parquet"):
         found = inputs.url_list(spec)
@@ -96,19 +112,38 @@ def test_named_columns_and_clashes(tmp_path):
 def test_dry_run_reads_headers_and_says_when_there_is_no_caption(tmp_path, tiny_models, capsys):
     from curation import run as cli
 
-    cli.main(["--urls", str(laion(tmp_path / "laion.parquet")), "--out", str(tmp_path / "o"), "--profile", "demo",
-              "--dry-run"])
+    cli.main(
+        [
+            "--urls",
+            str(laion(tmp_path / "laion.parquet")),
+            "--out",
+            str(tmp_path / "o"),
+            "--profile",
+            "demo",
+            "--dry-run",
+        ]
+    )
     plan = json.loads(capsys.readouterr().out)["input"]
     assert plan["url_col"] == "URL" and plan["caption_col"] == "TEXT" and plan["rows"] == 5
     assert plan["carried"] == ["WIDTH", "HEIGHT", "similarity", "hash"]
     pq.write_table(pa.table({"url": URLS}), tmp_path / "bare.parquet")
-    cli.main(["--urls", str(tmp_path / "bare.parquet"), "--out", str(tmp_path / "o"), "--profile", "demo",
-              "--dry-run"])
+    cli.main(["--urls", str(tmp_path / "bare.parquet"), "--out", str(tmp_path / "o"), "--profile", "demo", "--dry-run"])
     captured = capsys.readouterr()
     note = [line for line in captured.err.splitlines() if "no caption column" in line]
     assert len(note) == 1 and "bare.parquet" in note[0] and json.loads(captured.out)["input"]["caption_col"] is None
-    cli.main(["--urls", str(tmp_path / "laion.parquet"), "--caption-col", "hash", "--out", str(tmp_path / "o"),
-              "--profile", "demo", "--dry-run"])
+    cli.main(
+        [
+            "--urls",
+            str(tmp_path / "laion.parquet"),
+            "--caption-col",
+            "hash",
+            "--out",
+            str(tmp_path / "o"),
+            "--profile",
+            "demo",
+            "--dry-run",
+        ]
+    )
     assert json.loads(capsys.readouterr().out)["input"]["caption_col"] == "hash"
     with pytest.raises(SystemExit) as e:
         cli.main(["--images", str(tmp_path / "nothing-*.tar"), "--out", str(tmp_path / "o"), "--profile", "demo"])
@@ -133,11 +168,17 @@ def test_tar_samples_point_into_the_users_tar(tmp_path):
     d = tmp_path / "shards"
     d.mkdir()
     meta = {"url": "http://a/0.jpg", "key": "000000000", "status": "success", "width": 9, "similarity": 0.3}
-    _tar(d / "00000.tar", {"000000000.jpg": b"JPEGDATA0", "000000000.txt": b"a red fox",
-                           "000000000.json": json.dumps(meta).encode(), "000000001.png": b"PNGDATA",
-                           "000000001.json": json.dumps({**meta, "url": "http://a/1.png",
-                                                         "caption": "from json"}).encode(),
-                           "000000002.json": b"{}"})
+    _tar(
+        d / "00000.tar",
+        {
+            "000000000.jpg": b"JPEGDATA0",
+            "000000000.txt": b"a red fox",
+            "000000000.json": json.dumps(meta).encode(),
+            "000000001.png": b"PNGDATA",
+            "000000001.json": json.dumps({**meta, "url": "http://a/1.png", "caption": "from json"}).encode(),
+            "000000002.json": b"{}",
+        },
+    )
     _tar(d / "00001.tar", {"x/a.webp": b"WEBP"})
     for spec in (d, f"{d}/*.tar", f"{d}/{{00000..00001}}.tar"):
         assert sources.local_images(spec).kind == "shards"
@@ -153,8 +194,11 @@ def test_tar_samples_point_into_the_users_tar(tmp_path):
     assert [r["reason"] for r in rows] == ["", "", "not_an_image", ""]  # a sample without an image: accounted
     from shards.curated import read_member
 
-    assert [read_member(r["src"], r["offset"], r["size"]) for r in rows if r["src"]] == [b"JPEGDATA0", b"PNGDATA",
-                                                                                       b"WEBP"]
+    assert [read_member(r["src"], r["offset"], r["size"]) for r in rows if r["src"]] == [
+        b"JPEGDATA0",
+        b"PNGDATA",
+        b"WEBP",
+    ]
     with pytest.raises(SigmaError, match="overlaps --out"):
         sources.local_images(d, d)
 
@@ -174,8 +218,10 @@ def test_folder_of_images_with_captions(tmp_path):
     assert t["source"].tolist() == [str(d / "a.jpg"), str(d / "b" / "c.PNG")]
     assert t["caption"].tolist() == ["caption of a", None]
     rows = [r for i in range(2) for r in src.shard_rows(work, tmp_path / "out" / "downloads", i, None)]
-    assert [(r["src"], r["offset"], r["size"]) for r in rows] == [(str(d / "a.jpg"), 0, 1),
-                                                                   (str(d / "b" / "c.PNG"), 0, 2)]
+    assert [(r["src"], r["offset"], r["size"]) for r in rows] == [
+        (str(d / "a.jpg"), 0, 1),
+        (str(d / "b" / "c.PNG"), 0, 2),
+    ]
     with pytest.raises(SigmaError, match="overlaps --out"):
         sources.local_images(d, d / "curated")
 
@@ -186,10 +232,17 @@ HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # dataset
 @pytest.mark.parametrize("layout", ["hf-parquet", "binary-parquet", "hf-arrow"])
 def test_table_bytes_copied_to_the_runs_own_tar(tmp_path, layout):
     (tmp_path / "side.jpg").write_bytes(b"FROMPATH")
-    images = [{"bytes": b"IMG0", "path": "0.jpg"}, {"bytes": None, "path": "side.jpg"}, None,
-              {"bytes": b"IMG3", "path": None}]
-    col = pa.array(images, HF_IMAGE) if layout.startswith("hf") else pa.array(
-        [b"IMG0", b"FROMPATH", None, b"IMG3"], pa.binary())
+    images = [
+        {"bytes": b"IMG0", "path": "0.jpg"},
+        {"bytes": None, "path": "side.jpg"},
+        None,
+        {"bytes": b"IMG3", "path": None},
+    ]
+    col = (
+        pa.array(images, HF_IMAGE)
+        if layout.startswith("hf")
+        else pa.array([b"IMG0", b"FROMPATH", None, b"IMG3"], pa.binary())
+    )
     table = pa.table({"image": col, "text": ALT[:4], "label": [1, 2, 3, 4]})
     path = tmp_path / ("t.arrow" if layout == "hf-arrow" else "t.parquet")
     if layout == "hf-arrow":  # datasets.save_to_disk writes the IPC stream format
@@ -209,8 +262,10 @@ def test_table_bytes_copied_to_the_runs_own_tar(tmp_path, layout):
 
     assert [r["reason"] for r in rows] == ["", "", "not_an_image", ""]
     assert [read_member(r["src"], r["offset"], r["size"]) for r in rows if r["src"]] == [b"IMG0", b"FROMPATH", b"IMG3"]
-    assert {r["src"] for r in rows if r["src"]} == {str(out / "downloads" / "00000.tar"),
-                                                    str(out / "downloads" / "00001.tar")}
+    assert {r["src"] for r in rows if r["src"]} == {
+        str(out / "downloads" / "00000.tar"),
+        str(out / "downloads" / "00001.tar"),
+    }
     pq.write_table(pa.table({"text": ALT}), tmp_path / "no-image.parquet")
     with pytest.raises(SigmaError, match="no-image.parquet: no image-bytes column"):
         sources.local_images(tmp_path / "no-image.parquet")

@@ -3,6 +3,7 @@ local Ray: a LAION-style URL list (upper-case columns, alt texts) downloaded fro
 photos already on disk (the real `img2dataset` command's own output, a folder, a table of image bytes),
 curated without downloading. Each keeps the same images as the URL run, and the alt text reaches each
 kept sample's KEY.txt and the manifest; the user's files are never changed."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,8 +22,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # small real photos (1280-2560 px), one too small (256 px), and an exact copy of the first: a duplicate
-PHOTOS = ["mate_nature_Aqua.jpg", "mate_nature_FreshFlower.jpg", "mate_nature_GreenMeadow.jpg",
-          "mate_abstract_Spring.png", "mate_nature_YellowFlower.jpg", "gnome_vnc-d.webp"]
+PHOTOS = [
+    "mate_nature_Aqua.jpg",
+    "mate_nature_FreshFlower.jpg",
+    "mate_nature_GreenMeadow.jpg",
+    "mate_abstract_Spring.png",
+    "mate_nature_YellowFlower.jpg",
+    "gnome_vnc-d.webp",
+]
 COPY = "zz_copy_of_Aqua.jpg"
 SETTINGS = ["--profile", "demo", "--set", "curation.download.shard_size=4", "--set", "curation.shard_size=3"]
 
@@ -55,10 +62,19 @@ def server(photos):
 def laion(photos, server, tmp_path_factory) -> Path:
     names = sorted(p.name for p in photos.iterdir())
     path = tmp_path_factory.mktemp("list") / "laion.parquet"
-    pq.write_table(pa.table({"URL": [f"{server.url}/{n}" for n in names], "TEXT": [alt(n) for n in names],
-                             "WIDTH": [1024.0] * len(names), "HEIGHT": [768.0] * len(names),
-                             "similarity": [0.3 + i / 100 for i in range(len(names))],
-                             "hash": list(range(len(names)))}), path)
+    pq.write_table(
+        pa.table(
+            {
+                "URL": [f"{server.url}/{n}" for n in names],
+                "TEXT": [alt(n) for n in names],
+                "WIDTH": [1024.0] * len(names),
+                "HEIGHT": [768.0] * len(names),
+                "similarity": [0.3 + i / 100 for i in range(len(names))],
+                "hash": list(range(len(names))),
+            }
+        ),
+        path,
+    )
     return path
 
 
@@ -88,8 +104,11 @@ def kept(m: pd.DataFrame) -> set[str]:
 
 
 def digests(folder: Path) -> dict[str, tuple[str, int]]:
-    return {str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def check_captions(out: Path, m: pd.DataFrame, name_of) -> None:
@@ -144,12 +163,41 @@ def test_tsv_list_and_a_txt_list_without_captions(by_url, laion, tmp_path, capsy
 def test_img2dataset_output_is_curated_without_downloading(by_url, laion, server, tmp_path, capsys):
     shards = tmp_path / "i2d"
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
-    subprocess.run([str(Path(sys.executable).parent / "img2dataset"), "--url_list", str(laion),
-                    "--input_format", "parquet", "--url_col", "URL", "--caption_col", "TEXT",
-                    "--save_additional_columns", '["similarity","hash"]', "--output_format", "webdataset",
-                    "--output_folder", str(shards), "--resize_mode", "no", "--disable_all_reencoding", "True",
-                    "--processes_count", "1", "--thread_count", "4", "--number_sample_per_shard", "4",
-                    "--enable_wandb", "False"], check=True, env=env, capture_output=True, cwd=tmp_path)
+    subprocess.run(
+        [
+            str(Path(sys.executable).parent / "img2dataset"),
+            "--url_list",
+            str(laion),
+            "--input_format",
+            "parquet",
+            "--url_col",
+            "URL",
+            "--caption_col",
+            "TEXT",
+            "--save_additional_columns",
+            '["similarity","hash"]',
+            "--output_format",
+            "webdataset",
+            "--output_folder",
+            str(shards),
+            "--resize_mode",
+            "no",
+            "--disable_all_reencoding",
+            "True",
+            "--processes_count",
+            "1",
+            "--thread_count",
+            "4",
+            "--number_sample_per_shard",
+            "4",
+            "--enable_wandb",
+            "False",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        cwd=tmp_path,
+    )
     assert len(list(shards.glob("*.tar"))) == 2
     before, requests = digests(shards), len(server.log)
     out, m, summary, _ = curate(capsys, "--images", str(shards), "--out", str(tmp_path / "out"))
@@ -186,8 +234,10 @@ def test_folder_of_images_with_txt_captions(by_url, photos, tmp_path, capsys):
 def test_table_of_image_bytes(by_url, photos, tmp_path, capsys):
     """A parquet in the layout `datasets` writes for an Image feature ({bytes, path} structs)."""
     names = sorted(p.name for p in photos.iterdir())
-    image = pa.array([{"bytes": (photos / n).read_bytes(), "path": n} for n in names],
-                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    image = pa.array(
+        [{"bytes": (photos / n).read_bytes(), "path": n} for n in names],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
     features = {"image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}}
     meta = {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
     table = pa.table({"image": image, "text": [alt(n) for n in names], "name": names}).replace_schema_metadata(meta)

@@ -1,4 +1,5 @@
 """The whole stage on a real local Ray against the loopback server: every URL accounted for."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,15 +17,29 @@ from shards import reasons
 ROOT = Path(__file__).resolve().parents[2]
 
 # URL order puts each duplicate in a different download shard (5 URLs each) from its kept twin
-ORDER = ["near-small.jpg", "square-1k.jpg", "hires-2k.jpg", "small.jpg", "panorama.jpg",
-         "uhd-4k.jpg", "wide-1k.webp", "flat.png", "portrait-1k.png", "rotated.jpg",
-         "near-big.jpg", "exact-copy.jpg"]
+ORDER = [
+    "near-small.jpg",
+    "square-1k.jpg",
+    "hires-2k.jpg",
+    "small.jpg",
+    "panorama.jpg",
+    "uhd-4k.jpg",
+    "wide-1k.webp",
+    "flat.png",
+    "portrait-1k.png",
+    "rotated.jpg",
+    "near-big.jpg",
+    "exact-copy.jpg",
+]
 FAULTS = ["http_404", "timeout", "not_an_image", "truncated", "decompression_bomb", "opt_out", "connection_error"]
 
 
 def demo_cfg(*overrides):
-    return config.load(ROOT / "pipelines.yaml", "demo", [
-        "curation.download.shard_size=5", "curation.download.timeout=2", "curation.shard_size=2", *overrides])
+    return config.load(
+        ROOT / "pipelines.yaml",
+        "demo",
+        ["curation.download.shard_size=5", "curation.download.timeout=2", "curation.shard_size=2", *overrides],
+    )
 
 
 def test_every_url_once_with_a_valid_status(curated):
@@ -39,13 +54,32 @@ def test_every_url_once_with_a_valid_status(curated):
 
 def test_reason_codes(curated):
     _, m, _, _ = curated
-    expected = {"http_404": "http_404", "timeout": "timeout", "not_an_image": "not_an_image",
-                "truncated": "not_an_image", "decompression_bomb": "decompression_bomb", "opt_out": "opt_out",
-                "connection_error": "connection_error", "ftp": "invalid_url", "small.jpg": "too_small",
-                "panorama.jpg": "aspect_ratio", "flat.png": "low_quality", "near-small.jpg": "duplicate",
-                "exact-copy.jpg": "duplicate"}
+    expected = {
+        "http_404": "http_404",
+        "timeout": "timeout",
+        "not_an_image": "not_an_image",
+        "truncated": "not_an_image",
+        "decompression_bomb": "decompression_bomb",
+        "opt_out": "opt_out",
+        "connection_error": "connection_error",
+        "ftp": "invalid_url",
+        "small.jpg": "too_small",
+        "panorama.jpg": "aspect_ratio",
+        "flat.png": "low_quality",
+        "near-small.jpg": "duplicate",
+        "exact-copy.jpg": "duplicate",
+    }
     assert m.loc[list(expected), "reason"].to_dict() == expected
-    failed = ["http_404", "timeout", "not_an_image", "truncated", "decompression_bomb", "opt_out", "connection_error", "ftp"]
+    failed = [
+        "http_404",
+        "timeout",
+        "not_an_image",
+        "truncated",
+        "decompression_bomb",
+        "opt_out",
+        "connection_error",
+        "ftp",
+    ]
     assert set(m.loc[failed, "status"]) == {"failed"}
     assert set(m.loc[["small.jpg", "panorama.jpg", "flat.png", "near-small.jpg"], "status"]) == {"rejected"}
 
@@ -53,9 +87,15 @@ def test_reason_codes(curated):
 def test_tiers_sizes_and_exif(curated):
     _, m, _, _ = curated
     kept = m[m.status == "kept"]
-    assert kept["tier"].to_dict() == {"square-1k.jpg": "1k", "hires-2k.jpg": "2k", "uhd-4k.jpg": "4k",
-                                      "wide-1k.webp": "1k", "portrait-1k.png": "1k", "rotated.jpg": "1k",
-                                      "near-big.jpg": "2k"}
+    assert kept["tier"].to_dict() == {
+        "square-1k.jpg": "1k",
+        "hires-2k.jpg": "2k",
+        "uhd-4k.jpg": "4k",
+        "wide-1k.webp": "1k",
+        "portrait-1k.png": "1k",
+        "rotated.jpg": "1k",
+        "near-big.jpg": "2k",
+    }
     assert (m.loc["rotated.jpg", "width"], m.loc["rotated.jpg", "height"]) == (1024, 1344)  # EXIF 6 applied
     assert (m.loc["wide-1k.webp", "width"], m.loc["wide-1k.webp", "height"]) == (1344, 768)
     assert kept["aesthetic"].notna().all()  # demo: aesthetic filter off, score still recorded
@@ -138,7 +178,8 @@ def test_a_resume_with_other_urls_or_settings_is_refused(curated, tmp_path):
     with pytest.raises(SigmaError, match=r"made with another --urls \(see fingerprint.json\)"):
         pipeline.run(other, out, demo_cfg())
     with pytest.raises(SigmaError, match=r"made with another curation.dedup.phash_radius, curation.min_tier \("):
-        pipeline.run(out.parent / "urls.parquet", out, demo_cfg("curation.dedup.phash_radius=9",
-                                                                "curation.min_tier=2k"))
+        pipeline.run(
+            out.parent / "urls.parquet", out, demo_cfg("curation.dedup.phash_radius=9", "curation.min_tier=2k")
+        )
     pipeline.run(out.parent / "urls.parquet", out, demo_cfg("curation.download.processes=1"))  # concurrency only
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before

@@ -1,4 +1,5 @@
 """The entry point: bad inputs fail at once in one line; a driver killed with SIGKILL resumes cleanly."""
+
 from __future__ import annotations
 
 import json
@@ -36,21 +37,46 @@ def test_bad_inputs_fail_at_once_in_one_line(tmp_path, capsys, tiny_models):
     pq.write_table(pa.table({"url": pa.array([], pa.string())}), tmp_path / "empty.parquet")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 this is not parquet")
     (tmp_path / "list.xml").write_text("<urls/>\n")
-    cases = {"nourl.parquet": "no URL column", "empty.parquet": "empty", "broken.parquet": "cannot read",
-             "list.xml": "unsupported format", "missing.parquet": "not found"}
+    cases = {
+        "nourl.parquet": "no URL column",
+        "empty.parquet": "empty",
+        "broken.parquet": "cannot read",
+        "list.xml": "unsupported format",
+        "missing.parquet": "not found",
+    }
     for name, msg in cases.items():
         code, err = _run_main(capsys, "--urls", str(tmp_path / name), "--out", str(tmp_path / "o"), "--profile", "demo")
         assert code == 2 and len(err.splitlines()) == 1 and name in err and msg in err, err
-    code, err = _run_main(capsys, "--urls", "u.parquet", "--out", "o", "--profile", "demo",
-                          "--set", "models.aesthetic_head=/nowhere/head.pth")
+    code, err = _run_main(
+        capsys,
+        "--urls",
+        "u.parquet",
+        "--out",
+        "o",
+        "--profile",
+        "demo",
+        "--set",
+        "models.aesthetic_head=/nowhere/head.pth",
+    )
     assert code == 2 and "models.aesthetic_head" in err
-    code, err = _run_main(capsys, "--urls", "u.parquet", "--out", "o", "--profile", "demo",
-                          "--set", "curation.nsfw.enabled=true")
+    code, err = _run_main(
+        capsys, "--urls", "u.parquet", "--out", "o", "--profile", "demo", "--set", "curation.nsfw.enabled=true"
+    )
     assert code == 2 and "models.nsfw_head" in err and "not set" in err  # enabled filter without weights
     (tmp_path / "clip_autokeras_binary_nsfw").mkdir()  # the autokeras folder the worker cannot load
-    code, err = _run_main(capsys, "--urls", "u.parquet", "--out", "o", "--profile", "demo",
-                          "--set", "curation.nsfw.enabled=true",
-                          "--set", f"models.nsfw_head={tmp_path / 'clip_autokeras_binary_nsfw'}")
+    code, err = _run_main(
+        capsys,
+        "--urls",
+        "u.parquet",
+        "--out",
+        "o",
+        "--profile",
+        "demo",
+        "--set",
+        "curation.nsfw.enabled=true",
+        "--set",
+        f"models.nsfw_head={tmp_path / 'clip_autokeras_binary_nsfw'}",
+    )
     assert code == 2 and "models.nsfw_head" in err and "not a PyTorch weights file" in err, err
     from curation import run as cli  # --dry-run runs before the list exists, and says it could not check it
 
@@ -58,8 +84,9 @@ def test_bad_inputs_fail_at_once_in_one_line(tmp_path, capsys, tiny_models):
     out, err = capsys.readouterr()
     assert "dry run: not checked: " in err and "missing.parquet: URL list not found" in err, err
     assert json.loads(out)["not_checked"] == [f"{tmp_path / 'missing.parquet'}: URL list not found"]
-    code, err = _run_main(capsys, "--urls", str(tmp_path / "nourl.parquet"), "--out", "o", "--profile", "demo",
-                          "--dry-run")
+    code, err = _run_main(
+        capsys, "--urls", str(tmp_path / "nourl.parquet"), "--out", "o", "--profile", "demo", "--dry-run"
+    )
     assert code == 2 and "no URL column" in err, err
 
 
@@ -68,7 +95,8 @@ def test_csv_and_jsonl_inputs(tmp_path):
 
     pd.DataFrame({"url": ["http://a/1.jpg", "ftp://b"], "caption": ["x", "y"]}).to_csv(tmp_path / "u.csv", index=False)
     pd.DataFrame({"url": ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg"]}).to_json(
-        tmp_path / "u.jsonl", orient="records", lines=True)
+        tmp_path / "u.jsonl", orient="records", lines=True
+    )
     assert inputs.split_input(tmp_path / "u.csv", tmp_path / "c", 10) == 1
     assert inputs.split_input(tmp_path / "u.jsonl", tmp_path / "j", 2) == 2
     keys = [pq.read_table(p)["key"].to_pylist() for p in sorted((tmp_path / "j").glob("*.parquet"))]
@@ -83,13 +111,28 @@ def test_resume_after_kill(ray_local, tiny_models, server, tmp_path):
     urls = [f"{server.url}/{r}/{n}?resume={i}" for i, (r, n) in enumerate(zip(routes, names))]
     pq.write_table(pa.table({"url": urls}), tmp_path / "urls.parquet")
     out = tmp_path / "out"
-    argv = RUN + ["--urls", str(tmp_path / "urls.parquet"), "--out", str(out), "--profile", "demo",
-                  "--set", "curation.download.shard_size=2", "--set", "curation.shard_size=2",
-                  "--set", "curation.download.threads=1", "--set", "curation.download.timeout=120",
-                  "--set", "curation.aesthetic_resources.batch_size=1"]  # Ray Data holds partial batches until upstream ends
+    argv = RUN + [
+        "--urls",
+        str(tmp_path / "urls.parquet"),
+        "--out",
+        str(out),
+        "--profile",
+        "demo",
+        "--set",
+        "curation.download.shard_size=2",
+        "--set",
+        "curation.shard_size=2",
+        "--set",
+        "curation.download.threads=1",
+        "--set",
+        "curation.download.timeout=120",
+        "--set",
+        "curation.aesthetic_resources.batch_size=1",
+    ]  # Ray Data holds partial batches until upstream ends
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     scored = out / "_work" / "scored"
     deadline = time.time() + 150
     while not list(scored.glob("*.parquet")) and proc.poll() is None and time.time() < deadline:

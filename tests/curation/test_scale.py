@@ -1,5 +1,6 @@
 """Dedup at scale: the split guard and clustered semantic dedup against brute force; the distributed
 decisions (Ray Data) against the in-process ones; resuming after a finished dedup step."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,9 @@ def test_oversized_band_group_guard():
     64 find only true pairs, and with the cap above the group's size exactly brute force's components."""
     rng = np.random.default_rng(0)
     base = 0x00FF00FF00FF00FF
-    hashes = np.array([base ^ sum(1 << int(b) for b in rng.integers(0, 64, size=rng.integers(0, 4)))
-                       for _ in range(600)], np.uint64)
+    hashes = np.array(
+        [base ^ sum(1 << int(b) for b in rng.integers(0, 64, size=rng.integers(0, 4))) for _ in range(600)], np.uint64
+    )
     hashes[:100] = base  # identical hashes: a star, never pairwise
     ids = np.arange(len(hashes), dtype=np.int64)
     truth = _brute_near(hashes, 4)
@@ -48,8 +50,13 @@ def test_oversized_band_group_guard():
 def test_band_groups_find_every_pair_within_radius():
     rng = np.random.default_rng(1)
     bases = rng.integers(0, 2**63, size=40, dtype=np.int64).astype(np.uint64)
-    hashes = np.array([int(bases[i % 40]) ^ sum(1 << int(x) for x in rng.integers(0, 64, size=rng.integers(0, 4)))
-                       for i in range(400)], np.uint64)
+    hashes = np.array(
+        [
+            int(bases[i % 40]) ^ sum(1 << int(x) for x in rng.integers(0, 64, size=rng.integers(0, 4)))
+            for i in range(400)
+        ],
+        np.uint64,
+    )
     keys = [f"{i:010d}" for i in range(len(hashes))]
     out = oracle.find_duplicates(keys, [1] * len(keys), keys, [f"{int(h):016x}" for h in hashes], None, 4, None)
     truth = _component_labels(len(keys), _brute_near(hashes, 4))
@@ -89,12 +96,31 @@ def _scored_shards(tmp_path, n_shards=3, per=40, dim=16):
             if i % 15 == 3:  # a third kind: only the embedding is close (other pHash)
                 e = base_e[(i + 1) % len(base_e)] + 0.01 * rng.normal(size=dim)
             side = 1024 + int(rng.integers(0, 4)) * 256
-            rows.append({"key": f"{i:010d}", "url": f"http://h/{i}", "reason": "too_small" if i % 17 == 1 else "",
-                         "width": side, "height": 1024, "tier": "1k", "ext": "jpg", "sharpness": 1.0, "contrast": 1.0,
-                         "brightness": 1.0, "sha256": sha, "phash": f"{h & (2**64 - 1):016x}", "aesthetic": 5.0,
-                         "nsfw": None, "watermark": None, "src": "", "offset": 0, "size": 0,
-                         "embedding": dedup.normalise(e[None])[0].astype(np.float16).tobytes(),
-                         "t_measure": 0.0, "t_embed": 0.0})
+            rows.append(
+                {
+                    "key": f"{i:010d}",
+                    "url": f"http://h/{i}",
+                    "reason": "too_small" if i % 17 == 1 else "",
+                    "width": side,
+                    "height": 1024,
+                    "tier": "1k",
+                    "ext": "jpg",
+                    "sharpness": 1.0,
+                    "contrast": 1.0,
+                    "brightness": 1.0,
+                    "sha256": sha,
+                    "phash": f"{h & (2**64 - 1):016x}",
+                    "aesthetic": 5.0,
+                    "nsfw": None,
+                    "watermark": None,
+                    "src": "",
+                    "offset": 0,
+                    "size": 0,
+                    "embedding": dedup.normalise(e[None])[0].astype(np.float16).tobytes(),
+                    "t_measure": 0.0,
+                    "t_embed": 0.0,
+                }
+            )
         pipeline.write_scored(scored / f"{s:05d}.parquet", rows)
     return tmp_path / "_work", n_shards
 
@@ -102,8 +128,9 @@ def _scored_shards(tmp_path, n_shards=3, per=40, dim=16):
 @pytest.mark.slow
 def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path):
     work, n = _scored_shards(tmp_path)
-    cur = demo_cfg("curation.dedup.clip_similarity=0.98", "curation.dedup.cluster_size=40",
-                   "curation.dedup.max_group=2").curation
+    cur = demo_cfg(
+        "curation.dedup.clip_similarity=0.98", "curation.dedup.cluster_size=40", "curation.dedup.max_group=2"
+    ).curation
     dups = dedup_job.run(work, n, cur)
     t = pq.read_table(dups)
     got = dict(zip([f"{i:010d}" for i in t["id"].to_pylist()], t["dup_of"].to_pylist()))

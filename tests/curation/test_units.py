@@ -1,4 +1,5 @@
 """Pure curation steps on real image bytes: tiers, decode-safe metadata, quality, dedup, URL checks."""
+
 from __future__ import annotations
 
 import io
@@ -14,10 +15,20 @@ from shards import buckets, reasons
 from tests.curation import oracle
 
 
-@pytest.mark.parametrize("w,h,tier", [(1024, 1024, "1k"), (2048, 2048, "2k"), (2880, 2880, "4k"),
-                                      (1344, 768, "1k"), (2047, 2048, "1k"), (3840, 2160, "4k"),
-                                      (2560, 1440, "1k"),  # its 2k bucket (0.57) is 1536 x 2688
-                                      (1023, 1024, None), (800, 600, None)])
+@pytest.mark.parametrize(
+    "w,h,tier",
+    [
+        (1024, 1024, "1k"),
+        (2048, 2048, "2k"),
+        (2880, 2880, "4k"),
+        (1344, 768, "1k"),
+        (2047, 2048, "1k"),
+        (3840, 2160, "4k"),
+        (2560, 1440, "1k"),  # its 2k bucket (0.57) is 1536 x 2688
+        (1023, 1024, None),
+        (800, 600, None),
+    ],
+)
 def test_tier_rule(w, h, tier):
     assert buckets.tier_of(h, w) == tier
     verdict = pipeline.size_verdict(h, w, "1k")
@@ -98,18 +109,30 @@ def test_dedup_clip_similarity():
 def test_dedup_band_index_finds_every_pair_within_radius():
     rng = np.random.default_rng(1)
     base = int(rng.integers(0, 2**63))
-    flips = [base ^ (1 << int(b)) ^ (1 << int(c)) ^ (1 << int(d)) ^ (1 << int(f))
-             for b, c, d, f in rng.integers(0, 64, size=(20, 4))]
+    flips = [
+        base ^ (1 << int(b)) ^ (1 << int(c)) ^ (1 << int(d)) ^ (1 << int(f))
+        for b, c, d, f in rng.integers(0, 64, size=(20, 4))
+    ]
     ph = [f"{base:016x}"] + [f"{h:016x}" for h in flips]
-    out = oracle.find_duplicates([f"{i:02d}" for i in range(21)], [100] + [1] * 20, [str(i) for i in range(21)],
-                                ph, None, 4, None)
+    out = oracle.find_duplicates(
+        [f"{i:02d}" for i in range(21)], [100] + [1] * 20, [str(i) for i in range(21)], ph, None, 4, None
+    )
     assert set(out) == {f"{i:02d}" for i in range(1, 21)} and set(out.values()) == {"00"}
 
 
-@pytest.mark.parametrize("url,bad", [("http://a.example/x.jpg", False), ("HTTPS://a.example/x", False),
-                                     ("ftp://a.example/x.jpg", True), ("file:///etc/passwd", True),
-                                     ("data:image/png;base64,AAAA", True), ("no scheme", True), ("http://", True),
-                                     (None, True)])
+@pytest.mark.parametrize(
+    "url,bad",
+    [
+        ("http://a.example/x.jpg", False),
+        ("HTTPS://a.example/x", False),
+        ("ftp://a.example/x.jpg", True),
+        ("file:///etc/passwd", True),
+        ("data:image/png;base64,AAAA", True),
+        ("no scheme", True),
+        ("http://", True),
+        (None, True),
+    ],
+)
 def test_invalid_url(url, bad):
     assert download.invalid_url(url) is bad
 
@@ -125,7 +148,10 @@ def test_reason_codes_travel_as_data_not_in_messages():
     from curation import fetch, robots
 
     unreachable = robots.parse_rules(None, 503, "http_503", "Service Unavailable")
-    assert unreachable.refusal("http://a.example/x.jpg", ["sigmaforge"]) == ("http_503", "Service Unavailable (robots.txt)")
+    assert unreachable.refusal("http://a.example/x.jpg", ["sigmaforge"]) == (
+        "http_503",
+        "Service Unavailable (robots.txt)",
+    )
     assert robots.parse_rules(None, 404, "http_404", "Not Found").refusal("http://a.example/x.jpg", ["x"]) is None
     disallow = robots.parse_rules(b"User-agent: sigmaforge\nDisallow: /private\n", 200, None, "")
     assert disallow.refusal("http://a.example/private/x.jpg", ["sigmaforge"])[0] == reasons.OPT_OUT

@@ -1,4 +1,5 @@
 """The aesthetic scorer on the tiny open_clip model, and the LAION head's real state-dict format."""
+
 from __future__ import annotations
 
 import io
@@ -42,13 +43,20 @@ def test_head_loads_a_laion_style_state_dict(tmp_path):
 
 
 def test_scorer_batch(tiny):
-    scorer = aesthetic.AestheticScorer("tiny-clip", str(tiny / "clip" / "tiny-clip.safetensors"),
-                                       str(tiny / "clip"), str(tiny / "aesthetic.pth"), device="cpu")
+    scorer = aesthetic.AestheticScorer(
+        "tiny-clip",
+        str(tiny / "clip" / "tiny-clip.safetensors"),
+        str(tiny / "clip"),
+        str(tiny / "aesthetic.pth"),
+        device="cpu",
+    )
     jpeg = encode(render(1, 320, 200), "JPEG")
     from PIL import Image
 
-    batch = {"image": np.array([jpeg, b"", b"not an image", Image.open(io.BytesIO(jpeg))], dtype=object),
-             "key": np.array(["a", "b", "c", "d"])}
+    batch = {
+        "image": np.array([jpeg, b"", b"not an image", Image.open(io.BytesIO(jpeg))], dtype=object),
+        "key": np.array(["a", "b", "c", "d"]),
+    }
     out = scorer(batch)
     s, e = out["aesthetic"], out["clip_embedding"]
     assert s.shape == (4,) and e.shape == (4, 768)

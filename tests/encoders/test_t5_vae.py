@@ -1,4 +1,5 @@
 """T5 and VAE wrappers against the real library classes (tiny random-weight models built offline)."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,12 @@ from encoders import t5, vae
 from encoding import actors
 from shards import encoded, reasons
 
-CAPTIONS = ["a red fox in the snow", "a small wooden house near a lake at sunset with mountains behind it and a boat",
-            "", "fox"]
+CAPTIONS = [
+    "a red fox in the snow",
+    "a small wooden house near a lake at sunset with mountains behind it and a boat",
+    "",
+    "fox",
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +93,10 @@ def test_latent_mean_equals_autoencoderkl(shard_models):
 
 def _batch(**cols):
     n = len(cols["key"])
-    return {k: np.array(cols.get(k, [v] * n), dtype=object if isinstance(v, (bytes, str)) else np.int64)
-            for k, v in actors.ROW.items()}
+    return {
+        k: np.array(cols.get(k, [v] * n), dtype=object if isinstance(v, (bytes, str)) else np.int64)
+        for k, v in actors.ROW.items()
+    }
 
 
 def test_vae_stage_marks_non_finite_as_failed(shard_models, tmp_path):

@@ -1,4 +1,5 @@
 """encoding/encode end to end on real Ray: tier rule, failures as rows, shard layout, resume, entry point."""
+
 from __future__ import annotations
 
 import json
@@ -21,26 +22,62 @@ from tests.shards.synthetic import ROOT, image_bytes, sample, truncate, write_cu
 from tests.terminal import RATE_AND_ETA, on_terminal
 
 EXPECTED = {  # key -> (status, reason)
-    "000000001": ("kept", ""), "000000002": ("kept", ""), "000000003": ("rejected", reasons.NOT_IN_TIER),
-    "000000004": ("kept", ""), "000000005": ("failed", reasons.NOT_AN_IMAGE),
-    "000000010": ("kept", ""), "000000011": ("failed", reasons.CAPTION_ERROR), "000000012": ("kept", ""),
-    "000000013": ("failed", reasons.MISSING_CAPTION), "000000014": ("kept", ""), "000000015": ("kept", ""),
-    "000000020": ("failed", reasons.CORRUPT_SHARD), "000000021": ("failed", reasons.CORRUPT_SHARD),
+    "000000001": ("kept", ""),
+    "000000002": ("kept", ""),
+    "000000003": ("rejected", reasons.NOT_IN_TIER),
+    "000000004": ("kept", ""),
+    "000000005": ("failed", reasons.NOT_AN_IMAGE),
+    "000000010": ("kept", ""),
+    "000000011": ("failed", reasons.CAPTION_ERROR),
+    "000000012": ("kept", ""),
+    "000000013": ("failed", reasons.MISSING_CAPTION),
+    "000000014": ("kept", ""),
+    "000000015": ("kept", ""),
+    "000000020": ("failed", reasons.CORRUPT_SHARD),
+    "000000021": ("failed", reasons.CORRUPT_SHARD),
 }
 SHARDS = [
-    [sample(1, 300, 260), sample(2, 512, 256), sample(3, 200, 200), sample(4, 260, 300, ext="png"),
-     sample(5, 300, 300, data=b"<html>not an image</html>")],
-    [sample(10, 300, 260), sample(11, 300, 260), sample(12, 256, 256, ext="webp"), sample(13, 300, 260),
-     sample(14, 310, 270), sample(15, 320, 280)],
+    [
+        sample(1, 300, 260),
+        sample(2, 512, 256),
+        sample(3, 200, 200),
+        sample(4, 260, 300, ext="png"),
+        sample(5, 300, 300, data=b"<html>not an image</html>"),
+    ],
+    [
+        sample(10, 300, 260),
+        sample(11, 300, 260),
+        sample(12, 256, 256, ext="webp"),
+        sample(13, 300, 260),
+        sample(14, 310, 270),
+        sample(15, 320, 280),
+    ],
     [sample(20, 300, 260), sample(21, 300, 260)],
 ]
 
 
 def encode_args(root: Path, models: dict, *extra: str) -> list[str]:
-    return ["--images", str(root / "curated" / "shards" / "*.tar"), "--captions", str(root / "captions"),
-            "--out", str(root / "enc"), "--tier", "256", "--profile", "demo",
-            "--set", f"models.t5={models['t5']}", "--set", f"models.vae={models['vae']}",
-            "--set", "encode.shard_bytes=40000", "--set", "encode.vae_resources.batch_size=3", *extra]
+    return [
+        "--images",
+        str(root / "curated" / "shards" / "*.tar"),
+        "--captions",
+        str(root / "captions"),
+        "--out",
+        str(root / "enc"),
+        "--tier",
+        "256",
+        "--profile",
+        "demo",
+        "--set",
+        f"models.t5={models['t5']}",
+        "--set",
+        f"models.vae={models['vae']}",
+        "--set",
+        "encode.shard_bytes=40000",
+        "--set",
+        "encode.vae_resources.batch_size=3",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +107,10 @@ def test_every_sample_has_a_row_with_its_reason(first_run):
     assert {k: (r.status, r.reason) for k, r in idx.iterrows()} == EXPECTED
     kept = idx[idx.status == "kept"]
     assert (kept.shard != "").all() and (idx[idx.status != "kept"].shard == "").all()
-    assert kept.loc["000000002", "bucket"] == "0.5" and (kept.loc["000000002", ["bucket_h", "bucket_w"]] == [176, 352]).all()
+    assert (
+        kept.loc["000000002", "bucket"] == "0.5"
+        and (kept.loc["000000002", ["bucket_h", "bucket_w"]] == [176, 352]).all()
+    )
     assert kept.loc["000000004", "bucket_h"] == 272  # portrait 260x300 -> 1.13 bucket (272x240)
 
 
@@ -144,24 +184,36 @@ def test_rerun_encodes_only_what_is_missing(first_run, shard_models, capsys):
     with pytest.raises(SystemExit) as e:  # a changed input is refused by default (issue 15 item 2) ...
         encode.main(encode_args(first_run, shard_models))
     assert e.value.code == 2 and "made with another --captions" in capsys.readouterr().err
-    with on_terminal() as tty:  # ... and accepted with --reencode; as in a user's shell: a progress bar with rate and ETA
-        summary = encode.run(_cfg(shard_models), str(first_run / "curated" / "shards" / "*.tar"),
-                             str(first_run / "captions"), str(enc), "256", reencode=True)
+    with (
+        on_terminal() as tty
+    ):  # ... and accepted with --reencode; as in a user's shell: a progress bar with rate and ETA
+        summary = encode.run(
+            _cfg(shard_models),
+            str(first_run / "curated" / "shards" / "*.tar"),
+            str(first_run / "captions"),
+            str(enc),
+            "256",
+            reencode=True,
+        )
     assert "encode 256:" in tty.text and re.search(RATE_AND_ETA.format(unit="sample"), tty.text), tty.text
     assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 1  # the lost tar's row file
     after = {p: p.read_bytes() for p in encoded.committed_shards(enc)}
     assert all(after[p] == data for p, data in before.items()) and len(after) == len(before) + 2
     idx = index(first_run)
     assert idx.loc["000000013", "status"] == "kept" and idx.loc["000000002", "status"] == "kept"
-    assert {k: (r.status, r.reason) for k, r in idx.drop("000000013").iterrows()} == \
-        {k: v for k, v in EXPECTED.items() if k != "000000013"}
+    assert {k: (r.status, r.reason) for k, r in idx.drop("000000013").iterrows()} == {
+        k: v for k, v in EXPECTED.items() if k != "000000013"
+    }
 
 
 def _cfg(models):
     from common import config
 
-    return config.load(ROOT / "pipelines.yaml", "demo", [f"models.t5={models['t5']}", f"models.vae={models['vae']}",
-                                                         "encode.shard_bytes=40000"])
+    return config.load(
+        ROOT / "pipelines.yaml",
+        "demo",
+        [f"models.t5={models['t5']}", f"models.vae={models['vae']}", "encode.shard_bytes=40000"],
+    )
 
 
 def test_other_settings_into_same_out_are_refused_in_one_line(first_run, shard_models, capsys):
@@ -205,11 +257,15 @@ def test_entry_point_help_and_dry_run(tmp_path, shard_models, capsys):
     assert e.value.code == 0 and "--tier" in help_text and "example:" in help_text
     exe = [sys.executable, str(ROOT / "encoding" / "encode")]
     write_curated(tmp_path, [[sample(1, 300, 260)]])
-    out = subprocess.run([*exe, *encode_args(tmp_path, shard_models), "--dry-run"], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [*exe, *encode_args(tmp_path, shard_models), "--dry-run"], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert plan["shards"] == 1 and plan["table"] == "256" and len(plan["fingerprint"]) == 16
-    out = subprocess.run([*exe, *encode_args(tmp_path / "nothing", shard_models)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [*exe, *encode_args(tmp_path / "nothing", shard_models)], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 2 and out.stderr.startswith("error: --images") and "\n" == out.stderr[-1]
     args = encode_args(tmp_path, shard_models, "--dry-run")
     args[args.index("--captions") + 1] = str(tmp_path / "no-captions")
@@ -219,7 +275,9 @@ def test_entry_point_help_and_dry_run(tmp_path, shard_models, capsys):
     assert "dry run: could not check the inputs: --captions" in out.stderr
     args[args.index("--dry-run")] = "--reencode"
     out = subprocess.run([*exe, *args], capture_output=True, text=True, cwd=ROOT)  # a real run refuses them
-    assert out.returncode == 2 and out.stderr.startswith("error: --captions") and out.stderr.count("\n") == 1, out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("error: --captions") and out.stderr.count("\n") == 1, (
+        out.stderr
+    )
 
 
 def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
@@ -236,7 +294,11 @@ def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
     assert [(r["key"], r["status"], r["reason"]) for r in rows] == [("000000001", "failed", reasons.CORRUPT_SHARD)]
     write_curated(tmp_path / "ok", [[sample(1, 300, 260), sample(2, 300, 260)]])
     ok = tmp_path / "ok"
-    task = {"shard": str(ok / "curated" / "shards" / "00000.tar"), "captions": str(ok / "nope.parquet"), "done": ["000000002"]}
+    task = {
+        "shard": str(ok / "curated" / "shards" / "00000.tar"),
+        "captions": str(ok / "nope.parquet"),
+        "done": ["000000002"],
+    }
     rows = list(actors.read_shard(task, "256"))
     assert [(r["key"], r["reason"]) for r in rows] == [("000000001", reasons.MISSING_CAPTION)]  # 2 is done: skipped
 

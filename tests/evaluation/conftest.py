@@ -1,5 +1,6 @@
 """Fixtures for evaluation/: two tiny runs sampled into one evaluation folder (training/sample
 --prompts), that folder scored (evaluation/evaluate), the Inception stand-in, a headless Chromium page."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,23 @@ def evaluate(*args, timeout=240):
 
 def sample_batch(source: list, prompts_file, out, *args):
     """training/sample's batch mode: one run's images into an evaluation folder."""
-    r = command("training/sample", *source, "--prompts", prompts_file, "--out", out, "--size", SIZE, "--seeds", SEEDS,
-                "--steps", STEPS, "--device", "cpu", *args)
+    r = command(
+        "training/sample",
+        *source,
+        "--prompts",
+        prompts_file,
+        "--out",
+        out,
+        "--size",
+        SIZE,
+        "--seeds",
+        SEEDS,
+        "--steps",
+        STEPS,
+        "--device",
+        "cpu",
+        *args,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -46,8 +62,13 @@ def runs(tmp_path_factory):
     from training.model import DiT_models
 
     root = tmp_path_factory.mktemp("runs")
-    step = lambda n: checkpoint.step_dir(root / "512", n)  # noqa: E731
-    files = [step(5) / checkpoint.EMA, step(10) / checkpoint.MODEL, step(10) / checkpoint.EMA, root / "tuned.safetensors"]
+    step = lambda n: checkpoint.step_dir(root / "512", n)
+    files = [
+        step(5) / checkpoint.EMA,
+        step(10) / checkpoint.MODEL,
+        step(10) / checkpoint.EMA,
+        root / "tuned.safetensors",
+    ]
     for seed, path in enumerate(files):
         torch.manual_seed(seed)
         model = DiT_models["tiny"]()

@@ -1,5 +1,6 @@
 """training/sample --prompts + evaluation/evaluate: images with identical settings, CLIP and aesthetic
 scores, bootstrap summary, errors."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,20 @@ from shards import evalset
 
 def test_evaluate_writes_images_sidecars_scores_and_summary(evaldir, runs, prompts):
     pngs = sorted(evaldir.glob("images/*/*.png"))
-    assert [p.relative_to(evaldir / "images").as_posix() for p in pngs] == \
-        [f"{run}/{i}-{s}.png" for run in ("512", "tuned") for i in range(3) for s in (0, 1)]
+    assert [p.relative_to(evaldir / "images").as_posix() for p in pngs] == [
+        f"{run}/{i}-{s}.png" for run in ("512", "tuned") for i in range(3) for s in (0, 1)
+    ]
     meta = json.loads((evaldir / "images" / "512" / "1-1.json").read_text())
-    assert {k: meta[k] for k in ("prompt", "run", "stage", "seed", "steps", "cfg", "size", "category")} == \
-        {"prompt": prompts[1], "run": "512", "stage": "512", "seed": 1, "steps": 2, "cfg": 4.5, "size": [64, 64],
-         "category": None}
+    assert {k: meta[k] for k in ("prompt", "run", "stage", "seed", "steps", "cfg", "size", "category")} == {
+        "prompt": prompts[1],
+        "run": "512",
+        "stage": "512",
+        "seed": 1,
+        "steps": 2,
+        "cfg": 4.5,
+        "size": [64, 64],
+        "category": None,
+    }
     record = json.loads((evaldir / "images" / "512" / "generation.json").read_text())
     assert record["generator"] == "training/sample" and record["run"] == str(runs[0]) and record["seeds"] == [0, 1]
     assert record["models"]["t5"].endswith("t5") and record["sampler"].startswith("DPM-Solver++")
@@ -45,8 +54,9 @@ def test_evaluate_writes_images_sidecars_scores_and_summary(evaldir, runs, promp
     assert metrics["overall"]["512"]["clip_score"]["mean"] == pytest.approx(df[df.run == "512"].clip_score.mean())
     for run, stage in (("512", "512"), ("tuned", "-")):
         row = next(line for line in summary.splitlines() if line.startswith(f"| {run} | {stage} | 6 |"))
-        (clip, clo, chi), (aes, alo, ahi) = [tuple(map(float, m)) for m in
-                                             re.findall(r"(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]", row)]
+        (clip, clo, chi), (aes, alo, ahi) = [
+            tuple(map(float, m)) for m in re.findall(r"(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]", row)
+        ]
         d = df[df.run == run]
         assert clip == pytest.approx(d.clip_score.mean(), abs=1e-3) and clo <= clip <= chi
         assert aes == pytest.approx(d.aesthetic.mean(), abs=1e-3) and alo <= aes <= ahi
@@ -81,7 +91,7 @@ def test_same_seed_gives_the_same_initial_noise_in_every_run(tmp_path, tiny_mode
         gen.use(model)
         calls = []
         model.register_forward_pre_hook(lambda mod, args: calls.append(args[0][:1].clone()))  # x [2N, C, h, w]
-        make = lambda steps: lambda text, seed: gen([text], 64, 64, steps=steps, seed=seed)[0]  # noqa: E731
+        make = lambda steps: lambda text, seed: gen([text], 64, 64, steps=steps, seed=seed)[0]
         settings = {"stage": None, "steps": 1, "cfg": 4.5, "size": [64, 64], "uncond": "official", "checkpoint": name}
         folder = tmp_path / "images" / name
         made = evalset.write_folder(make(1), folder, items, [0, 1], settings, {}, log=lambda s: None)
@@ -106,9 +116,17 @@ def test_bootstrap_interval_contains_the_mean_and_narrows():
         assert lo < values.mean() < hi
     assert np.diff(stats.bootstrap_ci(large)) < np.diff(stats.bootstrap_ci(small)) / 5
     assert stats.bootstrap_ci([3.0, 3.0, 3.0]) == (3.0, 3.0)
-    df = pd.DataFrame({"run": ["a"] * 4 + ["b"] * 4, "stage": None, "prompt_idx": [0, 1, 2, 3] * 2, "seed": 0,
-                       "clip_score": [1.0, 2, 3, 4, 2, 3, 4, 5], "aesthetic": [5.0] * 8,
-                       "category": ["x", "x", "y", "y"] * 2})
+    df = pd.DataFrame(
+        {
+            "run": ["a"] * 4 + ["b"] * 4,
+            "stage": None,
+            "prompt_idx": [0, 1, 2, 3] * 2,
+            "seed": 0,
+            "clip_score": [1.0, 2, 3, 4, 2, 3, 4, 5],
+            "aesthetic": [5.0] * 8,
+            "category": ["x", "x", "y", "y"] * 2,
+        }
+    )
     rows = evaluate.summarize(df, ["a", "b"])
     diff = next(r for r in rows if r["vs"] == "a" and r["score"] == "clip_score")
     assert diff["mean"] == 1.0 and diff["lo"] == diff["hi"] == 1.0  # paired: every prompt gained exactly 1
@@ -120,15 +138,18 @@ def test_bootstrap_interval_contains_the_mean_and_narrows():
         assert r["lo"] <= r["mean"] <= r["hi"]
 
 
-@pytest.mark.parametrize("content, suffix, message", [
-    (None, ".txt", "prompt file not found"),
-    ("\n  \n", ".txt", "no prompts in the file"),
-    ('{"prompt": "a"}\n{"prompt": "b"\n', ".jsonl", "line 2: not valid JSON"),
-    ('{"prompt": "a"}\n["b"]\n', ".jsonl", 'line 2: expected an object with a non-empty "prompt" string'),
-    ("a\n", ".csv", "must be .txt, .jsonl or .json"),
-    ('{"7": {"prompt": "a", "category": "x"}, "8": {"category": "y"}}', ".json", 'id 8: expected an object'),
-    ('["a"]', ".json", "MJHQ-30K meta_data.json"),
-])
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        (None, ".txt", "prompt file not found"),
+        ("\n  \n", ".txt", "no prompts in the file"),
+        ('{"prompt": "a"}\n{"prompt": "b"\n', ".jsonl", "line 2: not valid JSON"),
+        ('{"prompt": "a"}\n["b"]\n', ".jsonl", 'line 2: expected an object with a non-empty "prompt" string'),
+        ("a\n", ".csv", "must be .txt, .jsonl or .json"),
+        ('{"7": {"prompt": "a", "category": "x"}, "8": {"category": "y"}}', ".json", "id 8: expected an object"),
+        ('["a"]', ".json", "MJHQ-30K meta_data.json"),
+    ],
+)
 def test_bad_prompt_files_are_one_line_errors(tmp_path, capsys, runs, content, suffix, message):
     path = tmp_path / f"prompts{suffix}"
     if content is not None:
@@ -137,8 +158,9 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path, capsys, runs, content, s
 
     dry = ["--dry-run"] if content is not None else []  # a dry run only notes a file that is not there yet
     with pytest.raises(SystemExit) as e:
-        sample.main(["--profile", "demo", "--run", str(runs[0]), "--prompts", str(path),
-                     "--out", str(tmp_path / "out"), *dry])
+        sample.main(
+            ["--profile", "demo", "--run", str(runs[0]), "--prompts", str(path), "--out", str(tmp_path / "out"), *dry]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
@@ -148,14 +170,24 @@ def test_bad_folders_and_flags_are_one_line_errors(tmp_path, capsys, runs, promp
     from training import sample
 
     r = evaluate_cli(tmp_path / "nope")
-    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: evaluation folder not found", r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {tmp_path / 'nope'}: evaluation folder not found", (
+        r.stderr
+    )
     (tmp_path / "empty").mkdir()
-    cases = [(evaluate.main, [str(tmp_path / "empty")], "no images under images/"),
-             (evaluate.main, [str(tmp_path / "empty"), "--reference", str(tmp_path)], "--reference needs --inception"),
-             (sample.main, ["--run", str(runs[0]), "--prompts", str(prompts_file), "--seeds", "0,x",
-                            "--out", str(tmp_path / "o")], "--seeds 0,x: expected distinct integers"),
-             (sample.main, ["--run", str(runs[0]), "--prompts", str(prompts_file), "--out", str(tmp_path / "o.png")],
-              "with --prompts, --out is a folder")]
+    cases = [
+        (evaluate.main, [str(tmp_path / "empty")], "no images under images/"),
+        (evaluate.main, [str(tmp_path / "empty"), "--reference", str(tmp_path)], "--reference needs --inception"),
+        (
+            sample.main,
+            ["--run", str(runs[0]), "--prompts", str(prompts_file), "--seeds", "0,x", "--out", str(tmp_path / "o")],
+            "--seeds 0,x: expected distinct integers",
+        ),
+        (
+            sample.main,
+            ["--run", str(runs[0]), "--prompts", str(prompts_file), "--out", str(tmp_path / "o.png")],
+            "with --prompts, --out is a folder",
+        ),
+    ]
     for main, args, message in cases:
         with pytest.raises(SystemExit) as e:
             main(["--profile", "demo", *args])
@@ -167,8 +199,23 @@ def test_bad_folders_and_flags_are_one_line_errors(tmp_path, capsys, runs, promp
 def test_dry_runs_print_the_plan(tmp_path, capsys, runs, prompts_file, evaldir):
     from training import sample
 
-    sample.main(["--profile", "demo", "--run", str(runs[0]), "--prompts", str(prompts_file), "--out",
-                 str(tmp_path / "out"), "--size", "64x64", "--seeds", "3,4,5", "--dry-run"])
+    sample.main(
+        [
+            "--profile",
+            "demo",
+            "--run",
+            str(runs[0]),
+            "--prompts",
+            str(prompts_file),
+            "--out",
+            str(tmp_path / "out"),
+            "--size",
+            "64x64",
+            "--seeds",
+            "3,4,5",
+            "--dry-run",
+        ]
+    )
     plan = json.loads(capsys.readouterr().out)
     assert plan["prompts"] == 3 and plan["seeds"] == [3, 4, 5] and plan["checkpoint"].endswith("ema.safetensors")
     evaluate.main(["--profile", "demo", str(evaldir), "--dry-run"])

@@ -1,6 +1,7 @@
 """The field's metrics with the real libraries: FID through torchmetrics' Inception (a random-weight
 stand-in in torch-fidelity's file format), CLIP-Score on the tiny open_clip, per-category results,
 and a diffusers pipeline folder evaluated beside a run in one study."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ from tests.training.test_export import export, write_run
 
 def _images(n: int, shift: int = 0, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(np.clip(rng.integers(0, 200, (64, 64, 3)) + shift, 0, 255).astype(np.uint8))
-            for _ in range(n)]
+    return [
+        Image.fromarray(np.clip(rng.integers(0, 200, (64, 64, 3)) + shift, 0, 255).astype(np.uint8)) for _ in range(n)
+    ]
 
 
 def test_fid_is_zero_against_itself_and_grows_with_a_shift(inception):
@@ -36,7 +38,7 @@ def test_fid_is_zero_against_itself_and_grows_with_a_shift(inception):
     assert fid.frechet_distance(same, extract(_images(8, shift=120))) > far  # a larger shift, a larger distance
     # the same number as the library's own metric, fed the same uint8 images
     metric = FrechetInceptionDistance(feature=64, feature_extractor_weights_path=str(inception))
-    as_tensor = lambda ims: torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in ims])  # noqa: E731
+    as_tensor = lambda ims: torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in ims])
     metric.update(as_tensor(_images(8)), real=True)
     metric.update(as_tensor(_images(8, shift=60)), real=False)
     assert float(metric.compute()) == pytest.approx(far, rel=1e-4)
@@ -71,10 +73,12 @@ def test_clip_score_on_the_tiny_clip_is_100_cos_of_its_embeddings(tiny_models, d
     assert not np.allclose(swapped, got)  # the prompt matters
 
 
-MJHQ = {"a1b2": {"prompt": "A red fox in the snow.", "category": "animals"},
-        "c3d4": {"prompt": "A tabby cat asleep.", "category": "animals"},
-        "e5f6": {"prompt": "A lighthouse on a cliff.", "category": "places"},
-        "g7h8": {"prompt": "A market street at dusk.", "category": "places"}}
+MJHQ = {
+    "a1b2": {"prompt": "A red fox in the snow.", "category": "animals"},
+    "c3d4": {"prompt": "A tabby cat asleep.", "category": "animals"},
+    "e5f6": {"prompt": "A lighthouse on a cliff.", "category": "places"},
+    "g7h8": {"prompt": "A market street at dusk.", "category": "places"},
+}
 
 
 @pytest.mark.slow
@@ -91,8 +95,9 @@ def test_a_diffusers_folder_beside_a_run_with_fid_and_categories(tmp_path, tiny_
     prompts.write_text(json.dumps(MJHQ))
     ev = tmp_path / "eval"
     common = ["--prompts", prompts, "--seeds", "0,1", "--size", "64x64", "--steps", "2", "--device", "cpu"]
-    r = command("training/sample", "--run", run, "--like-diffusers", *common, "--out", ev / "images" / "run-256",
-                *models)
+    r = command(
+        "training/sample", "--run", run, "--like-diffusers", *common, "--out", ev / "images" / "run-256", *models
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     r = command("evaluation/generate", "--pipeline", pipe, *common, "--out", ev / "images" / "exported")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -112,12 +117,26 @@ def test_a_diffusers_folder_beside_a_run_with_fid_and_categories(tmp_path, tiny_
         (ref / cat).mkdir(parents=True)
         for i, im in enumerate(_images(4, shift=shift, seed=5 + shift)):
             im.save(ref / cat / f"{cat}{i}.jpg", quality=95)
-    r = command("evaluation/evaluate", ev, "--reference", ref, "--inception", inception, "--fid-features", "64",
-                "--fid-resamples", "3", "--device", "cpu", timeout=600)
+    r = command(
+        "evaluation/evaluate",
+        ev,
+        "--reference",
+        ref,
+        "--inception",
+        inception,
+        "--fid-features",
+        "64",
+        "--fid-resamples",
+        "3",
+        "--device",
+        "cpu",
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     df = pd.read_parquet(ev / "scores.parquet")
     assert df.groupby(["run", "category"]).size().to_dict() == {
-        (run_, cat): 4 for run_ in ("exported", "run-256") for cat in ("animals", "places")}
+        (run_, cat): 4 for run_ in ("exported", "run-256") for cat in ("animals", "places")
+    }
     metrics = json.loads((ev / "metrics.json").read_text())
     assert metrics["runs"] == ["exported", "run-256"] and set(metrics["categories"]) == {"animals", "places"}
     assert metrics["reference"]["n"] == 8 and metrics["reference"]["features"] == 64
@@ -141,12 +160,22 @@ def test_a_diffusers_folder_beside_a_run_with_fid_and_categories(tmp_path, tiny_
 
 def test_generate_errors_are_one_line(tmp_path, prompts_file):
     (tmp_path / "notapipe").mkdir()
-    for args, message in ((["--pipeline", str(tmp_path / "notapipe")], "no model_index.json"),
-                          (["--pipeline", "./nowhere/x"], "not a hub id"),
-                          (["--pipeline", "a/b", "--size", "60x64"], "multiples of 8")):
+    for args, message in (
+        (["--pipeline", str(tmp_path / "notapipe")], "no model_index.json"),
+        (["--pipeline", "./nowhere/x"], "not a hub id"),
+        (["--pipeline", "a/b", "--size", "60x64"], "multiples of 8"),
+    ):
         r = command("evaluation/generate", *args, "--prompts", prompts_file, "--out", tmp_path / "o")
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = command("evaluation/generate", "--pipeline", "owner/model", "--prompts", prompts_file, "--out",
-                tmp_path / "o", "--dry-run")
+    r = command(
+        "evaluation/generate",
+        "--pipeline",
+        "owner/model",
+        "--prompts",
+        prompts_file,
+        "--out",
+        tmp_path / "o",
+        "--dry-run",
+    )
     assert r.returncode == 0 and json.loads(r.stdout)["images"] == 6
     assert not (tmp_path / "o").exists()

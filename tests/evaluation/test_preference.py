@@ -1,4 +1,5 @@
 """The preference page in real headless Chromium: anonymised pairs, votes in SQLite, resumption, win rates."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,9 +24,14 @@ class Server:
     """`evaluation/serve EVALDIR --port 0` in its own process group."""
 
     def __init__(self, evaldir: Path):
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "evaluation" / "serve"), "--profile", "demo",
-                                      str(evaldir), "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "evaluation" / "serve"), "--profile", "demo", str(evaldir), "--port", "0"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         line = self.proc.stdout.readline()
         assert line.startswith("serving http://127.0.0.1:"), line + self.proc.stdout.read(2000)
         self.url = line.split()[1]
@@ -63,8 +69,9 @@ def _fresh_copy(evaldir: Path, tmp_path: Path) -> Path:
 
 def test_vote_reload_restart_and_win_rates_in_chromium(evaldir, tmp_path, browser, server_factory):
     evaldir = _fresh_copy(evaldir, tmp_path)
-    by_hash = {hashlib.sha256(p.read_bytes()).hexdigest(): (p.parent.name, p.stem)
-               for p in evaldir.glob("images/*/*.png")}
+    by_hash = {
+        hashlib.sha256(p.read_bytes()).hexdigest(): (p.parent.name, p.stem) for p in evaldir.glob("images/*/*.png")
+    }
     assert len(by_hash) == 12  # every image tells its run, prompt and seed apart
     server = server_factory(evaldir)
     browser.goto(server.url)
@@ -72,10 +79,13 @@ def test_vote_reload_restart_and_win_rates_in_chromium(evaldir, tmp_path, browse
     def shown():
         """What the rater sees, de-anonymised by the test through the image bytes:
         (prompt, left run, right run, prompt_idx-seed)."""
-        prompt, a, b = browser.evaluate("[document.getElementById('prompt').textContent,"
-                                  " document.getElementById('img-A').src, document.getElementById('img-B').src]")
-        (left, key), (right, key_b) = [by_hash[hashlib.sha256(urllib.request.urlopen(u, timeout=10).read())
-                                               .hexdigest()] for u in (a, b)]
+        prompt, a, b = browser.evaluate(
+            "[document.getElementById('prompt').textContent,"
+            " document.getElementById('img-A').src, document.getElementById('img-B').src]"
+        )
+        (left, key), (right, key_b) = [
+            by_hash[hashlib.sha256(urllib.request.urlopen(u, timeout=10).read()).hexdigest()] for u in (a, b)
+        ]
         assert key == key_b and left != right  # one prompt and seed, two runs
         assert browser.evaluate("document.getElementById('img-A').naturalWidth") == 64  # the browser decoded it
         return prompt, left, right, key
@@ -116,11 +126,17 @@ def test_vote_reload_restart_and_win_rates_in_chromium(evaldir, tmp_path, browse
     assert len(rows) == 1
     row = rows[0]
     assert (row["runA"], row["runB"]) == ("512", "tuned")
-    assert (int(row["n"]), int(row["winsA"]), int(row["winsB"]), int(row["ties"])) == \
-        (5, expected["512"], expected["tuned"], expected["tie"])
+    assert (int(row["n"]), int(row["winsA"]), int(row["winsB"]), int(row["ties"])) == (
+        5,
+        expected["512"],
+        expected["tuned"],
+        expected["tie"],
+    )
     assert float(row["rateA"]) == pytest.approx((expected["512"] + 0.5 * expected["tie"]) / 5, abs=1e-6)
-    runs = browser.evaluate("Object.fromEntries([...document.querySelectorAll('#runs tr.run-row')]"
-                      ".map(r => [r.dataset.run, Number(r.dataset.rate)]))")
+    runs = browser.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('#runs tr.run-row')]"
+        ".map(r => [r.dataset.run, Number(r.dataset.rate)]))"
+    )
     assert runs["tuned"] == pytest.approx(1 - float(row["rateA"]), abs=1e-6)
 
     # Judging the last pair finishes the set; votes are in the SQLite file.

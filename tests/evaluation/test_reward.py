@@ -1,4 +1,5 @@
 """HPSv2- and PickScore-style reward scorers in their real formats: save -> load -> the same scores."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -57,7 +58,9 @@ def test_pickscore_saved_with_save_pretrained_loads_to_the_same_scores(tiny_mode
 
 def test_tiny_builders_are_deterministic(tiny_models, tmp_path):
     reward.build_tiny_pickscore(tmp_path / "ps")
-    assert (tmp_path / "ps" / "model.safetensors").read_bytes() == (tiny_models / "pickscore" / "model.safetensors").read_bytes()
+    assert (tmp_path / "ps" / "model.safetensors").read_bytes() == (
+        tiny_models / "pickscore" / "model.safetensors"
+    ).read_bytes()
     reward.build_tiny_hps(tmp_path / "hps.pt", tiny_models / "clip")
     a = torch.load(tmp_path / "hps.pt", weights_only=True)["state_dict"]
     b = torch.load(tiny_models / "hps" / "hps-tiny.pt", weights_only=True)["state_dict"]
@@ -72,15 +75,19 @@ def test_evaluation_scores_and_summarises_the_rewards(evaldir, demo_cfg):
     row = df.iloc[3]
     image = Image.open(evaldir / row.image).convert("RGB")
     rw = demo_cfg.evaluation.rewards
-    assert reward.HPSScorer(rw.hps_arch, rw.hps_weights, rw.hps_config_dir)([image], [row.prompt])[0] == \
-        pytest.approx(row.hps, abs=1e-5)
+    assert reward.HPSScorer(rw.hps_arch, rw.hps_weights, rw.hps_config_dir)([image], [row.prompt])[0] == pytest.approx(
+        row.hps, abs=1e-5
+    )
     assert reward.PickScorer(rw.pickscore)([image], [row.prompt])[0] == pytest.approx(row.pickscore, abs=1e-4)
     summary = (evaldir / "summary.md").read_text()
-    metrics_part = summary[summary.index("## Metrics"):]
+    metrics_part = summary[summary.index("## Metrics") :]
     line = next(x for x in metrics_part.splitlines() if x.startswith("| 512 | "))
     assert f"{df[df.run == '512'].hps.mean():.3f}" in line and f"{df[df.run == '512'].pickscore.mean():.3f}" in line
     lo, hi = stats.bootstrap_ci(df[df.run == "512"].hps)
     assert f"[{lo:.3f}, {hi:.3f}]" in line
     tuned = next(x for x in summary.splitlines() if x.startswith("| tuned | 512 | 6 | "))  # paired to the first
-    diff = (df[df.run == "tuned"].set_index(["prompt_idx", "seed"]).hps - df[df.run == "512"].set_index(["prompt_idx", "seed"]).hps)
+    diff = (
+        df[df.run == "tuned"].set_index(["prompt_idx", "seed"]).hps
+        - df[df.run == "512"].set_index(["prompt_idx", "seed"]).hps
+    )
     assert f"{diff.mean():.3f}" in tuned  # the paired difference to the first run

@@ -4,6 +4,7 @@ Pages are opened as file:// URLs, the way a person opens a report copied off a c
 checked through Playwright (tests/chromium.py): console errors, uncaught exceptions and
 failed resource loads, then the DOM is queried and a full-page screenshot is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from tests.chromium import Page, chromium
 def browser(tmp_path_factory):
     """A function path -> loaded Page, backed by one headless Chromium for the whole session."""
     with chromium(tmp_path_factory.mktemp("chromium-profile")) as new_page:
+
         def open_page(path: Path) -> Page:
             page = new_page()
             page.open(path)
@@ -94,20 +96,37 @@ def curated_dir(tmp_path) -> Path:
         shard = None
         if status == "kept":
             shard = i % 2
-            shards[shard].update({f"{key}.{ext}": data, f"{key}.json": json.dumps({"key": key}).encode(),
-                                  f"{key}.txt": f"alt text {key}".encode()})
+            shards[shard].update(
+                {
+                    f"{key}.{ext}": data,
+                    f"{key}.json": json.dumps({"key": key}).encode(),
+                    f"{key}.txt": f"alt text {key}".encode(),
+                }
+            )
         if thumb:
             assert save_thumbnail(curdir, key, data)
-        rows.append({
-            "url": f"http://127.0.0.1:9/{key}.{ext}", "key": key, "status": status, "reason": reason,
-            "width": None if failed else 1024 + 64 * i, "height": None if failed else 768 + 128 * (i % 5),
-            "tier": None if failed else ("2k" if i % 4 == 0 else "1k"), "aesthetic": aesthetic,
-            "sharpness": None if failed else 10.0 + 15 * i, "contrast": None if failed else 8.0 + 3 * i,
-            "brightness": None if failed else 40.0 + 9 * i, "nsfw": None,
-            "watermark": None if failed else 0.05 * i, "sha256": f"{i:064x}", "phash": f"{i:016x}",
-            "dup_of": dup_of or None, "shard": format.shard_name(shard) if shard is not None else None,
-            "caption": f"alt text {key}",
-        })
+        rows.append(
+            {
+                "url": f"http://127.0.0.1:9/{key}.{ext}",
+                "key": key,
+                "status": status,
+                "reason": reason,
+                "width": None if failed else 1024 + 64 * i,
+                "height": None if failed else 768 + 128 * (i % 5),
+                "tier": None if failed else ("2k" if i % 4 == 0 else "1k"),
+                "aesthetic": aesthetic,
+                "sharpness": None if failed else 10.0 + 15 * i,
+                "contrast": None if failed else 8.0 + 3 * i,
+                "brightness": None if failed else 40.0 + 9 * i,
+                "nsfw": None,
+                "watermark": None if failed else 0.05 * i,
+                "sha256": f"{i:064x}",
+                "phash": f"{i:016x}",
+                "dup_of": dup_of or None,
+                "shard": format.shard_name(shard) if shard is not None else None,
+                "caption": f"alt text {key}",
+            }
+        )
     for index, members in shards.items():
         write_tar(curdir / "shards" / format.shard_name(index), members)
     pd.DataFrame(rows).to_parquet(curdir / format.MANIFEST)
@@ -142,13 +161,23 @@ def caption_run(tmp_path):
             n = next(tokens)
             failed = key == "b003"
             caption = "" if failed else " ".join(WORDS[j % len(WORDS)] for j in range(n)).capitalize() + "."
-            rows.append({"key": key, "caption": caption, "captioner": "tiny@local", "prompt": "Describe.",
-                         "original_caption": f"alt {key}", "num_tokens": n, "status": "failed" if failed else "kept",
-                         "reason": "caption_error" if failed else ""})
+            rows.append(
+                {
+                    "key": key,
+                    "caption": caption,
+                    "captioner": "tiny@local",
+                    "prompt": "Describe.",
+                    "original_caption": f"alt {key}",
+                    "num_tokens": n,
+                    "status": "failed" if failed else "kept",
+                    "reason": "caption_error" if failed else "",
+                }
+            )
         write_tar(curdir / "shards" / format.shard_name(shard), members)
         table = pa.Table.from_pylist(rows).select(format.CAPTION_COLUMNS)
-        pq.write_table(table.set_column(5, "num_tokens", table["num_tokens"].cast(pa.int32())),
-                       capdir / f"{shard:05d}.parquet")
+        pq.write_table(
+            table.set_column(5, "num_tokens", table["num_tokens"].cast(pa.int32())), capdir / f"{shard:05d}.parquet"
+        )
     return curdir, capdir
 
 
@@ -172,8 +201,13 @@ def training_runs(tmp_path):
     (first / "run.json").write_text(json.dumps({"stage": "256", "chain": ["256"]}))
     writer = SummaryWriter(str(first / "tb"))
     for step in range(10, 310, 10):
-        for tag, value in (("train/loss", 1.0 / step), ("train/lr", 1e-3 * min(1, step / 100)),
-                           ("train/grad_norm", 0.5), ("perf/samples_per_s", 40.0), ("perf/step_time_s", 0.2)):
+        for tag, value in (
+            ("train/loss", 1.0 / step),
+            ("train/lr", 1e-3 * min(1, step / 100)),
+            ("train/grad_norm", 0.5),
+            ("perf/samples_per_s", 40.0),
+            ("perf/step_time_s", 0.2),
+        ):
             writer.add_scalar(tag, value, step)
     writer.close()
     (first / "samples" / "step-0000100.png").write_bytes(grid_png(1))
@@ -186,7 +220,8 @@ def training_runs(tmp_path):
         "stage 512 (256 -> 512): 20 steps, 1 process(es) x batch 4 x accum 1 = 4 per step, data enc\n"
         "step 10/20 loss 0.250000 lr 5.000e-04 grad_norm 0.3000 samples/s 12.0 step_time 0.333s\n"
         "saved runs/512/checkpoints/step-0000010\n"
-        "step 20/20 loss 0.125000 lr 1.000e-03 grad_norm 0.2000 samples/s 14.0 step_time 0.286s\n")
+        "step 20/20 loss 0.125000 lr 1.000e-03 grad_norm 0.2000 samples/s 14.0 step_time 0.286s\n"
+    )
     (second / "samples" / "step-0000020.png").write_bytes(grid_png(3, (96, 48)))
 
     third = runs / "1k"

@@ -1,11 +1,14 @@
 """The browser harness itself: it must see the errors the report tests assert are absent."""
+
 from __future__ import annotations
 
 
 def test_harness_reports_console_errors_exceptions_and_missing_files(browser, tmp_path):
     bad = tmp_path / "bad.html"
-    bad.write_text('<!doctype html><html><body><img src="missing.png">'
-                   '<script>console.error("boom"); undefinedFunction();</script></body></html>')
+    bad.write_text(
+        '<!doctype html><html><body><img src="missing.png">'
+        '<script>console.error("boom"); undefinedFunction();</script></body></html>'
+    )
     page = browser(bad)
     text = "\n".join(page.errors)
     assert "console: boom" in text

@@ -1,4 +1,5 @@
 """The dataset report, rendered in headless Chromium from a small real curated folder."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
 
-GALLERY_COUNTS = "Object.fromEntries([...document.querySelectorAll('[data-gallery]')].map(" \
-                 "g => [g.dataset.gallery, [+g.dataset.count, +g.dataset.total, g.querySelectorAll('.tile img').length]]))"
+GALLERY_COUNTS = (
+    "Object.fromEntries([...document.querySelectorAll('[data-gallery]')].map("
+    "g => [g.dataset.gallery, [+g.dataset.count, +g.dataset.total, g.querySelectorAll('.tile img').length]]))"
+)
 
 
 def test_dataset_report_renders_in_chromium(curated_dir, browser, tmp_path):
@@ -24,23 +27,52 @@ def test_dataset_report_renders_in_chromium(curated_dir, browser, tmp_path):
     assert page.errors == []
     assert page.broken_images() == 0
     # self-contained: every image is embedded, nothing points at a server or a file beside it
-    assert page.evaluate("[...document.querySelectorAll('[src],[href]')]"
-                         ".every(e => (e.getAttribute('src') || e.getAttribute('href')).startsWith('data:'))")
+    assert page.evaluate(
+        "[...document.querySelectorAll('[src],[href]')]"
+        ".every(e => (e.getAttribute('src') || e.getAttribute('href')).startsWith('data:'))"
+    )
 
-    plots = page.evaluate("Object.fromEntries([...document.querySelectorAll('figure.plot')]"
-                          ".map(f => [f.dataset.plot, f.querySelector('img').naturalWidth]))")
-    assert set(plots) == {"width", "height", "aspect", "tier", "aesthetic", "sharpness", "contrast",
-                          "brightness", "watermark"}  # nsfw never ran (all null): no plot
+    plots = page.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('figure.plot')]"
+        ".map(f => [f.dataset.plot, f.querySelector('img').naturalWidth]))"
+    )
+    assert set(plots) == {
+        "width",
+        "height",
+        "aspect",
+        "tier",
+        "aesthetic",
+        "sharpness",
+        "contrast",
+        "brightness",
+        "watermark",
+    }  # nsfw never ran (all null): no plot
     assert all(w > 200 for w in plots.values()), plots
 
-    status = page.evaluate("[...document.querySelectorAll('table[data-table=status] tr')].slice(1)"
-                           ".map(r => [...r.cells].map(c => c.textContent))")
-    assert status == [["kept", "8", "40.0%"], ["rejected", "9", "45.0%"], ["failed", "3", "15.0%"],
-                      ["total", "20", "100%"]]
-    reasons = dict(page.evaluate("[...document.querySelectorAll('table[data-table=reason] tr')].slice(1)"
-                                 ".map(r => [r.cells[1].textContent, r.cells[2].textContent])"))
-    assert reasons == {"too_small": "3", "low_quality": "2", "low_aesthetic": "1", "duplicate": "3",
-                       "http_404": "2", "timeout": "1"}
+    status = page.evaluate(
+        "[...document.querySelectorAll('table[data-table=status] tr')].slice(1)"
+        ".map(r => [...r.cells].map(c => c.textContent))"
+    )
+    assert status == [
+        ["kept", "8", "40.0%"],
+        ["rejected", "9", "45.0%"],
+        ["failed", "3", "15.0%"],
+        ["total", "20", "100%"],
+    ]
+    reasons = dict(
+        page.evaluate(
+            "[...document.querySelectorAll('table[data-table=reason] tr')].slice(1)"
+            ".map(r => [r.cells[1].textContent, r.cells[2].textContent])"
+        )
+    )
+    assert reasons == {
+        "too_small": "3",
+        "low_quality": "2",
+        "low_aesthetic": "1",
+        "duplicate": "3",
+        "http_404": "2",
+        "timeout": "1",
+    }
 
     galleries = page.evaluate(GALLERY_COUNTS)
     # [tiles shown, total, tiles with an image]
@@ -50,12 +82,13 @@ def test_dataset_report_renders_in_chromium(curated_dir, browser, tmp_path):
     assert galleries["rejected-low_quality"] == [2, 2, 2]
     assert galleries["rejected-duplicate"] == [3, 3, 3]
     top = page.evaluate("[...document.querySelectorAll('[data-gallery=kept-top] .tile')].map(t => t.dataset.key)")
-    bottom = page.evaluate("[...document.querySelectorAll('[data-gallery=kept-bottom] .tile')]"
-                           ".map(t => t.dataset.key)")
+    bottom = page.evaluate("[...document.querySelectorAll('[data-gallery=kept-bottom] .tile')].map(t => t.dataset.key)")
     assert top == ["k007", "k006", "k005", "k004"] and bottom == ["k000", "k001", "k002", "k003"]
 
-    groups = page.evaluate("Object.fromEntries([...document.querySelectorAll('.group')].map("
-                           "g => [g.dataset.group, [...g.querySelectorAll('.tile')].map(t => t.dataset.key)]))")
+    groups = page.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('.group')].map("
+        "g => [g.dataset.group, [...g.querySelectorAll('.tile')].map(t => t.dataset.key)]))"
+    )
     assert groups == {"k000": ["k000", "d000", "d001"], "k001": ["k001", "d002"]}
     assert page.evaluate("document.querySelectorAll('.group img').length") == 5  # originals from the tars
 
@@ -64,23 +97,33 @@ def test_dataset_report_renders_in_chromium(curated_dir, browser, tmp_path):
 
 
 def test_entry_point_draws_configured_thresholds(curated_dir, browser):
-    cmd = [sys.executable, str(ROOT / "curation" / "report"), str(curated_dir),
-           "--set", "curation.aesthetic.threshold=6.5", "--set", "curation.min_tier=2k"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "curation" / "report"),
+        str(curated_dir),
+        "--set",
+        "curation.aesthetic.threshold=6.5",
+        "--set",
+        "curation.min_tier=2k",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(curated_dir / "report.html")
     page = browser(curated_dir / "report.html")
     assert page.errors == []
-    settings = dict(page.evaluate("[...document.querySelectorAll('table[data-table=thresholds] tr')].slice(1)"
-                                  ".map(r => [r.cells[0].textContent, r.cells[1].textContent])"))
+    settings = dict(
+        page.evaluate(
+            "[...document.querySelectorAll('table[data-table=thresholds] tr')].slice(1)"
+            ".map(r => [r.cells[0].textContent, r.cells[1].textContent])"
+        )
+    )
     assert settings["aesthetic.threshold"] == "6.5 (on)"
     assert settings["min_tier"] == "2k"
 
 
 def test_entry_point_dry_run_and_bad_folder(curated_dir, tmp_path):
     cmd = [sys.executable, str(ROOT / "curation" / "report")]
-    done = subprocess.run([*cmd, str(curated_dir), "--dry-run"], capture_output=True, text=True, env=ENV,
-                          timeout=120)
+    done = subprocess.run([*cmd, str(curated_dir), "--dry-run"], capture_output=True, text=True, env=ENV, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"shards": 2' in done.stdout and not (curated_dir / "report.html").exists()
     done = subprocess.run([*cmd, str(tmp_path / "nowhere")], capture_output=True, text=True, env=ENV, timeout=120)
@@ -88,8 +131,17 @@ def test_entry_point_dry_run_and_bad_folder(curated_dir, tmp_path):
     assert done.stderr.strip().startswith("error:") and "nowhere" in done.stderr and len(done.stderr.splitlines()) == 1
 
 
-@pytest.mark.parametrize("value,expected", [(3, "00003.tar"), ("00003", "00003.tar"), ("00003.tar", "00003.tar"),
-                                            ("shards/00003.tar", "00003.tar"), (None, None), (float("nan"), None)])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (3, "00003.tar"),
+        ("00003", "00003.tar"),
+        ("00003.tar", "00003.tar"),
+        ("shards/00003.tar", "00003.tar"),
+        (None, None),
+        (float("nan"), None),
+    ],
+)
 def test_shard_column_forms(tmp_path, value, expected):
     from curation.report import shard_path
 
@@ -117,8 +169,16 @@ def test_rejected_thumbnails_from_download_tar(tmp_path):
             tar.addfile(info, io.BytesIO(buf.getvalue()))
     with tarfile.open(src) as tar:
         places = [(m.offset_data, m.size) for m in tar]
-    rows = [{"key": f"r{i}", "reason": "too_small" if i < 4 else "low_quality", "src": str(src),
-             "offset": off, "size": size} for i, (off, size) in enumerate(places)]
+    rows = [
+        {
+            "key": f"r{i}",
+            "reason": "too_small" if i < 4 else "low_quality",
+            "src": str(src),
+            "offset": off,
+            "size": size,
+        }
+        for i, (off, size) in enumerate(places)
+    ]
     rows.append({"key": "gone", "reason": "http_404", "src": "", "offset": 0, "size": 0})  # never downloaded
     curdir = tmp_path / "cur"
     assert save_rejected_thumbnails(curdir, rows, per_reason=2) == 4
@@ -160,18 +220,26 @@ def write_big_manifest(curdir: Path, n: int, row_group: int) -> None:
         return pa.array(values, mask=failed | (rng.random(n) < null_share))
 
     columns = {
-        "url": pa.array(np.char.add("http://example.com/", key)), "key": pa.array(key),
-        "status": pa.array(status), "reason": pa.array(reason), "width": size(), "height": size(),
+        "url": pa.array(np.char.add("http://example.com/", key)),
+        "key": pa.array(key),
+        "status": pa.array(status),
+        "reason": pa.array(reason),
+        "width": size(),
+        "height": size(),
         "tier": pa.array(rng.choice(["", "1k", "2k", "4k"], n), mask=failed),
         "aesthetic": score(np.round(rng.normal(5, 1, n), 1), 0.1),
         "sharpness": score(rng.lognormal(3, 2, n) * (rng.random(n) > 0.05)),
-        "contrast": score(rng.normal(40, 10, n)), "brightness": score(rng.uniform(0, 255, n)),
-        "nsfw": pa.nulls(n, pa.float64()), "watermark": score(rng.random(n), 0.3),
-        "sha256": pa.array(np.char.zfill(np.arange(n).astype(str), 64)), "phash": pa.array(np.char.zfill(key, 16)),
+        "contrast": score(rng.normal(40, 10, n)),
+        "brightness": score(rng.uniform(0, 255, n)),
+        "nsfw": pa.nulls(n, pa.float64()),
+        "watermark": score(rng.random(n), 0.3),
+        "sha256": pa.array(np.char.zfill(np.arange(n).astype(str), 64)),
+        "phash": pa.array(np.char.zfill(key, 16)),
         "dup_of": pa.array(np.where(dup, rng.choice(originals, n), ""), mask=~dup),
-        "shard": pa.array(np.where(kept, "00000.tar", ""), mask=~kept), "caption": pa.array(np.char.add("alt ", key)),
+        "shard": pa.array(np.where(kept, "00000.tar", ""), mask=~kept),
+        "caption": pa.array(np.char.add("alt ", key)),
     }
-    assert list(columns)[:len(format.MANIFEST_COLUMNS)] == format.MANIFEST_COLUMNS
+    assert list(columns)[: len(format.MANIFEST_COLUMNS)] == format.MANIFEST_COLUMNS
     curdir.mkdir(parents=True)
     pq.write_table(pa.table(columns), curdir / format.MANIFEST, row_group_size=row_group)
 
@@ -193,14 +261,24 @@ def expected_report(curdir: Path, cur) -> dict:
     shape, scores = report._quantities(cur)
     return {
         "status": df["status"].value_counts().to_dict(),
-        "reasons": [(s, r, n) for (s, r), n in df[df["status"] != "kept"].groupby(["status", "reason"]).size()
-                    .sort_values(ascending=False).items()],
-        "top": list(scored["key"][:24]), "bottom": list(scored["key"][-24:][::-1]), "scored": len(scored),
+        "reasons": [
+            (s, r, n)
+            for (s, r), n in df[df["status"] != "kept"]
+            .groupby(["status", "reason"])
+            .size()
+            .sort_values(ascending=False)
+            .items()
+        ],
+        "top": list(scored["key"][:24]),
+        "bottom": list(scored["key"][-24:][::-1]),
+        "scored": len(scored),
         "rejected": list(rejected["reason"].value_counts().items()),
         "too_small": list(rejected[rejected["reason"] == "too_small"]["key"][:24]),
         "groups": {g: [g, *rejected[rejected["dup_of"] == g]["key"][:24]] for g in groups.index[:12]},
-        "failed": [(r, n, " ".join(failed[failed["reason"] == r]["url"][:5]))
-                   for r, n in failed["reason"].value_counts().items()],
+        "failed": [
+            (r, n, " ".join(failed[failed["reason"] == r]["url"][:5]))
+            for r, n in failed["reason"].value_counts().items()
+        ],
         "tiers": d["tier"].replace("", "below 1k").value_counts().to_dict(),
         "values": {q[0]: (d[q[0]], q) for q in shape + scores},
     }
@@ -214,12 +292,23 @@ def report_html_parts(html: str) -> dict:
         rows = re.findall(r"<tr>(.*?)</tr>", body)[1:]
         return [[c.replace(",", "") for c in re.findall(r"<td[^>]*>(.*?)</td>", r)] for r in rows]  # 1,234 -> 1234
 
-    galleries = {g: (int(total), re.findall(r'data-key="([^"]+)"', body)) for g, total, body in
-                 re.findall(r'data-gallery="([^"]+)" data-count="\d+" data-total="(\d+)">(.*?)</section>', html)}
-    groups = {g: re.findall(r'data-key="([^"]+)"', body) for g, body in
-              re.findall(r'<div class="group" data-group="([^"]+)" data-count="\d+">(.*?)</div></div>', html)}
-    return {"status": table("status"), "reason": table("reason"), "failed": table("failed"),
-            "galleries": galleries, "groups": groups}
+    galleries = {
+        g: (int(total), re.findall(r'data-key="([^"]+)"', body))
+        for g, total, body in re.findall(
+            r'data-gallery="([^"]+)" data-count="\d+" data-total="(\d+)">(.*?)</section>', html
+        )
+    }
+    groups = {
+        g: re.findall(r'data-key="([^"]+)"', body)
+        for g, body in re.findall(r'<div class="group" data-group="([^"]+)" data-count="\d+">(.*?)</div></div>', html)
+    }
+    return {
+        "status": table("status"),
+        "reason": table("reason"),
+        "failed": table("failed"),
+        "galleries": galleries,
+        "groups": groups,
+    }
 
 
 def check_streamed_report(curdir: Path, monkeypatch, batch: int) -> None:
@@ -238,8 +327,14 @@ def check_streamed_report(curdir: Path, monkeypatch, batch: int) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the report must stream the manifest, not read it whole")
 
-    for owner, name in [(pd, "read_parquet"), (pq, "read_table"), (pq, "ParquetDataset"), (pq.ParquetFile, "read"),
-                        (pq.ParquetFile, "read_row_groups"), (pq.ParquetFile, "read_row_group")]:
+    for owner, name in [
+        (pd, "read_parquet"),
+        (pq, "read_table"),
+        (pq, "ParquetDataset"),
+        (pq.ParquetFile, "read"),
+        (pq.ParquetFile, "read_row_groups"),
+        (pq.ParquetFile, "read_row_group"),
+    ]:
         monkeypatch.setattr(owner, name, refuse)
     scans, iter_batches = [], pq.ParquetFile.iter_batches
 
@@ -252,20 +347,22 @@ def check_streamed_report(curdir: Path, monkeypatch, batch: int) -> None:
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
     monkeypatch.setattr(report, "BATCH", batch)
     plots, bars = {}, {}
-    monkeypatch.setattr(pages, "histogram_counts", lambda name, edges, counts, *a, **k: plots.update(
-        {name: (edges, counts)}) or "")
+    monkeypatch.setattr(
+        pages, "histogram_counts", lambda name, edges, counts, *a, **k: plots.update({name: (edges, counts)}) or ""
+    )
     monkeypatch.setattr(pages, "bars", lambda name, counts, *a, **k: bars.update({name: counts}) or "")
     got = report_html_parts(report.build(curdir, cur))
 
     assert scans and all(not {"sha256", "phash", "caption"} & set(c) for c in scans), scans
     total = sum(want["status"].values())
-    assert got["status"] == [[s, str(n), f"{100 * n / total:.1f}%"] for s, n in
-                             ((s, want["status"].get(s, 0)) for s in ("kept", "rejected", "failed"))] \
-        + [["total", str(total), "100%"]]
+    assert got["status"] == [
+        [s, str(n), f"{100 * n / total:.1f}%"]
+        for s, n in ((s, want["status"].get(s, 0)) for s in ("kept", "rejected", "failed"))
+    ] + [["total", str(total), "100%"]]
     assert got["reason"] == [[s, r, str(n)] for s, r, n in want["reasons"]]
     g = got["galleries"]
     assert g["kept-top"] == (want["scored"], want["top"]) and g["kept-bottom"] == (want["scored"], want["bottom"])
-    rejected = [(k[len("rejected-"):], total) for k, (total, _) in g.items() if k.startswith("rejected-")]
+    rejected = [(k[len("rejected-") :], total) for k, (total, _) in g.items() if k.startswith("rejected-")]
     assert rejected == want["rejected"]
     assert g["rejected-too_small"][1] == want["too_small"]  # no thumbnails saved: the first 24 in manifest order
     assert got["groups"] == want["groups"] and list(got["groups"]) == list(want["groups"])

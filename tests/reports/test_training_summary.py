@@ -1,14 +1,19 @@
 """The training summary page, rendered in headless Chromium from TensorBoard events and text logs."""
+
 from __future__ import annotations
 
 import pytest
 
 from shards.errors import SigmaError
 
-STAGES = "Object.fromEntries([...document.querySelectorAll('table[data-table=stages] tr')].slice(1)" \
-         ".map(r => [r.cells[0].textContent, [...r.cells].slice(1).map(c => c.textContent)]))"
-GRIDS = "Object.fromEntries([...document.querySelectorAll('section.grid')].map(s => [s.dataset.stage, " \
-        "[s.dataset.step || null, s.querySelector('img') ? s.querySelector('img').naturalWidth : 0]]))"
+STAGES = (
+    "Object.fromEntries([...document.querySelectorAll('table[data-table=stages] tr')].slice(1)"
+    ".map(r => [r.cells[0].textContent, [...r.cells].slice(1).map(c => c.textContent)]))"
+)
+GRIDS = (
+    "Object.fromEntries([...document.querySelectorAll('section.grid')].map(s => [s.dataset.stage, "
+    "[s.dataset.step || null, s.querySelector('img') ? s.querySelector('img').naturalWidth : 0]]))"
+)
 
 
 def test_summary_of_all_stages_renders_in_chromium(training_runs, browser, tmp_path):
@@ -19,10 +24,16 @@ def test_summary_of_all_stages_renders_in_chromium(training_runs, browser, tmp_p
     page = browser(out)
     assert page.errors == []
     assert page.broken_images() == 0
-    plots = page.evaluate("[...document.querySelectorAll('figure.plot')].map(f => [f.dataset.plot, "
-                          "f.querySelector('img').naturalWidth])")
-    assert [p[0] for p in plots] == ["train-loss", "train-lr", "train-grad_norm", "perf-samples_per_s",
-                                     "perf-step_time_s"]
+    plots = page.evaluate(
+        "[...document.querySelectorAll('figure.plot')].map(f => [f.dataset.plot, f.querySelector('img').naturalWidth])"
+    )
+    assert [p[0] for p in plots] == [
+        "train-loss",
+        "train-lr",
+        "train-grad_norm",
+        "perf-samples_per_s",
+        "perf-step_time_s",
+    ]
     assert all(w > 200 for _, w in plots)
     stages = page.evaluate(STAGES)
     assert list(stages) == ["256", "512", "1k"]  # chain order from run.json; no run.json last

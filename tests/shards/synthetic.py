@@ -4,6 +4,7 @@ The curated shards are real WebDataset tars in curation's layout (KEY.jpg, KEY.j
 the captions real CAPDIR parquet files (shards.format.CAPTION_COLUMNS), so these tests do not
 depend on the curation or captioning code.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,8 +37,9 @@ def caption(seed: int, n_words: int) -> str:
     return " ".join(rng.choice(WORDS, n_words))
 
 
-def write_curated(root: Path, shards: list[list[dict]], skip_captions: set[str] = frozenset(),
-                  failed_captions: set[str] = frozenset()) -> tuple[Path, Path]:
+def write_curated(
+    root: Path, shards: list[list[dict]], skip_captions: set[str] = frozenset(), failed_captions: set[str] = frozenset()
+) -> tuple[Path, Path]:
     """CURDIR/shards/NNNNN.tar + CAPDIR/NNNNN.parquet from specs {key, width, height[, ext]}."""
     shard_dir, cap_dir = root / "curated" / "shards", root / "captions"
     shard_dir.mkdir(parents=True, exist_ok=True)
@@ -48,9 +50,11 @@ def write_curated(root: Path, shards: list[list[dict]], skip_captions: set[str] 
             for s in sorted(samples, key=lambda s: s["key"]):
                 seed = int(s["key"])
                 ext = s.get("ext", "jpg")
-                members = {ext: s.get("data") or image_bytes(s["width"], s["height"], seed, ext),
-                           "json": json.dumps({"key": s["key"], "width": s["width"], "height": s["height"]}).encode(),
-                           "txt": caption(seed + 1, 5).encode()}
+                members = {
+                    ext: s.get("data") or image_bytes(s["width"], s["height"], seed, ext),
+                    "json": json.dumps({"key": s["key"], "width": s["width"], "height": s["height"]}).encode(),
+                    "txt": caption(seed + 1, 5).encode(),
+                }
                 for suffix, data in members.items():
                     info = tarfile.TarInfo(f"{s['key']}.{suffix}")
                     info.size = len(data)
@@ -58,11 +62,23 @@ def write_curated(root: Path, shards: list[list[dict]], skip_captions: set[str] 
                 if s["key"] in skip_captions:
                     continue
                 failed = s["key"] in failed_captions
-                rows.append(dict(key=s["key"], caption=None if failed else caption(seed, 6 + seed % 20),
-                                 captioner="test", prompt="Describe.", original_caption=members["txt"].decode(),
-                                 num_tokens=0, status="failed" if failed else "kept",
-                                 reason="caption_error" if failed else ""))
-        table = pa.Table.from_pylist(rows) if rows else pa.table({c: pa.array([], pa.string()) for c in fmt.CAPTION_COLUMNS})
+                rows.append(
+                    dict(
+                        key=s["key"],
+                        caption=None if failed else caption(seed, 6 + seed % 20),
+                        captioner="test",
+                        prompt="Describe.",
+                        original_caption=members["txt"].decode(),
+                        num_tokens=0,
+                        status="failed" if failed else "kept",
+                        reason="caption_error" if failed else "",
+                    )
+                )
+        table = (
+            pa.Table.from_pylist(rows)
+            if rows
+            else pa.table({c: pa.array([], pa.string()) for c in fmt.CAPTION_COLUMNS})
+        )
         pq.write_table(table.select(fmt.CAPTION_COLUMNS), cap_dir / f"{n:05d}.parquet")
     return shard_dir, cap_dir
 
@@ -77,7 +93,9 @@ def sample(key: int, width: int, height: int, **kw) -> dict:
     return {"key": f"{key:09d}", "width": width, "height": height, **kw}
 
 
-def write_encdir(encdir: Path, buckets: dict[tuple[int, int], int], dim: int = 8, shard_bytes: int = 6000) -> dict[str, dict]:
+def write_encdir(
+    encdir: Path, buckets: dict[tuple[int, int], int], dim: int = 8, shard_bytes: int = 6000
+) -> dict[str, dict]:
     """An ENCDIR written with the real writer, without Ray or models: known tensors per key.
 
     Sample i of a bucket has recaption features filled with +i (length 3 + i % 5) and, for even i,
@@ -98,19 +116,50 @@ def write_encdir(encdir: Path, buckets: dict[tuple[int, int], int], dim: int = 8
                 feats["original"] = torch.full((2, dim), -float(i))
             mean = torch.full((4, h // 8, w // 8), float(i))
             std = torch.zeros_like(mean) if i % 3 else torch.full_like(mean, 0.5)
-            meta = {"key": key, "bucket": f"{h / w:.2f}", "bucket_hw": [h, w], "size": [h, w], "resized": [h, w],
-                    "crop_box": [0, 0, w, h], "captions": {"recaption": f"re {i}", **({"original": f"orig {i}"} if i % 2 == 0 else {})},
-                    "t5_lengths": {k: len(v) for k, v in feats.items()}, "source": "00000.tar", "fingerprint": fp,
-                    "format_version": encoded.FORMAT_VERSION}
-            row = dict(key=key, status="kept", reason="", bucket=meta["bucket"], bucket_h=h, bucket_w=w, width=w, height=h,
-                       t5_len_recaption=len(feats["recaption"]), t5_len_original=len(feats.get("original", [])),
-                       source="00000.tar", fingerprint=fp)
+            meta = {
+                "key": key,
+                "bucket": f"{h / w:.2f}",
+                "bucket_hw": [h, w],
+                "size": [h, w],
+                "resized": [h, w],
+                "crop_box": [0, 0, w, h],
+                "captions": {"recaption": f"re {i}", **({"original": f"orig {i}"} if i % 2 == 0 else {})},
+                "t5_lengths": {k: len(v) for k, v in feats.items()},
+                "source": "00000.tar",
+                "fingerprint": fp,
+                "format_version": encoded.FORMAT_VERSION,
+            }
+            row = dict(
+                key=key,
+                status="kept",
+                reason="",
+                bucket=meta["bucket"],
+                bucket_h=h,
+                bucket_w=w,
+                width=w,
+                height=h,
+                t5_len_recaption=len(feats["recaption"]),
+                t5_len_original=len(feats.get("original", [])),
+                source="00000.tar",
+                fingerprint=fp,
+            )
             writer.write(meta, encoded.pack_t5(feats), encoded.pack_vae(mean, std, 0.13025), row)
             truth[key] = {"i": i, "hw": (h, w), "std": float(std.flatten()[0])}
         writer.close()
     from safetensors.torch import save_file
 
     save_file({"y_embedding": torch.zeros(300, dim)}, str(encdir / "null_caption.safetensors"))
-    encoded.write_info(encdir, dict(fingerprint=fp, tier="256", table="256", max_length=300, t5_dim=dim,
-                                    scaling_factor=0.13025, latent_channels=4, null_caption="null_caption.safetensors"))
+    encoded.write_info(
+        encdir,
+        dict(
+            fingerprint=fp,
+            tier="256",
+            table="256",
+            max_length=300,
+            t5_dim=dim,
+            scaling_factor=0.13025,
+            latent_channels=4,
+            null_caption="null_caption.safetensors",
+        ),
+    )
     return truth

@@ -1,6 +1,7 @@
 """Captions made elsewhere: a `key, caption` table (one file, or a folder of parquet/jsonl/csv) is encoded
 like a recaption CAPDIR; a table that matches no curated key, or a run left with nothing to encode, fails
 in one line."""
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,22 @@ KEYS = ["000000001", "000000002", "000000010", "000000011"]
 
 
 def args(root, caps, out: str, models: dict) -> list[str]:
-    return ["--images", str(root / "curated" / "shards"), "--captions", str(caps), "--out", str(root / out),
-            "--tier", "256", "--profile", "demo", "--set", f"models.t5={models['t5']}",
-            "--set", f"models.vae={models['vae']}"]
+    return [
+        "--images",
+        str(root / "curated" / "shards"),
+        "--captions",
+        str(caps),
+        "--out",
+        str(root / out),
+        "--tier",
+        "256",
+        "--profile",
+        "demo",
+        "--set",
+        f"models.t5={models['t5']}",
+        "--set",
+        f"models.vae={models['vae']}",
+    ]
 
 
 def table(keys=KEYS) -> pd.DataFrame:
@@ -59,13 +73,31 @@ def kept_captions(encdir) -> dict[str, dict]:
 
 def test_a_key_caption_table_gets_the_other_columns(tmp_path):
     path = tmp_path / "vendor.csv"
-    pd.DataFrame({"key": ["000000001", "000000002"], "caption": ["a fox", "  "], "extra": [1, 2]}).to_csv(path, index=False)
+    pd.DataFrame({"key": ["000000001", "000000002"], "caption": ["a fox", "  "], "extra": [1, 2]}).to_csv(
+        path, index=False
+    )
     df = captions.read_file(path)
-    assert list(df.columns) == ["key", "caption", "captioner", "prompt", "original_caption", "num_tokens", "status",
-                                "reason"]
+    assert list(df.columns) == [
+        "key",
+        "caption",
+        "captioner",
+        "prompt",
+        "original_caption",
+        "num_tokens",
+        "status",
+        "reason",
+    ]
     rows = df.to_dict("records")
-    assert rows[0] == dict(key="000000001", caption="a fox", captioner="table:vendor.csv", prompt="",
-                           original_caption=None, num_tokens=0, status=reasons.KEPT, reason="")
+    assert rows[0] == dict(
+        key="000000001",
+        caption="a fox",
+        captioner="table:vendor.csv",
+        prompt="",
+        original_caption=None,
+        num_tokens=0,
+        status=reasons.KEPT,
+        reason="",
+    )
     assert (rows[1]["status"], rows[1]["reason"]) == (reasons.FAILED, reasons.EMPTY_CAPTION)
     assert rows[0]["key"] == "000000001"  # leading zeros kept (csv read as text)
 
@@ -98,8 +130,13 @@ def test_a_folder_is_per_shard_only_when_its_files_are_named_after_the_shards(tm
 
 
 def test_nothing_encoded_for_missing_captions_is_an_error():
-    idx = pd.DataFrame({"key": ["a", "b"], "status": [reasons.FAILED, reasons.REJECTED],
-                        "reason": [reasons.MISSING_CAPTION, reasons.NOT_IN_TIER]})
+    idx = pd.DataFrame(
+        {
+            "key": ["a", "b"],
+            "status": [reasons.FAILED, reasons.REJECTED],
+            "reason": [reasons.MISSING_CAPTION, reasons.NOT_IN_TIER],
+        }
+    )
     with pytest.raises(SigmaError, match=r"--captions caps: nothing encoded: 1 of 2 samples have no caption row"):
         encode._check_something_encoded(idx, "caps")
     idx.loc[0, "status"] = reasons.KEPT
@@ -157,7 +194,8 @@ def test_the_caption_report_reads_a_table(tmp_path):
 
     path = tmp_path / "vendor.jsonl"
     pd.DataFrame({"key": ["k1", "k2", "k3"], "caption": ["a red fox", "a small house", ""]}).to_json(
-        path, orient="records", lines=True)
+        path, orient="records", lines=True
+    )
     page = build(path)
     assert "a red fox" in page and "table:vendor.jsonl" in page and reasons.EMPTY_CAPTION in page
     assert write_caption_report(path) == tmp_path / "vendor.report.html"

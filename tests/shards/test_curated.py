@@ -1,4 +1,5 @@
 """shards/curated.py: the one reader of curated tars (keys, duplicates, truncation), and its callers."""
+
 from __future__ import annotations
 
 import io
@@ -34,13 +35,18 @@ def cut_after(path: Path, n_members: int) -> None:
 def test_keys_are_member_paths_minus_the_extension(tmp_path):
     tar = write_tar(tmp_path / "00000.tar", ["a/x.jpg", "a/x.txt", "b/x.jpg", "b/x.txt", "y.seg.jpg"])
     assert curated.keys(tar) == ["a/x", "b/x", "y"]
-    assert [(k, sorted(m)) for k, m in curated.samples(tar)] == [("a/x", ["jpg", "txt"]), ("b/x", ["jpg", "txt"]),
-                                                               ("y", ["seg.jpg"])]
+    assert [(k, sorted(m)) for k, m in curated.samples(tar)] == [
+        ("a/x", ["jpg", "txt"]),
+        ("b/x", ["jpg", "txt"]),
+        ("y", ["seg.jpg"]),
+    ]
     assert list(pages.tar_images(tar, {"b/x"})) == ["b/x"]
 
 
-@pytest.mark.parametrize("names, what", [(["x.jpg", "y.jpg", "x.txt"], "duplicate key 'x'"),
-                                         (["x.jpg", "x.jpg"], "duplicate member 'x.jpg'")])
+@pytest.mark.parametrize(
+    "names, what",
+    [(["x.jpg", "y.jpg", "x.txt"], "duplicate key 'x'"), (["x.jpg", "x.jpg"], "duplicate member 'x.jpg'")],
+)
 def test_a_duplicate_key_is_an_error_naming_the_shard(tmp_path, names, what):
     tar = write_tar(tmp_path / "00003.tar", names)
     for read in (curated.keys, lambda p: list(curated.samples(p))):

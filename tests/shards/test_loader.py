@@ -1,4 +1,5 @@
 """The training loader on an ENCDIR written by the real writer: padding, captions, buckets, seeds, workers."""
+
 from __future__ import annotations
 
 import itertools
@@ -95,8 +96,9 @@ def test_epoch_mode_splits_by_node_and_worker(encdir):
     root, truth = encdir
     seen = []
     for rank in (0, 1):
-        dl = loader.make_loader(root, batch_size=1, num_workers=2, resample=False, keep_partial=True, rank=rank,
-                                world_size=2, seed=0)
+        dl = loader.make_loader(
+            root, batch_size=1, num_workers=2, resample=False, keep_partial=True, rank=rank, world_size=2, seed=0
+        )
         seen.append([k for b in dl for k in b["keys"]])
     assert sorted(seen[0] + seen[1]) == sorted(truth) and not set(seen[0]) & set(seen[1])
     ds = loader.make_loader(root, batch_size=1, num_workers=0, resample=False, keep_partial=True).dataset
@@ -108,8 +110,10 @@ def test_epoch_mode_splits_by_node_and_worker(encdir):
 def test_bucket_policy(encdir, tmp_path):
     root = tmp_path / "skewed"
     write_encdir(root, {(64, 64): 24, (32, 64): 2}, shard_bytes=3000)
-    counts = {p: Counter(b["bucket"] for b in take(root, 80, batch_size=1, num_workers=0, bucket_policy=p, seed=0))
-              for p in loader.POLICIES}
+    counts = {
+        p: Counter(b["bucket"] for b in take(root, 80, batch_size=1, num_workers=0, bucket_policy=p, seed=0))
+        for p in loader.POLICIES
+    }
     assert counts["proportional"]["0.50"] < 20  # ~1 in 13 batches
     assert counts["uniform"]["0.50"] > 25  # ~1 in 2
     with pytest.raises(SigmaError, match="bucket_policy"):

@@ -5,6 +5,7 @@ tensors are random but every file, name and field is the real format, so the rea
 them. Buckets are small for every tier (the model is multi-scale from 512 up), so a 4K stage
 runs in a fraction of a second: the bucket labels are the only thing that is not realistic.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,8 +19,14 @@ T5_DIM = 32  # the tiny T5's d_model = the tiny DiT's caption_channels
 MAX_LENGTH = 300
 
 
-def write(encdir: Path, tier: str, buckets: dict[tuple[int, int], int], seed: int = 0, latent_channels: int = 4,
-          nan_key: str | None = None) -> Path:
+def write(
+    encdir: Path,
+    tier: str,
+    buckets: dict[tuple[int, int], int],
+    seed: int = 0,
+    latent_channels: int = 4,
+    nan_key: str | None = None,
+) -> Path:
     """ENCDIR with `count` samples per (h, w) pixel bucket; `nan_key`: that sample's latent mean is NaN."""
     gen = torch.Generator().manual_seed(seed)
     fp, n = "e" * 16, 0
@@ -35,19 +42,49 @@ def write(encdir: Path, tier: str, buckets: dict[tuple[int, int], int], seed: in
             if key == nan_key:
                 mean[0, 0, 0] = float("nan")
             std = torch.full_like(mean, 0.1)
-            meta = {"key": key, "bucket": f"{h / w:.2f}", "bucket_hw": [h, w], "size": [h, w], "resized": [h, w],
-                    "crop_box": [0, 0, w, h], "fingerprint": fp, "format_version": encoded.FORMAT_VERSION,
-                    "captions": {"recaption": f"caption {key}", **({"original": f"alt {key}"} if n % 2 else {})},
-                    "t5_lengths": {k: len(v) for k, v in feats.items()}, "source": "00000.tar"}
-            row = dict(key=key, status="kept", reason="", bucket=meta["bucket"], bucket_h=h, bucket_w=w, width=w,
-                       height=h, t5_len_recaption=len(feats["recaption"]),
-                       t5_len_original=len(feats.get("original", [])), source="00000.tar", fingerprint=fp)
+            meta = {
+                "key": key,
+                "bucket": f"{h / w:.2f}",
+                "bucket_hw": [h, w],
+                "size": [h, w],
+                "resized": [h, w],
+                "crop_box": [0, 0, w, h],
+                "fingerprint": fp,
+                "format_version": encoded.FORMAT_VERSION,
+                "captions": {"recaption": f"caption {key}", **({"original": f"alt {key}"} if n % 2 else {})},
+                "t5_lengths": {k: len(v) for k, v in feats.items()},
+                "source": "00000.tar",
+            }
+            row = dict(
+                key=key,
+                status="kept",
+                reason="",
+                bucket=meta["bucket"],
+                bucket_h=h,
+                bucket_w=w,
+                width=w,
+                height=h,
+                t5_len_recaption=len(feats["recaption"]),
+                t5_len_original=len(feats.get("original", [])),
+                source="00000.tar",
+                fingerprint=fp,
+            )
             writer.write(meta, encoded.pack_t5(feats), encoded.pack_vae(mean, std, 0.13025), row)
         writer.close()
     save_file({"y_embedding": torch.randn(MAX_LENGTH, T5_DIM, generator=gen)}, str(encdir / "null_caption.safetensors"))
-    encoded.write_info(encdir, dict(fingerprint=fp, tier=tier, table=tier, max_length=MAX_LENGTH, t5_dim=T5_DIM,
-                                    scaling_factor=0.13025, latent_channels=latent_channels,
-                                    null_caption="null_caption.safetensors"))
+    encoded.write_info(
+        encdir,
+        dict(
+            fingerprint=fp,
+            tier=tier,
+            table=tier,
+            max_length=MAX_LENGTH,
+            t5_dim=T5_DIM,
+            scaling_factor=0.13025,
+            latent_channels=latent_channels,
+            null_caption="null_caption.safetensors",
+        ),
+    )
     return encdir
 
 
@@ -73,6 +110,22 @@ def write_all(root: Path) -> dict[str, Path]:
 
 def args(stage: str, data: Path, runs: Path, *extra: str, batch: int = 2, steps: int = 2) -> list[str]:
     """finetune arguments for a quick CPU run: demo profile, tiny batches, no sample grids."""
-    return ["--stage", stage, "--data", str(data), "--profile", "demo", "--max-steps", str(steps),
-            "--set", f"training.out={runs}", "--set", "training.sample_every=0", "--set", "training.log_every=1",
-            "--set", f"training.stages.{stage}.batch_size={batch}", *extra]
+    return [
+        "--stage",
+        stage,
+        "--data",
+        str(data),
+        "--profile",
+        "demo",
+        "--max-steps",
+        str(steps),
+        "--set",
+        f"training.out={runs}",
+        "--set",
+        "training.sample_every=0",
+        "--set",
+        "training.log_every=1",
+        "--set",
+        f"training.stages.{stage}.batch_size={batch}",
+        *extra,
+    ]

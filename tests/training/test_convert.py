@@ -1,4 +1,5 @@
 """Checkpoint compatibility: diffusers PixArtTransformer2DModel <-> ours (numerically), official .pth."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,9 @@ def test_forward_equals_diffusers(pair, hw, valid):
     t = torch.tensor([0, 999])
     with torch.no_grad():
         a = ours(x, t, y, mask)
-        b = theirs(x, y, t, encoder_attention_mask=mask.long(),
-                   added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        b = theirs(
+            x, y, t, encoder_attention_mask=mask.long(), added_cond_kwargs={"resolution": None, "aspect_ratio": None}
+        ).sample
     assert b.norm() > 1.0
     assert ((a - b).norm() / b.norm()).item() <= 1e-5
 
@@ -77,7 +79,9 @@ def test_export_config_states_sigma_settings(tmp_path):
         a = m(x, t, y)
         b = loaded(x, y, t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
     assert ((a - b).norm() / b.norm()).item() <= 1e-5
-    assert convert.diffusers_config(DiT_models["tiny"](input_size=128, pe_interpolation=2.0))["interpolation_scale"] == 2.0
+    assert (
+        convert.diffusers_config(DiT_models["tiny"](input_size=128, pe_interpolation=2.0))["interpolation_scale"] == 2.0
+    )
 
 
 def test_kv_compressed_model_is_refused_for_export(tmp_path):
@@ -98,8 +102,18 @@ def test_official_pth_loads_with_documented_mapping(tmp_path):
     fresh = DiT_models["tiny"](input_size=16, pe_interpolation=0.5, kv_compress_layers=[2])
     fresh.load_state_dict(loaded, strict=True)
     arch = convert.infer_arch(loaded)
-    assert arch == dict(hidden_size=64, in_channels=4, patch_size=2, depth=4, caption_channels=32, learn_sigma=True,
-                        mlp_ratio=4.0, kv_compress_layers=[2], kv_compress_ratio=2, model_max_length=300)
+    assert arch == dict(
+        hidden_size=64,
+        in_channels=4,
+        patch_size=2,
+        depth=4,
+        caption_channels=32,
+        learn_sigma=True,
+        mlp_ratio=4.0,
+        kv_compress_layers=[2],
+        kv_compress_ratio=2,
+        model_max_length=300,
+    )
 
 
 def test_micro_conditions_and_pickled_objects_are_refused(tmp_path):

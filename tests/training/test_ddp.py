@@ -4,6 +4,7 @@ The same global batch: 2 processes x batch 2 x accum 1 against 1 process x batch
 (the trainer's data and noise of a step depend only on world_size x grad_accum, not on how it is
 split; see training/finetune.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -35,9 +36,22 @@ def test_two_process_ddp_equals_one_process(tmp_path, capsys):
 
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "training/finetune", *encdata.args("512", enc, two, *common, steps=STEPS)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "training/finetune",
+            *encdata.args("512", enc, two, *common, steps=STEPS),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) x batch 2 x accum 1 = 4 per step" in r.stdout
     assert r.stdout.count("saved ") == 1  # only rank 0 writes

@@ -1,4 +1,5 @@
 """IDDPM training loss (learned sigma) and the DPM-Solver++ + CFG sampler."""
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,7 @@ def test_vb_term_vanishes_for_the_true_posterior_and_is_positive_otherwise():
 def test_mse_trains_the_mean_and_vb_trains_only_the_variance():
     diff = GaussianDiffusion()
     out = torch.zeros(2, 8, 4, 4, requires_grad=True)
-    model = lambda x, t, **kw: out  # noqa: E731
+    model = lambda x, t, **kw: out
     x0, t = torch.randn(2, 4, 4, 4), torch.tensor([0, 400])
     terms = diff.training_losses(model, x0, t, {})
     g_vb = torch.autograd.grad(terms["vb"].sum(), out, retain_graph=True)[0]
@@ -63,7 +64,7 @@ def test_mse_trains_the_mean_and_vb_trains_only_the_variance():
 def test_decoder_nll_at_t0_is_finite_and_in_bits():
     diff = GaussianDiffusion()
     x0 = torch.rand(2, 4, 4, 4) * 2 - 1
-    model = lambda x, t, **kw: torch.zeros(2, 8, 4, 4)  # noqa: E731
+    model = lambda x, t, **kw: torch.zeros(2, 8, 4, 4)
     vb = diff.training_losses(model, x0, torch.tensor([0, 0]), {})["vb"]
     assert torch.isfinite(vb).all() and (vb > 0).all() and (vb < 8 * math.log2(256)).all()
 
@@ -72,7 +73,7 @@ def test_min_snr_weighting_downweights_only_low_noise_steps():
     diff = GaussianDiffusion()
     x0, noise = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
     t = torch.tensor([5, 300, 900])
-    model = lambda x, t, **kw: torch.zeros(3, 8, 4, 4)  # noqa: E731
+    model = lambda x, t, **kw: torch.zeros(3, 8, 4, 4)
     plain = diff.training_losses(model, x0, t, {}, noise=noise)["mse"]
     weighted = diff.training_losses(model, x0, t, {}, snr_gamma=5.0, noise=noise)["mse"]
     snr = diff.snr[t].float()

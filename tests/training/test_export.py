@@ -1,4 +1,5 @@
 """training/export: a run -> a complete PixArtSigmaPipeline folder that loads and generates, for every stage."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,12 @@ from training.model import DiT_models
 
 ROOT = Path(__file__).resolve().parents[2]
 # the demo profile's stages: (nominal px, pe_interpolation, multi_scale) -> the sample_size the pipeline accepts
-STAGES = {"256": (256, 0.5, False, 32), "1k": (1024, 2.0, True, 128), "2k": (2048, 4.0, True, 256),
-          "4k": (2880, 5.625, True, 256)}
+STAGES = {
+    "256": (256, 0.5, False, 32),
+    "1k": (1024, 2.0, True, 128),
+    "2k": (2048, 4.0, True, 256),
+    "4k": (2880, 5.625, True, 256),
+}
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +51,13 @@ def write_run(run: Path, stage: str = "256", record: bool = True, **kw) -> Path:
 
 
 def export(*args, profile=("--profile", "demo")):
-    return subprocess.run([sys.executable, str(ROOT / "training" / "export"), *profile, *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "training" / "export"), *profile, *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def test_export_is_a_pipeline_that_generates_and_like_diffusers_matches_it(tmp_path, tiny_t5_vae):
@@ -58,8 +68,9 @@ def test_export_is_a_pipeline_that_generates_and_like_diffusers_matches_it(tmp_p
     t5_path, vae_path = tiny_t5_vae
     run = write_run(tmp_path / "runs" / "256")  # the 256 stage: single scale, pe_interpolation 0.5
     out = tmp_path / "export"
-    r = export("--run", str(run), "--diffusers", str(out), "--set", f"models.t5={t5_path}",
-               "--set", f"models.vae={vae_path}")
+    r = export(
+        "--run", str(run), "--diffusers", str(out), "--set", f"models.t5={t5_path}", "--set", f"models.vae={vae_path}"
+    )
     assert r.returncode == 0, r.stderr
     assert not noise(r.stderr), noise(r.stderr)  # the VAE copy loads through encoders/vae.py: no accelerate hint
     cfg = json.loads((out / "transformer" / "config.json").read_text())
@@ -70,8 +81,16 @@ def test_export_is_a_pipeline_that_generates_and_like_diffusers_matches_it(tmp_p
     assert img.size == (256, 256) and len(set(img.tobytes())) > 1
 
     prompt = "  A Small RED House near the lake"  # the pipeline lower-cases and strips it
-    lat = pipe(prompt, height=64, width=96, num_inference_steps=4, guidance_scale=4.5, output_type="latent",
-               use_resolution_binning=False, generator=torch.Generator().manual_seed(7)).images
+    lat = pipe(
+        prompt,
+        height=64,
+        width=96,
+        num_inference_steps=4,
+        guidance_scale=4.5,
+        output_type="latent",
+        use_resolution_binning=False,
+        generator=torch.Generator().manual_seed(7),
+    ).images
     ours = runs.load_model(runs.find_run_checkpoint(run), "tiny", input_size=32, pe_interpolation=0.5)
     gen = Generator(ours, str(t5_path), str(vae_path))
     same = gen.latents([prompt], 64, 96, steps=4, cfg_scale=4.5, seed=7, like_diffusers=True)
@@ -88,8 +107,18 @@ def test_linked_encoders_load_and_force_leaves_their_targets(tmp_path, tiny_t5_v
     originals = {f: f.read_bytes() for f in (tmp_path / "models").rglob("*") if f.is_file()}
     run = write_run(tmp_path / "runs" / "256")
     out = tmp_path / "export"
-    args = ("--run", str(run), "--diffusers", str(out), "--encoders", "link", "--set", f"models.t5={t5_path}",
-            "--set", f"models.vae={vae_path}")
+    args = (
+        "--run",
+        str(run),
+        "--diffusers",
+        str(out),
+        "--encoders",
+        "link",
+        "--set",
+        f"models.t5={t5_path}",
+        "--set",
+        f"models.vae={vae_path}",
+    )
     r = export(*args)
     assert r.returncode == 0, r.stderr
     targets = {"text_encoder": t5_path, "tokenizer": t5_path, "vae": vae_path}
@@ -111,29 +140,51 @@ def test_link_refuses_what_is_not_a_component_folder(tmp_path, tiny_t5_vae):
     t5_path, vae_path = tiny_t5_vae
     run = write_run(tmp_path / "runs" / "256")
     out = tmp_path / "export"
-    r = export("--run", str(run), "--diffusers", str(out), "--encoders", "link", "--set", f"models.vae={vae_path}",
-               "--set", "models.t5=google/t5-v1_1-xxl")  # a hub id
+    r = export(
+        "--run",
+        str(run),
+        "--diffusers",
+        str(out),
+        "--encoders",
+        "link",
+        "--set",
+        f"models.vae={vae_path}",
+        "--set",
+        "models.t5=google/t5-v1_1-xxl",
+    )  # a hub id
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "text_encoder google/t5-v1_1-xxl" in r.stderr and "use --encoders copy" in r.stderr
     pipeline = tmp_path / "pipeline"  # a whole pipeline folder: the VAE is in its vae/ subfolder
     shutil.copytree(vae_path, pipeline / "vae")
-    r = export("--run", str(run), "--diffusers", str(out), "--encoders", "link", "--set", f"models.t5={t5_path}",
-               "--set", f"models.vae={pipeline}")
+    r = export(
+        "--run",
+        str(run),
+        "--diffusers",
+        str(out),
+        "--encoders",
+        "link",
+        "--set",
+        f"models.t5={t5_path}",
+        "--set",
+        f"models.vae={pipeline}",
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"vae {pipeline} is not a local folder with config.json" in r.stderr and "--encoders copy" in r.stderr
     assert not out.exists() and not (tmp_path / "export.partial").exists()
 
 
-@pytest.mark.parametrize("stage", ["1k", pytest.param("2k", marks=pytest.mark.slow),
-                                   pytest.param("4k", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "stage", ["1k", pytest.param("2k", marks=pytest.mark.slow), pytest.param("4k", marks=pytest.mark.slow)]
+)
 def test_each_stage_export_runs_in_the_pipeline_with_identical_positions(tmp_path, tiny_t5_vae, stage):
     from diffusers import PixArtSigmaPipeline
 
     t5_path, vae_path = tiny_t5_vae
     run = write_run(tmp_path / stage, stage)
     out = tmp_path / "export"
-    r = export("--run", str(run), "--diffusers", str(out), "--set", f"models.t5={t5_path}",
-               "--set", f"models.vae={vae_path}")
+    r = export(
+        "--run", str(run), "--diffusers", str(out), "--set", f"models.t5={t5_path}", "--set", f"models.vae={vae_path}"
+    )
     assert r.returncode == 0, r.stderr
     side, pe, _, sample_size = STAGES[stage]
     cfg = json.loads((out / "transformer" / "config.json").read_text())

@@ -1,4 +1,5 @@
 """training/finetune end to end on tiny encoded data: every stage chained, resume after kill -9, NaN stop, logs."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,9 @@ def losses(log: Path) -> dict[int, float]:
 def test_every_stage_chains_from_its_parent(enc, tmp_path, tiny_models, capsys):
     runs = tmp_path / "runs"
     for stage in CHAIN:
-        finetune.main(encdata.args(stage, enc[TIER[stage]], runs, "--set", "training.checkpoint_every=1", steps=1,
-                                batch=1))
+        finetune.main(
+            encdata.args(stage, enc[TIER[stage]], runs, "--set", "training.checkpoint_every=1", steps=1, batch=1)
+        )
         out = capsys.readouterr().out
         assert checkpoint.list_steps(runs / stage) == [1], stage
         if stage != "256":
@@ -54,13 +56,26 @@ def test_every_stage_chains_from_its_parent(enc, tmp_path, tiny_models, capsys):
 def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
     runs = tmp_path / "runs"
     with on_terminal() as tty:  # as in a user's shell: a progress bar with rate, ETA and the loss
-        finetune.main(encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
-                                "--set", "training.sample_every=2", "--set", "training.sample_steps=2",
-                                "--set", "training.sample_prompts=[a red fox, a small house]", steps=2))
+        finetune.main(
+            encdata.args(
+                "512",
+                enc["512"],
+                runs,
+                "--set",
+                "training.stages.512.parent=null",
+                "--set",
+                "training.sample_every=2",
+                "--set",
+                "training.sample_steps=2",
+                "--set",
+                "training.sample_prompts=[a red fox, a small house]",
+                steps=2,
+            )
+        )
     assert "train 512: 100%" in tty.text and "2/2" in tty.text and "loss=" in tty.text, tty.text
     assert re.search(RATE_AND_ETA.format(unit="step"), tty.text), tty.text
     rundir = runs / "512"
-    lines = [l for l in (rundir / "log.txt").read_text().splitlines() if l.startswith("step ")]
+    lines = [line for line in (rundir / "log.txt").read_text().splitlines() if line.startswith("step ")]
     assert len(lines) == 2 and all(k in lines[-1] for k in ("loss", "lr", "grad_norm", "samples/s", "step_time"))
     assert list((rundir / "tb").glob("events.out.tfevents.*"))
     from PIL import Image
@@ -70,8 +85,11 @@ def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
     for left in (0, 512):  # dark text on the white strip under each image
         strip = grid.crop((left, 512, left + 512, 512 + sample.CAPTION_H))
         assert min(strip.getdata()) < 100 and max(strip.getdata()) == 255
-    assert sorted(p.name for p in (rundir / "checkpoints" / "step-0000002").iterdir()) == \
-        ["ema.safetensors", "model.safetensors", "trainer.pt"]
+    assert sorted(p.name for p in (rundir / "checkpoints" / "step-0000002").iterdir()) == [
+        "ema.safetensors",
+        "model.safetensors",
+        "trainer.pt",
+    ]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(rundir / "tb")).Reload()
@@ -79,9 +97,22 @@ def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
     page = (rundir / "summary.html").read_text()
     assert "<img" in page and "loss" in page
     # rerunning the finished stage keeps the checkpoint step's scalars and grid (purge_step = step + 1)
-    finetune.main(encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
-                               "--set", "training.sample_every=2", "--set", "training.sample_steps=2",
-                               "--set", "training.sample_prompts=[a red fox, a small house]", steps=2))
+    finetune.main(
+        encdata.args(
+            "512",
+            enc["512"],
+            runs,
+            "--set",
+            "training.stages.512.parent=null",
+            "--set",
+            "training.sample_every=2",
+            "--set",
+            "training.sample_steps=2",
+            "--set",
+            "training.sample_prompts=[a red fox, a small house]",
+            steps=2,
+        )
+    )
     events = EventAccumulator(str(rundir / "tb")).Reload()
     assert [e.step for e in events.Scalars("train/loss")][-1] == 2
     assert [e.step for e in events.Images("samples/512")] == [2]
@@ -89,15 +120,37 @@ def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
 
 
 def _cmd(enc, runs, steps):
-    return [sys.executable, "training/finetune", *encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
-                                                               "--set", "training.checkpoint_every=2", steps=steps)]
+    return [
+        sys.executable,
+        "training/finetune",
+        *encdata.args(
+            "512",
+            enc["512"],
+            runs,
+            "--set",
+            "training.stages.512.parent=null",
+            "--set",
+            "training.checkpoint_every=2",
+            steps=steps,
+        ),
+    ]
 
 
 def test_resume_after_kill_9_continues_the_same_loss_curve(enc, tmp_path, capsys):
     steps = 8
     ref = tmp_path / "ref"
-    finetune.main(encdata.args("512", enc["512"], ref, "--set", "training.stages.512.parent=null",
-                            "--set", "training.checkpoint_every=2", steps=steps))
+    finetune.main(
+        encdata.args(
+            "512",
+            enc["512"],
+            ref,
+            "--set",
+            "training.stages.512.parent=null",
+            "--set",
+            "training.checkpoint_every=2",
+            steps=steps,
+        )
+    )
     capsys.readouterr()
     runs = tmp_path / "runs"
     proc = subprocess.Popen(_cmd(enc, runs, steps), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,8 +179,18 @@ def test_nan_loss_stops_with_step_and_keys_and_saves_nothing(tmp_path, capsys):
     data = encdata.write(tmp_path / "enc", "512", {(64, 64): 1}, nan_key="512-00000")  # in every batch
     runs = tmp_path / "runs"
     with pytest.raises(SystemExit) as e:
-        finetune.main(encdata.args("512", data, runs, "--set", "training.stages.512.parent=null",
-                                "--set", "training.checkpoint_every=1", steps=3))
+        finetune.main(
+            encdata.args(
+                "512",
+                data,
+                runs,
+                "--set",
+                "training.stages.512.parent=null",
+                "--set",
+                "training.checkpoint_every=1",
+                steps=3,
+            )
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1
     assert "step 1: non-finite loss nan" in err and "512-00000" in err and "last checkpoint: none" in err
@@ -135,8 +198,17 @@ def test_nan_loss_stops_with_step_and_keys_and_saves_nothing(tmp_path, capsys):
 
 
 def _512(enc, runs, *extra, steps):
-    return encdata.args("512", enc["512"], runs, "--set", "training.stages.512.parent=null",
-                        "--set", "training.checkpoint_every=2", *extra, steps=steps)
+    return encdata.args(
+        "512",
+        enc["512"],
+        runs,
+        "--set",
+        "training.stages.512.parent=null",
+        "--set",
+        "training.checkpoint_every=2",
+        *extra,
+        steps=steps,
+    )
 
 
 def test_unreadable_newest_checkpoint_falls_back_to_the_previous_one(enc, tmp_path, capsys):
@@ -182,8 +254,13 @@ def test_dry_run_says_where_a_stage_starts_and_warns_on_another_position_setup(e
 
 
 def test_log_txt_lines_are_written_and_read_by_one_format():
-    values = {"train/loss": 0.125, "train/lr": 1e-4, "train/grad_norm": 0.5, "perf/samples_per_s": 12.5,
-              "perf/step_time_s": 0.25}
+    values = {
+        "train/loss": 0.125,
+        "train/lr": 1e-4,
+        "train/grad_norm": 0.5,
+        "perf/samples_per_s": 12.5,
+        "perf/step_time_s": 0.25,
+    }
     line = summary.log_line(20, 100, values)
     assert line == "step 20/100 loss 0.125000 lr 1.000e-04 grad_norm 0.5000 samples/s 12.5 step_time 0.250s"
     assert summary.parse_log_line(line) == (20, values)

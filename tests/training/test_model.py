@@ -1,4 +1,5 @@
 """The DiT itself: sizes, shapes, masking, KV compression, single-scale, gradient checkpointing."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,14 @@ def test_xl2_reports_the_published_parameter_count():
 def test_named_sizes_build_with_overrides():
     for name in DiT_models:
         with torch.device("meta"):
-            m = DiT_models[name](input_size=32, pe_interpolation=0.5, caption_channels=32, model_max_length=120,
-                                 multi_scale=True, kv_compress_layers=[1])
+            m = DiT_models[name](
+                input_size=32,
+                pe_interpolation=0.5,
+                caption_channels=32,
+                model_max_length=120,
+                multi_scale=True,
+                kv_compress_layers=[1],
+            )
         assert m.y_embedding.shape == (120, 32) and m.kv_compress_layers == (1,)
     with pytest.raises(ValueError, match="out of range"):
         DiT_models["tiny"](kv_compress_layers=[4])
@@ -85,8 +92,9 @@ def test_kv_compression_average_init_and_effect():
     plain = tiny()
     comp = DiT_models["tiny"](input_size=16, pe_interpolation=0.5, kv_compress_layers=[0, 3]).eval()
     missing, unexpected = comp.load_state_dict(plain.state_dict(), strict=False)
-    assert sorted(missing) == sorted(f"blocks.{i}.attn.{n}" for i in (0, 3)
-                                     for n in ("sr.weight", "sr.bias", "norm.weight", "norm.bias"))
+    assert sorted(missing) == sorted(
+        f"blocks.{i}.attn.{n}" for i in (0, 3) for n in ("sr.weight", "sr.bias", "norm.weight", "norm.bias")
+    )
     assert not unexpected and torch.all(comp.blocks[3].attn.sr.weight == 0.25)
     x, t, y, mask = inputs(h=16, w=24)
     with torch.no_grad():

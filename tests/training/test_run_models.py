@@ -1,6 +1,7 @@
 """Runs know every model they depend on (issue 21): the chain demo run -> training/export with no
 profile -> diffusers generates; a config naming another T5 is refused in one line; the VAE-swap
 stage samples with its own VAE; --init from a diffusers folder knows its position setup."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,9 @@ def as_encoded(encdir: Path, t5: Path, vae: Path) -> Path:
 
 def command(name: str, *args: str) -> subprocess.CompletedProcess:
     """training/<name> as the README runs it; no --profile unless `args` has one."""
-    return subprocess.run([sys.executable, str(ROOT / "training" / name), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "training" / name), *args], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +45,23 @@ def chain(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("chain")
     t5, vae = tiny_models / "t5", tiny_models / "vae"
     swap = vae_mod.build_tiny(root / "vae-swap", seed=1)  # same layout and scaling factor, other weights
-    enc = {"256": as_encoded(encdata.write(root / "enc-256", "256", encdata.TIER_BUCKETS["256"]), t5, vae),
-           "vae": as_encoded(encdata.write(root / "enc-vae", "256", encdata.TIER_BUCKETS["256"], seed=1), t5, swap)}
+    enc = {
+        "256": as_encoded(encdata.write(root / "enc-256", "256", encdata.TIER_BUCKETS["256"]), t5, vae),
+        "vae": as_encoded(encdata.write(root / "enc-vae", "256", encdata.TIER_BUCKETS["256"], seed=1), t5, swap),
+    }
     out = root / "runs"
-    grid = ("--set", "training.sample_every=1", "--set", "training.sample_steps=1",
-            "--set", "training.sample_prompts=[a red fox]")
+    grid = (
+        "--set",
+        "training.sample_every=1",
+        "--set",
+        "training.sample_steps=1",
+        "--set",
+        "training.sample_prompts=[a red fox]",
+    )
     finetune.main(encdata.args("256", enc["256"], out, steps=1, batch=1))
-    finetune.main(encdata.args("vae", enc["vae"], out, "--set", f"training.stages.vae.vae={swap}", *grid,
-                               steps=1, batch=1))  # with a sample grid: T5 and VAE from the run's record
+    finetune.main(
+        encdata.args("vae", enc["vae"], out, "--set", f"training.stages.vae.vae={swap}", *grid, steps=1, batch=1)
+    )  # with a sample grid: T5 and VAE from the run's record
     return dict(root=root, t5=t5, vae=vae, swap=swap, enc=enc, run=out / "256", swap_run=out / "vae")
 
 
@@ -88,8 +99,17 @@ def test_a_config_naming_another_t5_is_refused_in_one_line(chain, tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"models.t5 {other}" in r.stderr and f"trained with t5 {chain['t5']}" in r.stderr
     assert "--use-config-models" in r.stderr and not (tmp_path / "out").exists()
-    r = command("sample", "--run", str(chain["run"]), "--prompt", "x", "--out", str(tmp_path / "x.png"),
-                "--set", f"models.t5={other}")
+    r = command(
+        "sample",
+        "--run",
+        str(chain["run"]),
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "x.png"),
+        "--set",
+        f"models.t5={other}",
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and f"models.t5 {other}" in r.stderr, r.stderr
 
     r = command("export", *base, "--set", f"models.t5={other}", "--use-config-models", "--dry-run")

@@ -1,4 +1,5 @@
 """Stage resolution: the shipped chain, one-line errors, and loading a parent's weights across a switch."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,10 @@ def test_missing_parent_run_is_a_one_line_error(cfg, tmp_path):
     c = config.load(ROOT / "pipelines.yaml", "demo", [f"training.out={tmp_path}"])
     with pytest.raises(SigmaError) as e:
         stages.init_source(c, "2k", None)
-    assert str(e.value) == (f"--stage 2k: starts from its parent stage 1k, but {tmp_path / '1k'} has no checkpoint; "
-                            "run `training/finetune --stage 1k` first or pass --init")
+    assert str(e.value) == (
+        f"--stage 2k: starts from its parent stage 1k, but {tmp_path / '1k'} has no checkpoint; "
+        "run `training/finetune --stage 1k` first or pass --init"
+    )
     assert stages.init_source(c, "256", None) is None  # a root stage without dit_weights: random init
     with pytest.raises(SigmaError, match="--init nowhere.safetensors: no such checkpoint"):
         stages.init_source(c, "2k", "nowhere.safetensors")
@@ -61,11 +64,30 @@ def test_missing_parent_run_is_a_one_line_error(cfg, tmp_path):
 
 def test_entry_point_errors_are_one_line(tmp_path):
     enc = encdata.write(tmp_path / "enc", "512", {(64, 64): 2})
-    r = subprocess.run([sys.executable, "training/finetune", "--stage", "nope", "--profile", "demo"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "training/finetune", "--stage", "nope", "--profile", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: --stage nope: no such stage") and r.stderr.count("\n") == 1
-    r = subprocess.run([sys.executable, "training/finetune", "--stage", "512", "--data", str(enc), "--profile", "demo",
-                        "--set", f"training.out={tmp_path / 'runs'}"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "training/finetune",
+            "--stage",
+            "512",
+            "--data",
+            str(enc),
+            "--profile",
+            "demo",
+            "--set",
+            f"training.out={tmp_path / 'runs'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "starts from its parent stage vae" in r.stderr and "training/finetune --stage vae" in r.stderr
 
@@ -76,8 +98,11 @@ def test_data_mismatches_are_caught_before_training(cfg, tmp_path):
     with pytest.raises(SigmaError, match="encoded at tier 1k, stage 512 trains on tier 512"):
         finetune.prepare(cfg, args)
     enc512 = encdata.write(tmp_path / "e0", "512", {(64, 64): 2})
-    deep = config.load(ROOT / "pipelines.yaml", "demo", ["training.stages.512.kv_compress=true",
-                                                         "training.stages.512.kv_compress_layers=[9]"])
+    deep = config.load(
+        ROOT / "pipelines.yaml",
+        "demo",
+        ["training.stages.512.kv_compress=true", "training.stages.512.kv_compress_layers=[9]"],
+    )
     args.data = str(enc512)
     with pytest.raises(ValueError, match=r"kv_compress_layers \[9\] out of range for depth 4"):
         finetune.prepare(deep, args)
@@ -101,7 +126,9 @@ def test_switching_on_kv_compression_keeps_the_average_init():
     parent = _tiny()
     child = _tiny(kv_compress_layers=(1, 3), kv_compress_ratio=2)
     fresh = stages.load_init(child, parent.state_dict(), "parent")
-    assert fresh == sorted(f"blocks.{i}.attn.{m}.{p}" for i in (1, 3) for m in ("norm", "sr") for p in ("bias", "weight"))
+    assert fresh == sorted(
+        f"blocks.{i}.attn.{m}.{p}" for i in (1, 3) for m in ("norm", "sr") for p in ("bias", "weight")
+    )
     assert torch.equal(child.blocks[1].attn.sr.weight, torch.full_like(child.blocks[1].attn.sr.weight, 0.25))
     assert torch.equal(child.blocks[1].attn.qkv.weight, parent.blocks[1].attn.qkv.weight)
     # the other way round (weights of compressed layers into a model without them) is refused

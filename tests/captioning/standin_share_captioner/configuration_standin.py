@@ -6,6 +6,7 @@ The real weights (`Lin-Chen/ShareCaptioner`) are not reachable offline. This con
 `decode_text`, a `tokenizer` attribute), so the backend's prompt assembly and generate() arguments
 can be checked against the recipe, loaded the same way: `trust_remote_code=True` from a folder.
 """
+
 from transformers import PretrainedConfig
 
 

@@ -8,6 +8,7 @@ of finished sequences as -1, the value the official script maps back to `</s>` (
 With STANDIN_SHARE_CAPTIONER_REPORT set (a folder), loading writes the process's transformers version
 there, so a test can see which environment the Ray actor ran in.
 """
+
 import json
 import os
 
@@ -48,11 +49,13 @@ class StandInShareCaptioner(PreTrainedModel):
         self.flag_image_start = nn.Parameter(torch.zeros([1, 1, hidden]))
         self.flag_image_end = nn.Parameter(torch.zeros([1, 1, hidden]))
         # The real vis_processor, verbatim in behaviour: bicubic 224 x 224, CLIP mean/std.
-        self.vis_processor = transforms.Compose([
-            transforms.Resize((224, 224), interpolation=InterpolationMode.BICUBIC),
-            transforms.ToTensor(),
-            transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-        ])
+        self.vis_processor = transforms.Compose(
+            [
+                transforms.Resize((224, 224), interpolation=InterpolationMode.BICUBIC),
+                transforms.ToTensor(),
+                transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+            ]
+        )
         self.tokenizer = None
         self.eoh = "<TOKENS_UNUSED_0>"  # end of human
         self.eoa = "<TOKENS_UNUSED_1>"  # end of assistant
