@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     if not stats["kept"]:  # a finished run, but say so: every input is in the manifest with its reason
         why = ", ".join(f"{r} {n}" for r, n in stats["reason"].items())
         print(
-            f"curation: 0 of {stats['urls']} inputs kept ({why}); see {args.out}/manifest.parquet and report.html",
+            f"curation: 0 of {stats['urls']} {'URLs' if args.urls else 'images'} kept ({why}); see {args.out}/manifest.parquet and report.html",
             file=sys.stderr,
         )
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)

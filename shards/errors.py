@@ -32,7 +32,9 @@ def user_message(error: BaseException) -> str | None:
             e = cause
             continue
         if isinstance(e, OSError) and e.errno in DISK_FULL:
-            return disk_full(e.filename or "output")
+            # Ray Data's retry wrapper appends its advice to the args, where OSError reads a filename
+            name = e.filename if isinstance(e.filename, str) and "\n" not in e.filename else None
+            return disk_full(name or "output")
         if isinstance(e, SigmaError):
             return str(e).splitlines()[0] if str(e) else type(e).__name__
         e = e.__cause__ or e.__context__

@@ -13,7 +13,8 @@ ORDER = ["square-1k.jpg", "wide-1k.webp", "portrait-1k.png", "hires-2k.jpg"]
 def test_a_full_disk_is_one_line(ray_local, tiny_models, server, small_disk, tmp_path, capsys):
     from curation import run
 
-    pq.write_table(pa.table({"url": [f"{server.url}/{n}" for n in ORDER]}), tmp_path / "urls.parquet")
+    urls = {"url": [f"{server.url}/{n}" for n in ORDER], "caption": [f"photo {n}" for n in ORDER]}
+    pq.write_table(pa.table(urls), tmp_path / "urls.parquet")  # with captions: no "no caption column" note
     out = small_disk(64 * 1024) / "out"
     with pytest.raises(SystemExit) as e:
         run.main(
