@@ -163,6 +163,11 @@ def main(argv: list[str] | None = None) -> None:
         help=f"where (default {DEFAULT_VENV}); "
         "on a cluster a path every node sees, set as the captioner's runtime_env.py_executable",
     )
+    p.add_argument("--dry-run", action="store_true", help="print what would be installed where, and exit")
     args = p.parse_args(argv)
+    if args.dry_run:
+        ready_now = args.kind in KINDS and ready(Path(args.venv), args.kind)
+        cli.print_plan({"kind": args.kind, "venv": args.venv, "ready": ready_now, "packages": packages(args.kind)})
+        return
     with cli.user_errors():
         print(build(args.kind, args.venv))

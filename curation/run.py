@@ -69,12 +69,18 @@ def main(argv: list[str] | None = None) -> None:
     if not_checked and not args.dry_run:
         cli.fail(not_checked[0])
     for line in not_checked:  # a dry run needs no model files or input yet: it says what it could not check
-        print(f"dry run: not checked: {line}", file=sys.stderr)
+        cli.unchecked(line)
 
     try:
         dedup_job.earlier_runs(args.dedup_against, args.out)
     except SigmaError as e:
         cli.fail(str(e))
+    if args.urls and source is not None and source.caption_col is None:  # runs, but says so (after the checks)
+        print(
+            f"note: {args.urls}: no caption column (looked for {', '.join(inputs.CAPTION_NAMES)}): no KEY.txt, "
+            "no original_caption; name one with --caption-col",
+            file=sys.stderr,
+        )
 
     if args.dry_run:
         cur = cfg.curation
@@ -98,8 +104,9 @@ def main(argv: list[str] | None = None) -> None:
         cli.fail(str(e).splitlines()[0])
     if not stats["kept"]:  # a finished run, but say so: every input is in the manifest with its reason
         why = ", ".join(f"{r} {n}" for r, n in stats["reason"].items())
+        what = "URLs" if args.urls else "images"
         print(
-            f"curation: 0 of {stats['urls']} {'URLs' if args.urls else 'images'} kept ({why}); see {args.out}/manifest.parquet and report.html",
+            f"curation: 0 of {stats['urls']} {what} kept ({why}); see {args.out}/manifest.parquet and report.html",
             file=sys.stderr,
         )
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)
@@ -127,19 +134,12 @@ def _input_problems(cfg) -> list[str]:
 
 
 def input_source(args, cur):
-    """--urls or --images resolved (files, kind, columns); says in one line when a list has no captions."""
+    """--urls or --images resolved (files, kind, columns), from headers only."""
     from curation import inputs, sources
 
     if args.images:
         return sources.local_images(args.images, args.out, cur.caption_col, cur.image_col, cur.url_col)
-    found = inputs.url_list(args.urls, cur.url_col, cur.caption_col)
-    if found.caption_col is None:
-        print(
-            f"note: {args.urls}: no caption column (looked for {', '.join(inputs.CAPTION_NAMES)}): no KEY.txt, "
-            "no original_caption; name one with --caption-col",
-            file=sys.stderr,
-        )
-    return found
+    return inputs.url_list(args.urls, cur.url_col, cur.caption_col)
 
 
 if __name__ == "__main__":

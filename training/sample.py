@@ -234,7 +234,10 @@ def main(argv=None) -> None:
         check_request(height, width, args.steps)
         batch = batch_request(args)
     except SigmaError as e:
-        cli.fail(str(e))
+        if not (args.dry_run and args.prompts and not Path(args.prompts).exists()):
+            cli.fail(str(e))
+        cli.unchecked(str(e))  # a dry run before the prompt file exists
+        batch = None
     try:
         src = runs.resolve_source(args, cfg)
         models = runs.resolve_models(args, cfg, src)
