@@ -85,6 +85,11 @@ def test_original_captions_encode_and_train_end_to_end(tiny_models, ray_local, t
         "000000002": (reasons.KEPT, ""),
         "000000003": (reasons.FAILED, reasons.NO_ALT_TEXT),
     }
+    metas = {}  # the alt text is the encoded sample's caption (and its original caption)
+    for tar in sorted(enc.rglob("*.tar")):
+        with tarfile.open(tar) as t:
+            metas.update({m.name.split(".")[0]: json.load(t.extractfile(m)) for m in t if m.name.endswith(".json")})
+    assert metas["000000001"]["captions"] == {"recaption": "a red fox in the snow", "original": "a red fox in the snow"}
 
     finetune.main(
         [
