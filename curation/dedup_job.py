@@ -2,17 +2,21 @@
 
     sources: this run's scored shards (their survivors, reason "") + earlier runs' dedup_index files,
              cut into G groups (G <= P, the partitions: one per download shard, at most 512)
-    hashes:  a map task per group writes its (band, value) rows sorted by partition, one row group
-             per partition (_work/dedup/hashes.tmp/map/GGGGG.parquet); a reduce task per partition
-             reads its row groups of every map file, sorts them into groups -> edges (PPPPP.parquet)
+    hashes:  a map task per group writes its (band, value) rows sorted by partition, one Arrow record
+             batch per partition (_work/dedup/hashes.tmp/map/GGGGG.arrow); a reduce task per partition
+             reads its batch of every map file, sorts them into groups -> edges (PPPPP.parquet)
     clip:    a map task per group writes its nodes (id, pixels, embedding); one task trains k-means on
              a sample of them; an assign task per group writes each embedding under its `probe`
-             nearest clusters, sorted by partition (cluster % P); a reduce task per partition
+             nearest clusters, one batch per partition (cluster % P); a reduce task per partition
              compares pairs inside each of its clusters -> edges
     one task: connected components over every edge, keep rule -> _work/dedup/dups.parquet (id, dup_of)
 
 A hand-rolled shuffle: the same partitions and edges as a Ray Data groupby, without its start-up
-(~14 s on 1000 URLs, ~65 s on 10^4: a small run's dedup took longer than its decoding). Each step's
+(~14 s on 1000 URLs, ~65 s on 10^4: a small run's dedup took longer than its decoding). The G x P
+reads are the shuffle's cost: an Arrow IPC file finds batch p from its small footer (~0.2 ms), where a
+Parquet file of P row groups parses every group's metadata on each open (5 ms at P = 512: 512 x 512
+reads took 20 min of 2 CPUs at 10^6 rows); P grows with the run, one per SHARDS_PER_PARTITION download
+shards, so G x P stays small for small runs. Each step's
 folder is written as `.tmp` and renamed when complete; a rerun redoes only an unfinished step. The
 driver holds only per-group counts: no rows.
 """
@@ -44,6 +48,7 @@ CANDIDATE_COLUMNS = ["key", "reason", "width", "height", "sha256", "phash", "emb
 EDGE_SCHEMA = pa.schema([("a", pa.int64()), ("pa", pa.int64()), ("b", pa.int64()), ("pb", pa.int64())])
 ROW_GROUP = 65536  # rows per row group of dups.parquet
 MAX_PARTITIONS = 512
+SHARDS_PER_PARTITION = 4  # download shards per shuffle partition
 
 
 class AgainstError(SigmaError):
@@ -157,22 +162,24 @@ CLIP_SCHEMA = pa.schema(
 )
 
 
-def _write_parts(path: Path, rows: dict, schema: pa.Schema) -> None:
-    """`rows` (columns of `schema`, `part` among them) sorted by partition, one row group per partition."""
+def _write_parts(path: Path, rows: dict, schema: pa.Schema, parts: int) -> None:
+    """`rows` (columns of `schema`, `part` among them) as an Arrow IPC file of `parts` record batches:
+    batch p holds partition p's rows (empty when it has none)."""
     order = np.argsort(rows["part"], kind="stable")
-    t = pa.table({k: rows[k][order] for k in schema.names}, schema=schema)
-    cuts = np.flatnonzero(np.r_[True, np.diff(t["part"].to_numpy()) != 0]) if len(t) else np.zeros(0, np.int64)
-    with atomic.atomic_path(path) as tmp, pq.ParquetWriter(tmp, t.schema) as w:
-        for s, e in zip(cuts.tolist(), cuts[1:].tolist() + [len(t)]):
-            w.write_table(t.slice(s, e - s))
-        if not len(t):
-            w.write_table(t)
+    columns = [pa.array(rows[k][order], type=schema.field(k).type) for k in schema.names]
+    bounds = np.searchsorted(rows["part"][order], np.arange(parts + 1)).tolist()
+    with atomic.atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, schema) as w:
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            w.write_batch(pa.record_batch([c.slice(s, e - s) for c in columns], schema=schema))
 
 
 def _read_part(files: list[str], part: int) -> dict:
-    """Partition `part`'s rows of every map file, as numpy columns (row groups of other parts skipped)."""
-    t = pa.concat_tables([pq.read_table(f, filters=[("part", "==", part)]) for f in files])
-    t = t.combine_chunks()
+    """Partition `part`'s rows of every map file (its one batch of each), as numpy columns."""
+    batches = []
+    for f in files:
+        with pa.memory_map(f) as m:
+            batches.append(pa.ipc.open_file(m).get_batch(part))
+    t = pa.Table.from_batches(batches).combine_chunks()
     return {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
 
 
@@ -233,7 +240,7 @@ def _hash_map(sources: list, path: str, radius: int | None, parts: int, work: st
     placement.mark(work, "dedup")
     t = _read_nodes(sources)
     batch = {c: t[c].to_numpy(zero_copy_only=False) for c in ("id", "pixels", "sha256", "phash")}
-    _write_parts(Path(path), _hash_rows(batch, radius, parts), HASH_SCHEMA)
+    _write_parts(Path(path), _hash_rows(batch, radius, parts), HASH_SCHEMA, parts)
     return len(t)
 
 
@@ -316,6 +323,7 @@ def _assign(node_file: str, path: str, centroids: np.ndarray, probe: int, parts:
             "part": cluster % parts,
         },
         CLIP_SCHEMA,
+        parts,
     )
     return len(t)
 
@@ -365,8 +373,8 @@ def run(work: Path, n_shards: int, cur: CurationConfig, against: list[Path] = ()
 
 
 def _partitions(n_shards: int) -> int:
-    """Partitions: one per download shard (~1000 URLs), at most MAX_PARTITIONS."""
-    return max(1, min(n_shards, MAX_PARTITIONS))
+    """Partitions: one per SHARDS_PER_PARTITION download shards, at most MAX_PARTITIONS."""
+    return max(1, min(-(-n_shards // SHARDS_PER_PARTITION), MAX_PARTITIONS))
 
 
 def _step(folder: Path, build) -> Path:
@@ -394,7 +402,7 @@ def _run_tasks(fn, calls: list[tuple], window: int) -> list:
 def _hashes(tmp: Path, groups: list, parts: int, cur: CurationConfig, work: str, window: int) -> None:
     """Exact and near duplicates in one shuffle: rows partitioned on (band, value), grouped inside."""
     r = cur.dedup.phash_radius
-    maps = [str(tmp / "map" / f"{g:05d}.parquet") for g in range(len(groups))]
+    maps = [str(tmp / "map" / f"{g:05d}.arrow") for g in range(len(groups))]
     _run_tasks(_hash_map, [(src, m, r, parts, work) for src, m in zip(groups, maps)], window)
     _run_tasks(
         _hash_reduce,
@@ -414,7 +422,7 @@ def _clip(tmp: Path, groups: list, parts: int, cur: CurationConfig, work: str, w
     k = max(1, round(n / dc.cluster_size))
     fraction = min(1.0, dedup.KMEANS_POINTS * k / n)
     centroids = ray.remote(num_cpus=1)(_train).remote(nodes, fraction, k, work)
-    maps = [str(tmp / "map" / f"{g:05d}.parquet") for g in range(len(groups))]
+    maps = [str(tmp / "map" / f"{g:05d}.arrow") for g in range(len(groups))]
     _run_tasks(_assign, [(f, m, centroids, dc.probe, parts, work) for f, m in zip(nodes, maps)], window)
     _run_tasks(
         _clip_reduce, [(maps, p, str(tmp / f"{p:05d}.parquet"), dc.clip_similarity, work) for p in range(parts)], window

@@ -121,8 +121,11 @@ def _inspect(data: bytes, max_pixels: int, size_check) -> ImageInfo:
             early = size_check(height, width) if size_check else None
             if early:
                 return ImageInfo(early, width, height, ext)
-            im.draft("RGB", (WORK_SIDE, WORK_SIDE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
-            im.load()  # full decode of the (scaled) stream: truncation shows up here
+            if im.format == "WEBP":
+                im = _decode_webp(data)
+            else:
+                im.draft("RGB", (WORK_SIDE, WORK_SIDE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
+                im.load()  # full decode of the (scaled) stream: truncation shows up here
             rgb = _small_rgb(im)
             if orientation in TRANSPOSE:
                 rgb = rgb.transpose(TRANSPOSE[orientation])
@@ -136,6 +139,20 @@ def _inspect(data: bytes, max_pixels: int, size_check) -> ImageInfo:
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean the same here
         return ImageInfo(reasons.NOT_AN_IMAGE)
     return ImageInfo(None, width, height, ext, grey, thumb)
+
+
+def _decode_webp(data: bytes) -> Image.Image:
+    """A still WebP decoded by OpenCV's libwebp call: the same pixels as PIL (tests compare them) in
+    half to three quarters of the time at 4K, as Pillow decodes every WebP through its animation
+    decoder. Orientation is left to the caller, as with PIL (IMREAD_UNCHANGED ignores EXIF)."""
+    import cv2
+
+    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if a is None or a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError("WebP did not decode")
+    alpha = a.shape[2] == 4
+    cv2.cvtColor(a, cv2.COLOR_BGRA2RGBA if alpha else cv2.COLOR_BGR2RGB, dst=a)
+    return Image.fromarray(a, "RGBA" if alpha else "RGB")
 
 
 def _small_rgb(im: Image.Image) -> Image.Image:

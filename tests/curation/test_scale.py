@@ -3,6 +3,8 @@ decisions (Ray Data) against the in-process ones; resuming after a finished dedu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -126,7 +128,8 @@ def _scored_shards(tmp_path, n_shards=3, per=40, dim=16):
 
 
 @pytest.mark.slow
-def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path):
+def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setattr(dedup_job, "SHARDS_PER_PARTITION", 1)  # 3 partitions: rows cross the shuffle
     work, n = _scored_shards(tmp_path)
     cur = demo_cfg(
         "curation.dedup.clip_similarity=0.98", "curation.dedup.cluster_size=40", "curation.dedup.max_group=2"
@@ -138,12 +141,31 @@ def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path):
     assert got == expected and len(got) >= 20
     steps = {p: p.stat().st_mtime_ns for p in (work / "dedup").iterdir()}
     assert sorted(p.name for p in steps) == ["clip", "dups.parquet", "hashes"]
+    assert len(list((work / "dedup" / "hashes").glob("*.parquet"))) == n  # one edge file per partition
     (work / "dedup" / "clip").rename(work / "dedup" / "clip.tmp")  # as if killed while writing clip edges
     dups.unlink()
     assert dedup_job.run(work, n, cur) == dups and pq.read_table(dups).equals(t)
     for p, mtime in steps.items():
         if p.name == "hashes":
             assert p.stat().st_mtime_ns == mtime  # finished steps are not redone
+
+
+def test_shuffle_files_hold_one_batch_per_partition(tmp_path):
+    rows = {
+        "band": np.array([5, 6, 7, 8]),
+        "value": np.arange(4),
+        "id": np.array([10, 11, 12, 13]),
+        "phash": np.zeros(4, np.int64),
+        "sha256": np.array(["a", "b", "c", "d"], dtype=object),
+        "pixels": np.ones(4, np.int64),
+        "part": np.array([3, 0, 3, 1]),
+    }
+    files = []
+    for g in range(2):
+        files.append(str(tmp_path / f"{g}.arrow"))
+        dedup_job._write_parts(Path(files[-1]), rows, dedup_job.HASH_SCHEMA, 5)
+    got = {p: dedup_job._read_part(files, p)["id"].tolist() for p in range(5)}
+    assert got == {0: [11, 11], 1: [13, 13], 2: [], 3: [10, 12, 10, 12], 4: []}
 
 
 def test_dedup_config_ranges():
