@@ -88,9 +88,10 @@ def _examples(rows, shard_paths: dict[str, Path], budget: int) -> str:
     for stem, group in rows.groupby("shard"):
         if stem in shard_paths and shard_paths[stem].is_file():
             images.update(pages.tar_images(shard_paths[stem], set(group["key"])))
+    uris = pages.thumbnail_uris(images)
     out = []
     for _, r in rows.iterrows():
-        uri = pages.thumbnail_uri(images[r["key"]]) if r["key"] in images else None
+        uri = uris.get(r["key"])
         over = " over" if r["num_tokens"] > budget else ""
         picture = f'<img alt="{pages.esc(r["key"])}" src="{uri}">' if uri else '<div class="muted">(no image)</div>'
         out.append(

@@ -2,7 +2,8 @@
 
 The size is read from the header first, so a file declaring 100000 x 100000 pixels is rejected
 (`decompression_bomb`) before a single pixel is decoded. The image is then decoded once at a
-reduced scale (JPEG DCT scaling: a 4K photo decodes ~8x faster) into the small grey copy the
+reduced scale (JPEG DCT scaling: a 4K photo decodes ~8x faster; WebP straight through libwebp,
+common/images.py) into the small grey copy the
 quality metrics and the perceptual hash share, and a small upright RGB JPEG (`thumb`, shortest
 side 256) that the CLIP and watermark models read instead of the original (no second full decode,
 and megabytes less per image through Ray's object store). A truncated or corrupt file fails here
@@ -31,22 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from common import images
 from shards import reasons
 
 FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # served formats a curated shard keeps
 NEUTRAL = (128, 128, 128)  # background under transparent pixels: mid grey, neither bright nor dark
 WORK_SIDE = 512  # side of the grey working copy quality + phash read
 THUMB_SIDE = 256  # shortest side of the copy the models read (CLIP resizes to 224, the watermark model to 256)
-ORIENTATION = 0x0112
-TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}  # EXIF orientation -> the transpose that shows the image upright
 
 
 @dataclass
@@ -115,20 +107,16 @@ def _inspect(data: bytes, max_pixels: int, size_check) -> ImageInfo:
             ext = FORMATS.get(im.format)
             if ext is None or (ext in ("png", "webp") and getattr(im, "is_animated", False)):
                 return ImageInfo(reasons.UNSUPPORTED_FORMAT, width, height)
-            orientation = im.getexif().get(ORIENTATION, 1)
+            orientation = im.getexif().get(images.ORIENTATION, 1)
             if orientation in (5, 6, 7, 8):
                 width, height = height, width
             early = size_check(height, width) if size_check else None
             if early:
                 return ImageInfo(early, width, height, ext)
-            if im.format == "WEBP":
-                im = _decode_webp(data)
-            else:
-                im.draft("RGB", (WORK_SIDE, WORK_SIDE))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale
-                im.load()  # full decode of the (scaled) stream: truncation shows up here
+            im = images.decoded(im, data, WORK_SIDE)  # truncation shows up here
             rgb = _small_rgb(im)
-            if orientation in TRANSPOSE:
-                rgb = rgb.transpose(TRANSPOSE[orientation])
+            if orientation in images.TRANSPOSE:
+                rgb = rgb.transpose(images.TRANSPOSE[orientation])
             grey = rgb.convert("L")
             grey.thumbnail((WORK_SIDE, WORK_SIDE))
             thumb = _thumb(rgb)
@@ -139,20 +127,6 @@ def _inspect(data: bytes, max_pixels: int, size_check) -> ImageInfo:
     except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean the same here
         return ImageInfo(reasons.NOT_AN_IMAGE)
     return ImageInfo(None, width, height, ext, grey, thumb)
-
-
-def _decode_webp(data: bytes) -> Image.Image:
-    """A still WebP decoded by OpenCV's libwebp call: the same pixels as PIL (tests compare them) in
-    half to three quarters of the time at 4K, as Pillow decodes every WebP through its animation
-    decoder. Orientation is left to the caller, as with PIL (IMREAD_UNCHANGED ignores EXIF)."""
-    import cv2
-
-    a = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if a is None or a.ndim != 3 or a.shape[2] not in (3, 4):
-        raise ValueError("WebP did not decode")
-    alpha = a.shape[2] == 4
-    cv2.cvtColor(a, cv2.COLOR_BGRA2RGBA if alpha else cv2.COLOR_BGR2RGB, dst=a)
-    return Image.fromarray(a, "RGBA" if alpha else "RGB")
 
 
 def _small_rgb(im: Image.Image) -> Image.Image:

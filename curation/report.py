@@ -73,16 +73,22 @@ def save_rejected_thumbnails(curdir: str | Path, rows, per_reason: int = THUMBS_
     were written.
     """
     taken: dict[str, int] = defaultdict(int)
-    written = 0
+    todo = []
     for row in rows:
         reason = row.get("reason")
         if not reason or not row.get("src") or taken[reason] >= per_reason:
             continue
         taken[reason] += 1
-        if thumb_path(curdir, row["key"]).exists():
-            continue
-        written += save_thumbnail(curdir, row["key"], read_member(row["src"], row["offset"], row["size"]))
-    return written
+        if not thumb_path(curdir, row["key"]).exists():
+            todo.append(row)
+
+    def save(row) -> bool:  # each thread holds one image's bytes at a time
+        return save_thumbnail(curdir, row["key"], read_member(row["src"], row["offset"], row["size"]))
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(pages.THUMB_THREADS) as pool:
+        return sum(pool.map(save, todo))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +458,7 @@ def _galleries(curdir: Path) -> str:
     images = {}
     if need_bytes is not None:
         need_bytes = need_bytes.drop_duplicates("key")
-        images = {k: pages.thumbnail_uri(b) for k, b in read_images(curdir, need_bytes).items()}
+        images = pages.thumbnail_uris(read_images(curdir, need_bytes))
     keys = [] if shown_rejected is None else list(shown_rejected["key"])
     keys += [] if members is None else list(members["key"])
     keys += [] if originals is None else list(originals["key"][originals["status"] != reasons.KEPT])

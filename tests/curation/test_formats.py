@@ -89,21 +89,6 @@ def test_a_decode_past_its_deadline_is_a_timeout():
     assert metadata.inspect(data, MAX_PIXELS, deadline=30).reason is None  # and the alarm is gone afterwards
 
 
-@pytest.mark.parametrize("mode,kw", [("RGB", {"quality": 80}), ("RGBA", {"lossless": True}), ("RGBA", {"quality": 70})])
-def test_webp_decodes_to_the_same_pixels_as_pil(mode, kw):
-    im = render(3, 640, 480).convert(mode)
-    if mode == "RGBA":
-        a = np.asarray(im).copy()
-        a[:100, :, 3] = 40  # partly transparent: alpha must survive the decode
-        im = Image.fromarray(a, "RGBA")
-    data = _save(im, "WEBP", **kw)
-    pil = Image.open(io.BytesIO(data))
-    pil.load()
-    ours = metadata._decode_webp(data)
-    assert ours.mode == pil.mode == mode
-    assert np.array_equal(np.asarray(ours), np.asarray(pil))
-
-
 def test_truncated_webp_is_not_an_image():
     data = _save(render(3, 1024, 1024), "WEBP", quality=90)
     assert metadata.inspect(data[: len(data) // 2], MAX_PIXELS).reason == reasons.NOT_AN_IMAGE
