@@ -3,7 +3,9 @@
     read_shard (tasks)  ->  T5Stage (actors)  ->  preprocess (tasks)  ->  VAEStage (actors)  ->  driver writes
 
 The stages (Ray tasks and actors) are in encoding/actors.py; this is the driver. Every input sample
-reaches it (failed rows pass through the stages untouched) and lands in `index.parquet`.
+reaches it (failed rows pass through the stages untouched) and lands in `index.parquet`. A caption
+table is first split into one caption file per shard by tasks (encoding/caption_table.py): the driver
+hands each read task a file name, never caption rows or keys.
 
 Resumption is per sample: rows of committed tars with the current fingerprint are skipped;
 everything else (missing, or failed before) is encoded again. A resume whose inputs or settings

@@ -7,7 +7,8 @@
     DIR/ of such files         read as one table (any names; sub-folders are not searched)     -> "table"
 
 A folder is per-shard when all its caption files are named NNNNN.parquet and one of them is named
-after a given shard; anything else is a table, joined on the curated `key` (manifest.parquet).
+after a given shard; anything else is a table, joined on the curated `key` (manifest.parquet) by
+encode's tasks (encoding/caption_table.py: a slice of a table at a time, never the whole in one place).
 Whatever a file lacks of `shards.format.CAPTION_COLUMNS` is filled here, once: `status` kept when
 the caption is non-empty (else failed / empty_caption), `captioner` "table:<file name>", `prompt`
 "", `original_caption` null (encode then reads the shard's KEY.txt), `num_tokens` 0 (not counted).
