@@ -37,9 +37,11 @@ TASK_CPUS = 0.5  # reading and writing parquet is mostly I/O
 def work_dir(encdir: str | Path, source: captions.CaptionSource, shard_list: list[str]) -> Path:
     """ENCDIR/_work/captions/<digest>: one folder per (table files, shards) as they are now."""
     h = hashlib.sha256()
-    for p in [*source.files, "--", *shard_list]:
-        st = Path(p).stat() if p != "--" else None
-        h.update(f"{p}\t{st.st_size if st else ''}\t{st.st_mtime_ns if st else ''}\n".encode())
+    for group in (source.files, shard_list):
+        for p in group:
+            st = Path(p).stat()
+            h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        h.update(b"\n")
     return Path(encdir) / WORK / h.hexdigest()[:16]
 
 
@@ -67,8 +69,7 @@ def prepare(ray, source: captions.CaptionSource, shard_list: list[str], encdir: 
         )
         atomic.write_text(work / TABLE, json.dumps(table))
         task = ray.remote(num_cpus=TASK_CPUS)(merge)
-        for _ in _gather(gather.bounded(((s, task.remote(s, str(work), source.path)) for s in todo), window)):
-            pass
+        list(_gather(gather.bounded(((s, task.remote(s, str(work), source.path)) for s in todo), window)))
         shutil.rmtree(work / PARTS, ignore_errors=True)
     _check_some_key_matches(work, source, shard_list)
     return work

@@ -127,7 +127,7 @@ def test_prepare_runs_in_tasks_and_a_rerun_reuses_its_files(tmp_path, shard_list
     assert new != work and not work.exists() and set(merged(new, shard_list[0])) == {"000000001"}
 
 
-def test_prepare_refuses_a_table_matching_no_key_from_the_tasks_counts(tmp_path, shard_list, ray_local):
+def test_prepare_refuses_no_match_and_duplicates_in_one_line(tmp_path, shard_list, ray_local):
     path = tmp_path / "by-url.jsonl"
     caption_rows(["http://x/1.jpg", "http://x/2.jpg", "http://x/3.jpg"]).to_json(path, orient="records", lines=True)
     with pytest.raises(
@@ -137,3 +137,10 @@ def test_prepare_refuses_a_table_matching_no_key_from_the_tasks_counts(tmp_path,
     # a rerun (every per-shard file already written) refuses it the same way
     with pytest.raises(SigmaError, match=r"none of its 3 keys"):
         caption_table.prepare(ray_local, captions.resolve(path), shard_list, tmp_path / "enc")
+    # a merge task's refusal reaches the caller as itself: its one line, not Ray's traceback
+    caption_rows(["000000001", "000000001"]).to_json(path, orient="records", lines=True)
+    with pytest.raises(SigmaError) as e:
+        caption_table.prepare(ray_local, captions.resolve(path), shard_list, tmp_path / "enc")
+    assert (
+        str(e.value) == f"--captions {path}: key '000000001' has 2 caption rows (in by-url); give each key one caption"
+    )
