@@ -55,10 +55,8 @@ def _row(**kw) -> dict:
 
 
 def _captions(task: dict) -> dict[str, dict]:
-    """{key: caption row}: the task's rows (a caption table, split by the driver) or its per-shard file;
-    empty when the file is missing or unreadable (its samples: missing_caption)."""
-    if task.get("caption_rows"):
-        return {r["key"]: r for r in json.loads(task["caption_rows"])}
+    """{key: caption row} from the shard's caption file (a CAPDIR's, or a caption table's part for this
+    shard: encoding/caption_table.py); empty when the file is missing or unreadable (missing_caption)."""
     path = Path(task["captions"])
     if not path.exists():
         print(f"encode: {path}: no caption file; its samples are reported as missing_caption", flush=True)

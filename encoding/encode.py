@@ -3,7 +3,9 @@
     read_shard (tasks)  ->  T5Stage (actors)  ->  preprocess (tasks)  ->  VAEStage (actors)  ->  driver writes
 
 The stages (Ray tasks and actors) are in encoding/actors.py; this is the driver. Every input sample
-reaches it (failed rows pass through the stages untouched) and lands in `index.parquet`.
+reaches it (failed rows pass through the stages untouched) and lands in `index.parquet`. A caption
+table is first split into one caption file per shard by tasks (encoding/caption_table.py): the driver
+hands each read task a file name, never caption rows or keys.
 
 Resumption is per sample: rows of committed tars with the current fingerprint are skipped;
 everything else (missing, or failed before) is encoded again. A resume whose inputs or settings
@@ -22,8 +24,8 @@ from pathlib import Path
 
 from common import cli, progress, ray_start
 from encoders import vae
-from encoding import actors
-from shards import buckets, captions, curated, encoded, fingerprint, reasons
+from encoding import actors, caption_table
+from shards import buckets, captions, encoded, fingerprint, reasons
 from shards import format as fmt
 from shards.errors import SigmaError
 
@@ -116,10 +118,11 @@ def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: boo
     removed = encoded.remove_incomplete(encdir) + encoded.remove_stale(encdir, fp)
     done = encoded.committed_rows(encdir)
     done_by_source = done.groupby("source")["key"].apply(list).to_dict() if len(done) else {}
-    tasks = _tasks(p["shard_list"], source, done_by_source)
 
     ray = ray_start.init_ray(cfg)
     _check_gpus(ray, e)
+    capdir = caption_table.prepare(ray, source, p["shard_list"], encdir) if source.kind == captions.TABLE else None
+    tasks = _tasks(p["shard_list"], source, capdir, done_by_source)
     writers: dict[tuple[int, int], encoded.BucketWriter] = {}
     failures: list[dict] = []
     try:
@@ -170,35 +173,19 @@ def _encode(ray, tasks: list[dict], cfg, tier: str, encdir: Path, fp: str, write
                     )
 
 
-def _tasks(shard_list: list[str], source: captions.CaptionSource, done_by_source: dict) -> list[dict]:
-    """One read task per curated shard: its per-shard caption file, or its rows of a caption table."""
-    tasks = [
+def _tasks(
+    shard_list: list[str], source: captions.CaptionSource, capdir: Path | None, done_by_source: dict
+) -> list[dict]:
+    """One read task per curated shard, naming its caption file: the per-shard file of a CAPDIR, or of
+    `capdir`, the per-shard files a caption table was split into (encoding/caption_table.py)."""
+    return [
         dict(
             shard=s,
-            captions=str(source.shard_file(s)) if source.kind == captions.PER_SHARD else "",
-            caption_rows="",
-            n_captions=-1,
+            captions=str(fmt.caption_file(capdir, s) if capdir is not None else source.shard_file(s)),
             done=done_by_source.get(Path(s).name, []),
         )
         for s in shard_list
     ]
-    if source.kind == captions.TABLE:
-        keys = {}
-        for s in shard_list:
-            try:
-                keys[s] = curated.keys(s)
-            except curated.CorruptShard as e:  # the read task reports it per key
-                keys[s] = e.keys
-        rows = captions.rows_by_shard(source, keys)
-        for t in tasks:
-            t["caption_rows"] = json.dumps(rows[t["shard"]], default=_plain)
-            t["n_captions"] = len(rows[t["shard"]])
-    return tasks
-
-
-def _plain(value):
-    """JSON for numpy scalars in table rows."""
-    return value.item() if hasattr(value, "item") else str(value)
 
 
 def _check_something_encoded(index, captions_path: str) -> None:
@@ -219,11 +206,7 @@ def _to_encode(tasks: list[dict]) -> int | None:
     import pyarrow.parquet as pq
 
     try:
-        return sum(
-            (t["n_captions"] if t["n_captions"] >= 0 else pq.ParquetFile(t["captions"]).metadata.num_rows)
-            - len(t["done"])
-            for t in tasks
-        )
+        return sum(pq.ParquetFile(t["captions"]).metadata.num_rows - len(t["done"]) for t in tasks)
     except (OSError, ValueError):  # reported per sample as missing_caption; the bar just has no ETA
         return None
 

@@ -7,7 +7,8 @@
     DIR/ of such files         read as one table (any names; sub-folders are not searched)     -> "table"
 
 A folder is per-shard when all its caption files are named NNNNN.parquet and one of them is named
-after a given shard; anything else is a table, joined on the curated `key` (manifest.parquet).
+after a given shard; anything else is a table, joined on the curated `key` (manifest.parquet) by
+encode's tasks (encoding/caption_table.py: a slice of a table at a time, never the whole in one place).
 Whatever a file lacks of `shards.format.CAPTION_COLUMNS` is filled here, once: `status` kept when
 the caption is non-empty (else failed / empty_caption), `captioner` "table:<file name>", `prompt`
 "", `original_caption` null (encode then reads the shard's KEY.txt), `num_tokens` 0 (not counted).
@@ -81,14 +82,18 @@ def _check_columns(files: list[str]) -> None:
             )
 
 
-def read_file(path: str | Path) -> Any:  # a pandas DataFrame (pandas is untyped here)
-    """One caption file as a DataFrame with exactly CAPTION_COLUMNS (missing ones filled, see above)."""
+def read_file(path: str | Path, row_groups: tuple[int, int] | None = None) -> Any:  # a pandas DataFrame
+    """One caption file as a DataFrame with exactly CAPTION_COLUMNS (missing ones filled, see above);
+    `row_groups` (start, stop): only those row groups of a parquet (a slice of a big table)."""
     import pandas as pd
     import pyarrow as pa
+    import pyarrow.parquet as pq
 
     path = Path(path)
     try:
-        if path.suffix == ".parquet":
+        if path.suffix == ".parquet" and row_groups is not None:
+            df = pq.ParquetFile(path).read_row_groups(range(*row_groups)).to_pandas()
+        elif path.suffix == ".parquet":
             df = pd.read_parquet(path)
         elif path.suffix == ".jsonl":
             df = pd.read_json(path, lines=True, dtype=False)
@@ -139,33 +144,39 @@ def normalize(df: Any, name: str) -> Any:
     return out[fmt.CAPTION_COLUMNS]
 
 
+def to_arrow(df: Any) -> Any:  # a pyarrow Table
+    """Normalized rows as an Arrow table of fixed types (an empty or all-null column keeps its type)."""
+    import pyarrow as pa
+
+    types = {c: pa.int64() if c == "num_tokens" else pa.string() for c in fmt.CAPTION_COLUMNS}
+    return pa.table({c: pa.array(df[c].tolist(), types[c]) for c in fmt.CAPTION_COLUMNS})
+
+
 def read_table(source: CaptionSource) -> Any:
     """Every row of a source's files as one DataFrame (+ `file`: the file's stem); a key given twice is refused."""
     import pandas as pd
 
     frames = [read_file(f).assign(file=Path(f).stem) for f in source.files]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*fmt.CAPTION_COLUMNS, "file"])
+    check_unique(df, source.path)
+    return df
+
+
+def check_unique(df: Any, path: str) -> None:
+    """Refuse a key with two caption rows (rows with a `file` column: where each row came from)."""
     dup = df["key"].duplicated(keep=False)
     if dup.any():
         key = df.loc[dup, "key"].iloc[0]
         where = sorted(set(df.loc[df["key"] == key, "file"]))
         raise SigmaError(
-            f"--captions {source.path}: key {key!r} has {int((df['key'] == key).sum())} caption rows "
+            f"--captions {path}: key {key!r} has {int((df['key'] == key).sum())} caption rows "
             f"(in {', '.join(where)}); give each key one caption"
         )
-    return df
 
 
-def rows_by_shard(source: CaptionSource, shard_keys: dict[str, list[str]]) -> dict[str, list[dict[str, Any]]]:
-    """A TABLE source split by curated shard: {shard: its caption rows}. A table none of whose keys is a
-    curated key is refused (the usual cause: keyed by URL or file name instead of the curated `key`)."""
-    df = read_table(source)
-    by_key = {r["key"]: r for r in df[fmt.CAPTION_COLUMNS].to_dict("records")}
-    out = {s: [by_key[k] for k in keys if k in by_key] for s, keys in shard_keys.items()}
-    if by_key and not any(out.values()):
-        example = next(iter(by_key))
-        raise SigmaError(
-            f"--captions {source.path}: none of its {len(by_key)} keys is a key of the curated shards "
-            f"(e.g. {example!r}); key captions by the curated `key` (CURDIR/manifest.parquet)"
-        )
-    return out
+def no_curated_key(path: str, n_keys: int, example: str) -> SigmaError:
+    """A table none of whose keys is a curated key (the usual cause: keyed by URL or file name)."""
+    return SigmaError(
+        f"--captions {path}: none of its {n_keys} keys is a key of the curated shards "
+        f"(e.g. {example!r}); key captions by the curated `key` (CURDIR/manifest.parquet)"
+    )

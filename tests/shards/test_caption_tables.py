@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from encoding import encode
+from encoding import caption_table, encode
 from shards import captions, encoded, reasons
 from shards.errors import SigmaError
 from tests.shards.synthetic import sample, write_curated
@@ -157,6 +157,10 @@ def test_a_single_caption_table_encodes(curated, shard_models, ray_local, capsys
     assert got["000000010"]["recaption"] == "a photo number 10"
     alt = {k: v["original"] for k, v in got.items()}
     assert all(alt.values())  # no original_caption column: the shards' KEY.txt alt text is used
+    # the table was split per shard by tasks; each read task was handed a file name, not rows
+    (work,) = (curated / "enc-file" / caption_table.WORK).iterdir()
+    assert sorted(p.name for p in work.iterdir()) == ["00000.parquet", "00001.parquet", "spans.parquet", "table.json"]
+    assert pq.read_table(work / "00001.parquet")["key"].to_pylist() == KEYS[2:]
 
 
 def test_a_folder_of_tables_encodes(curated, shard_models, ray_local, capsys):
@@ -187,6 +191,18 @@ def test_a_table_matching_no_key_fails_in_one_line(curated, shard_models, capsys
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(f"error: --captions {path}: none of its 2 keys is a key of the curated shards"), err
+
+
+def test_a_key_given_twice_fails_in_one_line(curated, shard_models, ray_local, capsys):
+    folder = curated / "twice"
+    folder.mkdir()
+    table(KEYS[:3]).to_parquet(folder / "a.parquet")
+    table(KEYS[2:]).to_json(folder / "b.jsonl", orient="records", lines=True)
+    with pytest.raises(SystemExit) as e:
+        encode.main(args(curated, folder, "enc-twice", shard_models))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: --captions {folder}: key '000000010' has 2 caption rows (in a, b);"), err
 
 
 def test_the_caption_report_reads_a_table(tmp_path):
