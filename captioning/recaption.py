@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
             not_checked: list[str] = []
             p = plan(cfg, args.shards, args.out, args.captioner, not_checked)
             for line in not_checked:
-                print(f"dry run: not checked: {line}", file=sys.stderr)
+                cli.unchecked(line)
             cli.print_plan({**p, **({"not_checked": not_checked} if not_checked else {})})
             return
         run(cfg, args.shards, args.out, args.captioner)
