@@ -288,6 +288,7 @@ def caption_rows(smoke: bool, device) -> list[str]:
 
     from benchmarks.captioning import _batch, _images
     from captioning import hf, vllm_env
+    from captioning.batch import CaptionerArgs
 
     q = QWEN2VL_SMOKE if smoke else QWEN25VL_7B
     n, new = q["images"], q["new_tokens"]
@@ -301,12 +302,14 @@ def caption_rows(smoke: bool, device) -> list[str]:
             torch.cuda.empty_cache()
         images = _images(n)
         cap = hf.HFCaptioner(
-            str(model),
-            "Describe this image in detail.",
-            dtype="bfloat16",
-            max_new_tokens=new,
-            generate={"min_new_tokens": new},
-            max_pixels=q["max_pixels"],
+            CaptionerArgs(
+                str(model),
+                "Describe this image in detail.",
+                dtype="bfloat16",
+                max_new_tokens=new,
+                generate={"min_new_tokens": new},
+                max_pixels=q["max_pixels"],
+            ),
             device=device.type,
         )
         cap(_batch(images[: q["hf_batch"]]))  # warm-up
@@ -326,12 +329,13 @@ def caption_rows(smoke: bool, device) -> list[str]:
         script = (
             "import json, sys, time\n"
             "from benchmarks.captioning import _batch, _images\n"
+            "from captioning.batch import CaptionerArgs\n"
             "from captioning.vllm_engine import VLLMCaptioner\n"
             "if __name__ == '__main__':\n"
             "    model, n, new, mp, ctx = sys.argv[1], *map(int, sys.argv[2:6])\n"
-            "    cap = VLLMCaptioner(model, 'Describe this image in detail.', dtype='bfloat16', max_new_tokens=new,\n"
-            "                        generate={'ignore_eos': True}, max_pixels=mp,\n"
-            "                        engine_kwargs={'max_model_len': ctx, 'gpu_memory_utilization': 0.85})\n"
+            "    args = CaptionerArgs(model, 'Describe this image in detail.', dtype='bfloat16', max_new_tokens=new,\n"
+            "                         generate={'ignore_eos': True}, max_pixels=mp)\n"
+            "    cap = VLLMCaptioner(args, engine_kwargs={'max_model_len': ctx, 'gpu_memory_utilization': 0.85})\n"
             "    images = _images(n); cap(_batch(images[:8]))\n"
             "    t = time.perf_counter(); cap(_batch(images))\n"
             "    print('RESULT', n / (time.perf_counter() - t), flush=True)\n"
