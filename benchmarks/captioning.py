@@ -43,6 +43,7 @@ import torch  # noqa: E402 - after the environment above
 from PIL import Image  # noqa: E402 - after the environment above
 
 from captioning import hf  # noqa: E402 - after the environment above
+from captioning.batch import CaptionerArgs  # noqa: E402 - after the environment above
 from encoders import vlm  # noqa: E402 - after the environment above
 
 MAX_NEW_TOKENS = 24  # the demo profile's value
@@ -116,15 +117,13 @@ def engine_rounds(engine: str, model: str, n: int, rounds: int) -> dict:
         from captioning.vllm_engine import VLLMCaptioner
 
         cap = VLLMCaptioner(
-            model,
-            "Describe this image in detail.",
-            dtype="float32",
-            max_new_tokens=MAX_NEW_TOKENS,
+            CaptionerArgs(model, "Describe this image in detail.", dtype="float32", max_new_tokens=MAX_NEW_TOKENS),
             engine_kwargs={"max_model_len": 256, "max_num_seqs": ENGINE_BATCH},
         )
     else:
         cap = hf.HFCaptioner(
-            model, "Describe this image in detail.", dtype="float32", max_new_tokens=MAX_NEW_TOKENS, device="cpu"
+            CaptionerArgs(model, "Describe this image in detail.", dtype="float32", max_new_tokens=MAX_NEW_TOKENS),
+            device="cpu",
         )
     start = time.perf_counter() - t
     images = _images(n)
@@ -218,7 +217,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = vlm.build_tiny(Path(tmp) / "captioner")
         cap = hf.HFCaptioner(
-            str(model), "Describe this image in detail.", dtype="float32", max_new_tokens=MAX_NEW_TOKENS, device="cpu"
+            CaptionerArgs(str(model), "Describe this image in detail.", dtype="float32", max_new_tokens=MAX_NEW_TOKENS),
+            device="cpu",
         )
         images = _images(n)
         by_batch = batch_sizes(cap, images, [1, 8, 32])

@@ -12,7 +12,8 @@ On a CUDA machine (the lead runs it when a GPU is lent; one call, ~5 min):
     (HFCaptioner, here) vs the `vllm` backend (VLLMCaptioner, in vLLM's venv: `captioning/vllm-env
     --kind cuda` first), same 64 JPEGs, 200 new tokens each (EOS ignored), batches of 16 (hf) and
     all 64 in one engine call (vllm, as a Ray batch would be).
-`--smoke` runs the same code at tiny sizes on CPU (tests the script; numbers are meaningless).
+`--smoke` runs the same code at tiny sizes on CPU (tests the script; numbers are meaningless); its
+captioning model is the tests' tiny Qwen2-VL, from demo/tiny_qwen2vl.py's builder.
 
 Usage: python -m benchmarks.gpu [--smoke] [--captioning] [--out benchmarks/results/gpu.md]
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from demo import tiny_qwen2vl
 from training.model import DiT_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,34 +230,14 @@ QWEN25VL_7B = dict(  # Qwen2.5-VL-7B-Instruct's config.json sizes
         fullatt_block_indexes=[7, 15, 23, 31],
     ),
     max_pixels=1003520,
+    max_model_len=4096,  # per request: one image of <= 1280 visual tokens (1003520 px / 28²) + prompt + 200 new
     images=64,
     hf_batch=16,
     new_tokens=200,
 )
-QWEN25VL_SMOKE = dict(
-    text=dict(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6},
-    ),
-    vision=dict(
-        depth=1,
-        hidden_size=64,
-        intermediate_size=128,
-        num_heads=2,
-        out_hidden_size=128,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=112,
-        fullatt_block_indexes=[0],
-    ),
-    max_pixels=112 * 112,
+QWEN2VL_SMOKE = dict(  # --smoke: the tests' tiny Qwen2-VL (demo/tiny_qwen2vl.py), built by its own builder
+    max_pixels=tiny_qwen2vl.MAX_PIXELS,
+    max_model_len=1024,  # the tiny model's max_position_embeddings: vLLM refuses a longer context
     images=8,
     hf_batch=4,
     new_tokens=8,
@@ -270,8 +252,6 @@ def build_qwen25vl(out: Path, q: dict, device) -> Path:
         Qwen2_5_VLForConditionalGeneration,
         Qwen2VLImageProcessor,
     )
-
-    from demo import tiny_qwen2vl
 
     tok, ids = tiny_qwen2vl.tokenizer()
     cfg = Qwen2_5_VLConfig(
@@ -303,27 +283,33 @@ def build_qwen25vl(out: Path, q: dict, device) -> Path:
 
 
 def caption_rows(smoke: bool, device) -> list[str]:
-    """hf vs vllm captions/s on a random Qwen2.5-VL (7B size, or tiny with --smoke)."""
+    """hf vs vllm captions/s on a random Qwen2.5-VL of 7B size (--smoke: the tiny Qwen2-VL of the tests)."""
     import tempfile
 
     from benchmarks.captioning import _batch, _images
     from captioning import hf, vllm_env
+    from captioning.batch import CaptionerArgs
 
-    q = QWEN25VL_SMOKE if smoke else QWEN25VL_7B
+    q = QWEN2VL_SMOKE if smoke else QWEN25VL_7B
     n, new = q["images"], q["new_tokens"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_qwen25vl(Path(tmp) / "qwen25vl", q, device)
+        if smoke:
+            model = tiny_qwen2vl.build(Path(tmp) / "qwen2vl")
+        else:
+            model = build_qwen25vl(Path(tmp) / "qwen25vl", q, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         images = _images(n)
         cap = hf.HFCaptioner(
-            str(model),
-            "Describe this image in detail.",
-            dtype="bfloat16",
-            max_new_tokens=new,
-            generate={"min_new_tokens": new},
-            max_pixels=q["max_pixels"],
+            CaptionerArgs(
+                str(model),
+                "Describe this image in detail.",
+                dtype="bfloat16",
+                max_new_tokens=new,
+                generate={"min_new_tokens": new},
+                max_pixels=q["max_pixels"],
+            ),
             device=device.type,
         )
         cap(_batch(images[: q["hf_batch"]]))  # warm-up
@@ -343,18 +329,28 @@ def caption_rows(smoke: bool, device) -> list[str]:
         script = (
             "import json, sys, time\n"
             "from benchmarks.captioning import _batch, _images\n"
+            "from captioning.batch import CaptionerArgs\n"
             "from captioning.vllm_engine import VLLMCaptioner\n"
             "if __name__ == '__main__':\n"
-            "    model, n, new, mp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])\n"
-            "    cap = VLLMCaptioner(model, 'Describe this image in detail.', dtype='bfloat16', max_new_tokens=new,\n"
-            "                        generate={'ignore_eos': True}, max_pixels=mp,\n"
-            "                        engine_kwargs={'max_model_len': 4096, 'gpu_memory_utilization': 0.85})\n"
+            "    model, n, new, mp, ctx = sys.argv[1], *map(int, sys.argv[2:6])\n"
+            "    args = CaptionerArgs(model, 'Describe this image in detail.', dtype='bfloat16', max_new_tokens=new,\n"
+            "                         generate={'ignore_eos': True}, max_pixels=mp)\n"
+            "    cap = VLLMCaptioner(args, engine_kwargs={'max_model_len': ctx, 'gpu_memory_utilization': 0.85})\n"
             "    images = _images(n); cap(_batch(images[:8]))\n"
             "    t = time.perf_counter(); cap(_batch(images))\n"
             "    print('RESULT', n / (time.perf_counter() - t), flush=True)\n"
         )
         done = subprocess.run(
-            [str(vllm_env.python()), "-c", script, str(model), str(n), str(new), str(q["max_pixels"])],
+            [
+                str(vllm_env.python()),
+                "-c",
+                script,
+                str(model),
+                str(n),
+                str(new),
+                str(q["max_pixels"]),
+                str(q["max_model_len"]),
+            ],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"},
             capture_output=True,
@@ -403,7 +399,7 @@ def main() -> None:
             "\n".join(
                 head
                 + [
-                    "### Captioning: Qwen2.5-VL-7B size, hf vs vllm backend",
+                    f"### Captioning: {'tiny Qwen2-VL' if args.smoke else 'Qwen2.5-VL-7B size'}, hf vs vllm backend",
                     "",
                     "| backend | images | new tokens each | captions/s |",
                     "|---|---|---|---|",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,26 @@ from shards import reasons
 # What a backend's generate returns per input: the text, or (text, hit_limit) where hit_limit says
 # whether generation stopped at the token limit (None: the engine cannot tell).
 Generated = str | tuple[str, bool | None]
+
+
+@dataclass(frozen=True)
+class CaptionerArgs:
+    """What the model backends (`hf`, `vllm`) are built from: one list, filled by recaption.backend
+    from the config; each backend adds only its own (`device`, `engine_kwargs`)."""
+
+    model: str  # local folder or hub id
+    prompt: str  # before the chat template
+    revision: str | None = None
+    dtype: str = "bfloat16"
+    max_new_tokens: int = 300
+    generate: dict[str, Any] = field(default_factory=dict)  # the engine's sampling arguments
+    max_pixels: int | None = None  # None: the model's image processor decides
+    trust_remote_code: bool = False
+    guard: dict[str, Any] | None = None  # Guard(**guard); None: no guard
+    retry: dict[str, Any] = field(default_factory=dict)  # sampling for one more try at the guard's failures
+
+    def make_guard(self) -> Guard:
+        return Guard(**(self.guard or {"enabled": False}))
 
 
 def _split(out: Generated) -> tuple[str, bool | None]:

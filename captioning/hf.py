@@ -9,8 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from captioning.batch import caption_batch
-from captioning.guard import Guard
+from captioning.batch import CaptionerArgs, caption_batch
 from encoders.vlm import VLM
 
 
@@ -19,28 +18,24 @@ class HFCaptioner(VLM):
 
     Loads the model once in __init__. Rows whose image does not decode, whose generation fails, or
     whose caption the guard rejects come back with status=failed and a reason code instead of raising.
-    `retry`: generate() kwargs for one more try at the guard's failures ({}: none).
+    `args.generate`/`args.retry`: generate() kwargs (retry: one more try at the guard's failures; {}: none).
     """
 
-    def __init__(
-        self,
-        model: str,
-        prompt: str,
-        revision: str | None = None,
-        dtype: str = "bfloat16",
-        max_new_tokens: int = 300,
-        generate: dict[str, Any] | None = None,
-        max_pixels: int | None = None,
-        trust_remote_code: bool = False,
-        device: str | None = None,
-        guard: dict[str, Any] | None = None,
-        retry: dict[str, Any] | None = None,
-    ):
-        super().__init__(model, revision, dtype, max_new_tokens, generate, max_pixels, trust_remote_code, device)
-        self.prompt = prompt
-        self.text = self.chat_text([{"type": "image"}, {"type": "text", "text": prompt}], prompt)
-        self.guard = Guard(**(guard or {"enabled": False}))
-        self.retry = dict(retry or {})
+    def __init__(self, args: CaptionerArgs, device: str | None = None):
+        super().__init__(
+            args.model,
+            args.revision,
+            args.dtype,
+            args.max_new_tokens,
+            args.generate,
+            args.max_pixels,
+            args.trust_remote_code,
+            device,
+        )
+        self.prompt = args.prompt
+        self.text = self.chat_text([{"type": "image"}, {"type": "text", "text": args.prompt}], args.prompt)
+        self.guard = args.make_guard()
+        self.retry = dict(args.retry)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         again = (lambda images: self.caption(images, self.retry)) if self.retry else None

@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from captioning.batch import CaptionerArgs
 from captioning.guard import GUARD_EXAMPLES, GUARD_EXAMPLES_PER_SHARD, GUARD_REASONS
 from common import progress
 from common.config import Captioner, Config
@@ -202,13 +203,14 @@ def backend(cap: Captioner, guard=None) -> tuple[type, dict]:
         from captioning.share_captioner import ShareCaptioner
 
         return ShareCaptioner, common
+    args = CaptionerArgs(**common, max_pixels=cap.max_pixels)
     if cap.backend == "vllm":
         from captioning.vllm_engine import VLLMCaptioner  # only the module name: vllm itself loads in the actor
 
-        return VLLMCaptioner, {**common, "max_pixels": cap.max_pixels, "engine_kwargs": dict(cap.engine_kwargs)}
+        return VLLMCaptioner, {"args": args, "engine_kwargs": dict(cap.engine_kwargs)}
     from captioning.hf import HFCaptioner
 
-    return HFCaptioner, {**common, "max_pixels": cap.max_pixels}
+    return HFCaptioner, {"args": args}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
             not_checked: list[str] = []
             p = plan(cfg, args.shards, args.out, args.captioner, not_checked)
             for line in not_checked:
-                print(f"dry run: not checked: {line}", file=sys.stderr)
+                cli.unchecked(line)
             cli.print_plan({**p, **({"not_checked": not_checked} if not_checked else {})})
             return
         run(cfg, args.shards, args.out, args.captioner)

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from captioning.batch import caption_batch
-from captioning.guard import Guard
+from captioning.batch import CaptionerArgs, caption_batch
 
 # Engine defaults the config can override (`engine_kwargs`): one image per prompt, fixed seed.
 ENGINE_DEFAULTS = {"limit_mm_per_prompt": {"image": 1}, "seed": 0}
@@ -25,41 +24,28 @@ ENGINE_DEFAULTS = {"limit_mm_per_prompt": {"image": 1}, "seed": 0}
 class VLLMCaptioner:
     """Ray Data callable: {"key", "image" (bytes), ...} -> the same rows plus caption/status/reason.
 
-    `generate`: vllm.SamplingParams arguments (temperature, top_p, repetition_penalty, ...; greedy
-    unless set); `max_new_tokens` is SamplingParams.max_tokens. `engine_kwargs`: vllm.LLM arguments
+    `args.generate`: vllm.SamplingParams arguments (temperature, top_p, repetition_penalty, ...; greedy
+    unless set); `args.max_new_tokens` is SamplingParams.max_tokens; `args.retry`: SamplingParams
+    arguments for one more try at the guard's failures ({}: none). `engine_kwargs`: vllm.LLM arguments
     (max_model_len, gpu_memory_utilization, tensor_parallel_size, limit_mm_per_prompt, ...).
-    `retry`: SamplingParams arguments for one more try at the guard's failures ({}: none).
     """
 
-    def __init__(
-        self,
-        model: str,
-        prompt: str,
-        revision: str | None = None,
-        dtype: str = "bfloat16",
-        max_new_tokens: int = 300,
-        generate: dict[str, Any] | None = None,
-        max_pixels: int | None = None,
-        trust_remote_code: bool = False,
-        engine_kwargs: dict[str, Any] | None = None,
-        guard: dict[str, Any] | None = None,
-        retry: dict[str, Any] | None = None,
-    ):
+    def __init__(self, args: CaptionerArgs, engine_kwargs: dict[str, Any] | None = None):
         from vllm import LLM
 
         self.llm = LLM(
-            model=model,
-            revision=revision,
-            tokenizer_revision=revision,
-            dtype=dtype,
-            trust_remote_code=trust_remote_code,
+            model=args.model,
+            revision=args.revision,
+            tokenizer_revision=args.revision,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
             **{**ENGINE_DEFAULTS, **(engine_kwargs or {})},
         )
-        self.prompt = prompt
-        self.sampling = {"max_tokens": max_new_tokens, "temperature": 0.0, **(generate or {})}
-        self.retry = dict(retry or {})
-        self.guard = Guard(**(guard or {"enabled": False}))
-        self.target, self.max_pixels = image_budget(model, revision, trust_remote_code, max_pixels)
+        self.prompt = args.prompt
+        self.sampling = {"max_tokens": args.max_new_tokens, "temperature": 0.0, **args.generate}
+        self.retry = dict(args.retry)
+        self.guard = args.make_guard()
+        self.target, self.max_pixels = image_budget(args.model, args.revision, args.trust_remote_code, args.max_pixels)
 
     def decode(self, data: bytes):
         """Encoded bytes -> an RGB PIL image no larger than the model's processor feeds it."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -554,7 +553,7 @@ def main(argv: list[str] | None = None) -> None:
     if missing and not args.dry_run:
         cli.fail(missing)
     if missing:  # a dry run before curation has run: say so
-        print(f"dry run: not checked: {missing}", file=sys.stderr)
+        cli.unchecked(missing)
     if args.dry_run:
         cli.print_plan(
             {

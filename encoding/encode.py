@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -394,8 +393,7 @@ def main(argv: list[str] | None = None) -> None:
                 source = check_inputs(p)
                 p.update(captions_kind=source.kind, caption_files=len(source.files))
             except SigmaError as e:  # the data may come later: say what was not checked
-                p["not_checked"] = [str(e)]
-                print(f"dry run: could not check the inputs: {e}", file=sys.stderr)
+                p["not_checked"] = [cli.unchecked(str(e))]
             cli.print_plan({k: v for k, v in p.items() if k != "shard_list"})
             return
         summary = run(cfg, args.images, args.captions, args.out, args.tier, reencode=args.reencode)

@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         print(warning, file=sys.stderr, flush=True)
     if args.dry_run:
         for line in not_checked or []:
-            print(f"dry run: not checked: {line}", file=sys.stderr)
+            cli.unchecked(line)
         cli.print_plan({**asdict(plan), **({"not_checked": not_checked} if not_checked else {})})
         return
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import io
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -246,7 +245,7 @@ def main(argv=None) -> None:
         if not args.dry_run:
             cli.fail(str(e))
         # a dry run before the run exists: say so, and show what the arguments and config decide
-        print(f"dry run: not checked: {e}", file=sys.stderr)
+        cli.unchecked(str(e))
         cli.print_plan(
             {
                 "checkpoint": None,

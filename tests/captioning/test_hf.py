@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from captioning import hf
+from captioning.batch import CaptionerArgs
 from encoders import vlm
 from shards import reasons
 
@@ -23,7 +24,9 @@ def _batch(*images):
 @pytest.fixture(scope="module")
 def captioner(cap_models):
     return hf.HFCaptioner(
-        str(cap_models["captioner"]), "Describe this image in detail.", dtype="float32", max_new_tokens=12
+        CaptionerArgs(
+            str(cap_models["captioner"]), "Describe this image in detail.", dtype="float32", max_new_tokens=12
+        )
     )
 
 
@@ -72,7 +75,9 @@ def test_failure_rows_keep_the_batch(captioner, cap_models, make_image):
     assert list(out["status"]) == [reasons.KEPT, reasons.FAILED, reasons.FAILED]
     assert list(out["reason"]) == ["", reasons.NOT_AN_IMAGE, reasons.NOT_AN_IMAGE]  # truncated JPEG too
     broken = hf.HFCaptioner(
-        str(cap_models["captioner"]), "Describe.", dtype="float32", max_new_tokens=4, generate={"num_beams": 0}
+        CaptionerArgs(
+            str(cap_models["captioner"]), "Describe.", dtype="float32", max_new_tokens=4, generate={"num_beams": 0}
+        )
     )  # generate() raises: a generation error
     out = broken(_batch(image_bytes(40, 30, 1), NOT_AN_IMAGE))
     assert list(out["reason"]) == [reasons.CAPTION_ERROR, reasons.NOT_AN_IMAGE]

@@ -272,7 +272,7 @@ def test_entry_point_help_and_dry_run(tmp_path, shard_models, capsys):
     out = subprocess.run([*exe, *args], capture_output=True, text=True, cwd=ROOT)  # --dry-run checks inputs it has
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["not_checked"] == [f"--captions {tmp_path / 'no-captions'}: no such file or folder"]
-    assert "dry run: could not check the inputs: --captions" in out.stderr
+    assert "dry run: not checked: --captions" in out.stderr
     args[args.index("--dry-run")] = "--reencode"
     out = subprocess.run([*exe, *args], capture_output=True, text=True, cwd=ROOT)  # a real run refuses them
     assert out.returncode == 2 and out.stderr.startswith("error: --captions") and out.stderr.count("\n") == 1, (
