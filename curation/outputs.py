@@ -29,6 +29,9 @@ from shards import atomic, curated, reasons
 from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
 
 PARTS = "manifest"  # _work/manifest/NNNNN.parquet
+# A core per write task: they read and write parquet and decode the report's thumbnails. At a quarter
+# core, 8 ran on 2 CPUs, 8 worker processes (~350 MiB each) alive at once: the run's memory peak.
+WRITE_CPUS = 1
 MEMBERS = "members"  # _work/members/NNNNN.parquet
 MEMBER_SCHEMA = pa.schema(
     [
@@ -215,7 +218,7 @@ def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> d
         atomic.clean_temp(folder)
     dups_s = str(dups) if dups else None
     window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
-    count = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_count)
+    count = ray.remote(num_cpus=WRITE_CPUS, scheduling_strategy="SPREAD")(_count)
     counted = dict(gather.bounded(((i, count.remote(str(work), i, dups_s)) for i in range(n_shards)), window))
     starts = np.concatenate([[0], np.cumsum([counted[i][0] for i in range(n_shards)])]).astype(np.int64)
     kept = int(starts[-1])
@@ -231,7 +234,7 @@ def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> d
     del counted
     _schedule(out, n_shards, n_out, starts, window, dups_s, quotas, schema, cur)
     ray.get(
-        ray.remote(num_cpus=0.25)(_merge).remote(
+        ray.remote(num_cpus=WRITE_CPUS)(_merge).remote(
             [str(work / PARTS / f"{i:05d}.parquet") for i in range(n_shards)], str(out / MANIFEST), schema
         )
     )
@@ -263,8 +266,8 @@ def _schedule(
     per output shard: the download shards it spans), not a task handle per shard."""
     import ray
 
-    finalize = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_finalize)
-    tar = ray.remote(num_cpus=0.25, scheduling_strategy="SPREAD")(_tar)
+    finalize = ray.remote(num_cpus=WRITE_CPUS, scheduling_strategy="SPREAD")(_finalize)
+    tar = ray.remote(num_cpus=WRITE_CPUS, scheduling_strategy="SPREAD")(_tar)
     first, stop = _span_bounds(starts, n_out, cur.shard_size)
     edges = np.zeros(n_shards + 1, np.int64)
     np.add.at(edges, first, 1)
