@@ -109,7 +109,7 @@ from common import config
 from curation import dedup_job, outputs, pipeline
 out, n_shards = Path(sys.argv[1]), int(sys.argv[2])
 cfg = config.load("pipelines.yaml", "demo", ["curation.dedup.clip_similarity=0.97", "curation.dedup.cluster_size=2000",
-                                             "curation.shard_size=1000"])
+                                             "curation.shard_size=1000", "curation.download.shard_size=1000"])
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 t0 = time.time()
 dups = dedup_job.run(out / "_work", n_shards, cfg.curation)
