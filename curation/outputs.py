@@ -29,9 +29,7 @@ from shards import atomic, curated, reasons
 from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
 
 PARTS = "manifest"  # _work/manifest/NNNNN.parquet
-# A core per write task: they read and write parquet and decode the report's thumbnails. At a quarter
-# core, 8 ran on 2 CPUs, 8 worker processes (~350 MiB each) alive at once: the run's memory peak.
-WRITE_CPUS = 1
+WRITE_CPUS = 1  # a core per write task, not a quarter: fewer worker processes alive (curation/README.md)
 MEMBERS = "members"  # _work/members/NNNNN.parquet
 MEMBER_SCHEMA = pa.schema(
     [
