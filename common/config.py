@@ -165,6 +165,7 @@ class DedupConfig:
     cluster_size: int = num(2_000, ge=1)  # mean embeddings per k-means cluster (semantic dedup compares inside one)
     probe: int = num(2, ge=1)  # nearest clusters each embedding joins (recall at cluster borders)
     max_group: int = num(50_000, ge=1)  # distinct pHashes compared all pairs in one band group; beyond: windows
+    partition_rows: int = num(20_000, ge=1, output=False)  # URLs per partition of the dedup job's shuffle
 
 
 @dataclass

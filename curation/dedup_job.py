@@ -15,8 +15,8 @@ A hand-rolled shuffle: the same partitions and edges as a Ray Data groupby, with
 (~14 s on 1000 URLs, ~65 s on 10^4: a small run's dedup took longer than its decoding). The G x P
 reads are the shuffle's cost: an Arrow IPC file finds batch p from its small footer (~0.2 ms), where a
 Parquet file of P row groups parses every group's metadata on each open (5 ms at P = 512: 512 x 512
-reads took 20 min of 2 CPUs at 10^6 rows); P grows with the run, one per ROWS_PER_PARTITION URLs,
-so a small run is a handful of tasks. Each step's
+reads took 20 min of 2 CPUs at 10^6 rows); P grows with the run, one per `dedup.partition_rows` URLs
+(~120k hash rows and ~60 MB of 768-d CLIP rows at the default), so a small run is a handful of tasks. Each step's
 folder is written as `.tmp` and renamed when complete; a rerun redoes only an unfinished step. The
 driver holds only per-group counts: no rows.
 """
@@ -48,7 +48,6 @@ CANDIDATE_COLUMNS = ["key", "reason", "width", "height", "sha256", "phash", "emb
 EDGE_SCHEMA = pa.schema([("a", pa.int64()), ("pa", pa.int64()), ("b", pa.int64()), ("pb", pa.int64())])
 ROW_GROUP = 65536  # rows per row group of dups.parquet
 MAX_PARTITIONS = 512
-ROWS_PER_PARTITION = 20_000  # URLs per shuffle partition (~120k hash rows, ~60 MB of 768-d CLIP rows)
 
 
 class AgainstError(SigmaError):
@@ -359,7 +358,7 @@ def run(work: Path, n_shards: int, cur: CurationConfig, against: list[Path] = ()
     d.mkdir(parents=True, exist_ok=True)
     dc = cur.dedup
     sources = _sources(work, n_shards, against)
-    parts = _partitions(n_shards * cur.download.shard_size)
+    parts = _partitions(n_shards * cur.download.shard_size, dc.partition_rows)
     groups = [[sources[i] for i in g] for g in np.array_split(np.arange(len(sources)), min(len(sources), parts))]
     window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
     steps = []
@@ -372,10 +371,9 @@ def run(work: Path, n_shards: int, cur: CurationConfig, against: list[Path] = ()
     return dups
 
 
-def _partitions(urls: int) -> int:
-    """Partitions: one per ROWS_PER_PARTITION URLs (download shards are full but the last), at most
-    MAX_PARTITIONS."""
-    return max(1, min(-(-urls // ROWS_PER_PARTITION), MAX_PARTITIONS))
+def _partitions(urls: int, rows: int) -> int:
+    """Partitions: one per `rows` URLs (download shards are full but the last), at most MAX_PARTITIONS."""
+    return max(1, min(-(-urls // rows), MAX_PARTITIONS))
 
 
 def _step(folder: Path, build) -> Path:

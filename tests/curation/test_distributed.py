@@ -58,6 +58,7 @@ def test_two_node_cluster_spreads_every_step_and_matches_one_node(curated, tmp_p
             "--profile",
             "demo",
             *[a for s in SETS for a in ("--set", s)],
+            *("--set", "curation.dedup.partition_rows=5"),  # several dedup tasks to spread (same output)
         ]
         env = {**os.environ, "RAY_ADDRESS": cluster.address}
         r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)

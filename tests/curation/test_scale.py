@@ -128,11 +128,13 @@ def _scored_shards(tmp_path, n_shards=3, per=40, dim=16):
 
 
 @pytest.mark.slow
-def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path, monkeypatch):
-    monkeypatch.setattr(dedup_job, "ROWS_PER_PARTITION", 5)  # a partition per shard: rows cross the shuffle
+def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path):
     work, n = _scored_shards(tmp_path)
     cur = demo_cfg(
-        "curation.dedup.clip_similarity=0.98", "curation.dedup.cluster_size=40", "curation.dedup.max_group=2"
+        "curation.dedup.clip_similarity=0.98",
+        "curation.dedup.cluster_size=40",
+        "curation.dedup.max_group=2",
+        "curation.dedup.partition_rows=5",  # a partition per download shard: rows cross the shuffle
     ).curation
     dups = dedup_job.run(work, n, cur)
     t = pq.read_table(dups)
@@ -141,7 +143,7 @@ def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path, 
     assert got == expected and len(got) >= 20
     steps = {p: p.stat().st_mtime_ns for p in (work / "dedup").iterdir()}
     assert sorted(p.name for p in steps) == ["clip", "dups.parquet", "hashes"]
-    parts = dedup_job._partitions(n * cur.download.shard_size)
+    parts = dedup_job._partitions(n * cur.download.shard_size, cur.dedup.partition_rows)
     assert parts == 3 and len(list((work / "dedup" / "hashes").glob("*.parquet"))) == parts  # one per partition
     (work / "dedup" / "clip").rename(work / "dedup" / "clip.tmp")  # as if killed while writing clip edges
     dups.unlink()
