@@ -2,7 +2,8 @@
 
 Decoding dominates curation's CPU time, and on the web many images are 4K WebP: Pillow (>= 11)
 decodes every WebP through its animation decoder into RGBA, where OpenCV calls libwebp straight
-into RGB, giving the same pixels (tests compare them) in half to three quarters of the time.
+into RGB: the same pixels (tests compare them) for ~8 % less CPU on 4K photos (14 files, 3 rounds:
+3.9 vs 4.2 CPU s including the reduction measure does next).
 """
 
 from __future__ import annotations
