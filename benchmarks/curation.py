@@ -89,24 +89,15 @@ def url_list(path: Path, base: str, names: list[str], n: int) -> None:
     pq.write_table(pa.table({"url": urls, "caption": [f"photo {i}" for i in range(n)]}), path)
 
 
+def curate_argv(run_py: str | Path, urls: Path, out: Path) -> list[str]:
+    """The curation command both benchmarks time: demo profile, PROCESSES x THREADS downloads."""
+    sets = [f"curation.download.processes={PROCESSES}", f"curation.download.threads={THREADS}"]
+    argv = [sys.executable, str(run_py), "--urls", str(urls), "--out", str(out), "--profile", "demo"]
+    return argv + [a for s in sets for a in ("--set", s)]
+
+
 def curate(urls: Path, out: Path, env: dict) -> tuple[float, float, float, dict]:
-    wall, tree, top, err = run_measured(
-        [
-            sys.executable,
-            "curation/run.py",
-            "--urls",
-            str(urls),
-            "--out",
-            str(out),
-            "--profile",
-            "demo",
-            "--set",
-            f"curation.download.processes={PROCESSES}",
-            "--set",
-            f"curation.download.threads={THREADS}",
-        ],
-        env,
-    )
+    wall, tree, top, err = run_measured(curate_argv("curation/run.py", urls, out), env)
     return wall, tree, top, {**json.loads((out / "stats.json").read_text()), "will_hang": "will hang" in err}
 
 

@@ -31,7 +31,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.curation import PROCESSES, REAL, THREADS, real_photos, run_measured
+from benchmarks.curation import PROCESSES, REAL, THREADS, curate_argv, real_photos, run_measured
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "curation_before_after.md"
@@ -87,20 +87,7 @@ def side(checkout: Path, urls: Path, out: Path) -> dict:
         check=True,
         capture_output=True,
     )
-    argv = [
-        sys.executable,
-        str(checkout / "curation" / "run.py"),
-        "--urls",
-        str(urls),
-        "--out",
-        str(out),
-        "--profile",
-        "demo",
-        "--set",
-        f"curation.download.processes={PROCESSES}",
-        "--set",
-        f"curation.download.threads={THREADS}",
-    ]
+    argv = curate_argv(checkout / "curation" / "run.py", urls, out)
     wall, tree, top, _ = run_measured(argv, env, cwd=checkout)
     stats = json.loads((out / "stats.json").read_text())
     m = pd.read_parquet(

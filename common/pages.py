@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,11 +85,19 @@ def thumbnail_uri(data: bytes, side: int = THUMB_SIDE) -> str | None:
 
 
 def thumbnail_uris(found: dict[str, bytes], side: int = THUMB_SIDE) -> dict[str, str | None]:
-    """`thumbnail_uri` of each value, decoded in a few threads (PIL and OpenCV release the GIL)."""
+    """`thumbnail_uri` of each value, decoded in a few threads."""
+    return dict(zip(found, in_threads(lambda data: thumbnail_uri(data, side), list(found.values()))))
+
+
+def in_threads(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """`fn` over `items` in THUMB_THREADS threads, results in order: image decoding (PIL, OpenCV)
+    releases the GIL, so a page's thumbnails decode on several cores."""
+    if not items:
+        return []
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(THUMB_THREADS) as pool:
-        return dict(zip(found, pool.map(lambda data: thumbnail_uri(data, side), found.values())))
+        return list(pool.map(fn, items))
 
 
 def tar_images(path: str | Path, keys: set[str]) -> dict[str, bytes]:

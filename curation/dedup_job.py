@@ -1,7 +1,7 @@
 """Dedup over the whole run (+ earlier runs' kept images) as plain Ray tasks over files.
 
     sources: this run's scored shards (their survivors, reason "") + earlier runs' dedup_index files,
-             cut into G groups (G <= P, the partitions: one per download shard, at most 512)
+             cut into G groups (G <= P, the partitions: see below)
     hashes:  a map task per group writes its (band, value) rows sorted by partition, one Arrow record
              batch per partition (_work/dedup/hashes.tmp/map/GGGGG.arrow); a reduce task per partition
              reads its batch of every map file, sorts them into groups -> edges (PPPPP.parquet)
@@ -16,9 +16,9 @@ A hand-rolled shuffle: the same partitions and edges as a Ray Data groupby, with
 reads are the shuffle's cost: an Arrow IPC file finds batch p from its small footer (~0.2 ms), where a
 Parquet file of P row groups parses every group's metadata on each open (5 ms at P = 512: 512 x 512
 reads took 20 min of 2 CPUs at 10^6 rows); P grows with the run, one per `dedup.partition_rows` URLs
-(~120k hash rows and ~60 MB of 768-d CLIP rows at the default), so a small run is a handful of tasks. Each step's
-folder is written as `.tmp` and renamed when complete; a rerun redoes only an unfinished step. The
-driver holds only per-group counts: no rows.
+(~120k hash rows and ~60 MB of 768-d CLIP rows at the default), at most 512, so a small run is a
+handful of tasks. Each step's folder is written as `.tmp` and renamed when complete; a rerun redoes
+only an unfinished step. The driver holds only per-group counts: no rows.
 """
 
 from __future__ import annotations

@@ -84,10 +84,7 @@ def save_rejected_thumbnails(curdir: str | Path, rows, per_reason: int = THUMBS_
     def save(row) -> bool:  # each thread holds one image's bytes at a time
         return save_thumbnail(curdir, row["key"], read_member(row["src"], row["offset"], row["size"]))
 
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(pages.THUMB_THREADS) as pool:
-        return sum(pool.map(save, todo))
+    return sum(pages.in_threads(save, todo))
 
 
 # ---------------------------------------------------------------------------------------------
