@@ -29,7 +29,7 @@ def init_ray(cfg: Config, runtime_env: dict[str, Any] | None = None) -> Any:
         ray.init(address=address, ignore_reinit_error=True, runtime_env=runtime_env)
     else:
         # A local cluster: its workers inherit this process's environment, so what they need is set
-        # here (as a job runtime_env it would keep Ray from using its pre-started workers: +1.2 s).
+        # here (as a job runtime_env it would keep Ray from using its pre-started workers: benchmarks/RESULTS.md).
         # Workers import this checkout the way the driver does.
         paths = [REPO_ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
