@@ -149,8 +149,8 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
     valid = pa.array([i for i, u in enumerate(table[URL_COL].to_pylist()) if not invalid_url(u)], pa.int64())
     todo = pa.table({URL_COL: table[URL_COL].take(valid), I2D_KEY: table["key"].take(valid)})
     feather = folder / f".{shard:05d}.input.feather"  # img2dataset deletes it when the shard is done
-    with pa.OSFile(str(feather), "wb") as sink, pa.ipc.new_file(sink, todo.schema) as writer:
-        writer.write_table(todo)
+    with atomic.atomic_path(feather) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, todo.schema) as w:
+        w.write_table(todo)  # atomic_path: a full disk here is one line naming the file, like every write
     resizer = Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True)
     downloader = Downloader(
         sample_writer_class=WebDatasetSampleWriter,
