@@ -78,6 +78,29 @@ class RayConfig:
 
 
 @dataclass
+class StoreOptions:
+    """How to reach one object store (credentials never here: the store's own environment, shared config,
+    instance or pod role; shards/storage.py)."""
+
+    endpoint_url: str | None = field(default=None, metadata=SAME_OUTPUT)  # MinIO/Ceph/moto; null: the store's default
+    region: str | None = field(default=None, metadata=SAME_OUTPUT)
+    anon: bool = field(default=False, metadata=SAME_OUTPUT)  # public buckets: no credentials looked up
+    profile: str | None = field(default=None, metadata=SAME_OUTPUT)  # s3: a profile of ~/.aws/config
+    project: str | None = field(default=None, metadata=SAME_OUTPUT)  # gs: the billing project
+    account_name: str | None = field(default=None, metadata=SAME_OUTPUT)  # az: the storage account
+    retries: int = num(10, ge=1, output=False)  # s3: attempts per request (SlowDown, 503, dropped connections)
+
+
+@dataclass
+class StorageConfig:
+    """`storage_options` per scheme for paths given as bucket URLs (s3://, gs://, az://)."""
+
+    s3: StoreOptions = field(default_factory=StoreOptions)
+    gs: StoreOptions = field(default_factory=StoreOptions)
+    az: StoreOptions = field(default_factory=StoreOptions)
+
+
+@dataclass
 class ClipModel:
     arch: str = "ViT-L-14-quickgelu"  # LAION heads were trained on OpenAI L/14 (QuickGELU) embeddings
     weights: str = "openai"  # open_clip pretrained tag, or a local weights file
@@ -324,6 +347,7 @@ class EvaluationConfig:
 @dataclass
 class Config:
     models: Models = field(default_factory=Models)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     curation: CurationConfig = field(default_factory=CurationConfig)
     captioning: CaptioningConfig = field(default_factory=CaptioningConfig)

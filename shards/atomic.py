@@ -1,4 +1,5 @@
-"""Write once, atomically: temp file in the same folder + rename. Every writer uses this."""
+"""Write once, atomically: on disk a temp file in the same folder + rename; on a bucket a local temp file
+uploaded as one object (shards/storage.py: a bucket has no rename). Every writer uses this."""
 
 from __future__ import annotations
 
@@ -10,15 +11,33 @@ from pathlib import Path
 from typing import Any
 
 from shards.errors import DISK_FULL, SigmaError, disk_full
+from shards.storage import Loc
+
+Dest = str | os.PathLike[str] | Loc
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temp path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
+def atomic_path(dest: Dest) -> Iterator[Path]:
+    """Yield a local temp path; it becomes `dest` only if the block succeeds: renamed onto it on disk
+    (the temp file is beside it), uploaded as one object to a bucket (the temp file is in TMPDIR)."""
+    if isinstance(dest, Loc) and not dest.is_local:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield Path(name)
+            dest.upload(name)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise SigmaError(disk_full(name)) from None
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+        return
+    path = Path(dest)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -37,16 +56,19 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def write_bytes(path: Dest, data: bytes) -> None:
+    if isinstance(path, Loc) and not path.is_local:
+        path.write_object(data)  # one PUT: the object appears whole
+        return
     with atomic_path(path) as tmp:
         Path(tmp).write_bytes(data)
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> None:
+def write_text(path: Dest, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def write_parquet(path: str | os.PathLike[str], table: Any) -> None:
+def write_parquet(path: Dest, table: Any) -> None:
     """Write a pyarrow Table (or pandas DataFrame) atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -57,8 +79,11 @@ def write_parquet(path: str | os.PathLike[str], table: Any) -> None:
         pq.write_table(table, tmp)
 
 
-def clean_temp(folder: str | os.PathLike[str]) -> int:
-    """Remove temp files a killed writer left behind; returns how many."""
+def clean_temp(folder: Dest) -> int:
+    """Remove temp files a killed writer left behind on disk; returns how many (a bucket has none: an
+    upload that did not complete never appears)."""
+    if isinstance(folder, Loc) and not folder.is_local:
+        return 0
     n = 0
     for p in Path(folder).glob(".*.tmp"):
         p.unlink(missing_ok=True)

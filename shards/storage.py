@@ -1,0 +1,447 @@
+"""Every path a user gives, through one place: a local path or a bucket URL, opened, listed, globbed and
+written through fsspec.
+
+    loc = storage.resolve("s3://bucket/cur", cfg.storage)   # once, at the entry point
+    (loc / "shards" / "00000.tar").read_range(512, 1024)    # anywhere below, in a Ray task too
+
+Schemes: local paths and `file://` (the disk), `s3://` (s3fs, installed with the project), `gs://`/`gcs://`
+(gcsfs) and `az://`/`abfs://`/`abfss://` (adlfs), the last two as optional extras (`pip install -e
+'.[gcs]'` / `'.[azure]'`): they go through the same code, but only s3 is tested here, against a real S3 API
+on loopback (moto's server). Any other scheme (`hf://`, `http(s)://`, `memory://`, ...) is refused in one
+line, and so is a path that looks like a URL whose `//` was lost (`s3:/bucket`), never taken for a folder.
+
+A `Loc` is a small picklable handle (scheme, path, the scheme's storage options): Ray tasks receive it
+as it is and each process builds its own client from the options. Credentials are never in it: the
+client finds them the way the store's own tools do (AWS_* environment variables including
+AWS_ENDPOINT_URL, ~/.aws config and profiles, instance and pod roles; GOOGLE_APPLICATION_CREDENTIALS;
+Azure's environment), so `str(loc)`, which is the URL as typed, is safe in messages, manifests and
+fingerprints.
+
+Commit rule (buckets have no rename): a finished file appears whole. On disk: a temp file beside it,
+then os.replace (shards/atomic.py). On a bucket: one PUT, or a multipart upload completed at close and
+aborted if the writer fails. A finished multi-file output (a folder) is committed by a marker object
+written last, `MARKER` inside it, found by its exact name (a HEAD request, never a listing, which some
+S3-compatible stores serve late); on disk the folder is still built beside and renamed into place, and
+gets the marker too, so folders made before markers existed still count as finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import functools
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from shards.errors import SigmaError
+
+MARKER = "_COMMITTED"  # written last into a finished multi-file output folder
+
+# scheme -> (fsspec protocol, the package that provides it)
+BACKENDS = {
+    "s3": ("s3", "s3fs"),
+    "s3a": ("s3", "s3fs"),
+    "gs": ("gcs", "gcsfs"),
+    "gcs": ("gcs", "gcsfs"),
+    "az": ("abfs", "adlfs"),
+    "abfs": ("abfs", "adlfs"),
+    "abfss": ("abfs", "adlfs"),
+}
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
+_LOST_SLASH = re.compile(r"^(s3a?|gs|gcs|az|abfss?|file|hf|https?):/(?!/)", re.I)
+_GLOB = re.compile(r"[*?\[]")
+# storage option keys that would carry a secret: never taken from pipelines.yaml (it is copied and printed)
+_SECRET = re.compile(r"key|secret|token|password|credential|sas|connection", re.I)
+
+
+def _hashable(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted((k, v) for k, v in options.items() if v is not None))
+
+
+def resolve(text: str | os.PathLike[str], options: Any = None) -> Loc:
+    """A user's path or URL as a Loc. `options`: the `storage` config section (or a {scheme: {...}} dict):
+    endpoint, region, anonymous access per scheme. Raises SigmaError for a scheme this layer refuses, a
+    backend that is not installed, or a path whose `//` was lost."""
+    text = os.fspath(text)
+    if _LOST_SLASH.match(text):
+        raise SigmaError(f"{text}: looks like a URL with its '//' lost (write {text.replace(':/', '://', 1)})")
+    m = _URL.match(text)
+    if m is None:
+        return Loc("", os.path.abspath(os.path.expanduser(text)))
+    scheme, rest = m.group(1).lower(), m.group(2)
+    if scheme == "file":
+        return Loc("", os.path.abspath(rest or "/"))
+    if scheme not in BACKENDS:
+        supported = ", ".join(f"{s}://" for s in ("s3", "gs", "az", "abfs", "file"))
+        raise SigmaError(f"{text}: the scheme {scheme}:// is not supported here (use a local path or {supported})")
+    protocol, package = BACKENDS[scheme]
+    try:
+        __import__(package)
+    except ImportError:
+        raise SigmaError(f"{text}: {scheme}:// needs the package {package} (pip install {package})") from None
+    rest = rest.strip("/")
+    if not rest:
+        raise SigmaError(f"{text}: no bucket named")
+    return Loc(scheme, rest, _hashable(_scheme_options(options, protocol)))
+
+
+def _scheme_options(options: Any, protocol: str) -> dict[str, Any]:
+    """The config's options for one protocol, as a flat dict (None values dropped)."""
+    if options is None:
+        return {}
+    section = {"s3": "s3", "gcs": "gs", "abfs": "az"}[protocol]
+    raw = options.get(section) if isinstance(options, Mapping) else getattr(options, section, None)
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raw = {f: getattr(raw, f) for f in raw.__dataclass_fields__}
+    for k in raw:
+        if _SECRET.search(k):
+            raise SigmaError(f"storage.{section}.{k}: credentials do not belong in the config (use the environment)")
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(scheme: str, options: tuple[tuple[str, Any], ...]) -> Any:
+    """One fsspec client per (scheme, options) per process."""
+    import fsspec
+
+    protocol = BACKENDS[scheme][0]
+    o = dict(options)
+    kw: dict[str, Any] = {"skip_instance_cache": True}
+    if protocol == "s3":
+        # No listings cache: a marker's HEAD must see the store, not a listing made before it was written.
+        kw.update(use_listings_cache=False, anon=bool(o.get("anon", False)))
+        if o.get("endpoint_url"):
+            kw["endpoint_url"] = o["endpoint_url"]
+        if o.get("profile"):
+            kw["profile"] = o["profile"]
+        client: dict[str, Any] = {}
+        if o.get("region"):
+            client["region_name"] = o["region"]
+        kw["client_kwargs"] = client
+        # botocore's adaptive retries: SlowDown / 503 / dropped connections, with backoff
+        kw["config_kwargs"] = {"retries": {"max_attempts": int(o.get("retries", 10)), "mode": "adaptive"}}
+        if "connect_timeout" in o:
+            kw["config_kwargs"]["connect_timeout"] = o["connect_timeout"]
+    elif protocol == "gcs":
+        if o.get("anon"):
+            kw["token"] = "anon"
+        for k in ("project", "endpoint_url"):
+            if o.get(k):
+                kw[k] = o[k]
+    else:
+        kw["anon"] = bool(o.get("anon", False)) or None
+        if o.get("account_name"):
+            kw["account_name"] = o["account_name"]
+    return fsspec.filesystem(protocol, **kw)
+
+
+@dataclass(frozen=True)
+class Loc:
+    """A place: `scheme` "" and an absolute `path` on disk, or a scheme and "bucket/key"."""
+
+    scheme: str
+    path: str
+    options: tuple[tuple[str, Any], ...] = field(default=(), repr=False)
+
+    # --- names ---------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self.path if not self.scheme else f"{self.scheme}://{self.path}"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __fspath__(self) -> str:
+        """Only a local Loc is a filesystem path: `open(loc)` on a bucket URL would make a folder named `s3:`."""
+        if self.scheme:
+            raise SigmaError(f"{self.url}: this step reads local files only")
+        return self.path
+
+    def __truediv__(self, name: str) -> Loc:
+        name = name.strip("/")
+        if not name:
+            return self
+        return Loc(self.scheme, self.path.rstrip("/") + "/" + name, self.options)
+
+    @property
+    def is_local(self) -> bool:
+        return not self.scheme
+
+    @property
+    def local(self) -> Path:
+        """The Path of a local Loc (raises for a bucket: callers that need a disk check is_local first)."""
+        return Path(os.fspath(self))
+
+    @property
+    def name(self) -> str:
+        return self.path.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def suffix(self) -> str:
+        return os.path.splitext(self.name)[1]
+
+    @property
+    def stem(self) -> str:
+        return os.path.splitext(self.name)[0]
+
+    @property
+    def parent(self) -> Loc:
+        head = self.path.rstrip("/").rsplit("/", 1)[0]
+        if self.scheme and "/" not in self.path.strip("/"):
+            return self  # a bucket's parent is itself
+        return Loc(self.scheme, head or "/", self.options)
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem (a local one for disk paths)."""
+        if not self.scheme:
+            import fsspec
+
+            return fsspec.filesystem("file")
+        return _filesystem(self.scheme, self.options)
+
+    def relative_to(self, other: Loc) -> str:
+        base = other.path.rstrip("/") + "/"
+        if self.scheme != other.scheme or not self.path.startswith(base):
+            raise ValueError(f"{self} is not under {other}")
+        return self.path[len(base) :]
+
+    def is_under(self, other: Loc) -> bool:
+        """Whether self is other or inside it (overlap checks between inputs and --out)."""
+        if self.scheme != other.scheme:
+            return False
+        a, b = self.path.rstrip("/"), other.path.rstrip("/")
+        return a == b or a.startswith(b + "/")
+
+    # --- reading -------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        if not self.scheme:
+            return os.path.exists(self.path)
+        return bool(self.fs.exists(self.path))
+
+    def is_file(self) -> bool:
+        if not self.scheme:
+            return os.path.isfile(self.path)
+        return bool(self.fs.isfile(self.path))
+
+    def is_dir(self) -> bool:
+        if not self.scheme:
+            return os.path.isdir(self.path)
+        return bool(self.fs.isdir(self.path))
+
+    def size(self) -> int:
+        if not self.scheme:
+            return os.stat(self.path).st_size
+        return int(self.fs.size(self.path))
+
+    def info(self) -> dict[str, Any]:
+        """Size and what changes when the object changes: {"size", "mtime"} on disk; {"size", "etag"} on a
+        bucket (fingerprints: a rewritten object has a new ETag even at the same size)."""
+        if not self.scheme:
+            st = os.stat(self.path)
+            return {"size": st.st_size, "mtime": st.st_mtime_ns}
+        i = self.fs.info(self.path)
+        tag = i.get("ETag") or i.get("etag") or i.get("md5Hash") or i.get("generation") or i.get("mtime")
+        return {"size": int(i.get("size") or 0), "etag": str(tag).strip('"') if tag is not None else None}
+
+    def open(self, mode: str = "rb", **kwargs: Any) -> IO[Any]:
+        """Open for reading (a bucket object streams with read-ahead), or for writing with `writer()`."""
+        if "w" in mode or "a" in mode:
+            raise ValueError("write through storage.writer() or shards.atomic: a half-written object must not appear")
+        if not self.scheme:
+            return open(self.path, mode, **kwargs)
+        return self.fs.open(self.path, mode, **kwargs)  # type: ignore[no-any-return]
+
+    def read_bytes(self) -> bytes:
+        if not self.scheme:
+            return Path(self.path).read_bytes()
+        return bytes(self.fs.cat_file(self.path))
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def read_range(self, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset`: one ranged GET on a bucket."""
+        if not self.scheme:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+        return bytes(self.fs.cat_file(self.path, start=offset, end=offset + size))
+
+    def iterdir(self) -> list[Loc]:
+        """The folder's entries, sorted by name ([] for a missing folder or prefix)."""
+        if not self.scheme:
+            try:
+                return [self / n for n in sorted(os.listdir(self.path))]
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        try:
+            names = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return []
+        base = self.path.rstrip("/")
+        return sorted(Loc(self.scheme, n.rstrip("/"), self.options) for n in names if n.rstrip("/") != base)
+
+    def glob(self, pattern: str) -> list[Loc]:
+        """Entries below this folder matching `pattern` (fnmatch, `**` for any depth), sorted."""
+        if not self.scheme:
+            return sorted(self / str(p.relative_to(self.path)) for p in Path(self.path).glob(pattern))
+        found = self.fs.glob(self.path.rstrip("/") + "/" + pattern)
+        return sorted(Loc(self.scheme, p.rstrip("/"), self.options) for p in found)
+
+    def files(self) -> list[Loc]:
+        """Every file below this folder, any depth, sorted by path."""
+        if not self.scheme:
+            out = []
+            for root, dirs, names in os.walk(self.path):
+                dirs.sort()
+                out += [Loc("", os.path.join(root, n)) for n in names]
+            return sorted(out)
+        return sorted(Loc(self.scheme, p, self.options) for p in self.fs.find(self.path))
+
+    def download(self, dest: str | os.PathLike[str]) -> None:
+        """Copy this object to a local file (a model folder into the model cache, a list to parse)."""
+        if not self.scheme:
+            shutil.copyfile(self.path, dest)
+        else:
+            self.fs.get_file(self.path, os.fspath(dest))
+
+    def __lt__(self, other: Loc) -> bool:
+        return (self.scheme, self.path) < (other.scheme, other.path)
+
+    # --- writing (whole objects only; shards/atomic.py builds on these) ----------------------------
+    def mkdir(self) -> None:
+        """Make the folder on disk; a bucket has no folders (a prefix exists once an object is under it)."""
+        if not self.scheme:
+            os.makedirs(self.path, exist_ok=True)
+
+    def unlink(self) -> None:
+        """Remove one file or object; a missing one is fine."""
+        with contextlib.suppress(FileNotFoundError):
+            if not self.scheme:
+                os.unlink(self.path)
+            else:
+                self.fs.rm_file(self.path)
+
+    def rmtree(self) -> None:
+        """Remove a folder or everything under a prefix; a missing one is fine."""
+        if not self.scheme:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path, recursive=True)
+
+    def upload(self, src: str | os.PathLike[str]) -> None:
+        """Put a finished local file here as one object (multipart above s3fs' chunk size, completed at the
+        end and aborted on failure). On disk: a copy through shards/atomic (temp + rename)."""
+        if not self.scheme:
+            from shards import atomic
+
+            with atomic.atomic_path(self) as tmp:
+                shutil.copyfile(src, tmp)
+            return
+        self.fs.put_file(os.fspath(src), self.path)
+
+    def write_object(self, data: bytes) -> None:
+        """One PUT of `data` (bucket only; on disk use shards/atomic.write_bytes)."""
+        if not self.scheme:
+            raise ValueError("write_object is for buckets; use shards.atomic on disk")
+        self.fs.pipe_file(self.path, data)
+
+
+def split_braces(text: str) -> list[str]:
+    """`a/{00000..00002}.tar` -> the three names (braceexpand: ranges keep their zero padding)."""
+    from braceexpand import braceexpand
+
+    return list(braceexpand(text))
+
+
+def has_pattern(text: str) -> bool:
+    return "{" in text or bool(_GLOB.search(text))
+
+
+def expand(text: str, options: Any = None) -> list[Loc]:
+    """A user's path with brace ranges and globs, on disk or in a bucket, as the Locs it names, in the
+    order written (a glob's matches sorted). A name with no glob is kept even if missing (the caller
+    says it is missing); a glob that matches nothing contributes nothing."""
+    out: list[Loc] = []
+    for part in split_braces(text):
+        loc = resolve(part, options)
+        if not _GLOB.search(loc.path):
+            out.append(loc)
+            continue
+        root = loc.path
+        head = _GLOB.search(root)
+        assert head is not None
+        base = root[: head.start()].rsplit("/", 1)[0] or "/"
+        pattern = root[len(base) :].lstrip("/")
+        out += Loc(loc.scheme, base, loc.options).glob(pattern)
+    return out
+
+
+def matches(name: str, pattern: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+# --- commit markers ---------------------------------------------------------------------------------
+
+
+def committed(folder: Loc) -> bool:
+    """Whether a multi-file output folder is finished: its marker exists (an exact-name HEAD), or, on
+    disk, the folder exists at all (it was renamed into place whole; folders made before markers)."""
+    if (folder / MARKER).exists():
+        return True
+    return folder.is_local and folder.is_dir()
+
+
+@contextlib.contextmanager
+def staging(folder: Loc) -> Iterator[Loc]:
+    """Build a multi-file output: yields the Loc to write into. On disk a temp folder beside `folder`,
+    renamed into place after the marker is written; on a bucket `folder` itself (a leftover from a
+    killed writer removed first), committed by its marker written last. Nothing is committed if the
+    block raises."""
+    if folder.is_local:
+        folder.parent.mkdir()
+        tmp = Loc("", tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent.path))
+        try:
+            yield tmp
+            from shards import atomic
+
+            atomic.write_bytes(tmp / MARKER, b"")
+            shutil.rmtree(folder.path, ignore_errors=True)
+            os.replace(tmp.path, folder.path)
+        finally:
+            shutil.rmtree(tmp.path, ignore_errors=True)
+        return
+    folder.rmtree()
+    yield folder
+    folder.__truediv__(MARKER).write_object(b"")
+
+
+@contextlib.contextmanager
+def writer(dest: Loc) -> Iterator[IO[bytes]]:
+    """A binary file object whose content appears at `dest` only if the block succeeds: on a bucket a
+    streamed (multipart) upload completed at close and discarded on failure; on disk temp + rename."""
+    if dest.is_local:
+        from shards import atomic
+
+        with atomic.atomic_path(dest) as tmp, open(tmp, "wb") as f:
+            yield f
+        return
+    f = dest.fs.open(dest.path, "wb")
+    try:
+        yield f
+    except BaseException:
+        with contextlib.suppress(Exception):
+            f.discard()  # aborts the multipart upload: nothing appears
+        f.closed = True  # so that closing it later does not upload an empty object
+        raise
+    f.close()
