@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from shards import storage
 from shards.atomic import write_text
 from shards.errors import SigmaError
 
@@ -23,20 +24,25 @@ OUTPUT = "output"  # config field metadata: False on a setting that does not cha
 _CHUNK = 1 << 20
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file's bytes (a URL list, a config file): streamed, ~1 GB/s."""
+def _loc(p: str | Path | storage.Loc) -> storage.Loc:
+    return p if isinstance(p, storage.Loc) else storage.resolve(p)
+
+
+def file_digest(path: str | Path | storage.Loc) -> str:
+    """sha256 of a file's bytes (a URL list, a config file), on disk or in a bucket: streamed, ~1 GB/s local."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _loc(path).open("rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
-def listing(paths: Iterable[str | Path]) -> str:
-    """sha256 over (name, size) of many input files (shards: too big to hash, cheap to list)."""
+def listing(paths: Iterable[str | Path | storage.Loc]) -> str:
+    """sha256 over (name, size) of many input files, on disk or in a bucket (shards: too big to hash, cheap
+    to list)."""
     h = hashlib.sha256()
-    for p in sorted(map(Path, paths)):
-        h.update(f"{p.name}\t{p.stat().st_size if p.exists() else -1}\n".encode())
+    for p in sorted(map(_loc, paths)):
+        h.update(f"{p.name}\t{p.size() if p.exists() else -1}\n".encode())
     return h.hexdigest()
 
 
@@ -63,9 +69,9 @@ def flat(settings: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def check(folder: str | Path, fingerprint: dict[str, Any]) -> None:
+def check(folder: str | Path | storage.Loc, fingerprint: dict[str, Any]) -> None:
     """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs."""
-    path = Path(folder) / FILE
+    path = _loc(folder) / FILE
     current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
     if not path.exists():
         write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
