@@ -95,7 +95,7 @@ class LocalImages:
         return plan
 
     def fingerprint(self) -> dict:
-        """Names and sizes of the input files (images are too many to hash; a changed file changes its size)."""
+        """The input files' names, sizes and content (fingerprint.listing: too many to hash whole)."""
         files = self._item_files() if self.kind == "folder" else list(map(Path, self.files))
         return {"--images": f"{self.kind} {fingerprint.listing(files)}"}
 
