@@ -34,22 +34,32 @@ SPANS, PARTS, TABLE = "spans.parquet", "parts", "table.json"
 TASK_CPUS = 0.5  # reading and writing parquet is mostly I/O
 
 
-def work_dir(encdir: str | Path, source: captions.CaptionSource, shard_list: list[str]) -> Path:
-    """ENCDIR/_work/captions/<digest>: one folder per (table files, shards) as they are now."""
+def work_dir(
+    encdir: str | Path, source: captions.CaptionSource, shard_list: list[str], name: str = "recaption"
+) -> Path:
+    """ENCDIR/_work/captions/<digest> (caption set `name`: _work/captions-<name>/<digest>): one folder per
+    (table files, shards) as they are now."""
     h = hashlib.sha256()
     for group in (source.files, shard_list):
         for p in group:
             st = Path(p).stat()
             h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         h.update(b"\n")
-    return Path(encdir) / WORK / h.hexdigest()[:16]
+    return _set_work(encdir, name) / h.hexdigest()[:16]
 
 
-def prepare(ray, source: captions.CaptionSource, shard_list: list[str], encdir: str | Path) -> Path:
-    """Write WORK/NNNNN.parquet for every shard (reusing those that exist); returns WORK.
-    SigmaError (one line) for a key given twice, or a table none of whose keys is a curated key."""
-    work = work_dir(encdir, source, shard_list)
-    for old in (Path(encdir) / WORK).glob("*"):  # made from another table or other shards
+def _set_work(encdir: str | Path, name: str) -> Path:
+    return Path(encdir) / (WORK if name == "recaption" else WORK.with_name(f"captions-{name}"))
+
+
+def prepare(
+    ray, source: captions.CaptionSource, shard_list: list[str], encdir: str | Path, name: str = "recaption"
+) -> Path:
+    """Write WORK/NNNNN.parquet for every shard (reusing those that exist); returns WORK. `name`: the
+    caption set (each has its own work folders). SigmaError (one line) for a key given twice, or a
+    table none of whose keys is a curated key."""
+    work = work_dir(encdir, source, shard_list, name)
+    for old in _set_work(encdir, name).glob("*"):  # made from another table or other shards
         if old != work:
             shutil.rmtree(old, ignore_errors=True)
     window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))

@@ -466,7 +466,9 @@ def committed_rows(encdir: str | Path, sets: tuple[str, ...] | list[str] = ()) -
 
     frames = []
     for p in committed_shards(encdir):
-        df = pq.read_table(p.with_suffix(".parquet")).to_pandas()
+        names = pq.read_schema(p.with_suffix(".parquet")).names
+        wanted = [c for c in names if c != "clip_embedding"]  # 1.5 kB a sample, read only where scored
+        df = pq.read_table(p.with_suffix(".parquet"), columns=wanted).to_pandas()
         for name in sets:
             side = set_file(p, name)
             if side.exists():
