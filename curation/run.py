@@ -10,6 +10,9 @@ import sys
 
 if __name__ == "__main__":  # as a script: the repo root replaces this folder (its modules must not shadow the stdlib)
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from common import interpreter  # standard library only, before any package loads
+
+    interpreter.check()  # the system python (no venv): one line on how to get the project's
 
 from common import cli, config
 from shards.errors import SigmaError
