@@ -373,7 +373,7 @@ def _tar_sample(tar: tarfile.TarFile, tar_path: Path, occurrence: int, members: 
     meta = {}
     if not isinstance(files.get("json"), str) and "json" in files:
         try:
-            meta = json.loads(tar.extractfile(files["json"]).read())
+            meta = json.loads(decode_caption(tar.extractfile(files["json"]).read())[0])  # not UTF-8: as .txt
         except ValueError:
             meta = {}
     meta = meta if isinstance(meta, dict) else {}
@@ -601,7 +601,14 @@ def local_images(
     url_col: str | None = None,
 ) -> LocalImages:
     """Resolve `--images SPEC` into its kind and files (headers only); SigmaError naming the path."""
-    spec = str(spec)
+    try:
+        return _local_images(str(spec), out, caption_col, image_col, url_col)
+    except OSError as e:  # the folder or table itself may not be read: nothing to account for, one line
+        why = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+        raise SigmaError(f"{e.filename or spec}: cannot read ({why})") from None
+
+
+def _local_images(spec: str, out, caption_col, image_col, url_col) -> LocalImages:
     p = Path(spec)
     if p.is_dir():
         tars = sorted(f for f in p.iterdir() if f.suffix == ".tar" and f.is_file())
