@@ -97,9 +97,11 @@ def input_name(col: str, url_col: str | None, caption_col: str | None) -> str:
 
 
 def _open_text(path: Path):
+    """A text list, as spreadsheets save them: a UTF-8 byte-order mark (Excel's "CSV UTF-8") is read as
+    nothing, and newline="" leaves CRLF and newlines inside quoted csv values to the csv reader."""
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def column_names(path: Path) -> list[str]:
@@ -121,13 +123,18 @@ def column_names(path: Path) -> list[str]:
 
 
 def count_rows(path: Path) -> int:
-    """Rows of a list file: parquet from its footer; text formats by counting lines (no parsing)."""
+    """Rows of a list file: parquet from its footer; csv/tsv as records (a quoted value may hold newlines),
+    jsonl/txt by counting non-blank lines."""
     fmt = list_format(path)
     if fmt == "parquet":
         return pq.ParquetFile(path).metadata.num_rows
     with _open_text(path) as f:
-        n = sum(1 for line in f if line.strip())
-    return n - 1 if fmt in ("csv", "tsv") and n else n
+        if fmt in ("csv", "tsv"):
+            import csv
+
+            n = sum(1 for record in csv.reader(f, delimiter="," if fmt == "csv" else "\t") if any(record))
+            return max(n - 1, 0)  # the header
+        return sum(1 for line in f if line.strip())
 
 
 def _batches(path: Path, rows: int, url_col: str) -> Iterator[pa.RecordBatch]:
@@ -141,7 +148,8 @@ def _batches(path: Path, rows: int, url_col: str) -> Iterator[pa.RecordBatch]:
         yield from csv.open_csv(
             path,
             read_options=csv.ReadOptions(block_size=1 << 22),
-            parse_options=csv.ParseOptions(delimiter="," if fmt == "csv" else "\t"),
+            # a quoted value may hold newlines (a caption typed with Alt+Enter in Excel); a BOM is skipped
+            parse_options=csv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True),
             convert_options=csv.ConvertOptions(column_types={url_col: pa.string()}),
         )
     elif fmt == "txt":
@@ -158,7 +166,9 @@ def _batches(path: Path, rows: int, url_col: str) -> Iterator[pa.RecordBatch]:
     else:  # jsonl
         import pandas as pd
 
-        for frame in pd.read_json(path, lines=True, chunksize=rows, dtype=False, compression="infer"):
+        for frame in pd.read_json(
+            path, lines=True, chunksize=rows, dtype=False, compression="infer", encoding="utf-8-sig"
+        ):
             yield pa.RecordBatch.from_pandas(frame, preserve_index=False)
 
 
@@ -177,6 +187,7 @@ class UrlList:
     url_col: str
     caption_col: str | None
     columns: tuple[str, ...]  # of the first file; every file must have the same
+    words = ("download shard", "URLs")  # what the progress lines call a shard and its items
 
     def describe(self) -> dict:
         """What --dry-run prints: files, rows (footer or line count), the chosen and carried columns."""
