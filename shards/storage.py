@@ -357,6 +357,76 @@ class Loc:
         self.fs.pipe_file(self.path, data)
 
 
+# --- faults as one line ----------------------------------------------------------------------------
+PROBE_TIMEOUT = 5  # seconds to connect in the up-front probe: an unreachable endpoint fails in seconds
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+}
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY")
+
+
+def _scrub(text: str) -> str:
+    """A message with no credential in it: the environment's secrets and a URL's user:password@ removed."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return re.sub(r"//[^/@\s]+@", "//***@", text)
+
+
+def failure(loc: Loc | str, e: BaseException) -> str | None:
+    """The one line for a storage fault reading `loc` (bucket missing, key missing, access denied,
+    endpoint unreachable, no credentials), naming the URL and the cause; None if `e` is not one."""
+    name = type(e).__name__
+    first = (str(e).splitlines() or [""])[0]
+    if name in _UNREACHABLE or (isinstance(e, (ConnectionError, TimeoutError)) and not isinstance(e, PermissionError)):
+        cause = f"the storage endpoint does not answer ({name}: {first})"
+    elif name in ("NoCredentialsError", "PartialCredentialsError"):
+        cause = "no credentials found (AWS_* environment variables, ~/.aws config, or a machine/pod role)"
+    elif isinstance(e, PermissionError):
+        cause = f"access denied ({first or 'Forbidden'}): check the credentials and the bucket's policy"
+    elif isinstance(e, FileNotFoundError):
+        bucket = "bucket" in first.lower() and "not exist" in first.lower()
+        cause = "the bucket does not exist" if bucket else "not found"
+    else:
+        return None
+    return _scrub(f"{loc}: {cause}")
+
+
+def probe(loc: Loc) -> None:
+    """Check a bucket URL up front, reading only: the endpoint answers, the bucket exists and, where the
+    bucket itself may not be looked at, the object or prefix may. One attempt with a short connect
+    timeout (an unreachable endpoint fails in seconds, not after minutes of retries). A missing key
+    is not a fault here (the caller says what is missing). SigmaError with `failure`'s line. Local
+    paths: nothing to do."""
+    if loc.is_local:
+        return
+    quick = Loc(loc.scheme, loc.path, _hashable({**dict(loc.options), "connect_timeout": PROBE_TIMEOUT, "retries": 1}))
+    bucket = loc.path.split("/", 1)[0]
+    try:
+        try:
+            quick.fs.info(bucket)  # HEAD bucket: 404 if missing, 403 if not ours to look at
+        except FileNotFoundError:
+            raise SigmaError(f"{loc}: the bucket does not exist") from None
+        except PermissionError:
+            if bucket == loc.path:
+                raise
+            with contextlib.suppress(FileNotFoundError):  # a missing key is the caller's to report
+                quick.fs.info(loc.path)  # some roles may read objects but not the bucket: try the object
+    except SigmaError:
+        raise
+    except Exception as e:  # each client raises its own errors: failure() says which are storage faults
+        message = failure(loc, e)
+        if message is None:
+            raise
+        raise SigmaError(message) from None
+
+
 def split_braces(text: str) -> list[str]:
     """`a/{00000..00002}.tar` -> the three names (braceexpand: ranges keep their zero padding)."""
     from braceexpand import braceexpand
