@@ -114,10 +114,12 @@ def input_name(col: str, url_col: str | None, caption_col: str | None) -> str:
 
 @contextlib.contextmanager
 def _open_text(path: Loc) -> Iterator[io.TextIOBase]:
-    """A list file as text (a `.gz` decompressed), streamed from disk or a bucket."""
+    """A text list (a `.gz` decompressed), streamed from disk or a bucket, as spreadsheets save them: a
+    UTF-8 byte-order mark (Excel's "CSV UTF-8") is read as nothing, and newline="" leaves CRLF and
+    newlines inside quoted csv values to the csv reader."""
     with path.open("rb") as raw:
         binary = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
-        with io.TextIOWrapper(binary, encoding="utf-8") as f:
+        with io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as f:
             yield f
 
 
@@ -153,14 +155,19 @@ def column_names(path: Loc) -> list[str]:
 
 
 def count_rows(path: Loc) -> int:
-    """Rows of a list file: parquet from its footer; text formats by counting lines (no parsing)."""
+    """Rows of a list file: parquet from its footer; csv/tsv as records (a quoted value may hold newlines),
+    jsonl/txt by counting non-blank lines."""
     fmt = list_format(path)
     if fmt == "parquet":
         with _arrow_source(path) as f:
             return int(pq.ParquetFile(f).metadata.num_rows)
     with _open_text(path) as f:
-        n = sum(1 for line in f if line.strip())
-    return n - 1 if fmt in ("csv", "tsv") and n else n
+        if fmt in ("csv", "tsv"):
+            import csv
+
+            n = sum(1 for record in csv.reader(f, delimiter="," if fmt == "csv" else "\t") if any(record))
+            return max(n - 1, 0)  # the header
+        return sum(1 for line in f if line.strip())
 
 
 def _batches(path: Loc, rows: int, url_col: str) -> Iterator[pa.RecordBatch]:
@@ -176,7 +183,8 @@ def _batches(path: Loc, rows: int, url_col: str) -> Iterator[pa.RecordBatch]:
             yield from csv.open_csv(
                 f,
                 read_options=csv.ReadOptions(block_size=1 << 22),
-                parse_options=csv.ParseOptions(delimiter="," if fmt == "csv" else "\t"),
+                # a quoted value may hold newlines (a caption typed with Alt+Enter in Excel); a BOM is skipped
+                parse_options=csv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True),
                 convert_options=csv.ConvertOptions(column_types={url_col: pa.string()}),
             )
     elif fmt == "txt":

@@ -107,13 +107,9 @@ class LocalImages:
         return plan
 
     def fingerprint(self) -> dict:
-        """Names and sizes of the input files (images are too many to hash; a changed file changes its size)."""
-        if self.kind == "folder" and not self.files[0].is_local:  # names and sizes from the one listing
-            h = hashlib.sha256()
-            for loc, size in sorted(_bucket_listing(self.files[0]).items()):
-                if _ext(loc.name) in IMAGE_EXTS:
-                    h.update(f"{loc.name}\t{size}\n".encode())  # as fingerprint.listing writes them
-            return {"--images": f"{self.kind} {h.hexdigest()}"}
+        """The input files' names, sizes and content (fingerprint.listing: too many to hash whole)."""
+        if self.kind == "folder" and not self.files[0].is_local:
+            return {"--images": f"{self.kind} {_listing_of_objects(self.files[0])}"}
         files = self._item_files() if self.kind == "folder" else list(self.files)
         return {"--images": f"{self.kind} {fingerprint.listing(files)}"}
 
@@ -366,6 +362,17 @@ def _bucket_listing(root: Loc) -> dict[Loc, int]:
     """Every object under a bucket prefix and its size, from one (paged) listing."""
     found = root.fs.find(root.path, detail=True)
     return {Loc(root.scheme, name, root.options): int(i.get("size") or 0) for name, i in found.items()}
+
+
+def _listing_of_objects(root: Loc) -> str:
+    """`fingerprint.listing` of a bucket folder's images (name, size, ETag) from its one listing, not a
+    HEAD request per image (tests/curation/test_buckets_in.py checks the two agree)."""
+    h = hashlib.sha256()
+    for name, i in sorted(root.fs.find(root.path, detail=True).items()):
+        if _ext(name) in IMAGE_EXTS:
+            tag = str(i.get("ETag") or i.get("etag")).strip('"')
+            h.update(f"{name.rsplit('/', 1)[-1]}\t{int(i.get('size') or 0)}\t{tag}\n".encode())
+    return f"v{fingerprint.LISTING_VERSION}:{h.hexdigest()}"
 
 
 def _object_item(path: Loc, sizes: dict[Loc, int]) -> tuple[dict, dict]:

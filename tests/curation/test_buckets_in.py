@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation import inputs, sources
-from shards import storage
+from shards import fingerprint, storage
 from tests.conftest import S3_SECRET
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,6 +157,7 @@ def test_images_in_a_bucket_every_kind(bucket, image_dir, tmp_path):
     assert found.kind == "folder" and found.split(storage.resolve(f"{bucket}/f/_work/input"), 2) == 2
     t = pd.read_parquet(io.BytesIO(storage.resolve(f"{bucket}/f/_work/input/00000.parquet").read_bytes()))
     assert t["caption"].tolist() == [None, "a small one"]
+    assert found.fingerprint()["--images"] == f"folder {fingerprint.listing(found._item_files())}"  # one LIST
 
     table = pa.table({"image": [(image_dir / "square-1k.jpg").read_bytes()], "TEXT": ["a square"], "n": [7]})
     put(f"{bucket}/table/t.parquet", parquet_bytes(table))
