@@ -32,12 +32,13 @@ user's tars is copied into the output unless the image is kept. A folder of imag
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -51,6 +52,7 @@ from shards.errors import SigmaError
 from shards.storage import Loc
 
 WHERE = "where"  # _work/where/NNNNN.parquet
+SPLIT_THREADS = 8  # bucket tars the split reads at once
 STREAM_BLOCK = 32 << 20  # bytes per GET when a bucket tar is streamed: a 1 GB tar is ~32 requests
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}  # gif/bmp/tiff: `unsupported_format`
 IMAGE_NAMES = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
@@ -132,8 +134,8 @@ class LocalImages:
         work.mkdir()
         out = _Shards(work, self._schema())
         if self.kind == "shards":
-            for tar in self.files:
-                for item, where in _tar_items(tar):
+            for items in _each_tar(self.files):
+                for item, where in items:
                     out.add(item, where)
                 out.flush()  # one input shard per user tar: the tar is the unit of work
         elif self.kind == "folder":
@@ -311,6 +313,26 @@ def _tar_items(tar_path: Loc) -> Iterator[tuple[dict, dict]]:
                 item,
                 {"reason": "", "src": str(tar_path), "offset": image.offset_data, "size": image.size, "row": -1},
             )
+
+
+def _each_tar(tars: tuple[Loc, ...]) -> Iterator[Iterable[tuple[dict, dict]]]:
+    """Each tar's items, in order. Bucket tars are read `SPLIT_THREADS` at a time (a streamed read mostly
+    waits on the network); their items (names, captions, carried fields: no image bytes) are held
+    for at most that many tars."""
+    if all(t.is_local for t in tars):
+        yield from map(_tar_items, tars)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(SPLIT_THREADS) as pool:
+        ahead = collections.deque(pool.submit(lambda t: list(_tar_items(t)), t) for t in tars[:SPLIT_THREADS])
+        for t in tars[SPLIT_THREADS:] + (None,) * SPLIT_THREADS:
+            if not ahead:
+                break
+            items = ahead.popleft().result()
+            if t is not None:
+                ahead.append(pool.submit(lambda t: list(_tar_items(t)), t))
+            yield items
 
 
 def _with_bytes(rows: list[dict], tars: tuple[Loc, ...]) -> Iterator[dict]:

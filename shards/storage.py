@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -425,6 +425,52 @@ def probe(loc: Loc) -> None:
         if message is None:
             raise
         raise SigmaError(message) from None
+
+
+# --- many pieces of few objects ------------------------------------------------------------------
+COALESCE = 32 << 20  # bytes one ranged GET may span when many pieces of one object are read
+
+
+class RangeReader:
+    """Pieces (offset, size) of objects, read with few requests: the pieces wanted from one bucket object,
+    sorted, are grouped into spans of at most `span` bytes (gaps included: bytes cost less than requests)
+    and each span is fetched by one ranged GET when first needed; one span is held at a time (read the
+    pieces in offset order). On disk each piece is read where it lies. Thread-safe."""
+
+    def __init__(self, wanted: Iterable[tuple[Loc, int, int]], span: int = COALESCE) -> None:
+        import threading
+
+        pieces: dict[Loc, list[tuple[int, int]]] = {}
+        for loc, offset, size in wanted:
+            if not loc.is_local:
+                pieces.setdefault(loc, []).append((offset, offset + size))
+        self._spans: dict[Loc, list[tuple[int, int]]] = {}
+        for loc, ranges in pieces.items():
+            spans: list[tuple[int, int]] = []
+            for start, end in sorted(ranges):
+                if spans and end - spans[-1][0] <= span:
+                    spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+                else:
+                    spans.append((start, end))
+            self._spans[loc] = spans
+        self._held: tuple[Loc, int, bytes] | None = None
+        self._lock = threading.Lock()
+
+    def read(self, loc: Loc, offset: int, size: int) -> bytes:
+        import bisect
+
+        spans = self._spans.get(loc)
+        if not spans:
+            return loc.read_range(offset, size)
+        with self._lock:
+            held = self._held
+            if held is None or held[0] != loc or not held[1] <= offset <= offset + size <= held[1] + len(held[2]):
+                i = bisect.bisect_right(spans, offset, key=lambda span: span[0]) - 1
+                if i < 0 or not spans[i][0] <= offset <= offset + size <= spans[i][1]:
+                    return loc.read_range(offset, size)  # a piece not announced: read on its own
+                start, end = spans[i]
+                held = self._held = (loc, start, loc.read_range(start, end - start))
+        return held[2][offset - held[1] : offset - held[1] + size]
 
 
 def split_braces(text: str) -> list[str]:
