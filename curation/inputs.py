@@ -221,6 +221,7 @@ class UrlList:
     url_col: str
     caption_col: str | None
     columns: tuple[str, ...]  # of the first file; every file must have the same
+    words = ("download shard", "URLs")  # what the progress lines call a shard and its items
 
     def describe(self) -> dict:
         """What --dry-run prints: files, rows (footer or line count), the chosen and carried columns."""

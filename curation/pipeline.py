@@ -94,6 +94,8 @@ def measure(row: dict, cur: CurationConfig) -> dict:
     }
     data = row.pop("data", None)  # a bucket tar's image, read in its shard's one pass (curation/sources.py)
     row["image"] = b""
+    if not row["reason"] and (problem := _unreadable(row["src"])):
+        row["reason"] = problem  # an input file on disk changed since the split: a row, the run goes on
     if not row["reason"]:
         if data is None:
             data = curated.read_member(row["src"], row["offset"], row["size"])
@@ -117,6 +119,16 @@ def measure(row: dict, cur: CurationConfig) -> dict:
         row["image"] = b""  # decided: no embedding needed, and it need not travel further
     out["t_measure"] = time.perf_counter() - t0
     return {**row, **out}
+
+
+def _unreadable(src: str) -> str | None:
+    """A local file that is no longer a readable regular file (sources.local_problem: a FIFO is never
+    opened), checked before the read; a bucket object is read as it is."""
+    if "://" in src:
+        return None
+    from curation import sources
+
+    return sources.local_problem(src)
 
 
 def size_verdict(height: int, width: int, min_tier: str) -> str | None:
@@ -259,7 +271,9 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, s
     )
     gather = ShardGather(expected)
     done = 0
-    with progress.bar(sum(expected.values()), "url", "download+score") as bar:
+    shard_word, item_word = source.words  # "download shard", "URLs"; on disk: "source shard", "images"
+    desc = "download+score" if shard_word.startswith("download") else "read+score"
+    with progress.bar(sum(expected.values()), f" {item_word}", desc) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for row in batch.to_dict("records"):
                 shard = int(row.pop("shard"))
@@ -268,7 +282,7 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, s
                     write_scored(work / "scored" / f"{shard:05d}.parquet", rows)
                     done += 1
                     progress.say(
-                        f"download shard {shard:05d}: {expected[shard]} URLs scored ({done}/{len(pending)} shards)"
+                        f"{shard_word} {shard:05d}: {expected[shard]} {item_word} scored ({done}/{len(pending)} shards)"
                     )  # the log's progress (no bar off a TTY)
             bar.update(len(batch))
     gather.close()
@@ -376,4 +390,13 @@ def summarize(out: Path, work: Path, n_shards: int, timings: dict, written: dict
         "seconds": {**{k: round(v, 3) for k, v in timings.items()}, **{k: round(v, 3) for k, v in cpu.items()}},
         "nodes": placement.counts(work),
         "img2dataset": download.shard_stats(out / "downloads"),
+        **_input_counts(work),
     }
+
+
+def _input_counts(work: Path) -> dict:
+    """What the split of an on-disk input counted (captions_not_utf8: sources.CAPTIONS), else nothing."""
+    from curation import sources
+
+    path = work / "input" / sources.CAPTIONS
+    return json.loads(path.read_text()) if path.exists() else {}

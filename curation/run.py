@@ -10,6 +10,9 @@ import sys
 
 if __name__ == "__main__":  # as a script: the repo root replaces this folder (its modules must not shadow the stdlib)
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from common import interpreter  # standard library only, before any package loads
+
+    interpreter.check()  # the system python (no venv): one line on how to get the project's
 
 from common import cli, config
 from shards.errors import SigmaError
@@ -127,7 +130,15 @@ def main(argv: list[str] | None = None) -> None:
             f"curation: 0 of {stats['urls']} {what} kept ({why}); see {args.out}/manifest.parquet and report.html",
             file=sys.stderr,
         )
-    print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)
+    if args.images:  # on disk: what the input itself says about how it was made
+        from curation import sources
+
+        for note in sources.notes(stats, os.path.join(args.out, "manifest.parquet")):
+            print(f"note: {note}", file=sys.stderr)
+    # the summary counts images on disk as images (stats.json keeps its key `urls`: others read it)
+    summary = {"urls" if args.urls else "images": stats["urls"]}
+    summary.update({k: stats[k] for k in ("status", "reason", "tier", "kept", "shards")})
+    print(json.dumps(summary), file=sys.stdout)
 
 
 def _input_problems(cfg) -> list[str]:

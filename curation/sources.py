@@ -15,10 +15,10 @@ user's tar (member offsets) or file (offset 0); a table's bytes are first copied
 user's files are only ever read.
 
 In a bucket (`s3://...`, through shards/storage.py) a tar is read in streamed passes, never a request
-per member: the split reads it once (headers and the small .txt/.json members; `STREAM_BLOCK` bytes
-per GET), the task that would download reads it once more and hands each image's bytes on in its
-row (`data`), and the write step reads only the kept images back (coalesced ranges). Nothing of the
-user's tars is copied into the output unless the image is kept. A folder of images is one listing.
+per member: the split reads it once (headers and the small members; `STREAM_BLOCK` bytes per GET),
+the task that would download reads it once more and hands each image's bytes on in its row (`data`),
+and the write step reads only the kept images back (coalesced ranges). Nothing of the user's tars is
+copied into the output unless the image is kept. A folder of images is one listing.
 
     shards   one input shard per tar; sample = members sharing a key (WebDataset); image = its
              .jpg/.png/.webp/... member; caption = .txt (else the .json's `caption`); the .json's
@@ -28,17 +28,33 @@ user's tars is copied into the output unless the image is kept. A folder of imag
              caption = a same-stem .txt beside it; source = the file's path
     table    `download.shard_size` rows per input shard; caption/url columns found as in a URL list,
              other columns carried; source = TABLE#ROW
+
+Every item is accounted for, on every kind of disk (a row with a reason, never dropped, and the run
+goes on): a file that is not regular (FIFO, socket, device) is `special_file` and never opened (its
+type is read with stat first: a read could block forever); one the process may not read, or a folder
+it may not list, is `unreadable`; a link whose target is missing or a loop is `unresolved_link`. Links
+are followed, also when they leave the input folder (a Hugging Face cache snapshot is links into
+`blobs/`), and so is a table cell's absolute `{bytes, path}`. In a tar, a symlink or hardlink member
+is followed when it points to a file member of the same tar (else `unresolved_link`: a tar never
+makes the run read outside it); a sample holds one image, so a name given twice (or a second image
+with the same key) starts another sample, named `TAR::MEMBER#2`. Captions (`.txt`) are UTF-8;
+others are decoded as cp1252 (then latin-1, where cp1252 leaves a byte undefined), counted in
+`_work/input/captions.json` -> stats.json `captions_not_utf8`: never replaced with U+FFFD.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import posixpath
+import stat
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -54,6 +70,8 @@ from shards.storage import Loc
 WHERE = "where"  # _work/where/NNNNN.parquet
 SPLIT_THREADS = 8  # bucket tars the split reads at once
 STREAM_BLOCK = 32 << 20  # bytes per GET when a bucket tar is streamed: a 1 GB tar is ~32 requests
+SMALL_MEMBER = 1 << 20  # a bucket tar's non-image members up to this size are kept as they stream past
+CAPTIONS = "captions.json"  # _work/input/captions.json: how many captions were not UTF-8, by the codec read
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff"}  # gif/bmp/tiff: `unsupported_format`
 IMAGE_NAMES = ("image", "img", "jpg", "png", "webp", "image_bytes", "bytes")
 # img2dataset's own fields in each sample's .json: what it did, not what the sample carries
@@ -95,6 +113,7 @@ class LocalImages:
     image_col: str | None = None
     caption_col: str | None = None
     url_col: str | None = None
+    words = ("source shard", "images")  # what the progress lines call a shard and its items: no download
 
     def describe(self) -> dict:
         """What --dry-run prints (from names and headers only: no image is read)."""
@@ -116,14 +135,23 @@ class LocalImages:
         return {"--images": f"{self.kind} {fingerprint.listing(files)}"}
 
     def _item_files(self) -> list[Loc]:
-        root = self.files[0]
-        if not root.is_local:
-            return sorted(f for f in _bucket_listing(root) if _ext(f.name) in IMAGE_EXTS)
-        out = []
-        for folder, dirs, names in os.walk(root.path):
+        """Every image file under the folder (links followed, each real folder walked once), and each
+        folder that could not be listed (an item of its own: `unreadable`), sorted by path. In a bucket:
+        every image object under the prefix, from one listing."""
+        if not self.files[0].is_local:
+            return sorted(f for f in _bucket_listing(self.files[0]) if _ext(f.name) in IMAGE_EXTS)
+        root = self.files[0].local
+        out: list[Path] = []
+        walked: set[tuple[int, int]] = set()
+        for folder, dirs, names in os.walk(root, onerror=lambda e: out.append(Path(e.filename)), followlinks=True):
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in walked:  # a link back to a folder already walked: a loop
+                dirs[:] = []
+                continue
+            walked.add((st.st_dev, st.st_ino))
             dirs.sort()
             out += [Path(folder) / n for n in sorted(names) if _ext(n) in IMAGE_EXTS]
-        return [Loc("", str(p)) for p in sorted(out, key=lambda p: str(p.relative_to(root.path)))]
+        return [Loc("", str(p)) for p in sorted(out, key=lambda p: str(p.relative_to(root)))]
 
     def split(self, work: Path | Loc, shard_size: int) -> int:
         """Keyed input shards + where each item's bytes lie; done once (`.complete`), like a URL list."""
@@ -141,7 +169,7 @@ class LocalImages:
         elif self.kind == "folder":
             sizes = None if self.files[0].is_local else _bucket_listing(self.files[0])
             for path in self._item_files():
-                out.add(*(_file_item(path) if sizes is None else _object_item(path, sizes)))
+                out.add(*(_file_item(path.local) if sizes is None else _object_item(path, sizes)))
                 if out.full(shard_size):
                     out.flush()
         else:
@@ -153,6 +181,7 @@ class LocalImages:
         out.flush()
         if out.rows == 0:
             raise SigmaError(f"{self.spec}: no images found")
+        atomic.write_text(work / CAPTIONS, json.dumps({"captions_not_utf8": dict(out.decoded)}) + "\n")
         atomic.write_text(done, str(out.shards))
         return out.shards
 
@@ -191,8 +220,12 @@ class _Shards:
         self.items: list[dict] = []
         self.wheres: list[dict] = []
         self.rows = self.shards = 0
+        self.decoded: Counter[str] = Counter()  # captions that were not UTF-8, by the codec that read them
 
     def add(self, item: dict, where: dict) -> None:
+        codec = item.pop(_CODEC, None)
+        if codec:
+            self.decoded[codec] += 1
         key = f"{self.rows + len(self.items):0{inputs.KEY_DIGITS}d}"
         self.items.append({"key": key, **item})
         self.wheres.append({"key": key, "url": item.get("url") or "", **where})
@@ -218,6 +251,49 @@ class _Shards:
 
 def _ext(name: str) -> str:
     return name.rpartition(".")[2].lower() if "." in name else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# What a file on disk is, before it is opened; captions decoded by a stated rule
+# ---------------------------------------------------------------------------------------------
+
+_CODEC = "_caption_codec"  # an item's caption codec when not UTF-8 (counted by _Shards, not a column)
+
+
+def local_problem(path: str | Path) -> str | None:
+    """Why a file on disk cannot give an item's bytes (a reason code), or None: read its type with stat
+    first (links followed) and open only a regular file, once, to see that this process may read it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:  # missing or a loop behind a link; a folder on the way not searchable
+        if os.path.islink(path) and e.errno in (errno.ENOENT, errno.ELOOP):
+            return reasons.UNRESOLVED_LINK
+        return reasons.UNREADABLE
+    if not stat.S_ISREG(st.st_mode):
+        return reasons.SPECIAL_FILE  # a FIFO, socket or device: never opened (a read could block)
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError:
+        return reasons.UNREADABLE
+
+
+def decode_caption(data: bytes) -> tuple[str, str | None]:
+    """(text, codec when not UTF-8): UTF-8 (a BOM read as nothing), else cp1252 (Windows' Western
+    European, a superset of latin-1's letters), else latin-1 (every byte a character): never U+FFFD."""
+    try:
+        return data.decode("utf-8-sig"), None
+    except UnicodeDecodeError:
+        pass
+    try:
+        return data.decode("cp1252"), "cp1252"
+    except UnicodeDecodeError:  # 0x81 0x8D 0x8F 0x90 0x9D are undefined in cp1252
+        return data.decode("latin-1"), "latin-1"
+
+
+def _failed(item: dict, reason: str) -> tuple[dict, dict]:
+    """An item accounted for with its reason: no bytes to read."""
+    return item, {"reason": reason, "src": "", "offset": 0, "size": 0, "row": -1}
 
 
 def _schema_of(item: dict) -> pa.Schema:
@@ -278,41 +354,106 @@ def _stream(loc: Loc) -> IO[bytes]:
 
 
 def _tar_items(tar_path: Loc) -> Iterator[tuple[dict, dict]]:
-    samples: dict[str, dict] = {}  # key -> {ext: (member, bytes of a .txt/.json member)}, in member order
+    problem = local_problem(tar_path.path) if tar_path.is_local else None
+    if problem:  # the whole tar is one row: its members cannot be listed
+        yield _failed({"url": None, "caption": None, "source": str(tar_path)}, problem)
+        return
+    small: dict[int, bytes] = {}  # a bucket tar's small non-image members, by data offset: a stream cannot seek back
     with _open_tar(tar_path) as tar:
         try:
+            members = []
             for m in tar:
-                if m.isfile():
-                    key, ext = curated.split_name(m.name)
-                    small = ext.lower() in ("json", "txt")  # read as they pass: a stream cannot seek back
-                    samples.setdefault(key, {})[ext.lower()] = (m, tar.extractfile(m).read() if small else None)
+                if m.isdir():
+                    continue
+                members.append(m)  # headers only (on disk the data is skipped by a seek)
+                if not tar_path.is_local and m.isfile() and m.size <= SMALL_MEMBER and _ext(m.name) not in IMAGE_EXTS:
+                    small[m.offset_data] = tar.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError) as e:
             raise SigmaError(
-                f"{tar_path}: corrupt tar after {len(samples)} samples ({type(e).__name__}: {e})"
+                f"{tar_path}: corrupt tar after {len(tar.members)} members ({type(e).__name__}: {e})"
             ) from None
-    for key, members in samples.items():
-        meta = {}
-        if "json" in members:
-            try:
-                meta = json.loads(members["json"][1])
-            except ValueError:
-                meta = {}
-        meta = meta if isinstance(meta, dict) else {}
-        caption = members["txt"][1].decode("utf-8", "replace") if "txt" in members else meta.get("caption")
-        image = next((members[e][0] for e in members if e in IMAGE_EXTS), None)
-        item = {
-            "url": meta.get("url") if isinstance(meta.get("url"), str) else None,
-            "caption": caption if isinstance(caption, str) else None,
-            "source": f"{tar_path}::{image.name if image else key}",
-            **{inputs.input_name(k, None, None): v for k, v in meta.items() if k not in I2D_FIELDS},
-        }
-        if image is None:  # a sample without an image member: accounted for, never usable
-            yield item, {"reason": reasons.NOT_AN_IMAGE, "src": "", "offset": 0, "size": 0, "row": -1}
-        else:
-            yield (
-                item,
-                {"reason": "", "src": str(tar_path), "offset": image.offset_data, "size": image.size, "row": -1},
-            )
+
+        def read(m: tarfile.TarInfo) -> bytes:
+            if tar_path.is_local:
+                return tar.extractfile(m).read()
+            data = small.get(m.offset_data)
+            return data if data is not None else tar_path.read_range(m.offset_data, m.size)
+
+        by_name = {posixpath.normpath(m.name): m for m in members}
+        for occurrence, members_of in _samples(members):
+            yield _tar_sample(read, tar_path, occurrence, members_of, by_name)
+
+
+def _samples(members: list[tarfile.TarInfo]) -> Iterator[tuple[int, dict[str, tarfile.TarInfo]]]:
+    """(occurrence of its key, {ext: member}) per sample, in member order: members sharing a key
+    (WebDataset), one image each; an extension already in the key's latest sample, or a second image,
+    starts another sample of that key (a name given twice keeps both)."""
+    samples: list[tuple[int, dict[str, tarfile.TarInfo]]] = []
+    latest: dict[str, int] = {}  # key -> index of its latest sample
+    for m in members:
+        key, ext = curated.split_name(m.name)
+        ext = ext.lower()
+        i = latest.get(key)
+        if i is not None:
+            parts = samples[i][1]
+            if ext in parts or (ext in IMAGE_EXTS and any(e in IMAGE_EXTS for e in parts)):
+                i = None
+        if i is None:
+            samples.append((1 if key not in latest else samples[latest[key]][0] + 1, {}))
+            i = latest[key] = len(samples) - 1
+        samples[i][1][ext] = m
+    yield from samples
+
+
+def _in_tar(m: tarfile.TarInfo, by_name: dict[str, tarfile.TarInfo]) -> tarfile.TarInfo | str:
+    """The regular file member a member stands for (itself, or a link's target in the same tar), else
+    the reason: `unresolved_link` (target outside the tar, absent, or a loop), `special_file`."""
+    seen: set[str] = set()
+    while m.issym() or m.islnk():
+        if m.name in seen:
+            return reasons.UNRESOLVED_LINK
+        seen.add(m.name)
+        if m.issym() and posixpath.isabs(m.linkname):
+            return reasons.UNRESOLVED_LINK
+        base = posixpath.dirname(m.name) if m.issym() else ""  # a hardlink names an archive path
+        name = posixpath.normpath(posixpath.join(base, m.linkname))
+        if name == ".." or name.startswith("../") or name not in by_name:
+            return reasons.UNRESOLVED_LINK
+        m = by_name[name]
+    return m if m.isfile() else reasons.SPECIAL_FILE
+
+
+def _tar_sample(read: Callable[[tarfile.TarInfo], bytes], tar_path: Loc, occurrence: int, members: dict, by_name: dict):
+    """One sample's item (caption, url, carried .json fields) and where its image's bytes lie; `read`
+    gives a member's bytes."""
+    ext = next((e for e in members if e in IMAGE_EXTS), None)
+    name = members[ext].name if ext else curated.split_name(next(iter(members.values())).name)[0]
+    source = f"{tar_path}::{name}" + (f"#{occurrence}" if occurrence > 1 else "")
+    files = {e: _in_tar(m, by_name) for e, m in members.items()}  # a member, or why it cannot be read
+    meta = {}
+    if not isinstance(files.get("json"), str) and "json" in files:
+        try:
+            meta = json.loads(read(files["json"]))
+        except ValueError:
+            meta = {}
+    meta = meta if isinstance(meta, dict) else {}
+    item = {
+        "url": meta.get("url") if isinstance(meta.get("url"), str) else None,
+        "caption": meta.get("caption") if isinstance(meta.get("caption"), str) else None,
+        "source": source,
+        **{inputs.input_name(k, None, None): v for k, v in meta.items() if k not in I2D_FIELDS},
+    }
+    if ext is None:  # a sample without an image member: accounted for, never usable
+        return _failed(item, reasons.NOT_AN_IMAGE)
+    for part in (ext, "txt"):  # the image, then its caption: a link not followed, a FIFO member
+        if isinstance(files.get(part), str):
+            return _failed(item, files[part])
+    if "txt" in files:  # KEY.txt, else the .json's caption
+        item["caption"], codec = decode_caption(read(files["txt"]))
+        if codec:
+            item[_CODEC] = codec
+    image = files[ext]
+    return item, {"reason": "", "src": str(tar_path), "offset": image.offset_data, "size": image.size, "row": -1}
 
 
 def _each_tar(tars: tuple[Loc, ...]) -> Iterator[Iterable[tuple[dict, dict]]]:
@@ -371,13 +512,24 @@ def _with_bytes(rows: list[dict], tars: tuple[Loc, ...]) -> Iterator[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _file_item(path: Loc) -> tuple[dict, dict]:
-    txt = path.local.with_suffix(".txt")
-    caption = txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None
-    return (
-        {"url": None, "caption": caption, "source": str(path)},
-        {"reason": "", "src": str(path), "offset": 0, "size": path.size(), "row": -1},
-    )
+def _file_item(path: Path) -> tuple[dict, dict]:
+    """An image file (or a folder that could not be listed) and its same-stem .txt caption."""
+    item: dict = {"url": None, "caption": None, "source": str(path)}
+    if os.path.isdir(path):  # os.walk could not list it: its images are unknown, the folder is the row
+        return _failed(item, reasons.UNREADABLE)
+    txt = path.with_suffix(".txt")
+    for f in (path, txt) if os.path.lexists(txt) else (path,):
+        problem = local_problem(f)
+        if problem:
+            return _failed(item, problem)
+    if os.path.lexists(txt):
+        try:
+            item["caption"], codec = decode_caption(txt.read_bytes())
+        except OSError:  # made unreadable since it was checked
+            return _failed(item, reasons.UNREADABLE)
+        if codec:
+            item[_CODEC] = codec
+    return item, {"reason": "", "src": str(path), "offset": 0, "size": os.stat(path).st_size, "row": -1}
 
 
 def _bucket_listing(root: Loc) -> dict[Loc, int]:
@@ -400,11 +552,12 @@ def _listing_of_objects(root: Loc) -> str:
 def _object_item(path: Loc, sizes: dict[Loc, int]) -> tuple[dict, dict]:
     """A folder item in a bucket: its size from the listing; a caption object read only if listed."""
     txt = path.parent / (path.stem + ".txt")
-    caption = txt.read_bytes().decode("utf-8", "replace") if txt in sizes else None
-    return (
-        {"url": None, "caption": caption, "source": str(path)},
-        {"reason": "", "src": str(path), "offset": 0, "size": sizes[path], "row": -1},
-    )
+    item: dict = {"url": None, "caption": None, "source": str(path)}
+    if txt in sizes:
+        item["caption"], codec = decode_caption(txt.read_bytes())
+        if codec:
+            item[_CODEC] = codec
+    return item, {"reason": "", "src": str(path), "offset": 0, "size": sizes[path], "row": -1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,7 +635,7 @@ def _table_items(path: Loc, src: LocalImages, shard_size: int) -> Iterator[tuple
             row += 1
 
 
-def _image_bytes(path: Loc, image_col: str, rows: list[int]) -> Iterator[tuple[int, bytes | None]]:
+def _image_bytes(path: Loc, image_col: str, rows: list[int]) -> Iterator[tuple[int, bytes | str | None]]:
     """(row, image bytes) for some rows of a table file, one parquet row group in memory at a time
     (only the groups holding them are read); an .arrow file is memory-mapped."""
     if path.suffix == ".parquet":
@@ -505,15 +658,27 @@ def _image_bytes(path: Loc, image_col: str, rows: list[int]) -> Iterator[tuple[i
             yield r, _cell_bytes(column[r].as_py(), path)
 
 
-def _cell_bytes(value, table: Loc) -> bytes | None:
+def _cell_bytes(value, table: Loc) -> bytes | str | None:
     """A cell's image bytes: binary as is; datasets' Image struct: its bytes, or the file at its path
-    (relative to the table's folder, on disk or in the bucket)."""
+    (absolute, e.g. into a Hugging Face cache, or relative to the table's folder, on disk or in the
+    bucket); a reason code when that file cannot be read (special_file, unreadable, unresolved_link);
+    None when there is none."""
     if isinstance(value, dict):
         data = value.get("bytes")
+        if data is None and value.get("path") and not table.is_local and not os.path.isabs(value["path"]):
+            obj = table.parent / value["path"]
+            return obj.read_bytes() if obj.is_file() else None
         if data is None and value.get("path"):
-            given = str(value["path"])
-            p = storage.resolve(given) if os.path.isabs(given) else table.parent / given
-            data = p.read_bytes() if p.is_file() else None
+            p = Path(value["path"]) if Path(value["path"]).is_absolute() else table.local.parent / value["path"]
+            if not os.path.lexists(p):
+                return None
+            problem = local_problem(p)
+            if problem:
+                return problem
+            try:
+                data = p.read_bytes()
+            except OSError:
+                return reasons.UNREADABLE
         return data
     return value
 
@@ -527,13 +692,16 @@ def _copy_table_bytes(rows: list[dict], image_col: str, tar_path: Loc, tables: t
     by_file: dict[str, dict[int, dict]] = {}
     for r in rows:
         by_file.setdefault(r["src"], {})[r["row"]] = r
+    why: dict[str, str] = {}  # key -> the reason its cell's file could not be read
     offsets = {}
     with atomic.atomic_path(tar_path) as tmp:
         with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
             for file, by_row in by_file.items():
                 table = by_url.get(file) or storage.resolve(file)
                 for row, data in _image_bytes(table, image_col, sorted(by_row)):
-                    if data:
+                    if isinstance(data, str):
+                        why[by_row[row]["key"]] = data
+                    elif data:
                         info = tarfile.TarInfo(f"{by_row[row]['key']}.img")
                         info.size, info.mtime, info.mode = len(data), 0, 0o644
                         tar.addfile(info, io.BytesIO(data))
@@ -543,9 +711,39 @@ def _copy_table_bytes(rows: list[dict], image_col: str, tar_path: Loc, tables: t
     for r in rows:
         if r["key"] in offsets:
             r.update(src=str(tar_path), offset=offsets[r["key"]][0], size=offsets[r["key"]][1])
-        else:  # no bytes in the table's cell (null, or a path that is not there)
-            r.update(reason=reasons.NOT_AN_IMAGE, src="", offset=0, size=0)
+        else:  # no bytes in the table's cell (null, a path that is not there, or a file not readable)
+            r.update(reason=why.get(r["key"], reasons.NOT_AN_IMAGE), src="", offset=0, size=0)
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# What the summary says about an on-disk input
+# ---------------------------------------------------------------------------------------------
+
+# img2dataset's defaults (1.47): --resize_mode border --image_size 256, and every image re-encoded as JPEG
+I2D_KEEP_ORIGINALS = "--resize_mode no --disable_all_reencoding True"
+
+
+def notes(stats: dict, manifest: str) -> list[str]:
+    """One-line notes for the summary of an on-disk run: captions that were not UTF-8, and most images
+    sharing one small size (img2dataset's default resize: a too_small run says why)."""
+    out = []
+    decoded = stats.get("captions_not_utf8") or {}
+    if decoded:
+        how = ", ".join(f"{codec} ({n})" for codec, n in decoded.items())
+        out.append(f"{sum(decoded.values())} caption files not in UTF-8: decoded as {how} (curation/README.md)")
+    sizes = pq.read_table(manifest, columns=["width", "height", "reason"]).to_pandas()
+    sizes = sizes[sizes["width"].fillna(0) > 0]
+    if len(sizes) >= 4:
+        (w, h), n = Counter(zip(sizes["width"], sizes["height"])).most_common(1)[0]
+        small = sizes[(sizes["width"] == w) & (sizes["height"] == h)]
+        if n * 2 >= len(sizes) and (small["reason"] == reasons.TOO_SMALL).all():
+            out.append(
+                f"{n} of {len(sizes)} images are {int(w)}x{int(h)} (too_small): the mark of a resize, such as "
+                f"img2dataset's default (--resize_mode border, --image_size 256, re-encoded as JPEG); to keep "
+                f"the originals run it with {I2D_KEEP_ORIGINALS} (README: Bring your own data)"
+            )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
