@@ -312,6 +312,7 @@ def local_tars(image_dir, tmp_path_factory) -> Path:
     return d
 
 
+@pytest.mark.skip(reason="the write step reads a bucket src once the s3cur branch lands (shards/curated.py)")
 def test_tars_in_a_bucket_curated_in_place(
     ray_local, tiny_models, image_dir, local_tars, bucket, s3_counted, tmp_path, capsys
 ):
@@ -344,6 +345,7 @@ def test_tars_in_a_bucket_curated_in_place(
     assert per_tar[tars[1]][0] <= per_tar[tars[0]][0] + 1, per_tar  # 3x the members, not 3x the requests
 
 
+@pytest.mark.skip(reason="the write step reads a bucket src once the s3cur branch lands (shards/curated.py)")
 def test_in_place_run_killed_and_rerun(ray_local, tiny_models, image_dir, local_tars, bucket, tmp_path):
     """SIGKILL the driver once a tar is scored; the rerun redoes no finished tar, loses nothing and keeps
     nothing twice."""
