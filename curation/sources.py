@@ -433,7 +433,7 @@ def _tar_sample(read: Callable[[tarfile.TarInfo], bytes], tar_path: Loc, occurre
     meta = {}
     if not isinstance(files.get("json"), str) and "json" in files:
         try:
-            meta = json.loads(read(files["json"]))
+            meta = json.loads(decode_caption(read(files["json"]))[0])  # not UTF-8: read as a .txt is
         except ValueError:
             meta = {}
     meta = meta if isinstance(meta, dict) else {}
@@ -761,7 +761,15 @@ def local_images(
 ) -> LocalImages:
     """Resolve `--images SPEC` (a path or bucket URL; `options`: the `storage` config section) into its
     kind and files (names and headers only); SigmaError naming the path."""
-    spec = str(spec)
+    try:
+        return _local_images(str(spec), out, caption_col, image_col, url_col, options)
+    except OSError as e:  # the folder or table itself may not be read: nothing to account for, one line
+        message = storage.failure(spec, e) if "://" in str(spec) else None  # a bucket: missing, denied, ...
+        why = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+        raise SigmaError(message or f"{e.filename or spec}: cannot read ({why})") from None
+
+
+def _local_images(spec: str, out, caption_col, image_col, url_col, options) -> LocalImages:
     p = storage.resolve(spec, options)
     if p.is_dir():
         entries = inputs.folder_files(p)

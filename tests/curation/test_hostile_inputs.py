@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PHOTOS = ["mate_nature_Aqua.jpg", "mate_nature_FreshFlower.jpg", "mate_nature_GreenMeadow.jpg"]
 LATIN1 = "Café crème, déjà vu à Zürich"  # as a latin-1 .txt: every accented letter one byte
 CP1252 = "“Smart quotes” – and a euro: €"  # bytes 0x93 0x94 0x96 0x80: cp1252, not latin-1
+RUN = {"capture_output": True, "text": True, "timeout": 120}
 SETTINGS = ["--profile", "demo", "--set", "curation.download.shard_size=4", "--set", "curation.shard_size=3"]
 
 
@@ -318,6 +319,42 @@ def test_unreadable_files_are_rows_in_the_split(unreadable_folder, tmp_path):
         "fifo.jpg": "special_file",
         "locked": "unreadable",  # a folder it may not list: its images are unknown, the folder is the row
     }
+
+
+def test_an_unreadable_tar_is_a_row_and_an_unreadable_input_one_line(hostile_tar, tmp_path):
+    """Among tars, one the process may not read is one row (its members cannot be listed); a folder or
+    table given as the input that it may not read is a one-line error, before anything runs."""
+    prefix = unprivileged()
+    d = tmp_path / "tars"
+    d.mkdir()
+    shutil.copy(hostile_tar[0] / "00000.tar", d / "00000.tar")
+    shutil.copy(hostile_tar[0] / "00000.tar", d / "00001.tar")
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"image": [b"x"]}), table)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    for p in (d / "00001.tar", table, locked):
+        p.chmod(0)
+    script = (
+        "import json, sys; from pathlib import Path; from curation import sources; "
+        "s, work = sources.local_images(sys.argv[1]), Path(sys.argv[2]) / '_work'; n = s.split(work / 'input', 100); "
+        "print(json.dumps([r for i in range(n) for r in s.shard_rows(work, None, i, None)]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        r = subprocess.run([*prefix, sys.executable, "-c", script, str(d), str(tmp_path / "out")], **RUN, env=env)
+        assert r.returncode == 0, r.stderr
+        rows = json.loads(r.stdout)
+        assert len(rows) == 16 and rows[-1]["reason"] == "unreadable"  # 15 samples of 00000.tar, then 00001.tar
+        for spec in (table, locked):
+            run = [*prefix, sys.executable, str(ROOT / "curation" / "run.py"), "--images", str(spec)]
+            r = subprocess.run([*run, "--out", str(tmp_path / "o"), "--profile", "demo"], **RUN, env=env)
+            assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+                f"error: {spec}: cannot read (Permission denied)"
+            ], r.stderr
+    finally:
+        for p in (d / "00001.tar", table, locked):
+            p.chmod(0o755)
 
 
 def test_run_without_read_permission_goes_on(unreadable_folder, tiny_models, tmp_path):
