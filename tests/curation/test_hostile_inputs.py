@@ -430,19 +430,76 @@ def test_run_over_a_hostile_tar_accounts_for_every_member(ray_local, tiny_models
     assert stats["urls"] == 15 and stats["captions_not_utf8"] == {"cp1252": 1}  # stats.json keeps its keys
 
 
-def test_most_images_of_one_small_size_are_explained(ray_local, tiny_models, real, tmp_path, capsys):
-    """img2dataset's default output (every photo resized into 256x256, re-encoded): all too_small, and the
-    summary says why and which flags keep the originals."""
+def resized(real: Path, folder: Path, photos: list[str]) -> Path:
+    """Real photos resized into 256x256 and re-encoded, as img2dataset's defaults leave them."""
     from PIL import Image
 
-    d = tmp_path / "i2d-default"
-    d.mkdir()
-    for i, name in enumerate(PHOTOS + ["mate_nature_YellowFlower.jpg"]):
-        Image.open(real / name).convert("RGB").resize((256, 256)).save(d / f"{i:09d}.jpg", quality=95)
-    m, summary, _, err = curate(capsys, "--images", str(d), "--out", str(tmp_path / "out"))
+    folder.mkdir()
+    for i, name in enumerate(photos):
+        Image.open(real / name).convert("RGB").resize((256, 256)).save(folder / f"{i:09d}.jpg", quality=95)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_run(ray_local, tiny_models, real, tmp_path_factory):
+    """One finished run over img2dataset-default-like output: (folder, out, stdout, stderr)."""
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from curation import run as cli
+
+    tmp = tmp_path_factory.mktemp("small")
+    d = resized(real, tmp / "i2d-default", PHOTOS + ["mate_nature_YellowFlower.jpg"])
+    said, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(said), redirect_stderr(err):
+        cli.main(["--images", str(d), "--out", str(tmp / "out"), *SETTINGS])
+    return d, tmp / "out", said.getvalue(), err.getvalue()
+
+
+def test_most_images_of_one_small_size_are_explained(small_run):
+    """img2dataset's default output (every photo resized into 256x256, re-encoded): all too_small, and the
+    summary says why and which flags keep the originals."""
+    _, out, said, err = small_run
+    m, summary = pd.read_parquet(out / "manifest.parquet"), json.loads(said.splitlines()[-1])
     assert summary["kept"] == 0 and (m["reason"] == "too_small").all()
     notes = [line for line in err.splitlines() if line.startswith("note: ")]
     assert len(notes) == 1 and "4 of 4 images are 256x256" in notes[0]
     assert "--resize_mode no --disable_all_reencoding True" in notes[0]
     readme = (ROOT / "README.md").read_text()
     assert "--resize_mode no --disable_all_reencoding True" in readme
+
+
+def test_another_folder_of_the_same_names_and_sizes_is_refused(small_run, real, tmp_path, capsys):
+    """Issue 28: a second folder, the same file names and sizes, other pixels, into the same --out: refused
+    in one line (the v1 fingerprint saw names and sizes only and returned the first folder's results)."""
+    from curation import run as cli
+
+    first, out, _, _ = small_run
+    other = resized(real, tmp_path / "other", ["mate_abstract_Spring.png", PHOTOS[2], PHOTOS[0], PHOTOS[1]])
+    for a, b in zip(sorted(first.iterdir()), sorted(other.iterdir())):  # the same sizes: cut or padded
+        data = b.read_bytes()
+        size = a.stat().st_size
+        b.write_bytes(data[:size] + b"\0" * (size - len(data)))
+        assert b.name == a.name and b.stat().st_size == size and b.read_bytes() != a.read_bytes()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--images", str(other), "--out", str(out), *SETTINGS])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code != 0 and len(err) == 1 and "made with another --images" in err[0]
+
+
+def test_a_folder_fingerprinted_by_the_v1_rule_resumes_as_it_is(small_run, capsys):
+    """A finished run whose fingerprint.json holds the v1 listing (names and sizes) is accepted as it is."""
+    import hashlib
+
+    from curation import run as cli
+    from shards import fingerprint
+
+    d, out, said, _ = small_run
+    h = hashlib.sha256()
+    for p in sorted(d.iterdir()):  # the v1 rule, as it was written
+        h.update(f"{p.name}\t{p.stat().st_size}\n".encode())
+    fp = json.loads((out / fingerprint.FILE).read_text())
+    assert fp["--images"].startswith("folder v2:")
+    (out / fingerprint.FILE).write_text(json.dumps({**fp, "--images": f"folder {h.hexdigest()}"}))
+    cli.main(["--images", str(d), "--out", str(out), *SETTINGS])
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == json.loads(said.splitlines()[-1])
+    assert json.loads((out / fingerprint.FILE).read_text()) == fp  # recorded by v2 from now on
