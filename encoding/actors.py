@@ -9,13 +9,12 @@ as uint8 bytes and tensors as safetensors bytes, so every column is a plain Arro
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from encoding import clipscore, sets
-from shards import buckets, captions, curated, encoded, reasons
+from shards import buckets, captions, curated, encoded, reasons, storage
 from shards import format as fmt
 from shards.errors import SigmaError
 
@@ -52,6 +51,11 @@ def _row(**kw) -> dict:
     return {**ROW, **kw}
 
 
+def _loc(p) -> storage.Loc:
+    """A task's path: the driver hands Locs (disk or bucket); a plain local path is taken too."""
+    return p if isinstance(p, storage.Loc) else storage.resolve(p)
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read one curated shard (task) -> one row per sample
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +70,7 @@ def set_row(key: str, source: str, texts: dict[str, str], tar: str, clip_image: 
 def caption_rows(path) -> dict[str, dict]:
     """{key: caption row} from the shard's caption file (a CAPDIR's, or a caption table's part for this
     shard: encoding/caption_table.py); empty when the file is missing or unreadable (missing_caption)."""
-    path = Path(path)
+    path = _loc(path)  # a file on disk or an object in a bucket
     if not path.exists():
         print(f"encode: {path}: no caption file; its samples are reported as missing_caption", flush=True)
         return {}
@@ -79,17 +83,18 @@ def caption_rows(path) -> dict[str, dict]:
 
 def read_shard(task: dict, tier: str):
     """Rows for every sample of one curated shard, minus those already encoded (`task["done"]`)."""
-    source, done = Path(task["shard"]).name, set(task["done"])
+    shard = _loc(task["shard"])
+    source, done = shard.name, set(task["done"])
     tables = {name: caption_rows(path) for name, path in task["captions"].items()}
     try:
-        keys = curated.keys(task["shard"])  # the whole tar is checked before any row is made
+        keys = curated.keys(shard)  # the whole tar is checked before any row is made
     except curated.CorruptShard as e:
         print(f"encode: {e}; skipped", flush=True)
         for k in sorted((set().union(*tables.values()) | set(e.keys)) - done):
             yield _row(key=k, source=source, status=FAILED, reason=reasons.CORRUPT_SHARD)
         return
     embeddings = clipscore.lookup(task.get("clip_index") or [], [k for k in keys if k not in done])
-    for key, members in curated.samples(task["shard"]):
+    for key, members in curated.samples(shard):
         if key not in done:
             row = _sample_row(key, members, {n: t.get(key) for n, t in tables.items()}, task["derived"], source, tier)
             yield {**row, "clip_image": embeddings.get(key, b"")}
@@ -126,9 +131,11 @@ def read_for_sets(task: dict[str, Any]):
     import pyarrow.parquet as pq
 
     kept: dict[str, bytes] = {}  # embeddings kept in the tar's row file (images from outside curation)
-    if "clip_embedding" in pq.read_schema(task["rows"]).names:
-        t = pq.read_table(task["rows"], columns=["key", "clip_embedding"])
-        kept = {k: e for k, e in zip(t["key"].to_pylist(), t["clip_embedding"].to_pylist()) if e}
+    with _loc(task["rows"]).open("rb") as f:
+        rows = pq.ParquetFile(f)
+        if "clip_embedding" in rows.schema_arrow.names:
+            t = rows.read(columns=["key", "clip_embedding"])
+            kept = {k: e for k, e in zip(t["key"].to_pylist(), t["clip_embedding"].to_pylist()) if e}
     embeddings = {**clipscore.lookup(task.get("clip_index") or [], task["keys"]), **kept}
     for key, source in zip(task["keys"], task["sources"]):
         texts: dict[str, str] = {}

@@ -16,8 +16,12 @@ distribution side by side.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
+
+from shards import storage
 
 
 class CaptionClipScore:
@@ -59,17 +63,22 @@ class CaptionClipScore:
         return (100 * (img * txt).sum(-1).clamp(min=0)).cpu().tolist()
 
 
-def curated_index(shard_paths: list[str]) -> list[tuple[str, str, str]]:
-    """(file, smallest key, largest key) of each dedup index file of the curated folders the shards are in
-    (CURDIR/shards/*.tar -> CURDIR/dedup_index/*.parquet), from parquet footers only; [] when none."""
-    from pathlib import Path
+def _loc(p: Any) -> storage.Loc:
+    return p if isinstance(p, storage.Loc) else storage.resolve(p)
 
+
+def curated_index(shards: list[Any]) -> list[tuple[str, str, str]]:
+    """(file, smallest key, largest key) of each dedup index file of the curated folders the shards are in
+    (CURDIR/shards/*.tar -> CURDIR/dedup_index/*.parquet, on disk or in a bucket), from parquet footers
+    only; [] when none."""
     import pyarrow.parquet as pq
 
     out = []
-    for curdir in sorted({str(Path(s).parent.parent) for s in shard_paths}):
-        for f in sorted((Path(curdir) / "dedup_index").glob("*.parquet")):
-            meta = pq.ParquetFile(f).metadata
+    folders = {str(_loc(s).parent.parent): _loc(s).parent.parent for s in shards}
+    for _, curdir in sorted(folders.items()):
+        for f in (curdir / "dedup_index").glob("*.parquet"):
+            with f.open("rb") as fh:
+                meta = pq.ParquetFile(fh).metadata
             col = meta.schema.names.index("key")
             stats = [meta.row_group(i).column(col).statistics for i in range(meta.num_row_groups)]
             if stats and all(s is not None and s.has_min_max for s in stats):
@@ -85,13 +94,14 @@ def lookup(index: list[tuple[str, str, str]], keys: list[str]) -> dict[str, byte
 
     if not keys or not index:
         return {}
-    lo, hi, wanted = min(keys), max(keys), set(keys)
+    lo, hi, wanted = min(keys), max(keys), pa.array(sorted(set(keys)))
     out: dict[str, bytes] = {}
     for path, first, last in index:
         if last < lo or first > hi:
             continue
-        t = pq.read_table(path, columns=["key", "embedding"])
-        t = t.filter(pc.is_in(t["key"], value_set=pa.array(sorted(wanted))))
+        with _loc(path).open("rb") as f:
+            t = pq.read_table(f, columns=["key", "embedding"])
+        t = t.filter(pc.is_in(t["key"], value_set=wanted))
         for k, e in zip(t["key"].to_pylist(), t["embedding"].to_pylist()):
             if e:
                 out[k] = e

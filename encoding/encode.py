@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 from common import cli, progress, ray_start
 from encoders import vae
 from encoding import actors, caption_table, clipscore, sets
-from shards import buckets, captions, encoded, fingerprint, reasons
+from shards import buckets, captions, encoded, fingerprint, reasons, storage
 from shards import format as fmt
 from shards.errors import SigmaError
 
@@ -49,12 +48,13 @@ def plan(cfg, images: str, captions_path: list[str], out: str, tier: str, first:
         e.vae_tiling,
         buckets.TIER_TABLES[tier],
     )
-    shards = [str(p) for p in fmt.expand_shards(images)]
+    storage.resolve(out, cfg.storage)  # a URL this layer refuses is one line, before anything is read
+    locs = fmt.shard_locs(images, cfg.storage)
     set_plan = sets.parse(captions_path, first)
     return dict(
         images=images,
-        shards=len(shards),
-        shard_list=shards,
+        shards=len(locs),
+        shard_list=locs,
         captions=set_plan.sources,
         first_sentence=set_plan.derived,
         caption_sets=set_plan.names,
@@ -66,6 +66,7 @@ def plan(cfg, images: str, captions_path: list[str], out: str, tier: str, first:
         t5=m.t5,
         vae=m.vae,
         encode=dataclasses.asdict(e),
+        storage=cfg.storage,
     )
 
 
@@ -74,10 +75,10 @@ def check_inputs(p: dict) -> dict[str, captions.CaptionSource]:
     (one line) otherwise."""
     if not p["shard_list"]:
         raise SigmaError(f"--images {p['images']}: no shards found")
-    missing = [s for s in p["shard_list"] if not Path(s).exists()]
+    missing = [s for s in p["shard_list"] if not s.exists()]
     if missing:
         raise SigmaError(f"--images: {missing[0]}: no such file")
-    return {name: captions.resolve(path, p["shard_list"]) for name, path in p["captions"].items()}
+    return {name: captions.resolve(path, p["shard_list"], p["storage"]) for name, path in p["captions"].items()}
 
 
 def _caption_key(name: str) -> str:
@@ -103,14 +104,14 @@ def stage_fingerprint(cfg, p: dict, sources: dict[str, captions.CaptionSource]) 
     }
 
 
-def _check_fingerprint(cfg, p: dict, sources: dict, encdir: Path, reencode: bool) -> None:
+def _check_fingerprint(cfg, p: dict, sources: dict, encdir: storage.Loc, reencode: bool) -> None:
     """Refuse a resume with other inputs or settings, unless --reencode accepts them. Caption sets are
     compared one by one: a set given for the first time is added (recorded), a set not given this run
     keeps its record, a set given again must have the same caption files."""
     from shards import atomic
 
     if reencode:
-        (encdir / fingerprint.FILE).unlink(missing_ok=True)
+        (encdir / fingerprint.FILE).unlink()
     path = encdir / fingerprint.FILE
     current = stage_fingerprint(cfg, p, sources)
     old = json.loads(path.read_text()) if path.exists() else None
@@ -149,8 +150,8 @@ def run(
     sources = check_inputs(p)
     set_plan = p["set_plan"]
     fp, e = p["fingerprint"], cfg.encode
-    encdir = Path(out)
-    encdir.mkdir(parents=True, exist_ok=True)
+    encdir = storage.resolve(out, cfg.storage)
+    encdir.mkdir()
     _check_tier(encdir, tier)
     _check_fingerprint(cfg, p, sources, encdir, reencode)
     removed = encoded.remove_incomplete(encdir) + encoded.remove_stale(encdir, fp)
@@ -186,7 +187,8 @@ def run(
         raise
 
     held = _held_sets(encdir, set_plan)
-    index = _merge_index(encdir, encoded.committed_rows(encdir, list(held)), failures, {t["shard"] for t in tasks})
+    committed = encoded.committed_rows(encdir, list(held))
+    index = _merge_index(encdir, committed, failures, {t["shard"].name for t in tasks})
     atomic.write_parquet(encdir / encoded.INDEX, pa.Table.from_pandas(index, preserve_index=False))
     _write_info(ray, encdir, cfg, tier, fp, held, set_plan)
     counts = index.groupby(["status", "reason"]).size().to_dict() if len(index) else {}
@@ -207,7 +209,15 @@ def run(
 
 
 def _encode(
-    ray, tasks: list[dict], cfg, tier: str, encdir: Path, fp: str, writers: dict, failures: list, names: list[str]
+    ray,
+    tasks: list[dict],
+    cfg,
+    tier: str,
+    encdir: storage.Loc,
+    fp: str,
+    writers: dict,
+    failures: list,
+    names: list[str],
 ) -> None:
     """Stream every sample through the stages; kept ones go to their bucket's writer (latents in the tar,
     each caption set in its side file), others to `failures`."""
@@ -237,7 +247,7 @@ def _set_entries(row: dict) -> dict:
     return {name: (texts[name], feats[name], clip.get(name)) for name in feats}
 
 
-def _caption_files(ray, name: str, source: captions.CaptionSource, shard_list: list[str], encdir: Path):
+def _caption_files(ray, name: str, source: captions.CaptionSource, shard_list: list, encdir: storage.Loc):
     """shard name -> its caption file: the per-shard file of a CAPDIR, or of the per-shard files a caption
     table is split into first (encoding/caption_table.py)."""
     if source.kind != captions.TABLE:
@@ -247,16 +257,17 @@ def _caption_files(ray, name: str, source: captions.CaptionSource, shard_list: l
 
 
 def _tasks(
-    shard_list: list[str], files: dict, set_plan: sets.SetPlan, done_by_source: dict, clip_index: list
+    shard_list: list[storage.Loc], files: dict, set_plan: sets.SetPlan, done_by_source: dict, clip_index: list
 ) -> list[dict]:
     """One read task per curated shard, naming its caption file in each named set (and, for CLIP-Scores,
-    the curated image embeddings' files with their key ranges)."""
+    the curated image embeddings' files with their key ranges). Tasks get Locs: a worker reads the tar
+    and the caption files where they are (disk or bucket)."""
     return [
         dict(
             shard=s,
-            captions={name: str(f(s)) for name, f in files.items()},
+            captions={name: f(s) for name, f in files.items()},
             derived=set_plan.derived,
-            done=done_by_source.get(Path(s).name, []),
+            done=done_by_source.get(s.name, []),
             clip_index=clip_index,
         )
         for s in shard_list
@@ -272,7 +283,7 @@ def _t5_kwargs(cfg) -> dict:
     )
 
 
-def _add_sets(ray, cfg, encdir: Path, set_plan: sets.SetPlan, files: dict, clip_index: list) -> int:
+def _add_sets(ray, cfg, encdir: storage.Loc, set_plan: sets.SetPlan, files: dict, clip_index: list) -> int:
     """Side files of this run's sets for committed tars that lack them: caption files and T5 only (no image
     is read; tars and other sets are not touched). Returns how many side files were written."""
     tasks = sets.add_tasks(encdir, set_plan, lambda name, source: files[name](source))
@@ -307,7 +318,7 @@ def _add_sets(ray, cfg, encdir: Path, set_plan: sets.SetPlan, files: dict, clip_
     return out.written
 
 
-def _held_sets(encdir: Path, set_plan: sets.SetPlan) -> list[str]:
+def _held_sets(encdir: storage.Loc, set_plan: sets.SetPlan) -> list[str]:
     """The caption sets the folder holds after this run: the ones it held (info.json) and this run's."""
     path = encdir / encoded.INFO
     old = encoded.caption_sets(json.loads(path.read_text())) if path.exists() else {}
@@ -332,7 +343,11 @@ def _to_encode(tasks: list[dict]) -> int | None:
     import pyarrow.parquet as pq
 
     try:
-        return sum(pq.ParquetFile(next(iter(t["captions"].values()))).metadata.num_rows - len(t["done"]) for t in tasks)
+        n = 0
+        for t in tasks:
+            with captions.readable(next(iter(t["captions"].values()))) as src:
+                n += pq.ParquetFile(src).metadata.num_rows - len(t["done"])
+        return n
     except (OSError, ValueError):  # reported per sample as missing_caption; the bar just has no ETA
         return None
 
@@ -373,7 +388,7 @@ def _dataset(ray, tasks: list[dict], cfg, tier: str):
     return ds
 
 
-def _check_tier(encdir: Path, tier: str) -> None:
+def _check_tier(encdir: storage.Loc, tier: str) -> None:
     """One ENCDIR holds one tier: a different --tier is almost surely a typo, not a wish to re-encode."""
     path = encdir / encoded.INFO
     if path.exists():
@@ -422,7 +437,7 @@ def _index_row(row: dict, fp: str, shard: str) -> dict:
     )
 
 
-def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]):
+def _merge_index(encdir: storage.Loc, committed, failures: list[dict], inputs: set[str]):
     """Committed rows + this run's non-encoded rows + earlier runs' non-encoded rows of other inputs."""
     import pandas as pd
     import pyarrow.parquet as pq
@@ -431,9 +446,10 @@ def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]
     frames = [committed, pd.DataFrame(failures, columns=columns)]
     old_path = encdir / encoded.INDEX
     if old_path.exists():
-        old = pq.read_table(old_path).to_pandas()
-        old = old[(old["status"] != KEPT) & ~old["source"].isin({Path(s).name for s in inputs})]
-        frames.append(old.reindex(columns=columns))
+        with captions.readable(old_path) as src:
+            old = pq.read_table(src).to_pandas()
+        old = old[(old["status"] != KEPT) & ~old["source"].isin(inputs)]
+        frames.append(old)
     frames = [f.reindex(columns=columns) for f in frames]
     index = (
         pd.concat([f for f in frames if len(f)], ignore_index=True)
@@ -449,10 +465,10 @@ def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]
     return index.sort_values(["source", "key"], kind="stable").reset_index(drop=True)
 
 
-def _write_info(ray, encdir: Path, cfg, tier: str, fp: str, held: list[str], set_plan: sets.SetPlan) -> None:
+def _write_info(ray, encdir: storage.Loc, cfg, tier: str, fp: str, held: list[str], set_plan: sets.SetPlan) -> None:
     """info.json (the T5 and VAE used: path, id, revision; VAE scaling factor, latent channels, T5 width)
     and the null caption, once per fingerprint. Training copies the models into its run.json."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from shards import atomic
 
@@ -466,9 +482,12 @@ def _write_info(ray, encdir: Path, cfg, tier: str, fp: str, held: list[str], set
     if old.get("fingerprint") != fp or not null_path.exists():
         r = e.t5_resources
         task = ray.remote(num_gpus=r.num_gpus or None, num_cpus=r.num_cpus)(actors.null_caption)
-        atomic.write_bytes(null_path, ray.get(task.remote(m.t5, e.t5_dtype, e.t5_max_length)))
+        data = ray.get(task.remote(m.t5, e.t5_dtype, e.t5_max_length))
+        atomic.write_bytes(null_path, data)
+    else:
+        data = null_path.read_bytes()
     scale, channels = vae.latent_format(vae.read_config(m.vae))
-    y = load_file(null_path)["y_embedding"]  # [L, C]
+    y = load(data)["y_embedding"]  # [L, C]
     encoded.write_info(
         encdir,
         dict(
@@ -491,10 +510,9 @@ def _write_info(ray, encdir: Path, cfg, tier: str, fp: str, held: list[str], set
     )
 
 
-def summary_file(encdir: Path, index, held: list[str], lowest: int = 5) -> Path:
+def summary_file(encdir: storage.Loc, index, held: list[str], lowest: int = 5) -> storage.Loc:
     """ENCDIR/caption_sets.json: per set, how many encoded samples have it, its T5 lengths and, where
-    scored, its CLIP-Score distribution and lowest-scoring samples (key + score; the caption is in the
-    set's side file)."""
+    scored, its CLIP-Score distribution and lowest-scoring samples (key, score, caption, tar)."""
     from shards import atomic
 
     kept = index[index["status"] == KEPT]
@@ -512,13 +530,21 @@ def summary_file(encdir: Path, index, held: list[str], lowest: int = 5) -> Path:
             entry["clip_score"] = _quantiles(scores)
             low = kept.loc[scores.nsmallest(lowest).index]
             entry["lowest"] = [
-                {"key": k, "clip_score": round(float(v), 2), "shard": sh}
+                {"key": k, "clip_score": round(float(v), 2), "caption": _caption(encdir / sh, name, k), "shard": sh}
                 for k, v, sh in zip(low["key"], low[encoded.clip_column(name)], low["shard"])
             ]
         out[name] = entry
     path = encdir / "caption_sets.json"
     atomic.write_text(path, json.dumps(out, indent=2) + "\n")
     return path
+
+
+def _caption(tar: storage.Loc, name: str, key: str) -> str | None:
+    """A sample's caption in set `name`, from the tar's side file (None for a version 1 inline set)."""
+    side = encoded.set_file(tar, name)
+    if not side.exists():
+        return None
+    return next((r["caption"] for r in encoded.read_set(side, ["key", "caption"]) if r["key"] == key), None)
 
 
 def _quantiles(values) -> dict:
@@ -577,7 +603,7 @@ def main(argv: list[str] | None = None) -> None:
                 p.update(caption_files={n: len(s.files) for n, s in sources.items()})
             except SigmaError as e:  # the data may come later: say what was not checked
                 p["not_checked"] = [cli.unchecked(str(e))]
-            cli.print_plan({k: v for k, v in p.items() if k not in ("shard_list", "set_plan")})
+            cli.print_plan({k: v for k, v in p.items() if k not in ("shard_list", "storage", "set_plan")})
             return
         summary = run(
             cfg,

@@ -142,8 +142,10 @@ def add_tasks(encdir: Any, plan: SetPlan, caption_file: Any) -> list[dict[str, A
 
     tasks = []
     for tar in encoded.committed_shards(encdir):
-        rows = pq.read_table(tar.with_suffix(".parquet"), columns=["key", "source"])
-        names = pq.read_schema(tar.with_suffix(".parquet")).names
+        with encoded.rows_file(tar).open("rb") as f:
+            table = pq.ParquetFile(f)
+            names = table.schema_arrow.names
+            rows = table.read(columns=["key", "source"])
         missing = [n for n in plan.names if n != encoded.ORIGINAL and n not in present(tar, names)]
         if not missing:
             continue
@@ -151,13 +153,13 @@ def add_tasks(encdir: Any, plan: SetPlan, caption_file: Any) -> list[dict[str, A
         need = sorted({plan.derived.get(n, n) for n in missing} - {encoded.ORIGINAL})
         tasks.append(
             dict(
-                tar=str(tar.relative_to(encdir)),
-                rows=str(tar.with_suffix(".parquet")),
+                tar=tar.relative_to(encdir),
+                rows=encoded.rows_file(tar),
                 keys=keys,
                 sources=sources,
                 sets=missing,
                 derived={n: s for n, s in plan.derived.items() if n in missing},
-                captions={n: {s: str(caption_file(n, s)) for s in sorted(set(sources))} for n in need},
+                captions={n: {s: caption_file(n, s) for s in sorted(set(sources))} for n in need},
             )
         )
     return tasks

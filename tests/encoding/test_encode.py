@@ -117,7 +117,7 @@ def test_every_sample_has_a_row_with_its_reason(first_run):
 def test_shards_group_by_bucket_and_roll_by_size(first_run):
     idx = index(first_run)
     enc = first_run / "enc"
-    tars = encoded.committed_shards(enc)
+    tars = [t.local for t in encoded.committed_shards(enc)]  # Locs: here on disk
     assert all(t.with_suffix(".parquet").exists() for t in tars)
     for tar in tars:
         samples = read_tar(tar)
@@ -201,7 +201,8 @@ def test_rerun_encodes_only_what_is_missing(first_run, shard_models, capsys):
             reencode=True,
         )
     assert "encode 256:" in tty.text and re.search(RATE_AND_ETA.format(unit="sample"), tty.text), tty.text
-    assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 1  # the lost tar's row file
+    # the lost tar's row file and its two caption-set files (recaption, original)
+    assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 3
     after = {p: p.read_bytes() for p in encoded.committed_shards(enc)}
     assert all(after[p] == data for p, data in before.items()) and len(after) == len(before) + 2
     idx = index(first_run)
@@ -294,14 +295,15 @@ def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
     end_of_first = members[2].offset_data + ((members[2].size + 511) // 512) * 512  # after 000000001's 3 members
     tar_path.write_bytes(tar_path.read_bytes()[:end_of_first])
     (caps / "00000.parquet").unlink()  # and no caption file: the keys read before the cut are still listed
-    task = {"shard": str(tar_path), "captions": str(caps / "00000.parquet"), "done": []}
+    task = {"shard": str(tar_path), "captions": {"recaption": str(caps / "00000.parquet")}, "derived": {}, "done": []}
     rows = list(actors.read_shard(task, "256"))
     assert [(r["key"], r["status"], r["reason"]) for r in rows] == [("000000001", "failed", reasons.CORRUPT_SHARD)]
     write_curated(tmp_path / "ok", [[sample(1, 300, 260), sample(2, 300, 260)]])
     ok = tmp_path / "ok"
     task = {
         "shard": str(ok / "curated" / "shards" / "00000.tar"),
-        "captions": str(ok / "nope.parquet"),
+        "captions": {"recaption": str(ok / "nope.parquet")},
+        "derived": {},
         "done": ["000000002"],
     }
     rows = list(actors.read_shard(task, "256"))
