@@ -109,6 +109,10 @@ def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: boo
     t0 = time.time()
     p = plan(cfg, images, captions_path, out, tier)
     source = check_inputs(p)
+    from encoders import hub
+
+    hub.require(cfg.models.t5, "models.t5", what="T5 encoder")  # before Ray or any model starts
+    hub.require(cfg.models.vae, "models.vae", what="VAE")
     fp, e = p["fingerprint"], cfg.encode
     encdir = Path(out)
     encdir.mkdir(parents=True, exist_ok=True)
