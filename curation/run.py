@@ -131,10 +131,6 @@ def _input_problems(cfg) -> list[str]:
     from encoders import hub
 
     try:  # a file, or an open_clip tag whose hub repo is cached or reachable
-        if cfg.models.clip.config_dir:
-            import open_clip
-
-            open_clip.add_model_config(cfg.models.clip.config_dir)
         hub.require_clip(cfg.models.clip.arch, cfg.models.clip.weights)
     except SigmaError as e:
         problems.append(str(e))
