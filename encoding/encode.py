@@ -84,7 +84,7 @@ def stage_fingerprint(cfg, p: dict, source: captions.CaptionSource) -> dict:
         "--captions": fingerprint.listing(files),
         "models.t5": encoded.model_id(m.t5),
         "models.vae": encoded.model_id(m.vae),
-        "format": f"{encoded.FORMAT_VERSION}/{encoded.PREPROCESS}",
+        "format": f"{encoded.LATENT_FORMAT}/{encoded.PREPROCESS}",
         **fingerprint.flat(e, "encode"),
     }
 
@@ -310,7 +310,8 @@ def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]
     import pandas as pd
     import pyarrow.parquet as pq
 
-    frames = [committed, pd.DataFrame(failures, columns=encoded.INDEX_COLUMNS)]
+    columns = encoded.INDEX_COLUMNS + [encoded.len_column(n) for n in encoded.INLINE_SETS]
+    frames = [committed, pd.DataFrame(failures, columns=columns)]
     old_path = encdir / encoded.INDEX
     if old_path.exists():
         old = pq.read_table(old_path).to_pandas()
@@ -319,9 +320,9 @@ def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]
     index = (
         pd.concat([f for f in frames if len(f)], ignore_index=True)
         if any(len(f) for f in frames)
-        else pd.DataFrame(columns=encoded.INDEX_COLUMNS)
+        else pd.DataFrame(columns=columns)
     )
-    index = index.drop_duplicates("key", keep="first")[encoded.INDEX_COLUMNS]
+    index = index.drop_duplicates("key", keep="first")[columns]
     return index.sort_values(["source", "key"], kind="stable").reset_index(drop=True)
 
 
