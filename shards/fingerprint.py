@@ -192,11 +192,14 @@ def lock(folder: storage.Loc) -> None:
 
 
 def holds_output(folder: storage.Loc, work: Iterable[str] = WORK) -> bool:
-    """Whether FOLDER holds anything but its fingerprint, lock, work state and temp files (Loc methods
-    only: a bucket's objects and prefixes count as they are listed)."""
+    """Whether FOLDER holds anything but its fingerprint, lock, work state, temp files and empty folders
+    (Loc methods only: a bucket's objects and prefixes count as they are listed)."""
     skip = {FILE, LOCK, *work}
     return any(
-        p.name not in skip and not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in folder.iterdir()
+        p.name not in skip
+        and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        and not (p.is_dir() and not p.iterdir())  # an empty folder made at the start (downloads/, shards/)
+        for p in folder.iterdir()
     )
 
 

@@ -249,6 +249,7 @@ def test_a_folder_with_no_output_yet_restarts_with_other_settings(tmp_path, caps
     (out / "_work" / "input").mkdir(parents=True)
     (out / "_work" / "input" / "00000.parquet").write_bytes(b"cut at 10000")
     (out / ".x.parquet.abc.tmp").write_bytes(b"")  # a killed writer's temp file is not output either
+    (out / "shards").mkdir()  # nor an empty folder made at the start
     capsys.readouterr()
     fingerprint.check(out, {"t5_tokenizer": "tiny", "shard_size": 16})
     err = capsys.readouterr().err
