@@ -243,6 +243,7 @@ def backend(cap: Captioner, guard=None) -> tuple[type, dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+@fingerprint.releases_locks  # the OUT lock is held for this run only
 def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     """Caption every unfinished shard; returns the run summary (also printed as JSON)."""
     from common import ray_start

@@ -299,6 +299,7 @@ def write_scored(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@fingerprint.releases_locks  # the OUT lock is held for this run only
 def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()) -> dict:
     """Curate `urls` into `out`; resumes whatever a previous run with the same arguments finished.
     `urls`: a URL list's path (columns from `curation.url_col` / `caption_col` or found), or a resolved

@@ -99,6 +99,7 @@ def _check_fingerprint(cfg, p: dict, source: captions.CaptionSource, encdir: Pat
         raise SigmaError(f"{e}; or pass --reencode to encode again what changed") from None
 
 
+@fingerprint.releases_locks  # the OUT lock is held for this run only
 def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: bool = False) -> dict:
     """Encode what is missing; write shards, index.parquet and info.json. Returns a summary.
     `reencode`: accept changed inputs or settings (re-encode stale samples, encode new ones)."""

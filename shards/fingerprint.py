@@ -37,14 +37,15 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import stat
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from shards import storage
 from shards.atomic import write_text
@@ -189,6 +190,26 @@ def lock(folder: storage.Loc) -> None:
             f"{folder}: another run is writing into it now (it holds {LOCK}); wait for it to end, or use another --out"
         ) from None
     _held[str(folder)] = fd
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def releases_locks(run: Callable[P, R]) -> Callable[P, R]:
+    """For a stage's `run`: the folder locks `check` takes during the call are released when it returns or
+    raises, so one process may run stages one after another (the demo, tests) and others may follow."""
+
+    @functools.wraps(run)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        before = set(_held)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for key in set(_held) - before:
+                os.close(_held.pop(key))  # closing the descriptor drops its flock
+
+    return wrapper
 
 
 def holds_output(folder: storage.Loc, work: Iterable[str] = WORK) -> bool:

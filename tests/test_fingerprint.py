@@ -308,3 +308,28 @@ def test_a_bucket_folder_with_no_output_restarts_through_loc_methods(bucket, cap
     write_bytes(out / "index.parquet", b"output")
     with pytest.raises(SigmaError, match="made with another captions"):
         fingerprint.check(out, {"captions": "c"})
+
+
+def test_a_stage_run_holds_the_lock_for_its_own_duration_only(tmp_path):
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+
+    def free() -> bool:
+        fd = os.open(out / fingerprint.LOCK, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    @fingerprint.releases_locks
+    def run():
+        fingerprint.check(out, {"urls": "abc"})
+        assert not free()  # held while it runs
+
+    run()
+    assert free()  # released when it returned: a later run (another process, or this one) may start

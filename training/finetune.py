@@ -432,6 +432,7 @@ def train(cfg, plan: Plan) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@fingerprint.releases_locks  # the OUT lock is held for this run only
 def main(argv: list[str] | None = None) -> None:
     p = cli.parser(
         "training/finetune",
