@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from common import gather
 from common.config import CurationConfig
 from curation import dedup, placement
-from shards import atomic
+from shards import atomic, storage
 from shards.errors import SigmaError
 
 RUN_SPAN = 10**10  # keys are 10 digits: ids of the run-th earlier run start at run * RUN_SPAN
@@ -54,11 +54,12 @@ class AgainstError(SigmaError):
     """A `--dedup-against` folder that is not a finished run with a dedup index."""
 
 
-def earlier_runs(folders, out: Path) -> list[Path]:
-    """The `--dedup-against` folders, checked: finished runs, distinct names (they prefix `dup_of`)."""
-    runs = [Path(f).resolve() for f in folders]
+def earlier_runs(folders, out) -> list[storage.Loc]:
+    """The `--dedup-against` folders (paths, bucket URLs or Locs), checked: finished runs, distinct
+    names (they prefix `dup_of`)."""
+    runs, here = [_real(f) for f in folders], _real(out)
     for r in runs:
-        if r == Path(out).resolve():
+        if (r.scheme, r.path) == (here.scheme, here.path):
             raise AgainstError(f"--dedup-against {r}: is the output folder itself")
         if not (r / "manifest.parquet").is_file() or not (r / INDEX).is_dir():
             raise AgainstError(
@@ -72,20 +73,27 @@ def earlier_runs(folders, out: Path) -> list[Path]:
     return runs
 
 
+def _real(folder) -> storage.Loc:
+    """A folder as a Loc; on disk with its links resolved (the same folder under two names is one)."""
+    loc = folder if isinstance(folder, storage.Loc) else storage.resolve(folder)
+    return storage.resolve(os.path.realpath(loc.path)) if loc.is_local else loc
+
+
 # ---------------------------------------------------------------------------------------------
 # Nodes: this run's survivors and the earlier runs' kept images
 # ---------------------------------------------------------------------------------------------
 
 
-def _sources(work: Path, n_shards: int, against) -> list[tuple[str, int]]:
-    """(file, run) of every node file: run 0 = this run's scored shards, run r = the r-th earlier run."""
+def _sources(work: Path, n_shards: int, against) -> list[tuple[str | storage.Loc, int]]:
+    """(file, run) of every node file: run 0 = this run's scored shards, run r = the r-th earlier run
+    (a Loc: on disk or in a bucket)."""
     out = [(str(work / "scored" / f"{i:05d}.parquet"), 0) for i in range(n_shards)]
     for run, folder in enumerate(against, 1):
-        out += [(str(p), run) for p in sorted((Path(folder) / INDEX).glob("*.parquet"))]
+        out += [(p, run) for p in (_real(folder) / INDEX).glob("*.parquet")]
     return out
 
 
-def _read_nodes(sources: list[tuple[str, int]]) -> pa.Table:
+def _read_nodes(sources: list[tuple[str | storage.Loc, int]]) -> pa.Table:
     """The dedup nodes of some source files: id, pixels, sha256, phash (int64 bits), embedding."""
     tables = []
     for path, run in sources:
@@ -93,7 +101,8 @@ def _read_nodes(sources: list[tuple[str, int]]) -> pa.Table:
             t = pq.read_table(path, columns=CANDIDATE_COLUMNS).filter(pc.field("reason") == "")
             pixels = pc.multiply(pc.cast(t["width"], pa.int64()), pc.cast(t["height"], pa.int64()))
         else:
-            t = pq.read_table(path, columns=INDEX_COLUMNS)
+            with (path if isinstance(path, storage.Loc) else storage.resolve(path)).open("rb") as f:
+                t = pq.read_table(f, columns=INDEX_COLUMNS)
             pixels = t["pixels"]
         tables.append(
             _nodes(

@@ -62,6 +62,7 @@ SCORED_COLUMNS = [
     "t_embed",
 ]
 TIER_RANK = {t: i for i, t in enumerate(buckets.CURATION_TIERS)}
+ROWS_PER_BLOCK = 32  # rows a download task hands on at a time: a bucket tar's rows carry their images (MBs)
 MEASURE_BATCH = 4  # rows per measuring task: a few seconds of decoding for 4K photos
 # Per measuring task (Ray's logical memory, also what its issue detector checks: it advises more when
 # 1.25 x a task's peak USS exceeds it). Measured on the demo data: a worker peaks at 450 MiB, ~420 of
@@ -91,11 +92,13 @@ def measure(row: dict, cur: CurationConfig) -> dict:
         "sha256": "",
         "phash": "",
     }
+    data = row.pop("data", None)  # a bucket tar's image, read in its shard's one pass (curation/sources.py)
     row["image"] = b""
     if not row["reason"] and (problem := _unreadable(row["src"])):
         row["reason"] = problem  # an input file on disk changed since the split: a row, the run goes on
     if not row["reason"]:
-        data = curated.read_member(row["src"], row["offset"], row["size"])
+        if data is None:
+            data = curated.read_member(row["src"], row["offset"], row["size"])
         info = metadata.inspect(
             data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier), cur.measure_seconds
         )
@@ -143,8 +146,14 @@ def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig, s
     placement.mark(work, "download")
     for shard in batch["shard"]:
         shard = int(shard)
-        rows = [{**r, "shard": shard} for r in source.shard_rows(Path(work), Path(downloads), shard, cur)]
-        yield {k: [r[k] for r in rows] for k in rows[0]}
+        rows: list[dict] = []
+        for r in source.shard_rows(Path(work), Path(downloads), shard, cur):
+            rows.append({**r, "shard": shard})
+            if len(rows) == ROWS_PER_BLOCK:  # images read in the rows (a bucket tar's) go on in bounded blocks
+                yield {k: [r[k] for r in rows] for k in rows[0]}
+                rows = []
+        if rows:
+            yield {k: [r[k] for r in rows] for k in rows[0]}
 
 
 def measure_rows(batch: dict, cur: CurationConfig, work: str | None = None) -> dict:
@@ -295,9 +304,8 @@ def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()
     `urls`: a URL list's path (columns from `curation.url_col` / `caption_col` or found), or a resolved
     input (inputs.UrlList, sources.LocalImages: images on disk, no download).
     `dedup_against`: earlier runs' folders whose kept images new ones are deduplicated against."""
-    source = (
-        urls if hasattr(urls, "shard_rows") else inputs.url_list(urls, cfg.curation.url_col, cfg.curation.caption_col)
-    )
+    cur = cfg.curation
+    source = urls if hasattr(urls, "shard_rows") else inputs.url_list(urls, cur.url_col, cur.caption_col, cfg.storage)
     out = Path(out).resolve()
     against = dedup_job.earlier_runs(dedup_against, out)
     fp = stage_fingerprint(source, cfg, against)

@@ -61,23 +61,41 @@ def main(argv: list[str] | None = None) -> None:
             setattr(cfg.curation, flag, getattr(args, flag))
     not_checked = _input_problems(cfg)  # the checks a real run makes, so --dry-run is honest
     from curation import dedup_job, inputs, pipeline
+    from shards import storage
 
+    try:  # each user path resolved once; a bucket's endpoint, access and existence checked (reads only)
+        out = storage.resolve(args.out, cfg.storage)
+        against = [storage.resolve(a, cfg.storage) for a in args.dedup_against]
+        for loc in (storage.resolve(args.urls or args.images, cfg.storage), out, *against):
+            storage.probe(loc)
+    except SigmaError as e:
+        cli.fail(str(e))
     source = None
     try:
-        source = input_source(args, cfg.curation)  # headers read, columns chosen
+        source = input_source(args, cfg)  # headers read, columns chosen
     except inputs.NotFound as e:  # --dry-run plans without the data, and says what it could not check
         not_checked.append(str(e))
     except SigmaError as e:
         cli.fail(str(e))
+    except Exception as e:  # a storage fault past the probe (a key's own policy, a dropped connection)
+        message = storage.failure(args.urls or args.images, e)
+        if message is None:
+            raise
+        cli.fail(message)
     if not_checked and not args.dry_run:
         cli.fail(not_checked[0])
     for line in not_checked:  # a dry run needs no model files or input yet: it says what it could not check
         cli.unchecked(line)
 
     try:
-        dedup_job.earlier_runs(args.dedup_against, args.out)
+        against = dedup_job.earlier_runs(against, out)
     except SigmaError as e:
         cli.fail(str(e))
+    except Exception as e:
+        message = storage.failure("--dedup-against", e)
+        if message is None:
+            raise
+        cli.fail(message)
     if args.urls and source is not None and source.caption_col is None:  # runs, but says so (after the checks)
         print(
             f"note: {args.urls}: no caption column (looked for {', '.join(inputs.CAPTION_NAMES)}): no KEY.txt, "
@@ -102,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         with cli.user_errors():
-            stats = pipeline.run(source, args.out, cfg, args.dedup_against)
+            stats = pipeline.run(source, out, cfg, against)
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])
     if not stats["kept"]:  # a finished run, but say so: every input is in the manifest with its reason
@@ -144,13 +162,14 @@ def _input_problems(cfg) -> list[str]:
     return problems
 
 
-def input_source(args, cur):
-    """--urls or --images resolved (files, kind, columns), from headers only."""
+def input_source(args, cfg):
+    """--urls or --images resolved (files, kind, columns; on disk or in a bucket), from headers only."""
     from curation import inputs, sources
 
+    cur = cfg.curation
     if args.images:
-        return sources.local_images(args.images, args.out, cur.caption_col, cur.image_col, cur.url_col)
-    return inputs.url_list(args.urls, cur.url_col, cur.caption_col)
+        return sources.local_images(args.images, args.out, cur.caption_col, cur.image_col, cur.url_col, cfg.storage)
+    return inputs.url_list(args.urls, cur.url_col, cur.caption_col, cfg.storage)
 
 
 if __name__ == "__main__":
