@@ -344,7 +344,7 @@ def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()
 
 
 def stage_fingerprint(source, cfg: Config, against: list[Path] = ()) -> dict:
-    """The input (a URL list's bytes; images on disk: their files' names and sizes), the settings that
+    """The input (a URL list's bytes; images on disk: fingerprint.listing of their files), the settings that
     change what is kept, the scoring models' bytes, and the earlier runs deduplicated against (folder +
     a listing of its dedup index)."""
     m = cfg.models

@@ -77,7 +77,8 @@ def check_inputs(p: dict) -> captions.CaptionSource:
 
 
 def stage_fingerprint(cfg, p: dict, source: captions.CaptionSource) -> dict:
-    """The inputs (image shards and caption files, by name and size) and what decides a sample's bytes."""
+    """The inputs (image shards and caption files: fingerprint.listing, name + size + content) and what
+    decides a sample's bytes."""
     e, m = cfg.encode, cfg.models
     files = [source.shard_file(s) for s in p["shard_list"]] if source.kind == captions.PER_SHARD else source.files
     return {
