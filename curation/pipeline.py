@@ -62,7 +62,7 @@ SCORED_COLUMNS = [
     "t_embed",
 ]
 TIER_RANK = {t: i for i, t in enumerate(buckets.CURATION_TIERS)}
-ROWS_PER_BLOCK = 256  # rows a download task hands on at a time (a bucket tar's rows carry their image bytes)
+ROWS_PER_BLOCK = 32  # rows a download task hands on at a time: a bucket tar's rows carry their images (MBs)
 MEASURE_BATCH = 4  # rows per measuring task: a few seconds of decoding for 4K photos
 # Per measuring task (Ray's logical memory, also what its issue detector checks: it advises more when
 # 1.25 x a task's peak USS exceeds it). Measured on the demo data: a worker peaks at 450 MiB, ~420 of
@@ -345,7 +345,7 @@ def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()
 
 
 def stage_fingerprint(source, cfg: Config, against: list[Path] = ()) -> dict:
-    """The input (a URL list's bytes; images on disk: their files' names and sizes), the settings that
+    """The input (a URL list's bytes; images on disk: fingerprint.listing of their files), the settings that
     change what is kept, the scoring models' bytes, and the earlier runs deduplicated against (folder +
     a listing of its dedup index)."""
     m = cfg.models

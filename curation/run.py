@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.images:  # on disk: what the input itself says about how it was made
         from curation import sources
 
-        for note in sources.notes(stats, os.path.join(args.out, "manifest.parquet")):
+        for note in sources.notes(stats, out / "manifest.parquet"):
             print(f"note: {note}", file=sys.stderr)
     # the summary counts images on disk as images (stats.json keeps its key `urls`: others read it)
     summary = {"urls" if args.urls else "images": stats["urls"]}

@@ -16,13 +16,14 @@ with two zero blocks, and a shard without them is refused as truncated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from shards import atomic, tar_writer
+from shards import atomic, storage, tar_writer
 from shards.errors import SigmaError
 from shards.format import CAPTION_EXT, META_EXT
 
@@ -43,8 +44,11 @@ def split_name(name: str) -> tuple[str, str]:
     return folder + sep + stem, ext
 
 
+Source = str | Path | storage.Loc  # a curated tar on disk or in a bucket (read in one streamed pass)
+
+
 def _members(
-    path: str | Path, tar: tarfile.TarFile, read: Callable[[str], bool]
+    path: Source, tar: tarfile.TarFile, size: int, read: Callable[[str], bool]
 ) -> Iterator[tuple[str, str, bytes | None]]:
     """(key, ext, bytes or None) per file member, checking keys are unique and the archive complete."""
     done: set[str] = set()
@@ -65,25 +69,37 @@ def _members(
         exts.add(ext)
         f = tar.extractfile(member) if read(k) else None  # a file member always has a reader
         yield k, ext, f.read() if f is not None else None
-    if Path(path).stat().st_size < tar.offset + 2 * tarfile.BLOCKSIZE:
+    if size < tar.offset + 2 * tarfile.BLOCKSIZE:
         raise CorruptShard(
             f"{path}: truncated after {len(done) + (key is not None)} samples (no end-of-archive blocks)"
         )
 
 
-def _open(path: str | Path) -> tarfile.TarFile:
+@contextlib.contextmanager
+def _open(path: Source) -> Iterator[tuple[tarfile.TarFile, int]]:
+    """The tar and its size in bytes; a bucket object is streamed (read-ahead GETs, no per-member requests)."""
+    loc = path if isinstance(path, storage.Loc) else storage.resolve(path)
     try:
-        return tarfile.open(path, "r:")
+        f = loc.open("rb")
     except _READ_ERRORS as e:
         raise CorruptShard(f"{path}: not a readable tar ({type(e).__name__}: {e})") from None
+    with f:
+        try:
+            size = f.seek(0, 2)
+            f.seek(0)
+            tar = tarfile.open(fileobj=f, mode="r:")
+        except _READ_ERRORS as e:
+            raise CorruptShard(f"{path}: not a readable tar ({type(e).__name__}: {e})") from None
+        with tar:
+            yield tar, size
 
 
-def keys(path: str | Path) -> list[str]:
+def keys(path: Source) -> list[str]:
     """Sample keys in member order, from the headers only; CorruptShard unless the tar is whole."""
     out: dict[str, None] = {}
     try:
-        with _open(path) as tar:
-            for key, _, _ in _members(path, tar, read=lambda k: False):
+        with _open(path) as (tar, size):
+            for key, _, _ in _members(path, tar, size, read=lambda k: False):
                 out.setdefault(key, None)
     except CorruptShard as e:
         e.keys = list(out)
@@ -95,14 +111,14 @@ def keys(path: str | Path) -> list[str]:
     return list(out)
 
 
-def samples(path: str | Path, only: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def samples(path: Source, only: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample (or per key in `only`), one in memory at a time; CorruptShard as `keys`."""
     wanted = (lambda k: True) if only is None else only.__contains__
     key, n = "", 0
     members: dict[str, bytes] = {}
     try:
-        with _open(path) as tar:
-            for k, ext, data in _members(path, tar, read=wanted):
+        with _open(path) as (tar, size):
+            for k, ext, data in _members(path, tar, size, read=wanted):
                 if data is None:
                     continue
                 if k != key and members:

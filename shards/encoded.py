@@ -56,6 +56,8 @@ from safetensors.torch import save as st_save
 from shards import atomic, storage, tar_writer
 from shards.errors import DISK_FULL, SigmaError, disk_full
 
+Place = str | os.PathLike[str] | storage.Loc  # an ENCDIR or a file in it: on disk or in a bucket
+
 FORMAT_VERSION = 2  # 2: caption sets in side files; 1: two captions inside the tar (still read)
 READ_VERSIONS = (1, 2)
 LATENT_FORMAT = 1  # in the fingerprint: the latent tar's recipe, unchanged by caption sets
@@ -152,12 +154,12 @@ def model_facts(name: str, path: str) -> dict[str, Any]:
     return {name: path, f"{name}_id": model_id(path), f"{name}_revision": model_revision(path)}
 
 
-def read_info(encdir: str | Path) -> dict[str, Any]:
+def read_info(encdir: Place) -> dict[str, Any]:
     """ENCDIR/info.json: `scaling_factor`, `latent_channels`, `t5_dim`, `max_length`, `tier`, ...
 
     Training reads it to refuse latents from a VAE other than the one it decodes with.
     """
-    path = Path(encdir) / INFO
+    path = _loc(encdir) / INFO
     if not path.exists():
         raise SigmaError(f"{path}: not an encoded dataset (run encoding/encode first)")
     info: dict[str, Any] = json.loads(path.read_text())
@@ -166,8 +168,8 @@ def read_info(encdir: str | Path) -> dict[str, Any]:
     return info
 
 
-def write_info(encdir: str | Path, info: dict[str, Any]) -> None:
-    atomic.write_text(Path(encdir) / INFO, json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
+def write_info(encdir: Place, info: dict[str, Any]) -> None:
+    atomic.write_text(_loc(encdir) / INFO, json.dumps({"format_version": FORMAT_VERSION, **info}, indent=2) + "\n")
 
 
 def bucket_dir(bucket_hw: tuple[int, int]) -> str:
@@ -179,7 +181,7 @@ def bucket_dir(bucket_hw: tuple[int, int]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _loc(p: str | os.PathLike[str] | storage.Loc) -> storage.Loc:
+def _loc(p: Place) -> storage.Loc:
     return p if isinstance(p, storage.Loc) else storage.resolve(p)
 
 
@@ -356,30 +358,34 @@ def decode_sample(sample: dict[str, Any]) -> dict[str, Any]:
 class BucketWriter:
     """Writes one bucket's samples into `<fp8>-NNNNN.tar` files of about `shard_bytes` each.
 
-    A tar is written to a temp name and renamed when full (or on `close`); its `.parquet` of rows is
-    written after it and marks it complete. A tar without its parquet is an interrupted write.
+    A tar is streamed through `storage.writer` (on disk a temp file renamed when full or on `close`; on a
+    bucket a multipart upload completed then: the driver holds one part, never a whole tar); its `.parquet`
+    of rows is written after it and marks it complete. A tar without its parquet is an interrupted write.
     """
 
     def __init__(
-        self, encdir: str | Path, bucket_hw: tuple[int, int], fp: str, shard_bytes: int, sets: tuple[str, ...] = ()
+        self, encdir: Place, bucket_hw: tuple[int, int], fp: str, shard_bytes: int, sets: tuple[str, ...] = ()
     ):
-        self.encdir, self.folder = Path(encdir), Path(encdir) / bucket_dir(bucket_hw)
+        self.encdir = _loc(encdir)
+        self.folder = self.encdir / bucket_dir(bucket_hw)
         self.fp, self.shard_bytes, self.sets = fp, shard_bytes, sets
-        self.tar: tarfile.TarFile | None = None  # the open tar, at `tmp` until committed to `path`
+        self.tar: tarfile.TarFile | None = None  # the open tar, appearing at `path` when committed
+        self._out: contextlib.ExitStack | None = None  # the open storage.writer under `tar`
         self.side: dict[str, SetWriter] = {}  # the open tar's caption-set files
-        self.tmp = self.path = Path()
+        self.path = self.folder
         self.rows: list[dict[str, Any]] = []
         self.size = 0
         self.written: list[dict[str, Any]] = []  # rows of committed tars
 
     def _open(self) -> tarfile.TarFile:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir()
         n = 0
-        while (self.folder / f"{self.fp[:8]}-{n:05d}.tar").exists():
+        while (self.folder / f"{self.fp[:8]}-{n:05d}.tar").exists():  # exact names: one HEAD each on a bucket
             n += 1
         self.path = self.folder / f"{self.fp[:8]}-{n:05d}.tar"
-        self.tmp = self.folder / f".{self.path.name}.tmp"
-        self.tar = tar_writer.open_for_writing(self.tmp)
+        self._out = contextlib.ExitStack()
+        f = self._out.enter_context(storage.writer(self.path))
+        self.tar = tar_writer.open_for_writing(f)
         self.side = {name: SetWriter(set_file(self.path, name)) for name in self.sets}
         return self.tar
 
@@ -412,32 +418,31 @@ class BucketWriter:
             if e.errno in DISK_FULL:
                 raise SigmaError(disk_full(self.path)) from None
             raise
-        self.rows.append({**row, "shard": str(self.path.relative_to(self.encdir))})
+        self.rows.append({**row, "shard": self.path.relative_to(self.encdir)})
         if self.size >= self.shard_bytes:
             self._commit()
 
     def _commit(self) -> None:
         import pyarrow as pa
 
-        if self.tar is None:
+        if self.tar is None or self._out is None:
             return
-        self.tar.close()
+        self.tar.close()  # the end-of-archive blocks, into the writer
         for w in self.side.values():  # the sets first: the row file, written last, commits the whole shard
             w.close()
-        self.tmp.replace(self.path)
-        atomic.write_parquet(self.path.with_suffix(".parquet"), pa.Table.from_pylist(self.rows))
+        self._out.close()  # the tar appears whole: renamed into place, or its upload completed
+        atomic.write_parquet(rows_file(self.path), pa.Table.from_pylist(self.rows))
         self.written.extend(self.rows)
-        self.tar, self.side, self.rows, self.size = None, {}, [], 0
+        self.tar, self._out, self.side, self.rows, self.size = None, None, {}, [], 0
 
     def abort(self) -> None:
-        """Drop the open tar (a failed run, e.g. a full disk): no temp file is left behind."""
-        if self.tar is not None:
-            with contextlib.suppress(OSError):
-                self.tar.close()
+        """Drop the open tar (a failed run, e.g. a full disk): no temp file is left, no upload completed."""
+        if self.tar is not None and self._out is not None:
             for w in self.side.values():
                 w.abort()
-            self.tmp.unlink(missing_ok=True)
-            self.tar, self.side, self.rows, self.size = None, {}, [], 0
+            with contextlib.suppress(Exception):
+                self._out.__exit__(_Aborted, _Aborted(), None)
+            self.tar, self._out, self.side, self.rows, self.size = None, None, {}, [], 0
 
     def close(self) -> list[dict[str, Any]]:
         """Commit the open tar; the rows of every tar this writer committed."""
@@ -446,18 +451,27 @@ class BucketWriter:
         return self.written
 
 
+class _Aborted(Exception):
+    """Thrown into an open storage.writer so that it discards what it holds."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the layout
 # ---------------------------------------------------------------------------------------------
 
 
-def committed_shards(encdir: str | Path) -> list[Path]:
-    """Every training tar whose row file exists, sorted."""
-    root = Path(encdir) / SHARDS
-    return sorted(p for p in root.glob("*/*.tar") if p.with_suffix(".parquet").exists())
+def rows_file(tar: storage.Loc) -> storage.Loc:
+    """A training tar's row file (its commit marker): the same name with `.parquet`."""
+    return tar.parent / f"{tar.stem}.parquet"
 
 
-def committed_rows(encdir: str | Path, sets: tuple[str, ...] | list[str] = ()) -> Any:
+def committed_shards(encdir: Place) -> list[storage.Loc]:
+    """Every training tar whose row file exists (found by its exact name, never by a listing), sorted."""
+    root = _loc(encdir) / SHARDS
+    return [tar for tar in root.glob("*/*.tar") if rows_file(tar).exists()]
+
+
+def committed_rows(encdir: Place, sets: tuple[str, ...] | list[str] = ()) -> Any:
     """The rows of every committed tar, as one pandas DataFrame (empty if none), with, for each caption
     set in `sets`, its len_column (0: the sample lacks it) and clip_column (NaN: not scored), from the
     side files (key, length and score columns only) or, in a version 1 tar, its row file."""
@@ -466,7 +480,8 @@ def committed_rows(encdir: str | Path, sets: tuple[str, ...] | list[str] = ()) -
 
     frames = []
     for p in committed_shards(encdir):
-        df = pq.read_table(p.with_suffix(".parquet")).to_pandas()
+        with rows_file(p).open("rb") as f:
+            df = pq.read_table(f).to_pandas()
         for name in sets:
             side = set_file(p, name)
             if side.exists():
@@ -481,35 +496,35 @@ def committed_rows(encdir: str | Path, sets: tuple[str, ...] | list[str] = ()) -
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
-def remove_incomplete(encdir: str | Path) -> int:
+def remove_incomplete(encdir: Place) -> int:
     """Delete temp files, tars without their row file (an interrupted run) and row files without
-    their tar (a lost shard); returns how many."""
+    their tar (a lost shard); returns how many. Each is checked by its exact name."""
     n = 0
-    for folder in (Path(encdir) / SHARDS).glob("*"):
+    for folder in (_loc(encdir) / SHARDS).iterdir():
         n += atomic.clean_temp(folder)
         for tar in folder.glob("*.tar"):
-            if not tar.with_suffix(".parquet").exists():
+            if not rows_file(tar).exists():
                 tar.unlink()
                 n += 1
         for rows in folder.glob("*.parquet"):
             side = SET_FILE.match(rows.name)
             if side is not None:  # a caption set of a tar that is not committed (or was lost)
                 tar = folder / f"{side['tar']}.tar"
-                if not (tar.exists() and tar.with_suffix(".parquet").exists()):
+                if not (tar.exists() and rows_file(tar).exists()):
                     rows.unlink()
                     n += 1
-            elif not rows.with_suffix(".tar").exists():  # its tar was lost: its samples get re-encoded
+            elif not (folder / f"{rows.stem}.tar").exists():  # its tar was lost: its samples get re-encoded
                 rows.unlink()
                 n += 1
     return n
 
 
-def remove_stale(encdir: str | Path, fp: str) -> int:
+def remove_stale(encdir: Place, fp: str) -> int:
     """Delete committed shards written under another fingerprint (their samples get re-encoded)."""
     n = 0
     for tar in committed_shards(encdir):
         if not tar.name.startswith(fp[:8] + "-"):
-            tar.with_suffix(".parquet").unlink()
+            rows_file(tar).unlink()  # the marker first: a kill between the two leaves an uncommitted tar
             tar.unlink()
             for side in tar.parent.glob(f"{tar.stem}.set-*.parquet"):
                 side.unlink()
@@ -517,15 +532,15 @@ def remove_stale(encdir: str | Path, fp: str) -> int:
     return n
 
 
-def set_files(tar: str | Path) -> dict[str, Path]:
+def set_files(tar: Place) -> dict[str, storage.Loc]:
     """{set name: side file} of one tar, from a listing (the loader looks each up by exact name instead)."""
-    t = Path(tar)
+    t = _loc(tar)
     found = (SET_FILE.match(p.name) for p in t.parent.glob(f"{t.stem}.set-*.parquet"))
     return {m["name"]: t.parent / m.group(0) for m in found if m is not None and m["tar"] == t.stem}
 
 
-def shards_by_bucket(encdir: str | Path) -> dict[str, list[str]]:
-    """{"<H>x<W>": [tar paths]} of the committed training shards."""
+def shards_by_bucket(encdir: Place) -> dict[str, list[str]]:
+    """{"<H>x<W>": [tar paths or URLs]} of the committed training shards."""
     out: dict[str, list[str]] = {}
     for tar in committed_shards(encdir):
         out.setdefault(tar.parent.name, []).append(str(tar))

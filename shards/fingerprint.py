@@ -76,33 +76,37 @@ def file_digest(path: str | Path | storage.Loc) -> str:
 
 def listing(paths: Iterable[str | Path | storage.Loc]) -> str:
     """`v2:<sha256>` over each input file's name, size and content (small files hashed, big ones by mtime
-    and sampled bytes; on a bucket size and ETag): many files, too big to hash whole (module docstring)."""
+    and sampled bytes; on a bucket size and ETag): many files, too big to hash whole (module docstring).
+    One stat (a bucket: one HEAD) per file, shared with the v1 digest kept for old fingerprint.json files."""
     locs = sorted(map(_loc, paths))
     h = hashlib.sha256()
+    sizes = []
     for p in locs:
-        h.update(f"{p.name}\t{_stamp(p)}\n".encode())
+        size, stamp = _stamp(p)
+        sizes.append((p, size))
+        h.update(f"{p.name}\t{stamp}\n".encode())
     value = f"v{LISTING_VERSION}:{h.hexdigest()}"
-    _V1[value] = _listing_v1(locs)
+    _V1[value] = _listing_v1(sizes)
     return value
 
 
-def _stamp(p: storage.Loc) -> str:
-    """What changes when a listed file changes: size, mtime and a sampled sha256 (bucket: size and ETag)."""
+def _stamp(p: storage.Loc) -> tuple[int, str]:
+    """(size, what changes when a listed file changes: size, mtime and a sampled sha256; bucket: size, ETag)."""
     if not p.is_local:
         try:
             info = p.info()
         except FileNotFoundError:
-            return "-1"
-        return f"{info['size']}\t{info.get('etag')}"
+            return -1, "-1"
+        return int(info["size"]), f"{info['size']}\t{info.get('etag')}"
     try:
         st = os.stat(p.path)
     except OSError:
-        return "-1"  # missing, a dangling link
+        return -1, "-1"  # missing, a dangling link
     if not stat.S_ISREG(st.st_mode):  # a FIFO, device or socket is never opened (a read could block)
-        return f"{st.st_size}\t{stat.S_IFMT(st.st_mode)}"
+        return st.st_size, f"{st.st_size}\t{stat.S_IFMT(st.st_mode)}"
     if st.st_size <= 3 * _SAMPLE:  # small: its bytes say it all
-        return f"{st.st_size}\t{_sampled_digest(p.path, st.st_size)}"
-    return f"{st.st_size}\t{st.st_mtime_ns}\t{_sampled_digest(p.path, st.st_size)}"
+        return st.st_size, f"{st.st_size}\t{_sampled_digest(p.path, st.st_size)}"
+    return st.st_size, f"{st.st_size}\t{st.st_mtime_ns}\t{_sampled_digest(p.path, st.st_size)}"
 
 
 def _sampled_digest(path: str, size: int) -> str:
@@ -121,16 +125,13 @@ def _sampled_digest(path: str, size: int) -> str:
     return h.hexdigest()
 
 
-def _listing_v1(locs: list[storage.Loc]) -> str:
-    """The v1 rule (name + size; files sorted as paths), kept to accept fingerprint.json files it wrote."""
+def _listing_v1(sizes: list[tuple[storage.Loc, int]]) -> str:
+    """The v1 rule (name + size, -1 when missing; files sorted as paths), kept to accept the
+    fingerprint.json files it wrote."""
     from pathlib import PurePosixPath
 
     h = hashlib.sha256()
-    for p in sorted(locs, key=lambda p: (p.scheme, PurePosixPath(p.path))):
-        try:
-            size = p.size() if p.exists() else -1
-        except OSError:
-            size = -1
+    for p, size in sorted(sizes, key=lambda ps: (ps[0].scheme, PurePosixPath(ps[0].path))):
         h.update(f"{p.name}\t{size}\n".encode())
     return h.hexdigest()
 

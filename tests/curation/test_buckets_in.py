@@ -300,6 +300,18 @@ def test_url_list_in_a_bucket_is_curated(ray_local, tiny_models, server, bucket,
     assert (m.status == "kept").sum() == 2 and json.loads(said.splitlines()[-1])["kept"] == 2
     assert sorted(curated_samples(tmp_path / "out")) == sorted(m.loc[m.status == "kept", "key"])
 
+    # that run, as a finished run in the bucket (its manifest and dedup index): --dedup-against it there
+    for f in [tmp_path / "out" / "manifest.parquet", *sorted((tmp_path / "out" / "dedup_index").glob("*"))]:
+        put(f"{bucket}/first/{f.relative_to(tmp_path / 'out')}", f.read_bytes())
+    again = pa.table({"URL": [f"{server.url}/{n}?b=2" for n in names[:2]], "TEXT": ["again 1", "again 2"]})
+    put(f"{bucket}/again.parquet", parquet_bytes(again))
+    argv = ["--urls", f"{bucket}/again.parquet", "--out", str(tmp_path / "2nd"), "--dedup-against", f"{bucket}/first"]
+    code, _, err, _ = run_main(capsys, *argv, *SETTINGS)
+    assert code == 0, err
+    m2 = manifest(tmp_path / "2nd")
+    assert m2.loc[0, "reason"] == "duplicate" and m2.loc[0, "dup_of"] == f"first/{m.loc[0, 'key']}"
+    assert m2.loc[1, "reason"] == "too_small"
+
 
 @pytest.fixture(scope="module")
 def local_tars(image_dir, tmp_path_factory) -> Path:

@@ -86,7 +86,7 @@ def test_old_folder_reads_as_recaption_and_original(tmp_path):
 
 def test_set_added_to_an_old_folder_leaves_the_tars_alone(tmp_path):
     truth = write_encdir(tmp_path, {(64, 64): 6, (32, 64): 4})
-    tars = encoded.committed_shards(tmp_path)
+    tars = [t.local for t in encoded.committed_shards(tmp_path)]  # Locs: here on disk
     before = {
         str(p.relative_to(tmp_path)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in tmp_path.rglob("*")
