@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import download
-from shards import atomic, fingerprint
+from shards import atomic, fingerprint, storage
 from shards.errors import SigmaError
 
 KEY_DIGITS = 10  # row index in the whole input, zero-padded: sortable, no dots
@@ -197,14 +197,14 @@ class UrlList:
             return {"--urls": fingerprint.file_digest(self.files[0])}
         return {"--urls": [f"{Path(f).name} {fingerprint.file_digest(f)}" for f in self.files]}
 
-    def split(self, work: Path, shard_size: int) -> int:
+    def split(self, work: Path | storage.Loc, shard_size: int) -> int:
         """Write `work/NNNNN.parquet` input shards (key + input columns); returns the shard count.
         Done once: a `.complete` file records the count, so a rerun reads the same shards."""
-        work = Path(work)
+        work = work if isinstance(work, storage.Loc) else storage.resolve(work)
         done = work / ".complete"
-        if done.exists():
+        if done.has_file():
             return int(done.read_text())
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir()
         n_rows, n_shards, pending, schema = 0, 0, [], None
         for f in map(Path, self.files):
             try:
@@ -225,7 +225,7 @@ class UrlList:
         atomic.write_text(done, str(n_shards))
         return n_shards
 
-    def _flush(self, work: Path, pending: list, size: int, n_rows: int, n_shards: int):
+    def _flush(self, work: storage.Loc, pending: list, size: int, n_rows: int, n_shards: int):
         table = pa.Table.from_batches(pending).combine_chunks()
         head, rest = table.slice(0, size), table.slice(size)
         keys = pa.array([f"{n_rows + i:0{KEY_DIGITS}d}" for i in range(len(head))])
@@ -235,11 +235,11 @@ class UrlList:
         atomic.write_parquet(work / f"{n_shards:05d}.parquet", head.add_column(0, "key", keys))
         return n_rows + len(head), n_shards + 1, rest.to_batches()
 
-    def shard_rows(self, work: Path, downloads: Path, shard: int, cur) -> Iterator[dict]:
+    def shard_rows(self, work: storage.Loc, downloads: storage.Loc, shard: int, cur) -> Iterator[dict]:
         """Download one input shard (img2dataset, unless done) and say where each row's bytes lie."""
-        src = Path(work) / "input" / f"{shard:05d}.parquet"
-        download.download_shard(src, Path(downloads), shard, download.crawl_of(cur.download))
-        return download.iter_shard(src, Path(downloads), shard)
+        src = work / "input" / f"{shard:05d}.parquet"
+        download.download_shard(src, downloads, shard, download.crawl_of(cur.download))
+        return download.iter_shard(src, downloads, shard)
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema, path: Path) -> pa.RecordBatch:
@@ -285,4 +285,4 @@ def split_input(
     path: str | Path, work: Path, shard_size: int, url_col: str | None = None, caption_col: str | None = None
 ) -> int:
     """`url_list(path, ...).split(work, shard_size)`: the keyed input shards of a URL list."""
-    return url_list(path, url_col, caption_col).split(Path(work), shard_size)
+    return url_list(path, url_col, caption_col).split(work, shard_size)

@@ -12,6 +12,7 @@ if __name__ == "__main__":  # as a script: the repo root replaces this folder (i
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from common import cli, config
+from shards import storage
 from shards.errors import SigmaError
 
 EXAMPLE = "python curation/run.py --urls urls.parquet --out curated --profile demo"
@@ -42,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--url-col", help="the URL column (curation.url_col)")
     p.add_argument("--caption-col", help="the caption / alt-text column (curation.caption_col)")
     p.add_argument("--image-col", help="a table's image-bytes column, for --images (curation.image_col)")
-    p.add_argument("--out", required=True, help="output folder (rerun with the same arguments to resume)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder or bucket prefix (s3://bucket/cur); rerun with the same arguments to resume",
+    )
     p.add_argument(
         "--dedup-against",
         nargs="+",
@@ -56,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("url_col", "caption_col", "image_col"):
         if getattr(args, flag):
             setattr(cfg.curation, flag, getattr(args, flag))
+    try:  # once, here: every step below writes through this Loc
+        out = storage.resolve(args.out, cfg.storage)
+        out_reachable(out)
+    except SigmaError as e:
+        cli.fail(str(e))
     not_checked = _input_problems(cfg)  # the checks a real run makes, so --dry-run is honest
     from curation import dedup_job, inputs, pipeline
 
@@ -72,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.unchecked(line)
 
     try:
-        dedup_job.earlier_runs(args.dedup_against, args.out)
+        dedup_job.earlier_runs(args.dedup_against, out, cfg.storage)
     except SigmaError as e:
         cli.fail(str(e))
     if args.urls and source is not None and source.caption_col is None:  # runs, but says so (after the checks)
@@ -99,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         with cli.user_errors():
-            stats = pipeline.run(source, args.out, cfg, args.dedup_against)
+            stats = pipeline.run(source, out, cfg, args.dedup_against)
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])
     if not stats["kept"]:  # a finished run, but say so: every input is in the manifest with its reason
@@ -110,6 +120,26 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)
+
+
+def out_reachable(out: storage.Loc) -> None:
+    """A bucket --out: its bucket exists and these credentials reach it (one request, nothing written, so a
+    dry run checks it too); SigmaError naming the URL and the cause. A local folder is made when written."""
+    if out.is_local:
+        return
+    bucket = out.path.split("/", 1)[0]
+    try:
+        if storage.BACKENDS[out.scheme][0] == "s3":
+            out.fs.call_s3("head_bucket", Bucket=bucket)
+        elif not out.fs.exists(bucket):
+            raise FileNotFoundError(bucket)
+    except FileNotFoundError:
+        raise SigmaError(f"--out {out}: no bucket {bucket!r} at this endpoint") from None
+    except PermissionError:
+        raise SigmaError(f"--out {out}: access denied to bucket {bucket!r} (check the credentials or role)") from None
+    except Exception as e:  # noqa: BLE001 - unreachable endpoint, bad region...: one line with the cause
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise SigmaError(f"--out {out}: cannot reach the bucket ({type(e).__name__}: {first})") from None
 
 
 def _input_problems(cfg) -> list[str]:

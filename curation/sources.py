@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curation import inputs
-from shards import atomic, curated, fingerprint, reasons
+from shards import atomic, curated, fingerprint, reasons, storage
 from shards.errors import SigmaError
 
 WHERE = "where"  # _work/where/NNNNN.parquet
@@ -107,13 +107,13 @@ class LocalImages:
             out += [Path(folder) / n for n in sorted(names) if _ext(n) in IMAGE_EXTS]
         return sorted(out, key=lambda p: str(p.relative_to(root)))
 
-    def split(self, work: Path, shard_size: int) -> int:
+    def split(self, work: Path | storage.Loc, shard_size: int) -> int:
         """Keyed input shards + where each item's bytes lie; done once (`.complete`), like a URL list."""
-        work = Path(work)
+        work = work if isinstance(work, storage.Loc) else storage.resolve(work)
         done = work / ".complete"
-        if done.exists():
+        if done.has_file():
             return int(done.read_text())
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir()
         out = _Shards(work, self._schema())
         if self.kind == "shards":
             for tar in self.files:
@@ -148,12 +148,12 @@ class LocalImages:
         table = _table_schema(Path(self.files[0]))
         return pa.schema(base + [(inputs.input_name(f.name, None, None), f.type) for f in table if f.name not in skip])
 
-    def shard_rows(self, work: Path, downloads: Path, shard: int, cur) -> Iterator[dict]:
+    def shard_rows(self, work: storage.Loc, downloads: storage.Loc, shard: int, cur) -> Iterator[dict]:
         """Rows saying where each item's bytes lie (what a download shard yields); a table's bytes
         are copied first into `downloads/NNNNN.tar` (the run's own file)."""
-        rows = pq.read_table(Path(work) / WHERE / f"{shard:05d}.parquet").to_pylist()
+        rows = storage.read_parquet(work / WHERE / f"{shard:05d}.parquet").to_pylist()
         if self.kind == "table":
-            rows = _copy_table_bytes(rows, self.image_col, Path(downloads) / f"{shard:05d}.tar")
+            rows = _copy_table_bytes(rows, self.image_col, downloads / f"{shard:05d}.tar")
         for r in rows:
             del r["row"]
             yield r
@@ -162,7 +162,7 @@ class LocalImages:
 class _Shards:
     """Accumulates items and writes input shard + where file pairs, keys numbered across the input."""
 
-    def __init__(self, work: Path, schema: pa.Schema | None):
+    def __init__(self, work: storage.Loc, schema: pa.Schema | None):
         self.work, self.schema = work, schema
         self.items: list[dict] = []
         self.wheres: list[dict] = []
@@ -182,7 +182,7 @@ class _Shards:
         if self.schema is None:
             self.schema = _schema_of(self.items[0])
         table = pa.Table.from_pylist([_coerce(i, self.schema) for i in self.items], self.schema)
-        (self.work.parent / WHERE).mkdir(parents=True, exist_ok=True)
+        (self.work.parent / WHERE).mkdir()
         atomic.write_parquet(
             self.work.parent / WHERE / f"{self.shards:05d}.parquet", pa.Table.from_pylist(self.wheres, WHERE_SCHEMA)
         )
@@ -386,7 +386,7 @@ def _cell_bytes(value, table: Path) -> bytes | None:
     return value
 
 
-def _copy_table_bytes(rows: list[dict], image_col: str, tar_path: Path) -> list[dict]:
+def _copy_table_bytes(rows: list[dict], image_col: str, tar_path: storage.Loc) -> list[dict]:
     """Copy the rows' image bytes into the run's own tar (KEY.img members; written as read, never a
     whole shard in memory) and point the rows at them."""
     import io
@@ -394,20 +394,21 @@ def _copy_table_bytes(rows: list[dict], image_col: str, tar_path: Path) -> list[
     by_file: dict[str, dict[int, dict]] = {}
     for r in rows:
         by_file.setdefault(r["src"], {})[r["row"]] = r
-    with atomic.atomic_path(tar_path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for file, by_row in by_file.items():
-            for row, data in _image_bytes(Path(file), image_col, sorted(by_row)):
-                if data:
-                    info = tarfile.TarInfo(f"{by_row[row]['key']}.img")
-                    info.size, info.mtime, info.mode = len(data), 0, 0o644
-                    tar.addfile(info, io.BytesIO(data))
     offsets = {}
-    with tarfile.open(tar_path, "r:") as tar:  # headers only: where each copy's bytes start
-        for m in tar:
-            offsets[m.name.partition(".")[0]] = (m.offset_data, m.size)
+    with atomic.atomic_path(tar_path) as tmp:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for file, by_row in by_file.items():
+                for row, data in _image_bytes(Path(file), image_col, sorted(by_row)):
+                    if data:
+                        info = tarfile.TarInfo(f"{by_row[row]['key']}.img")
+                        info.size, info.mtime, info.mode = len(data), 0, 0o644
+                        tar.addfile(info, io.BytesIO(data))
+        with tarfile.open(tmp, "r:") as tar:  # headers only, before it is moved: where each copy's bytes start
+            for m in tar:
+                offsets[m.name.partition(".")[0]] = (m.offset_data, m.size)
     for r in rows:
         if r["key"] in offsets:
-            r.update(src=str(tar_path), offset=offsets[r["key"]][0], size=offsets[r["key"]][1])
+            r.update(src=tar_path.url, offset=offsets[r["key"]][0], size=offsets[r["key"]][1])
         else:  # no bytes in the table's cell (null, or a path that is not there)
             r.update(reason=reasons.NOT_AN_IMAGE, src="", offset=0, size=0)
     return rows

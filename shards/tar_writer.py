@@ -7,13 +7,17 @@ from __future__ import annotations
 import io
 import tarfile
 from pathlib import Path
+from typing import IO
 
 FORMAT = tarfile.USTAR_FORMAT
 
 
-def open_for_writing(path: str | Path) -> tarfile.TarFile:
-    """A new tar at `path` (callers write to a temp name and rename it when complete)."""
-    return tarfile.open(path, "w", format=FORMAT)
+def open_for_writing(path: str | Path | IO[bytes]) -> tarfile.TarFile:
+    """A new tar at `path`, or into a binary file object (callers write to a temp name and rename it, or
+    to shards/storage.writer, so that only a complete tar appears)."""
+    if isinstance(path, (str, Path)):
+        return tarfile.open(path, "w", format=FORMAT)
+    return tarfile.open(fileobj=path, mode="w", format=FORMAT)
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
