@@ -5,9 +5,11 @@
                 --driver: clean, count T5 tokens, write CAPDIR/NNNNN.parquet once a shard is complete
 
 The shard is the unit of work and of resumption: a finished shard has its parquet (written
-atomically), so a rerun skips it and a killed run loses only the shards in flight. The driver
-never touches pixels: it lists each tar's keys (headers only) to know when a shard is complete,
-and does text work only. Images are decoded and downscaled in the captioner actors.
+atomically: one PUT in a bucket), so a rerun skips it and a killed run loses only the shards in
+flight. The driver never touches pixels: it counts each tar's keys (headers only; for shards in a
+bucket, in Ray tasks that read them where they are) to know when a shard is complete, and does text
+work only. Images are read and decoded in the Ray workers. `--shards` and `--out` are resolved
+once (shards/storage.py) and Locs handed down.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from captioning.guard import GUARD_EXAMPLES, GUARD_EXAMPLES_PER_SHARD, GUARD_REA
 from common import progress
 from common.config import Captioner, Config
 from common.gather import ShardGather
-from shards import atomic, curated, fingerprint, format, reasons
+from shards import atomic, captions, curated, fingerprint, format, reasons, storage
 from shards.errors import SigmaError
 
 # ---------------------------------------------------------------------------------------------
@@ -31,13 +33,23 @@ from shards.errors import SigmaError
 
 
 def read_shard(item: dict) -> list[dict]:
-    """One row per sample: the first image member's original bytes (b"" if none), and the .txt caption."""
+    """One row per sample: the first image member's original bytes (b"" if none), and the .txt caption.
+    `item["shard"]`: the tar's Loc (read where it is, disk or bucket); rows name it by its URL."""
     rows = []
+    name = str(item["shard"])
     for index, (key, members) in enumerate(curated.samples(item["shard"])):
         image = next((members[e] for e in format.IMAGE_EXTS if e in members), b"")
         text = members.get(format.CAPTION_EXT, b"").decode("utf-8", errors="replace").strip()
-        rows.append({"shard": item["shard"], "index": index, "key": key, "image": image, "original_caption": text})
+        rows.append({"shard": name, "index": index, "key": key, "image": image, "original_caption": text})
     return rows
+
+
+def count_keys(shard: storage.Loc) -> int | str:
+    """A curated tar's sample count (headers only), or the CorruptShard's line (a Ray task for a bucket)."""
+    try:
+        return len(curated.keys(shard))
+    except curated.CorruptShard as e:
+        return str(e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,26 +101,30 @@ def captioner_id(cap: Captioner) -> str:
 
 def plan(cfg: Config, shards: str, out: str, name: str | None = None, not_checked: list[str] | None = None) -> dict:
     """Everything a run will do, resolved; `--dry-run` prints it. With `not_checked` (a dry run), missing
-    shards are noted there instead of raised: the plan is then made from the config alone."""
-    paths = format.expand_shards(shards)
+    shards are noted there instead of raised: the plan is then made from the config alone. `--shards` and
+    `--out` are resolved here, once: LOCS (not printed) holds their Locs."""
+    out_loc = storage.resolve(out, cfg.storage)
+    paths = format.shard_locs(shards, cfg.storage)
     problem = None
     if not paths:
         problem = SigmaError(f"--shards {shards}: matches no shard")
-    missing = [str(p) for p in paths if not Path(p).is_file()]
+    present = [p for p in paths if p.is_file()]
+    missing = [str(p) for p in paths if p not in set(present)]
     if missing:
         problem = SigmaError(f"--shards {missing[0]}: no such file ({len(missing)} missing)")
     if problem is not None:
         if not_checked is None:
             raise problem
         not_checked.append(str(problem))
-        paths = [p for p in paths if Path(p).is_file()]
+        paths = present
     name, cap = select(cfg, name)
-    done = [str(p) for p in paths if format.caption_file(out, p).exists()]
+    done = [p for p in paths if format.caption_file(out_loc, p).exists()]
     return {
+        LOCS: {"shards": paths, "out": out_loc, "done": done},
         "shards": [str(p) for p in paths],
         "out": str(out),
-        "done": done,
-        "todo": [str(p) for p in paths if str(p) not in set(done)],
+        "done": [str(p) for p in done],
+        "todo": [str(p) for p in paths if p not in set(done)],
         "captioner": name,
         "captioner_id": captioner_id(cap),
         "backend": cap.backend,
@@ -155,21 +171,23 @@ def stage_fingerprint(p: dict) -> dict:
     }
 
 
-def _check_sources(done: list[str], out: str) -> None:
+def _check_sources(done: list[storage.Loc], out: storage.Loc) -> None:
     """A finished parquet records its tar's size: a changed tar is refused, not silently reused."""
     import pyarrow.parquet as pq
 
     for shard in done:
-        meta = pq.read_schema(format.caption_file(out, shard)).metadata or {}
+        with captions.readable(format.caption_file(out, shard)) as src:
+            meta = pq.read_schema(src).metadata or {}
         size = meta.get(SOURCE_SIZE)
-        if size is not None and int(size) != Path(shard).stat().st_size:
+        if size is not None and int(size) != shard.size():
             raise SigmaError(
                 f"{shard}: changed since {format.caption_file(out, shard)} was written from it "
-                f"({int(size)} -> {Path(shard).stat().st_size} bytes); use another --out, or delete "
+                f"({int(size)} -> {shard.size()} bytes); use another --out, or delete "
                 "that parquet to caption it again"
             )
 
 
+LOCS = "_locs"  # the plan's resolved Locs (not printed)
 SOURCE_SIZE = b"sigmaforge.source_size"
 # engine_kwargs that size the engine without changing what it writes: not in the fingerprint
 ENGINE_RESOURCES = (
@@ -224,10 +242,12 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
 
     p = plan(cfg, shards, out, name)
     _, cap = select(cfg, p["captioner"])
-    Path(out).mkdir(parents=True, exist_ok=True)
-    fingerprint.check(out, stage_fingerprint(p))
-    _check_sources(p["done"], out)
-    atomic.clean_temp(out)  # a killed run's half-written parquet never counts
+    locs = p[LOCS]
+    out_loc: storage.Loc = locs["out"]
+    out_loc.mkdir()
+    fingerprint.check(out_loc, stage_fingerprint(p))
+    _check_sources(locs["done"], out_loc)
+    atomic.clean_temp(out_loc)  # a killed run's half-written parquet never counts (a bucket has none)
     summary = {
         "shards": len(p["shards"]),
         "skipped": len(p["done"]),
@@ -240,19 +260,21 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
         "retried": 0,
         "recovered": 0,
     }
+    todo = [s for s in locs["shards"] if s not in set(locs["done"])]
+    by_url = {str(s): s for s in todo}
     expected: dict[str, int] = {}
-    for shard in p["todo"]:
-        try:
-            expected[shard] = len(curated.keys(shard))
-        except curated.CorruptShard as e:  # reported; the next run retries it
-            print(f"{reasons.CORRUPT_SHARD}: {e}; skipped", file=sys.stderr)
-            summary["corrupt_shards"].append(shard)
+    for shard, n in _count_keys(cfg, todo):
+        if isinstance(n, str):  # reported; the next run retries it
+            print(f"{reasons.CORRUPT_SHARD}: {n}; skipped", file=sys.stderr)
+            summary["corrupt_shards"].append(str(shard))
+        else:
+            expected[str(shard)] = n
     for shard in [s for s, n in expected.items() if n == 0]:
-        print(_write(out, shard, [], cap, None, cfg)["line"], file=sys.stderr)
+        print(_write(out_loc, by_url[shard], [], cap, None, cfg)["line"], file=sys.stderr)
         summary["written"] += 1
         del expected[shard]
     if not expected:
-        return _finish(summary, out, p, cfg)
+        return _finish(summary, out_loc, p, cfg)
 
     ray_start.init_ray(cfg)  # binds nothing: `import ray.data` below gives the module
     import ray.data
@@ -262,7 +284,7 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     tokenizer = t5.load_tokenizer(cfg.models.t5)
     cls, kwargs = backend(cap, cfg.captioning.guard)
     r = cap.resources
-    ds = ray.data.from_items([{"shard": s} for s in expected], override_num_blocks=len(expected))
+    ds = ray.data.from_items([{"shard": by_url[s]} for s in expected], override_num_blocks=len(expected))
     ds = ds.flat_map(read_shard)
     ds = ds.map_batches(
         cls,
@@ -283,7 +305,7 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
         rows = gather.add(shard, row)
         bar.update(1)
         if rows is not None:
-            stats = _write(out, shard, rows, cap, tokenizer, cfg)
+            stats = _write(out_loc, by_url[shard], rows, cap, tokenizer, cfg)
             progress.say(stats["line"], file=sys.stderr)
             summary["written"] += 1
             summary["captions"] += stats["kept"]
@@ -295,22 +317,36 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     bar.close()
     gather.close()  # a reader and the header listing disagreed: a bug, not bad data
     summary["failed"] = dict(failed)
-    return _finish(summary, out, p, cfg)
+    return _finish(summary, out_loc, p, cfg)
 
 
-def _finish(summary: dict, out: str, p: dict, cfg: Config) -> dict:
+def _count_keys(cfg: Config, shards: list[storage.Loc]) -> list[tuple[storage.Loc, int | str]]:
+    """Each shard's sample count, or its CorruptShard line. On disk the driver reads the headers; shards in a
+    bucket are counted by Ray tasks where the data is (the driver never streams a tar)."""
+    if all(s.is_local for s in shards):
+        return [(s, count_keys(s)) for s in shards]
+    from common import gather, ray_start
+
+    ray = ray_start.init_ray(cfg)
+    task = ray.remote(num_cpus=0.5)(count_keys)
+    window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
+    got = dict(gather.bounded(((s, task.remote(s)) for s in shards), window))
+    return [(s, got[s]) for s in shards]
+
+
+def _finish(summary: dict, out: storage.Loc, p: dict, cfg: Config) -> dict:
     """Print the summary; (re)write CAPDIR/report.html when a shard was written or it is missing."""
     from captioning.report import REPORT, write_caption_report
 
-    report = Path(out) / REPORT
-    if (summary["written"] or not report.exists()) and any(Path(out).glob("*.parquet")):
-        write_caption_report(out, shards=p["shards"], token_budget=cfg.captioning.token_budget)
+    report = out / REPORT
+    if (summary["written"] or not report.exists()) and out.glob("*.parquet"):
+        write_caption_report(out, shards=p[LOCS]["shards"], token_budget=cfg.captioning.token_budget)
     summary["report"] = str(report)
     print(json.dumps(summary))
     return summary
 
 
-def _write(out: str, shard: str, rows: list[dict], cap: Captioner, tokenizer, cfg: Config) -> dict:
+def _write(out: storage.Loc, shard: storage.Loc, rows: list[dict], cap: Captioner, tokenizer, cfg: Config) -> dict:
     """Finish one shard's rows and write its parquet atomically; returns its counts."""
     import pyarrow as pa
 
@@ -339,7 +375,7 @@ def _write(out: str, shard: str, rows: list[dict], cap: Captioner, tokenizer, cf
         if r["reason"] in GUARD_REASONS
     ][:GUARD_EXAMPLES_PER_SHARD]
     table = table.replace_schema_metadata(
-        {SOURCE_SIZE: str(Path(shard).stat().st_size), GUARD_EXAMPLES: json.dumps(examples, ensure_ascii=False)}
+        {SOURCE_SIZE: str(shard.size()), GUARD_EXAMPLES: json.dumps(examples, ensure_ascii=False)}
     )
     path = format.caption_file(out, shard)
     atomic.write_parquet(path, table)
@@ -391,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
             p = plan(cfg, args.shards, args.out, args.captioner, not_checked)
             for line in not_checked:
                 cli.unchecked(line)
-            cli.print_plan({**p, **({"not_checked": not_checked} if not_checked else {})})
+            shown = {k: v for k, v in p.items() if k != LOCS}
+            cli.print_plan({**shown, **({"not_checked": not_checked} if not_checked else {})})
             return
         run(cfg, args.shards, args.out, args.captioner)

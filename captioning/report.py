@@ -4,7 +4,8 @@ What a person checks before encoding: how long the new captions are (characters 
 with PixArt-Sigma's 300-token budget drawn), what share runs over the budget and will be
 truncated at encode time, which rows failed and why, and examples side by side: the image, the
 new caption and the original alt text. Images come from the curated shards when they are given
-(`shards`); without them the examples are text only.
+(`shards`); without them the examples are text only. The caption files, the shards and the report may
+be on disk or in a bucket (shards/storage.py); the report is written as one object.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from common import pages
-from shards import atomic, captions, format, reasons
+from shards import atomic, captions, format, reasons, storage
 
 REPORT = "report.html"
 EXAMPLES = 12  # spread over the token-length distribution, shortest to longest
 
 
-def read_captions(capdir: str | Path):
+def read_captions(capdir: captions.Place):
     """Every caption row as one DataFrame, with a `shard` column (the file stem). `capdir`: a recaption
     CAPDIR or a caption table from elsewhere (a file or folder, read by `shards.captions`)."""
     df = captions.read_table(captions.resolve(capdir)).rename(columns={"file": "shard"})
@@ -27,7 +28,7 @@ def read_captions(capdir: str | Path):
     return df
 
 
-def read_guard_examples(capdir: str | Path) -> list[dict]:
+def read_guard_examples(capdir: captions.Place) -> list[dict]:
     """What the model wrote for rows the caption-quality guard failed: [{shard, key, reason, text}]
     (recaption keeps up to 20 per shard in each parquet's metadata; captions files without it: none)."""
     import json
@@ -37,8 +38,9 @@ def read_guard_examples(capdir: str | Path) -> list[dict]:
     from captioning.guard import GUARD_EXAMPLES
 
     out = []
-    for p in sorted(Path(f) for f in captions.resolve(capdir).files if f.endswith(".parquet")):
-        meta = pq.read_schema(p).metadata or {}
+    for p in sorted(f for f in captions.resolve(capdir).files if f.suffix == ".parquet"):
+        with captions.readable(p) as src:
+            meta = pq.read_schema(src).metadata or {}
         out += [{"shard": p.stem, **e} for e in json.loads(meta.get(GUARD_EXAMPLES, b"[]"))]
     return out
 
@@ -75,15 +77,19 @@ def _guard_section(df, examples: list[dict]) -> list[str]:
     return body
 
 
-def _shard_paths(shards) -> dict[str, Path]:
-    """{stem: tar path} from a list of paths, or a brace pattern / glob / directory string."""
+def _loc(p: captions.Place) -> storage.Loc:
+    return p if isinstance(p, storage.Loc) else storage.resolve(p)
+
+
+def _shard_paths(shards) -> dict[str, storage.Loc]:
+    """{stem: tar} from a list of paths or Locs, or a brace pattern / glob / directory string."""
     if shards is None:
         return {}
-    paths = format.expand_shards(shards) if isinstance(shards, (str, Path)) else [Path(s) for s in shards]
-    return {Path(p).name.split(".")[0]: Path(p) for p in paths}
+    paths = format.shard_locs(str(shards)) if isinstance(shards, (str, Path)) else [_loc(s) for s in shards]
+    return {p.name.split(".")[0]: p for p in paths}
 
 
-def _examples(rows, shard_paths: dict[str, Path], budget: int) -> str:
+def _examples(rows, shard_paths: dict[str, storage.Loc], budget: int) -> str:
     images: dict[str, bytes] = {}
     for stem, group in rows.groupby("shard"):
         if stem in shard_paths and shard_paths[stem].is_file():
@@ -105,11 +111,11 @@ def _examples(rows, shard_paths: dict[str, Path], budget: int) -> str:
     return "".join(out)
 
 
-def build(capdir: str | Path, shards=None, token_budget: int = 300) -> str:
+def build(capdir: captions.Place, shards=None, token_budget: int = 300) -> str:
     """The report's HTML for a caption folder; `shards`: the curated shards it captioned (optional)."""
     import numpy as np
 
-    capdir = Path(capdir)
+    capdir = _loc(capdir)
     df = read_captions(capdir)
     kept = df[df["status"] == reasons.KEPT]
     failed = df[df["status"] != reasons.KEPT]
@@ -128,7 +134,7 @@ def build(capdir: str | Path, shards=None, token_budget: int = 300) -> str:
         ("mean T5 tokens", f"{tokens.mean():.0f}" if len(kept) else "-"),
     ]
     body = [
-        f'<p class="muted">{pages.esc(capdir.resolve())}</p>',
+        f'<p class="muted">{pages.esc(capdir.local.resolve() if capdir.is_local else capdir)}</p>',
         "<h2>Summary</h2>",
         pages.table(["", "value"], summary, "summary"),
         pages.table(
@@ -187,9 +193,10 @@ def build(capdir: str | Path, shards=None, token_budget: int = 300) -> str:
     return pages.page(f"Caption report: {capdir.name}", "\n".join(body))
 
 
-def write_caption_report(capdir: str | Path, shards=None, token_budget: int = 300) -> Path:
-    """Write CAPDIR/report.html (beside a single table file: FILE.report.html) atomically; returns its path.
-    Called at the end of a recaption run."""
-    out = Path(capdir) / REPORT if Path(capdir).is_dir() else Path(capdir).with_suffix(".report.html")
-    atomic.write_text(out, build(capdir, shards, token_budget))
-    return out
+def write_caption_report(capdir: captions.Place, shards=None, token_budget: int = 300) -> Path | storage.Loc:
+    """Write CAPDIR/report.html (beside a single table file: FILE.report.html) atomically; returns its path
+    (its Loc in a bucket). Called at the end of a recaption run."""
+    loc = _loc(capdir)
+    out = loc / REPORT if loc.is_dir() else loc.parent / f"{loc.stem}.report.html"
+    atomic.write_text(out, build(loc, shards, token_budget))
+    return out.local if out.is_local else out

@@ -1,14 +1,17 @@
 """The arguments every entry point shares: --config, --profile, --set, --dry-run.
 
 Each entry point builds its parser with `parser(...)`, adds its own flags, and calls `load(args)`.
-A bad config ends the program with its one-line message (exit 2), never a traceback.
+A bad config ends the program with its one-line message (exit 2), never a traceback; `cmd | head`
+ends it quietly (`quiet_broken_pipe`, installed by `parser`).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any, NoReturn
@@ -18,6 +21,7 @@ from shards.errors import SigmaError, user_message
 
 
 def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser:
+    quiet_broken_pipe()
     p = argparse.ArgumentParser(
         prog=prog,
         description=description,
@@ -37,6 +41,40 @@ def parser(prog: str, description: str, example: str) -> argparse.ArgumentParser
     )
     g.add_argument("--dry-run", action="store_true", help="print the resolved plan and exit")
     return p
+
+
+def _stdout_to_devnull() -> None:
+    """Point fd 1 at /dev/null, so the interpreter's last flush of what is still buffered succeeds."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _flush_at_exit() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader left before the end: nothing more to say to it
+        _stdout_to_devnull()
+
+
+_plain_excepthook = sys.excepthook
+
+
+def _excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    if issubclass(kind, BrokenPipeError):
+        _stdout_to_devnull()  # exit status 1, no traceback
+        return
+    _plain_excepthook(kind, value, tb)
+
+
+def quiet_broken_pipe() -> None:
+    """`cmd | head`: when the reader closes the pipe, the program ends without a BrokenPipeError
+    traceback or "Exception ignored ... BrokenPipeError" (Python ignores SIGPIPE, so a write to a closed
+    pipe raises; restoring SIGPIPE's default would also kill the process on a closed socket of Ray's).
+    Idempotent."""
+    if sys.excepthook is not _excepthook:
+        sys.excepthook = _excepthook
+        atexit.register(_flush_at_exit)  # runs before the interpreter's own last flush
 
 
 def load(args: argparse.Namespace) -> config_mod.Config:

@@ -55,6 +55,10 @@ def _check_range(value: Any, bounds: tuple[float | None, ...], where: str) -> No
         for i, v in enumerate(value):
             _check_range(v, bounds, f"{where}[{i}]")
         return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_range(v, bounds, f"{where}.{k}")
+        return
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if (ge is not None and value < ge) or (gt is not None and value <= gt) or (le is not None and value > le):
@@ -265,6 +269,20 @@ class EncodeConfig:
 
 
 @dataclass
+class CaptionChoice:
+    """Which caption set a sample trains on, drawn per sample per draw (shards/loader.py `caption_rule`)."""
+
+    # {set: weight}, e.g. {original: 0.05, share: 0.6, qwen: 0.35}: renormalised over the sets a sample has;
+    # {}: {original: real_prompt_ratio, recaption: 1 - real_prompt_ratio} (configs from before caption sets)
+    weights: dict[str, float] = field(default_factory=dict, metadata={"range": (0, None, None)})  # each value
+    # Sana's rule among the sets of `weights`: CLIP-Score >= clip_threshold are candidates, weighted
+    # score ** (1 / clip_temperature); none: the best-scoring one; a sample without scores: the weights
+    clip_score: bool = False
+    clip_threshold: float = num(0.0, ge=0, le=100)  # CLIP-Score scale 0..100 (100 * cosine)
+    clip_temperature: float = num(1.0, gt=0)  # < 1 sharpens towards the best caption, > 1 flattens
+
+
+@dataclass
 class Stage:
     # parent, data, steps: a resume may change them (a moved ENCDIR, more steps): not in the run's fingerprint
     parent: str | None = field(default=None, metadata=SAME_OUTPUT)  # stage whose output this one starts from
@@ -284,7 +302,8 @@ class Stage:
     grad_accum: int = num(1, ge=1)
     batch_size: int = num(4, ge=1)  # per process
     steps: int = num(1000, ge=1, output=False)
-    real_prompt_ratio: float = num(0.5, ge=0, le=1)
+    real_prompt_ratio: float = num(0.5, ge=0, le=1)  # share of alt-text captions when captions.weights is {}
+    captions: CaptionChoice = field(default_factory=CaptionChoice)
     cfg_dropout: float = num(0.1, ge=0, le=1)
     mixed_precision: Literal["no", "bf16"] = "bf16"
     grad_checkpointing: bool = False

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -57,18 +56,12 @@ class AgainstError(SigmaError):
     """A `--dedup-against` folder that is not a finished run with a dedup index."""
 
 
-def _place(f, options: Any = None) -> Loc:
-    """A folder as a Loc; on disk with its symlinks resolved (the name recorded in fingerprints)."""
-    loc = f if isinstance(f, Loc) else storage.resolve(f, options)
-    return Loc("", os.path.realpath(loc.path)) if loc.is_local else loc
-
-
-def earlier_runs(folders, out, options: Any = None) -> list[Loc]:
-    """The `--dedup-against` folders, checked: finished runs, distinct names (they prefix `dup_of`).
-    `out`: the run's output (a Loc or path); `options`: the `storage` config section for paths given as text."""
-    runs = [_place(f, options) for f in folders]
+def earlier_runs(folders, out) -> list[storage.Loc]:
+    """The `--dedup-against` folders (paths, bucket URLs or Locs), checked: finished runs, distinct
+    names (they prefix `dup_of`)."""
+    runs, here = [_real(f) for f in folders], _real(out)
     for r in runs:
-        if r == _place(out, options):
+        if (r.scheme, r.path) == (here.scheme, here.path):
             raise AgainstError(f"--dedup-against {r}: is the output folder itself")
         if not (r / "manifest.parquet").has_file() or not (r / INDEX).is_dir():
             raise AgainstError(
@@ -80,6 +73,12 @@ def earlier_runs(folders, out, options: Any = None) -> list[Loc]:
         if names.count(n) > 1:
             raise AgainstError(f"--dedup-against: two folders named {n!r} (the name prefixes dup_of; rename one)")
     return runs
+
+
+def _real(folder) -> storage.Loc:
+    """A folder as a Loc; on disk with its links resolved (the same folder under two names is one)."""
+    loc = folder if isinstance(folder, storage.Loc) else storage.resolve(folder)
+    return storage.resolve(os.path.realpath(loc.path)) if loc.is_local else loc
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 A list is a `.parquet`, `.csv`, `.tsv`, `.jsonl` (`.json` lines) or `.txt` file (one URL per line;
 csv/tsv/jsonl/txt may be `.gz`), or a folder or glob/brace pattern of such files, read in sorted
-order as one list. The URL and caption columns are named (`--url-col`, `--caption-col`, the
+order as one list, on disk or in a bucket (`s3://...`, read through shards/storage.py). The URL
+and caption columns are named (`--url-col`, `--caption-col`, the
 `curation.url_col` / `curation.caption_col` keys) or found among the usual names, so a LAION or
 DataComp parquet (`URL`, `TEXT`, ...) runs as it is. Every other column is carried per sample into
 the manifest and each sample's `.json` (img2dataset's `save_additional_columns`).
@@ -14,12 +15,14 @@ position in the whole list (10 digits), so the keys are the same however the lis
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import gzip
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -27,6 +30,7 @@ import pyarrow.parquet as pq
 from curation import download
 from shards import atomic, fingerprint, storage
 from shards.errors import SigmaError
+from shards.storage import Loc
 
 KEY_DIGITS = 10  # row index in the whole input, zero-padded: sortable, no dots
 URL, CAPTION = "url", "caption"  # the names the input shards give the chosen columns
@@ -39,30 +43,42 @@ class NotFound(SigmaError):
     """The input is not there (yet): a run stops, a --dry-run plans without it."""
 
 
-def list_format(path: str | Path) -> str | None:
+def list_format(path: str | Path | Loc) -> str | None:
     """'parquet', 'csv', ... for a list file (a `.gz` of a text format too); None for anything else."""
-    parts = Path(path).name.lower().split(".")
+    parts = (path.name if isinstance(path, Loc) else Path(path).name).lower().split(".")
     if len(parts) > 2 and parts[-1] == "gz" and parts[-2] in ("csv", "tsv", "jsonl", "json", "txt"):
         return parts[-2]
     return parts[-1] if len(parts) > 1 and parts[-1] in FORMATS else None
 
 
-def expand(spec: str | Path, what: str = "URL list") -> list[Path]:
-    """The files a spec names: one file, a folder (its list files, sorted), or a glob/brace pattern."""
-    import braceexpand  # ships with webdataset
-
-    p = Path(spec)
+def expand(spec: str | Path | Loc, what: str = "URL list", options: Any = None) -> list[Loc]:
+    """The files a spec names: one file, a folder (its list files, sorted), or a glob/brace pattern,
+    on disk or in a bucket (`options`: the `storage` config section)."""
+    p = spec if isinstance(spec, Loc) else storage.resolve(spec, options)
+    if p.is_file():
+        return [p]
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and list_format(f))
+        files = [f for f in folder_files(p) if list_format(f)]
         if not files:
             raise SigmaError(f"{spec}: no {what} files in this folder (.{', .'.join(FORMATS)})")
         return files
-    if p.is_file():
-        return [p]
-    files = [Path(m) for s in braceexpand.braceexpand(str(spec)) for m in sorted(glob.glob(s))]
+    if isinstance(spec, Loc) or not storage.has_pattern(str(spec)):
+        raise NotFound(f"{spec}: {what} not found")
+    files = [f for f in storage.expand(str(spec), options) if f.is_file()]
     if not files:
         raise NotFound(f"{spec}: {what} not found")
     return files
+
+
+def folder_files(folder: Loc) -> list[Loc]:
+    """The files directly in a folder, sorted (a bucket: one listing, no request per file)."""
+    if folder.is_local:
+        return [f for f in folder.iterdir() if f.is_file()]
+    try:
+        entries = folder.fs.ls(folder.path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(Loc(folder.scheme, e["name"].rstrip("/"), folder.options) for e in entries if e["type"] == "file")
 
 
 def choose(names: list[str], given: str | None, usual: tuple[str, ...], flag: str, where: str) -> str | None:
@@ -96,17 +112,35 @@ def input_name(col: str, url_col: str | None, caption_col: str | None) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _open_text(path: Path):
-    if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+@contextlib.contextmanager
+def _open_text(path: Loc) -> Iterator[io.TextIOBase]:
+    """A text list (a `.gz` decompressed), streamed from disk or a bucket, as spreadsheets save them: a
+    UTF-8 byte-order mark (Excel's "CSV UTF-8") is read as nothing, and newline="" leaves CRLF and
+    newlines inside quoted csv values to the csv reader."""
+    with path.open("rb") as raw:
+        binary = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
+        with io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as f:
+            yield f
 
 
-def column_names(path: Path) -> list[str]:
+@contextlib.contextmanager
+def _arrow_source(path: Loc) -> Iterator[Any]:
+    """What pyarrow reads a list file from: the local path (pyarrow reads the disk itself, a `.gz`
+    decompressed by its name) or a bucket object's seekable stream (a `.gz` decompressed here)."""
+    if path.is_local:
+        yield path.path
+        return
+    with path.open("rb") as raw:
+        gz = path.name.lower().endswith(".gz")
+        yield pa.CompressedInputStream(pa.PythonFile(raw, mode="r"), "gzip") if gz else raw
+
+
+def column_names(path: Loc) -> list[str]:
     """A list file's columns, from its header (parquet: the footer), never its rows."""
     fmt = list_format(path)
     if fmt == "parquet":
-        return pq.read_schema(path).names
+        with _arrow_source(path) as f:
+            return pq.read_schema(f).names
     if fmt == "txt":
         return [URL]
     with _open_text(path) as f:
@@ -120,30 +154,39 @@ def column_names(path: Path) -> list[str]:
     return []
 
 
-def count_rows(path: Path) -> int:
-    """Rows of a list file: parquet from its footer; text formats by counting lines (no parsing)."""
+def count_rows(path: Loc) -> int:
+    """Rows of a list file: parquet from its footer; csv/tsv as records (a quoted value may hold newlines),
+    jsonl/txt by counting non-blank lines."""
     fmt = list_format(path)
     if fmt == "parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        with _arrow_source(path) as f:
+            return int(pq.ParquetFile(f).metadata.num_rows)
     with _open_text(path) as f:
-        n = sum(1 for line in f if line.strip())
-    return n - 1 if fmt in ("csv", "tsv") and n else n
+        if fmt in ("csv", "tsv"):
+            import csv
+
+            n = sum(1 for record in csv.reader(f, delimiter="," if fmt == "csv" else "\t") if any(record))
+            return max(n - 1, 0)  # the header
+        return sum(1 for line in f if line.strip())
 
 
-def _batches(path: Path, rows: int, url_col: str) -> Iterator[pa.RecordBatch]:
+def _batches(path: Loc, rows: int, url_col: str) -> Iterator[pa.RecordBatch]:
     """Stream one list file as record batches (never the whole list in memory)."""
     fmt = list_format(path)
     if fmt == "parquet":
-        yield from pq.ParquetFile(path).iter_batches(batch_size=rows)
+        with _arrow_source(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=rows)
     elif fmt in ("csv", "tsv"):
         from pyarrow import csv
 
-        yield from csv.open_csv(
-            path,
-            read_options=csv.ReadOptions(block_size=1 << 22),
-            parse_options=csv.ParseOptions(delimiter="," if fmt == "csv" else "\t"),
-            convert_options=csv.ConvertOptions(column_types={url_col: pa.string()}),
-        )
+        with _arrow_source(path) as f:
+            yield from csv.open_csv(
+                f,
+                read_options=csv.ReadOptions(block_size=1 << 22),
+                # a quoted value may hold newlines (a caption typed with Alt+Enter in Excel); a BOM is skipped
+                parse_options=csv.ParseOptions(delimiter="," if fmt == "csv" else "\t", newlines_in_values=True),
+                convert_options=csv.ConvertOptions(column_types={url_col: pa.string()}),
+            )
     elif fmt == "txt":
         with _open_text(path) as f:
             chunk: list[str] = []
@@ -158,8 +201,9 @@ def _batches(path: Path, rows: int, url_col: str) -> Iterator[pa.RecordBatch]:
     else:  # jsonl
         import pandas as pd
 
-        for frame in pd.read_json(path, lines=True, chunksize=rows, dtype=False, compression="infer"):
-            yield pa.RecordBatch.from_pandas(frame, preserve_index=False)
+        with _open_text(path) as f:
+            for frame in pd.read_json(f, lines=True, chunksize=rows, dtype=False):
+                yield pa.RecordBatch.from_pandas(frame, preserve_index=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,10 +217,11 @@ class UrlList:
     input source: `split`, `shard_rows`, `fingerprint`, `describe` (sources.LocalImages has the same)."""
 
     spec: str
-    files: tuple[str, ...]
+    files: tuple[Loc, ...]
     url_col: str
     caption_col: str | None
     columns: tuple[str, ...]  # of the first file; every file must have the same
+    words = ("download shard", "URLs")  # what the progress lines call a shard and its items
 
     def describe(self) -> dict:
         """What --dry-run prints: files, rows (footer or line count), the chosen and carried columns."""
@@ -185,7 +230,7 @@ class UrlList:
             "urls": self.spec,
             "files": len(self.files),
             "format": sorted({list_format(f) for f in self.files}),
-            "rows": sum(count_rows(Path(f)) for f in self.files),
+            "rows": sum(count_rows(f) for f in self.files),
             "url_col": self.url_col,
             "caption_col": self.caption_col,
             "carried": [input_name(c, None, None) for c in carried],
@@ -195,18 +240,18 @@ class UrlList:
         """The list's bytes (one file: its digest, as runs before folders of lists recorded it)."""
         if len(self.files) == 1:
             return {"--urls": fingerprint.file_digest(self.files[0])}
-        return {"--urls": [f"{Path(f).name} {fingerprint.file_digest(f)}" for f in self.files]}
+        return {"--urls": [f"{f.name} {fingerprint.file_digest(f)}" for f in self.files]}
 
-    def split(self, work: Path | storage.Loc, shard_size: int) -> int:
+    def split(self, work: Path | Loc, shard_size: int) -> int:
         """Write `work/NNNNN.parquet` input shards (key + input columns); returns the shard count.
         Done once: a `.complete` file records the count, so a rerun reads the same shards."""
-        work = work if isinstance(work, storage.Loc) else storage.resolve(work)
+        work = as_loc(work)
         done = work / ".complete"
         if done.has_file():
             return int(done.read_text())
         work.mkdir()
         n_rows, n_shards, pending, schema = 0, 0, [], None
-        for f in map(Path, self.files):
+        for f in self.files:
             try:
                 for batch in _batches(f, shard_size, self.url_col):
                     schema = schema or batch.schema
@@ -225,7 +270,7 @@ class UrlList:
         atomic.write_text(done, str(n_shards))
         return n_shards
 
-    def _flush(self, work: storage.Loc, pending: list, size: int, n_rows: int, n_shards: int):
+    def _flush(self, work: Loc, pending: list, size: int, n_rows: int, n_shards: int):
         table = pa.Table.from_batches(pending).combine_chunks()
         head, rest = table.slice(0, size), table.slice(size)
         keys = pa.array([f"{n_rows + i:0{KEY_DIGITS}d}" for i in range(len(head))])
@@ -242,7 +287,12 @@ class UrlList:
         return download.iter_shard(src, downloads, shard)
 
 
-def _conform(batch: pa.RecordBatch, schema: pa.Schema, path: Path) -> pa.RecordBatch:
+def as_loc(path: str | Path | Loc) -> Loc:
+    """A run's own folder (under --out) as a Loc: the entry point hands down a Loc or a local path."""
+    return path if isinstance(path, Loc) else storage.resolve(path)
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema, path: Loc) -> pa.RecordBatch:
     """Every file of a list must have the first one's columns; types are cast to the first's."""
     if batch.schema.names != schema.names:
         raise SigmaError(
@@ -257,9 +307,12 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema, path: Path) -> pa.RecordB
         raise SigmaError(f"{path}: column types differ from the list's first file ({e})") from None
 
 
-def url_list(spec: str | Path, url_col: str | None = None, caption_col: str | None = None) -> UrlList:
-    """Resolve a URL list: its files and columns, checked from the headers (SigmaError naming the file)."""
-    files = expand(spec)
+def url_list(
+    spec: str | Path | Loc, url_col: str | None = None, caption_col: str | None = None, options: Any = None
+) -> UrlList:
+    """Resolve a URL list (a path or bucket URL; `options`: the `storage` config section): its files and
+    columns, checked from the headers (SigmaError naming the file)."""
+    files = expand(spec, options=options)
     for f in files:
         if not list_format(f):
             raise SigmaError(f"{f}: unsupported format; use .{', .'.join(FORMATS)} (or a folder or glob of them)")
@@ -278,11 +331,11 @@ def url_list(spec: str | Path, url_col: str | None = None, caption_col: str | No
     caption = choose(names, caption_col, CAPTION_NAMES, "--caption-col / curation.caption_col", str(files[0]))
     if all(list_format(f) == "parquet" for f in files) and not sum(count_rows(f) for f in files):
         raise SigmaError(f"{spec}: the URL list is empty")  # from the footers; text lists are counted by the split
-    return UrlList(str(spec), tuple(map(str, files)), url, caption, tuple(names))
+    return UrlList(str(spec), tuple(files), url, caption, tuple(names))
 
 
 def split_input(
-    path: str | Path, work: Path, shard_size: int, url_col: str | None = None, caption_col: str | None = None
+    path: str | Path, work: Path | Loc, shard_size: int, url_col: str | None = None, caption_col: str | None = None
 ) -> int:
     """`url_list(path, ...).split(work, shard_size)`: the keyed input shards of a URL list."""
     return url_list(path, url_col, caption_col).split(work, shard_size)

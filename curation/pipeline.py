@@ -64,6 +64,7 @@ SCORED_COLUMNS = [
     "t_embed",
 ]
 TIER_RANK = {t: i for i, t in enumerate(buckets.CURATION_TIERS)}
+ROWS_PER_BLOCK = 32  # rows a download task hands on at a time: a bucket tar's rows carry their images (MBs)
 MEASURE_BATCH = 4  # rows per measuring task: a few seconds of decoding for 4K photos
 # Per measuring task (Ray's logical memory, also what its issue detector checks: it advises more when
 # 1.25 x a task's peak USS exceeds it). Measured on the demo data: a worker peaks at 450 MiB, ~420 of
@@ -94,9 +95,13 @@ def measure(row: dict, cur: CurationConfig, options: Any = None) -> dict:
         "sha256": "",
         "phash": "",
     }
+    data = row.pop("data", None)  # a bucket tar's image, read in its shard's one pass (curation/sources.py)
     row["image"] = b""
+    if not row["reason"] and (problem := _unreadable(row["src"])):
+        row["reason"] = problem  # an input file on disk changed since the split: a row, the run goes on
     if not row["reason"]:
-        data = curated.read_member(row["src"], row["offset"], row["size"], options)
+        if data is None:
+            data = curated.read_member(row["src"], row["offset"], row["size"], options)
         info = metadata.inspect(
             data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier), cur.measure_seconds
         )
@@ -119,6 +124,16 @@ def measure(row: dict, cur: CurationConfig, options: Any = None) -> dict:
     return {**row, **out}
 
 
+def _unreadable(src: str) -> str | None:
+    """A local file that is no longer a readable regular file (sources.local_problem: a FIFO is never
+    opened), checked before the read; a bucket object is read as it is."""
+    if "://" in src:
+        return None
+    from curation import sources
+
+    return sources.local_problem(src)
+
+
 def size_verdict(height: int, width: int, min_tier: str) -> str | None:
     """`aspect_ratio` outside the bucket tables' 1:4..4:1, `too_small` below `min_tier`, else None."""
     if not buckets.MIN_ASPECT <= height / width <= buckets.MAX_ASPECT:
@@ -134,8 +149,14 @@ def download_rows(batch: dict, work: Loc, downloads: Loc, cur: CurationConfig, s
     placement.mark(work, "download")
     for shard in batch["shard"]:
         shard = int(shard)
-        rows = [{**r, "shard": shard} for r in source.shard_rows(work, downloads, shard, cur)]
-        yield {k: [r[k] for r in rows] for k in rows[0]}
+        rows: list[dict] = []
+        for r in source.shard_rows(work, downloads, shard, cur):
+            rows.append({**r, "shard": shard})
+            if len(rows) == ROWS_PER_BLOCK:  # images read in the rows (a bucket tar's) go on in bounded blocks
+                yield {k: [r[k] for r in rows] for k in rows[0]}
+                rows = []
+        if rows:
+            yield {k: [r[k] for r in rows] for k in rows[0]}
 
 
 def measure_rows(batch: dict, cur: CurationConfig, work: Loc | None = None, options: Any = None) -> dict:
@@ -253,7 +274,9 @@ def score_shards(pending: list[int], work: Loc, downloads: Loc, cfg: Config, sou
     )
     gather = ShardGather(expected)
     done = 0
-    with progress.bar(sum(expected.values()), "url", "download+score") as bar:
+    shard_word, item_word = source.words  # "download shard", "URLs"; on disk: "source shard", "images"
+    desc = "download+score" if shard_word.startswith("download") else "read+score"
+    with progress.bar(sum(expected.values()), f" {item_word}", desc) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for row in batch.to_dict("records"):
                 shard = int(row.pop("shard"))
@@ -262,7 +285,7 @@ def score_shards(pending: list[int], work: Loc, downloads: Loc, cfg: Config, sou
                     write_scored(work / "scored" / f"{shard:05d}.parquet", rows)
                     done += 1
                     progress.say(
-                        f"download shard {shard:05d}: {expected[shard]} URLs scored ({done}/{len(pending)} shards)"
+                        f"{shard_word} {shard:05d}: {expected[shard]} {item_word} scored ({done}/{len(pending)} shards)"
                     )  # the log's progress (no bar off a TTY)
             bar.update(len(batch))
     gather.close()
@@ -291,9 +314,8 @@ def run(urls, out: str | Path | Loc, cfg: Config, dedup_against: list = ()) -> d
     `urls`: a URL list's path (columns from `curation.url_col` / `caption_col` or found), or a resolved
     input (inputs.UrlList, sources.LocalImages: images on disk, no download).
     `dedup_against`: earlier runs' folders whose kept images new ones are deduplicated against."""
-    source = (
-        urls if hasattr(urls, "shard_rows") else inputs.url_list(urls, cfg.curation.url_col, cfg.curation.caption_col)
-    )
+    cur = cfg.curation
+    source = urls if hasattr(urls, "shard_rows") else inputs.url_list(urls, cur.url_col, cur.caption_col, cfg.storage)
     out = out if isinstance(out, Loc) else storage.resolve(out, cfg.storage)
     against = dedup_job.earlier_runs(dedup_against, out)
     fp = stage_fingerprint(source, cfg, against)
@@ -379,4 +401,13 @@ def summarize(out: Loc, work: Loc, n_shards: int, timings: dict, written: dict) 
         "seconds": {**{k: round(v, 3) for k, v in timings.items()}, **{k: round(v, 3) for k, v in cpu.items()}},
         "nodes": placement.counts(work),
         "img2dataset": download.shard_stats(out / "downloads", n_shards),
+        **_input_counts(work),
     }
+
+
+def _input_counts(work: Loc) -> dict:
+    """What the split of an on-disk input counted (captions_not_utf8: sources.CAPTIONS), else nothing."""
+    from curation import sources
+
+    path = work / "input" / sources.CAPTIONS
+    return json.loads(path.read_text()) if path.has_file() else {}

@@ -109,6 +109,12 @@ def manifest_file(curdir: Dir):
     return storage.parquet_file(path)
 
 
+def on_disk(curdir: Dir) -> bool:
+    """Whether the run read images on disk (--images: its manifest names each item's `source`)."""
+    with manifest_file(curdir) as f:
+        return "source" in f.schema_arrow.names
+
+
 def scan(curdir: Dir, columns: list[str]):
     """The manifest in DataFrames of BATCH rows holding only `columns`, numeric ones coerced, text
     ones "" for null, missing ones null; indexed by row number, so ties break by manifest order.
@@ -409,7 +415,7 @@ def _gallery_rows(curdir: Path, thumbs: set[str]) -> dict:
         "failed": Counter(),
         "failed_urls": None,
     }
-    for b in scan(curdir, [*GALLERY_COLUMNS, "url"]):
+    for b in scan(curdir, [*GALLERY_COLUMNS, "url", "source"]):
         kept, rejected, failed = (b[b["status"] == s] for s in (reasons.KEPT, reasons.REJECTED, reasons.FAILED))
         scored = kept[kept["aesthetic"].notna()]
         g["kept"] += len(kept)
@@ -422,7 +428,9 @@ def _gallery_rows(curdir: Path, thumbs: set[str]) -> dict:
         g["rejected"].update(rejected["reason"].value_counts(sort=False).to_dict())  # first-seen order for ties
         g["dups"].update(rejected.loc[rejected["dup_of"] != "", "dup_of"].value_counts(sort=False).to_dict())
         g["failed"].update(failed["reason"].value_counts(sort=False).to_dict())
-        g["failed_urls"] = _heads(g["failed_urls"], failed[["reason", "url"]], "reason", FAILED_EXAMPLES)
+        source = failed["source"].fillna("")  # a URL run's manifest has no source column: null
+        named = failed.assign(url=source.where(source != "", failed["url"]))  # on disk: the file
+        g["failed_urls"] = _heads(g["failed_urls"], named[["reason", "url"]], "reason", FAILED_EXAMPLES)
     return g
 
 
@@ -502,7 +510,8 @@ def _galleries(curdir: Path) -> str:
     if g["failed"]:
         urls = g["failed_urls"]
         rows = [(r, count, " ".join(urls["url"][urls["reason"] == r])) for r, count in _largest(g["failed"])]
-        out.append("<h2>Failed (no image)</h2>" + pages.table(["reason", "images", "example URLs"], rows, "failed"))
+        examples = "examples (file)" if on_disk(curdir) else "example URLs"
+        out.append("<h2>Failed (no image)</h2>" + pages.table(["reason", "images", examples], rows, "failed"))
     return "\n".join(out)
 
 
@@ -521,7 +530,7 @@ def build(curdir: Dir, cur: CurationConfig | None = None) -> str:
     stats = json.loads(stats_file.read_text()) if stats_file.has_file() else {}
     where = curdir.local.resolve() if curdir.is_local else curdir.url
     body = [
-        f'<p class="muted">{pages.esc(where)}: {total:,} URLs</p>',
+        f'<p class="muted">{pages.esc(where)}: {total:,} {"images" if on_disk(curdir) else "URLs"}</p>',
         _counts(curdir, total, stats),
         _thresholds(cur),
         _histograms(curdir, cur),

@@ -10,9 +10,11 @@ import sys
 
 if __name__ == "__main__":  # as a script: the repo root replaces this folder (its modules must not shadow the stdlib)
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from common import interpreter  # standard library only, before any package loads
+
+    interpreter.check()  # the system python (no venv): one line on how to get the project's
 
 from common import cli, config
-from shards import storage
 from shards.errors import SigmaError
 
 EXAMPLE = "python curation/run.py --urls urls.parquet --out curated --profile demo"
@@ -43,11 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--url-col", help="the URL column (curation.url_col)")
     p.add_argument("--caption-col", help="the caption / alt-text column (curation.caption_col)")
     p.add_argument("--image-col", help="a table's image-bytes column, for --images (curation.image_col)")
-    p.add_argument(
-        "--out",
-        required=True,
-        help="output folder or bucket prefix (s3://bucket/cur); rerun with the same arguments to resume",
-    )
+    p.add_argument("--out", required=True, help="output folder (rerun with the same arguments to resume)")
     p.add_argument(
         "--dedup-against",
         nargs="+",
@@ -61,30 +59,43 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("url_col", "caption_col", "image_col"):
         if getattr(args, flag):
             setattr(cfg.curation, flag, getattr(args, flag))
-    try:  # once, here: every step below writes through this Loc
-        out = storage.resolve(args.out, cfg.storage)
-        out_reachable(out)
-    except SigmaError as e:
-        cli.fail(str(e))
     not_checked = _input_problems(cfg)  # the checks a real run makes, so --dry-run is honest
     from curation import dedup_job, inputs, pipeline
+    from shards import storage
 
+    try:  # each user path resolved once; a bucket's endpoint, access and existence checked (reads only)
+        out = storage.resolve(args.out, cfg.storage)
+        against = [storage.resolve(a, cfg.storage) for a in args.dedup_against]
+        for loc in (storage.resolve(args.urls or args.images, cfg.storage), out, *against):
+            storage.probe(loc)
+    except SigmaError as e:
+        cli.fail(str(e))
     source = None
     try:
-        source = input_source(args, cfg.curation)  # headers read, columns chosen
+        source = input_source(args, cfg)  # headers read, columns chosen
     except inputs.NotFound as e:  # --dry-run plans without the data, and says what it could not check
         not_checked.append(str(e))
     except SigmaError as e:
         cli.fail(str(e))
+    except Exception as e:  # a storage fault past the probe (a key's own policy, a dropped connection)
+        message = storage.failure(args.urls or args.images, e)
+        if message is None:
+            raise
+        cli.fail(message)
     if not_checked and not args.dry_run:
         cli.fail(not_checked[0])
     for line in not_checked:  # a dry run needs no model files or input yet: it says what it could not check
         cli.unchecked(line)
 
     try:
-        dedup_job.earlier_runs(args.dedup_against, out, cfg.storage)
+        against = dedup_job.earlier_runs(against, out)
     except SigmaError as e:
         cli.fail(str(e))
+    except Exception as e:
+        message = storage.failure("--dedup-against", e)
+        if message is None:
+            raise
+        cli.fail(message)
     if args.urls and source is not None and source.caption_col is None:  # runs, but says so (after the checks)
         print(
             f"note: {args.urls}: no caption column (looked for {', '.join(inputs.CAPTION_NAMES)}): no KEY.txt, "
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         with cli.user_errors():
-            stats = pipeline.run(source, out, cfg, args.dedup_against)
+            stats = pipeline.run(source, out, cfg, against)
     except FileNotFoundError as e:
         cli.fail(str(e).splitlines()[0])
     if not stats["kept"]:  # a finished run, but say so: every input is in the manifest with its reason
@@ -119,27 +130,15 @@ def main(argv: list[str] | None = None) -> None:
             f"curation: 0 of {stats['urls']} {what} kept ({why}); see {args.out}/manifest.parquet and report.html",
             file=sys.stderr,
         )
-    print(json.dumps({k: stats[k] for k in ("urls", "status", "reason", "tier", "kept", "shards")}), file=sys.stdout)
+    if args.images:  # on disk: what the input itself says about how it was made
+        from curation import sources
 
-
-def out_reachable(out: storage.Loc) -> None:
-    """A bucket --out: its bucket exists and these credentials reach it (one request, nothing written, so a
-    dry run checks it too); SigmaError naming the URL and the cause. A local folder is made when written."""
-    if out.is_local:
-        return
-    bucket = out.path.split("/", 1)[0]
-    try:
-        if storage.BACKENDS[out.scheme][0] == "s3":
-            out.fs.call_s3("head_bucket", Bucket=bucket)
-        elif not out.fs.exists(bucket):
-            raise FileNotFoundError(bucket)
-    except FileNotFoundError:
-        raise SigmaError(f"--out {out}: no bucket {bucket!r} at this endpoint") from None
-    except PermissionError:
-        raise SigmaError(f"--out {out}: access denied to bucket {bucket!r} (check the credentials or role)") from None
-    except Exception as e:  # noqa: BLE001 - unreachable endpoint, bad region...: one line with the cause
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise SigmaError(f"--out {out}: cannot reach the bucket ({type(e).__name__}: {first})") from None
+        for note in sources.notes(stats, out / "manifest.parquet"):
+            print(f"note: {note}", file=sys.stderr)
+    # the summary counts images on disk as images (stats.json keeps its key `urls`: others read it)
+    summary = {"urls" if args.urls else "images": stats["urls"]}
+    summary.update({k: stats[k] for k in ("status", "reason", "tier", "kept", "shards")})
+    print(json.dumps(summary), file=sys.stdout)
 
 
 def _input_problems(cfg) -> list[str]:
@@ -163,13 +162,14 @@ def _input_problems(cfg) -> list[str]:
     return problems
 
 
-def input_source(args, cur):
-    """--urls or --images resolved (files, kind, columns), from headers only."""
+def input_source(args, cfg):
+    """--urls or --images resolved (files, kind, columns; on disk or in a bucket), from headers only."""
     from curation import inputs, sources
 
+    cur = cfg.curation
     if args.images:
-        return sources.local_images(args.images, args.out, cur.caption_col, cur.image_col, cur.url_col)
-    return inputs.url_list(args.urls, cur.url_col, cur.caption_col)
+        return sources.local_images(args.images, args.out, cur.caption_col, cur.image_col, cur.url_col, cfg.storage)
+    return inputs.url_list(args.urls, cur.url_col, cur.caption_col, cfg.storage)
 
 
 if __name__ == "__main__":

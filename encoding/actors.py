@@ -9,11 +9,10 @@ as uint8 bytes and tensors as safetensors bytes, so every column is a plain Arro
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
-from shards import buckets, captions, curated, encoded, reasons
+from shards import buckets, captions, curated, encoded, reasons, storage
 from shards import format as fmt
 from shards.errors import SigmaError
 
@@ -49,6 +48,11 @@ def _row(**kw) -> dict:
     return {**ROW, **kw}
 
 
+def _loc(p) -> storage.Loc:
+    """A task's path: the driver hands Locs (disk or bucket); a plain local path is taken too."""
+    return p if isinstance(p, storage.Loc) else storage.resolve(p)
+
+
 # ---------------------------------------------------------------------------------------------
 # Stage 1: read one curated shard (task) -> one row per sample
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +61,7 @@ def _row(**kw) -> dict:
 def _captions(task: dict) -> dict[str, dict]:
     """{key: caption row} from the shard's caption file (a CAPDIR's, or a caption table's part for this
     shard: encoding/caption_table.py); empty when the file is missing or unreadable (missing_caption)."""
-    path = Path(task["captions"])
+    path = _loc(task["captions"])  # a file on disk or an object in a bucket
     if not path.exists():
         print(f"encode: {path}: no caption file; its samples are reported as missing_caption", flush=True)
         return {}
@@ -70,16 +74,17 @@ def _captions(task: dict) -> dict[str, dict]:
 
 def read_shard(task: dict, tier: str):
     """Rows for every sample of one curated shard, minus those already encoded (`task["done"]`)."""
-    source, done = Path(task["shard"]).name, set(task["done"])
+    shard = _loc(task["shard"])
+    source, done = shard.name, set(task["done"])
     rows = _captions(task)
     try:
-        curated.keys(task["shard"])  # the whole tar is checked before any row is made
+        curated.keys(shard)  # the whole tar is checked before any row is made
     except curated.CorruptShard as e:
         print(f"encode: {e}; skipped", flush=True)
         for k in sorted((set(rows) | set(e.keys)) - done):
             yield _row(key=k, source=source, status=FAILED, reason=reasons.CORRUPT_SHARD)
         return
-    for key, members in curated.samples(task["shard"]):
+    for key, members in curated.samples(shard):
         if key not in done:
             yield _sample_row(key, members, rows.get(key), source, tier)
 

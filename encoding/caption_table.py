@@ -20,38 +20,41 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-from pathlib import Path
 
 from common import gather
-from shards import atomic, captions, curated
+from shards import atomic, captions, curated, storage
 from shards import format as fmt
 from shards.errors import SigmaError
 
-WORK = Path("_work") / "captions"
+WORK = "_work/captions"
 SLICE_ROWS = 1_000_000  # rows per split task of a big parquet: ~1 GB of pandas at ~300-character captions
 SPANS, PARTS, TABLE = "spans.parquet", "parts", "table.json"
 TASK_CPUS = 0.5  # reading and writing parquet is mostly I/O
 
 
-def work_dir(encdir: str | Path, source: captions.CaptionSource, shard_list: list[str]) -> Path:
-    """ENCDIR/_work/captions/<digest>: one folder per (table files, shards) as they are now."""
+def _loc(p: captions.Place) -> storage.Loc:
+    return p if isinstance(p, storage.Loc) else storage.resolve(p)
+
+
+def work_dir(encdir: captions.Place, source: captions.CaptionSource, shard_list: list) -> storage.Loc:
+    """ENCDIR/_work/captions/<digest>: one folder per (table files, shards) as they are now (path, size and
+    mtime on disk; URL, size and ETag in a bucket)."""
     h = hashlib.sha256()
     for group in (source.files, shard_list):
-        for p in group:
-            st = Path(p).stat()
-            h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        for p in map(_loc, group):
+            h.update(("\t".join([str(p), *map(str, p.info().values())]) + "\n").encode())
         h.update(b"\n")
-    return Path(encdir) / WORK / h.hexdigest()[:16]
+    return _loc(encdir) / WORK / h.hexdigest()[:16]
 
 
-def prepare(ray, source: captions.CaptionSource, shard_list: list[str], encdir: str | Path) -> Path:
+def prepare(ray, source: captions.CaptionSource, shard_list: list, encdir: captions.Place) -> storage.Loc:
     """Write WORK/NNNNN.parquet for every shard (reusing those that exist); returns WORK.
     SigmaError (one line) for a key given twice, or a table none of whose keys is a curated key."""
+    shard_list = [_loc(s) for s in shard_list]
     work = work_dir(encdir, source, shard_list)
-    for old in (Path(encdir) / WORK).glob("*"):  # made from another table or other shards
+    for old in (_loc(encdir) / WORK).iterdir():  # made from another table or other shards
         if old != work:
-            shutil.rmtree(old, ignore_errors=True)
+            old.rmtree()
     window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
     todo = [s for s in shard_list if not fmt.caption_file(work, s).exists()]
     if todo:
@@ -61,7 +64,7 @@ def prepare(ray, source: captions.CaptionSource, shard_list: list[str], encdir: 
             got = dict(_gather(gather.bounded(((s, task.remote(s)) for s in shard_list), window)))
             atomic.write_parquet(work / SPANS, _spans_table(shard_list, got))
         task = ray.remote(num_cpus=TASK_CPUS)(split)
-        facts = dict(_gather(gather.bounded(((s["id"], task.remote(s, str(work))) for s in slices(source)), window)))
+        facts = dict(_gather(gather.bounded(((s["id"], task.remote(s, work)) for s in slices(source)), window)))
         order = sorted(facts)  # slice ids sort in file order: the first file's first key is the example
         table = dict(
             rows=sum(facts[i]["rows"] for i in order),
@@ -69,18 +72,23 @@ def prepare(ray, source: captions.CaptionSource, shard_list: list[str], encdir: 
         )
         atomic.write_text(work / TABLE, json.dumps(table))
         task = ray.remote(num_cpus=TASK_CPUS)(merge)
-        list(_gather(gather.bounded(((s, task.remote(s, str(work), source.path)) for s in todo), window)))
-        shutil.rmtree(work / PARTS, ignore_errors=True)
+        list(_gather(gather.bounded(((s, task.remote(s, work, source.path)) for s in todo), window)))
+        (work / PARTS).rmtree()
     _check_some_key_matches(work, source, shard_list)
     return work
 
 
-def _check_some_key_matches(work: Path, source: captions.CaptionSource, shard_list: list[str]) -> None:
-    """Refuse a table none of whose keys is a curated key (counted from the files' footers and WORK/table.json)."""
+def _rows_in(path: storage.Loc) -> int:
     import pyarrow.parquet as pq
 
+    with captions.readable(path) as src:
+        return int(pq.ParquetFile(src).metadata.num_rows)
+
+
+def _check_some_key_matches(work: storage.Loc, source: captions.CaptionSource, shard_list: list) -> None:
+    """Refuse a table none of whose keys is a curated key (counted from the files' footers and WORK/table.json)."""
     table = json.loads((work / TABLE).read_text())
-    if table["rows"] and not any(pq.ParquetFile(fmt.caption_file(work, s)).metadata.num_rows for s in shard_list):
+    if table["rows"] and not any(_rows_in(fmt.caption_file(work, s)) for s in shard_list):
         raise captions.no_curated_key(source.path, table["rows"], table["example"])
 
 
@@ -101,7 +109,7 @@ def _gather(results):
 # ---------------------------------------------------------------------------------------------
 
 
-def span(shard: str) -> tuple[str | None, str | None]:
+def span(shard: captions.Place) -> tuple[str | None, str | None]:
     """(smallest, largest) key of a curated shard; (None, None) when it has none. A corrupt shard gives
     the span of the keys read before the fault (as before: read_shard reports them corrupt_shard)."""
     try:
@@ -111,12 +119,12 @@ def span(shard: str) -> tuple[str | None, str | None]:
     return (min(keys), max(keys)) if keys else (None, None)
 
 
-def _spans_table(shard_list: list[str], got: dict):
+def _spans_table(shard_list: list[storage.Loc], got: dict):
     import pyarrow as pa
 
     return pa.table(
         {
-            "shard": shard_list,
+            "shard": [str(s) for s in shard_list],
             "first": pa.array([got[s][0] for s in shard_list], pa.string()),
             "last": pa.array([got[s][1] for s in shard_list], pa.string()),
         }
@@ -131,11 +139,12 @@ def slices(source: captions.CaptionSource) -> list[dict]:
 
     out = []
     for i, f in enumerate(source.files):
-        if not f.endswith(".parquet"):
+        if f.suffix != ".parquet":
             out.append(dict(id=f"{i:05d}-00000", file=f, row_groups=None))
             continue
         try:
-            meta = pq.ParquetFile(f).metadata
+            with captions.readable(f) as src:
+                meta = pq.ParquetFile(src).metadata
         except (OSError, pa.ArrowException) as e:  # the message read_file gives
             raise SigmaError(f"{f}: unreadable caption file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         groups, start, rows = [], 0, 0
@@ -149,21 +158,23 @@ def slices(source: captions.CaptionSource) -> list[dict]:
     return out
 
 
-def split(piece: dict, work: str) -> dict:
+def split(piece: dict, work: captions.Place) -> dict:
     """One slice's rows, cut by shard span into WORK/parts/<id>/NNNNN.parquet; returns (and records in
     WORK/parts/<id>.json, written last) its row count and first key. A finished slice is not redone."""
     import numpy as np
     import pyarrow.parquet as pq
 
-    parts = Path(work) / PARTS
+    work = _loc(work)
+    parts = work / PARTS
     marker = parts / f"{piece['id']}.json"
     if marker.exists():
         return dict(json.loads(marker.read_text()))
     df = captions.read_file(piece["file"], piece["row_groups"])
     example = str(df["key"].iloc[0]) if len(df) else None
-    df = df.assign(file=Path(piece["file"]).stem).sort_values("key", kind="stable")
+    df = df.assign(file=_loc(piece["file"]).stem).sort_values("key", kind="stable")
     keys = df["key"].to_numpy(dtype=object)
-    spans = pq.read_table(Path(work) / SPANS).to_pylist()
+    with captions.readable(work / SPANS) as src:
+        spans = pq.read_table(src).to_pylist()
     for s in spans:
         if s["first"] is None:
             continue
@@ -175,7 +186,7 @@ def split(piece: dict, work: str) -> dict:
     return facts
 
 
-def merge(shard: str, work: str, table_path: str) -> int:
+def merge(shard: captions.Place, work: captions.Place, table_path: str) -> int:
     """WORK/NNNNN.parquet: the shard's own keys' rows from every slice; returns how many. A key with two
     rows is refused, naming the files (shards.captions.check_unique)."""
     import pandas as pd
@@ -184,8 +195,12 @@ def merge(shard: str, work: str, table_path: str) -> int:
         keys = set(curated.keys(shard))
     except curated.CorruptShard as e:
         keys = set(e.keys)
+    work = _loc(work)
     name = fmt.caption_file("", shard).name
-    frames = [pd.read_parquet(p) for p in sorted((Path(work) / PARTS).glob(f"*/{name}"))]
+    frames = []
+    for p in (work / PARTS).glob(f"*/{name}"):
+        with captions.readable(p) as src:
+            frames.append(pd.read_parquet(src))
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*fmt.CAPTION_COLUMNS, "file"])
     df = df[df["key"].isin(keys)]
     captions.check_unique(df, table_path)

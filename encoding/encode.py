@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 from common import cli, progress, ray_start
 from encoders import vae
 from encoding import actors, caption_table
-from shards import buckets, captions, encoded, fingerprint, reasons
+from shards import buckets, captions, encoded, fingerprint, reasons, storage
 from shards import format as fmt
 from shards.errors import SigmaError
 
@@ -49,11 +48,12 @@ def plan(cfg, images: str, captions_path: str, out: str, tier: str) -> dict:
         e.vae_tiling,
         buckets.TIER_TABLES[tier],
     )
-    shards = [str(p) for p in fmt.expand_shards(images)]
+    storage.resolve(out, cfg.storage)  # a URL this layer refuses is one line, before anything is read
+    locs = fmt.shard_locs(images, cfg.storage)
     return dict(
         images=images,
-        shards=len(shards),
-        shard_list=shards,
+        shards=len(locs),
+        shard_list=locs,
         captions=captions_path,
         out=out,
         tier=tier,
@@ -62,6 +62,7 @@ def plan(cfg, images: str, captions_path: str, out: str, tier: str) -> dict:
         t5=m.t5,
         vae=m.vae,
         encode=dataclasses.asdict(e),
+        storage=cfg.storage,
     )
 
 
@@ -69,10 +70,10 @@ def check_inputs(p: dict) -> captions.CaptionSource:
     """The image shards exist and `--captions` holds caption files; SigmaError (one line) otherwise."""
     if not p["shard_list"]:
         raise SigmaError(f"--images {p['images']}: no shards found")
-    missing = [s for s in p["shard_list"] if not Path(s).exists()]
+    missing = [s for s in p["shard_list"] if not s.exists()]
     if missing:
         raise SigmaError(f"--images: {missing[0]}: no such file")
-    return captions.resolve(p["captions"], p["shard_list"])
+    return captions.resolve(p["captions"], p["shard_list"], p["storage"])
 
 
 def stage_fingerprint(cfg, p: dict, source: captions.CaptionSource) -> dict:
@@ -84,15 +85,15 @@ def stage_fingerprint(cfg, p: dict, source: captions.CaptionSource) -> dict:
         "--captions": fingerprint.listing(files),
         "models.t5": encoded.model_id(m.t5),
         "models.vae": encoded.model_id(m.vae),
-        "format": f"{encoded.FORMAT_VERSION}/{encoded.PREPROCESS}",
+        "format": f"{encoded.LATENT_FORMAT}/{encoded.PREPROCESS}",
         **fingerprint.flat(e, "encode"),
     }
 
 
-def _check_fingerprint(cfg, p: dict, source: captions.CaptionSource, encdir: Path, reencode: bool) -> None:
+def _check_fingerprint(cfg, p: dict, source: captions.CaptionSource, encdir: storage.Loc, reencode: bool) -> None:
     """Refuse a resume with other inputs or settings, unless --reencode accepts them."""
     if reencode:
-        (encdir / fingerprint.FILE).unlink(missing_ok=True)
+        (encdir / fingerprint.FILE).unlink()
     try:
         fingerprint.check(encdir, stage_fingerprint(cfg, p, source))
     except SigmaError as e:
@@ -110,8 +111,8 @@ def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: boo
     p = plan(cfg, images, captions_path, out, tier)
     source = check_inputs(p)
     fp, e = p["fingerprint"], cfg.encode
-    encdir = Path(out)
-    encdir.mkdir(parents=True, exist_ok=True)
+    encdir = storage.resolve(out, cfg.storage)
+    encdir.mkdir()
     _check_tier(encdir, tier)
     _check_fingerprint(cfg, p, source, encdir, reencode)
     removed = encoded.remove_incomplete(encdir) + encoded.remove_stale(encdir, fp)
@@ -134,7 +135,7 @@ def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: boo
             w.abort()
         raise
 
-    index = _merge_index(encdir, encoded.committed_rows(encdir), failures, {t["shard"] for t in tasks})
+    index = _merge_index(encdir, encoded.committed_rows(encdir), failures, {t["shard"].name for t in tasks})
     atomic.write_parquet(encdir / encoded.INDEX, pa.Table.from_pandas(index, preserve_index=False))
     _write_info(ray, encdir, cfg, tier, fp)
     counts = index.groupby(["status", "reason"]).size().to_dict() if len(index) else {}
@@ -150,7 +151,9 @@ def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: boo
     )
 
 
-def _encode(ray, tasks: list[dict], cfg, tier: str, encdir: Path, fp: str, writers: dict, failures: list) -> None:
+def _encode(
+    ray, tasks: list[dict], cfg, tier: str, encdir: storage.Loc, fp: str, writers: dict, failures: list
+) -> None:
     """Stream every sample through the stages; kept ones go to their bucket's writer, others to `failures`."""
     with progress.bar(_to_encode(tasks), "sample", f"encode {tier}") as bar:
         for batch in _dataset(ray, tasks, cfg, tier).iter_batches(batch_size=64, batch_format="numpy"):
@@ -173,15 +176,16 @@ def _encode(ray, tasks: list[dict], cfg, tier: str, encdir: Path, fp: str, write
 
 
 def _tasks(
-    shard_list: list[str], source: captions.CaptionSource, capdir: Path | None, done_by_source: dict
+    shard_list: list[storage.Loc], source: captions.CaptionSource, capdir: storage.Loc | None, done_by_source: dict
 ) -> list[dict]:
     """One read task per curated shard, naming its caption file: the per-shard file of a CAPDIR, or of
-    `capdir`, the per-shard files a caption table was split into (encoding/caption_table.py)."""
+    `capdir`, the per-shard files a caption table was split into (encoding/caption_table.py). Tasks get
+    Locs: a worker reads the tar and the caption file where they are (disk or bucket)."""
     return [
         dict(
             shard=s,
-            captions=str(fmt.caption_file(capdir, s) if capdir is not None else source.shard_file(s)),
-            done=done_by_source.get(Path(s).name, []),
+            captions=fmt.caption_file(capdir, s) if capdir is not None else source.shard_file(s),
+            done=done_by_source.get(s.name, []),
         )
         for s in shard_list
     ]
@@ -205,7 +209,11 @@ def _to_encode(tasks: list[dict]) -> int | None:
     import pyarrow.parquet as pq
 
     try:
-        return sum(pq.ParquetFile(t["captions"]).metadata.num_rows - len(t["done"]) for t in tasks)
+        n = 0
+        for t in tasks:
+            with captions.readable(t["captions"]) as src:
+                n += pq.ParquetFile(src).metadata.num_rows - len(t["done"])
+        return n
     except (OSError, ValueError):  # reported per sample as missing_caption; the bar just has no ETA
         return None
 
@@ -246,7 +254,7 @@ def _dataset(ray, tasks: list[dict], cfg, tier: str):
     return ds
 
 
-def _check_tier(encdir: Path, tier: str) -> None:
+def _check_tier(encdir: storage.Loc, tier: str) -> None:
     """One ENCDIR holds one tier: a different --tier is almost surely a typo, not a wish to re-encode."""
     path = encdir / encoded.INFO
     if path.exists():
@@ -301,30 +309,32 @@ def _index_row(row: dict, fp: str, shard: str) -> dict:
     )
 
 
-def _merge_index(encdir: Path, committed, failures: list[dict], inputs: set[str]):
+def _merge_index(encdir: storage.Loc, committed, failures: list[dict], inputs: set[str]):
     """Committed rows + this run's non-encoded rows + earlier runs' non-encoded rows of other inputs."""
     import pandas as pd
     import pyarrow.parquet as pq
 
-    frames = [committed, pd.DataFrame(failures, columns=encoded.INDEX_COLUMNS)]
+    columns = encoded.INDEX_COLUMNS + [encoded.len_column(n) for n in encoded.INLINE_SETS]
+    frames = [committed, pd.DataFrame(failures, columns=columns)]
     old_path = encdir / encoded.INDEX
     if old_path.exists():
-        old = pq.read_table(old_path).to_pandas()
-        old = old[(old["status"] != KEPT) & ~old["source"].isin({Path(s).name for s in inputs})]
+        with captions.readable(old_path) as src:
+            old = pq.read_table(src).to_pandas()
+        old = old[(old["status"] != KEPT) & ~old["source"].isin(inputs)]
         frames.append(old)
     index = (
         pd.concat([f for f in frames if len(f)], ignore_index=True)
         if any(len(f) for f in frames)
-        else pd.DataFrame(columns=encoded.INDEX_COLUMNS)
+        else pd.DataFrame(columns=columns)
     )
-    index = index.drop_duplicates("key", keep="first")[encoded.INDEX_COLUMNS]
+    index = index.drop_duplicates("key", keep="first")[columns]
     return index.sort_values(["source", "key"], kind="stable").reset_index(drop=True)
 
 
-def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
+def _write_info(ray, encdir: storage.Loc, cfg, tier: str, fp: str) -> None:
     """info.json (the T5 and VAE used: path, id, revision; VAE scaling factor, latent channels, T5 width)
     and the null caption, once per fingerprint. Training copies the models into its run.json."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from shards import atomic
 
@@ -334,9 +344,12 @@ def _write_info(ray, encdir: Path, cfg, tier: str, fp: str) -> None:
     if old.get("fingerprint") != fp or not null_path.exists():
         r = e.t5_resources
         task = ray.remote(num_gpus=r.num_gpus or None, num_cpus=r.num_cpus)(actors.null_caption)
-        atomic.write_bytes(null_path, ray.get(task.remote(m.t5, e.t5_dtype, e.t5_max_length)))
+        data = ray.get(task.remote(m.t5, e.t5_dtype, e.t5_max_length))
+        atomic.write_bytes(null_path, data)
+    else:
+        data = null_path.read_bytes()
     scale, channels = vae.latent_format(vae.read_config(m.vae))
-    y = load_file(null_path)["y_embedding"]  # [L, C]
+    y = load(data)["y_embedding"]  # [L, C]
     encoded.write_info(
         encdir,
         dict(
@@ -394,7 +407,7 @@ def main(argv: list[str] | None = None) -> None:
                 p.update(captions_kind=source.kind, caption_files=len(source.files))
             except SigmaError as e:  # the data may come later: say what was not checked
                 p["not_checked"] = [cli.unchecked(str(e))]
-            cli.print_plan({k: v for k, v in p.items() if k != "shard_list"})
+            cli.print_plan({k: v for k, v in p.items() if k not in ("shard_list", "storage")})
             return
         summary = run(cfg, args.images, args.captions, args.out, args.tier, reencode=args.reencode)
     print(json.dumps(summary, indent=2))

@@ -83,7 +83,7 @@ def summary_markdown(metrics: dict, paired: list[dict], settings: dict) -> str:
         "| model | stage | images | CLIP score | aesthetic |",
         "| --- | --- | ---: | --- | --- |",
     ]
-    fmt = lambda r: f"{r['mean']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}]"
+    fmt = results.fmt
     for run, v in metrics["overall"].items():
         stage = (metrics["models"].get(run) or {}).get("stage") or "-"
         lines.append(f"| {run} | {stage} | {v['clip_score']['n']} | {fmt(v['clip_score'])} | {fmt(v['aesthetic'])} |")
@@ -110,7 +110,7 @@ def fid_all(
     metas: list[dict],
     runs: list[str],
     reference: str,
-    inception: str,
+    inception: dict,
     features: int,
     resamples: int,
     evaldir: Path,
@@ -118,10 +118,11 @@ def fid_all(
     log=print,
 ) -> tuple[dict, dict]:
     """{(run, category or None): FID result} over every model, overall and per category (the
-    reference's category folders against the prompts' categories), and the reference's description."""
+    reference's category folders against the prompts' categories), and the reference's description.
+    `inception`: `fid.inception_file`'s facts (whether its FIDs are comparable with published ones)."""
     from PIL import Image
 
-    extract = fid.InceptionFeatures(inception, features, device)
+    extract = fid.InceptionFeatures(inception["path"], features, device)
     ref, ref_cats = fid.reference_features(extract, reference, evaldir / FID_CACHE, log)
     out = {}
     for run in runs:
@@ -136,8 +137,20 @@ def fid_all(
             fake = feats[[i for i, m in enumerate(mine) if m.get("category") == cat]]
             real = ref[[i for i, c in enumerate(ref_cats) if c == cat]]
             out[run, cat] = fid.fid_with_interval(fake, real, resamples)
-        log(f"{run}: FID {out[run, None]['fid']:.3f} over {len(mine)} images")
-    return out, {"path": str(reference), "n": len(ref), "features": features, "inception": str(inception)}
+        caveats = [inception["note"]] if inception["note"] else []
+        if out[run, None]["biased"]:
+            caveats.append(f"biased: fewer than {fid.MIN_IMAGES:,} images")
+        log(f"{run}: FID {out[run, None]['fid']:.3f} over {len(mine)} images" + "".join(f" ({c})" for c in caveats))
+    return out, {
+        "path": str(reference),
+        "n": len(ref),
+        "features": features,
+        "inception": inception["path"],
+        "inception_sha256": inception["sha256"],
+        "comparable": inception["comparable"],
+        "note": inception["note"],
+        "min_images": fid.MIN_IMAGES,
+    }
 
 
 def main(argv=None) -> None:
@@ -151,14 +164,14 @@ def main(argv=None) -> None:
         "Score every model's images in an evaluation folder: CLIP-Score, "
         "aesthetic and the configured reward models per image, each model's means with 95% bootstrap "
         "intervals (overall and per prompt category), FID against a reference image set.",
-        "evaluation/evaluate eval/1k --reference mjhq30k_imgs --inception pt_inception-2015-12-05.pth",
+        f"evaluation/evaluate eval/1k --reference mjhq30k_imgs --inception {fid.REFERENCE_FILE}",
     )
     p.add_argument("evaldir", metavar="EVALDIR", help="the evaluation folder: images/<model>/<prompt>-<seed>.png")
     p.add_argument("--reference", help="reference image folder for FID (MJHQ-30K's mjhq30k_imgs/<category>/...)")
     p.add_argument(
         "--inception",
-        help="with --reference: torch-fidelity's InceptionV3 weights file "
-        "(weights-inception-2015-12-05-6726825d.pth); never downloaded",
+        help=f"with --reference: torch-fidelity's InceptionV3 weights file ({fid.REFERENCE_FILE}); "
+        "never downloaded; any other file's FIDs are labelled not comparable",
     )
     p.add_argument(
         "--fid-features",
@@ -196,12 +209,16 @@ def main(argv=None) -> None:
             }
         )
         return
-    try:
+    inception = None
+    try:  # every input checked before any model loads: one line each
         if args.reference and not args.inception:
             raise SigmaError("--reference needs --inception FILE (the Inception weights are never downloaded)")
+        if args.inception and not args.reference:
+            raise SigmaError("--inception needs --reference DIR (the image set FID compares against)")
         metas, runs, records = models(evaldir)
         if args.reference:
-            fid.reference_images(args.reference)  # a one-line error before any model loads
+            fid.reference_images(args.reference)
+            inception = fid.inception_file(args.inception)
     except SigmaError as e:
         cli.fail(str(e))
     if args.dry_run:
@@ -234,10 +251,8 @@ def main(argv=None) -> None:
         df = score_images(scorer, metas, evaldir)
         del scorer
         fids, reference = (
-            fid_all(
-                metas, runs, args.reference, args.inception, args.fid_features, args.fid_resamples, evaldir, args.device
-            )
-            if args.reference
+            fid_all(metas, runs, args.reference, inception, args.fid_features, args.fid_resamples, evaldir, args.device)
+            if inception
             else ({}, None)
         )
     except SigmaError as e:

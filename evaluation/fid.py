@@ -1,11 +1,12 @@
 """FID against a reference image set, through torchmetrics' `FrechetInceptionDistance`.
 
 The Inception network is the library's own (`NoTrainInceptionV3`, torch-fidelity's
-`FeatureExtractorInceptionV3`: the TF-ported "pt_inception-2015-12-05" weights, resized to 299 with
-its TF1-style bilinear interpolation), loaded from a local file in the format it reads
-(`torch.load` -> state dict; torch-fidelity's release file `weights-inception-2015-12-05-6726825d.pth`),
-never downloaded. `write_standin` writes a random-weight file in that exact format for tests and the
-demo (its FIDs mean nothing, but every line of the real path runs).
+`FeatureExtractorInceptionV3`: the TF-ported 2015-12-05 Inception, resized to 299 with its TF1-style
+bilinear interpolation), loaded from a local file in the format it reads (`torch.load` -> state dict;
+torch-fidelity's release file `weights-inception-2015-12-05-6726825d.pth`), never downloaded. Only that
+file (known by its sha256, whatever its name) gives FIDs comparable with published ones: any other is
+labelled "not comparable" in metrics.json and on the page. `write_standin` writes a random-weight file
+in that exact format for tests and the demo (its FIDs mean nothing, but every line of the real path runs).
 
 Features are extracted once per image (the metric's own `inception`); the distance is the
 library's `_compute_fid` on their mean and covariance (float64), exactly what
@@ -26,6 +27,33 @@ from shards.errors import SigmaError
 
 FEATURES = 2048  # pool3, the FID everyone reports; 64/192/768 are the library's smaller taps
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+REFERENCE_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# torch-fidelity's release file (the same 95,628,359 bytes as pytorch-fid's pt_inception-2015-12-05-6726825d.pth):
+# the file name carries the first 8 hex digits of its sha256 (torch.hub's hash-prefix convention, which
+# torch-fidelity's download URL follows); the full digest as pinned for that file by genforce's
+# models/inception_model.py (`_MODEL_URL_SHA256['tf_inception_v3']`) and by others who check it.
+REFERENCE_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
+# FID is biased upward on small sets (the bias falls like 1/N: Chong & Forsyth, "Effectively Unbiased FID",
+# CVPR 2020); published FIDs use 10k-50k images (MJHQ-30K: 30,000), so fewer is flagged as not comparable.
+MIN_IMAGES = 10_000
+
+
+def inception_file(path: str | Path) -> dict:
+    """The `--inception` file checked before any model loads: {path, sha256, comparable (whether it is
+    the reference weights, by content), note (why not)}; a one-line error when it is not a file."""
+    p = Path(path)
+    if not p.is_file():
+        raise SigmaError(
+            f"--inception {path}: file not found (torch-fidelity's {REFERENCE_FILE}, see evaluation/README.md)"
+        )
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # ~0.2 s for the 96 MB file
+            h.update(block)
+    digest = h.hexdigest()
+    comparable = digest == REFERENCE_SHA256
+    note = None if comparable else f"not comparable: {p.name} is not {REFERENCE_FILE} (sha256 {digest[:12]}...)"
+    return {"path": str(p), "sha256": digest, "comparable": comparable, "note": note}
 
 
 class InceptionFeatures:
@@ -36,8 +64,7 @@ class InceptionFeatures:
 
         if not Path(weights).is_file():
             raise SigmaError(
-                f"--inception {weights}: file not found (torch-fidelity's "
-                "weights-inception-2015-12-05-6726825d.pth, see evaluation/README.md)"
+                f"--inception {weights}: file not found (torch-fidelity's {REFERENCE_FILE}, see evaluation/README.md)"
             )
         try:
             self.metric = FrechetInceptionDistance(feature=features, feature_extractor_weights_path=str(weights))
@@ -78,14 +105,16 @@ def fid_with_interval(
 ) -> dict:
     """FID of the generated set against the reference, and a percentile interval over bootstrap
     resamples of the generated images (duplicates in a resample raise FID a little: read the
-    interval as the spread from the choice of prompts, not as a shift)."""
+    interval as the spread from the choice of prompts, not as a shift); `biased` when either set
+    has fewer than MIN_IMAGES images."""
     point = frechet_distance(fake, real)
     lo = hi = float("nan")
     if resamples > 0 and len(fake) >= 2 and len(real) >= 2:
         rng = np.random.default_rng(seed)
         values = [frechet_distance(fake[rng.integers(0, len(fake), len(fake))], real) for _ in range(resamples)]
         lo, hi = (float(v) for v in np.percentile(values, [50 * (1 - level), 50 * (1 + level)]))
-    return {"fid": point, "lo": lo, "hi": hi, "n": len(fake), "n_reference": len(real)}
+    biased = min(len(fake), len(real)) < MIN_IMAGES
+    return {"fid": point, "lo": lo, "hi": hi, "n": len(fake), "n_reference": len(real), "biased": biased}
 
 
 def reference_images(root: str | Path) -> list[tuple[Path, str | None]]:

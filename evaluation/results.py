@@ -47,11 +47,28 @@ def collect(
     return {"runs": runs, "overall": overall, "categories": categories, "models": records or {}, "reference": reference}
 
 
+def strict(value):
+    """`value` with every NaN or infinite float as None: strict JSON (`JSON.parse` and `jq` refuse NaN),
+    null where a number is undefined (a set too small for an interval or an FID)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def dumps(value) -> str:
+    """Strict JSON (see `strict`): what metrics.json and the results page's JSON hold."""
+    return json.dumps(strict(value), indent=1, allow_nan=False)
+
+
 def write(evaldir: str | Path, metrics: dict) -> Path:
     from shards.atomic import write_text
 
     path = Path(evaldir) / METRICS
-    write_text(path, json.dumps(metrics, indent=1) + "\n")  # NaN where a set is too small
+    write_text(path, dumps(metrics) + "\n")
     return path
 
 
@@ -67,12 +84,27 @@ def _columns(metrics: dict) -> list[str]:
     return cols
 
 
-def _fmt(v: dict | None, key: str = "mean") -> str:
-    if not v or v.get(key) is None or (isinstance(v.get(key), float) and math.isnan(v[key])):
+def fmt(v: dict | None, key: str = "mean") -> str:
+    """`mean [lo, hi]` (or `fid [lo, hi]`), "-" where undefined; an FID on too few images says `biased`."""
+    if not v or _missing(v.get(key)):
         return "-"
     lo, hi = v.get("lo"), v.get("hi")
-    interval = "" if lo is None or math.isnan(lo) else f" [{lo:.3f}, {hi:.3f}]"
-    return f"{v[key]:.3f}{interval}"
+    interval = "" if _missing(lo) or _missing(hi) else f" [{lo:.3f}, {hi:.3f}]"
+    return f"{v[key]:.3f}{interval}" + (" (biased)" if v.get("biased") else "")
+
+
+def caveats(metrics: dict) -> list[str]:
+    """Why the FIDs are not comparable with published ones: another Inception file, too few images."""
+    ref = metrics.get("reference") or {}
+    out = [f"FID {ref['note']}"] if ref.get("note") else []
+    fids = [v["fid"] for v in metrics["overall"].values() if "fid" in v]
+    if any(f.get("biased") for f in fids):
+        least = min(min(f["n"], f["n_reference"]) for f in fids)
+        out.append(
+            f"FID biased: {least:,} images where published FIDs use at least {ref.get('min_images', 10_000):,} "
+            "(it falls as the set grows)"
+        )
+    return out
 
 
 def markdown(metrics: dict) -> str:
@@ -85,10 +117,12 @@ def markdown(metrics: dict) -> str:
         "Mean and 95% bootstrap interval over the images (FID: the point value on all "
         "images, interval (with --fid-resamples) over resamples of the generated images).",
         "",
+        *[f"**{c}**" for c in caveats(metrics)],
+        *([""] if caveats(metrics) else []),
         head,
     ]
     lines += [
-        f"| {run} | " + " | ".join(_fmt(v.get(c), "fid" if c == "fid" else "mean") for c in cols) + " |"
+        f"| {run} | " + " | ".join(fmt(v.get(c), "fid" if c == "fid" else "mean") for c in cols) + " |"
         for run, v in metrics["overall"].items()
     ]
     if metrics["categories"]:
@@ -101,7 +135,7 @@ def markdown(metrics: dict) -> str:
         ]
         for cat, per_run in metrics["categories"].items():
             lines += [
-                f"| {cat} | {run} | " + " | ".join(_fmt(v.get(c), "fid" if c == "fid" else "mean") for c in cols) + " |"
+                f"| {cat} | {run} | " + " | ".join(fmt(v.get(c), "fid" if c == "fid" else "mean") for c in cols) + " |"
                 for run, v in per_run.items()
             ]
     return "\n".join(lines) + "\n"
@@ -133,7 +167,7 @@ def chart_svg(metrics: dict, col: str) -> str:
         parts.append(
             f"<circle class='point' data-run='{html.escape(run)}' data-value='{r[key]:.6f}' "
             f"cx='{x(r[key]):.1f}' cy='{y}' r='5' fill='{colour}'><title>{html.escape(run)}: "
-            f"{_fmt(r, key)}</title></circle>"
+            f"{fmt(r, key)}</title></circle>"
         )
     return "".join(parts) + "</svg>"
 
@@ -155,7 +189,7 @@ def section(metrics: dict | None) -> str:
             f"<tr class='metric-row' data-run='{html.escape(run)}'"
             + (f" data-category='{html.escape(cat)}'" if cat is not None else "")
             + f">{first}<td>{html.escape(run)}</td>"
-            + "".join(f"<td data-metric='{c}'>{_fmt(v.get(c), 'fid' if c == 'fid' else 'mean')}</td>" for c in cols)
+            + "".join(f"<td data-metric='{c}'>{fmt(v.get(c), 'fid' if c == 'fid' else 'mean')}</td>" for c in cols)
             + "</tr>"
         )
 
@@ -167,9 +201,10 @@ def section(metrics: dict | None) -> str:
         if ref
         else "No reference set given: no FID (evaluation/evaluate --reference)."
     )
+    warnings = "".join(f"<p class='caveat'><b>{html.escape(c)}</b></p>" for c in caveats(metrics))
     return (
         "<h2>Metrics</h2><p class='muted'>Mean and 95% bootstrap interval over the images; FID: the value on "
-        f"all images, interval (with --fid-resamples) over resamples of the generated images. {ref_text}</p>"
+        f"all images, interval (with --fid-resamples) over resamples of the generated images. {ref_text}</p>{warnings}"
         f"<table id='metrics'><tr><th>model</th>{th}</tr>{body}</table>"
         + "".join(chart_svg(metrics, c) for c in cols)
         + (

@@ -9,7 +9,6 @@ Standard library only.
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import urllib.parse
@@ -98,7 +97,7 @@ class Handler(BaseHTTPRequestHandler):
             metrics = results.read(app.evaldir)
             if path.endswith(".json"):
                 return self._send(
-                    200, json.dumps({**rates, "study": data, "metrics": metrics}, indent=1).encode(), "application/json"
+                    200, results.dumps({**rates, "study": data, "metrics": metrics}).encode(), "application/json"
                 )
             body = page.results_page(rates, study.section(data) + results.section(metrics))
             return self._send(200, body.encode(), "text/html; charset=utf-8")

@@ -16,54 +16,85 @@ the caption is non-empty (else failed / empty_caption), `captioner` "table:<file
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shards import format as fmt
-from shards import reasons
+from shards import reasons, storage
 from shards.errors import SigmaError
 
 TABLE_EXTS = (".parquet", ".jsonl", ".csv")
 PER_SHARD, TABLE = "per_shard", "table"
 
 
+Place = str | Path | storage.Loc  # a caption file or folder, on disk or in a bucket
+
+
 @dataclass
 class CaptionSource:
-    """What `--captions` names, resolved: its kind and the files it reads."""
+    """What `--captions` names, resolved: its kind and the files it reads. `path` is the user's text (for
+    messages), `loc` where it is."""
 
     path: str
     kind: str  # PER_SHARD or TABLE
-    files: list[str] = field(default_factory=list)
+    files: list[storage.Loc] = field(default_factory=list)
+    loc: storage.Loc | None = None
 
-    def shard_file(self, shard: str | Path) -> Path:
+    def shard_file(self, shard: Place) -> storage.Loc:
         """The per-shard caption file of a curated shard (PER_SHARD only)."""
-        return fmt.caption_file(self.path, shard)
+        return fmt.caption_file(self.loc or storage.resolve(self.path), shard)
 
 
-def resolve(path: str | Path, shards: list[str] | None = None) -> CaptionSource:
-    """Decide what `path` is; SigmaError (one line) when it holds no caption file."""
-    p = Path(path)
+def _loc(p: Place) -> storage.Loc:
+    return p if isinstance(p, storage.Loc) else storage.resolve(p)
+
+
+def _files_in(folder: storage.Loc) -> list[storage.Loc]:
+    """The files directly in a folder (a bucket prefix: one listing), sorted by name."""
+    if folder.is_local:
+        return [f for f in folder.iterdir() if f.is_file()]
+    try:
+        found = folder.fs.ls(folder.path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(folder / str(i["name"]).rstrip("/").rsplit("/", 1)[-1] for i in found if i.get("type") == "file")
+
+
+def resolve(path: Place, shards: list[Any] | None = None, options: Any = None) -> CaptionSource:
+    """Decide what `path` is (`options`: the config's storage section, for a bucket URL given as text);
+    SigmaError (one line) when it holds no caption file."""
+    p = path if isinstance(path, storage.Loc) else storage.resolve(path, options)
     if p.is_file():
         if p.suffix not in TABLE_EXTS:
             raise SigmaError(f"--captions {path}: not a caption table (expected {', '.join(TABLE_EXTS)})")
-        return CaptionSource(str(path), TABLE, [str(p)])
+        return CaptionSource(str(path), TABLE, [p], p)
     if not p.is_dir():
         raise SigmaError(f"--captions {path}: no such file or folder")
-    files = sorted(
-        str(f) for f in p.iterdir() if f.is_file() and f.suffix in TABLE_EXTS and not f.name.startswith(".")
-    )  # not atomic temps
+    files = [f for f in _files_in(p) if f.suffix in TABLE_EXTS and not f.name.startswith(".")]  # not atomic temps
     if not files:
         raise SigmaError(f"--captions {path}: no caption files ({', '.join('*' + e for e in TABLE_EXTS)})")
-    names = {Path(f).name for f in files}
+    names = {f.name for f in files}
     per_shard = all(fmt.SHARD_RE.match(Path(n).stem + ".tar") and n.endswith(".parquet") for n in names)
     if per_shard and (shards is None or any(fmt.caption_file(p, s).name in names for s in shards)):
         _check_columns(files)
-        return CaptionSource(str(path), PER_SHARD, files)
-    return CaptionSource(str(path), TABLE, files)
+        return CaptionSource(str(path), PER_SHARD, files, p)
+    return CaptionSource(str(path), TABLE, files, p)
 
 
-def _check_columns(files: list[str]) -> None:
+@contextlib.contextmanager
+def readable(loc: storage.Loc) -> Iterator[Any]:
+    """What pyarrow and pandas read: the path on disk, a streamed file object from a bucket."""
+    if loc.is_local:
+        yield loc.path
+        return
+    with loc.open("rb") as f:
+        yield f
+
+
+def _check_columns(files: list[storage.Loc]) -> None:
     """Per-shard files are read by the shards' tasks: their columns are checked here first (footers only),
     so a file without `key` or `caption` is one line now, not every sample `missing_caption` later."""
     import pyarrow as pa
@@ -71,7 +102,8 @@ def _check_columns(files: list[str]) -> None:
 
     for f in files:
         try:
-            names = pq.read_schema(f).names
+            with readable(f) as src:
+                names = pq.read_schema(src).names
         except (OSError, pa.ArrowException) as e:
             raise SigmaError(f"{f}: unreadable caption file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         missing = [c for c in ("key", "caption") if c not in names]
@@ -82,25 +114,26 @@ def _check_columns(files: list[str]) -> None:
             )
 
 
-def read_file(path: str | Path, row_groups: tuple[int, int] | None = None) -> Any:  # a pandas DataFrame
+def read_file(path: Place, row_groups: tuple[int, int] | None = None) -> Any:  # a pandas DataFrame
     """One caption file as a DataFrame with exactly CAPTION_COLUMNS (missing ones filled, see above);
     `row_groups` (start, stop): only those row groups of a parquet (a slice of a big table)."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = Path(path)
+    path = _loc(path)
+    if path.suffix not in TABLE_EXTS:
+        raise SigmaError(f"{path}: not a caption table (expected {', '.join(TABLE_EXTS)})")
     try:
-        if path.suffix == ".parquet" and row_groups is not None:
-            df = pq.ParquetFile(path).read_row_groups(range(*row_groups)).to_pandas()
-        elif path.suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif path.suffix == ".jsonl":
-            df = pd.read_json(path, lines=True, dtype=False)
-        elif path.suffix == ".csv":
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        else:
-            raise SigmaError(f"{path}: not a caption table (expected {', '.join(TABLE_EXTS)})")
+        with readable(path) as src:
+            if path.suffix == ".parquet" and row_groups is not None:
+                df = pq.ParquetFile(src).read_row_groups(range(*row_groups)).to_pandas()
+            elif path.suffix == ".parquet":
+                df = pd.read_parquet(src)
+            elif path.suffix == ".jsonl":
+                df = pd.read_json(src, lines=True, dtype=False)
+            else:
+                df = pd.read_csv(src, dtype=str, keep_default_na=False)
     except (OSError, ValueError, pa.ArrowException) as e:
         raise SigmaError(f"{path}: unreadable caption file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return normalize(df, path.name)
@@ -156,7 +189,7 @@ def read_table(source: CaptionSource) -> Any:
     """Every row of a source's files as one DataFrame (+ `file`: the file's stem); a key given twice is refused."""
     import pandas as pd
 
-    frames = [read_file(f).assign(file=Path(f).stem) for f in source.files]
+    frames = [read_file(f).assign(file=f.stem) for f in source.files]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*fmt.CAPTION_COLUMNS, "file"])
     check_unique(df, source.path)
     return df

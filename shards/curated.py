@@ -12,8 +12,7 @@ Reader: a sample's key is its member path minus the extension (WebDataset: up to
 file name), so `a/x.jpg` and `b/x.jpg` are two samples. A key whose members are not consecutive,
 or a member given twice, is a duplicate: the shard is refused rather than two samples merged.
 `tarfile` reads a tar cut at a member boundary as a shorter valid archive; a complete tar ends
-with two zero blocks, and a shard without them is refused as truncated. Shards are read on disk or
-in a bucket (a Loc, or a path / URL resolved with default storage options): one streamed pass.
+with two zero blocks, and a shard without them is refused as truncated.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import json
 import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from shards import storage, tar_writer
 from shards.errors import SigmaError
@@ -46,15 +45,11 @@ def split_name(name: str) -> tuple[str, str]:
     return folder + sep + stem, ext
 
 
-Where = str | Path | storage.Loc
-
-
-def _loc(path: Where) -> storage.Loc:
-    return path if isinstance(path, storage.Loc) else storage.resolve(path)
+Source = str | Path | storage.Loc  # a curated tar on disk or in a bucket (read in one streamed pass)
 
 
 def _members(
-    path: storage.Loc, tar: tarfile.TarFile, read: Callable[[str], bool]
+    path: Source, tar: tarfile.TarFile, size: int, read: Callable[[str], bool]
 ) -> Iterator[tuple[str, str, bytes | None]]:
     """(key, ext, bytes or None) per file member, checking keys are unique and the archive complete."""
     done: set[str] = set()
@@ -75,32 +70,37 @@ def _members(
         exts.add(ext)
         f = tar.extractfile(member) if read(k) else None  # a file member always has a reader
         yield k, ext, f.read() if f is not None else None
-    if path.size() < tar.offset + 2 * tarfile.BLOCKSIZE:
+    if size < tar.offset + 2 * tarfile.BLOCKSIZE:
         raise CorruptShard(
             f"{path}: truncated after {len(done) + (key is not None)} samples (no end-of-archive blocks)"
         )
 
 
 @contextlib.contextmanager
-def _open(path: storage.Loc) -> Iterator[tarfile.TarFile]:
-    """The tar opened for reading: a local file, or one streamed read of the object (seeks skip data)."""
-    with contextlib.ExitStack() as stack:
+def _open(path: Source) -> Iterator[tuple[tarfile.TarFile, int]]:
+    """The tar and its size in bytes; a bucket object is streamed (read-ahead GETs, no per-member requests)."""
+    loc = path if isinstance(path, storage.Loc) else storage.resolve(path)
+    try:
+        f = loc.open("rb")
+    except _READ_ERRORS as e:
+        raise CorruptShard(f"{path}: not a readable tar ({type(e).__name__}: {e})") from None
+    with f:
         try:
-            f: IO[bytes] | None = None if path.is_local else stack.enter_context(path.open("rb"))
-            tar = tarfile.open(path.path, "r:") if f is None else tarfile.open(fileobj=f, mode="r:")
+            size = f.seek(0, 2)
+            f.seek(0)
+            tar = tarfile.open(fileobj=f, mode="r:")
         except _READ_ERRORS as e:
             raise CorruptShard(f"{path}: not a readable tar ({type(e).__name__}: {e})") from None
         with tar:
-            yield tar
+            yield tar, size
 
 
-def keys(path: Where) -> list[str]:
+def keys(path: Source) -> list[str]:
     """Sample keys in member order, from the headers only; CorruptShard unless the tar is whole."""
-    path = _loc(path)
     out: dict[str, None] = {}
     try:
-        with _open(path) as tar:
-            for key, _, _ in _members(path, tar, read=lambda k: False):
+        with _open(path) as (tar, size):
+            for key, _, _ in _members(path, tar, size, read=lambda k: False):
                 out.setdefault(key, None)
     except CorruptShard as e:
         e.keys = list(out)
@@ -112,15 +112,14 @@ def keys(path: Where) -> list[str]:
     return list(out)
 
 
-def samples(path: Where, only: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def samples(path: Source, only: set[str] | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) per sample (or per key in `only`), one in memory at a time; CorruptShard as `keys`."""
-    path = _loc(path)
     wanted = (lambda k: True) if only is None else only.__contains__
     key, n = "", 0
     members: dict[str, bytes] = {}
     try:
-        with _open(path) as tar:
-            for k, ext, data in _members(path, tar, read=wanted):
+        with _open(path) as (tar, size):
+            for k, ext, data in _members(path, tar, size, read=wanted):
                 if data is None:
                     continue
                 if k != key and members:
@@ -140,7 +139,7 @@ def samples(path: Where, only: set[str] | None = None) -> Iterator[tuple[str, di
 # ---------------------------------------------------------------------------------------------
 
 
-def read_member(src: Where, offset: int, size: int, options: Any = None) -> bytes:
+def read_member(src: Source, offset: int, size: int, options: Any = None) -> bytes:
     """The served bytes of one downloaded image, from its place in a download tar: one ranged read (a
     ranged GET on a bucket). `src` as recorded (a path or URL string, resolved with `options`, the
     `storage` config section), or a Loc."""
@@ -153,17 +152,21 @@ def meta_json(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, default=str)
 
 
-def write_shard(path: Where, members: list[dict[str, Any]], options: Any = None) -> str:
+def write_shard(path: Source, members: list[dict[str, Any]], options: Any = None) -> str:
     """members: {key, src, offset, size, ext, meta (dict or its meta_json), caption (str|None)}; returns the path.
     `options`: the `storage` config section the members' `src` are resolved with. Streamed: on a bucket a
     multipart upload completed at the end, nothing on local disk."""
-    path = _loc(path)
+    path = path if isinstance(path, storage.Loc) else storage.resolve(path)
     if path.has_file():
         return str(path)
+    members = sorted(members, key=lambda m: m["key"])
+    src = {m["src"]: storage.resolve(m["src"], options) for m in members}
+    # a bucket's images come in few ranged GETs (neighbours coalesced), not one per image
+    reader = storage.RangeReader((src[m["src"]], m["offset"], m["size"]) for m in members)
     with storage.writer(path) as f, tar_writer.open_for_writing(f) as tar:
-        for m in sorted(members, key=lambda m: m["key"]):
+        for m in members:
             meta = m["meta"] if isinstance(m["meta"], str) else meta_json(m["meta"])
-            files = {m["ext"]: read_member(m["src"], m["offset"], m["size"], options), META_EXT: meta.encode()}
+            files = {m["ext"]: reader.read(src[m["src"]], m["offset"], m["size"]), META_EXT: meta.encode()}
             if m.get("caption"):
                 files[CAPTION_EXT] = str(m["caption"]).encode()
             for ext in sorted(files):

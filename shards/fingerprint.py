@@ -4,6 +4,27 @@ output folder on the first run and compared on every resume.
 A resume whose fingerprint differs is refused with one line naming what changed: finished parts
 made from other inputs or settings are never silently reused. To start over, use another `--out`
 or delete the folder. Values are flat and JSON-able (strings, numbers, lists, dicts).
+
+Inputs too big to hash whole (shard lists, folders of images, caption tables) are fingerprinted by
+`listing`, whose rule is versioned (LISTING_VERSION; its value reads `v2:<sha256>`):
+    v1 (before)  name + size of each file: another file of the same name and size went unseen.
+    v2           name + size + content of each file: a file up to 192 KiB by its sha256 (a copy or
+                 rewrite with the same bytes is the same); a bigger one by its mtime (ns) and the
+                 sha256 of its first, middle and last 64 KiB. An in-place edit changes the mtime;
+                 another file copied in with its mtime kept (`cp -p`, `rsync -a`) changes the sampled
+                 bytes unless it differs only outside them (a re-encoded image differs in its header).
+                 So a big input copied elsewhere without its mtimes (plain `cp`) reads as changed:
+                 move data between resumes with `cp -p` or `rsync -a`. On a bucket: size + ETag (a
+                 rewritten object has a new one). A FIFO, device or socket is listed by its stat,
+                 never opened. Cost: at most 192 KiB read per file. Measured on 46 real photos
+                 (76 MB, page cache warm, a shared 2-CPU machine): v2 10 ms (~0.2 ms a file), v1
+                 0.8 ms, a full sha256 of every file 81 ms (~0.9 GB/s): a million 1.7 MB photos
+                 ~4 min at each start or resume, against ~30 min for a full hash.
+A fingerprint.json written by the v1 rule is still accepted for unchanged inputs: `check` compares
+its values with the current ones in which each v2 listing is replaced by the v1 digest of the same
+files (computed in the same pass), so folders made before the change resume as they are; the file
+is then rewritten with the v2 values, so an edit after that resume is seen (one before it, at the
+same size, is what v1 could not see).
 """
 
 from __future__ import annotations
@@ -11,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -22,6 +45,9 @@ from shards.errors import SigmaError
 FILE = "fingerprint.json"
 OUTPUT = "output"  # config field metadata: False on a setting that does not change what a stage writes
 _CHUNK = 1 << 20
+LISTING_VERSION = 2
+_SAMPLE = 64 << 10  # bytes per sampled region (first, middle, last) of a listed file
+_V1: dict[str, str] = {}  # a v2 listing computed by this process -> the v1 digest of the same files
 
 
 def _loc(p: str | Path | storage.Loc) -> storage.Loc:
@@ -38,12 +64,79 @@ def file_digest(path: str | Path | storage.Loc) -> str:
 
 
 def listing(paths: Iterable[str | Path | storage.Loc]) -> str:
-    """sha256 over (name, size) of many input files, on disk or in a bucket (shards: too big to hash, cheap
-    to list)."""
+    """`v2:<sha256>` over each input file's name, size and content (small files hashed, big ones by mtime
+    and sampled bytes; on a bucket size and ETag): many files, too big to hash whole (module docstring).
+    One stat (a bucket: one HEAD) per file, shared with the v1 digest kept for old fingerprint.json files."""
+    locs = sorted(map(_loc, paths))
     h = hashlib.sha256()
-    for p in sorted(map(_loc, paths)):
-        h.update(f"{p.name}\t{p.size() if p.exists() else -1}\n".encode())
+    sizes = []
+    for p in locs:
+        size, stamp = _stamp(p)
+        sizes.append((p, size))
+        h.update(f"{p.name}\t{stamp}\n".encode())
+    value = f"v{LISTING_VERSION}:{h.hexdigest()}"
+    _V1[value] = _listing_v1(sizes)
+    return value
+
+
+def _stamp(p: storage.Loc) -> tuple[int, str]:
+    """(size, what changes when a listed file changes: size, mtime and a sampled sha256; bucket: size, ETag)."""
+    if not p.is_local:
+        try:
+            info = p.info()
+        except FileNotFoundError:
+            return -1, "-1"
+        return int(info["size"]), f"{info['size']}\t{info.get('etag')}"
+    try:
+        st = os.stat(p.path)
+    except OSError:
+        return -1, "-1"  # missing, a dangling link
+    if not stat.S_ISREG(st.st_mode):  # a FIFO, device or socket is never opened (a read could block)
+        return st.st_size, f"{st.st_size}\t{stat.S_IFMT(st.st_mode)}"
+    if st.st_size <= 3 * _SAMPLE:  # small: its bytes say it all
+        return st.st_size, f"{st.st_size}\t{_sampled_digest(p.path, st.st_size)}"
+    return st.st_size, f"{st.st_size}\t{st.st_mtime_ns}\t{_sampled_digest(p.path, st.st_size)}"
+
+
+def _sampled_digest(path: str, size: int) -> str:
+    """sha256 of the whole file up to 3 x _SAMPLE bytes, else of its first, middle and last _SAMPLE bytes."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            if size <= 3 * _SAMPLE:
+                h.update(f.read())
+            else:
+                for offset in (0, (size - _SAMPLE) // 2, size - _SAMPLE):
+                    f.seek(offset)
+                    h.update(f.read(_SAMPLE))
+    except OSError as e:  # unreadable: its run says so per item; the listing records that it was
+        return type(e).__name__
     return h.hexdigest()
+
+
+def _listing_v1(sizes: list[tuple[storage.Loc, int]]) -> str:
+    """The v1 rule (name + size, -1 when missing; files sorted as paths), kept to accept the
+    fingerprint.json files it wrote."""
+    from pathlib import PurePosixPath
+
+    h = hashlib.sha256()
+    for p, size in sorted(sizes, key=lambda ps: (ps[0].scheme, PurePosixPath(ps[0].path))):
+        h.update(f"{p.name}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def _as_v1(value: Any) -> Any:
+    """`value` with each v2 listing this process computed replaced by its v1 digest (nested values too)."""
+    if isinstance(value, str):
+        for new, old in _V1.items():
+            if new in value:
+                value = value.replace(new, old)
+        return value
+    if isinstance(value, list):
+        return [_as_v1(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_v1(v) for k, v in value.items()}
+    return value
 
 
 def changes_output(f: dataclasses.Field[Any]) -> bool:
@@ -82,9 +175,14 @@ def check(folder: str | Path | storage.Loc, fingerprint: dict[str, Any]) -> None
         raise SigmaError(
             f"{path}: unreadable ({type(e).__name__}); delete it only if {folder} is yours to redo"
         ) from None
-    changed = sorted(k for k in old.keys() | current.keys() if old.get(k) != current.get(k))
+    # a value written by the v1 listing rule matches the same files' v1 digest: such a folder resumes as it is
+    changed = sorted(
+        k for k in old.keys() | current.keys() if old.get(k) not in (current.get(k), _as_v1(current.get(k)))
+    )
     if changed:
         raise SigmaError(
             f"{folder}: made with another {', '.join(changed)} (see {FILE}); "
             f"use another --out, or delete the folder to start over"
         )
+    if old != current:  # accepted by the v1 rule: recorded by v2 from now on, so later edits are seen
+        write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any, overload
 
+from shards import storage
 from shards.errors import SigmaError
 
 IMAGE_EXTS = ("jpg", "png", "webp")  # members of a curated shard holding the served bytes
@@ -64,9 +66,19 @@ def shard_index(path: str | Path) -> int:
     return int(m.group(1))
 
 
-def caption_file(capdir: str | Path, shard: str | Path) -> Path:
-    """CAPDIR/NNNNN.parquet for curated shard NNNNN.tar."""
-    return Path(capdir) / f"{Path(shard).name.split('.')[0]}.parquet"
+@overload
+def caption_file(capdir: storage.Loc, shard: str | Path | storage.Loc) -> storage.Loc: ...
+
+
+@overload
+def caption_file(capdir: str | Path, shard: str | Path | storage.Loc) -> Path: ...
+
+
+def caption_file(capdir: str | Path | storage.Loc, shard: str | Path | storage.Loc) -> Path | storage.Loc:
+    """CAPDIR/NNNNN.parquet for curated shard NNNNN.tar (a Loc in a Loc, a Path in a local path)."""
+    name = shard.name if isinstance(shard, storage.Loc) else Path(shard).name
+    stem = f"{name.split('.')[0]}.parquet"
+    return capdir / stem if isinstance(capdir, storage.Loc) else Path(capdir) / stem
 
 
 def expand_shards(spec: str) -> list[Path]:
@@ -83,3 +95,14 @@ def expand_shards(spec: str) -> list[Path]:
         matches = sorted(glob.glob(s)) if any(c in s for c in "*?[") else [s]
         out.extend(Path(m) for m in matches)
     return out
+
+
+def shard_locs(spec: str, options: Any = None) -> list[storage.Loc]:
+    """`expand_shards` on disk or in a bucket (a user's `--shards`/`--images`, resolved once): a folder's
+    *.tar, or a brace pattern / glob (`storage.expand`; a name without a glob is kept even if missing)."""
+    if not storage.has_pattern(spec):
+        loc = storage.resolve(spec, options)
+        if loc.is_dir():
+            return loc.glob("*.tar")
+        return [loc]
+    return storage.expand(spec, options)

@@ -11,18 +11,36 @@ Each batch (a dict; see shards/README.md):
     mask     [B, L]       bool      True on the caption's valid tokens
     keys     list[str]              sample keys
     caption  list[str]              the caption each row of `y` encodes
-    caption_source list[str]        "original" (probability real_prompt_ratio, when the sample has one) or "recaption"
+    caption_source list[str]        the caption set it came from (`CaptionRule`: fixed weights or CLIP-Score)
     bucket   str                    bucket key (height/width ratio, e.g. "0.88")
     bucket_hw tuple[int, int]       the bucket's size in pixels
 
 Randomness (shard order, shuffle buffer, caption choice, latent noise) comes from one generator per
-(seed, epoch, rank, worker): the same arguments give the same batches.
+(seed, epoch, rank, worker): the same arguments give the same batches, so a resume (which restarts
+the streams with the same arguments) draws the same captions. Another GPU count (world size) splits
+the data among other streams: each sample still gets its caption with the configured probabilities,
+but not the same draw as before (training/finetune's virtual ranks keep the draws when only the
+process layout changes, e.g. 2 GPUs x accum 1 vs 1 GPU x accum 2).
+
+Caption sets (shards/encoded.py): the sets a rule can draw are read beside each tar, in lockstep
+with it (side files), or from inside it (version 1 folders); a sample that has none of them is
+skipped. The rule (`caption_rule`):
+- fixed weights {set: weight}: a sample's sets of positive weight, renormalised over those it has;
+  a set of weight 0 is used only by a sample that has no set of positive weight. `real_prompt_ratio`
+  r is the weights {original: r, recaption: 1 - r}: the same distribution as before caption sets,
+  and for 0 < r < 1 the same draws.
+- CLIP-Score (Sana's `weighted_sample_clipscore`): among the sample's scored sets, those scoring
+  >= threshold are candidates, drawn with probability score ** (1 / T) / sum; none: the best-scoring
+  set (the first of equal best); no scored set at all: the fixed weights.
+One set present (or one candidate): no random number is drawn.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +48,7 @@ from typing import Any
 import torch
 import webdataset as wds
 
-from shards import encoded
+from shards import encoded, storage
 from shards.errors import SigmaError
 
 POLICIES = ("proportional", "uniform")  # how often a bucket comes up: as in the data, or all buckets alike
@@ -55,13 +73,93 @@ def null_caption(encdir: str | Path) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# Which caption a sample trains on
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionRule:
+    """Fixed weights per set (in the order written), or Sana's CLIP-Score rule over the same sets."""
+
+    weights: dict[str, float] = field(default_factory=dict)
+    clip_score: bool = False
+    threshold: float = 0.0
+    temperature: float = 1.0
+    where: str = field(default="captions", compare=False)  # the config key, for messages
+
+    @property
+    def sets(self) -> list[str]:
+        return list(self.weights)
+
+
+def caption_rule(
+    weights: dict[str, float] | None = None,
+    real_prompt_ratio: float = 0.5,
+    clip_score: bool = False,
+    threshold: float = 0.0,
+    temperature: float = 1.0,
+    where: str = "captions",
+) -> CaptionRule:
+    """The rule a stage's config asks for; `weights` None or {}: {original: r, recaption: 1 - r}. Bad input is
+    one line: a negative weight, weights that do not sum to a positive number, a temperature <= 0."""
+    if not weights:
+        weights = {encoded.ORIGINAL: real_prompt_ratio, encoded.RECAPTION: 1.0 - real_prompt_ratio}
+    for name, w in weights.items():
+        encoded.check_set_name(name, f"{where}.weights")
+        if not (w >= 0 and math.isfinite(w)):
+            raise SigmaError(f"{where}.weights.{name}: {w!r}: a weight is a number >= 0")
+    if not sum(weights.values()) > 0:
+        raise SigmaError(f"{where}.weights: {weights} do not sum to a positive number")
+    if not temperature > 0:
+        raise SigmaError(f"{where}.clip_temperature: {temperature!r}: the temperature must be > 0")
+    return CaptionRule(dict(weights), clip_score, float(threshold), float(temperature), where)
+
+
+def choose_weighted(present: list[str], weights: dict[str, float], rng: random.Random) -> str:
+    """Fixed weights renormalised over the sets a sample has (see the module docstring)."""
+    positive = [n for n in present if weights[n] > 0] or present[:1]
+    if len(positive) == 1:
+        return positive[0]
+    u, acc = rng.random() * sum(weights[n] for n in positive), 0.0
+    for n in positive:
+        acc += weights[n]
+        if u < acc:
+            return n
+    return positive[-1]  # u at the very top (rounding)
+
+
+def choose_clip(scores: dict[str, float], threshold: float, temperature: float, rng: random.Random) -> str:
+    """Sana's rule on {set: CLIP-Score} (scores of the sets a sample has): candidates >= threshold, drawn
+    with weights score ** (1 / T) normalised; none: the best-scoring set."""
+    labels = [n for n, s in scores.items() if s >= threshold]
+    if not labels:
+        return max(scores, key=lambda n: scores[n])  # the first of equal best, as Sana's strict `>`
+    if len(labels) == 1:
+        return labels[0]
+    adjusted = [scores[n] ** (1.0 / temperature) for n in labels]
+    total = sum(adjusted)
+    if total <= 0:  # every candidate scored 0 (threshold 0): Sana's weights would be NaN; equal chances here
+        return rng.choices(labels, k=1)[0]
+    return rng.choices(labels, weights=[a / total for a in adjusted], k=1)[0]
+
+
+def choose(sample: dict[str, Any], rule: CaptionRule, rng: random.Random) -> str:
+    """The caption set a sample trains on this draw (it has at least one of the rule's sets)."""
+    present = [n for n in rule.weights if n in sample["t5"]]
+    if rule.clip_score:
+        scored = {n: sample["clip"][n] for n in present if rule.weights[n] > 0 and n in sample["clip"]}
+        if scored:
+            return choose_clip(scored, rule.threshold, rule.temperature, rng)
+    return choose_weighted(present, rule.weights, rng)
+
+
+# ---------------------------------------------------------------------------------------------
 # Pipeline stages (plain generators)
 # ---------------------------------------------------------------------------------------------
 
 
-def _shard_weights(encdir: Path, policy: str) -> tuple[list[str], list[float]]:
+def _shard_weights(encdir: Path, policy: str, rows: Any) -> tuple[list[str], list[float]]:
     """Every committed shard and its draw weight: its sample count, or 1/(bucket's share) for uniform."""
-    rows = encoded.committed_rows(encdir)
     counts = rows.groupby("shard").size()
     shards = sorted(counts.index)
     weights = [float(counts[s]) for s in shards]
@@ -115,18 +213,48 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0).new(storage).view(shape)
 
 
+def _with_sets(samples: Iterable[dict[str, Any]], sets: list[str], dim: int) -> Iterator[dict[str, Any]]:
+    """Raw tar samples -> {"__key__", "__url__", "meta", "vae", "t5": {set: [n, C]}, "caption": {set: text},
+    "clip": {set: score}} with the rule's sets: inline ones from the tar, side files read in lockstep
+    (one row group at a time; opened when the tar changes). Samples with none of the sets are dropped."""
+    url: str | None = None
+    readers: dict[str, Iterator[dict[str, Any]]] = {}
+    for raw in samples:
+        if raw.get("__url__") != url:
+            url = str(raw.get("__url__"))
+            readers = {}
+            for name in sets:
+                side = encoded.set_file(storage.resolve(url), name)
+                if side.exists():  # an exact-name lookup, one per (tar, set)
+                    readers[name] = encoded.read_set(side)
+        s = encoded.decode_sample(raw)
+        meta, key = s["meta"], s["__key__"]
+        t5 = {n: f for n, f in s.pop("t5").items() if n in sets}  # version 1: inline recaption / original
+        texts = {n: meta.get("captions", {}).get(n, "") for n in t5}
+        clip: dict[str, float] = {}
+        for name, rows in readers.items():
+            for row in rows:  # same order as the tar: skips only rows of samples the tar reader dropped
+                if row["key"] == key:
+                    feats = encoded.set_features(row, dim)
+                    if feats is not None:
+                        t5[name], texts[name] = feats, row["caption"]
+                        if row["clip_score"] is not None and not math.isnan(row["clip_score"]):
+                            clip[name] = float(row["clip_score"])
+                    break
+        if t5:
+            yield {**s, "t5": t5, "caption": texts, "clip": clip}
+
+
 def collate(
     samples: list[dict[str, Any]],
     max_length: int,
-    real_prompt_ratio: float,
+    rule: CaptionRule,
     scaling_factor: float,
     rng: random.Random,
     gen: torch.Generator,
 ) -> dict[str, Any]:
     """Samples of one bucket -> the trainer's batch (see the module docstring)."""
-    sources = [
-        "original" if "original" in s["t5"] and rng.random() < real_prompt_ratio else "recaption" for s in samples
-    ]
+    sources = [choose(s, rule, rng) for s in samples]
     feats = [s["t5"][src][:max_length] for s, src in zip(samples, sources)]  # [n_i, C] each
     y = _shared_empty((len(samples), max_length, feats[0].shape[1]))  # [B, L, C]
     mask = torch.zeros(len(samples), max_length, dtype=torch.bool)  # [B, L]
@@ -141,7 +269,7 @@ def collate(
         "y": y,
         "mask": mask,
         "keys": [s["__key__"] for s in samples],
-        "caption": [s["meta"]["captions"][src] for s, src in zip(samples, sources)],
+        "caption": [s["caption"][src] for s, src in zip(samples, sources)],
         "caption_source": sources,
         "bucket": meta["bucket"],
         "bucket_hw": tuple(meta["bucket_hw"]),
@@ -169,15 +297,19 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
         shuffle_buffer: int = 128,
         bucket_policy: str = "proportional",
         keep_partial: bool = False,
+        rule: CaptionRule | None = None,
     ):
         if bucket_policy not in POLICIES:
             raise SigmaError(f"bucket_policy {bucket_policy!r}: choose one of {POLICIES}")
         self.encdir = Path(encdir)
         self.info = encoded.read_info(encdir)
-        self.shards, self.weights = _shard_weights(self.encdir, bucket_policy)
+        self.rule = rule if rule is not None else caption_rule(real_prompt_ratio=real_prompt_ratio)
+        self.rows = encoded.committed_rows(self.encdir, self.rule.sets)
+        self.shards, self.weights = _shard_weights(self.encdir, bucket_policy, self.rows)
         if not self.shards:
             raise SigmaError(f"{encdir}: no encoded shards (did encoding/encode keep any sample?)")
-        self.batch_size, self.max_length, self.real_prompt_ratio = batch_size, model_max_length, real_prompt_ratio
+        self.coverage = check_sets(self.encdir, self.info, self.rows, self.rule, explicit=rule is not None)
+        self.batch_size, self.max_length = batch_size, model_max_length
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.resample, self.shuffle_buffer, self.keep_partial = resample, shuffle_buffer, keep_partial
         self.epoch = 0
@@ -199,14 +331,14 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
         pipeline = wds.DataPipeline(
             *stages,
             wds.tarfile_to_samples(handler=wds.warn_and_continue),
+            partial(_with_sets, sets=self.rule.sets, dim=int(self.info["t5_dim"])),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=stream),
-            wds.map(encoded.decode_sample),
             partial(_bucket_batches, batch_size=self.batch_size, keep_partial=self.keep_partial),
             wds.map(
                 partial(
                     collate,
                     max_length=self.max_length,
-                    real_prompt_ratio=self.real_prompt_ratio,
+                    rule=self.rule,
                     scaling_factor=float(self.info["scaling_factor"]),
                     rng=stream,
                     gen=gen,
@@ -214,6 +346,36 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
             ),
         )
         return iter(pipeline)
+
+
+def check_sets(encdir: Path, info: dict[str, Any], rows: Any, rule: CaptionRule, explicit: bool) -> dict[str, int]:
+    """{set: samples that have it} for the rule's sets; one-line errors for a set the data does not hold, a
+    set of positive weight missing for most samples (explicit weights only: the default mapping keeps
+    working on data without alt texts), no sample with any of the sets, CLIP-Score with no score."""
+    held = encoded.caption_sets(info)
+    for name in rule.sets:
+        if name not in held and (rows[encoded.len_column(name)] == 0).all():
+            raise SigmaError(
+                f"{rule.where}.weights: caption set {name!r} is not in {encdir} (it holds {', '.join(sorted(held))})"
+            )
+    coverage = {n: int((rows[encoded.len_column(n)] > 0).sum()) for n in rule.sets}
+    total = len(rows)
+    for name in rule.sets:
+        if explicit and rule.weights[name] > 0 and coverage[name] * 2 < total:
+            raise SigmaError(
+                f"{rule.where}.weights: caption set {name!r} is missing for {total - coverage[name]} of {total} "
+                f"samples of {encdir}; encode it for them (encoding/encode --captions {name}=...) or drop it"
+            )
+    if total and not any(coverage.values()):
+        raise SigmaError(f"{encdir}: no sample has any of the caption sets {rule.sets}")
+    if rule.clip_score:
+        scored = sum(int(rows[encoded.clip_column(n)].notna().sum()) for n in rule.sets)
+        if not scored:
+            raise SigmaError(
+                f"{rule.where}.clip_score: no caption of {rule.sets} in {encdir} has a CLIP-Score "
+                "(encode with CLIP-Scores, see encoding/README.md, or use fixed weights)"
+            )
+    return coverage
 
 
 def make_loader(
@@ -231,6 +393,7 @@ def make_loader(
     tier: str | None = None,
     keep_partial: bool = False,
     pin_memory: bool = False,
+    rule: CaptionRule | None = None,
 ) -> torch.utils.data.DataLoader[dict[str, Any]]:
     """A torch DataLoader of one-bucket batches from ENCDIR (see the module docstring for the keys).
 
@@ -238,7 +401,8 @@ def make_loader(
     training and multi-node (no uneven epoch ends between ranks). `resample=False` is one pass per
     epoch over the shards split by rank and worker (`loader.dataset.set_epoch(e)` reshuffles);
     incomplete bucket batches at the end of a pass are dropped unless `keep_partial`. `tier`, when given, must match the
-    tier ENCDIR was encoded at.
+    tier ENCDIR was encoded at. `rule` (`caption_rule(...)`): which caption set each sample trains on;
+    None: `real_prompt_ratio`'s {original: r, recaption: 1 - r}.
     """
     ds = BucketBatches(
         encdir,
@@ -252,6 +416,7 @@ def make_loader(
         shuffle_buffer,
         bucket_policy,
         keep_partial,
+        rule,
     )
     if tier is not None and ds.info["tier"] != tier:
         raise SigmaError(f"{encdir}: encoded at tier {ds.info['tier']}, not {tier}")

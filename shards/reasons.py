@@ -16,6 +16,10 @@ NOT_AN_IMAGE = "not_an_image"  # HTML served as .jpg, truncated or corrupt bytes
 DECOMPRESSION_BOMB = "decompression_bomb"
 UNSUPPORTED_FORMAT = "unsupported_format"  # a real image, but GIF/TIFF/BMP/... or animated PNG/WebP
 DOWNLOAD_ERROR = "download_error"  # anything else the downloader reported
+# Images on disk (--images): files that cannot be read as they are, never opened or never read twice
+UNREADABLE = "unreadable"  # a file (image, .txt caption, a folder of them) the process may not read
+SPECIAL_FILE = "special_file"  # a FIFO, socket or device where an image or caption was expected: never opened
+UNRESOLVED_LINK = "unresolved_link"  # a link whose target is missing, a loop, or (in a tar) outside the tar
 
 # Curation decisions (status=rejected)
 TOO_SMALL = "too_small"
@@ -54,6 +58,9 @@ REASONS = (
     DECOMPRESSION_BOMB,
     UNSUPPORTED_FORMAT,
     DOWNLOAD_ERROR,
+    UNREADABLE,
+    SPECIAL_FILE,
+    UNRESOLVED_LINK,
     TOO_SMALL,
     ASPECT_RATIO,
     LOW_QUALITY,

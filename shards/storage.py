@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -375,6 +375,122 @@ class Loc:
         if not self.scheme:
             raise ValueError("write_object is for buckets; use shards.atomic on disk")
         self.fs.pipe_file(self.path, data)
+
+
+# --- faults as one line ----------------------------------------------------------------------------
+PROBE_TIMEOUT = 5  # seconds to connect in the up-front probe: an unreachable endpoint fails in seconds
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+}
+_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AZURE_STORAGE_KEY")
+
+
+def _scrub(text: str) -> str:
+    """A message with no credential in it: the environment's secrets and a URL's user:password@ removed."""
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return re.sub(r"//[^/@\s]+@", "//***@", text)
+
+
+def failure(loc: Loc | str, e: BaseException) -> str | None:
+    """The one line for a storage fault reading `loc` (bucket missing, key missing, access denied,
+    endpoint unreachable, no credentials), naming the URL and the cause; None if `e` is not one."""
+    name = type(e).__name__
+    first = (str(e).splitlines() or [""])[0]
+    if name in _UNREACHABLE or (isinstance(e, (ConnectionError, TimeoutError)) and not isinstance(e, PermissionError)):
+        cause = f"the storage endpoint does not answer ({name}: {first})"
+    elif name in ("NoCredentialsError", "PartialCredentialsError"):
+        cause = "no credentials found (AWS_* environment variables, ~/.aws config, or a machine/pod role)"
+    elif isinstance(e, PermissionError):
+        cause = f"access denied ({first or 'Forbidden'}): check the credentials and the bucket's policy"
+    elif isinstance(e, FileNotFoundError):
+        bucket = "bucket" in first.lower() and "not exist" in first.lower()
+        cause = "the bucket does not exist" if bucket else "not found"
+    else:
+        return None
+    return _scrub(f"{loc}: {cause}")
+
+
+def probe(loc: Loc) -> None:
+    """Check a bucket URL up front, reading only: the endpoint answers, the bucket exists and, where the
+    bucket itself may not be looked at, the object or prefix may. One attempt with a short connect
+    timeout (an unreachable endpoint fails in seconds, not after minutes of retries). A missing key
+    is not a fault here (the caller says what is missing). SigmaError with `failure`'s line. Local
+    paths: nothing to do."""
+    if loc.is_local:
+        return
+    quick = Loc(loc.scheme, loc.path, _hashable({**dict(loc.options), "connect_timeout": PROBE_TIMEOUT, "retries": 1}))
+    bucket = loc.path.split("/", 1)[0]
+    try:
+        try:
+            quick.fs.info(bucket)  # HEAD bucket: 404 if missing, 403 if not ours to look at
+        except FileNotFoundError:
+            raise SigmaError(f"{loc}: the bucket does not exist") from None
+        except PermissionError:
+            if bucket == loc.path:
+                raise
+            with contextlib.suppress(FileNotFoundError):  # a missing key is the caller's to report
+                quick.fs.info(loc.path)  # some roles may read objects but not the bucket: try the object
+    except SigmaError:
+        raise
+    except Exception as e:  # each client raises its own errors: failure() says which are storage faults
+        message = failure(loc, e)
+        if message is None:
+            raise
+        raise SigmaError(message) from None
+
+
+# --- many pieces of few objects ------------------------------------------------------------------
+COALESCE = 32 << 20  # bytes one ranged GET may span when many pieces of one object are read
+
+
+class RangeReader:
+    """Pieces (offset, size) of objects, read with few requests: the pieces wanted from one bucket object,
+    sorted, are grouped into spans of at most `span` bytes (gaps included: bytes cost less than requests)
+    and each span is fetched by one ranged GET when first needed; one span is held at a time (read the
+    pieces in offset order). On disk each piece is read where it lies. Thread-safe."""
+
+    def __init__(self, wanted: Iterable[tuple[Loc, int, int]], span: int = COALESCE) -> None:
+        import threading
+
+        pieces: dict[Loc, list[tuple[int, int]]] = {}
+        for loc, offset, size in wanted:
+            if not loc.is_local:
+                pieces.setdefault(loc, []).append((offset, offset + size))
+        self._spans: dict[Loc, list[tuple[int, int]]] = {}
+        for loc, ranges in pieces.items():
+            spans: list[tuple[int, int]] = []
+            for start, end in sorted(ranges):
+                if spans and end - spans[-1][0] <= span:
+                    spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+                else:
+                    spans.append((start, end))
+            self._spans[loc] = spans
+        self._held: tuple[Loc, int, bytes] | None = None
+        self._lock = threading.Lock()
+
+    def read(self, loc: Loc, offset: int, size: int) -> bytes:
+        import bisect
+
+        spans = self._spans.get(loc)
+        if not spans:
+            return loc.read_range(offset, size)
+        with self._lock:
+            held = self._held
+            if held is None or held[0] != loc or not held[1] <= offset <= offset + size <= held[1] + len(held[2]):
+                i = bisect.bisect_right(spans, offset, key=lambda span: span[0]) - 1
+                if i < 0 or not spans[i][0] <= offset <= offset + size <= spans[i][1]:
+                    return loc.read_range(offset, size)  # a piece not announced: read on its own
+                start, end = spans[i]
+                held = self._held = (loc, start, loc.read_range(start, end - start))
+        return held[2][offset - held[1] : offset - held[1] + size]
 
 
 def split_braces(text: str) -> list[str]:

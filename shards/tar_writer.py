@@ -13,8 +13,8 @@ FORMAT = tarfile.USTAR_FORMAT
 
 
 def open_for_writing(path: str | Path | IO[bytes]) -> tarfile.TarFile:
-    """A new tar at `path`, or into a binary file object (callers write to a temp name and rename it, or
-    to shards/storage.writer, so that only a complete tar appears)."""
+    """A new tar at `path` (callers write to a temp name and rename it when complete), or into an open
+    binary file (a `shards.storage.writer`; closing the tar leaves the file open)."""
     if isinstance(path, (str, Path)):
         return tarfile.open(path, "w", format=FORMAT)
     return tarfile.open(fileobj=path, mode="w", format=FORMAT)

@@ -121,3 +121,46 @@ def bucket(s3_server, request):
         fs.rm(name, recursive=True)
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+class CountingEndpoint:
+    """A second S3 endpoint onto the moto server's state that records each request it serves."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, query), in arrival order
+
+        def counted(environ, start_response):
+            self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ["QUERY_STRING"]))
+            return app(environ, start_response)
+
+        self._server = make_server("127.0.0.1", _free_port(), counted, True, request_handler=MotoRequestHandler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def count(self, method: str | None = None, path: str = "") -> int:
+        """Requests (of one method) whose path contains `path`."""
+        return sum(1 for m, p, _ in self.requests if (method is None or m == method) and path in p)
+
+    def writes(self) -> list[tuple[str, str, str]]:
+        return [r for r in self.requests if r[0] in ("PUT", "POST", "DELETE")]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._thread.join()
+
+
+@pytest.fixture
+def s3_counted(s3_server):
+    """A counting endpoint onto the same buckets as `s3_server` (moto's state is the process's): point a
+    run at it with `--set storage.s3.endpoint_url=<.url>` and every request it makes is recorded, its Ray
+    workers' too (the endpoint travels in each Loc's storage options). `.requests`, `.count(method, path)`."""
+    endpoint = CountingEndpoint()
+    yield endpoint
+    endpoint.stop()

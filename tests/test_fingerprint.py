@@ -31,6 +31,120 @@ def test_digests_see_content_and_listings_see_sizes(tmp_path):
     assert fingerprint.listing([a]) != l1
 
 
+def _photo(seed: int, size: int = 400) -> bytes:
+    """A real-looking JPEG (noise: no two seeds share bytes past the header)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _same_size(a: bytes, b: bytes) -> tuple[bytes, bytes]:
+    n = min(len(a), len(b))
+    return a[:n], b[:n]
+
+
+def test_listing_sees_other_pixels_of_the_same_names_and_sizes(tmp_path):
+    """Issue 28: a second folder, same file names and sizes, other pixels -> another listing; small files
+    by their bytes, big ones (> 192 KiB) by mtime + sampled bytes, also when the copy kept the mtime."""
+    import os
+
+    small, big = _same_size(_photo(1, 100), _photo(2, 100)), _same_size(_photo(3, 900), _photo(4, 900))
+    assert len(small[0]) < 3 * fingerprint._SAMPLE < len(big[0])
+    for first, second in (small, big):
+        one, two = tmp_path / "one", tmp_path / "two"
+        for d, data in ((one, first), (two, second)):
+            d.mkdir(exist_ok=True)
+            (d / "x.jpg").write_bytes(data)
+        os.utime(two / "x.jpg", ns=(0, (one / "x.jpg").stat().st_mtime_ns))  # as `cp -p` would
+        assert fingerprint.listing([one / "x.jpg"]) != fingerprint.listing([two / "x.jpg"])
+        assert fingerprint.listing([one / "x.jpg"]).startswith("v2:")
+    a, b = tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg"
+    for f in (a, b):  # a small file copied without its mtime: the same bytes, the same listing
+        f.parent.mkdir()
+        f.write_bytes(small[0])
+    os.utime(b, ns=(0, 10**18))
+    assert fingerprint.listing([a]) == fingerprint.listing([b])
+
+
+def test_listing_of_a_big_file_edited_in_place_outside_the_samples(tmp_path):
+    f = tmp_path / "00000.tar"
+    data = bytearray(_photo(5, 1200) * 2)
+    f.write_bytes(bytes(data))
+    before = fingerprint.listing([f])
+    data[len(data) // 4] ^= 0xFF  # not in the first, middle or last 64 KiB: seen by its mtime
+    f.write_bytes(bytes(data))
+    assert fingerprint.listing([f]) != before
+
+
+def test_listing_never_opens_a_fifo(tmp_path):
+    import os
+    import signal
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    signal.alarm(10)  # an open() for reading would block here forever
+    try:
+        assert fingerprint.listing([fifo]).startswith("v2:")
+    finally:
+        signal.alarm(0)
+
+
+def test_a_fingerprint_json_of_the_v1_rule_resumes_for_the_same_files_only(tmp_path):
+    """Folders made before the v2 listing: their fingerprint.json (name + size digests) is accepted while
+    the files are unchanged, and refused once one changes (even at the same size)."""
+    import hashlib
+    from pathlib import Path
+
+    def v1(paths):  # the rule as it was written before v2
+        h = hashlib.sha256()
+        for p in sorted(map(Path, paths)):
+            h.update(f"{p.name}\t{p.stat().st_size if p.exists() else -1}\n".encode())
+        return h.hexdigest()
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    files = [inputs / f"{i}.jpg" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(_photo(i, 100))
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {"--images": f"folder {v1(files)}", "listed": [f"a {v1(files[:1])}"], "threshold": 5.0}
+    (out / fingerprint.FILE).write_text(json.dumps(old))
+
+    def now(threshold=5.0):
+        return {
+            "--images": f"folder {fingerprint.listing(files)}",
+            "listed": [f"a {fingerprint.listing(files[:1])}"],
+            "threshold": threshold,
+        }
+
+    with pytest.raises(SigmaError, match=r"made with another threshold \(see"):  # only what really changed
+        fingerprint.check(out, now(6.0))
+    assert json.loads((out / fingerprint.FILE).read_text()) == old
+    fingerprint.check(out, now())  # accepted, and recorded by the v2 rule from now on
+    assert json.loads((out / fingerprint.FILE).read_text()) == now()
+    fingerprint.check(out, now())
+    files[1].write_bytes(_same_size(_photo(9, 100), files[1].read_bytes())[0])  # other pixels, same size
+    assert v1(files) in old["--images"]  # the v1 rule cannot see it ...
+    with pytest.raises(SigmaError, match=r"another --images \(see"):  # ... v2 does, and refuses
+        fingerprint.check(out, now())
+
+
+def test_listing_of_bucket_objects_sees_a_rewrite_at_the_same_size(bucket):
+    from shards import atomic, storage
+
+    obj = storage.resolve(bucket + "/shards/00000.tar")
+    atomic.write_bytes(obj, b"a" * 100)
+    before = fingerprint.listing([obj])
+    atomic.write_bytes(obj, b"b" * 100)
+    assert fingerprint.listing([obj]) != before
+
+
 # ---------------------------------------------------------------------------------------------
 # "Changes the output" is a property of the config field (metadata), read here for every stage
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -174,7 +175,7 @@ class Streams:
                 self.plan.data,
                 batch_size=st.batch_size,
                 model_max_length=self.max_length,
-                real_prompt_ratio=st.real_prompt_ratio,
+                rule=stages.caption_rule(st, f"training.stages.{self.plan.stage}"),
                 seed=st.seed,
                 num_workers=self.cfg.training.num_workers,
                 rank=d.rank * st.grad_accum + micro,
@@ -238,7 +239,12 @@ class Logger:
             self.log.write(line + "\n")
             self.log.flush()
 
-    def scalars(self, step: int, total: int, values: dict) -> None:
+    def scalars(self, step: int, total: int, values: dict, captions: Counter | None = None) -> None:
+        """One log line + TensorBoard; `captions`: how often each caption set was drawn in the window
+        (this process's batches: rank 0 sees 1 / world_size of the data), as `captions/<set>` shares."""
+        if captions:
+            n = sum(captions.values())
+            values = {**values, **{f"captions/{k}": v / n for k, v in sorted(captions.items())}}
         self.say(summary.log_line(step, total, values))
         for tag, v in values.items():
             self.writer.add_scalar(tag, v, step)
@@ -340,7 +346,7 @@ def train(cfg, plan: Plan) -> None:
     if state.step >= total:
         log.say(f"stage {plan.stage} already at step {state.step} of {total}: nothing to do")
 
-    win_loss, win_n, win_t = 0.0, 0, 0.0
+    win_loss, win_n, win_t, win_captions = 0.0, 0, 0.0, Counter()
     bar = progress.bar(total, "step", f"train {plan.stage}", initial=state.step, quiet=not d.master)
     while state.step < total:
         t0, step = time.time(), state.step
@@ -374,6 +380,7 @@ def train(cfg, plan: Plan) -> None:
                 loss.backward()
             loss_sum += loss.detach()
             keys += batch["keys"]
+            win_captions.update(batch["caption_source"])
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.grad_clip)
         stats = torch.stack([loss_sum, grad_norm.to(d.device)])
         if d.ddp:
@@ -403,8 +410,9 @@ def train(cfg, plan: Plan) -> None:
                     "perf/samples_per_s": plan.global_batch / step_time,
                     "perf/step_time_s": step_time,
                 },
+                win_captions,
             )
-            win_loss, win_n, win_t = 0.0, 0, 0.0
+            win_loss, win_n, win_t, win_captions = 0.0, 0, 0.0, Counter()
         if log.gen is not None and (step % tc.sample_every == 0 or step == total):
             log.grid(step, plan, state.ema if state.ema is not None else model, autocast)
         if step % tc.checkpoint_every == 0 or step == total:

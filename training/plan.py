@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import Stage
+from common.config import CaptionChoice, Stage
 from encoders import vae as vae_mod
 from shards import encoded, fingerprint, loader
 from shards.errors import SigmaError
@@ -133,10 +133,14 @@ def run_fingerprint(cfg, plan: Plan) -> dict:
     data = Path(plan.data)
     files = [p for p in data.rglob("*") if p.is_file()]
     where = f"training.stages.{plan.stage}"
+    stage = Stage(**plan.settings)
+    settings = fingerprint.flat(stage, where)
+    if stage.captions == CaptionChoice():  # the default choice: runs started before caption sets still resume
+        settings = {k: v for k, v in settings.items() if not k.startswith(f"{where}.captions.")}
     return {
         "data": fingerprint.listing(files),
         "model": plan.model,
         "vae": plan.vae,
         "training.num_workers": cfg.training.num_workers,
-        **fingerprint.flat(Stage(**plan.settings), where),
+        **settings,
     }

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from common.config import Config, Stage
+from shards import loader
 from shards.buckets import TIER_TABLES
 from shards.errors import SigmaError
 from training import checkpoint
@@ -49,7 +50,16 @@ def resolve(cfg: Config, name: str) -> Stage:
             raise SigmaError(f"{where}.{key}: must be >= 1, got {getattr(st, key)}")
     if not 0.0 <= st.real_prompt_ratio <= 1.0 or not 0.0 <= st.cfg_dropout < 1.0:
         raise SigmaError(f"{where}: real_prompt_ratio must be in [0, 1] and cfg_dropout in [0, 1)")
+    caption_rule(st, where)  # weights and temperature checked now; the sets against the data by the loader
     return st
+
+
+def caption_rule(st: Stage, where: str) -> loader.CaptionRule:
+    """The stage's caption choice as the loader's rule (one-line errors name `where`.captions...)."""
+    c = st.captions
+    return loader.caption_rule(
+        c.weights or None, st.real_prompt_ratio, c.clip_score, c.clip_threshold, c.clip_temperature, f"{where}.captions"
+    )
 
 
 def chain(cfg: Config, name: str) -> list[str]:

@@ -42,8 +42,10 @@ LOG_PAIR = re.compile(r"(\S+) ([-+0-9.eE]+|nan|inf)s?(?=\s|$)")
 
 
 def log_line(step: int, total: int, values: dict[str, float]) -> str:
-    """One log.txt line from {TensorBoard tag: value}."""
+    """One log.txt line from {TensorBoard tag: value}; `captions/<set>` shares (how often each caption
+    set was drawn since the last line) follow the fixed fields."""
     pairs = [f"{name} {fmt.format(values[tag])}" for name, tag, fmt in LOG_FIELDS if tag in values]
+    pairs += [f"{tag} {v:.3f}" for tag, v in values.items() if tag.startswith("captions/")]
     return f"step {step}/{total} " + " ".join(pairs)
 
 

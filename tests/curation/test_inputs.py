@@ -109,6 +109,61 @@ def test_named_columns_and_clashes(tmp_path):
     assert t["input_status"].tolist() == ["x"] * 5 and "link_to" not in t  # a manifest name is renamed
 
 
+EXCEL_CAPTIONS = ["two\nlines", "plain", 'with "quotes", and a comma', "ünïcödé"]
+
+
+def excel_csv(path):
+    """A csv as Excel saves "CSV UTF-8": a byte-order mark, CRLF line ends, a cell typed with Alt+Enter."""
+    frame = pd.DataFrame({"url": URLS[:4], "caption": EXCEL_CAPTIONS})
+    path.write_bytes(b"\xef\xbb\xbf" + frame.to_csv(index=False, lineterminator="\r\n").encode())
+    return path
+
+
+@pytest.mark.parametrize("url_col", [None, "url"])
+def test_a_csv_saved_by_excel_reads_as_its_rows(tmp_path, url_col):
+    """Issue 28: the BOM is read as nothing (the header is `url`, with or without --url-col url), CRLF
+    leaves no stray \r, and a quoted newline is part of its value: 4 rows, counted and split."""
+    path = excel_csv(tmp_path / "excel.csv")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbfurl,caption\r\n")
+    found = inputs.url_list(path, url_col=url_col)
+    assert (found.url_col, found.caption_col, found.columns) == ("url", "caption", ("url", "caption"))
+    assert found.describe()["rows"] == 4
+    assert found.split(tmp_path / "in", 3) == 2
+    t = shards_of(tmp_path / "in")
+    assert t["url"].tolist() == URLS[:4] and t["caption"].tolist() == EXCEL_CAPTIONS
+
+
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl", "txt", "csv.gz"])
+def test_a_bom_and_crlf_in_other_text_lists(tmp_path, fmt):
+    frame = pd.DataFrame({"url": URLS, "alt": ALT})
+    text = {
+        "tsv": lambda: frame.to_csv(index=False, sep="\t", lineterminator="\r\n"),
+        "jsonl": lambda: frame.to_json(orient="records", lines=True).replace("\n", "\r\n"),
+        "txt": lambda: "\r\n".join(URLS) + "\r\n",
+        "csv.gz": lambda: frame.to_csv(index=False, lineterminator="\r\n"),
+    }[fmt]()
+    data = b"\xef\xbb\xbf" + text.encode()
+    path = tmp_path / f"urls.{fmt}"
+    path.write_bytes(gzip.compress(data) if fmt.endswith(".gz") else data)
+    found = inputs.url_list(path)
+    assert found.url_col == "url" and found.describe()["rows"] == 5
+    found.split(tmp_path / "in", 5)
+    t = shards_of(tmp_path / "in")
+    assert t["url"].tolist() == URLS
+    if fmt != "txt":
+        assert t["caption"].tolist() == ALT
+
+
+def test_dry_run_counts_the_rows_of_an_excel_csv(tmp_path, tiny_models, capsys):
+    from curation import run as cli
+
+    path = excel_csv(tmp_path / "excel.csv")
+    for extra in ([], ["--url-col", "url"]):
+        cli.main(["--urls", str(path), *extra, "--out", str(tmp_path / "o"), "--profile", "demo", "--dry-run"])
+        plan = json.loads(capsys.readouterr().out)["input"]
+        assert plan["rows"] == 4 and plan["url_col"] == "url" and plan["caption_col"] == "caption"
+
+
 def test_dry_run_reads_headers_and_says_when_there_is_no_caption(tmp_path, tiny_models, capsys):
     from curation import run as cli
 

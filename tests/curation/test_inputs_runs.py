@@ -203,7 +203,7 @@ def test_img2dataset_output_is_curated_without_downloading(by_url, laion, server
     out, m, summary, _ = curate(capsys, "--images", str(shards), "--out", str(tmp_path / "out"))
     assert len(server.log) == requests and not list((out / "downloads").glob("*_stats.json"))  # nothing fetched
     assert digests(shards) == before  # the user's shards are read, never changed or removed
-    assert summary["urls"] == len(m) == 7 and kept(m) == kept(by_url[1])  # the same images kept as by URL
+    assert summary["images"] == len(m) == 7 and kept(m) == kept(by_url[1])  # the same images kept as by URL
     assert m["source"].str.match(rf"^{shards}/0000[01]\.tar::\d+\.jpg$").all()
     assert sorted(m["url"]) == sorted(by_url[1]["url"])  # the sidecar .json's URL
     name = {u: u.rsplit("/", 1)[1] for u in m["url"]}

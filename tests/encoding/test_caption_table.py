@@ -113,17 +113,17 @@ def test_prepare_runs_in_tasks_and_a_rerun_reuses_its_files(tmp_path, shard_list
     monkeypatch.setattr(captions, "read_file", driver_must_not)
     monkeypatch.setattr(curated, "keys", driver_must_not)
     encdir = tmp_path / "enc"
-    work = caption_table.prepare(ray_local, source, shard_list, encdir)
+    work = caption_table.prepare(ray_local, source, shard_list, encdir).local  # a Loc: here on disk
     assert work.parent == encdir / caption_table.WORK
     assert sorted(p.name for p in work.glob("*.parquet")) == ["00000.parquet", "00001.parquet", "spans.parquet"]
     assert not (work / caption_table.PARTS).exists()  # the parts go once every shard's file is written
     assert set(merged(work, shard_list[1])) == {"000000002", "000000011"}
     before = {p: p.stat().st_mtime_ns for p in work.iterdir()}
-    assert caption_table.prepare(ray_local, source, shard_list, encdir) == work
+    assert caption_table.prepare(ray_local, source, shard_list, encdir).local == work
     assert {p: p.stat().st_mtime_ns for p in work.iterdir()} == before
     # another table: another WORK, the old one removed
     caption_rows(["000000001"]).to_parquet(path)
-    new = caption_table.prepare(ray_local, captions.resolve(path, shard_list), shard_list, encdir)
+    new = caption_table.prepare(ray_local, captions.resolve(path, shard_list), shard_list, encdir).local
     assert new != work and not work.exists() and set(merged(new, shard_list[0])) == {"000000001"}
 
 

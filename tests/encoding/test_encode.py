@@ -117,7 +117,7 @@ def test_every_sample_has_a_row_with_its_reason(first_run):
 def test_shards_group_by_bucket_and_roll_by_size(first_run):
     idx = index(first_run)
     enc = first_run / "enc"
-    tars = encoded.committed_shards(enc)
+    tars = [t.local for t in encoded.committed_shards(enc)]  # Locs: here on disk
     assert all(t.with_suffix(".parquet").exists() for t in tars)
     for tar in tars:
         samples = read_tar(tar)

@@ -179,3 +179,86 @@ def test_generate_errors_are_one_line(tmp_path, prompts_file):
     )
     assert r.returncode == 0 and json.loads(r.stdout)["images"] == 6
     assert not (tmp_path / "o").exists()
+
+
+def test_metrics_json_is_strict_and_fids_say_when_they_are_not_comparable(tmp_path, inception):
+    """null, never NaN, where a number is undefined; another Inception file (known by its sha256, not
+    its name) and fewer than 10,000 images are said in metrics.json, summary.md and on the page."""
+    from evaluation import results
+
+    df = pd.DataFrame(
+        {
+            "run": ["a", "b"],
+            "prompt_idx": [0, 0],
+            "seed": [0, 0],
+            "clip_score": [30.0, float("nan")],
+            "aesthetic": [5.0, 4.0],
+        }
+    )
+    facts = fid.inception_file(inception)
+    assert facts["comparable"] is False and "not comparable" in facts["note"] and fid.REFERENCE_FILE in facts["note"]
+    fids = {(run, None): fid.fid_with_interval(np.eye(4, 3) + i, np.eye(4, 3) * 2) for i, run in enumerate("ab")}
+    reference = {
+        "path": "ref",
+        "n": 4,
+        "features": 3,
+        "inception": str(inception),
+        "note": facts["note"],
+        "min_images": 10_000,
+    }
+    metrics = results.collect(df, ["a", "b"], fids, None, reference)
+    results.write(tmp_path, metrics)
+
+    def refuse(name):
+        raise AssertionError(f"{name} in metrics.json")
+
+    strict = json.loads((tmp_path / results.METRICS).read_text(), parse_constant=refuse)
+    assert strict["overall"]["b"]["clip_score"]["mean"] is None and strict["overall"]["a"]["fid"]["lo"] is None
+    assert strict["overall"]["a"]["fid"]["biased"] is True
+    for text in (results.markdown(metrics), results.section(strict)):
+        assert "not comparable" in text and "FID biased: 4 images" in text and "(biased)" in text
+    # the reference file's name carries the first 8 hex digits of its sha256 (torch.hub's convention)
+    assert fid.REFERENCE_SHA256.startswith(fid.REFERENCE_FILE.rsplit("-", 1)[1].split(".")[0])
+    assert len(fid.REFERENCE_SHA256) == 64 and fid.MIN_IMAGES == 10_000
+
+
+def test_evaluate_checks_the_inception_file_before_any_model_loads(tmp_path):
+    """No --profile: the default CLIP would be fetched from the hub (offline in tests) if it came first."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.evaluation.conftest import ROOT
+
+    (tmp_path / "images" / "m").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "m" / "0-0.png")
+    (tmp_path / "images" / "m" / "0-0.json").write_text(
+        json.dumps({"prompt": "p", "run": "m", "seed": 0, "prompt_idx": 0})
+    )
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(ref / f"{i}.png")
+    start = time.monotonic()
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "evaluation/evaluate"),
+            tmp_path,
+            "--reference",
+            ref,
+            "--inception",
+            tmp_path / "no.pth",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--inception" in r.stderr and "file not found" in r.stderr and fid.REFERENCE_FILE in r.stderr
+    assert time.monotonic() - start < 60
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "evaluation/evaluate"), "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert fid.REFERENCE_FILE in r.stdout and "pt_inception" not in r.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -94,26 +95,39 @@ def sample(key: int, width: int, height: int, **kw) -> dict:
 
 
 def write_encdir(
-    encdir: Path, buckets: dict[tuple[int, int], int], dim: int = 8, shard_bytes: int = 6000
+    encdir: Path,
+    buckets: dict[tuple[int, int], int],
+    dim: int = 8,
+    shard_bytes: int = 6000,
+    sets: dict[str, Callable[[int], tuple[int, float | None] | None]] | None = None,
 ) -> dict[str, dict]:
     """An ENCDIR written with the real writer, without Ray or models: known tensors per key.
 
-    Sample i of a bucket has recaption features filled with +i (length 3 + i % 5) and, for even i,
-    original features filled with -i (length 2); latent mean = i, std = 0 except where noted.
+    Without `sets`, a version 1 folder (captions inside the tars): sample i of a bucket has recaption
+    features filled with +i (length 3 + i % 5) and, for even i, original features filled with -i
+    (length 2). With `sets` {name: i -> (length, clip score) or None (no caption)}: a version 2 folder
+    whose set `name` of sample i is `length` rows filled with i + 1000 * (position of name), caption
+    "<name> <i>". Latent mean = i, std = 0 except every third sample (0.5).
     """
     import torch
 
     from shards import encoded
 
     truth, fp, n = {}, "f" * 16, 0
+    names = tuple(sets or ())
     for (h, w), count in buckets.items():
-        writer = encoded.BucketWriter(encdir, (h, w), fp, shard_bytes)
+        writer = encoded.BucketWriter(encdir, (h, w), fp, shard_bytes, sets=names)
         for _ in range(count):
             key, i = f"{n:06d}", n
             n += 1
             feats = {"recaption": torch.full((3 + i % 5, dim), float(i))}
             if i % 2 == 0:
                 feats["original"] = torch.full((2, dim), -float(i))
+            side = {}
+            for j, name in enumerate(names):
+                got = sets[name](i)
+                if got is not None:
+                    side[name] = (f"{name} {i}", torch.full((got[0], dim), float(i + 1000 * j)), got[1])
             mean = torch.full((4, h // 8, w // 8), float(i))
             std = torch.zeros_like(mean) if i % 3 else torch.full_like(mean, 0.5)
             meta = {
@@ -123,11 +137,9 @@ def write_encdir(
                 "size": [h, w],
                 "resized": [h, w],
                 "crop_box": [0, 0, w, h],
-                "captions": {"recaption": f"re {i}", **({"original": f"orig {i}"} if i % 2 == 0 else {})},
-                "t5_lengths": {k: len(v) for k, v in feats.items()},
                 "source": "00000.tar",
                 "fingerprint": fp,
-                "format_version": encoded.FORMAT_VERSION,
+                "format_version": encoded.FORMAT_VERSION if sets else 1,
             }
             row = dict(
                 key=key,
@@ -138,28 +150,38 @@ def write_encdir(
                 bucket_w=w,
                 width=w,
                 height=h,
-                t5_len_recaption=len(feats["recaption"]),
-                t5_len_original=len(feats.get("original", [])),
                 source="00000.tar",
                 fingerprint=fp,
             )
-            writer.write(meta, encoded.pack_t5(feats), encoded.pack_vae(mean, std, 0.13025), row)
-            truth[key] = {"i": i, "hw": (h, w), "std": float(std.flatten()[0])}
+            if not sets:
+                meta["captions"] = {"recaption": f"re {i}", **({"original": f"orig {i}"} if i % 2 == 0 else {})}
+                meta["t5_lengths"] = {k: len(v) for k, v in feats.items()}
+                row.update(t5_len_recaption=len(feats["recaption"]), t5_len_original=len(feats.get("original", [])))
+            t5 = None if sets else encoded.pack_t5(feats)
+            writer.write(meta, t5, encoded.pack_vae(mean, std, 0.13025), row, side)
+            truth[key] = {
+                "i": i,
+                "hw": (h, w),
+                "std": float(std.flatten()[0]),
+                "sets": {k: v[1] for k, v in side.items()},
+            }
         writer.close()
     from safetensors.torch import save_file
 
     save_file({"y_embedding": torch.zeros(300, dim)}, str(encdir / "null_caption.safetensors"))
-    encoded.write_info(
-        encdir,
-        dict(
-            fingerprint=fp,
-            tier="256",
-            table="256",
-            max_length=300,
-            t5_dim=dim,
-            scaling_factor=0.13025,
-            latent_channels=4,
-            null_caption="null_caption.safetensors",
-        ),
+    info = dict(
+        fingerprint=fp,
+        tier="256",
+        table="256",
+        max_length=300,
+        t5_dim=dim,
+        scaling_factor=0.13025,
+        latent_channels=4,
+        null_caption="null_caption.safetensors",
     )
+    if sets:
+        info["caption_sets"] = {name: {"from": "test", "stored": "side"} for name in names}
+    else:
+        info["format_version"] = 1
+    encoded.write_info(encdir, info)
     return truth

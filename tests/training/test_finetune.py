@@ -77,6 +77,7 @@ def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
     rundir = runs / "512"
     lines = [line for line in (rundir / "log.txt").read_text().splitlines() if line.startswith("step ")]
     assert len(lines) == 2 and all(k in lines[-1] for k in ("loss", "lr", "grad_norm", "samples/s", "step_time"))
+    assert re.search(r" captions/recaption (0|1)\.\d{3}", lines[-1]), lines[-1]  # per-set draw shares
     assert list((rundir / "tb").glob("events.out.tfevents.*"))
     from PIL import Image
 
@@ -94,6 +95,7 @@ def test_logs_tensorboard_and_sample_grid(enc, tmp_path, tiny_models, capsys):
 
     events = EventAccumulator(str(rundir / "tb")).Reload()
     assert "train/loss" in events.Tags()["scalars"] and "samples/512" in events.Tags()["images"]
+    assert "captions/recaption" in events.Tags()["scalars"]
     page = (rundir / "summary.html").read_text()
     assert "<img" in page and "loss" in page
     # rerunning the finished stage keeps the checkpoint step's scalars and grid (purge_step = step + 1)
