@@ -308,6 +308,7 @@ def write_scored(path: Loc, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@fingerprint.releases_locks  # the OUT lock is held for this run only
 def run(urls, out: str | Path | Loc, cfg: Config, dedup_against: list = ()) -> dict:
     """Curate `urls` into `out` (a folder or a bucket prefix: a storage Loc, or a path resolved with
     `cfg.storage`); resumes whatever a previous run with the same arguments finished.
@@ -354,7 +355,7 @@ def run(urls, out: str | Path | Loc, cfg: Config, dedup_against: list = ()) -> d
 
 
 def stage_fingerprint(source, cfg: Config, against: list[Loc] = ()) -> dict:
-    """The input (a URL list's bytes; images on disk: their files' names and sizes), the settings that
+    """The input (a URL list's bytes; images on disk: fingerprint.listing of their files), the settings that
     change what is kept, the scoring models' bytes, and the earlier runs deduplicated against (folder +
     a listing of its dedup index)."""
     m = cfg.models

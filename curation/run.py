@@ -154,11 +154,12 @@ def _input_problems(cfg) -> list[str]:
             config.require_file(path, key, weights=weights)
         except SigmaError as e:
             problems.append(str(e))
-    if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
-        try:
-            config.require_file(cfg.models.clip.weights, "models.clip.weights")
-        except SigmaError as e:
-            problems.append(str(e))
+    from encoders import hub
+
+    try:  # a file, or an open_clip tag whose hub repo is cached or reachable
+        hub.require_clip(cfg.models.clip.arch, cfg.models.clip.weights)
+    except SigmaError as e:
+        problems.append(str(e))
     return problems
 
 

@@ -112,3 +112,43 @@ def test_original_captions_encode_and_train_end_to_end(tiny_models, ray_local, t
         ]
     )
     assert checkpoint.list_steps(runs / "256") == [2]
+
+
+def test_original_needs_no_model_and_an_unreachable_hub_is_one_line(tmp_path):
+    """No --profile, the hub unreachable (a closed loopback port, HF_HUB_OFFLINE unset) and an empty HF
+    cache: the pass-through captions with token counts skipped, said in one line; a model backend is
+    refused in one line naming the model and the key, before Ray starts."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shard = tmp_path / "cur" / "shards" / "00000.tar"
+    write_shard(shard, ALT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(root))
+
+    def recaption(*args):
+        argv = [sys.executable, str(root / "captioning/recaption"), "--shards", str(shard.parent), *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+    start = time.monotonic()
+    r = recaption("--out", str(tmp_path / "hf-caps"), "--captioner", "hf")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: captioning.captioners.hf.model: captioner Qwen/Qwen2.5-VL-7B-Instruct")
+    assert "unreachable" in r.stderr and "--profile demo" in r.stderr
+    assert time.monotonic() - start < 60  # imports included; the hub client alone retried for ~60 s before
+
+    r = recaption("--out", str(tmp_path / "caps"), "--captioner", "original", "--set", "ray.num_cpus=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = [line for line in r.stderr.splitlines() if "token counts skipped" in line]
+    assert len(skipped) == 1 and "models.t5 google/t5-v1_1-xxl" in skipped[0], r.stderr
+    assert "Traceback" not in r.stderr
+    rows = {row["key"]: row for row in pq.read_table(fmt.caption_file(tmp_path / "caps", shard)).to_pylist()}
+    assert rows["000000001"]["caption"] == "a red fox in the snow" and rows["000000001"]["num_tokens"] == 0
