@@ -157,7 +157,7 @@ class LocalImages:
         """Keyed input shards + where each item's bytes lie; done once (`.complete`), like a URL list."""
         work = inputs.as_loc(work)
         done = work / ".complete"
-        if done.exists():
+        if done.has_file():
             return int(done.read_text())
         work.mkdir()
         out = _Shards(work, self._schema())
