@@ -87,7 +87,8 @@ def _caption_key(name: str) -> str:
 
 
 def stage_fingerprint(cfg, p: dict, sources: dict[str, captions.CaptionSource]) -> dict:
-    """The inputs (image shards and each set's caption files, by name and size) and what decides a sample's bytes."""
+    """The inputs (image shards and each set's caption files: fingerprint.listing, name + size + content) and
+    what decides a sample's bytes."""
     e, m = cfg.encode, cfg.models
     files = {
         name: [source.shard_file(s) for s in p["shard_list"]] if source.kind == captions.PER_SHARD else source.files
@@ -128,6 +129,7 @@ def _check_fingerprint(cfg, p: dict, sources: dict, encdir: storage.Loc, reencod
         atomic.write_text(path, json.dumps({**old, **current}, indent=2, sort_keys=True, default=str) + "\n")
 
 
+@fingerprint.releases_locks  # the OUT lock is held for this run only
 def run(
     cfg,
     images: str,
@@ -149,6 +151,10 @@ def run(
     p = plan(cfg, images, specs, out, tier, first_sentence)
     sources = check_inputs(p)
     set_plan = p["set_plan"]
+    from encoders import hub
+
+    hub.require(cfg.models.t5, "models.t5", what="T5 encoder")  # before Ray or any model starts
+    hub.require(cfg.models.vae, "models.vae", what="VAE")
     fp, e = p["fingerprint"], cfg.encode
     encdir = storage.resolve(out, cfg.storage)
     encdir.mkdir()
