@@ -200,6 +200,7 @@ def run(
     counts = index.groupby(["status", "reason"]).size().to_dict() if len(index) else {}
     _check_something_encoded(index, " ".join(specs))
     report = summary_file(encdir, index, held)
+    _warn_sparse_sets(index, set_plan)
     return dict(
         out=str(encdir),
         fingerprint=fp,
@@ -543,6 +544,23 @@ def summary_file(encdir: storage.Loc, index, held: list[str], lowest: int = 5) -
     path = encdir / "caption_sets.json"
     atomic.write_text(path, json.dumps(out, indent=2) + "\n")
     return path
+
+
+def _warn_sparse_sets(index, set_plan: sets.SetPlan) -> None:
+    """One line on stderr per named set that most encoded samples lack (a table keyed for a few of them, a
+    captioner run on some shards only): training with a weight on it is refused (shards/loader.py)."""
+    import sys
+
+    kept = index[index["status"] == KEPT]
+    for name in set_plan.sources:
+        have = int((kept[encoded.len_column(name)] > 0).sum())
+        if have * 2 < len(kept):
+            print(
+                f"encode: warning: caption set {name!r} is missing for {len(kept) - have} of {len(kept)} encoded "
+                f"samples (see {encoded.INFO} and caption_sets.json)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _caption(tar: storage.Loc, name: str, key: str) -> str | None:
