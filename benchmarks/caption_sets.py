@@ -199,7 +199,8 @@ def bench_resume(folder: Path, tmp: Path, lines: int) -> list[str]:
 
     def run(out: Path, stop_at: int) -> None:
         cmd = [sys.executable, "-m", "benchmarks.caption_sets", "--child", str(folder), str(out)]
-        p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)  # its workers complain when killed
         while not out.exists() or len(out.read_text().splitlines()) < stop_at:
             time.sleep(0.05)
         os.kill(p.pid, signal.SIGKILL)
