@@ -139,10 +139,9 @@ def samples(path: Source, only: set[str] | None = None) -> Iterator[tuple[str, d
 
 
 def read_member(src: str, offset: int, size: int) -> bytes:
-    """The served bytes of one downloaded image, from its place in a download tar."""
-    with open(src, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+    """The served bytes of one downloaded image, from its place in a download tar (or a user's tar, on
+    disk or in a bucket: one ranged GET there)."""
+    return storage.resolve(src).read_range(offset, size)
 
 
 def meta_json(meta: dict[str, Any]) -> str:
@@ -155,10 +154,13 @@ def write_shard(path: str | Path, members: list[dict[str, Any]]) -> str:
     path = Path(path)
     if path.exists():
         return str(path)
+    src = {m["src"]: storage.resolve(m["src"]) for m in members}
+    # images of a user's tar in a bucket (curated in place): a few coalesced ranged GETs, not one per image
+    reader = storage.RangeReader((src[m["src"]], m["offset"], m["size"]) for m in members)
     with atomic.atomic_path(path) as tmp, tar_writer.open_for_writing(tmp) as tar:
         for m in sorted(members, key=lambda m: m["key"]):
             meta = m["meta"] if isinstance(m["meta"], str) else meta_json(m["meta"])
-            files = {m["ext"]: read_member(m["src"], m["offset"], m["size"]), META_EXT: meta.encode()}
+            files = {m["ext"]: reader.read(src[m["src"]], m["offset"], m["size"]), META_EXT: meta.encode()}
             if m.get("caption"):
                 files[CAPTION_EXT] = str(m["caption"]).encode()
             for ext in sorted(files):
