@@ -20,6 +20,12 @@ Inputs too big to hash whole (shard lists, folders of images, caption tables) ar
                  (76 MB, page cache warm, a shared 2-CPU machine): v2 10 ms (~0.2 ms a file), v1
                  0.8 ms, a full sha256 of every file 81 ms (~0.9 GB/s): a million 1.7 MB photos
                  ~4 min at each start or resume, against ~30 min for a full hash.
+A folder holding no output yet (nothing but fingerprint.json, the stage's work state such as `_work/`,
+temp files and the lock) is not protected: a run with other inputs or settings restarts it, says so in
+one line and removes the stale work state (e.g. `_work/input` cut at another shard_size). While a run
+writes into a local folder it holds FOLDER/.lock (`flock`, released when the process ends, killed or
+not), so a second run into the same folder at once is refused; a bucket cannot hold such a lock.
+
 A fingerprint.json written by the v1 rule is still accepted for unchanged inputs: `check` compares
 its values with the current ones in which each v2 listing is replaced by the v1 digest of the same
 files (computed in the same pass), so folders made before the change resume as they are; the file
@@ -30,19 +36,24 @@ same size, is what v1 could not see).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from shards import storage
 from shards.atomic import write_text
 from shards.errors import SigmaError
 
 FILE = "fingerprint.json"
+LOCK = ".lock"  # held (flock) by the run writing into a local folder: never an output
+WORK = ("_work",)  # a stage's work state: not output; removed when a folder with no output restarts
 OUTPUT = "output"  # config field metadata: False on a setting that does not change what a stage writes
 _CHUNK = 1 << 20
 LISTING_VERSION = 2
@@ -162,12 +173,73 @@ def flat(settings: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def check(folder: str | Path | storage.Loc, fingerprint: dict[str, Any]) -> None:
-    """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs."""
-    path = _loc(folder) / FILE
+_held: dict[str, int] = {}  # folder -> the descriptor of its lock, held until this process ends
+
+
+def lock(folder: storage.Loc) -> None:
+    """Hold FOLDER/.lock for the rest of this process, or refuse in one line: another run is writing into it.
+    A bucket has no such lock (nothing releases one when a process is killed): no-op there."""
+    if not folder.is_local or str(folder) in _held:
+        return
+    folder.mkdir()
+    fd = os.open(os.path.join(folder.path, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SigmaError(
+            f"{folder}: another run is writing into it now (it holds {LOCK}); wait for it to end, or use another --out"
+        ) from None
+    _held[str(folder)] = fd
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def releases_locks(run: Callable[P, R]) -> Callable[P, R]:
+    """For a stage's `run`: the folder locks `check` takes during the call are released when it returns or
+    raises, so one process may run stages one after another (the demo, tests) and others may follow."""
+
+    @functools.wraps(run)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        before = set(_held)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for key in set(_held) - before:
+                os.close(_held.pop(key))  # closing the descriptor drops its flock
+
+    return wrapper
+
+
+def holds_output(folder: storage.Loc, work: Iterable[str] = WORK) -> bool:
+    """Whether FOLDER holds anything but its fingerprint, lock, work state, temp files and empty folders
+    (Loc methods only: a bucket's objects and prefixes count as they are listed)."""
+    skip = {FILE, LOCK, *work}
+    return any(
+        p.name not in skip
+        and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        and not (p.is_dir() and not p.iterdir())  # an empty folder made at the start (downloads/, shards/)
+        for p in folder.iterdir()
+    )
+
+
+def check(
+    folder: str | Path | storage.Loc, fingerprint: dict[str, Any], work: Iterable[str] = WORK, dry_run: bool = False
+) -> None:
+    """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs; a
+    folder with no output yet (`holds_output`) restarts instead, its `work` entries removed. Holds the
+    folder's lock from here on (`lock`); a dry run only reads."""
+    loc = _loc(folder)
+    work = tuple(work)
+    if not dry_run:
+        lock(loc)
+    path = loc / FILE
     current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
     if not path.exists():
-        write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        if not dry_run:
+            write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
         return
     try:
         old = json.loads(path.read_text())
@@ -179,10 +251,26 @@ def check(folder: str | Path | storage.Loc, fingerprint: dict[str, Any]) -> None
     changed = sorted(
         k for k in old.keys() | current.keys() if old.get(k) not in (current.get(k), _as_v1(current.get(k)))
     )
+    if changed and not holds_output(loc, work):
+        stale = [name for name in work if (loc / name).exists()]
+        print(
+            f"{folder}: no output yet (only {', '.join([FILE, *stale])}): "
+            + ("would restart" if dry_run else "restarting")
+            + f" with the new {', '.join(changed)}",
+            file=sys.stderr,
+        )
+        if not dry_run:
+            for name in stale:
+                if (loc / name).is_dir():
+                    (loc / name).rmtree()
+                else:
+                    (loc / name).unlink()
+            write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        return
     if changed:
         raise SigmaError(
             f"{folder}: made with another {', '.join(changed)} (see {FILE}); "
             f"use another --out, or delete the folder to start over"
         )
-    if old != current:  # accepted by the v1 rule: recorded by v2 from now on, so later edits are seen
+    if old != current and not dry_run:  # accepted by the v1 rule: recorded by v2 from now on, so later edits are seen
         write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
