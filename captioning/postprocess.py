@@ -48,7 +48,10 @@ def clean(text: str, strip_openings: bool) -> str:
 
 
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:
-    """T5 token counts, `</s>` included, untruncated (the same count the 300 budget is measured in)."""
+    """T5 token counts, `</s>` included, untruncated (the same count the 300 budget is measured in);
+    0 (not counted) without a tokenizer."""
+    if tokenizer is None:
+        return [0] * len(texts)
     if not texts:
         return []
     return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]

@@ -141,8 +141,33 @@ def plan(cfg: Config, shards: str, out: str, name: str | None = None, not_checke
         "resources": vars(cap.resources),
         "strip_openings": cfg.captioning.strip_openings,
         "token_budget": cfg.captioning.token_budget,
-        "t5_tokenizer": cfg.models.t5,
+        "t5_tokenizer": cfg.models.t5 if token_counts(cfg, cap) else None,
     }
+
+
+def token_counts(cfg: Config, cap: Captioner) -> bool:
+    """Whether the captions' T5 tokens are counted: always for a captioning model; for the `original`
+    pass-through (no model at all) only when the T5 tokenizer is on this machine (a folder, or the
+    Hugging Face cache), else `num_tokens` is 0 (not counted), said in one line."""
+    from encoders import hub
+
+    return cap.backend != "original" or hub.available(cfg.models.t5)
+
+
+def require_models(cfg: Config, name: str, cap: Captioner) -> None:
+    """Every model this run loads, checked before Ray starts: one line each (encoders/hub.py)."""
+    from encoders import hub
+
+    if cap.backend != "original":
+        hub.require(cap.model, f"captioning.captioners.{name}.model", cap.revision, what="captioner")
+    if token_counts(cfg, cap):
+        hub.require(cfg.models.t5, "models.t5", what="T5 tokenizer")
+    else:
+        print(
+            f"T5 token counts skipped: models.t5 {cfg.models.t5} is not on this machine (a local folder or the "
+            "Hugging Face cache); num_tokens is 0 (not counted)",
+            file=sys.stderr,
+        )
 
 
 def stage_fingerprint(p: dict) -> dict:
@@ -167,7 +192,7 @@ def stage_fingerprint(p: dict) -> dict:
         "engine": engine,
         "model": model_id(p["model"]) if p["model"] else "",
         "revision": p["captioner_id"].rpartition("@")[2],
-        "t5_tokenizer": model_id(p["t5_tokenizer"]),
+        "t5_tokenizer": model_id(p["t5_tokenizer"]) if p["t5_tokenizer"] else None,
     }
 
 
@@ -236,12 +261,14 @@ def backend(cap: Captioner, guard=None) -> tuple[type, dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+@fingerprint.releases_locks  # the OUT lock is held for this run only
 def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     """Caption every unfinished shard; returns the run summary (also printed as JSON)."""
     from common import ray_start
 
     p = plan(cfg, shards, out, name)
     _, cap = select(cfg, p["captioner"])
+    require_models(cfg, p["captioner"], cap)
     locs = p[LOCS]
     out_loc: storage.Loc = locs["out"]
     out_loc.mkdir()
@@ -281,7 +308,7 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
 
     from encoders import t5
 
-    tokenizer = t5.load_tokenizer(cfg.models.t5)
+    tokenizer = t5.load_tokenizer(p["t5_tokenizer"]) if p["t5_tokenizer"] else None
     cls, kwargs = backend(cap, cfg.captioning.guard)
     r = cap.resources
     ds = ray.data.from_items([{"shard": by_url[s]} for s in expected], override_num_blocks=len(expected))

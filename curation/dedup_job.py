@@ -17,16 +17,17 @@ reads are the shuffle's cost: an Arrow IPC file finds batch p from its small foo
 Parquet file of P row groups parses every group's metadata on each open (5 ms at P = 512: 512 x 512
 reads took 20 min of 2 CPUs at 10^6 rows); P grows with the run, one per `dedup.partition_rows` URLs
 (~120k hash rows and ~60 MB of 768-d CLIP rows at the default), at most 512, so a small run is a
-handful of tasks. Each step's folder is written as `.tmp` and renamed when complete; a rerun redoes
-only an unfinished step. The driver holds only per-group counts: no rows.
+handful of tasks. Each step's folder is committed whole (shards/storage.py `staging`: on disk built
+beside and renamed, on a bucket a `_COMMITTED` marker written last and found by its exact name); a
+rerun redoes only an unfinished step. Every file is named, never found by a listing. The work folder
+is on disk or in a bucket; the driver holds only per-group counts: no rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +39,7 @@ from common.config import CurationConfig
 from curation import dedup, placement
 from shards import atomic, storage
 from shards.errors import SigmaError
+from shards.storage import Loc
 
 RUN_SPAN = 10**10  # keys are 10 digits: ids of the run-th earlier run start at run * RUN_SPAN
 DEDUP_DIR = "dedup"  # under _work/
@@ -61,7 +63,7 @@ def earlier_runs(folders, out) -> list[storage.Loc]:
     for r in runs:
         if (r.scheme, r.path) == (here.scheme, here.path):
             raise AgainstError(f"--dedup-against {r}: is the output folder itself")
-        if not (r / "manifest.parquet").is_file() or not (r / INDEX).is_dir():
+        if not (r / "manifest.parquet").has_file() or not (r / INDEX).is_dir():
             raise AgainstError(
                 f"--dedup-against {r}: not a finished curation run with {INDEX}/ "
                 "(runs made before incremental dedup have none)"
@@ -84,25 +86,23 @@ def _real(folder) -> storage.Loc:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sources(work: Path, n_shards: int, against) -> list[tuple[str | storage.Loc, int]]:
-    """(file, run) of every node file: run 0 = this run's scored shards, run r = the r-th earlier run
-    (a Loc: on disk or in a bucket)."""
-    out = [(str(work / "scored" / f"{i:05d}.parquet"), 0) for i in range(n_shards)]
+def _sources(work: Loc, n_shards: int, against: list[Loc]) -> list[tuple[Loc, int]]:
+    """(file, run) of every node file: run 0 = this run's scored shards, run r = the r-th earlier run."""
+    out = [(work / "scored" / f"{i:05d}.parquet", 0) for i in range(n_shards)]
     for run, folder in enumerate(against, 1):
-        out += [(p, run) for p in (_real(folder) / INDEX).glob("*.parquet")]
+        out += [(p, run) for p in (folder / INDEX).glob("*.parquet")]
     return out
 
 
-def _read_nodes(sources: list[tuple[str | storage.Loc, int]]) -> pa.Table:
+def _read_nodes(sources: list[tuple[Loc, int]]) -> pa.Table:
     """The dedup nodes of some source files: id, pixels, sha256, phash (int64 bits), embedding."""
     tables = []
     for path, run in sources:
         if run == 0:  # survivors: the scoring actor already wrote every threshold's verdict into `reason`
-            t = pq.read_table(path, columns=CANDIDATE_COLUMNS).filter(pc.field("reason") == "")
+            t = storage.read_parquet(path, columns=CANDIDATE_COLUMNS).filter(pc.field("reason") == "")
             pixels = pc.multiply(pc.cast(t["width"], pa.int64()), pc.cast(t["height"], pa.int64()))
         else:
-            with (path if isinstance(path, storage.Loc) else storage.resolve(path)).open("rb") as f:
-                t = pq.read_table(f, columns=INDEX_COLUMNS)
+            t = storage.read_parquet(path, columns=INDEX_COLUMNS)
             pixels = t["pixels"]
         tables.append(
             _nodes(
@@ -170,7 +170,7 @@ CLIP_SCHEMA = pa.schema(
 )
 
 
-def _write_parts(path: Path, rows: dict, schema: pa.Schema, parts: int) -> None:
+def _write_parts(path: Loc, rows: dict, schema: pa.Schema, parts: int) -> None:
     """`rows` (columns of `schema`, `part` among them) as an Arrow IPC file of `parts` record batches:
     batch p holds partition p's rows (empty when it has none)."""
     order = np.argsort(rows["part"], kind="stable")
@@ -181,17 +181,18 @@ def _write_parts(path: Path, rows: dict, schema: pa.Schema, parts: int) -> None:
             w.write_batch(pa.record_batch([c.slice(s, e - s) for c in columns], schema=schema))
 
 
-def _read_part(files: list[str], part: int) -> dict:
-    """Partition `part`'s rows of every map file (its one batch of each), as numpy columns."""
+def _read_part(files: list[Loc], part: int) -> dict:
+    """Partition `part`'s rows of every map file (its one batch of each), as numpy columns: on disk
+    memory-mapped, in a bucket ranged reads of the footer and of that batch."""
     batches = []
     for f in files:
-        with pa.memory_map(f) as m:
+        with pa.memory_map(f.path) if f.is_local else f.open("rb") as m:
             batches.append(pa.ipc.open_file(m).get_batch(part))
     t = pa.Table.from_batches(batches).combine_chunks()
     return {c: t[c].to_numpy(zero_copy_only=False) for c in t.column_names}
 
 
-def _write_edges(path: Path, edges: dict) -> None:
+def _write_edges(path: Loc, edges: dict) -> None:
     atomic.write_parquet(path, pa.table(edges, schema=EDGE_SCHEMA))
 
 
@@ -243,16 +244,16 @@ def _digest64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _hash_map(sources: list, path: str, radius: int | None, parts: int, work: str) -> int:
+def _hash_map(sources: list, path: Loc, radius: int | None, parts: int, work: Loc) -> int:
     """Ray task: one group's (band, value) rows, sorted by partition; returns its node count."""
     placement.mark(work, "dedup")
     t = _read_nodes(sources)
     batch = {c: t[c].to_numpy(zero_copy_only=False) for c in ("id", "pixels", "sha256", "phash")}
-    _write_parts(Path(path), _hash_rows(batch, radius, parts), HASH_SCHEMA, parts)
+    _write_parts(path, _hash_rows(batch, radius, parts), HASH_SCHEMA, parts)
     return len(t)
 
 
-def _hash_reduce(files: list[str], part: int, path: str, radius: int, max_group: int, work: str) -> int:
+def _hash_reduce(files: list[Loc], part: int, path: Loc, radius: int, max_group: int, work: Loc) -> int:
     """Ray task: edges of one partition: its rows sorted into (band, value) groups; a group joins images
     with the same sha256 (band -1) or pHashes within `radius` (a pHash band). Most groups are
     singletons or pairs, so pairs are decided vectorised and only larger groups loop."""
@@ -279,7 +280,7 @@ def _hash_reduce(files: list[str], part: int, path: str, radius: int, max_group:
         else:
             parts.append(dedup.near_edges(ids[rows], phash[rows], radius, max_group))
     a, b = dedup.concat(parts)
-    _write_edges(Path(path), _edge_batch(a, b, ids, batch["pixels"]))
+    _write_edges(path, _edge_batch(a, b, ids, batch["pixels"]))
     return len(a)
 
 
@@ -292,37 +293,37 @@ def _embeddings(column) -> np.ndarray:
     return np.stack([np.frombuffer(e, np.float16) for e in column]).astype(np.float32)
 
 
-def _clip_map(sources: list, path: str, work: str) -> int:
+def _clip_map(sources: list, path: Loc, work: Loc) -> int:
     """Ray task: one group's nodes that have an embedding (id, pixels, embedding); returns their count."""
     placement.mark(work, "dedup")
     t = _read_nodes(sources).select(["id", "pixels", "embedding"])
     t = t.filter(pc.greater(pc.binary_length(t["embedding"]), 0))
-    atomic.write_parquet(Path(path), t)
+    atomic.write_parquet(path, t)
     return len(t)
 
 
-def _train(files: list[str], fraction: float, k: int, work: str) -> np.ndarray:
+def _train(files: list[Loc], fraction: float, k: int, work: Loc) -> np.ndarray:
     """Ray task: k-means centroids from a sample (`fraction` of each node file, seeded by its place)."""
     placement.mark(work, "dedup")
     sample = []
     for g, f in enumerate(files):
-        emb = pq.read_table(f, columns=["embedding"])["embedding"].to_numpy(zero_copy_only=False)
+        emb = storage.read_parquet(f, columns=["embedding"])["embedding"].to_numpy(zero_copy_only=False)
         pick = np.random.default_rng(g).random(len(emb)) < fraction if fraction < 1 else np.ones(len(emb), bool)
         if pick.any():
             sample.append(_embeddings(emb[pick]))
     return dedup.kmeans(np.concatenate(sample), k)
 
 
-def _assign(node_file: str, path: str, centroids: np.ndarray, probe: int, parts: int, work: str) -> int:
+def _assign(node_file: Loc, path: Loc, centroids: np.ndarray, probe: int, parts: int, work: Loc) -> int:
     """Ray task: each node of one group under its `probe` nearest clusters, sorted by partition."""
     placement.mark(work, "dedup")
-    t = pq.read_table(node_file)
+    t = storage.read_parquet(node_file)
     emb = t["embedding"].to_numpy(zero_copy_only=False)
     near = dedup.assign(_embeddings(emb), centroids, probe) if len(t) else np.zeros((0, 1), np.int64)
     p = near.shape[1]
     cluster = near.reshape(-1).astype(np.int64)
     _write_parts(
-        Path(path),
+        path,
         {
             "cluster": cluster,
             "id": np.repeat(t["id"].to_numpy(), p),
@@ -336,7 +337,7 @@ def _assign(node_file: str, path: str, centroids: np.ndarray, probe: int, parts:
     return len(t)
 
 
-def _clip_reduce(files: list[str], part: int, path: str, threshold: float, work: str) -> int:
+def _clip_reduce(files: list[Loc], part: int, path: Loc, threshold: float, work: Loc) -> int:
     """Ray task: cosine pairs inside each cluster of one partition -> edges."""
     placement.mark(work, "dedup")
     batch = _read_part(files, part)
@@ -347,7 +348,7 @@ def _clip_reduce(files: list[str], part: int, path: str, threshold: float, work:
         ids = batch["id"][rows]
         edges.append(dedup.semantic_edges(ids, dedup.normalise(_embeddings(batch["embedding"][rows])), threshold))
     a, b = dedup.concat(edges)
-    _write_edges(Path(path), _edge_batch(a, b, batch["id"], batch["pixels"]))
+    _write_edges(path, _edge_batch(a, b, batch["id"], batch["pixels"]))
     return len(a)
 
 
@@ -356,15 +357,15 @@ def _clip_reduce(files: list[str], part: int, path: str, threshold: float, work:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(work: Path, n_shards: int, cur: CurationConfig, against: list[Path] = ()) -> Path:
+def run(work: Loc, n_shards: int, cur: CurationConfig, against: list[Loc] = ()) -> Loc:
     """Dedup over the survivors in `work/scored` (+ `against`); returns the dups file (id, dup_of)."""
     import ray
 
     d = work / DEDUP_DIR
     dups = d / DUPS
-    if dups.exists():
+    if dups.has_file():
         return dups
-    d.mkdir(parents=True, exist_ok=True)
+    d.mkdir()
     dc = cur.dedup
     sources = _sources(work, n_shards, against)
     parts = _partitions(n_shards * cur.download.shard_size, dc.partition_rows)
@@ -372,11 +373,12 @@ def run(work: Path, n_shards: int, cur: CurationConfig, against: list[Path] = ()
     window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
     steps = []
     if dc.enabled:
-        steps.append(_step(d / "hashes", lambda tmp: _hashes(tmp, groups, parts, cur, str(work), window)))
+        steps.append(_step(d / "hashes", lambda tmp: _hashes(tmp, groups, parts, cur, work, window)))
         if dc.clip_similarity is not None:
-            steps.append(_step(d / "clip", lambda tmp: _clip(tmp, groups, parts, cur, str(work), window)))
+            steps.append(_step(d / "clip", lambda tmp: _clip(tmp, groups, parts, cur, work, window)))
     names = [p.name for p in against]
-    ray.get(ray.remote(num_cpus=1)(_components).remote([str(s) for s in steps], str(dups), names, str(work)))
+    edges = [s / f"{p:05d}.parquet" for s in steps for p in range(parts)]
+    ray.get(ray.remote(num_cpus=1)(_components).remote(edges, dups, names, work))
     return dups
 
 
@@ -385,16 +387,15 @@ def _partitions(urls: int, rows: int) -> int:
     return max(1, min(-(-urls // rows), MAX_PARTITIONS))
 
 
-def _step(folder: Path, build) -> Path:
-    """Write the edge files of `build(tmp)` into `folder` unless done (temp folder renamed when complete)."""
-    if folder.exists():
+def _step(folder: Loc, build: Callable[[Loc], None]) -> Loc:
+    """Write the edge files of `build(tmp)` into `folder` unless committed (storage.staging: on disk a
+    temp folder renamed when complete, on a bucket the folder itself with its marker written last)."""
+    if storage.committed(folder):
         return folder
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "map").mkdir(parents=True)
-    build(tmp)
-    shutil.rmtree(tmp / "map")  # the shuffle's files: only the edges are kept
-    os.replace(tmp, folder)
+    with storage.staging(folder) as tmp:
+        (tmp / "map").mkdir()
+        build(tmp)
+        (tmp / "map").rmtree()  # the shuffle's files: only the edges are kept
     return folder
 
 
@@ -407,21 +408,21 @@ def _run_tasks(fn, calls: list[tuple], window: int) -> list:
     return [out[i] for i in range(len(calls))]
 
 
-def _hashes(tmp: Path, groups: list, parts: int, cur: CurationConfig, work: str, window: int) -> None:
+def _hashes(tmp: Loc, groups: list, parts: int, cur: CurationConfig, work: Loc, window: int) -> None:
     """Exact and near duplicates in one shuffle: rows partitioned on (band, value), grouped inside."""
     r = cur.dedup.phash_radius
-    maps = [str(tmp / "map" / f"{g:05d}.arrow") for g in range(len(groups))]
+    maps = [tmp / "map" / f"{g:05d}.arrow" for g in range(len(groups))]
     _run_tasks(_hash_map, [(src, m, r, parts, work) for src, m in zip(groups, maps)], window)
     _run_tasks(
         _hash_reduce,
-        [(maps, p, str(tmp / f"{p:05d}.parquet"), r, cur.dedup.max_group, work) for p in range(parts)],
+        [(maps, p, tmp / f"{p:05d}.parquet", r, cur.dedup.max_group, work) for p in range(parts)],
         window,
     )
 
 
-def _clip(tmp: Path, groups: list, parts: int, cur: CurationConfig, work: str, window: int) -> None:
+def _clip(tmp: Loc, groups: list, parts: int, cur: CurationConfig, work: Loc, window: int) -> None:
     dc = cur.dedup
-    nodes = [str(tmp / "map" / f"nodes-{g:05d}.parquet") for g in range(len(groups))]
+    nodes = [tmp / "map" / f"nodes-{g:05d}.parquet" for g in range(len(groups))]
     n = sum(_run_tasks(_clip_map, [(src, f, work) for src, f in zip(groups, nodes)], window))
     if n == 0:
         return
@@ -430,17 +431,18 @@ def _clip(tmp: Path, groups: list, parts: int, cur: CurationConfig, work: str, w
     k = max(1, round(n / dc.cluster_size))
     fraction = min(1.0, dedup.KMEANS_POINTS * k / n)
     centroids = ray.remote(num_cpus=1)(_train).remote(nodes, fraction, k, work)
-    maps = [str(tmp / "map" / f"{g:05d}.arrow") for g in range(len(groups))]
+    maps = [tmp / "map" / f"{g:05d}.arrow" for g in range(len(groups))]
     _run_tasks(_assign, [(f, m, centroids, dc.probe, parts, work) for f, m in zip(nodes, maps)], window)
     _run_tasks(
-        _clip_reduce, [(maps, p, str(tmp / f"{p:05d}.parquet"), dc.clip_similarity, work) for p in range(parts)], window
+        _clip_reduce, [(maps, p, tmp / f"{p:05d}.parquet", dc.clip_similarity, work) for p in range(parts)], window
     )
 
 
-def _components(steps: list[str], out: str, names: list[str], work: str) -> str:
-    """Ray task: connected components over every edge; writes (id, dup_of) of this run's duplicates."""
+def _components(edges: list[Loc], out: Loc, names: list[str], work: Loc) -> Loc:
+    """Ray task: connected components over every edge file (by name: a step with no embeddings at all
+    has none); writes (id, dup_of) of this run's duplicates."""
     placement.mark(work, "dedup")
-    tables = [pq.read_table(p, schema=EDGE_SCHEMA) for s in steps for p in sorted(Path(s).glob("*.parquet"))]
+    tables = [storage.read_parquet(p, schema=EDGE_SCHEMA) for p in edges if p.has_file()]
     e = pa.concat_tables(tables) if tables else EDGE_SCHEMA.empty_table()
     a, b = e["a"].to_numpy(), e["b"].to_numpy()
     nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
@@ -467,7 +469,7 @@ def dup_name(node: int, names: list[str]) -> str:
     return f"{key:010d}" if run == 0 else f"{names[run - 1]}/{key:010d}"
 
 
-def shard_dups(dups: Path, first_key: str, last_key: str) -> dict[str, str]:
+def shard_dups(dups: Loc, first_key: str, last_key: str) -> dict[str, str]:
     """{key: dup_of} of one download shard's duplicates (keys are contiguous per shard)."""
-    t = pq.read_table(dups, filters=[("id", ">=", int(first_key)), ("id", "<=", int(last_key))])
+    t = storage.read_parquet(dups, filters=[("id", ">=", int(first_key)), ("id", "<=", int(last_key))])
     return {f"{i:010d}": d for i, d in zip(t["id"].to_pylist(), t["dup_of"].to_pylist())}

@@ -5,7 +5,11 @@ The URL list is cut into input shards of `download.shard_size` rows by inputs.py
 img2dataset's own `Downloader` (what its Ray distributor runs per shard) with originals kept
 (`resize_mode="no"`, `disable_all_reencoding`); only http(s) URLs reach it, the rest are
 `invalid_url`. A shard is done once its `NNNNN_reasons.parquet` exists (each failed URL's reason
-code, written after img2dataset's own files), so a rerun skips it.
+code, written after img2dataset's own files; checked by its exact name), so a rerun skips it.
+
+The download folder is on disk or in a bucket (a storage Loc): img2dataset writes its tar, parquet and
+stats through fsspec itself (given this run's storage options as fsspec's defaults), each object
+appearing whole when its writer closes; a killed shard's leftovers are overwritten by the rerun.
 
 img2dataset stays the downloader (its threads, writer, stats and resumption), but each worker
 process replaces the one function its threads call per row, `download_image_with_retry`, with
@@ -21,6 +25,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -32,11 +37,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from common.config import DownloadConfig
 from curation import fetch, guard, hosts
-from shards import atomic, curated, reasons
+from shards import atomic, curated, reasons, storage
 from shards.errors import DISK_FULL, SigmaError, disk_full
 
 URL_COL = "url"
@@ -118,37 +122,87 @@ def _install_hook() -> None:
     downloader.download_image_with_retry = scheduled
 
 
-def slots_file(folder: Path) -> Path:
-    """The host-slot lock file shared by this run's download processes on this node (local disk)."""
-    tag = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / "sigmaforge-hosts" / f"{tag}.lock"
+Place = str | Path | storage.Loc
 
 
-def stats_path(folder: Path, shard: int) -> Path:
-    return Path(folder) / f"{shard:05d}_stats.json"
+def _loc(p: Place) -> storage.Loc:
+    return p if isinstance(p, storage.Loc) else storage.resolve(p)
 
 
-def reasons_path(folder: Path, shard: int) -> Path:
+def slots_file(folder: Place) -> Path:
+    """The host-slot lock file shared by this run's download processes on this node (local disk: Ray's
+    session folder inside a Ray worker, else the temp folder)."""
+    tag = hashlib.sha1(str(_loc(folder)).encode()).hexdigest()[:12]
+    return _node_temp() / "sigmaforge-hosts" / f"{tag}.lock"
+
+
+def _node_temp() -> Path:
+    """Ray's session folder on this node inside a Ray worker (removed with Ray's temp folders), else TMPDIR."""
+    import ray
+
+    # no public API names the session folder; Ray removes it with its temp folders
+    node = getattr(ray._private.worker, "_global_node", None) if ray.is_initialized() else None
+    return Path(node.get_session_dir_path()) if node is not None else Path(tempfile.gettempdir())
+
+
+def stats_path(folder: Place, shard: int) -> storage.Loc:
+    return _loc(folder) / f"{shard:05d}_stats.json"
+
+
+def reasons_path(folder: Place, shard: int) -> storage.Loc:
     """`NNNNN_reasons.parquet`: (sf_key, reason) of each URL our fetch ended without bytes; last file
     of a download shard, so it marks the shard done."""
-    return Path(folder) / f"{shard:05d}_reasons.parquet"
+    return _loc(folder) / f"{shard:05d}_reasons.parquet"
 
 
-def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) -> None:
+@contextlib.contextmanager
+def _fsspec_defaults(folder: storage.Loc) -> Iterator[None]:
+    """img2dataset opens its output URLs through fsspec itself: this run's storage options (endpoint,
+    region, profile; never credentials) become fsspec's defaults for the scheme meanwhile."""
+    if folder.is_local:
+        yield
+        return
+    import fsspec.config
+
+    protocol = storage.BACKENDS[folder.scheme][0]
+    before = fsspec.config.conf.get(protocol)
+    fsspec.config.conf[protocol] = storage.fsspec_kwargs(folder.scheme, folder.options)
+    try:
+        yield
+    finally:
+        if before is None:
+            fsspec.config.conf.pop(protocol, None)
+        else:
+            fsspec.config.conf[protocol] = before
+
+
+def download_shard(input_shard: Place, folder: Place, shard: int, crawl: Crawl) -> None:
     """Run img2dataset on one input shard's http(s) URLs into `folder/NNNNN.{tar,parquet}` + stats,
     then the reason codes of the URLs that failed."""
+    folder = _loc(folder)
+    if reasons_path(folder, shard).has_file():
+        return
+    folder.mkdir()
+    table = storage.read_parquet(_loc(input_shard), columns=["key", URL_COL])
+    valid = pa.array([i for i, u in enumerate(table[URL_COL].to_pylist()) if not invalid_url(u)], pa.int64())
+    todo = pa.table({URL_COL: table[URL_COL].take(valid), I2D_KEY: table["key"].take(valid)})
+    # img2dataset reads its input from a local file and deletes it when the shard is done; beside the
+    # download on disk, in a temp folder of this node for a bucket
+    scratch = None if folder.is_local else Path(tempfile.mkdtemp(prefix=f".{shard:05d}.", dir=_node_temp()))
+    feather = (folder.local if scratch is None else scratch) / f".{shard:05d}.input.feather"
+    try:
+        _download(todo, feather, folder, shard, crawl, len(table))
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _download(todo: pa.Table, feather: Path, folder: storage.Loc, shard: int, crawl: Crawl, n_rows: int) -> None:
+    """img2dataset's Downloader over `todo` (written to `feather` first), then the reasons file."""
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
 
-    folder = Path(folder)
-    if reasons_path(folder, shard).exists():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    table = pq.read_table(input_shard, columns=["key", URL_COL])
-    valid = pa.array([i for i, u in enumerate(table[URL_COL].to_pylist()) if not invalid_url(u)], pa.int64())
-    todo = pa.table({URL_COL: table[URL_COL].take(valid), I2D_KEY: table["key"].take(valid)})
-    feather = folder / f".{shard:05d}.input.feather"  # img2dataset deletes it when the shard is done
     with atomic.atomic_path(feather) as tmp, pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, todo.schema) as w:
         w.write_table(todo)  # atomic_path: a full disk here is one line naming the file, like every write
     resizer = Resizer(image_size=0, resize_mode="no", resize_only_if_bigger=False, disable_all_reencoding=True)
@@ -158,10 +212,10 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
         thread_count=crawl.threads,
         save_caption=False,
         extract_exif=False,
-        output_folder=str(folder),
+        output_folder=folder.url,
         column_list=[URL_COL, I2D_KEY],
         timeout=crawl.policy.timeout,
-        number_sample_per_shard=max(10, len(table)),
+        number_sample_per_shard=max(10, n_rows),
         oom_shard_count=5,
         compute_hash=None,
         verify_hash_type=None,
@@ -186,7 +240,11 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
     with _shard_lock:
         _current[0] = scheduler
         try:
-            with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(said):
+            with (
+                contextlib.redirect_stdout(io.StringIO()) as said,
+                contextlib.redirect_stderr(said),
+                _fsspec_defaults(folder),
+            ):
                 try:  # not img2dataset's __call__, which prints the error and returns False
                     downloader.download_shard((shard, str(feather)))
                 except Exception as e:  # noqa: BLE001 - judged below: a full disk, or a bug
@@ -197,7 +255,7 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
             _current[0] = None
     if error is not None:
         if isinstance(error, OSError) and error.errno in DISK_FULL:  # the user's to fix
-            raise SigmaError(disk_full(folder)) from None
+            raise SigmaError(disk_full(folder.url)) from None
         print(said.getvalue() + trace, file=sys.stderr)
         raise RuntimeError(
             f"img2dataset failed on download shard {shard:05d}: "
@@ -219,27 +277,28 @@ def download_shard(input_shard: Path, folder: Path, shard: int, crawl: Crawl) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
+def iter_shard(input_shard: Place, folder: Place, shard: int) -> Iterator[dict]:
     """One dict per input row: key, url, reason ("" if downloaded), and where the served bytes lie
-    in the download tar (src, offset, size; read them with `shards.curated.read_member`). Only tar headers are
-    read here: the bytes are read where they are decoded, in another Ray task.
+    in the download tar (src: its path or URL, offset, size; read them with `shards.curated.read_member`).
+    Only tar headers are read here: the bytes are read where they are decoded, in another Ray task.
     """
-    inputs = pq.read_table(input_shard, columns=["key", URL_COL])
+    folder = _loc(folder)
+    inputs = storage.read_parquet(_loc(input_shard), columns=["key", URL_COL])
     urls = dict(zip(inputs["key"].to_pylist(), inputs[URL_COL].to_pylist()))
     status: dict[str, dict] = {}
-    meta_file = Path(folder) / f"{shard:05d}.parquet"
-    if meta_file.exists():
-        for r in pq.read_table(meta_file, columns=[I2D_KEY, "key", "status"]).to_pylist():
+    meta_file = folder / f"{shard:05d}.parquet"
+    if meta_file.has_file():
+        for r in storage.read_parquet(meta_file, columns=[I2D_KEY, "key", "status"]).to_pylist():
             status[r[I2D_KEY]] = r
     why = {}  # our fetch's reason codes; anything else img2dataset reported is download_error
-    if reasons_path(folder, shard).exists():
-        t = pq.read_table(reasons_path(folder, shard))
+    if reasons_path(folder, shard).has_file():
+        t = storage.read_parquet(reasons_path(folder, shard))
         why = dict(zip(t[I2D_KEY].to_pylist(), t["reason"].to_pylist()))
     i2d_to_ours = {r["key"]: k for k, r in status.items() if r["status"] == "success"}
     seen: set[str] = set()
-    tar_path = Path(folder) / f"{shard:05d}.tar"
-    if tar_path.exists():
-        with tarfile.open(tar_path, "r:") as tar:  # random access: headers only, the data is skipped
+    tar_path = folder / f"{shard:05d}.tar"
+    if tar_path.has_file():
+        with _tar_headers(tar_path) as tar:  # headers only, the data is skipped
             for m in tar:
                 stem, ext = curated.split_name(m.name)
                 ours = i2d_to_ours.get(stem)
@@ -250,7 +309,7 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
                     "key": ours,
                     URL_COL: urls[ours],
                     "reason": "",
-                    "src": str(tar_path),
+                    "src": tar_path.url,
                     "offset": m.offset_data,
                     "size": m.size,
                 }
@@ -273,8 +332,24 @@ def iter_shard(input_shard: Path, folder: Path, shard: int) -> Iterator[dict]:
         }
 
 
-def shard_stats(folder: Path) -> dict:
-    """img2dataset's per-shard stats, summed: count, successes, failed_to_download, ... and statuses."""
+@contextlib.contextmanager
+def _tar_headers(tar: storage.Loc) -> Iterator[tarfile.TarFile]:
+    """A download tar opened to walk its headers: random access on disk; on a bucket a stream read in
+    small blocks, so skipping an image's bytes skips its GET too (one ranged GET per block of headers)."""
+    if tar.is_local:
+        with tarfile.open(tar.path, "r:") as t:
+            yield t
+        return
+    with tar.open("rb", block_size=HEADER_BLOCK) as f, tarfile.open(fileobj=f, mode="r:") as t:
+        yield t
+
+
+HEADER_BLOCK = 1 << 16  # bytes per ranged GET while walking a bucket tar's headers (a 512-byte header + small images)
+
+
+def shard_stats(folder: Place, n_shards: int | None = None) -> dict:
+    """img2dataset's per-shard stats, summed: count, successes, failed_to_download, ... and statuses.
+    With `n_shards`, the stats files are found by their exact names (a bucket's listing may lag)."""
     total: dict = {
         "count": 0,
         "successes": 0,
@@ -283,12 +358,17 @@ def shard_stats(folder: Path) -> dict:
         "duration": 0.0,
         "status_dict": {},
     }
-    for p in sorted(Path(folder).glob("*_stats.json")):
+    folder = _loc(folder)
+    if n_shards is None:
+        files = folder.glob("*_stats.json")
+    else:
+        files = [p for p in (stats_path(folder, i) for i in range(n_shards)) if p.has_file()]
+    for p in files:
         s = json.loads(p.read_text())
         for k in ("count", "successes", "failed_to_download", "failed_to_resize", "duration"):
             total[k] += s.get(k, 0) or 0
         for k, v in (s.get("status_dict") or {}).items():
             total["status_dict"][k] = total["status_dict"].get(k, 0) + v
-    total["shards"] = len(list(Path(folder).glob("*_stats.json")))
+    total["shards"] = len(files)
     total["duration"] = round(total["duration"], 3) if not math.isnan(total["duration"]) else None
     return total

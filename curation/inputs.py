@@ -247,7 +247,7 @@ class UrlList:
         Done once: a `.complete` file records the count, so a rerun reads the same shards."""
         work = as_loc(work)
         done = work / ".complete"
-        if done.exists():
+        if done.has_file():
             return int(done.read_text())
         work.mkdir()
         n_rows, n_shards, pending, schema = 0, 0, [], None
@@ -280,11 +280,11 @@ class UrlList:
         atomic.write_parquet(work / f"{n_shards:05d}.parquet", head.add_column(0, "key", keys))
         return n_rows + len(head), n_shards + 1, rest.to_batches()
 
-    def shard_rows(self, work: Path, downloads: Path, shard: int, cur) -> Iterator[dict]:
+    def shard_rows(self, work: storage.Loc, downloads: storage.Loc, shard: int, cur) -> Iterator[dict]:
         """Download one input shard (img2dataset, unless done) and say where each row's bytes lie."""
-        src = Path(work) / "input" / f"{shard:05d}.parquet"
-        download.download_shard(src, Path(downloads), shard, download.crawl_of(cur.download))
-        return download.iter_shard(src, Path(downloads), shard)
+        src = work / "input" / f"{shard:05d}.parquet"
+        download.download_shard(src, downloads, shard, download.crawl_of(cur.download))
+        return download.iter_shard(src, downloads, shard)
 
 
 def as_loc(path: str | Path | Loc) -> Loc:

@@ -11,12 +11,13 @@
     merge (one task): manifest.parquet, one row group per download shard, streamed
 
 Kept images are numbered in key order, so the output is the same however the work is spread.
-Every file is written once, atomically; existing ones are finished work, so a rerun resumes.
+Every file is written once, atomically (on a bucket: one object appearing whole); existing ones,
+found by their exact names, are finished work, so a rerun resumes. OUT is a folder or a bucket prefix.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +26,9 @@ import pyarrow.parquet as pq
 from common import gather, progress
 from common.config import CurationConfig
 from curation import dedup_job, placement
-from shards import atomic, curated, reasons
+from shards import atomic, curated, reasons, storage
 from shards.format import MANIFEST, MANIFEST_COLUMNS, shard_name
+from shards.storage import Loc
 
 PARTS = "manifest"  # _work/manifest/NNNNN.parquet
 WRITE_CPUS = 1  # a core per write task, not a quarter: fewer worker processes alive (curation/README.md)
@@ -45,10 +47,10 @@ MEMBER_SCHEMA = pa.schema(
 )
 
 
-def decided(work: Path, shard: int, dups: Path | None) -> tuple[list[dict], list, list]:
+def decided(work: Loc, shard: int, dups: Loc | None) -> tuple[list[dict], list, list]:
     """One download shard's scored rows (key order) with each row's final reason and dup_of: the
     scored `reason` (the scoring actor's record, thresholds included), else `duplicate` if dedup says so."""
-    rows = pq.read_table(work / "scored" / f"{shard:05d}.parquet").to_pylist()
+    rows = storage.read_parquet(work / "scored" / f"{shard:05d}.parquet").to_pylist()
     if not rows:
         return rows, [], []
     found = dedup_job.shard_dups(dups, rows[0]["key"], rows[-1]["key"]) if dups else {}
@@ -57,10 +59,10 @@ def decided(work: Path, shard: int, dups: Path | None) -> tuple[list[dict], list
     return rows, reason, dup_of
 
 
-def _count(work: str, shard: int, dups: str | None) -> tuple[int, dict[str, int]]:
+def _count(work: Loc, shard: int, dups: Loc | None) -> tuple[int, dict[str, int]]:
     """Ray task: (kept rows, {reason: rejected rows whose bytes exist}) of one download shard."""
     placement.mark(work, "write")
-    rows, reason, _ = decided(Path(work), shard, Path(dups) if dups else None)
+    rows, reason, _ = decided(work, shard, dups)
     thumbs: dict[str, int] = {}
     for r, why in zip(rows, reason):
         if reasons.status_of(why) == reasons.REJECTED and r["src"]:
@@ -69,25 +71,26 @@ def _count(work: str, shard: int, dups: str | None) -> tuple[int, dict[str, int]
 
 
 def _finalize(
-    out: str,
+    out: Loc,
     shard: int,
-    dups: str | None,
+    dups: Loc | None,
     first_kept: int,
     quota: dict[str, int],
     schema: pa.Schema,
     cur: CurationConfig,
+    options: Any = None,
 ) -> int:
-    """Ray task: one download shard's manifest rows, kept members, dedup index rows and thumbnails."""
+    """Ray task: one download shard's manifest rows, kept members, dedup index rows and thumbnails
+    (`options`: the `storage` config section the rows' `src` are read with)."""
     from curation import report
 
-    out = Path(out)
     work = out / "_work"
     placement.mark(work, "write")
     part = work / PARTS / f"{shard:05d}.parquet"
-    if part.exists():
+    if part.has_file():
         return shard
-    inputs = pq.read_table(work / "input" / f"{shard:05d}.parquet").to_pylist()
-    rows, reason, dup_of = decided(work, shard, Path(dups) if dups else None)
+    inputs = storage.read_parquet(work / "input" / f"{shard:05d}.parquet").to_pylist()
+    rows, reason, dup_of = decided(work, shard, dups)
     carried = [c for c in schema.names if c not in MANIFEST_COLUMNS]
     manifest, members, index, rejected = [], [], [], []
     kept = first_kept
@@ -123,7 +126,7 @@ def _finalize(
             rejected.append({"key": s["key"], "reason": why, "src": s["src"], "offset": s["offset"], "size": s["size"]})
         manifest.append(row)
     if rejected:  # the report's galleries show a few per reason, read while the download tar exists
-        report.save_rejected_thumbnails(out, rejected)
+        report.save_rejected_thumbnails(out, rejected, options=options)
     atomic.write_parquet(work / MEMBERS / f"{shard:05d}.parquet", pa.Table.from_pylist(members, MEMBER_SCHEMA))
     atomic.write_parquet(out / dedup_job.INDEX / f"{shard:05d}.parquet", pa.Table.from_pylist(index, INDEX_SCHEMA))
     atomic.write_parquet(part, pa.Table.from_pylist(manifest, schema=schema))  # last: marks the shard done
@@ -169,24 +172,25 @@ def _num(v):
     return None if v is None or (isinstance(v, float) and np.isnan(v)) else float(v)
 
 
-def _tar(out: str, index: int, shards: list[int]) -> int:
+def _tar(out: Loc, index: int, shards: list[int], options: Any = None) -> int:
     """Ray task: output shard `index` from the kept members of the download shards it spans."""
-    work = Path(out) / "_work"
+    work = out / "_work"
     placement.mark(work, "write")
     name = shard_name(index)
     members = []
     for i in shards:
-        t = pq.read_table(work / MEMBERS / f"{i:05d}.parquet", filters=[("shard", "==", name)])
+        t = storage.read_parquet(work / MEMBERS / f"{i:05d}.parquet", filters=[("shard", "==", name)])
         members += t.to_pylist()
-    curated.write_shard(Path(out) / "shards" / name, members)
+    curated.write_shard(out / "shards" / name, members, options)
     return index
 
 
-def _merge(parts: list[str], path: str, schema: pa.Schema) -> str:
-    """Ray task: the manifest parts, in order, as one parquet file (one row group per part)."""
-    with atomic.atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as w:
+def _merge(parts: list[Loc], path: Loc, schema: pa.Schema) -> Loc:
+    """Ray task: the manifest parts, in order, as one parquet file (one row group per part), streamed
+    (on a bucket a multipart upload completed at the end)."""
+    with storage.writer(path) as f, pq.ParquetWriter(f, schema) as w:
         for p in parts:
-            w.write_table(pq.read_table(p, schema=schema))
+            w.write_table(storage.read_parquet(p, schema=schema))
     return path
 
 
@@ -206,22 +210,23 @@ def manifest_schema(inputs: pa.Schema) -> pa.Schema:
     return pa.schema(fields + [inputs.field(c) for c in inputs.names if c not in ("key", "url")])
 
 
-def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> dict:
-    """All outputs of the run; returns {kept, shards}. Frees each download tar as soon as it can."""
+def write(out: Loc, n_shards: int, dups: Loc | None, cur: CurationConfig, options: Any = None) -> dict:
+    """All outputs of the run; returns {kept, shards}. Frees each download tar as soon as it can.
+    `options`: the `storage` config section the scored rows' `src` are read with."""
     import ray
 
     work = out / "_work"
     for folder in (work / PARTS, work / MEMBERS, out / dedup_job.INDEX):
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
         atomic.clean_temp(folder)
-    dups_s = str(dups) if dups else None
     window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
     count = ray.remote(num_cpus=WRITE_CPUS, scheduling_strategy="SPREAD")(_count)
-    counted = dict(gather.bounded(((i, count.remote(str(work), i, dups_s)) for i in range(n_shards)), window))
+    counted = dict(gather.bounded(((i, count.remote(work, i, dups)) for i in range(n_shards)), window))
     starts = np.concatenate([[0], np.cumsum([counted[i][0] for i in range(n_shards)])]).astype(np.int64)
     kept = int(starts[-1])
     n_out = (kept + cur.shard_size - 1) // cur.shard_size
-    schema = manifest_schema(pq.read_schema(work / "input" / "00000.parquet"))
+    with storage.parquet_file(work / "input" / "00000.parquet") as first:
+        schema = manifest_schema(first.schema_arrow)
     from curation.report import THUMBS_PER_REASON
 
     quotas, left = [], {}  # per shard and reason: thumbnails to take, in shard order
@@ -230,10 +235,10 @@ def write(out: Path, n_shards: int, dups: Path | None, cur: CurationConfig) -> d
         for r, n in quotas[-1].items():
             left[r] -= n
     del counted
-    _schedule(out, n_shards, n_out, starts, window, dups_s, quotas, schema, cur)
+    _schedule(out, n_shards, n_out, starts, window, dups, quotas, schema, cur, options)
     ray.get(
         ray.remote(num_cpus=WRITE_CPUS)(_merge).remote(
-            [str(work / PARTS / f"{i:05d}.parquet") for i in range(n_shards)], str(out / MANIFEST), schema
+            [work / PARTS / f"{i:05d}.parquet" for i in range(n_shards)], out / MANIFEST, schema
         )
     )
     return {"kept": kept, "shards": n_out}
@@ -248,15 +253,16 @@ def _span_bounds(starts: np.ndarray, n_out: int, shard_size: int) -> tuple[np.nd
 
 
 def _schedule(
-    out: Path,
+    out: Loc,
     n_shards: int,
     n_out: int,
     starts: np.ndarray,
     window: int,
-    dups: str | None,
+    dups: Loc | None,
     quotas: list,
     schema: pa.Schema,
     cur: CurationConfig,
+    options: Any = None,
 ) -> None:
     """Finalize tasks in shard order, each output shard's tar task once the shards it reads are
     finalized; a download tar is deleted once it is finalized and every tar reading it is written.
@@ -277,7 +283,7 @@ def _schedule(
 
     def free(i: int) -> None:
         if finalized[i] and readers[i] == 0:
-            (out / "downloads" / f"{i:05d}.tar").unlink(missing_ok=True)
+            (out / "downloads" / f"{i:05d}.tar").unlink()
             bar.update(1)
 
     with progress.bar(n_shards, "shard", "write") as bar:
@@ -285,16 +291,16 @@ def _schedule(
             while len(pending) < window:
                 if next_tar < n_out and finalized[first[next_tar] : stop[next_tar]].all():
                     spans = range(first[next_tar], stop[next_tar])
-                    if (out / "shards" / shard_name(next_tar)).exists():  # written by an earlier run
+                    if (out / "shards" / shard_name(next_tar)).has_file():  # written by an earlier run
                         readers[spans.start : spans.stop] -= 1
                         for i in spans:
                             free(i)
                     else:
-                        pending[tar.remote(str(out), next_tar, list(spans))] = ("tar", next_tar)
+                        pending[tar.remote(out, next_tar, list(spans), options)] = ("tar", next_tar)
                     next_tar += 1
                 elif next_fin < n_shards:
                     ref = finalize.remote(
-                        str(out), next_fin, dups, int(starts[next_fin]), quotas[next_fin], schema, cur
+                        out, next_fin, dups, int(starts[next_fin]), quotas[next_fin], schema, cur, options
                     )
                     pending[ref] = ("fin", next_fin)
                     next_fin += 1

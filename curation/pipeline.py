@@ -7,7 +7,8 @@
              -> curation/dedup_job.py: dedup over the whole run (+ earlier runs), plain Ray tasks over files
              -> curation/outputs.py: manifest parts, shards/NNNNN.tar, manifest.parquet (Ray tasks)
 
-Layout of DIR (each file written once, atomically; what exists is what is done):
+Layout of DIR, a local folder or a bucket prefix (each file written once, atomically, and found by its
+exact name; what exists is what is done):
     _work/input/NNNNN.parquet     the URL list cut into download shards, keyed, carried columns kept
     _work/where/NNNNN.parquet     images on disk (--images): where each item's bytes lie (curation/sources.py)
     downloads/NNNNN_stats.json    img2dataset's per-shard stats (+ .parquet; the .tar goes once its outputs exist)
@@ -25,18 +26,19 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from common import progress, ray_start
 from common.config import Config, CurationConfig
 from common.gather import ShardGather
 from curation import dedup, dedup_job, download, inputs, metadata, outputs, placement, quality
-from shards import atomic, buckets, curated, fingerprint, reasons
+from shards import atomic, buckets, curated, fingerprint, reasons, storage
 from shards.format import MANIFEST
+from shards.storage import Loc
 
 SCORED_COLUMNS = [
     "key",
@@ -77,9 +79,10 @@ MEASURE_MEMORY = 896 * 2**20
 # ---------------------------------------------------------------------------------------------
 
 
-def measure(row: dict, cur: CurationConfig) -> dict:
+def measure(row: dict, cur: CurationConfig, options: Any = None) -> dict:
     """Decode-safe size, tier, quality and hashes of one downloaded row; sets `reason` when rejected.
-    `image` becomes the small JPEG the models read (empty once the row is decided)."""
+    `image` becomes the small JPEG the models read (empty once the row is decided). `options`: the
+    `storage` config section the row's `src` is read with."""
     t0 = time.perf_counter()
     out = {
         "width": 0,
@@ -98,7 +101,7 @@ def measure(row: dict, cur: CurationConfig) -> dict:
         row["reason"] = problem  # an input file on disk changed since the split: a row, the run goes on
     if not row["reason"]:
         if data is None:
-            data = curated.read_member(row["src"], row["offset"], row["size"])
+            data = curated.read_member(row["src"], row["offset"], row["size"], options)
         info = metadata.inspect(
             data, cur.max_pixels, lambda h, w: size_verdict(h, w, cur.min_tier), cur.measure_seconds
         )
@@ -139,7 +142,7 @@ def size_verdict(height: int, width: int, min_tier: str) -> str | None:
     return reasons.TOO_SMALL if tier is None or TIER_RANK[tier] < TIER_RANK[min_tier] else None
 
 
-def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig, source) -> Iterator[dict]:
+def download_rows(batch: dict, work: Loc, downloads: Loc, cur: CurationConfig, source) -> Iterator[dict]:
     """Ray task body (I/O-bound): download each shard of the batch (unless done) and hand on its rows,
     which say where each image's bytes lie in the download tar; the bytes themselves stay on disk.
     `source` (inputs.UrlList, or sources.LocalImages for images on disk) makes the rows."""
@@ -147,7 +150,7 @@ def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig, s
     for shard in batch["shard"]:
         shard = int(shard)
         rows: list[dict] = []
-        for r in source.shard_rows(Path(work), Path(downloads), shard, cur):
+        for r in source.shard_rows(work, downloads, shard, cur):
             rows.append({**r, "shard": shard})
             if len(rows) == ROWS_PER_BLOCK:  # images read in the rows (a bucket tar's) go on in bounded blocks
                 yield {k: [r[k] for r in rows] for k in rows[0]}
@@ -156,11 +159,11 @@ def download_rows(batch: dict, work: str, downloads: str, cur: CurationConfig, s
             yield {k: [r[k] for r in rows] for k in rows[0]}
 
 
-def measure_rows(batch: dict, cur: CurationConfig, work: str | None = None) -> dict:
+def measure_rows(batch: dict, cur: CurationConfig, work: Loc | None = None, options: Any = None) -> dict:
     """Ray task body (CPU-bound): measure a few rows, decoding each image once (no download waits
     on it: the next shards download meanwhile)."""
     placement.mark(work, "measure")
-    rows = [measure(dict(zip(batch, values)), cur) for values in zip(*batch.values())]
+    rows = [measure(dict(zip(batch, values)), cur, options) for values in zip(*batch.values())]
     out = {k: [r[k] for r in rows] for k in rows[0]}
     out["image"] = np.array(out["image"], dtype=object)
     return out
@@ -194,7 +197,7 @@ class Embed:
     go on to dedup."""
 
     def __init__(
-        self, clip: dict, aesthetic_head: str, safety: dict | None, cur: CurationConfig, work: str | None = None
+        self, clip: dict, aesthetic_head: str, safety: dict | None, cur: CurationConfig, work: Loc | None = None
     ):
         from encoders.aesthetic import AestheticScorer
 
@@ -227,12 +230,12 @@ class Embed:
         return batch
 
 
-def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, source) -> None:
+def score_shards(pending: list[int], work: Loc, downloads: Loc, cfg: Config, source) -> None:
     """Run the streaming flow over `pending` download shards; write each shard's scored file when complete."""
     import ray
 
     cur, res = cfg.curation, cfg.curation.aesthetic_resources
-    expected = {i: pq.ParquetFile(work / "input" / f"{i:05d}.parquet").metadata.num_rows for i in pending}
+    expected = {i: _rows(work / "input" / f"{i:05d}.parquet") for i in pending}
     safety = None
     if cur.nsfw.enabled or cur.watermark.enabled:
         safety = {
@@ -245,7 +248,7 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, s
         batch_size=1,
         compute=ray.data.TaskPoolStrategy(cur.download.processes),
         num_cpus=cur.download.num_cpus,
-        fn_kwargs={"work": str(work), "downloads": str(downloads), "cur": cur, "source": source},
+        fn_kwargs={"work": work, "downloads": downloads, "cur": cur, "source": source},
     )
     # other resources than the download tasks': never fused with them, so decoding never stalls a download
     ds = ds.map_batches(
@@ -253,7 +256,7 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, s
         batch_size=MEASURE_BATCH,
         num_cpus=1,
         memory=MEASURE_MEMORY,
-        fn_kwargs={"cur": cur, "work": str(work)},
+        fn_kwargs={"cur": cur, "work": work, "options": cfg.storage},
     )
     ds = ds.map_batches(
         Embed,
@@ -266,7 +269,7 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, s
             "aesthetic_head": cfg.models.aesthetic_head,
             "safety": safety,
             "cur": cur,
-            "work": str(work),
+            "work": work,
         },
     )
     gather = ShardGather(expected)
@@ -288,7 +291,13 @@ def score_shards(pending: list[int], work: Path, downloads: Path, cfg: Config, s
     gather.close()
 
 
-def write_scored(path: Path, rows: list[dict]) -> None:
+def _rows(path: Loc) -> int:
+    """Rows of a parquet file, from its footer."""
+    with storage.parquet_file(path) as f:
+        return int(f.metadata.num_rows)
+
+
+def write_scored(path: Loc, rows: list[dict]) -> None:
     rows = sorted(rows, key=lambda r: r["key"])
     table = pa.table({c: [r.get(c) for r in rows] for c in SCORED_COLUMNS})
     atomic.write_parquet(path, table)
@@ -299,19 +308,21 @@ def write_scored(path: Path, rows: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()) -> dict:
-    """Curate `urls` into `out`; resumes whatever a previous run with the same arguments finished.
+@fingerprint.releases_locks  # the OUT lock is held for this run only
+def run(urls, out: str | Path | Loc, cfg: Config, dedup_against: list = ()) -> dict:
+    """Curate `urls` into `out` (a folder or a bucket prefix: a storage Loc, or a path resolved with
+    `cfg.storage`); resumes whatever a previous run with the same arguments finished.
     `urls`: a URL list's path (columns from `curation.url_col` / `caption_col` or found), or a resolved
     input (inputs.UrlList, sources.LocalImages: images on disk, no download).
     `dedup_against`: earlier runs' folders whose kept images new ones are deduplicated against."""
     cur = cfg.curation
     source = urls if hasattr(urls, "shard_rows") else inputs.url_list(urls, cur.url_col, cur.caption_col, cfg.storage)
-    out = Path(out).resolve()
+    out = out if isinstance(out, Loc) else storage.resolve(out, cfg.storage)
     against = dedup_job.earlier_runs(dedup_against, out)
     fp = stage_fingerprint(source, cfg, against)
-    if (out / fingerprint.FILE).exists():  # a resume: refused if the URL list, a setting or an earlier run changed
+    if (out / fingerprint.FILE).has_file():  # a resume: refused if the URL list, a setting or an earlier run changed
         fingerprint.check(out, fp)
-    if (out / "stats.json").exists() and (out / MANIFEST).exists():
+    if (out / "stats.json").has_file() and (out / MANIFEST).has_file():
         return json.loads((out / "stats.json").read_text())
     cur = cfg.curation
     work, downloads = out / "_work", out / "downloads"
@@ -321,11 +332,11 @@ def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()
     fingerprint.check(out, fp)  # recorded once the URL list is known to be readable
     timings["split"] = time.time() - t0
     for folder in (work / "scored", downloads, out / "shards"):
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir()
         atomic.clean_temp(folder)
     ray_start.init_ray(cfg)
     t0 = time.time()
-    pending = [i for i in range(n_shards) if not (work / "scored" / f"{i:05d}.parquet").exists()]
+    pending = [i for i in range(n_shards) if not (work / "scored" / f"{i:05d}.parquet").has_file()]
     if pending:
         score_shards(pending, work, downloads, cfg, source)
     timings["download_score"] = time.time() - t0
@@ -333,7 +344,7 @@ def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()
     dups = dedup_job.run(work, n_shards, cur, against)
     timings["decide"] = time.time() - t0
     t0 = time.time()
-    written = outputs.write(out, n_shards, dups, cur)
+    written = outputs.write(out, n_shards, dups, cur, cfg.storage)
     timings["write"] = time.time() - t0
     stats = summarize(out, work, n_shards, timings, written)
     atomic.write_text(out / "stats.json", json.dumps(stats, indent=2, default=str) + "\n")
@@ -343,8 +354,8 @@ def run(urls, out: str | Path, cfg: Config, dedup_against: list[str | Path] = ()
     return stats
 
 
-def stage_fingerprint(source, cfg: Config, against: list[Path] = ()) -> dict:
-    """The input (a URL list's bytes; images on disk: their files' names and sizes), the settings that
+def stage_fingerprint(source, cfg: Config, against: list[Loc] = ()) -> dict:
+    """The input (a URL list's bytes; images on disk: fingerprint.listing of their files), the settings that
     change what is kept, the scoring models' bytes, and the earlier runs deduplicated against (folder +
     a listing of its dedup index)."""
     m = cfg.models
@@ -366,18 +377,19 @@ def stage_fingerprint(source, cfg: Config, against: list[Path] = ()) -> dict:
     }
 
 
-def summarize(out: Path, work: Path, n_shards: int, timings: dict, written: dict) -> dict:
+def summarize(out: Loc, work: Loc, n_shards: int, timings: dict, written: dict) -> dict:
     """Counts by status, reason and tier, step timings and img2dataset's own stats (streamed: one
     row group of three columns at a time)."""
     status, reason, tier = Counter(), Counter(), Counter()
-    for b in pq.ParquetFile(out / MANIFEST).iter_batches(columns=["status", "reason", "tier"]):
-        st, why, ti = (b.column(c).to_pylist() for c in ("status", "reason", "tier"))
-        status.update(st)
-        reason.update(r for r in why if r is not None)
-        tier.update(t for s_, t in zip(st, ti) if s_ == reasons.KEPT and t is not None)
+    with storage.parquet_file(out / MANIFEST) as manifest:
+        for b in manifest.iter_batches(columns=["status", "reason", "tier"]):
+            st, why, ti = (b.column(c).to_pylist() for c in ("status", "reason", "tier"))
+            status.update(st)
+            reason.update(r for r in why if r is not None)
+            tier.update(t for s_, t in zip(st, ti) if s_ == reasons.KEPT and t is not None)
     cpu = {"measure_cpu": 0.0, "embed_cpu": 0.0}
     for i in range(n_shards):
-        t = pq.read_table(work / "scored" / f"{i:05d}.parquet", columns=["t_measure", "t_embed"])
+        t = storage.read_parquet(work / "scored" / f"{i:05d}.parquet", columns=["t_measure", "t_embed"])
         cpu["measure_cpu"] += float(pc.sum(t["t_measure"]).as_py() or 0)
         cpu["embed_cpu"] += float(pc.sum(t["t_embed"]).as_py() or 0)
     return {
@@ -389,14 +401,14 @@ def summarize(out: Path, work: Path, n_shards: int, timings: dict, written: dict
         "shards": written["shards"],
         "seconds": {**{k: round(v, 3) for k, v in timings.items()}, **{k: round(v, 3) for k, v in cpu.items()}},
         "nodes": placement.counts(work),
-        "img2dataset": download.shard_stats(out / "downloads"),
+        "img2dataset": download.shard_stats(out / "downloads", n_shards),
         **_input_counts(work),
     }
 
 
-def _input_counts(work: Path) -> dict:
+def _input_counts(work: Loc) -> dict:
     """What the split of an on-disk input counted (captions_not_utf8: sources.CAPTIONS), else nothing."""
     from curation import sources
 
     path = work / "input" / sources.CAPTIONS
-    return json.loads(path.read_text()) if path.exists() else {}
+    return json.loads(path.read_text()) if path.has_file() else {}

@@ -11,7 +11,8 @@ thumbnails come from `CURDIR/thumbs/KEY.jpg`, which curation writes with `save_t
 bounded sample of each reason (`THUMBS_PER_REASON`); a rejected row without one gets a text tile.
 Reads only what it shows: the manifest streamed in batches (`scan`), each section reading its own
 few columns into bounded aggregates (counters, fixed bins, GALLERY rows per gallery), so memory
-does not grow with the run (10^7-10^8 URLs); and the gallery images' tar members. Over 400 lines
+does not grow with the run (10^7-10^8 URLs); and the gallery images' tar members. CURDIR is a folder
+or a bucket prefix (shards/storage.py). Over 400 lines
 because each section's streaming aggregate sits beside the HTML it feeds; split, they would be read
 apart.
 """
@@ -23,12 +24,16 @@ import math
 import os
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 from common import pages
 from common.config import CurationConfig, to_dict
-from shards import atomic, buckets, format, reasons
+from shards import atomic, buckets, format, reasons, storage
 from shards.curated import read_member
 from shards.errors import SigmaError
+from shards.storage import Loc
+
+Dir = str | Path | Loc
 
 REPORT = "report.html"
 STATS = "stats.json"
@@ -48,11 +53,15 @@ BATCH = 65_536  # manifest rows per batch: a few MB of the columns a section rea
 # ---------------------------------------------------------------------------------------------
 
 
-def thumb_path(curdir: str | Path, key: str) -> Path:
-    return Path(curdir) / THUMBS / f"{key}.jpg"
+def _loc(curdir: Dir) -> Loc:
+    return curdir if isinstance(curdir, Loc) else storage.resolve(curdir)
 
 
-def save_thumbnail(curdir: str | Path, key: str, data: bytes, side: int = 256) -> bool:
+def thumb_path(curdir: Dir, key: str) -> Loc:
+    return _loc(curdir) / THUMBS / f"{key}.jpg"
+
+
+def save_thumbnail(curdir: Dir, key: str, data: bytes, side: int = 256) -> bool:
     """Write CURDIR/thumbs/KEY.jpg (longest side `side`) from encoded bytes; False if undecodable."""
     import base64
 
@@ -63,13 +72,13 @@ def save_thumbnail(curdir: str | Path, key: str, data: bytes, side: int = 256) -
     return True
 
 
-def save_rejected_thumbnails(curdir: str | Path, rows, per_reason: int = THUMBS_PER_REASON) -> int:
+def save_rejected_thumbnails(curdir: Dir, rows, per_reason: int = THUMBS_PER_REASON, options: Any = None) -> int:
     """Thumbnails for up to `per_reason` rejected rows per reason, read from their download tars.
 
     rows: dicts with key, reason, src, offset, size (the image bytes' place in a download tar,
     as curation records them). Call once per download shard, before the download tars are
-    deleted. Rows without bytes (src "") and existing thumbnails are skipped; returns how many
-    were written.
+    deleted. Rows without bytes (src "") and existing thumbnails (by exact name) are skipped; returns
+    how many were written. `options`: the `storage` config section the `src` are read with.
     """
     taken: dict[str, int] = defaultdict(int)
     todo = []
@@ -78,11 +87,11 @@ def save_rejected_thumbnails(curdir: str | Path, rows, per_reason: int = THUMBS_
         if not reason or not row.get("src") or taken[reason] >= per_reason:
             continue
         taken[reason] += 1
-        if not thumb_path(curdir, row["key"]).exists():
+        if not thumb_path(curdir, row["key"]).has_file():
             todo.append(row)
 
     def save(row) -> bool:  # each thread holds one image's bytes at a time
-        return save_thumbnail(curdir, row["key"], read_member(row["src"], row["offset"], row["size"]))
+        return save_thumbnail(curdir, row["key"], read_member(row["src"], row["offset"], row["size"], options))
 
     return sum(pages.in_threads(save, todo))
 
@@ -92,17 +101,21 @@ def save_rejected_thumbnails(curdir: str | Path, rows, per_reason: int = THUMBS_
 # ---------------------------------------------------------------------------------------------
 
 
-def manifest_file(curdir: str | Path):
+def manifest_file(curdir: Dir):
     """CURDIR/manifest.parquet opened for streaming (footer read, no rows)."""
-    import pyarrow.parquet as pq
-
-    path = Path(curdir) / format.MANIFEST
-    if not path.is_file():
+    path = _loc(curdir) / format.MANIFEST
+    if not path.has_file():
         raise SigmaError(f"{path}: no manifest (is this a curated run folder?)")
-    return pq.ParquetFile(path)
+    return storage.parquet_file(path)
 
 
-def scan(curdir: str | Path, columns: list[str]):
+def on_disk(curdir: Dir) -> bool:
+    """Whether the run read images on disk (--images: its manifest names each item's `source`)."""
+    with manifest_file(curdir) as f:
+        return "source" in f.schema_arrow.names
+
+
+def scan(curdir: Dir, columns: list[str]):
     """The manifest in DataFrames of BATCH rows holding only `columns`, numeric ones coerced, text
     ones "" for null, missing ones null; indexed by row number, so ties break by manifest order.
 
@@ -128,47 +141,47 @@ def scan(curdir: str | Path, columns: list[str]):
             yield df
 
 
-def shard_path(curdir: Path, value) -> Path | None:
+def shard_path(curdir: Dir, value) -> Loc | None:
     """The tar a manifest `shard` value names: an index (3, "00003") or a file name/path."""
+    curdir = _loc(curdir)
     if value is None or (isinstance(value, float) and math.isnan(value)) or value == "":
         return None
     if isinstance(value, (int, float)) or str(value).isdigit():
         return curdir / "shards" / format.shard_name(int(value))
-    p = Path(str(value))
-    return p if p.is_absolute() else (curdir / p if (curdir / p).is_file() else curdir / "shards" / p.name)
+    text = str(value)
+    if os.path.isabs(text):
+        return storage.resolve(text)
+    return curdir / text if (curdir / text).has_file() else curdir / "shards" / text.rsplit("/", 1)[-1]
 
 
-def read_images(curdir: Path, rows) -> dict[str, bytes]:
+def read_images(curdir: Dir, rows) -> dict[str, bytes]:
     """{key: original bytes} for the given kept rows, reading only their tars' image members."""
-    wanted: dict[Path | None, set[str]] = defaultdict(set)
+    curdir = _loc(curdir)
+    wanted: dict[Loc | None, set[str]] = defaultdict(set)
     for key, shard in zip(rows["key"], rows["shard"]):
         wanted[shard_path(curdir, shard)].add(key)
     if None in wanted:  # no shard recorded: look in every shard
         lost = wanted.pop(None)
-        for p in sorted((curdir / "shards").glob("*.tar")):
+        for p in (curdir / "shards").glob("*.tar"):
             wanted[p] |= lost
     found: dict[str, bytes] = {}
     for path, keys in wanted.items():
-        if keys - set(found) and path.is_file():
+        if path is not None and keys - set(found) and path.has_file():
             found.update(pages.tar_images(path, keys - set(found)))
     return found
 
 
-def thumb_keys(curdir: Path) -> set[str]:
-    """Keys that have a saved thumbnail (one directory listing, not a stat per manifest row)."""
-    folder = Path(curdir) / THUMBS
-    if not folder.is_dir():
-        return set()
-    with os.scandir(folder) as it:
-        return {e.name[:-4] for e in it if e.name.endswith(".jpg")}
+def thumb_keys(curdir: Dir) -> set[str]:
+    """Keys that have a saved thumbnail (one listing, not a request per manifest row)."""
+    return {p.name[:-4] for p in (_loc(curdir) / THUMBS).iterdir() if p.name.endswith(".jpg")}
 
 
-def read_thumbs(curdir: Path, keys) -> dict[str, str]:
+def read_thumbs(curdir: Dir, keys) -> dict[str, str]:
     """{key: data URI} for the rejected keys that have a saved thumbnail."""
     out = {}
     for key in keys:
         p = thumb_path(curdir, key)
-        if p.is_file():
+        if p.has_file():
             out[key] = pages.data_uri(p.read_bytes(), "image/jpeg")
     return out
 
@@ -402,7 +415,7 @@ def _gallery_rows(curdir: Path, thumbs: set[str]) -> dict:
         "failed": Counter(),
         "failed_urls": None,
     }
-    for b in scan(curdir, [*GALLERY_COLUMNS, "url"]):
+    for b in scan(curdir, [*GALLERY_COLUMNS, "url", "source"]):
         kept, rejected, failed = (b[b["status"] == s] for s in (reasons.KEPT, reasons.REJECTED, reasons.FAILED))
         scored = kept[kept["aesthetic"].notna()]
         g["kept"] += len(kept)
@@ -415,7 +428,9 @@ def _gallery_rows(curdir: Path, thumbs: set[str]) -> dict:
         g["rejected"].update(rejected["reason"].value_counts(sort=False).to_dict())  # first-seen order for ties
         g["dups"].update(rejected.loc[rejected["dup_of"] != "", "dup_of"].value_counts(sort=False).to_dict())
         g["failed"].update(failed["reason"].value_counts(sort=False).to_dict())
-        g["failed_urls"] = _heads(g["failed_urls"], failed[["reason", "url"]], "reason", FAILED_EXAMPLES)
+        source = failed["source"].fillna("")  # a URL run's manifest has no source column: null
+        named = failed.assign(url=source.where(source != "", failed["url"]))  # on disk: the file
+        g["failed_urls"] = _heads(g["failed_urls"], named[["reason", "url"]], "reason", FAILED_EXAMPLES)
     return g
 
 
@@ -495,7 +510,8 @@ def _galleries(curdir: Path) -> str:
     if g["failed"]:
         urls = g["failed_urls"]
         rows = [(r, count, " ".join(urls["url"][urls["reason"] == r])) for r, count in _largest(g["failed"])]
-        out.append("<h2>Failed (no image)</h2>" + pages.table(["reason", "images", "example URLs"], rows, "failed"))
+        examples = "examples (file)" if on_disk(curdir) else "example URLs"
+        out.append("<h2>Failed (no image)</h2>" + pages.table(["reason", "images", examples], rows, "failed"))
     return "\n".join(out)
 
 
@@ -504,16 +520,17 @@ def _galleries(curdir: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def build(curdir: str | Path, cur: CurationConfig | None = None) -> str:
+def build(curdir: Dir, cur: CurationConfig | None = None) -> str:
     """The report's HTML for a curated run folder."""
-    curdir = Path(curdir)
+    curdir = _loc(curdir)
     cur = cur or CurationConfig()
     with manifest_file(curdir) as f:
         total = f.metadata.num_rows
     stats_file = curdir / STATS
-    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    stats = json.loads(stats_file.read_text()) if stats_file.has_file() else {}
+    where = curdir.local.resolve() if curdir.is_local else curdir.url
     body = [
-        f'<p class="muted">{pages.esc(curdir.resolve())}: {total:,} URLs</p>',
+        f'<p class="muted">{pages.esc(where)}: {total:,} {"images" if on_disk(curdir) else "URLs"}</p>',
         _counts(curdir, total, stats),
         _thresholds(cur),
         _histograms(curdir, cur),
@@ -522,11 +539,11 @@ def build(curdir: str | Path, cur: CurationConfig | None = None) -> str:
     return pages.page(f"Dataset report: {curdir.name}", "\n".join(body))
 
 
-def write_report(curdir: str | Path, cur: CurationConfig | None = None) -> Path:
-    """Write CURDIR/report.html atomically; returns its path."""
-    out = Path(curdir) / REPORT
+def write_report(curdir: Dir, cur: CurationConfig | None = None) -> Path | Loc:
+    """Write CURDIR/report.html atomically; returns its path (a Loc in a bucket)."""
+    out = _loc(curdir) / REPORT
     atomic.write_text(out, build(curdir, cur))
-    return out
+    return out.local if out.is_local else out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -538,13 +555,16 @@ def main(argv: list[str] | None = None) -> None:
         "Pass the same --profile/--set as the run so the thresholds drawn are the ones used.",
         "curation/report demo-out/curated --profile demo",
     )
-    p.add_argument("dir", help="CURDIR: a curated run folder (manifest.parquet, shards/, stats.json)")
+    p.add_argument("dir", help="CURDIR: a curated run folder or bucket prefix (manifest.parquet, shards/, stats.json)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
-    curdir = Path(args.dir)
+    try:
+        curdir = storage.resolve(args.dir, cfg.storage)
+    except SigmaError as e:
+        cli.fail(str(e))
     missing = (
         None
-        if (curdir / format.MANIFEST).is_file()
+        if (curdir / format.MANIFEST).has_file()
         else f"{curdir}: no {format.MANIFEST} (is this a curated run folder?)"
     )
     if missing and not args.dry_run:
@@ -557,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
                 **({"not_checked": [missing]} if missing else {}),
                 "curdir": str(curdir),
                 "manifest": str(curdir / format.MANIFEST),
-                "shards": len(list((curdir / "shards").glob("*.tar"))),
+                "shards": len((curdir / "shards").glob("*.tar")),
                 "thumbs": str(curdir / THUMBS),
                 "out": str(curdir / REPORT),
                 "thresholds": to_dict(cfg)["curation"],

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.images:  # on disk: what the input itself says about how it was made
         from curation import sources
 
-        for note in sources.notes(stats, os.path.join(args.out, "manifest.parquet")):
+        for note in sources.notes(stats, out / "manifest.parquet"):
             print(f"note: {note}", file=sys.stderr)
     # the summary counts images on disk as images (stats.json keeps its key `urls`: others read it)
     summary = {"urls" if args.urls else "images": stats["urls"]}
@@ -154,11 +154,12 @@ def _input_problems(cfg) -> list[str]:
             config.require_file(path, key, weights=weights)
         except SigmaError as e:
             problems.append(str(e))
-    if cfg.models.clip.weights and cfg.models.clip.weights != "openai":
-        try:
-            config.require_file(cfg.models.clip.weights, "models.clip.weights")
-        except SigmaError as e:
-            problems.append(str(e))
+    from encoders import hub
+
+    try:  # a file, or an open_clip tag whose hub repo is cached or reachable
+        hub.require_clip(cfg.models.clip.arch, cfg.models.clip.weights)
+    except SigmaError as e:
+        problems.append(str(e))
     return problems
 
 

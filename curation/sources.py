@@ -157,7 +157,7 @@ class LocalImages:
         """Keyed input shards + where each item's bytes lie; done once (`.complete`), like a URL list."""
         work = inputs.as_loc(work)
         done = work / ".complete"
-        if done.exists():
+        if done.has_file():
             return int(done.read_text())
         work.mkdir()
         out = _Shards(work, self._schema())
@@ -724,7 +724,7 @@ def _copy_table_bytes(rows: list[dict], image_col: str, tar_path: Loc, tables: t
 I2D_KEEP_ORIGINALS = "--resize_mode no --disable_all_reencoding True"
 
 
-def notes(stats: dict, manifest: str) -> list[str]:
+def notes(stats: dict, manifest: Loc) -> list[str]:
     """One-line notes for the summary of an on-disk run: captions that were not UTF-8, and most images
     sharing one small size (img2dataset's default resize: a too_small run says why)."""
     out = []
@@ -732,7 +732,8 @@ def notes(stats: dict, manifest: str) -> list[str]:
     if decoded:
         how = ", ".join(f"{codec} ({n})" for codec, n in decoded.items())
         out.append(f"{sum(decoded.values())} caption files not in UTF-8: decoded as {how} (curation/README.md)")
-    sizes = pq.read_table(manifest, columns=["width", "height", "reason"]).to_pandas()
+    with manifest.open("rb") as f:
+        sizes = pq.read_table(f, columns=["width", "height", "reason"]).to_pandas()
     sizes = sizes[sizes["width"].fillna(0) > 0]
     if len(sizes) >= 4:
         (w, h), n = Counter(zip(sizes["width"], sizes["height"])).most_common(1)[0]

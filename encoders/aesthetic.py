@@ -51,7 +51,13 @@ class AestheticHead(nn.Module):
         return self.layers(emb)  # [N, 768] -> [N, 1]
 
 
-def load_clip(arch: str, weights: str, config_dir: str | None = None, device: str | torch.device = "cpu"):
+def load_clip(
+    arch: str,
+    weights: str,
+    config_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    key: str = "models.clip.weights",
+):
     """(model, image preprocess, tokenizer) from an open_clip tag (`openai`) or a local weights file.
 
     `config_dir` holds extra model-config JSONs (the tiny offline model); a local `.safetensors`,
@@ -59,10 +65,11 @@ def load_clip(arch: str, weights: str, config_dir: str | None = None, device: st
     """
     import open_clip
 
+    from encoders import hub
+
     if config_dir:
         open_clip.add_model_config(str(config_dir))
-    if weights and Path(weights).suffix and not Path(weights).exists():
-        raise SigmaError(f"models.clip.weights: file not found: {weights}")
+    hub.require_clip(arch, weights, key)
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=weights or None, device=device)
     model.eval().requires_grad_(False)
     return model, preprocess, open_clip.get_tokenizer(arch)

@@ -35,7 +35,9 @@ class HPSScorer:
         if not weights or not Path(weights).is_file():
             raise SigmaError(f"evaluation.rewards.hps_weights: file not found: {weights}")
         self.device = device
-        self.model, self.preprocess, self.tokenizer = load_clip(arch, weights, config_dir, device)
+        self.model, self.preprocess, self.tokenizer = load_clip(
+            arch, weights, config_dir, device, key="evaluation.rewards.hps_weights"
+        )
 
     @torch.no_grad()
     def __call__(self, images: list, prompts: list[str]) -> np.ndarray:
@@ -51,6 +53,11 @@ class PickScorer:
     def __init__(self, model: str, processor: str | None = None, device: str = "cpu"):
         from transformers import CLIPModel, CLIPProcessor
 
+        from encoders import hub
+
+        hub.require(model, "evaluation.rewards.pickscore", what="PickScore model")
+        if processor:
+            hub.require(processor, "evaluation.rewards.pickscore_processor", what="CLIP processor")
         self.device = device
         try:
             self.processor = CLIPProcessor.from_pretrained(processor or model)
@@ -71,6 +78,10 @@ class PickScorer:
 
 def load(rewards, device: str = "cpu") -> dict:
     """The configured scorers (`evaluation.rewards`) by score column: `hps`, `pickscore`."""
+    from encoders import hub
+
+    if rewards.pickscore:  # a hub id: checked before any model loads (the HPS file is checked by path)
+        hub.require(rewards.pickscore, "evaluation.rewards.pickscore", what="PickScore model")
     out = {}
     if rewards.hps_weights:
         out["hps"] = HPSScorer(rewards.hps_arch, rewards.hps_weights, rewards.hps_config_dir, device)

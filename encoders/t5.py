@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from encoders import hub
 from encoders.dtypes import torch_dtype
 
 # ---------------------------------------------------------------------------------------------
@@ -24,17 +25,21 @@ from encoders.dtypes import torch_dtype
 # ---------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str):
-    """The T5 tokenizer stored beside the encoder (a folder or a hub id)."""
+def load_tokenizer(path: str, key: str = "models.t5"):
+    """The T5 tokenizer stored beside the encoder (a folder or a hub id; `key`: the setting that named it)."""
     from transformers import AutoTokenizer
 
+    hub.require(str(path), key, what="T5 tokenizer")
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def load_t5(path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu"):
+def load_t5(
+    path: str, dtype: str | torch.dtype = "bfloat16", device: str | torch.device = "cpu", key: str = "models.t5"
+):
     """`T5EncoderModel` in eval mode, no grad; only the encoder half of the checkpoint is read."""
     from transformers import T5EncoderModel
 
+    hub.require(str(path), key, what="T5 encoder")
     dtype = torch_dtype(dtype)
     model = T5EncoderModel.from_pretrained(str(path), dtype=dtype)
     return model.to(device).eval().requires_grad_(False)

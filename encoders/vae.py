@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from encoders import hub
 from encoders.dtypes import torch_dtype
 
 LANCZOS_FROM = 2048  # bucket side (max of h, w) from which resizing uses Lanczos, as PixArt's 2K/4K data
@@ -35,6 +36,7 @@ def load_vae(
     device: str | torch.device = "cpu",
     tiling: bool = False,
     slicing: bool = False,
+    key: str = "models.vae",
 ):
     """diffusers `AutoencoderKL` in eval mode, no grad.
 
@@ -44,6 +46,7 @@ def load_vae(
     """
     from diffusers import AutoencoderKL
 
+    hub.require(str(path), key, what="VAE")
     dtype = torch_dtype(dtype)
     # diffusers' default low_cpu_mem_usage=True needs `accelerate` (optional here): without it,
     # diffusers falls back to False and prints a "pip install accelerate" hint on every load
@@ -57,10 +60,11 @@ def load_vae(
     return vae
 
 
-def read_config(path: str) -> dict:
+def read_config(path: str, key: str = "models.vae") -> dict:
     """The VAE's config.json (a local folder or a hub id), read without importing diffusers (~10 s)."""
     folder = Path(path)
     if not folder.is_dir():
+        hub.require(str(path), key, what="VAE")
         from huggingface_hub import hf_hub_download
 
         folder = Path(hf_hub_download(str(path), "config.json")).parent

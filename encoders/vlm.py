@@ -111,9 +111,13 @@ class VLM:
         max_pixels: int | None = None,
         trust_remote_code: bool = False,
         device: str | None = None,
+        key: str = "model",
     ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from encoders import hub
+
+        hub.require(model, key, revision, what="vision-language model")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         extra = {"max_pixels": max_pixels} if max_pixels else {}
         self.processor = AutoProcessor.from_pretrained(

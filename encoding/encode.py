@@ -77,7 +77,8 @@ def check_inputs(p: dict) -> captions.CaptionSource:
 
 
 def stage_fingerprint(cfg, p: dict, source: captions.CaptionSource) -> dict:
-    """The inputs (image shards and caption files, by name and size) and what decides a sample's bytes."""
+    """The inputs (image shards and caption files: fingerprint.listing, name + size + content) and what
+    decides a sample's bytes."""
     e, m = cfg.encode, cfg.models
     files = [source.shard_file(s) for s in p["shard_list"]] if source.kind == captions.PER_SHARD else source.files
     return {
@@ -100,6 +101,7 @@ def _check_fingerprint(cfg, p: dict, source: captions.CaptionSource, encdir: sto
         raise SigmaError(f"{e}; or pass --reencode to encode again what changed") from None
 
 
+@fingerprint.releases_locks  # the OUT lock is held for this run only
 def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: bool = False) -> dict:
     """Encode what is missing; write shards, index.parquet and info.json. Returns a summary.
     `reencode`: accept changed inputs or settings (re-encode stale samples, encode new ones)."""
@@ -110,6 +112,10 @@ def run(cfg, images: str, captions_path: str, out: str, tier: str, reencode: boo
     t0 = time.time()
     p = plan(cfg, images, captions_path, out, tier)
     source = check_inputs(p)
+    from encoders import hub
+
+    hub.require(cfg.models.t5, "models.t5", what="T5 encoder")  # before Ray or any model starts
+    hub.require(cfg.models.vae, "models.vae", what="VAE")
     fp, e = p["fingerprint"], cfg.encode
     encdir = storage.resolve(out, cfg.storage)
     encdir.mkdir()

@@ -236,9 +236,10 @@ def main(argv=None) -> None:
             }
         )
         return
-    from encoders import reward
+    from encoders import hub, reward
 
     try:
+        hub.require_clip(cfg.models.clip.arch, cfg.models.clip.weights)  # one line, before any model loads
         rewards = reward.load(cfg.evaluation.rewards, args.device)
         scorer = Scorer(
             cfg.models.clip.arch,

@@ -51,6 +51,9 @@ def check_source(source: str) -> str:
 def load_pipeline(source: str, device: str, dtype: torch.dtype, revision: str | None = None):
     from diffusers import DiffusionPipeline
 
+    from encoders import hub
+
+    hub.require(source, "--pipeline", revision, what="diffusers pipeline")
     try:
         pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, revision=revision)
     except (OSError, ValueError) as e:

@@ -189,6 +189,9 @@ def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
     check(judge)
     evaldir = Path(evaldir)
     plan(evaldir, model, judge)  # the one-line errors before Ray starts
+    from encoders import hub
+
+    hub.require(model, "MODEL", judge.revision, what="judge")
     store = votes.Store(evaldir / votes.DB)
     pairs = votes.load_pairs(evaldir, store.salt)
     rater = judge_id(model, judge.revision)

@@ -3,9 +3,10 @@ one writer, and the offset reader of a downloaded image's bytes.
 
 Writer: members sorted by key (Ray's WebDataset reader mis-groups out-of-order members), with fixed
 tar headers (`shards/tar_writer.py`), so the same inputs give byte-identical shards. The image bytes
-are read straight from the download tar at their recorded offset (`read_member`): they never pass
-through the curation driver. A shard appears under its final name only when complete (temp +
-rename); an existing shard is finished work and is never rewritten.
+are read straight from the download tar at their recorded offset (`read_member`: one ranged read,
+a ranged GET on a bucket): they never pass through the curation driver. A shard appears under its
+final name only when complete (on disk temp + rename; on a bucket a multipart upload completed at the
+end, shards/storage.py); an existing shard is finished work and is never rewritten.
 
 Reader: a sample's key is its member path minus the extension (WebDataset: up to the first dot of the
 file name), so `a/x.jpg` and `b/x.jpg` are two samples. A key whose members are not consecutive,
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from shards import atomic, storage, tar_writer
+from shards import storage, tar_writer
 from shards.errors import SigmaError
 from shards.format import CAPTION_EXT, META_EXT
 
@@ -138,11 +139,12 @@ def samples(path: Source, only: set[str] | None = None) -> Iterator[tuple[str, d
 # ---------------------------------------------------------------------------------------------
 
 
-def read_member(src: str, offset: int, size: int) -> bytes:
-    """The served bytes of one downloaded image, from its place in a download tar."""
-    with open(src, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+def read_member(src: Source, offset: int, size: int, options: Any = None) -> bytes:
+    """The served bytes of one downloaded image, from its place in a download tar: one ranged read (a
+    ranged GET on a bucket). `src` as recorded (a path or URL string, resolved with `options`, the
+    `storage` config section), or a Loc."""
+    loc = src if isinstance(src, storage.Loc) else storage.resolve(src, options)
+    return loc.read_range(offset, size)
 
 
 def meta_json(meta: dict[str, Any]) -> str:
@@ -150,15 +152,21 @@ def meta_json(meta: dict[str, Any]) -> str:
     return json.dumps(meta, sort_keys=True, default=str)
 
 
-def write_shard(path: str | Path, members: list[dict[str, Any]]) -> str:
-    """members: {key, src, offset, size, ext, meta (dict or its meta_json), caption (str|None)}; returns the path."""
-    path = Path(path)
-    if path.exists():
+def write_shard(path: Source, members: list[dict[str, Any]], options: Any = None) -> str:
+    """members: {key, src, offset, size, ext, meta (dict or its meta_json), caption (str|None)}; returns the path.
+    `options`: the `storage` config section the members' `src` are resolved with. Streamed: on a bucket a
+    multipart upload completed at the end, nothing on local disk."""
+    path = path if isinstance(path, storage.Loc) else storage.resolve(path)
+    if path.has_file():
         return str(path)
-    with atomic.atomic_path(path) as tmp, tar_writer.open_for_writing(tmp) as tar:
-        for m in sorted(members, key=lambda m: m["key"]):
+    members = sorted(members, key=lambda m: m["key"])
+    src = {m["src"]: storage.resolve(m["src"], options) for m in members}
+    # a bucket's images come in few ranged GETs (neighbours coalesced), not one per image
+    reader = storage.RangeReader((src[m["src"]], m["offset"], m["size"]) for m in members)
+    with storage.writer(path) as f, tar_writer.open_for_writing(f) as tar:
+        for m in members:
             meta = m["meta"] if isinstance(m["meta"], str) else meta_json(m["meta"])
-            files = {m["ext"]: read_member(m["src"], m["offset"], m["size"]), META_EXT: meta.encode()}
+            files = {m["ext"]: reader.read(src[m["src"]], m["offset"], m["size"]), META_EXT: meta.encode()}
             if m.get("caption"):
                 files[CAPTION_EXT] = str(m["caption"]).encode()
             for ext in sorted(files):

@@ -20,6 +20,12 @@ Inputs too big to hash whole (shard lists, folders of images, caption tables) ar
                  (76 MB, page cache warm, a shared 2-CPU machine): v2 10 ms (~0.2 ms a file), v1
                  0.8 ms, a full sha256 of every file 81 ms (~0.9 GB/s): a million 1.7 MB photos
                  ~4 min at each start or resume, against ~30 min for a full hash.
+A folder holding no output yet (nothing but fingerprint.json, the stage's work state such as `_work/`,
+temp files and the lock) is not protected: a run with other inputs or settings restarts it, says so in
+one line and removes the stale work state (e.g. `_work/input` cut at another shard_size). While a run
+writes into a local folder it holds FOLDER/.lock (`flock`, released when the process ends, killed or
+not), so a second run into the same folder at once is refused; a bucket cannot hold such a lock.
+
 A fingerprint.json written by the v1 rule is still accepted for unchanged inputs: `check` compares
 its values with the current ones in which each v2 listing is replaced by the v1 digest of the same
 files (computed in the same pass), so folders made before the change resume as they are; the file
@@ -30,19 +36,24 @@ same size, is what v1 could not see).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
 import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from shards import storage
 from shards.atomic import write_text
 from shards.errors import SigmaError
 
 FILE = "fingerprint.json"
+LOCK = ".lock"  # held (flock) by the run writing into a local folder: never an output
+WORK = ("_work",)  # a stage's work state: not output; removed when a folder with no output restarts
 OUTPUT = "output"  # config field metadata: False on a setting that does not change what a stage writes
 _CHUNK = 1 << 20
 LISTING_VERSION = 2
@@ -65,33 +76,37 @@ def file_digest(path: str | Path | storage.Loc) -> str:
 
 def listing(paths: Iterable[str | Path | storage.Loc]) -> str:
     """`v2:<sha256>` over each input file's name, size and content (small files hashed, big ones by mtime
-    and sampled bytes; on a bucket size and ETag): many files, too big to hash whole (module docstring)."""
+    and sampled bytes; on a bucket size and ETag): many files, too big to hash whole (module docstring).
+    One stat (a bucket: one HEAD) per file, shared with the v1 digest kept for old fingerprint.json files."""
     locs = sorted(map(_loc, paths))
     h = hashlib.sha256()
+    sizes = []
     for p in locs:
-        h.update(f"{p.name}\t{_stamp(p)}\n".encode())
+        size, stamp = _stamp(p)
+        sizes.append((p, size))
+        h.update(f"{p.name}\t{stamp}\n".encode())
     value = f"v{LISTING_VERSION}:{h.hexdigest()}"
-    _V1[value] = _listing_v1(locs)
+    _V1[value] = _listing_v1(sizes)
     return value
 
 
-def _stamp(p: storage.Loc) -> str:
-    """What changes when a listed file changes: size, mtime and a sampled sha256 (bucket: size and ETag)."""
+def _stamp(p: storage.Loc) -> tuple[int, str]:
+    """(size, what changes when a listed file changes: size, mtime and a sampled sha256; bucket: size, ETag)."""
     if not p.is_local:
         try:
             info = p.info()
         except FileNotFoundError:
-            return "-1"
-        return f"{info['size']}\t{info.get('etag')}"
+            return -1, "-1"
+        return int(info["size"]), f"{info['size']}\t{info.get('etag')}"
     try:
         st = os.stat(p.path)
     except OSError:
-        return "-1"  # missing, a dangling link
+        return -1, "-1"  # missing, a dangling link
     if not stat.S_ISREG(st.st_mode):  # a FIFO, device or socket is never opened (a read could block)
-        return f"{st.st_size}\t{stat.S_IFMT(st.st_mode)}"
+        return st.st_size, f"{st.st_size}\t{stat.S_IFMT(st.st_mode)}"
     if st.st_size <= 3 * _SAMPLE:  # small: its bytes say it all
-        return f"{st.st_size}\t{_sampled_digest(p.path, st.st_size)}"
-    return f"{st.st_size}\t{st.st_mtime_ns}\t{_sampled_digest(p.path, st.st_size)}"
+        return st.st_size, f"{st.st_size}\t{_sampled_digest(p.path, st.st_size)}"
+    return st.st_size, f"{st.st_size}\t{st.st_mtime_ns}\t{_sampled_digest(p.path, st.st_size)}"
 
 
 def _sampled_digest(path: str, size: int) -> str:
@@ -110,16 +125,13 @@ def _sampled_digest(path: str, size: int) -> str:
     return h.hexdigest()
 
 
-def _listing_v1(locs: list[storage.Loc]) -> str:
-    """The v1 rule (name + size; files sorted as paths), kept to accept fingerprint.json files it wrote."""
+def _listing_v1(sizes: list[tuple[storage.Loc, int]]) -> str:
+    """The v1 rule (name + size, -1 when missing; files sorted as paths), kept to accept the
+    fingerprint.json files it wrote."""
     from pathlib import PurePosixPath
 
     h = hashlib.sha256()
-    for p in sorted(locs, key=lambda p: (p.scheme, PurePosixPath(p.path))):
-        try:
-            size = p.size() if p.exists() else -1
-        except OSError:
-            size = -1
+    for p, size in sorted(sizes, key=lambda ps: (ps[0].scheme, PurePosixPath(ps[0].path))):
         h.update(f"{p.name}\t{size}\n".encode())
     return h.hexdigest()
 
@@ -161,12 +173,73 @@ def flat(settings: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-def check(folder: str | Path | storage.Loc, fingerprint: dict[str, Any]) -> None:
-    """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs."""
-    path = _loc(folder) / FILE
+_held: dict[str, int] = {}  # folder -> the descriptor of its lock, held until this process ends
+
+
+def lock(folder: storage.Loc) -> None:
+    """Hold FOLDER/.lock for the rest of this process, or refuse in one line: another run is writing into it.
+    A bucket has no such lock (nothing releases one when a process is killed): no-op there."""
+    if not folder.is_local or str(folder) in _held:
+        return
+    folder.mkdir()
+    fd = os.open(os.path.join(folder.path, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SigmaError(
+            f"{folder}: another run is writing into it now (it holds {LOCK}); wait for it to end, or use another --out"
+        ) from None
+    _held[str(folder)] = fd
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def releases_locks(run: Callable[P, R]) -> Callable[P, R]:
+    """For a stage's `run`: the folder locks `check` takes during the call are released when it returns or
+    raises, so one process may run stages one after another (the demo, tests) and others may follow."""
+
+    @functools.wraps(run)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        before = set(_held)
+        try:
+            return run(*args, **kwargs)
+        finally:
+            for key in set(_held) - before:
+                os.close(_held.pop(key))  # closing the descriptor drops its flock
+
+    return wrapper
+
+
+def holds_output(folder: storage.Loc, work: Iterable[str] = WORK) -> bool:
+    """Whether FOLDER holds anything but its fingerprint, lock, work state, temp files and empty folders
+    (Loc methods only: a bucket's objects and prefixes count as they are listed)."""
+    skip = {FILE, LOCK, *work}
+    return any(
+        p.name not in skip
+        and not (p.name.startswith(".") and p.name.endswith(".tmp"))
+        and not (p.is_dir() and not p.iterdir())  # an empty folder made at the start (downloads/, shards/)
+        for p in folder.iterdir()
+    )
+
+
+def check(
+    folder: str | Path | storage.Loc, fingerprint: dict[str, Any], work: Iterable[str] = WORK, dry_run: bool = False
+) -> None:
+    """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs; a
+    folder with no output yet (`holds_output`) restarts instead, its `work` entries removed. Holds the
+    folder's lock from here on (`lock`); a dry run only reads."""
+    loc = _loc(folder)
+    work = tuple(work)
+    if not dry_run:
+        lock(loc)
+    path = loc / FILE
     current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
     if not path.exists():
-        write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        if not dry_run:
+            write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
         return
     try:
         old = json.loads(path.read_text())
@@ -178,10 +251,26 @@ def check(folder: str | Path | storage.Loc, fingerprint: dict[str, Any]) -> None
     changed = sorted(
         k for k in old.keys() | current.keys() if old.get(k) not in (current.get(k), _as_v1(current.get(k)))
     )
+    if changed and not holds_output(loc, work):
+        stale = [name for name in work if (loc / name).exists()]
+        print(
+            f"{folder}: no output yet (only {', '.join([FILE, *stale])}): "
+            + ("would restart" if dry_run else "restarting")
+            + f" with the new {', '.join(changed)}",
+            file=sys.stderr,
+        )
+        if not dry_run:
+            for name in stale:
+                if (loc / name).is_dir():
+                    (loc / name).rmtree()
+                else:
+                    (loc / name).unlink()
+            write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
+        return
     if changed:
         raise SigmaError(
             f"{folder}: made with another {', '.join(changed)} (see {FILE}); "
             f"use another --out, or delete the folder to start over"
         )
-    if old != current:  # accepted by the v1 rule: recorded by v2 from now on, so later edits are seen
+    if old != current and not dry_run:  # accepted by the v1 rule: recorded by v2 from now on, so later edits are seen
         write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")

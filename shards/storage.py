@@ -112,6 +112,12 @@ def _filesystem(scheme: str, options: tuple[tuple[str, Any], ...]) -> Any:
     """One fsspec client per (scheme, options) per process."""
     import fsspec
 
+    return fsspec.filesystem(BACKENDS[scheme][0], **fsspec_kwargs(scheme, options))
+
+
+def fsspec_kwargs(scheme: str, options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """The fsspec filesystem arguments of a Loc's scheme and options (also for libraries that open URLs
+    through fsspec themselves, such as img2dataset's writers: `fsspec.config.conf`). No credentials."""
     protocol = BACKENDS[scheme][0]
     o = dict(options)
     kw: dict[str, Any] = {"skip_instance_cache": True}
@@ -140,7 +146,7 @@ def _filesystem(scheme: str, options: tuple[tuple[str, Any], ...]) -> Any:
         kw["anon"] = bool(o.get("anon", False)) or None
         if o.get("account_name"):
             kw["account_name"] = o["account_name"]
-    return fsspec.filesystem(protocol, **kw)
+    return kw
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,20 @@ class Loc:
         if not self.scheme:
             return os.path.exists(self.path)
         return bool(self.fs.exists(self.path))
+
+    def has_file(self) -> bool:
+        """Whether this exact file exists: on a bucket one HEAD request, never a listing (some S3-compatible
+        stores serve listings late) and no second request for a missing one. What resume decisions check."""
+        if not self.scheme:
+            return os.path.isfile(self.path)
+        if BACKENDS[self.scheme][0] != "s3":
+            return bool(self.fs.isfile(self.path))
+        bucket, _, key = self.path.partition("/")
+        try:
+            self.fs.call_s3("head_object", Bucket=bucket, Key=key)
+        except FileNotFoundError:
+            return False
+        return True
 
     def is_file(self) -> bool:
         if not self.scheme:
@@ -513,7 +533,7 @@ def matches(name: str, pattern: str) -> bool:
 def committed(folder: Loc) -> bool:
     """Whether a multi-file output folder is finished: its marker exists (an exact-name HEAD), or, on
     disk, the folder exists at all (it was renamed into place whole; folders made before markers)."""
-    if (folder / MARKER).exists():
+    if (folder / MARKER).has_file():
         return True
     return folder.is_local and folder.is_dir()
 
@@ -561,3 +581,30 @@ def writer(dest: Loc) -> Iterator[IO[bytes]]:
         f.closed = True  # so that closing it later does not upload an empty object
         raise
     f.close()
+
+
+# --- pyarrow readers ------------------------------------------------------------------------------
+
+
+def arrow_fs(loc: Loc) -> Any:
+    """The pyarrow filesystem for `loc.path` (None on disk: pyarrow opens and memory-maps local files itself)."""
+    if loc.is_local:
+        return None
+    from pyarrow import fs
+
+    return fs.PyFileSystem(fs.FSSpecHandler(loc.fs))
+
+
+def read_parquet(loc: Loc, **kwargs: Any) -> Any:
+    """`pyarrow.parquet.read_table` of one file on disk or in a bucket (columns=, filters=, schema= as there;
+    a bucket file is read by ranged GETs: the footer, then the row groups wanted)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(loc.path, filesystem=arrow_fs(loc), **kwargs)
+
+
+def parquet_file(loc: Loc) -> Any:
+    """`pyarrow.parquet.ParquetFile` of one file on disk or in a bucket (footer read; rows streamed on demand)."""
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(loc.path, filesystem=arrow_fs(loc))

@@ -14,6 +14,7 @@ def test_first_run_records_and_a_same_resume_passes(tmp_path):
 
 def test_a_changed_resume_names_what_changed(tmp_path):
     fingerprint.check(tmp_path, {"urls": "abc", "threshold": 5.0, "model": "m"})
+    (tmp_path / "manifest.parquet").write_bytes(b"output")  # real output: protected
     with pytest.raises(SigmaError, match=r"made with another model, threshold \(see fingerprint.json\)"):
         fingerprint.check(tmp_path, {"urls": "abc", "threshold": 6.0, "model": "n"})
     with pytest.raises(SigmaError, match="another extra"):
@@ -113,6 +114,7 @@ def test_a_fingerprint_json_of_the_v1_rule_resumes_for_the_same_files_only(tmp_p
         f.write_bytes(_photo(i, 100))
     out = tmp_path / "out"
     out.mkdir()
+    (out / "manifest.parquet").write_bytes(b"output")  # a folder with output: a change is refused
     old = {"--images": f"folder {v1(files)}", "listed": [f"a {v1(files[:1])}"], "threshold": 5.0}
     (out / fingerprint.FILE).write_text(json.dumps(old))
 
@@ -237,3 +239,97 @@ def test_captioner_settings_that_only_place_or_permit_the_model_are_not_output()
     flat = fingerprint.flat(cap, "c")
     assert not {k for k in flat if k.split(".")[1] in same}
     assert {"c.prompt", "c.max_new_tokens", "c.dtype", "c.model", "c.revision"} <= set(flat)
+
+
+def test_a_folder_with_no_output_yet_restarts_with_other_settings(tmp_path, capsys):
+    """A refused or failed run left only fingerprint.json and work state: a run with other settings
+    restarts it (one line), the stale work state removed; real outputs stay protected."""
+    out = tmp_path / "out"
+    fingerprint.check(out, {"t5_tokenizer": "google/t5-v1_1-xxl", "shard_size": 10_000})
+    (out / "_work" / "input").mkdir(parents=True)
+    (out / "_work" / "input" / "00000.parquet").write_bytes(b"cut at 10000")
+    (out / ".x.parquet.abc.tmp").write_bytes(b"")  # a killed writer's temp file is not output either
+    (out / "shards").mkdir()  # nor an empty folder made at the start
+    capsys.readouterr()
+    fingerprint.check(out, {"t5_tokenizer": "tiny", "shard_size": 16})
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out}: no output yet (only fingerprint.json, _work): restarting" in err, err
+    assert "shard_size, t5_tokenizer" in err and not (out / "_work").exists()
+    assert json.loads((out / fingerprint.FILE).read_text()) == {"shard_size": 16, "t5_tokenizer": "tiny"}
+    fingerprint.check(out, {"t5_tokenizer": "other", "shard_size": 16}, dry_run=True)  # a dry run only says so
+    assert (
+        "would restart" in capsys.readouterr().err
+        and json.loads((out / fingerprint.FILE).read_text())["t5_tokenizer"] == "tiny"
+    )
+    (out / "00000.parquet").write_bytes(b"a caption file")
+    with pytest.raises(SigmaError, match="made with another t5_tokenizer"):
+        fingerprint.check(out, {"t5_tokenizer": "other", "shard_size": 16})
+
+
+def test_two_runs_into_one_folder_at_once_are_refused(tmp_path):
+    """The first run holds FOLDER/.lock (flock) until its process ends, killed or not."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out / fingerprint.LOCK)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "held"
+        with pytest.raises(SigmaError) as e:
+            fingerprint.check(out, {"urls": "abc"})
+        assert str(e.value) == (
+            f"{out}: another run is writing into it now (it holds .lock); wait for it to end, or use another --out"
+        )
+        assert not (out / fingerprint.FILE).exists()
+    finally:
+        other.kill()
+        other.wait()
+    fingerprint.check(out, {"urls": "abc"})  # its process gone, the lock is free
+    fingerprint.check(out, {"urls": "abc"})  # held by this process now: its own later checks pass
+
+
+def test_a_bucket_folder_with_no_output_restarts_through_loc_methods(bucket, capsys):
+    from shards import storage
+
+    out = storage.resolve(bucket + "/out")
+    fingerprint.check(out, {"captions": "a"})
+    from shards.atomic import write_bytes
+
+    write_bytes(out / "_work" / "input" / "00000.parquet", b"stale")
+    fingerprint.check(out, {"captions": "b"})
+    assert "restarting with the new captions" in capsys.readouterr().err
+    assert not (out / "_work" / "input" / "00000.parquet").exists()
+    write_bytes(out / "index.parquet", b"output")
+    with pytest.raises(SigmaError, match="made with another captions"):
+        fingerprint.check(out, {"captions": "c"})
+
+
+def test_a_stage_run_holds_the_lock_for_its_own_duration_only(tmp_path):
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+
+    def free() -> bool:
+        fd = os.open(out / fingerprint.LOCK, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    @fingerprint.releases_locks
+    def run():
+        fingerprint.check(out, {"urls": "abc"})
+        assert not free()  # held while it runs
+
+    run()
+    assert free()  # released when it returned: a later run (another process, or this one) may start

@@ -432,6 +432,7 @@ def train(cfg, plan: Plan) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@fingerprint.releases_locks  # the OUT lock is held for this run only
 def main(argv: list[str] | None = None) -> None:
     p = cli.parser(
         "training/finetune",
@@ -456,7 +457,8 @@ def main(argv: list[str] | None = None) -> None:
         plan = prepare(cfg, args, not_checked)
         master = int(os.environ.get("RANK", 0)) == 0
         if master and not not_checked and (not args.dry_run or (Path(plan.rundir) / fingerprint.FILE).exists()):
-            fingerprint.check(plan.rundir, run_fingerprint(cfg, plan))  # records it on a first start (not on a dry run)
+            # records it on a first start (a dry run only reads)
+            fingerprint.check(plan.rundir, run_fingerprint(cfg, plan), dry_run=args.dry_run)
     except SigmaError as e:
         cli.fail(str(e))
     warning = position_warning(

@@ -131,7 +131,7 @@ def position_warning(plan: Plan, explicit_init: bool, stages: dict) -> str | Non
 def run_fingerprint(cfg, plan: Plan) -> dict:
     """What a resume must share with the run so far: the data files and every setting that changes the weights."""
     data = Path(plan.data)
-    files = [p for p in data.rglob("*") if p.is_file()]
+    files = [p for p in data.rglob("*") if p.is_file() and p.name != fingerprint.LOCK]  # the lock is encode's, not data
     where = f"training.stages.{plan.stage}"
     stage = Stage(**plan.settings)
     settings = fingerprint.flat(stage, where)

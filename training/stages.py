@@ -122,6 +122,11 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
             )
         return ckpt / checkpoint.MODEL
     if cfg.models.dit_weights:
+        if not Path(cfg.models.dit_weights).exists():
+            raise SigmaError(
+                f"models.dit_weights: file not found: {cfg.models.dit_weights} (a local .pth / .safetensors or "
+                "diffusers folder: download it first, see README 'Use real models')"
+            )
         return Path(cfg.models.dit_weights)
     return None
 

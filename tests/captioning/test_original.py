@@ -112,3 +112,58 @@ def test_original_captions_encode_and_train_end_to_end(tiny_models, ray_local, t
         ]
     )
     assert checkpoint.list_steps(runs / "256") == [2]
+
+
+def test_original_needs_no_model_and_an_unreachable_hub_is_one_line(tmp_path):
+    """No --profile, the hub unreachable (a closed loopback port, HF_HUB_OFFLINE unset) and an empty HF
+    cache: the pass-through captions with token counts skipped, said in one line; a model backend is
+    refused in one line naming the model and the key, before Ray starts."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    shard = tmp_path / "cur" / "shards" / "00000.tar"
+    write_shard(shard, ALT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(root))
+
+    def recaption(*args):
+        argv = [sys.executable, str(root / "captioning/recaption"), "--shards", str(shard.parent), *args]
+        return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+
+    start = time.monotonic()
+    r = recaption("--out", str(tmp_path / "hf-caps"), "--captioner", "hf")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: captioning.captioners.hf.model: captioner Qwen/Qwen2.5-VL-7B-Instruct")
+    assert "unreachable" in r.stderr and "--profile demo" in r.stderr
+    assert time.monotonic() - start < 60  # imports included; the hub client alone retried for ~60 s before
+
+    r = recaption("--out", str(tmp_path / "caps"), "--captioner", "original", "--set", "ray.num_cpus=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    skipped = [line for line in r.stderr.splitlines() if "token counts skipped" in line]
+    assert len(skipped) == 1 and "models.t5 google/t5-v1_1-xxl" in skipped[0], r.stderr
+    assert "Traceback" not in r.stderr
+    rows = {row["key"]: row for row in pq.read_table(fmt.caption_file(tmp_path / "caps", shard)).to_pylist()}
+    assert rows["000000001"]["caption"] == "a red fox in the snow" and rows["000000001"]["num_tokens"] == 0
+
+
+def test_a_refused_start_leaves_nothing_that_blocks(ray_local, tiny_models, tmp_path, capsys):
+    """A first start that wrote only fingerprint.json (another t5_tokenizer and guard, as a run without
+    --profile did) does not block the next one with other settings: it restarts, in one line."""
+    shard = tmp_path / "cur" / "shards" / "00000.tar"
+    write_shard(shard, ALT)
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    (caps / "fingerprint.json").write_text(json.dumps({"t5_tokenizer": "google/t5-v1_1-xxl", "guard": {}}))
+    recaption.main(["--shards", str(shard.parent), "--out", str(caps), "--captioner", "original", "--profile", "demo"])
+    err = capsys.readouterr().err
+    restart = [line for line in err.splitlines() if "no output yet" in line]
+    assert len(restart) == 1 and "restarting with the new" in restart[0] and "t5_tokenizer" in restart[0], err
+    assert pq.read_table(fmt.caption_file(caps, shard)).num_rows == 3

@@ -428,6 +428,8 @@ def test_run_over_a_hostile_tar_accounts_for_every_member(ray_local, tiny_models
     assert "source shard 00000: 15 images scored" in out and "URL" not in out and "download" not in out
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["urls"] == 15 and stats["captions_not_utf8"] == {"cp1252": 1}  # stats.json keeps its keys
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert ": 15 images</p>" in page and "examples (file)" in page and f"{tar}0005.jpg" in page
 
 
 def resized(real: Path, folder: Path, photos: list[str]) -> Path:

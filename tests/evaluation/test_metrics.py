@@ -224,6 +224,7 @@ def test_metrics_json_is_strict_and_fids_say_when_they_are_not_comparable(tmp_pa
 
 def test_evaluate_checks_the_inception_file_before_any_model_loads(tmp_path):
     """No --profile: the default CLIP would be fetched from the hub (offline in tests) if it came first."""
+    import os
     import subprocess
     import sys
     import time
@@ -258,6 +259,21 @@ def test_evaluate_checks_the_inception_file_before_any_model_loads(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--inception" in r.stderr and "file not found" in r.stderr and fid.REFERENCE_FILE in r.stderr
     assert time.monotonic() - start < 60
+    # no --profile: the default CLIP ('openai' from the hub) with HF_HUB_OFFLINE set and an empty cache
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    start = time.monotonic()
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "evaluation/evaluate"), tmp_path, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: models.clip.weights: open_clip ViT-L-14-quickgelu 'openai' weights")
+    assert "--profile demo" in r.stderr and "HF_HUB_OFFLINE" in r.stderr
+    assert time.monotonic() - start < 60  # imports included
     r = subprocess.run(
         [sys.executable, str(ROOT / "evaluation/evaluate"), "--help"], capture_output=True, text=True, cwd=ROOT
     )
