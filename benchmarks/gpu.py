@@ -7,6 +7,8 @@ On a CUDA machine (the lead runs it when a GPU is lent; one call, ~5 min):
   - T5 encoder of t5-v1_1-xxl size (4.7B encoder params): captions/s at 300 tokens, batches padded
     to 300 vs padded only to the longest caption (lengths ~ PixArt-Σ recaptions, 100-250 tokens);
   - SDXL-layout VAE encode: images/s at 1024² and 2048².
+  - `--caption-toy` (alone; prints and runs benchmarks/caption_toy.py's GPU version: long-only vs
+    long + short captions on code-rendered shapes, more images, steps and seeds than on CPU);
   - `--captioning` (alone, ~6 min): Qwen2.5-VL-7B size (random weights, zeroed output rows past
     the tiny tokenizer's vocabulary so every token decodes), captions/s of the `hf` backend
     (HFCaptioner, here) vs the `vllm` backend (VLLMCaptioner, in vLLM's venv: `captioning/vllm-env
@@ -371,8 +373,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: checks the script runs")
     ap.add_argument("--captioning", action="store_true", help="only the hf vs vllm captioning row")
+    ap.add_argument("--caption-toy", action="store_true", help="only the caption-mix toy (benchmarks/caption_toy.py)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/gpu.md (gpu-captioning.md)")
     args = ap.parse_args()
+    if args.caption_toy:
+        from benchmarks import caption_toy
+
+        command = caption_toy.GPU_COMMAND + (" --quick --device cpu" if args.smoke else "")
+        print(command, flush=True)
+        sys.exit(subprocess.call([sys.executable, *command.split()[1:]], cwd=ROOT))
     args.out = args.out or str(ROOT / "benchmarks" / "results" / ("gpu-captioning.md" if args.captioning else "gpu.md"))
     p = SMOKE if args.smoke else REAL
     if not args.smoke and not torch.cuda.is_available():

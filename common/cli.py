@@ -57,14 +57,14 @@ def _flush_at_exit() -> None:
         _stdout_to_devnull()
 
 
-_plain_excepthook = sys.excepthook
+_previous_hook = [sys.excepthook]  # the hook in place when ours went in (Ray's, if ray was imported first)
 
 
 def _excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
     if issubclass(kind, BrokenPipeError):
         _stdout_to_devnull()  # exit status 1, no traceback
         return
-    _plain_excepthook(kind, value, tb)
+    _previous_hook[0](kind, value, tb)
 
 
 def quiet_broken_pipe() -> None:
@@ -73,6 +73,7 @@ def quiet_broken_pipe() -> None:
     pipe raises; restoring SIGPIPE's default would also kill the process on a closed socket of Ray's).
     Idempotent."""
     if sys.excepthook is not _excepthook:
+        _previous_hook[0] = sys.excepthook
         sys.excepthook = _excepthook
         atexit.register(_flush_at_exit)  # runs before the interpreter's own last flush
 

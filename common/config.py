@@ -264,6 +264,9 @@ class EncodeConfig:
     vae_tiling: bool = False  # for 2K/4K on small GPUs; tiles can show faint seams in latents
     vae_slicing: bool = field(default=False, metadata=SAME_OUTPUT)  # decodes slice by slice: the same latents
     shard_bytes: int = num(1_000_000_000, ge=1, output=False)  # how samples are grouped in tars, not their bytes
+    # CLIP-Score of each caption with models.clip (encoding/clipscore.py); extra columns, latents unchanged,
+    # so a folder encoded without them resumes
+    clip_score: bool = field(default=True, metadata=SAME_OUTPUT)
     t5_resources: Resources = field(default_factory=lambda: Resources(64, 1.0, 4.0, 8), metadata=SAME_OUTPUT)
     vae_resources: Resources = field(default_factory=lambda: Resources(8, 1.0, 4.0, 8), metadata=SAME_OUTPUT)
 

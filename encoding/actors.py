@@ -9,9 +9,11 @@ as uint8 bytes and tensors as safetensors bytes, so every column is a plain Arro
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 
+from encoding import clipscore, sets
 from shards import buckets, captions, curated, encoded, reasons, storage
 from shards import format as fmt
 from shards.errors import SigmaError
@@ -27,8 +29,8 @@ ROW = dict(
     reason="",
     width=0,
     height=0,
-    recaption="",
-    original="",
+    captions="{}",  # JSON {set: caption} (encoding/sets.py)
+    tar="",  # adding sets to a committed tar: its path in ENCDIR ("" for a new sample)
     image=b"",
     bucket="",
     bucket_h=0,
@@ -37,9 +39,10 @@ ROW = dict(
     resized_w=0,
     crop="",
     pixels=b"",
-    t5=b"",
-    t5_len_recaption=0,
-    t5_len_original=0,
+    t5=b"",  # safetensors {set: [n, C] fp16}
+    t5_lens="{}",  # JSON {set: n}
+    clip="{}",  # JSON {set: CLIP-Score}
+    clip_image=b"",  # the image's CLIP embedding, L2-normalised fp16 (curation's, else made at encode)
     vae=b"",
 )
 
@@ -58,10 +61,16 @@ def _loc(p) -> storage.Loc:
 # ---------------------------------------------------------------------------------------------
 
 
-def _captions(task: dict) -> dict[str, dict]:
+def set_row(key: str, source: str, texts: dict[str, str], tar: str, clip_image: bytes = b"") -> dict:
+    """A row that only needs T5 (adding caption sets to a committed tar)."""
+    status = KEPT if texts else FAILED
+    return _row(key=key, source=source, captions=json.dumps(texts), tar=tar, status=status, clip_image=clip_image)
+
+
+def caption_rows(path) -> dict[str, dict]:
     """{key: caption row} from the shard's caption file (a CAPDIR's, or a caption table's part for this
     shard: encoding/caption_table.py); empty when the file is missing or unreadable (missing_caption)."""
-    path = _loc(task["captions"])  # a file on disk or an object in a bucket
+    path = _loc(path)  # a file on disk or an object in a bucket
     if not path.exists():
         print(f"encode: {path}: no caption file; its samples are reported as missing_caption", flush=True)
         return {}
@@ -76,20 +85,24 @@ def read_shard(task: dict, tier: str):
     """Rows for every sample of one curated shard, minus those already encoded (`task["done"]`)."""
     shard = _loc(task["shard"])
     source, done = shard.name, set(task["done"])
-    rows = _captions(task)
+    tables = {name: caption_rows(path) for name, path in task["captions"].items()}
     try:
-        curated.keys(shard)  # the whole tar is checked before any row is made
+        keys = curated.keys(shard)  # the whole tar is checked before any row is made
     except curated.CorruptShard as e:
         print(f"encode: {e}; skipped", flush=True)
-        for k in sorted((set(rows) | set(e.keys)) - done):
+        for k in sorted((set().union(*tables.values()) | set(e.keys)) - done):
             yield _row(key=k, source=source, status=FAILED, reason=reasons.CORRUPT_SHARD)
         return
+    embeddings = clipscore.lookup(task.get("clip_index") or [], [k for k in keys if k not in done])
     for key, members in curated.samples(shard):
         if key not in done:
-            yield _sample_row(key, members, rows.get(key), source, tier)
+            row = _sample_row(key, members, {n: t.get(key) for n, t in tables.items()}, task["derived"], source, tier)
+            yield {**row, "clip_image": embeddings.get(key, b"")}
 
 
-def _sample_row(key: str, members: dict[str, bytes], caption: dict | None, source: str, tier: str) -> dict:
+def _sample_row(
+    key: str, members: dict[str, bytes], rows: dict[str, dict | None], derived: dict[str, str], source: str, tier: str
+) -> dict:
     image = next((members[e] for e in fmt.IMAGE_EXTS if e in members), None)
     if image is None:
         return _row(key=key, source=source, status=FAILED, reason=reasons.NOT_AN_IMAGE)
@@ -102,18 +115,39 @@ def _sample_row(key: str, members: dict[str, bytes], caption: dict | None, sourc
     # The tier rule on the recorded size first: skips decoding images that cannot qualify.
     if width and height and not buckets.qualifies(height, width, tier):
         return _row(**base, status=REJECTED, reason=reasons.NOT_IN_TIER)
-    if caption is None:  # reported, never guessed from the original caption
-        return _row(**base, status=FAILED, reason=reasons.MISSING_CAPTION)
-    if caption.get("status") != KEPT:
-        reason = caption.get("reason") or ""
-        return _row(**base, status=FAILED, reason=reason if reasons.is_reason(reason) else reasons.CAPTION_ERROR)
-    text = (caption.get("caption") or "").strip()
-    if not text:
-        return _row(**base, status=FAILED, reason=reasons.EMPTY_CAPTION)
-    original = caption.get("original_caption")
-    if original is None:
-        original = members.get(fmt.CAPTION_EXT, b"").decode("utf-8", "replace")
-    return _row(**base, recaption=text, original=original.strip(), image=image)
+    alt = members.get(fmt.CAPTION_EXT, b"").decode("utf-8", "replace")
+    texts, failure = sets.sample_captions(rows, alt, derived)
+    if not texts:
+        return _row(**base, status=FAILED, reason=failure)
+    return _row(**base, captions=json.dumps(texts), image=image)
+
+
+def read_for_sets(task: dict[str, Any]):
+    """Ray flat_map: one row per key of a committed tar, in its order, with the captions of the sets to add
+    ({} where the sample has none: a null row in the side file). Reads caption files only."""
+    tables: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for name, files in task["captions"].items():
+        tables[name] = {source: caption_rows(path) for source, path in files.items()}
+    import pyarrow.parquet as pq
+
+    kept: dict[str, bytes] = {}  # embeddings kept in the tar's row file (images from outside curation)
+    with _loc(task["rows"]).open("rb") as f:
+        rows = pq.ParquetFile(f)
+        if "clip_embedding" in rows.schema_arrow.names:
+            t = rows.read(columns=["key", "clip_embedding"])
+            kept = {k: e for k, e in zip(t["key"].to_pylist(), t["clip_embedding"].to_pylist()) if e}
+    embeddings = {**clipscore.lookup(task.get("clip_index") or [], task["keys"]), **kept}
+    for key, source in zip(task["keys"], task["sources"]):
+        texts: dict[str, str] = {}
+        for name in task["captions"]:
+            row = tables[name][source].get(key)
+            if row is not None and row.get("status") == reasons.KEPT and (row.get("caption") or "").strip():
+                texts[name] = row["caption"].strip()
+        for name, src in task["derived"].items():
+            if src in texts:
+                texts[name] = sets.first_sentence(texts[src])
+        texts = {n: t for n, t in texts.items() if n in task["sets"]}
+        yield set_row(key, source, texts, task["tar"], embeddings.get(key, b""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,37 +171,53 @@ def _fail(batch: dict, i: int, reason: str) -> None:
 
 
 class T5Stage:
-    """Caption features of both captions: valid tokens only, fp16, as safetensors bytes."""
+    """Caption features of every caption set of a sample: valid tokens only, fp16, as safetensors bytes;
+    with `clip` (models.clip: arch, weights, config_dir) also each caption's CLIP-Score (encoding/clipscore.py)."""
 
-    def __init__(self, model: str, dtype: str, max_length: int, batch_size: int = 32):
+    def __init__(self, model: str, dtype: str, max_length: int, batch_size: int = 32, clip: dict | None = None):
         from encoders import t5
 
         self.t5, self.max_length, self.batch_size = t5, max_length, batch_size
         self.tokenizer = t5.load_tokenizer(model)
         self.encoder = t5.load_t5(model, dtype, _device())
+        self.clip = clipscore.CaptionClipScore(**clip, device=_device()) if clip else None
 
     def __call__(self, batch: dict) -> dict:
         batch = {k: list(v) for k, v in batch.items()}
-        ok = _ok(batch)
-        texts = [batch["recaption"][i] for i in ok] + [batch["original"][i] for i in ok if batch["original"][i]]
+        items = [(i, name, text) for i in _ok(batch) for name, text in json.loads(batch["captions"][i]).items()]
+        texts = [text for _, _, text in items]
         feats, lengths = (
             self.t5.encode_captions(self.tokenizer, self.encoder, texts, self.max_length, batch_size=self.batch_size)
             if texts
             else ([], [])
         )
-        originals = iter(range(len(ok), len(texts)))
-        for j, i in enumerate(ok):
-            group = {"recaption": feats[j]}
-            batch["t5_len_recaption"][i] = lengths[j]
-            if batch["original"][i]:
-                o = next(originals)
-                group["original"], batch["t5_len_original"][i] = feats[o], lengths[o]
-            data = encoded.pack_t5(group)
+        groups: dict[int, dict] = {}
+        for (i, name, _), f, n in zip(items, feats, lengths):
+            groups.setdefault(i, {})[name] = (f, n)
+        for i, group in groups.items():
+            data = encoded.pack_t5({name: f for name, (f, _) in group.items()})
             if not encoded.all_finite(data):
                 _fail(batch, i, reasons.NON_FINITE)
                 continue
             batch["t5"][i] = data
+            batch["t5_lens"][i] = json.dumps({name: int(n) for name, (_, n) in group.items()})
+        if self.clip is not None:
+            self._clip_scores(batch, [(i, n, t) for i, n, t in items if batch["status"][i] == KEPT])
         return _columns(batch)
+
+    def _clip_scores(self, batch: dict, items: list[tuple[int, str, str]]) -> None:
+        """CLIP-Scores of the captions of kept rows; an image without an embedding is embedded from its bytes."""
+        assert self.clip is not None
+        todo = sorted({i for i, _, _ in items if not batch["clip_image"][i] and batch["image"][i]})
+        for i, emb in zip(todo, self.clip.image_embeddings([batch["image"][i] for i in todo])):
+            batch["clip_image"][i] = emb.tobytes() if emb is not None else b""
+        scored = [(i, n, t) for i, n, t in items if batch["clip_image"][i]]
+        embs = [np.frombuffer(batch["clip_image"][i], np.float16) for i, _, _ in scored]
+        scores: dict[int, dict[str, float]] = {}
+        for (i, name, _), score in zip(scored, self.clip.scores(embs, [t for _, _, t in scored])):
+            scores.setdefault(i, {})[name] = round(float(score), 4)
+        for i, got in scores.items():
+            batch["clip"][i] = json.dumps(got)
 
 
 def _columns(batch: dict) -> dict:

@@ -36,23 +36,33 @@ def _loc(p: captions.Place) -> storage.Loc:
     return p if isinstance(p, storage.Loc) else storage.resolve(p)
 
 
-def work_dir(encdir: captions.Place, source: captions.CaptionSource, shard_list: list) -> storage.Loc:
-    """ENCDIR/_work/captions/<digest>: one folder per (table files, shards) as they are now (path, size and
-    mtime on disk; URL, size and ETag in a bucket)."""
+def work_dir(
+    encdir: captions.Place, source: captions.CaptionSource, shard_list: list, name: str = "recaption"
+) -> storage.Loc:
+    """ENCDIR/_work/captions/<digest> (caption set `name`: _work/captions-<name>/<digest>): one folder per
+    (table files, shards) as they are now (path, size and mtime on disk; URL, size and ETag in a bucket)."""
     h = hashlib.sha256()
     for group in (source.files, shard_list):
         for p in map(_loc, group):
             h.update(("\t".join([str(p), *map(str, p.info().values())]) + "\n").encode())
         h.update(b"\n")
-    return _loc(encdir) / WORK / h.hexdigest()[:16]
+    return _set_work(encdir, name) / h.hexdigest()[:16]
 
 
-def prepare(ray, source: captions.CaptionSource, shard_list: list, encdir: captions.Place) -> storage.Loc:
-    """Write WORK/NNNNN.parquet for every shard (reusing those that exist); returns WORK.
-    SigmaError (one line) for a key given twice, or a table none of whose keys is a curated key."""
+def _set_work(encdir: captions.Place, name: str) -> storage.Loc:
+    """Where caption set `name`'s table work folders live (recaption: where they lived before sets)."""
+    return _loc(encdir) / (WORK if name == "recaption" else f"{WORK}-{name}")
+
+
+def prepare(
+    ray, source: captions.CaptionSource, shard_list: list, encdir: captions.Place, name: str = "recaption"
+) -> storage.Loc:
+    """Write WORK/NNNNN.parquet for every shard (reusing those that exist); returns WORK. `name`: the
+    caption set (each has its own work folders). SigmaError (one line) for a key given twice, or a
+    table none of whose keys is a curated key."""
     shard_list = [_loc(s) for s in shard_list]
-    work = work_dir(encdir, source, shard_list)
-    for old in (_loc(encdir) / WORK).iterdir():  # made from another table or other shards
+    work = work_dir(encdir, source, shard_list, name)
+    for old in _set_work(encdir, name).iterdir():  # made from another table or other shards
         if old != work:
             old.rmtree()
     window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))

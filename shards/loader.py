@@ -213,20 +213,24 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0).new(storage).view(shape)
 
 
-def _with_sets(samples: Iterable[dict[str, Any]], sets: list[str], dim: int) -> Iterator[dict[str, Any]]:
-    """Raw tar samples -> {"__key__", "__url__", "meta", "vae", "t5": {set: [n, C]}, "caption": {set: text},
-    "clip": {set: score}} with the rule's sets: inline ones from the tar, side files read in lockstep
-    (one row group at a time; opened when the tar changes). Samples with none of the sets are dropped."""
-    url: str | None = None
+def _samples(sources: Iterable[dict[str, str]], sets: list[str], dim: int) -> Iterator[dict[str, Any]]:
+    """Shard draws -> decoded samples with their caption sets, one pass over a tar at a time (the same
+    tar drawn twice in a row is read twice, its set files too)."""
+    read_tar = wds.tarfile_to_samples(handler=wds.warn_and_continue)
+    for src in sources:
+        yield from _with_sets(read_tar(iter([src])), src["url"], sets, dim)
+
+
+def _with_sets(samples: Iterable[dict[str, Any]], url: str, sets: list[str], dim: int) -> Iterator[dict[str, Any]]:
+    """One tar's raw samples -> {"__key__", "__url__", "meta", "vae", "t5": {set: [n, C]}, "caption": {set:
+    text}, "clip": {set: score}} with the rule's sets: inline ones from the tar, side files read in lockstep
+    (one row group at a time). Samples with none of the sets are dropped."""
     readers: dict[str, Iterator[dict[str, Any]]] = {}
+    for name in sets:
+        side = encoded.set_file(storage.resolve(url), name)
+        if side.exists():  # an exact-name lookup, one per (tar, set)
+            readers[name] = encoded.read_set(side)
     for raw in samples:
-        if raw.get("__url__") != url:
-            url = str(raw.get("__url__"))
-            readers = {}
-            for name in sets:
-                side = encoded.set_file(storage.resolve(url), name)
-                if side.exists():  # an exact-name lookup, one per (tar, set)
-                    readers[name] = encoded.read_set(side)
         s = encoded.decode_sample(raw)
         meta, key = s["meta"], s["__key__"]
         t5 = {n: f for n, f in s.pop("t5").items() if n in sets}  # version 1: inline recaption / original
@@ -330,8 +334,7 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
             stages = [partial(_epoch_shards, self.shards, order, self.rank, self.world_size), wds.split_by_worker]
         pipeline = wds.DataPipeline(
             *stages,
-            wds.tarfile_to_samples(handler=wds.warn_and_continue),
-            partial(_with_sets, sets=self.rule.sets, dim=int(self.info["t5_dim"])),
+            partial(_samples, sets=self.rule.sets, dim=int(self.info["t5_dim"])),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=stream),
             partial(_bucket_batches, batch_size=self.batch_size, keep_partial=self.keep_partial),
             wds.map(

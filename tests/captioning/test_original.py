@@ -152,3 +152,18 @@ def test_original_needs_no_model_and_an_unreachable_hub_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr
     rows = {row["key"]: row for row in pq.read_table(fmt.caption_file(tmp_path / "caps", shard)).to_pylist()}
     assert rows["000000001"]["caption"] == "a red fox in the snow" and rows["000000001"]["num_tokens"] == 0
+
+
+def test_a_refused_start_leaves_nothing_that_blocks(ray_local, tiny_models, tmp_path, capsys):
+    """A first start that wrote only fingerprint.json (another t5_tokenizer and guard, as a run without
+    --profile did) does not block the next one with other settings: it restarts, in one line."""
+    shard = tmp_path / "cur" / "shards" / "00000.tar"
+    write_shard(shard, ALT)
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    (caps / "fingerprint.json").write_text(json.dumps({"t5_tokenizer": "google/t5-v1_1-xxl", "guard": {}}))
+    recaption.main(["--shards", str(shard.parent), "--out", str(caps), "--captioner", "original", "--profile", "demo"])
+    err = capsys.readouterr().err
+    restart = [line for line in err.splitlines() if "no output yet" in line]
+    assert len(restart) == 1 and "restarting with the new" in restart[0] and "t5_tokenizer" in restart[0], err
+    assert pq.read_table(fmt.caption_file(caps, shard)).num_rows == 3

@@ -118,12 +118,14 @@ def test_vae_stage_marks_non_finite_as_failed(shard_models, tmp_path):
 
 
 def test_t5_stage_stores_valid_tokens_fp16(shard_models):
-    batch = _batch(key=["a", "b"], recaption=["a red fox", "a dog on a table"], original=["fox", ""])
+    texts = [{"recaption": "a red fox", "original": "fox"}, {"recaption": "a dog on a table"}]
+    batch = _batch(key=["a", "b"], captions=[json.dumps(t) for t in texts])
     out = actors.T5Stage(str(shard_models["t5"]), "float32", 300)(batch)
     a, b = encoded.unpack(out["t5"][0]), encoded.unpack(out["t5"][1])
     assert set(a) == {"recaption", "original"} and set(b) == {"recaption"}  # no original: none stored
-    assert a["recaption"].dtype == torch.float16 and a["recaption"].shape[0] == out["t5_len_recaption"][0]
-    assert out["t5_len_original"][1] == 0
+    lens = json.loads(out["t5_lens"][0])
+    assert a["recaption"].dtype == torch.float16 and a["recaption"].shape[0] == lens["recaption"]
+    assert "original" not in json.loads(out["t5_lens"][1])
 
 
 def test_lanczos_from_2k_buckets():

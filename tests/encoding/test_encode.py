@@ -123,7 +123,8 @@ def test_shards_group_by_bucket_and_roll_by_size(first_run):
         samples = read_tar(tar)
         hws = {tuple(json.loads(s["json"])["bucket_hw"]) for s in samples.values()}
         assert len(hws) == 1 and tar.parent.name == "{}x{}".format(*hws.pop())
-        assert all(set(s) == {"json", "t5.safetensors", "vae.safetensors"} for s in samples.values())
+        assert all(set(s) == {"json", "vae.safetensors"} for s in samples.values())  # captions: side files
+        assert sorted(encoded.set_files(tar)) == ["original", "recaption"]
     in_088 = [t for t in tars if t.parent.name == "240x272"]
     assert len(in_088) >= 2  # 4 samples of ~20 kB with shard_bytes=40000
     assert sorted(idx[idx.bucket_h == 240].index) == ["000000001", "000000010", "000000014", "000000015"]
@@ -135,18 +136,22 @@ def test_stored_tensors_match_the_libraries(first_run, shard_models):
     from transformers import T5EncoderModel
 
     idx = index(first_run)
-    sample10 = read_tar(first_run / "enc" / idx.loc["000000010", "shard"])["000000010"]
+    tar = first_run / "enc" / idx.loc["000000010", "shard"]
+    sample10 = read_tar(tar)["000000010"]
     meta = json.loads(sample10["json"])
-    feats, lat = encoded.unpack(sample10["t5.safetensors"]), encoded.unpack(sample10["vae.safetensors"])
+    lat = encoded.unpack(sample10["vae.safetensors"])
     tok = t5.load_tokenizer(shard_models["t5"])
     model = T5EncoderModel.from_pretrained(shard_models["t5"]).eval()
+    dim = encoded.read_info(first_run / "enc")["t5_dim"]
     for source in ("recaption", "original"):
-        ids = tok(meta["captions"][source], return_tensors="pt").input_ids
+        row = next(r for r in encoded.read_set(encoded.set_file(tar, source)) if r["key"] == "000000010")
+        feats = encoded.set_features(row, dim)
+        ids = tok(row["caption"], return_tensors="pt").input_ids
         with torch.no_grad():
             ref = model(input_ids=ids).last_hidden_state[0]
-        assert feats[source].dtype == torch.float16 and feats[source].shape == ref.shape
-        assert meta["t5_lengths"][source] == ref.shape[0] == idx.loc["000000010", f"t5_len_{source}"]
-        torch.testing.assert_close(feats[source].float(), ref, atol=2e-3, rtol=2e-3)
+        assert feats.dtype == torch.float16 and feats.shape == ref.shape
+        assert row["t5_len"] == ref.shape[0] == idx.loc["000000010", f"t5_len_{source}"]
+        torch.testing.assert_close(feats.float(), ref, atol=2e-3, rtol=2e-3)
     img = vae.open_image(image_bytes(300, 260, 10))
     pixels, box = vae.preprocess(img, (240, 272))
     assert meta["crop_box"] == list(box) and meta["size"] == [260, 300] and meta["bucket_hw"] == [240, 272]
@@ -196,7 +201,8 @@ def test_rerun_encodes_only_what_is_missing(first_run, shard_models, capsys):
             reencode=True,
         )
     assert "encode 256:" in tty.text and re.search(RATE_AND_ETA.format(unit="sample"), tty.text), tty.text
-    assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 1  # the lost tar's row file
+    # the lost tar's row file and its two caption-set files (recaption, original)
+    assert summary["encoded_now"] == 2 and summary["removed_stale_or_partial"] == 3
     after = {p: p.read_bytes() for p in encoded.committed_shards(enc)}
     assert all(after[p] == data for p, data in before.items()) and len(after) == len(before) + 2
     idx = index(first_run)
@@ -289,14 +295,15 @@ def test_read_shard_cut_at_a_member_boundary_is_corrupt(tmp_path):
     end_of_first = members[2].offset_data + ((members[2].size + 511) // 512) * 512  # after 000000001's 3 members
     tar_path.write_bytes(tar_path.read_bytes()[:end_of_first])
     (caps / "00000.parquet").unlink()  # and no caption file: the keys read before the cut are still listed
-    task = {"shard": str(tar_path), "captions": str(caps / "00000.parquet"), "done": []}
+    task = {"shard": str(tar_path), "captions": {"recaption": str(caps / "00000.parquet")}, "derived": {}, "done": []}
     rows = list(actors.read_shard(task, "256"))
     assert [(r["key"], r["status"], r["reason"]) for r in rows] == [("000000001", "failed", reasons.CORRUPT_SHARD)]
     write_curated(tmp_path / "ok", [[sample(1, 300, 260), sample(2, 300, 260)]])
     ok = tmp_path / "ok"
     task = {
         "shard": str(ok / "curated" / "shards" / "00000.tar"),
-        "captions": str(ok / "nope.parquet"),
+        "captions": {"recaption": str(ok / "nope.parquet")},
+        "derived": {},
         "done": ["000000002"],
     }
     rows = list(actors.read_shard(task, "256"))

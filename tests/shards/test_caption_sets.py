@@ -207,3 +207,10 @@ def test_bad_input_is_one_line(sets_dir, tmp_path):
         loader.make_loader(
             sparse, batch_size=2, rule=loader.caption_rule({"recaption": 1.0, "rare": 0.0}, clip_score=True)
         )
+
+
+def test_the_same_tar_drawn_twice_in_a_row_reads_its_sets_again(tmp_path):
+    write_encdir(tmp_path, {(64, 64): 3}, shard_bytes=10**9, sets={"qwen": lambda i: (2, None)})
+    assert len(encoded.committed_shards(tmp_path)) == 1  # every draw is the same tar
+    got = batches(tmp_path, 12, resample=True, rule=rule(qwen=1.0))
+    assert len(got) == 12 and all(src == "qwen" for b in got for src in b["caption_source"])
