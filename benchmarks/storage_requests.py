@@ -3,8 +3,8 @@ by the server.
 
     python -m benchmarks.storage_requests [--shards 8] [--per-shard 16] [--shard-bytes 1000000] [--smoke]
 
-Curated shards (synthetic JPEGs in curation's layout: tests/shards/synthetic.py) and their caption folder are
-put in a bucket of moto's S3 server on loopback. Then, each as the README runs it (a subprocess with its own
+Curated shards (synthetic JPEGs in curation's layout: KEY.jpg, KEY.json, KEY.txt) are put in a bucket of
+moto's S3 server on loopback. Then, each as the README runs it (a subprocess with its own
 local Ray), bucket -> bucket: `captioning/recaption --captioner original` (no model: the requests are what is
 measured, and a captioner changes none of them), and `encoding/encode --tier 256` (tiny T5 and VAE, demo
 profile) on those captions. Both talk to a counting endpoint onto the same server (a WSGI middleware around
@@ -18,11 +18,11 @@ object), MPU (multipart: create + each part + complete), DELETE. A rerun of each
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -31,6 +31,27 @@ from benchmarks.curation_tars_bucket import CountingS3
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("LIST", "HEAD", "GET", "PUT", "MPU", "DELETE")
+
+
+def curated_tar(shard: int, n: int) -> bytes:
+    """One curated shard: n JPEGs of 300-332 x 260-276 px (the 256 tier), KEY.json, KEY.txt (the alt text)."""
+    import numpy as np
+    from PIL import Image
+
+    from shards import tar_writer
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(shard)
+    with tar_writer.open_for_writing(buf) as tar:
+        for i in range(n):
+            key, (w, h) = f"{shard:05d}{i:04d}", (300 + 8 * (i % 5), 260 + 8 * (i % 3))
+            img = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).resize((w, h))
+            jpg = io.BytesIO()
+            img.save(jpg, format="JPEG")
+            tar_writer.add(tar, f"{key}.jpg", jpg.getvalue())
+            tar_writer.add(tar, f"{key}.json", json.dumps({"key": key, "width": w, "height": h}).encode())
+            tar_writer.add(tar, f"{key}.txt", f"a photo number {i} of shard {shard}".encode())
+    return buf.getvalue()
 
 
 def kind(method: str, query: str) -> str:
@@ -72,7 +93,6 @@ def main() -> None:
     if args.smoke:
         args.shards, args.per_shard = 2, 3
     from demo import tiny_models
-    from tests.shards.synthetic import sample, write_curated
 
     tiny_models.build(ROOT / ".cache" / "tiny")
     creds = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -95,13 +115,8 @@ def main() -> None:
 
         fs = s3fs.S3FileSystem(endpoint_url=s3.url, skip_instance_cache=True, use_listings_cache=False)
         fs.mkdir("bench")
-        with tempfile.TemporaryDirectory(prefix="bench-requests-") as tmp:
-            specs = [
-                [sample(1000 * s + i, 300 + 8 * (i % 5), 260 + 8 * (i % 3)) for i in range(args.per_shard)]
-                for s in range(args.shards)
-            ]
-            write_curated(Path(tmp), specs)
-            fs.put(f"{tmp}/curated/shards/", "bench/cur/shards/", recursive=True)
+        for s in range(args.shards):
+            fs.pipe_file(f"bench/cur/shards/{s:05d}.tar", curated_tar(s, args.per_shard))
         shards = f"s3://bench/cur/shards/{{00000..{args.shards - 1:05d}}}.tar"
         common = ["--profile", "demo", "--set", f"storage.s3.endpoint_url={s3.url}"]
         recap = ["captioning/recaption", "--shards", shards, "--out", "s3://bench/caps", "--captioner", "original"]

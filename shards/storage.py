@@ -619,10 +619,14 @@ def arrow_fs(loc: Loc) -> Any:
 
 def read_parquet(loc: Loc, **kwargs: Any) -> Any:
     """`pyarrow.parquet.read_table` of one file on disk or in a bucket (columns=, filters=, schema= as there;
-    a bucket file is read by ranged GETs: the footer, then the row groups wanted)."""
+    a bucket file is one HEAD and ranged GETs: the footer, then the row groups wanted; through the opened
+    object, as pyarrow's dataset layer would ask the store for the file's details several times)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(loc.path, filesystem=arrow_fs(loc), **kwargs)
+    if loc.is_local:
+        return pq.read_table(loc.path, **kwargs)
+    with loc.open("rb") as f:
+        return pq.read_table(f, **kwargs)
 
 
 def parquet_file(loc: Loc) -> Any:

@@ -74,6 +74,8 @@ def contents(encdir) -> dict:
             for row in encoded.read_set(side):
                 samples[row["key"]][f"set-{name}"] = row
     info = json.loads((loc / encoded.INFO).read_text())
+    for facts in info.get("caption_sets", {}).values():
+        facts.pop("from", None)  # where the captions were read: the run's --captions, a path or a URL
     return dict(index=index, samples=samples, info=info, null=(loc / info["null_caption"]).read_bytes())
 
 
