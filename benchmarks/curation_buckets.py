@@ -80,8 +80,12 @@ class Counting:
 
 def start_server() -> tuple[str, Counting, object]:
     """moto's S3 app on 127.0.0.1 (a free port) behind `Counting`; returns (endpoint, counter, server)."""
+    import logging
+
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
 
     counting = Counting(DomainDispatcherApplication(create_backend_app))
     server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=MotoRequestHandler)
@@ -150,13 +154,14 @@ def main() -> None:
                     cpu0 = sum(me.cpu_times()[:2])
                     wall, _, _, _ = run_measured(curate_argv("curation/run.py", tmp / "urls.parquet", out), env)
                     server_cpu = sum(me.cpu_times()[:2]) - cpu0
+                    counts = counting.take()  # the run's requests only, before this script reads the results
                     if side == "local":
                         stats = json.loads((out / "stats.json").read_text())
                         row["local"] = wall
                         shutil.rmtree(out, ignore_errors=True)
                     else:
                         stats = json.loads(fs.cat_file(f"bench-{r}/cur/stats.json"))
-                        row.update(bucket=wall, server_cpu=server_cpu, counts=counting.take())
+                        row.update(bucket=wall, server_cpu=server_cpu, counts=counts)
                         row.update(stats=stats, stored=bucket_bytes(fs, f"bench-{r}"))
                         fs.rm(f"bench-{r}", recursive=True)
                 rounds.append(row)

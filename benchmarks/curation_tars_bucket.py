@@ -199,7 +199,7 @@ def main() -> None:
         f"used {statistics.median(server_cpu):.1f} s of CPU per bucket round on the same machine.",
         "- Requests per tar (last bucket round, all processes): "
         + ", ".join(f"{k} {v / len(groups):.1f}" for k, v in sorted(per_tar.items()))
-        + f" ({args.per_tar} samples per tar; LIST counted once for the run).",
+        + f" ({args.per_tar} samples per tar; LIST: the run's listings divided by the tars).",
         f"- Same images kept on both sides in every round (sha256 sets): **{'yes' if same else 'NO'}**.",
     ]
     print("\n".join(lines))

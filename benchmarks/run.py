@@ -19,6 +19,7 @@ TOPICS = [
     "curation_scale",
     "curation_before_after",
     "curation_sources",
+    "curation_buckets",
     "crawl",
     "captioning",
     "encode",

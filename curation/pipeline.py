@@ -275,8 +275,9 @@ def score_shards(pending: list[int], work: Loc, downloads: Loc, cfg: Config, sou
     gather = ShardGather(expected)
     done = 0
     shard_word, item_word = source.words  # "download shard", "URLs"; on disk: "source shard", "images"
-    desc = "download+score" if shard_word.startswith("download") else "read+score"
-    with progress.bar(sum(expected.values()), f" {item_word}", desc) as bar:
+    downloading = shard_word.startswith("download")
+    desc, unit = ("download+score", "url") if downloading else ("read+score", "image")  # the rate: url/s, s/image
+    with progress.bar(sum(expected.values()), unit, desc) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for row in batch.to_dict("records"):
                 shard = int(row.pop("shard"))

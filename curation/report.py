@@ -29,7 +29,6 @@ from typing import Any
 from common import pages
 from common.config import CurationConfig, to_dict
 from shards import atomic, buckets, format, reasons, storage
-from shards.curated import read_member
 from shards.errors import SigmaError
 from shards.storage import Loc
 
@@ -90,8 +89,12 @@ def save_rejected_thumbnails(curdir: Dir, rows, per_reason: int = THUMBS_PER_REA
         if not thumb_path(curdir, row["key"]).has_file():
             todo.append(row)
 
+    todo.sort(key=lambda r: (r["src"], r["offset"]))  # the threads read neighbours: one span at a time
+    src = {r["src"]: storage.resolve(r["src"], options) for r in todo}
+    reader = storage.RangeReader((src[r["src"]], r["offset"], r["size"]) for r in todo)  # a bucket: few GETs
+
     def save(row) -> bool:  # each thread holds one image's bytes at a time
-        return save_thumbnail(curdir, row["key"], read_member(row["src"], row["offset"], row["size"], options))
+        return save_thumbnail(curdir, row["key"], reader.read(src[row["src"]], row["offset"], row["size"]))
 
     return sum(pages.in_threads(save, todo))
 

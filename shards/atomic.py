@@ -10,13 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shards import storage
 from shards.errors import DISK_FULL, SigmaError, disk_full
 from shards.storage import Loc
 
 Dest = str | os.PathLike[str] | Loc
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -37,23 +35,8 @@ def atomic_path(dest: Dest) -> Iterator[Path]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name)
         return
-    path = Path(dest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others on a shared filesystem must read it
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise SigmaError(disk_full(path)) from None
-        raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with storage.local_temp(dest) as tmp:
+        yield tmp
 
 
 def write_bytes(path: Dest, data: bytes) -> None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from shards.errors import SigmaError
+from shards.errors import DISK_FULL, SigmaError, disk_full
 
 MARKER = "_COMMITTED"  # written last into a finished multi-file output folder
 
@@ -361,11 +361,9 @@ class Loc:
 
     def upload(self, src: str | os.PathLike[str]) -> None:
         """Put a finished local file here as one object (multipart above s3fs' chunk size, completed at the
-        end and aborted on failure). On disk: a copy through shards/atomic (temp + rename)."""
+        end and aborted on failure). On disk: a copy, temp + rename."""
         if not self.scheme:
-            from shards import atomic
-
-            with atomic.atomic_path(self) as tmp:
+            with local_temp(self.path) as tmp:
                 shutil.copyfile(src, tmp)
             return
         self.fs.put_file(os.fspath(src), self.path)
@@ -527,6 +525,33 @@ def matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def local_temp(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """The disk's commit rule, defined once (shards/atomic.py and the writers below use it): yield a temp
+    path beside `path`, fsynced and renamed onto it only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others on a shared filesystem must read it
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise SigmaError(disk_full(path)) from None
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 # --- commit markers ---------------------------------------------------------------------------------
 
 
@@ -549,9 +574,8 @@ def staging(folder: Loc) -> Iterator[Loc]:
         tmp = Loc("", tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent.path))
         try:
             yield tmp
-            from shards import atomic
-
-            atomic.write_bytes(tmp / MARKER, b"")
+            with local_temp((tmp / MARKER).path):
+                pass
             shutil.rmtree(folder.path, ignore_errors=True)
             os.replace(tmp.path, folder.path)
         finally:
@@ -567,9 +591,7 @@ def writer(dest: Loc) -> Iterator[IO[bytes]]:
     """A binary file object whose content appears at `dest` only if the block succeeds: on a bucket a
     streamed (multipart) upload completed at close and discarded on failure; on disk temp + rename."""
     if dest.is_local:
-        from shards import atomic
-
-        with atomic.atomic_path(dest) as tmp, open(tmp, "wb") as f:
+        with local_temp(dest.path) as tmp, open(tmp, "wb") as f:
             yield f
         return
     f = dest.fs.open(dest.path, "wb")
@@ -597,10 +619,14 @@ def arrow_fs(loc: Loc) -> Any:
 
 def read_parquet(loc: Loc, **kwargs: Any) -> Any:
     """`pyarrow.parquet.read_table` of one file on disk or in a bucket (columns=, filters=, schema= as there;
-    a bucket file is read by ranged GETs: the footer, then the row groups wanted)."""
+    a bucket file is one HEAD and ranged GETs: the footer, then the row groups wanted; through the opened
+    object, as pyarrow's dataset layer would ask the store for the file's details several times)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(loc.path, filesystem=arrow_fs(loc), **kwargs)
+    if loc.is_local:
+        return pq.read_table(loc.path, **kwargs)
+    with loc.open("rb") as f:
+        return pq.read_table(f, **kwargs)
 
 
 def parquet_file(loc: Loc) -> Any:

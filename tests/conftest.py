@@ -93,17 +93,19 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", S3_SECRET)
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
+_SERVER: list[CountingEndpoint] = []  # the session's S3 server, for s3_counted
+
+
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's ThreadedMotoServer on 127.0.0.1 at AWS_ENDPOINT_URL: real HTTP, the real S3 wire protocol."""
+    """moto's S3 server on 127.0.0.1 at AWS_ENDPOINT_URL (as moto's ThreadedMotoServer serves it: real
+    HTTP, the real S3 wire protocol), recording each request it serves (`s3_counted`)."""
     from urllib.parse import urlsplit
 
-    from moto.server import ThreadedMotoServer
-
-    port = urlsplit(os.environ["AWS_ENDPOINT_URL"]).port
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = CountingEndpoint(urlsplit(os.environ["AWS_ENDPOINT_URL"]).port)
+    _SERVER.append(server)
     yield os.environ["AWS_ENDPOINT_URL"]
+    _SERVER.remove(server)
     server.stop()
 
 
@@ -124,9 +126,9 @@ def bucket(s3_server, request):
 
 
 class CountingEndpoint:
-    """A second S3 endpoint onto the moto server's state that records each request it serves."""
+    """moto's S3 server (its WSGI app, as ThreadedMotoServer serves it) on 127.0.0.1, recording each request."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         import threading
 
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
@@ -139,7 +141,7 @@ class CountingEndpoint:
             self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ["QUERY_STRING"]))
             return app(environ, start_response)
 
-        self._server = make_server("127.0.0.1", _free_port(), counted, True, request_handler=MotoRequestHandler)
+        self._server = make_server("127.0.0.1", port or _free_port(), counted, True, request_handler=MotoRequestHandler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -158,9 +160,8 @@ class CountingEndpoint:
 
 @pytest.fixture
 def s3_counted(s3_server):
-    """A counting endpoint onto the same buckets as `s3_server` (moto's state is the process's): point a
-    run at it with `--set storage.s3.endpoint_url=<.url>` and every request it makes is recorded, its Ray
-    workers' too (the endpoint travels in each Loc's storage options). `.requests`, `.count(method, path)`."""
-    endpoint = CountingEndpoint()
-    yield endpoint
-    endpoint.stop()
+    """The requests the S3 server serves during this test, from any process (Ray workers' too): `.requests`
+    (method, path, query), `.count(method, path)`, `.writes()`; `.url` is the endpoint."""
+    server = _SERVER[0]
+    server.requests.clear()
+    return server
