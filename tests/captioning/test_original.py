@@ -85,11 +85,12 @@ def test_original_captions_encode_and_train_end_to_end(tiny_models, ray_local, t
         "000000002": (reasons.KEPT, ""),
         "000000003": (reasons.FAILED, reasons.NO_ALT_TEXT),
     }
-    metas = {}  # the alt text is the encoded sample's caption (and its original caption)
-    for tar in sorted(enc.rglob("*.tar")):
-        with tarfile.open(tar) as t:
-            metas.update({m.name.split(".")[0]: json.load(t.extractfile(m)) for m in t if m.name.endswith(".json")})
-    assert metas["000000001"]["captions"] == {"recaption": "a red fox in the snow", "original": "a red fox in the snow"}
+    captions: dict[str, dict[str, str]] = {}  # the alt text is the encoded sample's caption (and its original)
+    for tar in encoded.committed_shards(enc):
+        for name, file in encoded.set_files(tar).items():
+            for row in encoded.read_set(file, ["key", "caption"]):
+                captions.setdefault(row["key"], {})[name] = row["caption"]
+    assert captions["000000001"] == {"recaption": "a red fox in the snow", "original": "a red fox in the snow"}
 
     finetune.main(
         [

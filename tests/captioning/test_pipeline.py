@@ -182,7 +182,10 @@ def test_unreadable_tar_is_reported_and_left_for_the_next_run(cap_cfg, tmp_path)
     bad.write_bytes(b"\x00garbage" * 200)  # not a tar: listing fails before any Ray work
     summary = recaption.run(cap_cfg, str(bad), str(tmp_path / "caps"))
     assert summary["corrupt_shards"] == [str(bad)] and summary["written"] == 0
-    assert [p.name for p in (tmp_path / "caps").iterdir()] == ["fingerprint.json"]  # no caption file
+    from shards import fingerprint
+
+    left = sorted(p.name for p in (tmp_path / "caps").iterdir())
+    assert left == sorted(["fingerprint.json", fingerprint.LOCK])  # no caption file
 
 
 def test_recaption_refuses_a_tar_cut_at_a_member_boundary(cap_cfg, tmp_path):

@@ -69,8 +69,18 @@ def test_a_tar_cut_at_a_member_boundary_is_corrupt(tmp_path):
 
 def test_encode_keeps_same_named_files_in_two_folders_apart(tmp_path):
     tar = write_tar(tmp_path / "00000.tar", ["a/x.jpg", "a/x.txt", "b/x.jpg", "b/x.txt"])
-    rows = list(actors.read_shard({"shard": str(tar), "captions": str(tmp_path / "none.parquet"), "done": []}, "256"))
+    rows = list(
+        actors.read_shard(
+            {"shard": str(tar), "captions": {"recaption": str(tmp_path / "none.parquet")}, "derived": {}, "done": []},
+            "256",
+        )
+    )
     assert sorted(r["key"] for r in rows) == ["a/x", "b/x"]
     dup = write_tar(tmp_path / "00001.tar", ["x.jpg", "y.jpg", "x.txt"])
-    rows = list(actors.read_shard({"shard": str(dup), "captions": str(tmp_path / "none.parquet"), "done": []}, "256"))
+    rows = list(
+        actors.read_shard(
+            {"shard": str(dup), "captions": {"recaption": str(tmp_path / "none.parquet")}, "derived": {}, "done": []},
+            "256",
+        )
+    )
     assert {r["reason"] for r in rows} == {reasons.CORRUPT_SHARD}
