@@ -3,14 +3,12 @@ decisions (Ray Data) against the in-process ones; resuming after a finished dedu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from curation import dedup, dedup_job, pipeline
-from shards import reasons
+from shards import reasons, storage
 from shards.errors import SigmaError
 from tests.curation import oracle
 from tests.curation.test_pipeline import demo_cfg
@@ -136,8 +134,8 @@ def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path):
         "curation.dedup.max_group=2",
         "curation.dedup.partition_rows=5",  # a partition per download shard: rows cross the shuffle
     ).curation
-    dups = dedup_job.run(work, n, cur)
-    t = pq.read_table(dups)
+    dups = dedup_job.run(storage.resolve(str(work)), n, cur)
+    t = pq.read_table(dups.path)
     got = dict(zip([f"{i:010d}" for i in t["id"].to_pylist()], t["dup_of"].to_pylist()))
     expected = {k: d for k, (r, d) in oracle.decide(work / "scored", n, cur).items() if r == reasons.DUPLICATE}
     assert got == expected and len(got) >= 20
@@ -147,7 +145,7 @@ def test_distributed_decisions_equal_in_process_and_resume(ray_local, tmp_path):
     assert parts == 3 and len(list((work / "dedup" / "hashes").glob("*.parquet"))) == parts  # one per partition
     (work / "dedup" / "clip").rename(work / "dedup" / "clip.tmp")  # as if killed while writing clip edges
     dups.unlink()
-    assert dedup_job.run(work, n, cur) == dups and pq.read_table(dups).equals(t)
+    assert dedup_job.run(storage.resolve(str(work)), n, cur) == dups and pq.read_table(dups.path).equals(t)
     for p, mtime in steps.items():
         if p.name == "hashes":
             assert p.stat().st_mtime_ns == mtime  # finished steps are not redone
@@ -165,8 +163,8 @@ def test_shuffle_files_hold_one_batch_per_partition(tmp_path):
     }
     files = []
     for g in range(2):
-        files.append(str(tmp_path / f"{g}.arrow"))
-        dedup_job._write_parts(Path(files[-1]), rows, dedup_job.HASH_SCHEMA, 5)
+        files.append(storage.resolve(str(tmp_path / f"{g}.arrow")))
+        dedup_job._write_parts(files[-1], rows, dedup_job.HASH_SCHEMA, 5)
     got = {p: dedup_job._read_part(files, p)["id"].tolist() for p in range(5)}
     assert got == {0: [11, 11], 1: [13, 13], 2: [], 3: [10, 12, 10, 12], 4: []}
 
