@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from shards import atomic
+from shards import atomic, storage
 
 
 def test_atomic_write_is_all_or_nothing(tmp_path):
@@ -16,7 +16,7 @@ def test_atomic_write_is_all_or_nothing(tmp_path):
             raise RuntimeError("killed")
     assert target.read_text() == "first"
     assert [p.name for p in target.parent.iterdir()] == ["out.txt"]  # no temp left behind
-    assert oct(os.stat(target).st_mode & 0o777) == oct(0o666 & ~atomic._UMASK)
+    assert oct(os.stat(target).st_mode & 0o777) == oct(0o666 & ~storage._UMASK)
 
 
 def test_clean_temp_removes_leftovers(tmp_path):

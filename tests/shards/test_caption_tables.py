@@ -4,8 +4,6 @@ in one line."""
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -54,15 +52,11 @@ def curated(tmp_path_factory):
 def kept_captions(encdir) -> dict[str, dict]:
     idx = pq.read_table(encdir / encoded.INDEX).to_pandas()
     assert set(idx["key"]) == set(KEYS)  # every curated sample accounted for
-    out = {}
+    out: dict = {}  # {key: {set: caption}}, from each tar's caption-set files
     for shard in encoded.committed_shards(encdir):
-        import tarfile
-
-        with tarfile.open(encdir / shard) as tar:
-            for m in tar:
-                if m.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(m).read())
-                    out[meta["key"]] = meta["captions"]
+        for name, file in encoded.set_files(shard).items():
+            for row in encoded.read_set(file, ["key", "caption"]):
+                out.setdefault(row["key"], {})[name] = row["caption"]
     return out
 
 
