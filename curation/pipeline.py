@@ -328,6 +328,7 @@ def run(urls, out: str | Path | Loc, cfg: Config, dedup_against: list = ()) -> d
     cur = cfg.curation
     work, downloads = out / "_work", out / "downloads"
     timings = {}
+    storage.take_retries()  # stats.json counts this run's
     t0 = time.time()
     n_shards = source.split(work / "input", cur.download.shard_size)
     fingerprint.check(out, fp)  # recorded once the URL list is known to be readable
@@ -347,7 +348,7 @@ def run(urls, out: str | Path | Loc, cfg: Config, dedup_against: list = ()) -> d
     t0 = time.time()
     written = outputs.write(out, n_shards, dups, cur, cfg.storage)
     timings["write"] = time.time() - t0
-    stats = summarize(out, work, n_shards, timings, written)
+    stats = {**summarize(out, work, n_shards, timings, written), **storage.retry_stats(out)}
     atomic.write_text(out / "stats.json", json.dumps(stats, indent=2, default=str) + "\n")
     from curation.report import write_report
 
