@@ -6,7 +6,7 @@ run's fingerprint, compared on every resume.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ from common.config import CaptionChoice, Stage
 from encoders import vae as vae_mod
 from shards import encoded, fingerprint, loader
 from shards.errors import SigmaError
+from shards.storage import Loc
 from training import checkpoint, runs, stages
 from training.model import DiT_models
 
@@ -26,7 +27,7 @@ class Plan:
     stage: str
     chain: list
     data: str
-    rundir: str
+    rundir: Loc  # a local folder or a bucket URL (training/runfolder.py)
     resume: str | None
     init: str | None
     init_trained_at: str | None  # the starting weights' position setup, where known
@@ -38,6 +39,10 @@ class Plan:
     vae: str
     encoders: dict  # T5 + tokenizer, VAE, null caption of the data (runs.encoders_record): what sample/export use
     settings: dict
+
+    def record(self) -> dict:
+        """The plan as plain JSON-able values (run.json, --dry-run): places as their paths or URLs."""
+        return {f.name: str(v) if isinstance(v := getattr(self, f.name), Loc) else v for f in fields(self)}
 
 
 def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
@@ -98,7 +103,7 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
         stage=name,
         chain=stages.chain(cfg, name),
         data=str(encdir or ""),
-        rundir=str(rundir),
+        rundir=rundir,
         resume=str(resume) if resume else None,
         init=str(init) if init else None,
         init_trained_at=runs.position_text(trained_at) if trained_at else None,

@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from common.config import Config, Stage
-from shards import loader
+from shards import loader, storage
 from shards.buckets import TIER_TABLES
 from shards.errors import SigmaError
+from shards.storage import Loc
 from training import checkpoint
 from training.convert import NULL_CAPTION_KEY
 
@@ -74,9 +75,9 @@ def chain(cfg: Config, name: str) -> list[str]:
     return seen[::-1]
 
 
-def run_dir(cfg: Config, name: str, out: str | None = None) -> Path:
-    """RUNDIR: --out, else <training.out>/<stage>."""
-    return Path(out) if out else Path(cfg.training.out) / name
+def run_dir(cfg: Config, name: str, out: str | None = None) -> Loc:
+    """RUNDIR: --out, else <training.out>/<stage>; a local folder or a bucket URL (s3://...)."""
+    return storage.resolve(out, cfg.storage) if out else storage.resolve(cfg.training.out, cfg.storage) / name
 
 
 def resolution(stage: Stage) -> int:
@@ -99,7 +100,7 @@ def model_kwargs(stage: Stage, latent_channels: int, caption_channels: int, max_
     )
 
 
-def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
+def init_source(cfg: Config, name: str, init: str | None) -> Path | Loc | None:
     """Where a fresh run of `name` takes its starting weights (None: random init)."""
     if init:
         path = Path(init)
@@ -114,7 +115,7 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
     parent = cfg.training.stages[name].parent
     if parent is not None:
         parent_dir = run_dir(cfg, parent)
-        ckpt = checkpoint.latest(parent_dir)
+        ckpt = checkpoint.latest(parent_dir.local if parent_dir.is_local else parent_dir)  # a Loc on a store
         if ckpt is None:
             raise SigmaError(
                 f"--stage {name}: starts from its parent stage {parent}, but {parent_dir} has no "
@@ -131,7 +132,7 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
     return None
 
 
-def read_weights(path: Path) -> dict:
+def read_weights(path: str | Path | Loc) -> dict:
     """A state dict from our safetensors, an official .pth or a diffusers folder (convert.py)."""
     from training import convert
 
