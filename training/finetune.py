@@ -42,7 +42,7 @@ from shards.errors import SigmaError
 from training import checkpoint, runs, sample, stages, summary
 from training.diffusion import GaussianDiffusion
 from training.model import DiT_models
-from training.plan import Plan, position_warning, prepare, run_fingerprint
+from training.plan import Plan, check_models, position_warning, prepare, run_fingerprint
 
 EXAMPLE = "training/finetune --stage 256 --data enc/256 --profile demo"
 
@@ -455,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
     not_checked: list[str] | None = [] if args.dry_run else None  # a dry run needs no data yet: it says so
     try:
         plan = prepare(cfg, args, not_checked)
+        if not args.dry_run:
+            check_models(cfg, plan)
         master = int(os.environ.get("RANK", 0)) == 0
         if master and not not_checked and (not args.dry_run or (Path(plan.rundir) / fingerprint.FILE).exists()):
             # records it on a first start (a dry run only reads)

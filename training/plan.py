@@ -40,6 +40,18 @@ class Plan:
     settings: dict
 
 
+def check_models(cfg, plan: Plan) -> None:
+    """The T5 and VAE the sample grids generate with (the data's, as run.json records them), checked
+    before any data or model loads: an unreachable hub is one line now, not a traceback at the first grid."""
+    if not (cfg.training.sample_every and cfg.training.sample_prompts and plan.encoders):
+        return
+    from encoders import hub
+
+    for name, key, what in (("t5", "models.t5", "T5 encoder"), ("vae", "models.vae", "VAE")):
+        entry = plan.encoders[name]
+        hub.require(entry["path"], key, entry.get("revision"), what=what)
+
+
 def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     """Stage, data, RUNDIR and starting point of this run; SigmaError on any mismatch. With `not_checked`
     (a dry run), what cannot be checked yet (data not encoded, parent run not trained) is appended
