@@ -96,12 +96,33 @@ class StoreOptions:
 
 
 @dataclass
+class CacheConfig:
+    """Local copies of what is read from a bucket (shards/cache.py): training shards, bounded and evicted
+    least recently used first, and model folders given as bucket URLs, copied once. Folders None: below
+    SIGMAFORGE_CACHE (default ~/.cache/sigmaforge). A node that loses its disk starts with an empty cache."""
+
+    folder: str | None = field(default=None, metadata=SAME_OUTPUT)  # training shards; None: <cache>/shards
+    max_bytes: int = num(100 * 2**30, ge=1, output=False)  # shards kept; beyond: least recently used removed
+    read_ahead: int = num(2, ge=0, output=False)  # shards each loader worker fetches ahead when it knows them
+    models: str | None = field(default=None, metadata=SAME_OUTPUT)  # model folders from a bucket; None: <cache>/models
+
+    @property
+    def shards_folder(self) -> Path:
+        return Path(self.folder).expanduser() if self.folder else USER_CACHE / "shards"
+
+    @property
+    def models_folder(self) -> Path:
+        return Path(self.models).expanduser() if self.models else USER_CACHE / "models"
+
+
+@dataclass
 class StorageConfig:
-    """`storage_options` per scheme for paths given as bucket URLs (s3://, gs://, az://)."""
+    """`storage_options` per scheme for paths given as bucket URLs (s3://, gs://, az://), and the local cache."""
 
     s3: StoreOptions = field(default_factory=StoreOptions)
     gs: StoreOptions = field(default_factory=StoreOptions)
     az: StoreOptions = field(default_factory=StoreOptions)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from common import cli, progress
-from shards import atomic, encoded, fingerprint, loader
+from shards import atomic, cache, encoded, fingerprint, loader
 from shards.errors import SigmaError
 from training import checkpoint, runs, sample, stages, summary
 from training.diffusion import GaussianDiffusion
@@ -166,6 +166,8 @@ class Streams:
         self.cfg, self.plan, self.stage, self.d = cfg, plan, stage, d
         self.max_length = encoded.read_info(plan.data)["max_length"]
         self.its: list = []
+        c = cfg.storage.cache  # a bucket ENCDIR is read through this node's cache; a local one in place
+        self.cache = cache.ShardCache(c.shards_folder, c.max_bytes)
 
     def restart(self, epoch: int) -> None:
         st, d = self.stage, self.d
@@ -183,6 +185,8 @@ class Streams:
                 resample=True,
                 tier=st.tier,
                 pin_memory=d.device.type == "cuda",
+                cache=self.cache,
+                read_ahead=self.cfg.storage.cache.read_ahead,
             )
             dl.dataset.set_epoch(epoch)
             self.its.append(iter(dl))
@@ -209,7 +213,7 @@ class Logger:
         self.rundir.mkdir(parents=True, exist_ok=True)
         checkpoint.clean_partial(self.rundir)
         if plan.resume is None:
-            atomic.write_text(self.rundir / runs.RUN_INFO, json.dumps(asdict(plan), indent=2, default=str) + "\n")
+            atomic.write_text(self.rundir / runs.RUN_INFO, json.dumps(plan.record(), indent=2, default=str) + "\n")
         self.log = open(self.rundir / summary.LOG, "a")
         self.writer_for = lambda step: SummaryWriter(str(self.rundir / "tb"), purge_step=step + 1)
         if cfg.training.sample_every and self.prompts:
@@ -471,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         for line in not_checked or []:
             cli.unchecked(line)
-        cli.print_plan({**asdict(plan), **({"not_checked": not_checked} if not_checked else {})})
+        cli.print_plan({**plan.record(), **({"not_checked": not_checked} if not_checked else {})})
         return
     try:
         train(cfg, plan)

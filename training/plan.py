@@ -6,15 +6,15 @@ run's fingerprint, compared on every resume.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import torch
 
 from common.config import CaptionChoice, Stage
 from encoders import vae as vae_mod
-from shards import encoded, fingerprint, loader
+from shards import encoded, fingerprint, loader, storage
 from shards.errors import SigmaError
+from shards.storage import Loc
 from training import checkpoint, runs, stages
 from training.model import DiT_models
 
@@ -25,7 +25,7 @@ class Plan:
 
     stage: str
     chain: list
-    data: str
+    data: Loc | None  # ENCDIR: a local folder or a bucket URL (read through the cache, shards/cache.py)
     rundir: str
     resume: str | None
     init: str | None
@@ -38,6 +38,10 @@ class Plan:
     vae: str
     encoders: dict  # T5 + tokenizer, VAE, null caption of the data (runs.encoders_record): what sample/export use
     settings: dict
+
+    def record(self) -> dict:
+        """The plan as plain JSON-able values (run.json, --dry-run): places as their paths or URLs."""
+        return {f.name: str(v) if isinstance(v := getattr(self, f.name), Loc) else v for f in fields(self)}
 
 
 def check_models(cfg, plan: Plan) -> None:
@@ -58,7 +62,8 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     there instead of raised, and the plan is made from the config alone."""
     name = args.stage
     stage = stages.resolve(cfg, name)
-    encdir = args.data or stage.data
+    given = args.data or stage.data
+    encdir = storage.resolve(given, cfg.storage) if given else None
 
     def unchecked(e: SigmaError) -> None:
         if not_checked is None:
@@ -72,6 +77,7 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     info = None
     try:
         if encdir:
+            storage.probe(encdir)  # a missing bucket or an unreachable store: one line naming the URL
             info = encoded.read_info(encdir)
     except SigmaError as e:
         unchecked(e)
@@ -109,7 +115,7 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     return Plan(
         stage=name,
         chain=stages.chain(cfg, name),
-        data=str(encdir or ""),
+        data=encdir,
         rundir=str(rundir),
         resume=str(resume) if resume else None,
         init=str(init) if init else None,
@@ -142,8 +148,8 @@ def position_warning(plan: Plan, explicit_init: bool, stages: dict) -> str | Non
 
 def run_fingerprint(cfg, plan: Plan) -> dict:
     """What a resume must share with the run so far: the data files and every setting that changes the weights."""
-    data = Path(plan.data)
-    files = [p for p in data.rglob("*") if p.is_file() and p.name != fingerprint.LOCK]  # the lock is encode's, not data
+    assert plan.data is not None
+    files = [p for p in plan.data.files() if p.name != fingerprint.LOCK]  # the lock is encode's, not data
     where = f"training.stages.{plan.stage}"
     stage = Stage(**plan.settings)
     settings = fingerprint.flat(stage, where)
