@@ -137,9 +137,12 @@ class ShardCache:
         entries, total, now = [], 0, time.time()
         with os.scandir(self.folder) as it:
             for e in it:
-                if not e.is_file(follow_symlinks=False):
+                try:
+                    if not e.is_file(follow_symlinks=False):
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                except FileNotFoundError:  # a temp file renamed meanwhile (another fetch), an entry evicted
                     continue
-                st = e.stat(follow_symlinks=False)
                 if e.name.startswith("."):
                     if e.name.endswith(".tmp") and now - st.st_mtime > STALE:
                         Path(e.path).unlink(missing_ok=True)  # a killed download's leftover
