@@ -136,7 +136,8 @@ def main() -> None:
         f"| download shard, guard + caps on | {spread2(on)} | {len(on)} |",
         f"| download shard, guard + caps off (plain connect, no deadline, unbounded read) | {spread2(off)} | "
         f"{len(off)} |",
-        f"| curation stage end to end, same URLs (`curation/run.py --profile demo`) | {spread2(stage)} | {len(stage)} |",
+        f"| curation stage end to end, same URLs (`curation/run.py --profile demo`) | {spread2(stage)} | "
+        f"{len(stage)} |",
         "",
         f"Guard + caps cost: (median on - median off) / median stage = **{100 * cost:+.1f}%** of the stage's "
         "time (target <= 5%). Per request: "
