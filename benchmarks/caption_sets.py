@@ -25,7 +25,6 @@ import io
 import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.rounds import spread
 from shards import encoded, loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,12 +128,11 @@ def bench_loader(n: int, tmp: Path, batches: int, rounds: int = 5) -> list[str]:
             rates[label].append(got / (time.perf_counter() - t))
             del it, dl
     ratios = [b / a for a, b in zip(rates["1 set"], rates["3 sets"])]
-    med = lambda xs, f="{:.0f}": f"{f.format(statistics.median(xs))} ({f.format(min(xs))}-{f.format(max(xs))})"
     return [
         f"| rule | sets read | samples/s, median (min-max) of {rounds} rounds |",
         "|---|---|---|",
-        *(f"| {label} | {len(w)} | {med(rates[label])} |" for label, w in rules.items()),
-        f"| **3 sets / 1 set** (per round) | | **{med(ratios, '{:.2f}x')}** |",
+        *(f"| {label} | {len(w)} | {spread(rates[label], '{:.0f}')} |" for label, w in rules.items()),
+        f"| **3 sets / 1 set** (per round) | | **{spread(ratios, '{:.2f}x')}** |",
     ]
 
 
