@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
-import os
 import re
 import types
 import typing
@@ -27,13 +26,14 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from shards import cache
 from shards.errors import SigmaError
 from shards.fingerprint import OUTPUT
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 # `.cache/...` paths missing beside the config file are looked up here: a `ray job submit --working-dir .`
 # uploads the checkout without its git-ignored .cache/, and demo/tiny_models.py mirrors the tiny models here.
-USER_CACHE = Path(os.environ.get("SIGMAFORGE_CACHE") or Path.home() / ".cache" / "sigmaforge")
+USER_CACHE = cache.ROOT
 
 
 # Field metadata for a setting that does not change what its stage writes (concurrency, courtesy, where
@@ -108,11 +108,11 @@ class CacheConfig:
 
     @property
     def shards_folder(self) -> Path:
-        return Path(self.folder).expanduser() if self.folder else USER_CACHE / "shards"
+        return Path(self.folder).expanduser() if self.folder else cache.SHARDS
 
     @property
     def models_folder(self) -> Path:
-        return Path(self.models).expanduser() if self.models else USER_CACHE / "models"
+        return Path(self.models).expanduser() if self.models else cache.MODELS
 
 
 @dataclass

@@ -49,6 +49,8 @@ from typing import IO, Any
 from shards import storage
 from shards.errors import SigmaError
 
+ROOT = Path(os.environ.get("SIGMAFORGE_CACHE") or Path.home() / ".cache" / "sigmaforge")  # local caches' home
+SHARDS, MODELS = ROOT / "shards", ROOT / "models"  # the default folders (storage.cache.folder, .models)
 LOCKS = ".locks"
 STALE = 600  # seconds without a write after which a temp file is a killed download's leftover
 MANIFEST = "_COPIED.json"  # a model folder's listing, written into the temp folder before the rename

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from common import cli, progress
+from encoders import hub
 from shards import atomic, cache, encoded, fingerprint, loader
 from shards.errors import SigmaError
 from training import checkpoint, runs, sample, stages, summary
@@ -456,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the stage's `steps`)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
+    hub.configure(cfg.storage)  # model folders given as bucket URLs: copied once into storage.cache.models
     not_checked: list[str] | None = [] if args.dry_run else None  # a dry run needs no data yet: it says so
     try:
         plan = prepare(cfg, args, not_checked)

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from common.config import Config, Stage
-from shards import loader
+from encoders import hub
+from shards import loader, storage
 from shards.buckets import TIER_TABLES
 from shards.errors import SigmaError
 from training import checkpoint
@@ -101,6 +102,8 @@ def model_kwargs(stage: Stage, latent_channels: int, caption_channels: int, max_
 
 def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
     """Where a fresh run of `name` takes its starting weights (None: random init)."""
+    if init and hub.in_bucket(init) and not (storage.resolve(init, cfg.storage) / "checkpoints").is_dir():
+        return Path(bucket_weights(cfg, init, "--init"))  # a weights file or diffusers folder, not a run
     if init:
         path = Path(init)
         if path.is_dir() and checkpoint.folder(path).is_dir():
@@ -121,6 +124,8 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
                 f"checkpoint; run `training/finetune --stage {parent}` first or pass --init"
             )
         return ckpt / checkpoint.MODEL
+    if cfg.models.dit_weights and hub.in_bucket(cfg.models.dit_weights):
+        return Path(bucket_weights(cfg, cfg.models.dit_weights, "models.dit_weights"))
     if cfg.models.dit_weights:
         if not Path(cfg.models.dit_weights).exists():
             raise SigmaError(
@@ -129,6 +134,15 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
             )
         return Path(cfg.models.dit_weights)
     return None
+
+
+def bucket_weights(cfg: Config, ref: str, key: str) -> str:
+    """Starting weights given as a bucket URL, copied once into the models cache (encoders/hub.py): a
+    weights file, or a diffusers folder (of a pipeline folder only its `transformer/`)."""
+    loc = storage.resolve(ref, cfg.storage)
+    if (loc / "transformer" / "config.json").has_file():
+        loc = loc / "transformer"
+    return hub.require(str(loc), key, what="DiT weights")
 
 
 def read_weights(path: Path) -> dict:
