@@ -36,12 +36,13 @@ import torch.distributed as dist
 from PIL import Image
 
 from common import cli, progress
-from shards import atomic, encoded, fingerprint, loader
+from encoders import hub
+from shards import atomic, cache, encoded, fingerprint, loader
 from shards.errors import SigmaError
 from training import checkpoint, runfolder, runs, sample, stages, summary
 from training.diffusion import GaussianDiffusion
 from training.model import DiT_models
-from training.plan import Plan, position_warning, prepare, run_fingerprint
+from training.plan import Plan, check_models, position_warning, prepare, run_fingerprint
 
 EXAMPLE = "training/finetune --stage 256 --data enc/256 --profile demo"
 
@@ -165,6 +166,8 @@ class Streams:
         self.cfg, self.plan, self.stage, self.d = cfg, plan, stage, d
         self.max_length = encoded.read_info(plan.data)["max_length"]
         self.its: list = []
+        c = cfg.storage.cache  # a bucket ENCDIR is read through this node's cache; a local one in place
+        self.cache = cache.ShardCache(c.shards_folder, c.max_bytes)
 
     def restart(self, epoch: int) -> None:
         st, d = self.stage, self.d
@@ -182,6 +185,8 @@ class Streams:
                 resample=True,
                 tier=st.tier,
                 pin_memory=d.device.type == "cuda",
+                cache=self.cache,
+                read_ahead=self.cfg.storage.cache.read_ahead,
             )
             dl.dataset.set_epoch(epoch)
             self.its.append(iter(dl))
@@ -459,9 +464,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, help="stop after this many steps (default: the stage's `steps`)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
+    hub.configure(cfg.storage)  # model folders given as bucket URLs: copied once into storage.cache.models
     not_checked: list[str] | None = [] if args.dry_run else None  # a dry run needs no data yet: it says so
     try:
         plan = prepare(cfg, args, not_checked)
+        if not args.dry_run:
+            check_models(cfg, plan)
         master = int(os.environ.get("RANK", 0)) == 0
         if master and not not_checked and (not args.dry_run or (plan.rundir / fingerprint.FILE).exists()):
             # records it on a first start (a dry run only reads)

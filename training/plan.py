@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 
 from common.config import CaptionChoice, Stage
 from encoders import vae as vae_mod
-from shards import encoded, fingerprint, loader
+from shards import encoded, fingerprint, loader, storage
 from shards.errors import SigmaError
 from shards.storage import Loc
 from training import checkpoint, runs, stages
@@ -26,7 +25,7 @@ class Plan:
 
     stage: str
     chain: list
-    data: str
+    data: Loc | None  # ENCDIR: a local folder or a bucket URL (read through the cache, shards/cache.py)
     rundir: Loc  # a local folder or a bucket URL (training/runfolder.py)
     resume: str | None
     init: str | None
@@ -45,13 +44,26 @@ class Plan:
         return {f.name: str(v) if isinstance(v := getattr(self, f.name), Loc) else v for f in fields(self)}
 
 
+def check_models(cfg, plan: Plan) -> None:
+    """The T5 and VAE the sample grids generate with (the data's, as run.json records them), checked
+    before any data or model loads: an unreachable hub is one line now, not a traceback at the first grid."""
+    if not (cfg.training.sample_every and cfg.training.sample_prompts and plan.encoders):
+        return
+    from encoders import hub
+
+    for name, key, what in (("t5", "models.t5", "T5 encoder"), ("vae", "models.vae", "VAE")):
+        entry = plan.encoders[name]
+        hub.require(entry["path"], key, entry.get("revision"), what=what)
+
+
 def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     """Stage, data, RUNDIR and starting point of this run; SigmaError on any mismatch. With `not_checked`
     (a dry run), what cannot be checked yet (data not encoded, parent run not trained) is appended
     there instead of raised, and the plan is made from the config alone."""
     name = args.stage
     stage = stages.resolve(cfg, name)
-    encdir = args.data or stage.data
+    given = args.data or stage.data
+    encdir = storage.resolve(given, cfg.storage) if given else None
 
     def unchecked(e: SigmaError) -> None:
         if not_checked is None:
@@ -65,6 +77,7 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     info = None
     try:
         if encdir:
+            storage.probe(encdir)  # a missing bucket or an unreachable store: one line naming the URL
             info = encoded.read_info(encdir)
     except SigmaError as e:
         unchecked(e)
@@ -102,7 +115,7 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     return Plan(
         stage=name,
         chain=stages.chain(cfg, name),
-        data=str(encdir or ""),
+        data=encdir,
         rundir=rundir,
         resume=str(resume) if resume else None,
         init=str(init) if init else None,
@@ -135,8 +148,8 @@ def position_warning(plan: Plan, explicit_init: bool, stages: dict) -> str | Non
 
 def run_fingerprint(cfg, plan: Plan) -> dict:
     """What a resume must share with the run so far: the data files and every setting that changes the weights."""
-    data = Path(plan.data)
-    files = [p for p in data.rglob("*") if p.is_file() and p.name != fingerprint.LOCK]  # the lock is encode's, not data
+    assert plan.data is not None
+    files = [p for p in plan.data.files() if p.name != fingerprint.LOCK]  # the lock is encode's, not data
     where = f"training.stages.{plan.stage}"
     stage = Stage(**plan.settings)
     settings = fingerprint.flat(stage, where)

@@ -262,12 +262,12 @@ class Models:
     source: str  # "run.json" or "config"
 
 
-def encoders_record(encdir: str | Path, t5: str, vae: str) -> dict:
+def encoders_record(encdir: encoded.Place, t5: str, vae: str) -> dict:
     """run.json's `encoders`: what the data in ENCDIR was encoded with, from its info.json (path or
     hub id, `model_id`, hub revision). `t5` / `vae` (the config's) stand in only for an ENCDIR
     written before info.json recorded its models; each entry says which (`from`)."""
     info = encoded.read_info(encdir)
-    null = Path(encdir) / info["null_caption"]
+    null = encoded.place(encdir) / info["null_caption"]
 
     def entry(name: str, fallback: str) -> dict:
         if info.get(name):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from common.config import Config, Stage
+from encoders import hub
 from shards import loader, storage
 from shards.buckets import TIER_TABLES
 from shards.errors import SigmaError
@@ -102,6 +103,14 @@ def model_kwargs(stage: Stage, latent_channels: int, caption_channels: int, max_
 
 def init_source(cfg: Config, name: str, init: str | None) -> Path | Loc | None:
     """Where a fresh run of `name` takes its starting weights (None: random init)."""
+    if init and hub.in_bucket(init):
+        run = storage.resolve(init, cfg.storage)
+        if not checkpoint.folder(run).is_dir():
+            return Path(bucket_weights(cfg, init, "--init"))  # a weights file or diffusers folder, not a run
+        ckpt = checkpoint.latest(run)  # a run folder on the store: read from there
+        if ckpt is None:
+            raise SigmaError(f"--init {init}: run folder has no complete checkpoint")
+        return ckpt / checkpoint.MODEL
     if init:
         path = Path(init)
         if path.is_dir() and checkpoint.folder(path).is_dir():
@@ -122,6 +131,8 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | Loc | None:
                 f"checkpoint; run `training/finetune --stage {parent}` first or pass --init"
             )
         return ckpt / checkpoint.MODEL
+    if cfg.models.dit_weights and hub.in_bucket(cfg.models.dit_weights):
+        return Path(bucket_weights(cfg, cfg.models.dit_weights, "models.dit_weights"))
     if cfg.models.dit_weights:
         if not Path(cfg.models.dit_weights).exists():
             raise SigmaError(
@@ -130,6 +141,15 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | Loc | None:
             )
         return Path(cfg.models.dit_weights)
     return None
+
+
+def bucket_weights(cfg: Config, ref: str, key: str) -> str:
+    """Starting weights given as a bucket URL, copied once into the models cache (encoders/hub.py): a
+    weights file, or a diffusers folder (of a pipeline folder only its `transformer/`)."""
+    loc = storage.resolve(ref, cfg.storage)
+    if (loc / "transformer" / "config.json").has_file():
+        loc = loc / "transformer"
+    return hub.require(str(loc), key, what="DiT weights")
 
 
 def read_weights(path: str | Path | Loc) -> dict:

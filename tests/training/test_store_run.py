@@ -1,7 +1,8 @@
-"""A run folder on an object store (issue 30, moto's S3 server on loopback): training/finetune --out s3://...,
-kill -9 and resume on a "new machine" (a fresh local temp, nothing of the first process left), an
-incomplete checkpoint never chosen, the same losses and weights as the same run on disk, and
-training/sample and training/export reading the run from the bucket."""
+"""A run folder on an object store (issue 30, moto's S3 server on loopback): training/finetune --data s3://...
+--out s3://..., kill -9 and resume on a "new machine" (a fresh local temp and an empty shard cache,
+nothing of the first process left), an incomplete checkpoint never chosen, the same losses and
+weights as the same run on disk, and training/sample and training/export reading the run from the
+bucket."""
 
 from __future__ import annotations
 
@@ -41,13 +42,14 @@ def enc(tmp_path_factory):
     return encdata.write(root / "enc-512", "512", encdata.TIER_BUCKETS["512"])
 
 
-def finetune_args(enc: Path, out: str) -> list[str]:
+def finetune_args(enc: Path | str, out: str, *extra: str) -> list[str]:
     return encdata.args(
         "512",
         enc,
         Path("unused-runs"),
         "--out",
         out,
+        *extra,
         "--set",
         "training.stages.512.parent=null",
         "--set",
@@ -79,13 +81,20 @@ def test_a_run_on_the_store_resumes_after_kill_9_and_matches_the_disk_run(enc, b
     finetune.main(finetune_args(enc, str(ref)))
     capsys.readouterr()
 
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).put(str(enc), bucket[5:] + "/enc", recursive=True)
     url = f"{bucket}/runs/512"
     loc = storage.resolve(url)
-    cmd = [sys.executable, "training/finetune", *finetune_args(enc, url)]
-    first_tmp = tmp_path / "machine-1"
+    cmd = lambda cache: [
+        sys.executable,
+        "training/finetune",
+        *finetune_args(f"{bucket}/enc", url, "--set", f"storage.cache.folder={cache}"),
+    ]
+    first_tmp, first_cache = tmp_path / "machine-1", tmp_path / "cache-1"
     first_tmp.mkdir()
     proc = subprocess.Popen(
-        cmd,
+        cmd(first_cache),
         cwd=ROOT,
         env={**os.environ, "TMPDIR": str(first_tmp)},
         stdout=subprocess.PIPE,
@@ -99,7 +108,9 @@ def test_a_run_on_the_store_resumes_after_kill_9_and_matches_the_disk_run(enc, b
     first_out, first_err = proc.communicate()
     killed_at = checkpoint.list_steps(loc)[-1]
     assert killed_at < STEPS, "the run finished before it was killed: nothing resumed"
-    shutil.rmtree(first_tmp)  # that machine's disk is gone
+    assert any(first_cache.iterdir())  # the shards were read through the cache
+    shutil.rmtree(first_tmp)  # that machine's disk is gone, its cache too
+    shutil.rmtree(first_cache)
 
     # an incomplete checkpoint (files uploaded, no marker), newer than the committed ones
     fake = loc / "checkpoints" / "step-0000099"
@@ -107,7 +118,7 @@ def test_a_run_on_the_store_resumes_after_kill_9_and_matches_the_disk_run(enc, b
     (fake / checkpoint.STATE).write_object(b"\0" * 64)
     assert checkpoint.list_steps(loc)[-1] == killed_at and checkpoint.latest(loc) == checkpoint.step_dir(loc, killed_at)
 
-    r = run(cmd, tmp_path / "machine-2")
+    r = run(cmd(tmp_path / "cache-2"), tmp_path / "machine-2")
     assert r.returncode == 0, r.stderr
     assert f"resuming from step {killed_at}" in r.stdout and "step-0000099" not in r.stdout
     assert not fake.iterdir()  # removed at the start
