@@ -19,9 +19,10 @@ same seed: the same samples on every side), timed from `iter()` to the last batc
 included on every side). The bucket sides talk to a counting endpoint onto the same server
 (benchmarks/curation_tars_bucket.py `CountingS3`), so every request of the loader and its workers is
 counted; requests made while the loader is built (info.json, the shards' listing, the row files) are
-counted apart from those of the iteration. Bytes fetched: each GET of a tar or caption-set file during
-the iteration fetches the whole object (the cache downloads objects whole), divided by the bytes of
-the samples consumed (the data set's bytes per sample x samples). Writes
+counted apart from those of the iteration. Bytes fetched: the bytes of each GET of a tar or caption-set
+file during the iteration (its Range, else the whole object; the Range headers are recorded by a
+wrapper around that endpoint's WSGI app), divided by the bytes of the samples consumed (the data set's
+bytes per sample x samples). Writes
 benchmarks/results/loader_bucket.md (not with --smoke).
 """
 
@@ -97,6 +98,7 @@ def run_loader(where, batches: int, workers: int, cache, s3: CountingS3 | None =
     build_requests = Counter(_kind(m, q) for m, _, q in s3.requests) if s3 is not None else Counter()
     if s3 is not None:
         s3.requests.clear()
+        _RANGES.clear()
     keys = []
     it = iter(dl)
     t1 = time.perf_counter()
@@ -129,6 +131,7 @@ def main() -> None:
     }.items():
         os.environ[k] = v
     s3 = CountingS3()
+    ranges = record_ranges(s3)
     os.environ["AWS_ENDPOINT_URL"] = s3.url
     tmp = Path(tempfile.mkdtemp(prefix="bench-loader-bucket-"))
     sides: dict[str, list[dict]] = {"disk": [], "cold": [], "warm": [], "small": []}
@@ -165,7 +168,7 @@ def main() -> None:
                 got = run_loader(remote, args.batches, args.workers, cache_mod.ShardCache(folder, limit), s3)
                 server_cpu.append(time.process_time() - cpu)
                 gets = [p for m, p, q in s3.requests if m == "GET" and p in objects]
-                got["fetched"] = sum(objects[p] for p in gets)
+                got["fetched"] = sum(_length(r) or objects[p] for p, r in ranges if p in objects)
                 got["tar_gets"] = sum(1 for p in gets if p.endswith(".tar"))
                 got["requests"] = Counter(_kind(m, q) for m, _, q in s3.requests)
                 got["cache_bytes"] = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name[0] != ".")
@@ -222,6 +225,30 @@ def main() -> None:
         RESULTS.write_text("\n".join(lines) + "\n")
     if not same:
         sys.exit("the sides read different samples")
+
+
+_RANGES: list[tuple[str, str]] = []  # (path, Range header) of each GET the counting endpoint served
+
+
+def record_ranges(s3: CountingS3) -> list[tuple[str, str]]:
+    """Wrap the counting endpoint's WSGI app so that each GET's Range header is recorded in _RANGES too."""
+    inner = s3._server.app
+
+    def app(environ, start_response):
+        if environ["REQUEST_METHOD"] == "GET":
+            _RANGES.append((environ.get("PATH_INFO", ""), environ.get("HTTP_RANGE", "")))
+        return inner(environ, start_response)
+
+    s3._server.app = app
+    return _RANGES
+
+
+def _length(header: str) -> int:
+    """The bytes a `bytes=a-b` Range asks for (0: none)."""
+    if not header.startswith("bytes="):
+        return 0
+    a, _, b = header[6:].partition("-")
+    return int(b) - int(a) + 1 if a and b else 0
 
 
 def _kind(method: str, query: str) -> str:
