@@ -26,6 +26,12 @@ The folder holds at most `max_bytes` of entries plus the ones being downloaded o
 
 LRU. A hit sets the entry's mtime to now; eviction removes the oldest mtimes first.
 
+Streaming (`open(..., stream=True)`, the loader's resampled draws): on a miss a background thread
+downloads the object in ranged GETs of CHUNK bytes (a parquet file's last TAIL bytes first, where its
+reader starts) into the temp file, and the caller reads it as it arrives (`_Following`): the first
+bytes after one request, not after the whole object. The entry is renamed into place when complete,
+as above; when another process is already downloading it, the caller waits for that copy instead.
+
 Model folders (`copy_once`) are copied whole into a temp folder beside their place with a manifest of
 the listing (relative name, size, ETag) and renamed into place: a folder is used only when its
 manifest matches the bucket's listing now (one LIST request per load), so a half copy is never used
@@ -37,10 +43,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +61,8 @@ ROOT = Path(os.environ.get("SIGMAFORGE_CACHE") or Path.home() / ".cache" / "sigm
 SHARDS, MODELS = ROOT / "shards", ROOT / "models"  # the default folders (storage.cache.folder, .models)
 LOCKS = ".locks"
 STALE = 600  # seconds without a write after which a temp file is a killed download's leftover
+CHUNK = 32 << 20  # bytes per ranged GET of a streamed download: 32 GETs per GB
+TAIL = 1 << 20  # a streamed parquet file's last bytes, fetched first: its reader starts at the footer
 MANIFEST = "_COPIED.json"  # a model folder's listing, written into the temp folder before the rename
 
 
@@ -94,13 +104,15 @@ class ShardCache:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["folder"], state["max_bytes"])  # type: ignore[misc]
 
-    def open(self, loc: storage.Loc, etag: str | None, size: int) -> IO[bytes]:
-        """The object's bytes as a local file opened for reading, fetched first on a miss."""
+    def open(self, loc: storage.Loc, etag: str | None, size: int, stream: bool = False) -> IO[bytes]:
+        """The object's bytes as a local file opened for reading, fetched first on a miss; `stream`: on a
+        miss, read while a background thread downloads (`_Following`) instead of after the download."""
         path = self.folder / entry_name(loc, etag, size)
         try:
             f = open(path, "rb")
         except FileNotFoundError:
-            return self._fetch(loc, path, size)
+            following = self._stream(loc, path, size) if stream else None
+            return following if following is not None else self._fetch(loc, path, size)
         self.hits += 1
         with contextlib.suppress(FileNotFoundError):
             os.utime(path)  # most recently used
@@ -133,6 +145,53 @@ class ShardCache:
         with _locked(self.folder / LOCKS / "folder"):
             self._evict(keep=path.name)
         return opened[0]
+
+    def _stream(self, loc: storage.Loc, path: Path, size: int) -> IO[bytes] | None:
+        """Start downloading a missing entry in a background thread and return a reader that follows the
+        download; None when another process or thread is downloading it (the caller then waits for it)."""
+        lock = self.folder / LOCKS / path.name
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if path.exists():  # fetched meanwhile
+            os.close(fd)
+            return None
+        self.misses += 1
+        following = _Following(size)
+        threading.Thread(target=self._download, args=(loc, path, size, fd, following), daemon=True).start()
+        return io.BufferedReader(following.opened(), buffer_size=1 << 20)
+
+    def _download(self, loc: storage.Loc, path: Path, size: int, lock_fd: int, following: _Following) -> None:
+        """The background download of `_stream` (its entry's lock held until the entry is in place): in
+        ranged GETs of CHUNK bytes, in order; a parquet file's last TAIL bytes first (its reader starts
+        at the footer)."""
+        try:
+            with storage.local_temp(path) as tmp, open(tmp, "r+b") as out:
+                out.truncate(size)
+                following.attach(tmp)
+                tail = min(TAIL, size) if path.suffix == ".parquet" else 0
+                spans = [(size - tail, size)] if tail else []
+                spans += [(a, min(a + CHUNK, size - tail)) for a in range(0, size - tail, CHUNK)]
+                for a, b in spans:
+                    data = _read_range(loc, a, b - a)
+                    if len(data) != b - a:
+                        raise SigmaError(f"{loc}: changed while it was read (listed {size} bytes); restart")
+                    out.seek(a)
+                    out.write(data)
+                    out.flush()
+                    following.ready(a, b)
+            self.fetched_bytes += size
+            following.finish(None)
+        except BaseException as e:  # noqa: BLE001 - a background thread hands every failure to its reader
+            following.finish(e)
+        finally:
+            os.close(lock_fd)
+        with contextlib.suppress(OSError), _locked(self.folder / LOCKS / "folder"):
+            self._evict(keep=path.name)
 
     def _evict(self, keep: str) -> None:
         """Remove least recently used entries until the folder holds at most max_bytes (the folder lock is held)."""
@@ -178,6 +237,99 @@ def _download(loc: storage.Loc, dest: Path) -> None:
         if message is None:
             raise
         raise SigmaError(message) from None
+
+
+def _read_range(loc: storage.Loc, offset: int, size: int) -> bytes:
+    try:
+        return loc.read_range(offset, size)
+    except Exception as e:
+        message = storage.failure(loc, e)
+        if message is None:
+            raise
+        raise SigmaError(message) from None
+
+
+class _Following(io.RawIOBase):
+    """A file being downloaded into the cache, read as it arrives: a read waits until bytes at its position
+    are written (`ready` spans: a prefix from 0 and, for a parquet file, its tail) and returns those,
+    read from the temp file (the same inode once renamed into place). A failed download fails the read."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.size, self._pos, self._prefix, self._tail = size, 0, 0, size
+        self._f: io.FileIO | None = None
+        self._done, self._error = False, None  # type: tuple[bool, BaseException | None]
+        self._cond = threading.Condition()
+
+    def attach(self, tmp: Path) -> None:
+        with self._cond:
+            self._f = open(tmp, "rb", buffering=0)  # unbuffered: a buffer would keep bytes not yet written
+            self._cond.notify_all()
+
+    def ready(self, a: int, b: int) -> None:
+        with self._cond:
+            if a == self._prefix:
+                self._prefix = b
+            else:
+                self._tail = a
+            self._cond.notify_all()
+
+    def finish(self, error: BaseException | None) -> None:
+        with self._cond:
+            self._done, self._error = True, error
+            self._cond.notify_all()
+
+    def opened(self) -> _Following:
+        """Self, once the temp file exists (or the download failed before)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._f is not None or self._done)
+        self._check()
+        return self
+
+    def _check(self) -> None:
+        if self._error is not None:
+            if isinstance(self._error, SigmaError):
+                raise SigmaError(str(self._error))
+            raise SigmaError(f"download into the cache failed: {self._error!r}")
+
+    def _end(self, pos: int) -> int:
+        """How far the bytes from `pos` on are written (`pos` itself: none yet)."""
+        if (self._done and self._error is None) or pos >= self._tail:
+            return self.size
+        return max(pos, self._prefix)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = {0: offset, 1: self._pos + offset, 2: self.size + offset}[whence]
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.size - self._pos)
+        if n <= 0:
+            return 0
+        with self._cond:  # what is there already: a partial read, as a raw file may return
+            self._cond.wait_for(lambda: self._end(self._pos) > self._pos or self._error is not None)
+            n = min(n, self._end(self._pos) - self._pos)
+        if n <= 0:
+            self._check()
+        assert self._f is not None
+        self._f.seek(self._pos)
+        got = self._f.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        super().close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -305,15 +305,18 @@ class BucketShards:
 
     Made in the main process: one listing of ENCDIR/shards gives each object's ETag and size (its cache
     key; an object missing from the listing, which some stores serve late, is looked up by its exact
-    name). In a loader worker a drawn tar and its sets' files are fetched whole into the cache and read
-    from the local copies, so the bytes and their order are those read from disk.
+    name). In a loader worker a drawn tar and its sets' files come from the cache, so the bytes and their
+    order are those read from disk.
 
     Read-ahead: where the order is known (epoch mode) a background thread of each worker fetches the
-    next `read_ahead` shards while one is read. A resampled draw is known only when the shard before it
-    ends: it comes from the worker's one generator, which the shuffle buffer and the caption choice
-    draw from in between, so drawing it earlier would change the draws; its fetch starts then and the
-    batches the DataLoader already holds (prefetch_factor per worker) cover it. A cache that holds the
-    data set (storage.cache.max_bytes) fetches each object once per node.
+    next `read_ahead` shards whole while one is read. A resampled draw is known only when the shard
+    before it ends: it comes from the worker's one generator, which the shuffle buffer and the caption
+    choice draw from in between, so drawing it earlier would change the draws. A missed shard is then
+    read as it arrives (`ShardCache.open(stream=True)`: a background thread per file downloads it in
+    ranged GETs, a set file's footer first, and the reader waits only for the bytes it needs), so the
+    wait is about one request's latency, which the batches the DataLoader already holds
+    (prefetch_factor per worker) cover. A cache that holds the data set (storage.cache.max_bytes)
+    fetches each object once per node.
     """
 
     def __init__(self, encdir: storage.Loc, cache: ShardCache, read_ahead: int = 2):
@@ -383,7 +386,7 @@ class BucketShards:
         with contextlib.ExitStack() as stack:
             opened = {}
             for name, loc, (etag, size) in self._files(url, sets):
-                opened[name] = stack.enter_context(self.cache.open(loc, etag, size))
+                opened[name] = stack.enter_context(self.cache.open(loc, etag, size, stream=True))
             tar = opened.pop("")
             files = tariterators.tar_file_expander(iter([{"url": url, "stream": tar}]), handler=wds.warn_and_continue)
             raw = tariterators.group_by_keys(files, handler=wds.warn_and_continue)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 
 import pytest
 import torch
@@ -144,3 +145,42 @@ def test_local_data_is_read_in_place(local_enc, tmp_path):
     batches(local_enc, 4, cache=c)
     assert not (tmp_path / "cache").exists() and c.misses == c.hits == 0
     assert os.path.isdir(local_enc)
+
+
+def test_shards_are_read_while_they_download(enc, tmp_path, monkeypatch):
+    """Streamed misses in many small ranged GETs, a set file's footer first: the same batches."""
+    local, remote = enc
+    monkeypatch.setattr(cache, "CHUNK", 3000)
+    monkeypatch.setattr(cache, "TAIL", 1000)
+    c = cache.ShardCache(tmp_path / "cache", 1 << 30)
+    same(batches(remote, 12, cache=c), batches(local, 12))
+    assert c.misses > 0 and c.fetched_bytes > 0
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_streamed_download_that_fails_fails_its_reader_and_leaves_no_entry(tmp_path, bucket, monkeypatch):
+    loc = storage.resolve(bucket + "/x.tar")
+    loc.write_object(bytes(range(256)) * 40)
+    monkeypatch.setattr(cache, "CHUNK", 1000)
+    real, calls = cache._read_range, []
+
+    def dies_on_the_third_range(loc, offset, size):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise ConnectionError("connection reset")
+        return real(loc, offset, size)
+
+    monkeypatch.setattr(cache, "_read_range", dies_on_the_third_range)
+    c = cache.ShardCache(tmp_path / "cache", 1 << 20)
+    etag, size = cache.version(loc.fs.info(loc.path))
+    with c.open(loc, etag, size, stream=True) as f:
+        assert f.read(1000) == (bytes(range(256)) * 40)[:1000]
+        with pytest.raises(SigmaError, match="connection reset"):
+            f.read()
+    deadline = time.time() + 10  # the download thread removes its temp file as it ends
+    while any(p.name.endswith(".tmp") for p in (tmp_path / "cache").iterdir()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == []
+    monkeypatch.setattr(cache, "_read_range", real)
+    with c.open(loc, etag, size, stream=True) as f:
+        assert f.read() == bytes(range(256)) * 40
