@@ -30,6 +30,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from benchmarks.rounds import spread
+
+spread2 = lambda xs: spread(xs, "{:.2f}")  # seconds per download shard: two decimals
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "crawl.md"
 THREADS = 8
@@ -75,10 +79,6 @@ def one_shard(urls: Path, work: Path, crawl) -> float:
     return seconds
 
 
-def spread(xs: list[float]) -> str:
-    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--urls", type=int, default=300)
@@ -119,7 +119,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     if not stage:
-        print(f"on {spread(on)} s, off {spread(off)} s")
+        print(f"on {spread2(on)} s, off {spread2(off)} s")
         return
     cost = (statistics.median(on) - statistics.median(off)) / statistics.median(stage)
     mb = sum((REAL / "images" / photos[i % len(photos)]).stat().st_size for i in range(args.urls)) / 1e6
@@ -133,10 +133,11 @@ def main() -> None:
         "",
         "| | seconds, median (min-max) | rounds |",
         "| --- | ---: | ---: |",
-        f"| download shard, guard + caps on | {spread(on)} | {len(on)} |",
-        f"| download shard, guard + caps off (plain connect, no deadline, unbounded read) | {spread(off)} | "
+        f"| download shard, guard + caps on | {spread2(on)} | {len(on)} |",
+        f"| download shard, guard + caps off (plain connect, no deadline, unbounded read) | {spread2(off)} | "
         f"{len(off)} |",
-        f"| curation stage end to end, same URLs (`curation/run.py --profile demo`) | {spread(stage)} | {len(stage)} |",
+        f"| curation stage end to end, same URLs (`curation/run.py --profile demo`) | {spread2(stage)} | "
+        f"{len(stage)} |",
         "",
         f"Guard + caps cost: (median on - median off) / median stage = **{100 * cost:+.1f}%** of the stage's "
         "time (target <= 5%). Per request: "

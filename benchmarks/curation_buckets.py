@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -66,16 +67,21 @@ class Counting:
 
     def __init__(self, app):
         self.app, self.counts, self.lock = app, Counter(), threading.Lock()
+        self.by_path: Counter = Counter()  # (kind, path with digits as N): which objects the requests are for
 
     def __call__(self, environ, start_response):
+        k = kind(environ)
         with self.lock:
-            self.counts[kind(environ)] += 1
+            self.counts[k] += 1
+            self.by_path[k, re.sub(r"\d+", "N", environ.get("PATH_INFO", ""))] += 1
         return self.app(environ, start_response)
 
-    def take(self) -> Counter:
+    def take(self) -> tuple[Counter, Counter]:
+        """The counts by kind and by (kind, path) since the last take."""
         with self.lock:
             out, self.counts = self.counts, Counter()
-        return out
+            paths, self.by_path = self.by_path, Counter()
+        return out, paths
 
 
 def start_server() -> tuple[str, Counting, object]:
@@ -154,14 +160,14 @@ def main() -> None:
                     cpu0 = sum(me.cpu_times()[:2])
                     wall, _, _, _ = run_measured(curate_argv("curation/run.py", tmp / "urls.parquet", out), env)
                     server_cpu = sum(me.cpu_times()[:2]) - cpu0
-                    counts = counting.take()  # the run's requests only, before this script reads the results
+                    counts, paths = counting.take()  # the run's requests only, before this script reads the results
                     if side == "local":
                         stats = json.loads((out / "stats.json").read_text())
                         row["local"] = wall
                         shutil.rmtree(out, ignore_errors=True)
                     else:
                         stats = json.loads(fs.cat_file(f"bench-{r}/cur/stats.json"))
-                        row.update(bucket=wall, server_cpu=server_cpu, counts=counts)
+                        row.update(bucket=wall, server_cpu=server_cpu, counts=counts, paths=paths)
                         row.update(stats=stats, stored=bucket_bytes(fs, f"bench-{r}"))
                         fs.rm(f"bench-{r}", recursive=True)
                 rounds.append(row)
@@ -218,6 +224,12 @@ def write(args, rounds: list[dict]) -> None:
         f"${stored_gb * STORAGE_GB_MONTH:.2f} per month at ${STORAGE_GB_MONTH}/GB-month). PART: multipart "
         "upload parts (priced as PUT); POST: multipart create and complete; DELETE (free): the download "
         "tars freed after the write step, a dedup step's leftovers.",
+        "",
+        "The median round's most frequent requests by object (digits shown as N):",
+        "",
+        "| request | object | count |",
+        "| --- | --- | ---: |",
+        *(f"| {k} | `{path}` | {n} |" for (k, path), n in mid["paths"].most_common(12)),
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join(lines) + "\n")

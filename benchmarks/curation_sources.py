@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.curation import REAL, real_photos, run_measured
+from benchmarks.rounds import spread
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "curation_sources.md"
@@ -48,11 +49,6 @@ def curate(flag: str, value: Path, out: Path, env: dict) -> dict:
         "kept": set(m.loc[m.status == "kept", "sha256"]),
         "items": len(m),
     }
-
-
-def spread(values: list[float]) -> str:
-    """median (min-max) over the rounds."""
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 from benchmarks.curation import REAL, real_photos, run_measured
+from benchmarks.rounds import spread
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "curation_tars_bucket.md"
@@ -99,11 +100,6 @@ def curate(spec: str, out: Path, env: dict, extra: list[str]) -> dict:
         "kept": set(m.loc[m.status == "kept", "sha256"]),
         "items": len(m),
     }
-
-
-def spread(values: list[float]) -> str:
-    """median (min-max) over the rounds."""
-    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
 def main() -> None:

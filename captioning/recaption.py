@@ -313,19 +313,9 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
 
     tokenizer = t5.load_tokenizer(p["t5_tokenizer"]) if p["t5_tokenizer"] else None
     cls, kwargs = backend(cap, cfg.captioning.guard)
-    r = cap.resources
     ds = ray.data.from_items([{"shard": by_url[s]} for s in expected], override_num_blocks=len(expected))
     ds = ds.flat_map(read_shard)
-    ds = ds.map_batches(
-        cls,
-        fn_constructor_kwargs=kwargs,
-        batch_size=r.batch_size,
-        num_gpus=r.num_gpus,
-        num_cpus=r.num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=r.concurrency),
-        batch_format="numpy",
-        runtime_env=runtime_env(cap) or None,
-    )
+    ds = ray_start.on_actors(ds, cls, kwargs, cap.resources, runtime_env=runtime_env(cap) or None)
 
     gather = ShardGather(expected)
     failed: Counter = Counter()

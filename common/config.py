@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
-import os
 import re
 import types
 import typing
@@ -27,13 +26,14 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from shards import cache
 from shards.errors import SigmaError
 from shards.fingerprint import OUTPUT
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pipelines.yaml"
 # `.cache/...` paths missing beside the config file are looked up here: a `ray job submit --working-dir .`
 # uploads the checkout without its git-ignored .cache/, and demo/tiny_models.py mirrors the tiny models here.
-USER_CACHE = Path(os.environ.get("SIGMAFORGE_CACHE") or Path.home() / ".cache" / "sigmaforge")
+USER_CACHE = cache.ROOT
 
 
 # Field metadata for a setting that does not change what its stage writes (concurrency, courtesy, where
@@ -96,12 +96,33 @@ class StoreOptions:
 
 
 @dataclass
+class CacheConfig:
+    """Local copies of what is read from a bucket (shards/cache.py): training shards, bounded and evicted
+    least recently used first, and model folders given as bucket URLs, copied once. Folders None: below
+    SIGMAFORGE_CACHE (default ~/.cache/sigmaforge). A node that loses its disk starts with an empty cache."""
+
+    folder: str | None = field(default=None, metadata=SAME_OUTPUT)  # training shards; None: <cache>/shards
+    max_bytes: int = num(100 * 2**30, ge=1, output=False)  # shards kept; beyond: least recently used removed
+    read_ahead: int = num(2, ge=0, output=False)  # shards each loader worker fetches ahead when it knows them
+    models: str | None = field(default=None, metadata=SAME_OUTPUT)  # model folders from a bucket; None: <cache>/models
+
+    @property
+    def shards_folder(self) -> Path:
+        return Path(self.folder).expanduser() if self.folder else cache.SHARDS
+
+    @property
+    def models_folder(self) -> Path:
+        return Path(self.models).expanduser() if self.models else cache.MODELS
+
+
+@dataclass
 class StorageConfig:
-    """`storage_options` per scheme for paths given as bucket URLs (s3://, gs://, az://)."""
+    """`storage_options` per scheme for paths given as bucket URLs (s3://, gs://, az://), and the local cache."""
 
     s3: StoreOptions = field(default_factory=StoreOptions)
     gs: StoreOptions = field(default_factory=StoreOptions)
     az: StoreOptions = field(default_factory=StoreOptions)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Ray start-up for every stage: join the cluster `ray job submit` runs us in, or start a local one.
+"""Ray for every stage: join the cluster `ray job submit` runs us in, or start a local one; model actor pools.
 
 Library `run()` functions call it (not only entry points), so it lives apart from the CLI flags.
 """
@@ -71,3 +71,19 @@ def init_ray(cfg: Config, runtime_env: dict[str, Any] | None = None) -> Any:
         )
     quiet.spend_actor_restart_warning(ray)
     return ray
+
+
+def on_actors(ds: Any, stage: Any, kwargs: dict[str, Any], r: Any, **extra: Any) -> Any:
+    """`ds` through a pool of model actors (`stage(**kwargs)` per actor) sized by a `Resources` config."""
+    import ray
+
+    return ds.map_batches(
+        stage,
+        fn_constructor_kwargs=kwargs,
+        batch_size=r.batch_size,
+        num_gpus=r.num_gpus or None,
+        num_cpus=r.num_cpus,
+        compute=ray.data.ActorPoolStrategy(size=r.concurrency),
+        batch_format="numpy",
+        **extra,
+    )

@@ -12,7 +12,13 @@ rule, in one place:
 - a hub id not in the cache: the hub is probed once per process (a HEAD of its endpoint, 5 s, no
   retries); reachable, the model downloads as it always did; not reachable (or `HF_HUB_OFFLINE` set),
   one line naming the model, the key and the ways out. Without the probe, the hub client retries for
-  about a minute and ends in a traceback (`OSError: We couldn't connect to 'https://huggingface.co'`).
+  about a minute and ends in a traceback (`OSError: We couldn't connect to 'https://huggingface.co'`);
+- a bucket URL (`s3://bucket/models/t5`, a folder or one weights file): copied once into the models
+  cache (`storage.cache.models`, shards/cache.py `copy_once`: a second load lists the folder and
+  copies nothing when sizes and ETags match; a half copy is never used) and loaded from there.
+  `require` returns that local folder: loaders load what it returns. Entry points call
+  `configure(cfg.storage)`; unconfigured (a Ray worker), the default folder and the environment's
+  endpoint are used.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+from shards import cache, storage
 from shards.errors import SigmaError
 
 PROBE_TIMEOUT = 5.0  # seconds: a reachable hub answers a HEAD in well under one
@@ -31,6 +39,8 @@ WAYS_OUT = (
     "Hugging Face cache where the hub is reachable and run with HF_HUB_OFFLINE=1"
 )
 _probed: dict[str, str | None] = {}  # endpoint -> None (reachable) or why not
+_bucket_models: dict[str, Any] = {"folder": None, "options": None}  # configure()
+_BUCKET_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt", ".json", ".npz")
@@ -108,22 +118,48 @@ def available(ref: str | None, revision: str | None = None) -> bool:
     return not is_path(ref) and cached(ref, revision)
 
 
-def require(ref: str | None, key: str, revision: str | None = None, what: str = "model") -> None:
-    """Check that the model `key` names can be loaded from where it is, in one line if not (see above)."""
+def configure(storage_cfg: Any) -> None:
+    """Where model folders given as bucket URLs are copied (`storage.cache.models`) and how the store is
+    reached (the `storage` config section); each entry point calls it once after loading the config."""
+    _bucket_models["folder"] = storage_cfg.cache.models_folder
+    _bucket_models["options"] = storage_cfg
+
+
+def in_bucket(ref: str | None) -> bool:
+    """Whether `ref` is a bucket URL (s3://, gs://, az://)."""
+    m = _BUCKET_URL.match(ref or "")
+    return m is not None and m.group(1).lower() in storage.BACKENDS
+
+
+def local_copy(ref: str, key: str) -> str:
+    """The local copy of a model folder or weights file in a bucket (made once, see above)."""
+    try:
+        loc = storage.resolve(ref, _bucket_models["options"])
+        return str(cache.copy_once(loc, Path(_bucket_models["folder"] or cache.MODELS)))
+    except SigmaError as e:
+        raise SigmaError(f"{key}: {e}") from None
+
+
+def require(ref: str | None, key: str, revision: str | None = None, what: str = "model") -> str:
+    """Check that the model `key` names can be loaded from where it is, in one line if not (see above).
+    Returns what to load: `ref` itself, or for a bucket URL its local copy."""
     if not ref:
         raise SigmaError(f"{key}: not set (a local folder or a hub id)")
+    if in_bucket(ref):
+        return local_copy(ref, key)
     if Path(ref).expanduser().exists():
-        return
+        return ref
     if is_path(ref):
         raise SigmaError(f"{key}: file not found: {ref}")
     name = f"{key}: {what} {ref}" + (f" (revision {revision})" if revision else "")
     if cached(ref, revision):
         if not offline() and unreachable():
             go_offline()
-        return
+        return ref
     why = "HF_HUB_OFFLINE is set" if offline() else unreachable()
     if why:
         raise SigmaError(f"{name}: not in the local Hugging Face cache and {why}; " + WAYS_OUT.format(key=key))
+    return ref
 
 
 def require_clip(arch: str, weights: str | None, key: str = "models.clip.weights") -> None:

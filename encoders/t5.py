@@ -29,8 +29,7 @@ def load_tokenizer(path: str, key: str = "models.t5"):
     """The T5 tokenizer stored beside the encoder (a folder or a hub id; `key`: the setting that named it)."""
     from transformers import AutoTokenizer
 
-    hub.require(str(path), key, what="T5 tokenizer")
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(hub.require(str(path), key, what="T5 tokenizer"))
 
 
 def load_t5(
@@ -39,9 +38,9 @@ def load_t5(
     """`T5EncoderModel` in eval mode, no grad; only the encoder half of the checkpoint is read."""
     from transformers import T5EncoderModel
 
-    hub.require(str(path), key, what="T5 encoder")
+    where = hub.require(str(path), key, what="T5 encoder")  # a bucket URL: its local copy
     dtype = torch_dtype(dtype)
-    model = T5EncoderModel.from_pretrained(str(path), dtype=dtype)
+    model = T5EncoderModel.from_pretrained(where, dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 
 

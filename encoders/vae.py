@@ -46,12 +46,12 @@ def load_vae(
     """
     from diffusers import AutoencoderKL
 
-    hub.require(str(path), key, what="VAE")
+    where = hub.require(str(path), key, what="VAE")  # a bucket URL: its local copy
     dtype = torch_dtype(dtype)
     # diffusers' default low_cpu_mem_usage=True needs `accelerate` (optional here): without it,
     # diffusers falls back to False and prints a "pip install accelerate" hint on every load
     low_cpu_mem_usage = importlib.util.find_spec("accelerate") is not None
-    vae = AutoencoderKL.from_pretrained(str(path), torch_dtype=dtype, low_cpu_mem_usage=low_cpu_mem_usage)
+    vae = AutoencoderKL.from_pretrained(where, torch_dtype=dtype, low_cpu_mem_usage=low_cpu_mem_usage)
     vae = vae.to(device).eval().requires_grad_(False)
     if tiling:
         vae.enable_tiling()
@@ -62,7 +62,7 @@ def load_vae(
 
 def read_config(path: str, key: str = "models.vae") -> dict:
     """The VAE's config.json (a local folder or a hub id), read without importing diffusers (~10 s)."""
-    folder = Path(path)
+    folder = Path(hub.require(str(path), key, what="VAE")) if hub.in_bucket(str(path)) else Path(path)
     if not folder.is_dir():
         hub.require(str(path), key, what="VAE")
         from huggingface_hub import hf_hub_download

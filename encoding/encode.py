@@ -301,18 +301,9 @@ def _add_sets(ray, cfg, encdir: storage.Loc, set_plan: sets.SetPlan, files: dict
         return 0
     for t in tasks:
         t["clip_index"] = clip_index
-    r = cfg.encode.t5_resources
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.flat_map(actors.read_for_sets, num_cpus=actors.READ_CPUS)
-    ds = ds.map_batches(
-        actors.T5Stage,
-        fn_constructor_kwargs=_t5_kwargs(cfg),
-        batch_size=r.batch_size,
-        num_gpus=r.num_gpus or None,
-        num_cpus=r.num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=r.concurrency),
-        batch_format="numpy",
-    )
+    ds = ray_start.on_actors(ds, actors.T5Stage, _t5_kwargs(cfg), cfg.encode.t5_resources)
     ds.context.execution_options.preserve_order = True  # each tar's rows in its order
     out = sets.SetFiles(encdir, tasks)
     n = sum(len(t["keys"]) for t in tasks)
@@ -367,16 +358,7 @@ def _dataset(ray, tasks: list[dict], cfg, tier: str):
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     # Reading a tar is I/O: half a CPU, so the model actors never starve it of a slot (a deadlock on 2 CPUs).
     ds = ds.flat_map(actors.read_shard, fn_kwargs=dict(tier=tier), num_cpus=actors.READ_CPUS)
-    r = e.t5_resources
-    ds = ds.map_batches(
-        actors.T5Stage,
-        fn_constructor_kwargs=_t5_kwargs(cfg),
-        batch_size=r.batch_size,
-        num_gpus=r.num_gpus or None,
-        num_cpus=r.num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=r.concurrency),
-        batch_format="numpy",
-    )
+    ds = ray_start.on_actors(ds, actors.T5Stage, _t5_kwargs(cfg), e.t5_resources)
     ds = ds.map_batches(
         actors.preprocess,
         fn_kwargs=dict(tier=tier, max_pixels=cfg.curation.max_pixels),
@@ -384,16 +366,8 @@ def _dataset(ray, tasks: list[dict], cfg, tier: str):
         num_cpus=actors.READ_CPUS,
         batch_format="numpy",
     )
-    r = e.vae_resources
-    ds = ds.map_batches(
-        actors.VAEStage,
-        fn_constructor_kwargs=dict(model=m.vae, dtype=e.vae_dtype, tiling=e.vae_tiling, slicing=e.vae_slicing),
-        batch_size=r.batch_size,
-        num_gpus=r.num_gpus or None,
-        num_cpus=r.num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=r.concurrency),
-        batch_format="numpy",
-    )
+    vae = dict(model=m.vae, dtype=e.vae_dtype, tiling=e.vae_tiling, slicing=e.vae_slicing)
+    ds = ray_start.on_actors(ds, actors.VAEStage, vae, e.vae_resources)
     ds.context.execution_options.preserve_order = True  # same input, same shard contents (this dataset only)
     return ds
 

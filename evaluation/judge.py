@@ -220,15 +220,7 @@ def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
             trust_remote_code=judge.trust_remote_code,
         )
         ds = ray.data.from_items(tasks(todo))
-        ds = ds.map_batches(
-            Judge,
-            fn_constructor_kwargs=kwargs,
-            batch_size=r.batch_size,
-            num_gpus=r.num_gpus,
-            num_cpus=r.num_cpus,
-            compute=ray.data.ActorPoolStrategy(size=r.concurrency),
-            batch_format="numpy",
-        )
+        ds = ray_start.on_actors(ds, Judge, kwargs, r)
         by_id = {p.id: p for p in todo}
         pending: dict[str, list[dict]] = {}
         bar = progress.bar(len(todo) * ANSWERS_PER_PAIR, "answer", "judge")

@@ -47,7 +47,7 @@ import re
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors.torch import load as st_load
@@ -185,6 +185,12 @@ def _loc(p: Place) -> storage.Loc:
     return p if isinstance(p, storage.Loc) else storage.resolve(p)
 
 
+def place(p: Place) -> storage.Loc:
+    """An ENCDIR (or a file in it) as a Loc: a Loc as it is (resolved at the entry point with the
+    storage options), a local path resolved."""
+    return _loc(p)
+
+
 def check_set_name(name: str, where: str) -> str:
     if not SET_NAME.fullmatch(name):
         raise SigmaError(f"{where}: caption set name {name!r}: use lower-case letters, digits and _ ([a-z0-9_]+)")
@@ -291,11 +297,12 @@ def write_set(
     w.close()
 
 
-def read_set(file: storage.Loc, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
-    """A side file's rows in order, one row group in memory at a time."""
+def read_set(file: storage.Loc | IO[bytes], columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
+    """A side file's rows in order, one row group in memory at a time (`file`: its place, or a local copy
+    opened for reading, which is closed at the end)."""
     import pyarrow.parquet as pq
 
-    with file.open("rb") as f:
+    with file.open("rb") if isinstance(file, storage.Loc) else file as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=SET_ROW_GROUP, columns=columns):
             yield from batch.to_pylist()
 

@@ -37,6 +37,7 @@ One set present (or one candidate): no random number is drawn.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Iterable, Iterator
@@ -48,13 +49,15 @@ from typing import Any
 import torch
 import webdataset as wds
 
+from shards import cache as cache_mod
 from shards import encoded, storage
+from shards.cache import ShardCache
 from shards.errors import SigmaError
 
 POLICIES = ("proportional", "uniform")  # how often a bucket comes up: as in the data, or all buckets alike
 
 
-def check_vae(encdir: str | Path, scaling_factor: float, latent_channels: int) -> None:
+def check_vae(encdir: encoded.Place, scaling_factor: float, latent_channels: int) -> None:
     """Refuse latents made by another VAE than the one training decodes with (ValueError)."""
     info = encoded.read_info(encdir)
     if abs(info["scaling_factor"] - scaling_factor) > 1e-6 or info["latent_channels"] != latent_channels:
@@ -64,12 +67,12 @@ def check_vae(encdir: str | Path, scaling_factor: float, latent_channels: int) -
         )
 
 
-def null_caption(encdir: str | Path) -> torch.Tensor:
+def null_caption(encdir: encoded.Place) -> torch.Tensor:
     """The T5 encoding of "" padded to max_length, [L, C] float32: the DiT's `y_embedding`."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     info = encoded.read_info(encdir)
-    return load_file(Path(encdir) / info["null_caption"])["y_embedding"]
+    return load((encoded.place(encdir) / info["null_caption"]).read_bytes())["y_embedding"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +161,7 @@ def choose(sample: dict[str, Any], rule: CaptionRule, rng: random.Random) -> str
 # ---------------------------------------------------------------------------------------------
 
 
-def _shard_weights(encdir: Path, policy: str, rows: Any) -> tuple[list[str], list[float]]:
+def _shard_weights(encdir: storage.Loc, policy: str, rows: Any) -> tuple[list[str], list[float]]:
     """Every committed shard and its draw weight: its sample count, or 1/(bucket's share) for uniform."""
     counts = rows.groupby("shard").size()
     shards = sorted(counts.index)
@@ -213,23 +216,35 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0).new(storage).view(shape)
 
 
-def _samples(sources: Iterable[dict[str, str]], sets: list[str], dim: int) -> Iterator[dict[str, Any]]:
+def _samples(
+    sources: Iterable[dict[str, str]],
+    sets: list[str],
+    dim: int,
+    remote: BucketShards | None = None,
+    ahead: bool = False,
+) -> Iterator[dict[str, Any]]:
     """Shard draws -> decoded samples with their caption sets, one pass over a tar at a time (the same
-    tar drawn twice in a row is read twice, its set files too)."""
+    tar drawn twice in a row is read twice, its set files too). On disk each tar is read where it lies;
+    from a bucket (`remote`) through the node's cache, fetched ahead where the order is known."""
+    if remote is not None:
+        yield from remote.samples(sources, sets, dim, ahead)
+        return
     read_tar = wds.tarfile_to_samples(handler=wds.warn_and_continue)
     for src in sources:
-        yield from _with_sets(read_tar(iter([src])), src["url"], sets, dim)
+        readers: dict[str, Iterator[dict[str, Any]]] = {}
+        for name in sets:
+            side = encoded.set_file(storage.resolve(src["url"]), name)
+            if side.exists():  # an exact-name lookup, one per (tar, set)
+                readers[name] = encoded.read_set(side)
+        yield from _with_sets(read_tar(iter([src])), readers, sets, dim)
 
 
-def _with_sets(samples: Iterable[dict[str, Any]], url: str, sets: list[str], dim: int) -> Iterator[dict[str, Any]]:
+def _with_sets(
+    samples: Iterable[dict[str, Any]], readers: dict[str, Iterator[dict[str, Any]]], sets: list[str], dim: int
+) -> Iterator[dict[str, Any]]:
     """One tar's raw samples -> {"__key__", "__url__", "meta", "vae", "t5": {set: [n, C]}, "caption": {set:
-    text}, "clip": {set: score}} with the rule's sets: inline ones from the tar, side files read in lockstep
-    (one row group at a time). Samples with none of the sets are dropped."""
-    readers: dict[str, Iterator[dict[str, Any]]] = {}
-    for name in sets:
-        side = encoded.set_file(storage.resolve(url), name)
-        if side.exists():  # an exact-name lookup, one per (tar, set)
-            readers[name] = encoded.read_set(side)
+    text}, "clip": {set: score}} with the rule's sets: inline ones from the tar, side files' rows (`readers`)
+    read in lockstep (one row group at a time). Samples with none of the sets are dropped."""
     for raw in samples:
         s = encoded.decode_sample(raw)
         meta, key = s["meta"], s["__key__"]
@@ -281,6 +296,105 @@ def collate(
 
 
 # ---------------------------------------------------------------------------------------------
+# Shards in a bucket: read through the node's cache
+# ---------------------------------------------------------------------------------------------
+
+
+class BucketShards:
+    """The tars of an ENCDIR in a bucket and their caption sets' files, read through a ShardCache.
+
+    Made in the main process: one listing of ENCDIR/shards gives each object's ETag and size (its cache
+    key; an object missing from the listing, which some stores serve late, is looked up by its exact
+    name). In a loader worker a drawn tar and its sets' files come from the cache, so the bytes and their
+    order are those read from disk.
+
+    Read-ahead: where the order is known (epoch mode) a background thread of each worker fetches the
+    next `read_ahead` shards whole while one is read. A resampled draw is known only when the shard
+    before it ends: it comes from the worker's one generator, which the shuffle buffer and the caption
+    choice draw from in between, so drawing it earlier would change the draws. A missed shard is then
+    read as it arrives (`ShardCache.open(stream=True)`: a background thread per file downloads it in
+    ranged GETs, a set file's footer first, and the reader waits only for the bytes it needs), so the
+    wait is about one request's latency, which the batches the DataLoader already holds
+    (prefetch_factor per worker) cover. A cache that holds the data set (storage.cache.max_bytes)
+    fetches each object once per node.
+    """
+
+    def __init__(self, encdir: storage.Loc, cache: ShardCache, read_ahead: int = 2):
+        self.encdir, self.cache, self.read_ahead = encdir, cache, read_ahead
+        root = encdir / encoded.SHARDS
+        try:
+            found = root.fs.find(root.path, detail=True)
+        except FileNotFoundError:
+            found = {}
+        self.objects: dict[str, tuple[str | None, int] | None] = {
+            f"{encdir.scheme}://{path}": cache_mod.version(info) for path, info in found.items()
+        }
+
+    def _object(self, loc: storage.Loc) -> tuple[str | None, int] | None:
+        """(ETag, size) of an object, None if it does not exist."""
+        if loc.url not in self.objects:
+            try:
+                self.objects[loc.url] = cache_mod.version(loc.fs.info(loc.path))
+            except FileNotFoundError:
+                self.objects[loc.url] = None
+        return self.objects[loc.url]
+
+    def _files(self, url: str, sets: list[str]) -> list[tuple[str, storage.Loc, tuple[str | None, int]]]:
+        """("" for the tar or the set's name, its place, its version) of one shard's files that exist."""
+        tar = self.encdir / url[len(self.encdir.url) :]
+        got = self._object(tar)
+        if got is None:
+            raise SigmaError(f"{tar}: not found (was the encoded folder changed during training?)")
+        out = [("", tar, got)]
+        for name in sets:
+            side = encoded.set_file(tar, name)
+            version = self._object(side)
+            if version is not None:
+                out.append((name, side, version))
+        return out
+
+    def fetch(self, url: str, sets: list[str]) -> None:
+        """One shard's files into the cache (the read-ahead thread's job)."""
+        for _, loc, (etag, size) in self._files(url, sets):
+            self.cache.fetch(loc, etag, size)
+
+    def samples(
+        self, sources: Iterable[dict[str, str]], sets: list[str], dim: int, ahead: bool
+    ) -> Iterator[dict[str, Any]]:
+        """The `_samples` stage for a bucket; `ahead`: the sources are a known list (epoch mode)."""
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        pending: dict[str, Future[None]] = {}
+        todo = list(sources) if ahead and self.read_ahead else None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead") if todo else None
+        try:
+            for i, src in enumerate(todo if todo is not None else sources):
+                if pool is not None and todo is not None:
+                    for nxt in todo[i + 1 : i + 1 + self.read_ahead]:
+                        if nxt["url"] not in pending:
+                            pending[nxt["url"]] = pool.submit(self.fetch, nxt["url"], sets)
+                    if src["url"] in pending:
+                        pending.pop(src["url"]).result()
+                yield from self._read(src["url"], sets, dim)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _read(self, url: str, sets: list[str], dim: int) -> Iterator[dict[str, Any]]:
+        from webdataset import tariterators
+
+        with contextlib.ExitStack() as stack:
+            opened = {}
+            for name, loc, (etag, size) in self._files(url, sets):
+                opened[name] = stack.enter_context(self.cache.open(loc, etag, size, stream=True))
+            tar = opened.pop("")
+            files = tariterators.tar_file_expander(iter([{"url": url, "stream": tar}]), handler=wds.warn_and_continue)
+            raw = tariterators.group_by_keys(files, handler=wds.warn_and_continue)
+            readers = {name: encoded.read_set(f) for name, f in opened.items()}
+            yield from _with_sets(raw, readers, sets, dim)
+
+
+# ---------------------------------------------------------------------------------------------
 # The dataset
 # ---------------------------------------------------------------------------------------------
 
@@ -290,7 +404,7 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
 
     def __init__(
         self,
-        encdir: str | Path,
+        encdir: encoded.Place,
         batch_size: int,
         model_max_length: int = 300,
         real_prompt_ratio: float = 0.5,
@@ -302,11 +416,18 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
         bucket_policy: str = "proportional",
         keep_partial: bool = False,
         rule: CaptionRule | None = None,
+        cache: ShardCache | None = None,
+        read_ahead: int = 2,
     ):
         if bucket_policy not in POLICIES:
             raise SigmaError(f"bucket_policy {bucket_policy!r}: choose one of {POLICIES}")
-        self.encdir = Path(encdir)
-        self.info = encoded.read_info(encdir)
+        self.encdir = encoded.place(encdir)
+        self.remote = None
+        if not self.encdir.is_local:
+            if cache is None:
+                raise SigmaError(f"{self.encdir}: an ENCDIR in a bucket is read through a cache (make_loader(cache=))")
+            self.remote = BucketShards(self.encdir, cache, read_ahead)
+        self.info = encoded.read_info(self.encdir)
         self.rule = rule if rule is not None else caption_rule(real_prompt_ratio=real_prompt_ratio)
         self.rows = encoded.committed_rows(self.encdir, self.rule.sets)
         self.shards, self.weights = _shard_weights(self.encdir, bucket_policy, self.rows)
@@ -334,7 +455,9 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
             stages = [partial(_epoch_shards, self.shards, order, self.rank, self.world_size), wds.split_by_worker]
         pipeline = wds.DataPipeline(
             *stages,
-            partial(_samples, sets=self.rule.sets, dim=int(self.info["t5_dim"])),
+            partial(
+                _samples, sets=self.rule.sets, dim=int(self.info["t5_dim"]), remote=self.remote, ahead=not self.resample
+            ),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=stream),
             partial(_bucket_batches, batch_size=self.batch_size, keep_partial=self.keep_partial),
             wds.map(
@@ -351,7 +474,9 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
         return iter(pipeline)
 
 
-def check_sets(encdir: Path, info: dict[str, Any], rows: Any, rule: CaptionRule, explicit: bool) -> dict[str, int]:
+def check_sets(
+    encdir: storage.Loc, info: dict[str, Any], rows: Any, rule: CaptionRule, explicit: bool
+) -> dict[str, int]:
     """{set: samples that have it} for the rule's sets; one-line errors for a set the data does not hold, a
     set of positive weight missing for most samples (explicit weights only: the default mapping keeps
     working on data without alt texts), no sample with any of the sets, CLIP-Score with no score."""
@@ -382,7 +507,7 @@ def check_sets(encdir: Path, info: dict[str, Any], rows: Any, rule: CaptionRule,
 
 
 def make_loader(
-    encdir: str | Path,
+    encdir: encoded.Place,
     batch_size: int,
     model_max_length: int = 300,
     real_prompt_ratio: float = 0.5,
@@ -397,6 +522,8 @@ def make_loader(
     keep_partial: bool = False,
     pin_memory: bool = False,
     rule: CaptionRule | None = None,
+    cache: ShardCache | None = None,
+    read_ahead: int = 2,
 ) -> torch.utils.data.DataLoader[dict[str, Any]]:
     """A torch DataLoader of one-bucket batches from ENCDIR (see the module docstring for the keys).
 
@@ -405,7 +532,9 @@ def make_loader(
     epoch over the shards split by rank and worker (`loader.dataset.set_epoch(e)` reshuffles);
     incomplete bucket batches at the end of a pass are dropped unless `keep_partial`. `tier`, when given, must match the
     tier ENCDIR was encoded at. `rule` (`caption_rule(...)`): which caption set each sample trains on;
-    None: `real_prompt_ratio`'s {original: r, recaption: 1 - r}.
+    None: `real_prompt_ratio`'s {original: r, recaption: 1 - r}. An ENCDIR in a bucket (a Loc resolved with
+    the storage options) is read through `cache` (shards/cache.py), `read_ahead` shards ahead where the
+    order is known (`BucketShards`); a local ENCDIR is read in place.
     """
     ds = BucketBatches(
         encdir,
@@ -420,6 +549,8 @@ def make_loader(
         bucket_policy,
         keep_partial,
         rule,
+        cache,
+        read_ahead,
     )
     if tier is not None and ds.info["tier"] != tier:
         raise SigmaError(f"{encdir}: encoded at tier {ds.info['tier']}, not {tier}")

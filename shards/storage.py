@@ -108,9 +108,14 @@ def _scheme_options(options: Any, protocol: str) -> dict[str, Any]:
     return {k: v for k, v in raw.items() if v is not None}
 
 
-@functools.lru_cache(maxsize=16)
 def _filesystem(scheme: str, options: tuple[tuple[str, Any], ...]) -> Any:
-    """One fsspec client per (scheme, options) per process."""
+    """One fsspec client per (scheme, options) per process: a forked child (a DataLoader worker) makes its
+    own, as fsspec's async clients refuse to run after a fork."""
+    return _client(os.getpid(), scheme, options)
+
+
+@functools.lru_cache(maxsize=16)
+def _client(pid: int, scheme: str, options: tuple[tuple[str, Any], ...]) -> Any:
     import fsspec
 
     return fsspec.filesystem(BACKENDS[scheme][0], **fsspec_kwargs(scheme, options))

@@ -18,6 +18,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the tests that will run count
+def pytest_collection_modifyitems(session, config, items):
+    from tests import venvs
+
+    venvs.start(items)
+
+
 @pytest.fixture(scope="session")
 def tiny_models() -> Path:
     """The tiny random-weight models, built once (deterministic) into .cache/tiny."""

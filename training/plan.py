@@ -6,15 +6,15 @@ run's fingerprint, compared on every resume.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import torch
 
 from common.config import CaptionChoice, Stage
 from encoders import vae as vae_mod
-from shards import encoded, fingerprint, loader
+from shards import encoded, fingerprint, loader, storage
 from shards.errors import SigmaError
+from shards.storage import Loc
 from training import checkpoint, runs, stages
 from training.model import DiT_models
 
@@ -25,8 +25,8 @@ class Plan:
 
     stage: str
     chain: list
-    data: str
-    rundir: str
+    data: Loc | None  # ENCDIR: a local folder or a bucket URL (read through the cache, shards/cache.py)
+    rundir: Loc  # a local folder or a bucket URL (training/runfolder.py)
     resume: str | None
     init: str | None
     init_trained_at: str | None  # the starting weights' position setup, where known
@@ -39,6 +39,22 @@ class Plan:
     encoders: dict  # T5 + tokenizer, VAE, null caption of the data (runs.encoders_record): what sample/export use
     settings: dict
 
+    def record(self) -> dict:
+        """The plan as plain JSON-able values (run.json, --dry-run): places as their paths or URLs."""
+        return {f.name: str(v) if isinstance(v := getattr(self, f.name), Loc) else v for f in fields(self)}
+
+
+def check_models(cfg, plan: Plan) -> None:
+    """The T5 and VAE the sample grids generate with (the data's, as run.json records them), checked
+    before any data or model loads: an unreachable hub is one line now, not a traceback at the first grid."""
+    if not (cfg.training.sample_every and cfg.training.sample_prompts and plan.encoders):
+        return
+    from encoders import hub
+
+    for name, key, what in (("t5", "models.t5", "T5 encoder"), ("vae", "models.vae", "VAE")):
+        entry = plan.encoders[name]
+        hub.require(entry["path"], key, entry.get("revision"), what=what)
+
 
 def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     """Stage, data, RUNDIR and starting point of this run; SigmaError on any mismatch. With `not_checked`
@@ -46,7 +62,8 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     there instead of raised, and the plan is made from the config alone."""
     name = args.stage
     stage = stages.resolve(cfg, name)
-    encdir = args.data or stage.data
+    given = args.data or stage.data
+    encdir = storage.resolve(given, cfg.storage) if given else None
 
     def unchecked(e: SigmaError) -> None:
         if not_checked is None:
@@ -60,6 +77,7 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     info = None
     try:
         if encdir:
+            storage.probe(encdir)  # a missing bucket or an unreachable store: one line naming the URL
             info = encoded.read_info(encdir)
     except SigmaError as e:
         unchecked(e)
@@ -97,8 +115,8 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
     return Plan(
         stage=name,
         chain=stages.chain(cfg, name),
-        data=str(encdir or ""),
-        rundir=str(rundir),
+        data=encdir,
+        rundir=rundir,
         resume=str(resume) if resume else None,
         init=str(init) if init else None,
         init_trained_at=runs.position_text(trained_at) if trained_at else None,
@@ -130,8 +148,8 @@ def position_warning(plan: Plan, explicit_init: bool, stages: dict) -> str | Non
 
 def run_fingerprint(cfg, plan: Plan) -> dict:
     """What a resume must share with the run so far: the data files and every setting that changes the weights."""
-    data = Path(plan.data)
-    files = [p for p in data.rglob("*") if p.is_file() and p.name != fingerprint.LOCK]  # the lock is encode's, not data
+    assert plan.data is not None
+    files = [p for p in plan.data.files() if p.name != fingerprint.LOCK]  # the lock is encode's, not data
     where = f"training.stages.{plan.stage}"
     stage = Stage(**plan.settings)
     settings = fingerprint.flat(stage, where)

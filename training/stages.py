@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 
 from common.config import Config, Stage
-from shards import loader
+from encoders import hub
+from shards import loader, storage
 from shards.buckets import TIER_TABLES
 from shards.errors import SigmaError
+from shards.storage import Loc
 from training import checkpoint
 from training.convert import NULL_CAPTION_KEY
 
@@ -74,9 +76,9 @@ def chain(cfg: Config, name: str) -> list[str]:
     return seen[::-1]
 
 
-def run_dir(cfg: Config, name: str, out: str | None = None) -> Path:
-    """RUNDIR: --out, else <training.out>/<stage>."""
-    return Path(out) if out else Path(cfg.training.out) / name
+def run_dir(cfg: Config, name: str, out: str | None = None) -> Loc:
+    """RUNDIR: --out, else <training.out>/<stage>; a local folder or a bucket URL (s3://...)."""
+    return storage.resolve(out, cfg.storage) if out else storage.resolve(cfg.training.out, cfg.storage) / name
 
 
 def resolution(stage: Stage) -> int:
@@ -99,8 +101,16 @@ def model_kwargs(stage: Stage, latent_channels: int, caption_channels: int, max_
     )
 
 
-def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
+def init_source(cfg: Config, name: str, init: str | None) -> Path | Loc | None:
     """Where a fresh run of `name` takes its starting weights (None: random init)."""
+    if init and hub.in_bucket(init):
+        run = storage.resolve(init, cfg.storage)
+        if not checkpoint.folder(run).is_dir():
+            return Path(bucket_weights(cfg, init, "--init"))  # a weights file or diffusers folder, not a run
+        ckpt = checkpoint.latest(run)  # a run folder on the store: read from there
+        if ckpt is None:
+            raise SigmaError(f"--init {init}: run folder has no complete checkpoint")
+        return ckpt / checkpoint.MODEL
     if init:
         path = Path(init)
         if path.is_dir() and checkpoint.folder(path).is_dir():
@@ -114,13 +124,15 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
     parent = cfg.training.stages[name].parent
     if parent is not None:
         parent_dir = run_dir(cfg, parent)
-        ckpt = checkpoint.latest(parent_dir)
+        ckpt = checkpoint.latest(parent_dir.local if parent_dir.is_local else parent_dir)  # a Loc on a store
         if ckpt is None:
             raise SigmaError(
                 f"--stage {name}: starts from its parent stage {parent}, but {parent_dir} has no "
                 f"checkpoint; run `training/finetune --stage {parent}` first or pass --init"
             )
         return ckpt / checkpoint.MODEL
+    if cfg.models.dit_weights and hub.in_bucket(cfg.models.dit_weights):
+        return Path(bucket_weights(cfg, cfg.models.dit_weights, "models.dit_weights"))
     if cfg.models.dit_weights:
         if not Path(cfg.models.dit_weights).exists():
             raise SigmaError(
@@ -131,7 +143,16 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
     return None
 
 
-def read_weights(path: Path) -> dict:
+def bucket_weights(cfg: Config, ref: str, key: str) -> str:
+    """Starting weights given as a bucket URL, copied once into the models cache (encoders/hub.py): a
+    weights file, or a diffusers folder (of a pipeline folder only its `transformer/`)."""
+    loc = storage.resolve(ref, cfg.storage)
+    if (loc / "transformer" / "config.json").has_file():
+        loc = loc / "transformer"
+    return hub.require(str(loc), key, what="DiT weights")
+
+
+def read_weights(path: str | Path | Loc) -> dict:
     """A state dict from our safetensors, an official .pth or a diffusers folder (convert.py)."""
     from training import convert
 

@@ -21,6 +21,7 @@ from captioning import recaption, vllm_env
 from shards import format as fmt
 from shards import reasons
 from shards.errors import SigmaError
+from tests import venvs
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {
@@ -37,8 +38,10 @@ CORRUPT = "000020001"
 
 @pytest.fixture(scope="module")
 def vllm_python() -> Path:
-    """vLLM's CPU venv (built once, ~3.5 GB / ~3 min); a failed install fails the test."""
+    """vLLM's CPU venv (built once, ~3.5 GB / ~3 min, from the session's start: tests/venvs.py); a failed
+    install fails the test."""
     try:
+        venvs.wait("vllm")
         return vllm_env.build("cpu")
     except SigmaError as e:
         pytest.fail(str(e))

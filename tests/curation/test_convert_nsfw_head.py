@@ -7,7 +7,6 @@ checks the converted head, loaded the way SafetyScorer loads it, against Keras' 
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,42 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import USER_CACHE
-from curation.convert_nsfw_head import TF_PACKAGES
 from encoders import safety
+from tests import venvs
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMAND = ROOT / "curation" / "convert_nsfw_head"
-TF_VENV = USER_CACHE / "tf-venv"  # ~1.5 GB, reused by later runs while it imports
-QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"}
-
-
-def _works(python: Path) -> bool:
-    check = "import numpy, safetensors, tensorflow; assert tensorflow.__version__ == '2.21.0'"
-    return (
-        python.exists()
-        and subprocess.run(
-            [str(python), "-c", check], check=False, capture_output=True, env={**os.environ, **QUIET}
-        ).returncode
-        == 0
-    )
+QUIET = venvs.TF_QUIET
 
 
 @pytest.fixture(scope="module")
 def tf_python() -> Path:
-    """The TensorFlow venv's python; a failed install fails the test (CI has the package index)."""
-    python = TF_VENV / "bin" / "python"
-    if not _works(python):
-        shutil.rmtree(TF_VENV, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "venv", str(TF_VENV)], check=True)
-        pip = subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", *TF_PACKAGES], check=False, capture_output=True, text=True
-        )
-        if pip.returncode:
-            shutil.rmtree(TF_VENV, ignore_errors=True)
-            pytest.fail(f"pip install {' '.join(TF_PACKAGES)} failed:\n{pip.stderr[-3000:]}")
-        assert _works(python)
-    return python
+    """The TensorFlow venv's python (built from the session's start: tests/venvs.py); a failed install fails
+    the test (CI has the package index)."""
+    try:
+        venvs.wait("tf")
+        return venvs.build_tf()
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def convert(python, keras_dir, out) -> subprocess.CompletedProcess:

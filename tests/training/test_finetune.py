@@ -267,3 +267,27 @@ def test_log_txt_lines_are_written_and_read_by_one_format():
     assert line == "step 20/100 loss 0.125000 lr 1.000e-04 grad_norm 0.5000 samples/s 12.5 step_time 0.250s"
     assert summary.parse_log_line(line) == (20, values)
     assert summary.parse_log_line("saved runs/512/checkpoints/step-0000020") is None
+
+
+def test_a_sample_grid_model_off_the_hub_is_one_line_before_anything_starts(enc, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from huggingface_hub import constants
+
+    data = tmp_path / "enc"
+    shutil.copytree(enc["512"], data)
+    info = json.loads((data / "info.json").read_text())
+    info["t5"], info["t5_revision"] = "google/t5-v1_1-xxl", None  # the data was encoded with a hub T5
+    (data / "info.json").write_text(json.dumps(info))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # not in the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runs = tmp_path / "runs"
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        finetune.main(_512({"512": data}, runs, "--set", "training.sample_every=1", steps=1))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: models.t5: T5 encoder google/t5-v1_1-xxl: not in the local Hugging Face cache"), err
+    assert time.monotonic() - t0 < 10 and not runs.exists()  # before the model, the data or the run folder
+    finetune.main(_512({"512": data}, runs, steps=1))  # without sample grids no T5 is needed: trains as before
+    assert checkpoint.list_steps(runs / "512") == [1]
