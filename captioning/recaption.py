@@ -275,7 +275,7 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     locs = p[LOCS]
     out_loc: storage.Loc = locs["out"]
     out_loc.mkdir()
-    fingerprint.check(out_loc, stage_fingerprint(p))
+    fingerprint.check(out_loc, stage_fingerprint(p), lease=True)
     _check_sources(locs["done"], out_loc)
     atomic.clean_temp(out_loc)  # a killed run's half-written parquet never counts (a bucket has none)
     summary = {

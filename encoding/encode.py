@@ -123,7 +123,7 @@ def _check_fingerprint(cfg, p: dict, sources: dict, encdir: storage.Loc, reencod
         compare = {k: v for k, v in current.items() if not (is_set(k) and k not in old)}
         compare.update({k: v for k, v in old.items() if is_set(k) and k not in current})
     try:
-        fingerprint.check(encdir, compare)
+        fingerprint.check(encdir, compare, lease=True)
     except SigmaError as e:
         raise SigmaError(f"{e}; or pass --reencode to encode again what changed") from None
     if old is not None and set(current) - set(old):  # new sets: recorded beside the old ones

@@ -180,10 +180,11 @@ def flat(settings: Any, prefix: str) -> dict[str, Any]:
 _held: dict[str, int | Lease] = {}  # folder -> its lock's descriptor (disk) or lease (bucket), held until released
 
 
-def lock(folder: storage.Loc) -> None:
+def lock(folder: storage.Loc, lease: bool = False) -> None:
     """Hold FOLDER/.lock for the rest of this process (or `releases_locks`), or refuse in one line: another
-    run is writing into it. On disk a flock; in a bucket a lease (`Lease`)."""
-    if str(folder) in _held:
+    run is writing into it. On disk a flock; in a bucket, with `lease`, a lease (`Lease`; training keeps its
+    own, training/runfolder.py, where the newest run takes a folder over), else nothing."""
+    if str(folder) in _held or (not folder.is_local and not lease):
         return
     if not folder.is_local:
         _held[str(folder)] = Lease(folder / LOCK)
@@ -315,15 +316,19 @@ def holds_output(folder: storage.Loc, work: Iterable[str] = WORK) -> bool:
 
 
 def check(
-    folder: str | Path | storage.Loc, fingerprint: dict[str, Any], work: Iterable[str] = WORK, dry_run: bool = False
+    folder: str | Path | storage.Loc,
+    fingerprint: dict[str, Any],
+    work: Iterable[str] = WORK,
+    dry_run: bool = False,
+    lease: bool = False,
 ) -> None:
     """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs; a
     folder with no output yet (`holds_output`) restarts instead, its `work` entries removed. Holds the
-    folder's lock from here on (`lock`); a dry run only reads."""
+    folder's lock from here on (`lock`; `lease`: a bucket folder's too); a dry run only reads."""
     loc = _loc(folder)
     work = tuple(work)
     if not dry_run:
-        lock(loc)
+        lock(loc, lease)
     path = loc / FILE
     current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
     if not path.has_file():

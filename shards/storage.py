@@ -132,6 +132,8 @@ RETRY_KINDS = ("throttled", "server_errors", "dropped")
 _THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
 _FAULT = "sigmaforge_fault"  # the failed attempt's cause, kept in botocore's request context until its retry
 _retries: dict[str, int] = dict.fromkeys(RETRY_KINDS, 0)  # this process's, while it is not in a Ray job
+_forked = [False]  # a forked child (a DataLoader worker) counts here: its parent's Ray is not its to call
+os.register_at_fork(after_in_child=lambda: _forked.__setitem__(0, True))
 
 
 def _on_attempt(request_dict: dict[str, Any], response: Any = None, caught_exception: Any = None, **_: Any) -> None:
@@ -169,7 +171,7 @@ def _tally(create: bool) -> Any:
     """The Ray job's retry counter (an actor), or None outside Ray (or, without `create`, if none was made).
     The contract layer loads no Ray: it uses the one the process has loaded (a Ray worker, a stage's driver)."""
     ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
+    if ray is None or _forked[0] or not ray.is_initialized():
         return None
     name = f"storage-retries-{ray.get_runtime_context().get_job_id()}"
     try:

@@ -349,7 +349,7 @@ def test_a_bucket_folder_is_leased_while_a_run_writes_into_it(bucket):
 
     @fingerprint.releases_locks
     def run():
-        fingerprint.check(out, {"urls": "abc"})
+        fingerprint.check(out, {"urls": "abc"}, lease=True)
         owner = json.loads(lease.read_text())
         assert lease.has_file() and owner["expires"] > time.time()
         with pytest.raises(SigmaError, match="another run is writing into it now"):
@@ -357,6 +357,8 @@ def test_a_bucket_folder_is_leased_while_a_run_writes_into_it(bucket):
 
     run()
     assert not lease.has_file()  # released: a later run may start
+    fingerprint.check(out / "train", {"urls": "abc"})  # without `lease` (training keeps its own): none taken
+    assert not (out / "train" / fingerprint.LOCK).has_file()
 
     gone = subprocess.Popen(["sleep", "0"])  # a process of this machine that has ended
     gone.wait()
