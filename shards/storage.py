@@ -118,7 +118,13 @@ def _filesystem(scheme: str, options: tuple[tuple[str, Any], ...]) -> Any:
 def _client(pid: int, scheme: str, options: tuple[tuple[str, Any], ...]) -> Any:
     import fsspec
 
-    return fsspec.filesystem(BACKENDS[scheme][0], **fsspec_kwargs(scheme, options))
+    fs = fsspec.filesystem(BACKENDS[scheme][0], **fsspec_kwargs(scheme, options))
+    if BACKENDS[scheme][0] == "s3":
+        # s3fs' own retry loops around a request (5 tries, nested for reads) multiply botocore's attempts: a
+        # store gone took ~100 requests and 24 s to report with 1 attempt, minutes with 10. One more try
+        # each still covers a response body cut short, which botocore does not retry.
+        fs.retries = 2
+    return fs
 
 
 # --- retries, counted ------------------------------------------------------------------------------

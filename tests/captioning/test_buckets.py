@@ -147,7 +147,7 @@ def test_store_gone_mid_run_is_one_line(ray_local, make_shards, bucket, s3_count
     upload(tmp_path / "cur", f"{bucket}/cur")
     s3_counted.fail("GET", 1000, "drop", path="/cur/shards/")
     code, said, err = _main(
-        capsys, "--shards", f"{bucket}/cur/shards", "--out", f"{bucket}/caps", "--set", "storage.s3.retries=2"
+        capsys, "--shards", f"{bucket}/cur/shards", "--out", f"{bucket}/caps", "--set", "storage.s3.retries=1"
     )
     assert code == 2 and "Traceback" not in err, err[-3000:]
     line = err.splitlines()[-1]
