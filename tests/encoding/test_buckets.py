@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,7 +175,7 @@ def test_bucket_to_bucket_resumes_after_kill_and_equals_disk(
 
 
 @pytest.mark.slow
-def test_two_node_cluster_writes_only_to_the_bucket(on_disk, shard_models, bucket, monkeypatch):
+def test_two_node_cluster_writes_only_to_the_bucket(on_disk, shard_models, bucket, monkeypatch, request):
     """A caption TABLE in the bucket, a two-node cluster: the same samples as on disk; outside the bucket only
     Ray's temp folder (and the model cache) is written to, by the driver and by every worker."""
     from ray.cluster_utils import Cluster
@@ -188,6 +189,7 @@ def test_two_node_cluster_writes_only_to_the_bucket(on_disk, shard_models, bucke
     # Every process of the run (driver, raylets, workers) gets an empty HOME, TMPDIR and working folder;
     # short paths: Ray's socket names must stay under 107 characters.
     scratch = Path(tempfile.mkdtemp(prefix="s3e-", dir="/tmp"))
+    request.addfinalizer(lambda: shutil.rmtree(scratch, ignore_errors=True))
     home, tmp, cwd = scratch / "home", scratch / "tmp", scratch / "cwd"
     for d in (home, tmp, cwd):
         d.mkdir()
