@@ -400,7 +400,9 @@ def train(cfg, plan: Plan) -> None:
             stats /= d.world
         loss_val, norm_val = stats.tolist()  # the one host sync per step: check before the update
         if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            raise non_finite(d, step, loss_sum, (loss_val, norm_val), keys, plan.rundir)
+            error = non_finite(d, step, loss_sum, (loss_val, norm_val), keys, plan.rundir)
+            log.sync()  # a store's log.txt and events up to this step, as on disk
+            raise error
         state.opt.step()
         state.opt.zero_grad(set_to_none=True)
         if state.ema is not None:
