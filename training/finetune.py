@@ -270,7 +270,7 @@ class Logger:
         self.writer.add_image(f"samples/{plan.stage}", image, step, dataformats="HWC")
 
     def sync(self) -> None:
-        """After a checkpoint: a store's log.txt and TensorBoard events uploaded (on disk: written as they go)."""
+        """Before a checkpoint: a store's log.txt and TensorBoard events uploaded (on disk: written as they go)."""
         if self.master:
             self.writer.flush()
             self.folder.sync()
@@ -284,7 +284,7 @@ class Logger:
 
 def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int, log: Logger):
     """Every rank's RNG state gathered; rank 0 writes the checkpoint folder (on a store, if the run still
-    holds its lease), then the store's log and TensorBoard events. Returns the folder (rank 0)."""
+    holds its lease, after the store's log and TensorBoard events). Returns the folder (rank 0)."""
     states = [checkpoint.rng_state()]
     if d.ddp:  # gathered as bytes (all_gather_object cannot carry tensors here)
         buf, blobs = io.BytesIO(), [None] * d.world
@@ -301,6 +301,7 @@ def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int, lo
             "stage": plan.stage,
         }  # data position: streams restart here
         log.folder.check_owner()
+        log.sync()  # before the commit: a checkpoint on a store never outlives the log lines up to it
         path = checkpoint.save(
             plan.rundir,
             state.step,
@@ -309,7 +310,6 @@ def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int, lo
             state=trainer,
             keep=keep,
         )
-        log.sync()
     if d.ddp:
         dist.barrier()
     return path

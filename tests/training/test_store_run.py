@@ -132,7 +132,7 @@ def test_a_run_on_the_store_resumes_after_kill_9_and_matches_the_disk_run(enc, b
 
     # the same losses and weights as on disk
     a, b = losses((ref / "log.txt").read_text()), losses((loc / "log.txt").read_text())
-    assert sorted(b) == list(range(1, STEPS + 1))  # the store's log: rewritten whole, no step twice
+    assert sorted(b) == list(range(1, STEPS + 1))  # every step in the store's log (rewritten whole)
     for s in range(1, STEPS + 1):
         assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
     wa = checkpoint.load_weights(checkpoint.step_dir(ref, STEPS) / checkpoint.EMA)
