@@ -231,6 +231,7 @@ def bench_resume(folder: Path, tmp: Path, lines: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script runs (numbers meaningless)")
+    ap.add_argument("--loader-only", action="store_true", help="only the loader table, printed (no results file)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "caption_sets.md"))
     args = ap.parse_args()
@@ -239,6 +240,10 @@ def main() -> None:
         return
     n_bytes, n_loader, batches, draws, lines = (4, 64, 10, 2_000, 20) if args.quick else (32, 512, 150, 100_000, 400)
     t0 = time.time()
+    if args.loader_only:  # the one timing-sensitive part, alone (on a quiet machine); prints, writes no file
+        with tempfile.TemporaryDirectory() as d:
+            print("\n".join(bench_loader(n_loader, Path(d), batches, rounds=2 if args.quick else 5)))
+        return
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         bytes_rows = bench_bytes(n_bytes, tmp)

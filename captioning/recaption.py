@@ -103,6 +103,8 @@ def plan(cfg: Config, shards: str, out: str, name: str | None = None, not_checke
     """Everything a run will do, resolved; `--dry-run` prints it. With `not_checked` (a dry run), missing
     shards are noted there instead of raised: the plan is then made from the config alone. `--shards` and
     `--out` are resolved here, once: LOCS (not printed) holds their Locs."""
+    # a missing bucket, access denied, an unreachable endpoint: one line before any work (reads only)
+    storage.probe_all([shards, out], cfg.storage)
     out_loc = storage.resolve(out, cfg.storage)
     paths = format.shard_locs(shards, cfg.storage)
     problem = None
@@ -118,7 +120,7 @@ def plan(cfg: Config, shards: str, out: str, name: str | None = None, not_checke
         not_checked.append(str(problem))
         paths = present
     name, cap = select(cfg, name)
-    done = [p for p in paths if format.caption_file(out_loc, p).exists()]
+    done = [p for p in paths if format.caption_file(out_loc, p).has_file()]
     return {
         LOCS: {"shards": paths, "out": out_loc, "done": done},
         "shards": [str(p) for p in paths],
@@ -266,13 +268,14 @@ def run(cfg: Config, shards: str, out: str, name: str | None = None) -> dict:
     """Caption every unfinished shard; returns the run summary (also printed as JSON)."""
     from common import ray_start
 
+    storage.take_retries()  # the summary counts this run's
     p = plan(cfg, shards, out, name)
     _, cap = select(cfg, p["captioner"])
     require_models(cfg, p["captioner"], cap)
     locs = p[LOCS]
     out_loc: storage.Loc = locs["out"]
     out_loc.mkdir()
-    fingerprint.check(out_loc, stage_fingerprint(p))
+    fingerprint.check(out_loc, stage_fingerprint(p), lease=True)
     _check_sources(locs["done"], out_loc)
     atomic.clean_temp(out_loc)  # a killed run's half-written parquet never counts (a bucket has none)
     summary = {
@@ -356,9 +359,10 @@ def _finish(summary: dict, out: storage.Loc, p: dict, cfg: Config) -> dict:
     from captioning.report import REPORT, write_caption_report
 
     report = out / REPORT
-    if (summary["written"] or not report.exists()) and out.glob("*.parquet"):
+    if (summary["written"] or not report.has_file()) and out.glob("*.parquet"):
         write_caption_report(out, shards=p[LOCS]["shards"], token_budget=cfg.captioning.token_budget)
     summary["report"] = str(report)
+    summary.update(storage.retry_stats(out))
     print(json.dumps(summary))
     return summary
 

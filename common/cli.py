@@ -93,12 +93,15 @@ def fail(message: str) -> NoReturn:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Around an entry point's work: a SigmaError or a full disk (also from a Ray worker) becomes its
-    one line and exit status 2; anything else is a bug and keeps its traceback."""
+    """Around an entry point's work: a SigmaError, a full disk or a store that stopped answering (also
+    from a Ray worker) becomes its one line and exit status 2; anything else is a bug and keeps its
+    traceback."""
+    from shards import storage
+
     try:
         yield
     except Exception as e:
-        message = user_message(e)
+        message = user_message(e) or storage.fault_line(e)
         if message is None:
             raise
         fail(message)

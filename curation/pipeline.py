@@ -322,15 +322,16 @@ def run(urls, out: str | Path | Loc, cfg: Config, dedup_against: list = ()) -> d
     against = dedup_job.earlier_runs(dedup_against, out)
     fp = stage_fingerprint(source, cfg, against)
     if (out / fingerprint.FILE).has_file():  # a resume: refused if the URL list, a setting or an earlier run changed
-        fingerprint.check(out, fp)
+        fingerprint.check(out, fp, lease=True)
     if (out / "stats.json").has_file() and (out / MANIFEST).has_file():
         return json.loads((out / "stats.json").read_text())
     cur = cfg.curation
     work, downloads = out / "_work", out / "downloads"
     timings = {}
+    storage.take_retries()  # stats.json counts this run's
     t0 = time.time()
     n_shards = source.split(work / "input", cur.download.shard_size)
-    fingerprint.check(out, fp)  # recorded once the URL list is known to be readable
+    fingerprint.check(out, fp, lease=True)  # recorded once the URL list is known to be readable
     timings["split"] = time.time() - t0
     for folder in (work / "scored", downloads, out / "shards"):
         folder.mkdir()
@@ -347,7 +348,7 @@ def run(urls, out: str | Path | Loc, cfg: Config, dedup_against: list = ()) -> d
     t0 = time.time()
     written = outputs.write(out, n_shards, dups, cur, cfg.storage)
     timings["write"] = time.time() - t0
-    stats = summarize(out, work, n_shards, timings, written)
+    stats = {**summarize(out, work, n_shards, timings, written), **storage.retry_stats(out)}
     atomic.write_text(out / "stats.json", json.dumps(stats, indent=2, default=str) + "\n")
     from curation.report import write_report
 

@@ -71,7 +71,7 @@ def caption_rows(path) -> dict[str, dict]:
     """{key: caption row} from the shard's caption file (a CAPDIR's, or a caption table's part for this
     shard: encoding/caption_table.py); empty when the file is missing or unreadable (missing_caption)."""
     path = _loc(path)  # a file on disk or an object in a bucket
-    if not path.exists():
+    if not path.has_file():
         print(f"encode: {path}: no caption file; its samples are reported as missing_caption", flush=True)
         return {}
     try:

@@ -66,10 +66,10 @@ def prepare(
         if old != work:
             old.rmtree()
     window = max(16, 8 * int(ray.cluster_resources().get("CPU", 1)))
-    todo = [s for s in shard_list if not fmt.caption_file(work, s).exists()]
+    todo = [s for s in shard_list if not fmt.caption_file(work, s).has_file()]
     if todo:
         atomic.clean_temp(work)
-        if not (work / SPANS).exists():
+        if not (work / SPANS).has_file():
             task = ray.remote(num_cpus=TASK_CPUS)(span)
             got = dict(_gather(gather.bounded(((s, task.remote(s)) for s in shard_list), window)))
             atomic.write_parquet(work / SPANS, _spans_table(shard_list, got))
@@ -177,7 +177,7 @@ def split(piece: dict, work: captions.Place) -> dict:
     work = _loc(work)
     parts = work / PARTS
     marker = parts / f"{piece['id']}.json"
-    if marker.exists():
+    if marker.has_file():
         return dict(json.loads(marker.read_text()))
     df = captions.read_file(piece["file"], piece["row_groups"])
     example = str(df["key"].iloc[0]) if len(df) else None

@@ -48,9 +48,10 @@ def plan(cfg, images: str, captions_path: list[str], out: str, tier: str, first:
         e.vae_tiling,
         buckets.TIER_TABLES[tier],
     )
-    storage.resolve(out, cfg.storage)  # a URL this layer refuses is one line, before anything is read
-    locs = fmt.shard_locs(images, cfg.storage)
     set_plan = sets.parse(captions_path, first)
+    # a URL this layer refuses, a missing bucket, access denied, an unreachable endpoint: one line, reading only
+    storage.probe_all([images, out, *set_plan.sources.values()], cfg.storage)
+    locs = fmt.shard_locs(images, cfg.storage)
     return dict(
         images=images,
         shards=len(locs),
@@ -75,7 +76,7 @@ def check_inputs(p: dict) -> dict[str, captions.CaptionSource]:
     (one line) otherwise."""
     if not p["shard_list"]:
         raise SigmaError(f"--images {p['images']}: no shards found")
-    missing = [s for s in p["shard_list"] if not s.exists()]
+    missing = [s for s in p["shard_list"] if not s.has_file()]
     if missing:
         raise SigmaError(f"--images: {missing[0]}: no such file")
     return {name: captions.resolve(path, p["shard_list"], p["storage"]) for name, path in p["captions"].items()}
@@ -115,14 +116,14 @@ def _check_fingerprint(cfg, p: dict, sources: dict, encdir: storage.Loc, reencod
         (encdir / fingerprint.FILE).unlink()
     path = encdir / fingerprint.FILE
     current = stage_fingerprint(cfg, p, sources)
-    old = json.loads(path.read_text()) if path.exists() else None
+    old = json.loads(path.read_text()) if path.has_file() else None
     is_set = lambda k: k.startswith(("--captions", "--first-sentence"))
     compare = current
     if old is not None:
         compare = {k: v for k, v in current.items() if not (is_set(k) and k not in old)}
         compare.update({k: v for k, v in old.items() if is_set(k) and k not in current})
     try:
-        fingerprint.check(encdir, compare)
+        fingerprint.check(encdir, compare, lease=True)
     except SigmaError as e:
         raise SigmaError(f"{e}; or pass --reencode to encode again what changed") from None
     if old is not None and set(current) - set(old):  # new sets: recorded beside the old ones
@@ -147,6 +148,7 @@ def run(
     from shards import atomic
 
     t0 = time.time()
+    storage.take_retries()  # the summary counts this run's
     specs = [captions_path] if isinstance(captions_path, str) else list(captions_path)
     p = plan(cfg, images, specs, out, tier, first_sentence)
     sources = check_inputs(p)
@@ -212,6 +214,7 @@ def run(
         total=len(index),
         counts={f"{s}/{r}" if r else s: int(n) for (s, r), n in counts.items()},
         seconds=round(time.time() - t0, 1),
+        **storage.retry_stats(encdir),
     )
 
 
@@ -319,7 +322,7 @@ def _add_sets(ray, cfg, encdir: storage.Loc, set_plan: sets.SetPlan, files: dict
 def _held_sets(encdir: storage.Loc, set_plan: sets.SetPlan) -> list[str]:
     """The caption sets the folder holds after this run: the ones it held (info.json) and this run's."""
     path = encdir / encoded.INFO
-    old = encoded.caption_sets(json.loads(path.read_text())) if path.exists() else {}
+    old = encoded.caption_sets(json.loads(path.read_text())) if path.has_file() else {}
     return list(dict.fromkeys([*old, *set_plan.names]))
 
 
@@ -372,7 +375,7 @@ def _dataset(ray, tasks: list[dict], cfg, tier: str):
 def _check_tier(encdir: storage.Loc, tier: str) -> None:
     """One ENCDIR holds one tier: a different --tier is almost surely a typo, not a wish to re-encode."""
     path = encdir / encoded.INFO
-    if path.exists():
+    if path.has_file():
         old = json.loads(path.read_text()).get("tier")
         if old and old != tier:
             raise SigmaError(f"{encdir}: holds tier {old}, not {tier}; use another --out for tier {tier}")
@@ -426,7 +429,7 @@ def _merge_index(encdir: storage.Loc, committed, failures: list[dict], inputs: s
     columns = [c for c in committed.columns if c != "clip_embedding"]  # kept in the row files only
     frames = [committed, pd.DataFrame(failures, columns=columns)]
     old_path = encdir / encoded.INDEX
-    if old_path.exists():
+    if old_path.has_file():
         with captions.readable(old_path) as src:
             old = pq.read_table(src).to_pandas()
         old = old[(old["status"] != KEPT) & ~old["source"].isin(inputs)]
@@ -455,12 +458,12 @@ def _write_info(ray, encdir: storage.Loc, cfg, tier: str, fp: str, held: list[st
 
     e, m = cfg.encode, cfg.models
     null_path = encdir / "null_caption.safetensors"
-    old = json.loads((encdir / encoded.INFO).read_text()) if (encdir / encoded.INFO).exists() else {}
+    old = json.loads((encdir / encoded.INFO).read_text()) if (encdir / encoded.INFO).has_file() else {}
     old_sets = encoded.caption_sets(old) if old else {}
     new_sets = {n: {"from": path} for n, path in set_plan.sources.items()}
     new_sets[encoded.ORIGINAL] = {"from": "curated alt text (KEY.txt or the caption row's original_caption)"}
     new_sets.update({n: {"from": f"first sentence of {src}"} for n, src in set_plan.derived.items()})
-    if old.get("fingerprint") != fp or not null_path.exists():
+    if old.get("fingerprint") != fp or not null_path.has_file():
         r = e.t5_resources
         task = ray.remote(num_gpus=r.num_gpus or None, num_cpus=r.num_cpus)(actors.null_caption)
         data = ray.get(task.remote(m.t5, e.t5_dtype, e.t5_max_length))
@@ -540,7 +543,7 @@ def _warn_sparse_sets(index, set_plan: sets.SetPlan) -> None:
 def _caption(tar: storage.Loc, name: str, key: str) -> str | None:
     """A sample's caption in set `name`, from the tar's side file (None for a version 1 inline set)."""
     side = encoded.set_file(tar, name)
-    if not side.exists():
+    if not side.has_file():
         return None
     return next((r["caption"] for r in encoded.read_set(side, ["key", "caption"]) if r["key"] == key), None)
 

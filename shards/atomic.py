@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from shards import storage
-from shards.errors import DISK_FULL, SigmaError, disk_full
 from shards.storage import Loc
 
 Dest = str | os.PathLike[str] | Loc
@@ -22,18 +20,9 @@ def atomic_path(dest: Dest) -> Iterator[Path]:
     """Yield a local temp path; it becomes `dest` only if the block succeeds: renamed onto it on disk
     (the temp file is beside it), uploaded as one object to a bucket (the temp file is in TMPDIR)."""
     if isinstance(dest, Loc) and not dest.is_local:
-        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            yield Path(name)
-            dest.upload(name)
-        except OSError as e:
-            if e.errno in DISK_FULL:
-                raise SigmaError(disk_full(name)) from None
-            raise
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
+        with storage.temp_file(dest.name) as tmp:
+            yield tmp
+            dest.upload(tmp)
         return
     with storage.local_temp(dest) as tmp:
         yield tmp

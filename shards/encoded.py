@@ -160,7 +160,7 @@ def read_info(encdir: Place) -> dict[str, Any]:
     Training reads it to refuse latents from a VAE other than the one it decodes with.
     """
     path = _loc(encdir) / INFO
-    if not path.exists():
+    if not path.has_file():
         raise SigmaError(f"{path}: not an encoded dataset (run encoding/encode first)")
     info: dict[str, Any] = json.loads(path.read_text())
     if info.get("format_version") not in READ_VERSIONS:
@@ -387,7 +387,7 @@ class BucketWriter:
     def _open(self) -> tarfile.TarFile:
         self.folder.mkdir()
         n = 0
-        while (self.folder / f"{self.fp[:8]}-{n:05d}.tar").exists():  # exact names: one HEAD each on a bucket
+        while (self.folder / f"{self.fp[:8]}-{n:05d}.tar").has_file():  # exact names: one HEAD each on a bucket
             n += 1
         self.path = self.folder / f"{self.fp[:8]}-{n:05d}.tar"
         self._out = contextlib.ExitStack()
@@ -475,7 +475,7 @@ def rows_file(tar: storage.Loc) -> storage.Loc:
 def committed_shards(encdir: Place) -> list[storage.Loc]:
     """Every training tar whose row file exists (found by its exact name, never by a listing), sorted."""
     root = _loc(encdir) / SHARDS
-    return [tar for tar in root.glob("*/*.tar") if rows_file(tar).exists()]
+    return [tar for tar in root.glob("*/*.tar") if rows_file(tar).has_file()]
 
 
 def committed_rows(encdir: Place, sets: tuple[str, ...] | list[str] = ()) -> Any:
@@ -493,7 +493,7 @@ def committed_rows(encdir: Place, sets: tuple[str, ...] | list[str] = ()) -> Any
             df = rows.read(columns=wanted).to_pandas()
         for name in sets:
             side = set_file(p, name)
-            if side.exists():
+            if side.has_file():
                 got = pd.DataFrame(list(read_set(side, ["key", "t5_len", "clip_score"])))
                 df[len_column(name)] = got["t5_len"].to_numpy() if len(got) else 0
                 df[clip_column(name)] = got["clip_score"].astype(float).to_numpy() if len(got) else float("nan")
@@ -512,17 +512,17 @@ def remove_incomplete(encdir: Place) -> int:
     for folder in (_loc(encdir) / SHARDS).iterdir():
         n += atomic.clean_temp(folder)
         for tar in folder.glob("*.tar"):
-            if not rows_file(tar).exists():
+            if not rows_file(tar).has_file():
                 tar.unlink()
                 n += 1
         for rows in folder.glob("*.parquet"):
             side = SET_FILE.match(rows.name)
             if side is not None:  # a caption set of a tar that is not committed (or was lost)
                 tar = folder / f"{side['tar']}.tar"
-                if not (tar.exists() and rows_file(tar).exists()):
+                if not (tar.has_file() and rows_file(tar).has_file()):
                     rows.unlink()
                     n += 1
-            elif not (folder / f"{rows.stem}.tar").exists():  # its tar was lost: its samples get re-encoded
+            elif not (folder / f"{rows.stem}.tar").has_file():  # its tar was lost: its samples get re-encoded
                 rows.unlink()
                 n += 1
     return n

@@ -24,7 +24,8 @@ A folder holding no output yet (nothing but fingerprint.json, the stage's work s
 temp files and the lock) is not protected: a run with other inputs or settings restarts it, says so in
 one line and removes the stale work state (e.g. `_work/input` cut at another shard_size). While a run
 writes into a local folder it holds FOLDER/.lock (`flock`, released when the process ends, killed or
-not), so a second run into the same folder at once is refused; a bucket cannot hold such a lock.
+not), so a second run into the same folder at once is refused; in a bucket FOLDER/.lock is a lease
+(`Lease`: created by a conditional PUT, renewed while the run lasts, removed at its end).
 
 A fingerprint.json written by the v1 rule is still accepted for unchanged inputs: `check` compares
 its values with the current ones in which each v2 listing is replaced by the v1 digest of the same
@@ -43,6 +44,7 @@ import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -77,12 +79,14 @@ def file_digest(path: str | Path | storage.Loc) -> str:
 def listing(paths: Iterable[str | Path | storage.Loc]) -> str:
     """`v2:<sha256>` over each input file's name, size and content (small files hashed, big ones by mtime
     and sampled bytes; on a bucket size and ETag): many files, too big to hash whole (module docstring).
-    One stat (a bucket: one HEAD) per file, shared with the v1 digest kept for old fingerprint.json files."""
+    One stat per file (a bucket: one LIST per folder, `storage.infos`), shared with the v1 digest kept for
+    old fingerprint.json files."""
     locs = sorted(map(_loc, paths))
+    listed = storage.infos(p for p in locs if not p.is_local)
     h = hashlib.sha256()
     sizes = []
     for p in locs:
-        size, stamp = _stamp(p)
+        size, stamp = _stamp(p, listed)
         sizes.append((p, size))
         h.update(f"{p.name}\t{stamp}\n".encode())
     value = f"v{LISTING_VERSION}:{h.hexdigest()}"
@@ -90,12 +94,12 @@ def listing(paths: Iterable[str | Path | storage.Loc]) -> str:
     return value
 
 
-def _stamp(p: storage.Loc) -> tuple[int, str]:
-    """(size, what changes when a listed file changes: size, mtime and a sampled sha256; bucket: size, ETag)."""
+def _stamp(p: storage.Loc, listed: dict[storage.Loc, dict[str, Any]]) -> tuple[int, str]:
+    """(size, what changes when a listed file changes: size, mtime and a sampled sha256; bucket: size, ETag
+    from `listed`, storage.infos)."""
     if not p.is_local:
-        try:
-            info = p.info()
-        except FileNotFoundError:
+        info = listed.get(p)
+        if info is None:
             return -1, "-1"
         return int(info["size"]), f"{info['size']}\t{info.get('etag')}"
     try:
@@ -173,13 +177,17 @@ def flat(settings: Any, prefix: str) -> dict[str, Any]:
     return out
 
 
-_held: dict[str, int] = {}  # folder -> the descriptor of its lock, held until this process ends
+_held: dict[str, int | Lease] = {}  # folder -> its lock's descriptor (disk) or lease (bucket), held until released
 
 
-def lock(folder: storage.Loc) -> None:
-    """Hold FOLDER/.lock for the rest of this process, or refuse in one line: another run is writing into it.
-    A bucket has no such lock (nothing releases one when a process is killed): no-op there."""
-    if not folder.is_local or str(folder) in _held:
+def lock(folder: storage.Loc, lease: bool = False) -> None:
+    """Hold FOLDER/.lock for the rest of this process (or `releases_locks`), or refuse in one line: another
+    run is writing into it. On disk a flock; in a bucket, with `lease`, a lease (`Lease`; training keeps its
+    own, training/runfolder.py, where the newest run takes a folder over), else nothing."""
+    if str(folder) in _held or (not folder.is_local and not lease):
+        return
+    if not folder.is_local:
+        _held[str(folder)] = Lease(folder / LOCK)
         return
     folder.mkdir()
     fd = os.open(os.path.join(folder.path, LOCK), os.O_RDWR | os.O_CREAT, 0o666)
@@ -191,6 +199,84 @@ def lock(folder: storage.Loc) -> None:
             f"{folder}: another run is writing into it now (it holds {LOCK}); wait for it to end, or use another --out"
         ) from None
     _held[str(folder)] = fd
+
+
+class Lease:
+    """A bucket folder's lock: the object FOLDER/.lock naming its owner (host, pid) and when its lease ends,
+    created only if absent (a conditional PUT, `If-None-Match: *`: of two runs starting at once one wins)
+    and renewed every TTL/4 by a thread. A lease past its end, or one whose owner is a process of this
+    machine that no longer runs (a run killed with kill -9 here), is taken over (`If-Match` its ETag); a
+    fresh one refuses the run in one line. A run killed on another machine holds the folder for up to TTL
+    seconds. A store without conditional writes (some S3-compatible ones) lets both runs in: the lease is
+    then only what a listing shows."""
+
+    TTL = 120.0  # seconds a lease lasts unless renewed
+
+    def __init__(self, loc: storage.Loc) -> None:
+        import socket
+        import threading
+        import uuid
+
+        self.loc, self.bucket, self.key = loc, *loc.path.split("/", 1)
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex}
+        try:
+            self.etag = self._put(IfNoneMatch="*")
+        except FileExistsError:
+            self.etag = self._take_over()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name="sigmaforge-lease", daemon=True)
+        self._thread.start()
+
+    def _put(self, **condition: str) -> str:
+        body = json.dumps({**self.owner, "expires": time.time() + self.TTL}).encode()
+        r = self.loc.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=body, **condition)
+        return str(r["ETag"])
+
+    def _take_over(self) -> str:
+        etag = self.loc.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)["ETag"]
+        other = json.loads(self.loc.read_bytes() or b"{}")  # if it changes after the HEAD, If-Match refuses
+        gone = other.get("host") == self.owner["host"] and not _alive(int(other.get("pid", 0)))
+        if not gone and float(other.get("expires", 0)) > time.time():
+            left = float(other["expires"]) - time.time()
+            raise SigmaError(
+                f"{self.loc.parent}: another run is writing into it now ({other.get('host')}, pid {other.get('pid')}; "
+                f"its lease {LOCK} ends in {left:.0f} s unless renewed); wait for it to end, or use another --out"
+            )
+        try:
+            return self._put(IfMatch=etag)
+        except OSError:  # another run took it over first
+            raise SigmaError(f"{self.loc.parent}: another run started writing into it now; use another --out") from None
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.TTL / 4):
+            try:
+                self.etag = self._put(IfMatch=self.etag)
+            except Exception as e:  # noqa: BLE001 - taken over (thought gone) or the store unreachable: said once
+                print(f"warning: {self.loc}: lease not renewed ({type(e).__name__})", file=sys.stderr)
+                return
+
+    def release(self) -> None:
+        import contextlib
+
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):  # gone already, or not ours any more: nothing to free
+            head = self.loc.fs.call_s3("head_object", Bucket=self.bucket, Key=self.key)
+            if head["ETag"] == self.etag:
+                self.loc.unlink()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this machine runs with this pid."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 P = ParamSpec("P")
@@ -208,7 +294,11 @@ def releases_locks(run: Callable[P, R]) -> Callable[P, R]:
             return run(*args, **kwargs)
         finally:
             for key in set(_held) - before:
-                os.close(_held.pop(key))  # closing the descriptor drops its flock
+                held = _held.pop(key)
+                if isinstance(held, Lease):
+                    held.release()
+                else:
+                    os.close(held)  # closing the descriptor drops its flock
 
     return wrapper
 
@@ -226,18 +316,22 @@ def holds_output(folder: storage.Loc, work: Iterable[str] = WORK) -> bool:
 
 
 def check(
-    folder: str | Path | storage.Loc, fingerprint: dict[str, Any], work: Iterable[str] = WORK, dry_run: bool = False
+    folder: str | Path | storage.Loc,
+    fingerprint: dict[str, Any],
+    work: Iterable[str] = WORK,
+    dry_run: bool = False,
+    lease: bool = False,
 ) -> None:
     """Record `fingerprint` in FOLDER/fingerprint.json, or refuse a resume whose fingerprint differs; a
     folder with no output yet (`holds_output`) restarts instead, its `work` entries removed. Holds the
-    folder's lock from here on (`lock`); a dry run only reads."""
+    folder's lock from here on (`lock`; `lease`: a bucket folder's too); a dry run only reads."""
     loc = _loc(folder)
     work = tuple(work)
     if not dry_run:
-        lock(loc)
+        lock(loc, lease)
     path = loc / FILE
     current = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
-    if not path.exists():
+    if not path.has_file():
         if not dry_run:
             write_text(path, json.dumps(current, indent=2, sort_keys=True) + "\n")
         return

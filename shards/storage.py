@@ -33,6 +33,7 @@ import functools
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -117,7 +118,120 @@ def _filesystem(scheme: str, options: tuple[tuple[str, Any], ...]) -> Any:
 def _client(pid: int, scheme: str, options: tuple[tuple[str, Any], ...]) -> Any:
     import fsspec
 
-    return fsspec.filesystem(BACKENDS[scheme][0], **fsspec_kwargs(scheme, options))
+    fs = fsspec.filesystem(BACKENDS[scheme][0], **fsspec_kwargs(scheme, options))
+    if BACKENDS[scheme][0] == "s3":
+        # s3fs' own retry loops around a request (5 tries, nested for reads) multiply botocore's attempts: a
+        # store gone took ~100 requests and 24 s to report with 1 attempt, minutes with 10. One more try
+        # each still covers a response body cut short, which botocore does not retry.
+        fs.retries = 2
+    return fs
+
+
+# --- retries, counted ------------------------------------------------------------------------------
+# botocore retries a throttled request (SlowDown, 503, 429), a server error and a dropped connection with
+# backoff (storage.s3.retries attempts, adaptive mode). Each retry is counted by its cause in the process
+# that makes it, through botocore's own events on every S3 client made in the process (s3fs' here and
+# img2dataset's): `needs-retry` sees why an attempt failed, `request-created` of the next attempt is the
+# retry. A Ray worker sends its counts to one small actor per job, made by the first retry (nothing at all
+# when nothing is retried); a stage's driver reads and resets the sum with `take_retries`.
+RETRY_KINDS = ("throttled", "server_errors", "dropped")
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+_FAULT = "sigmaforge_fault"  # the failed attempt's cause, kept in botocore's request context until its retry
+_retries: dict[str, int] = dict.fromkeys(RETRY_KINDS, 0)  # this process's, while it is not in a Ray job
+_forked = [False]  # a forked child (a DataLoader worker) counts here: its parent's Ray is not its to call
+os.register_at_fork(after_in_child=lambda: _forked.__setitem__(0, True))
+
+
+def _on_attempt(request_dict: dict[str, Any], response: Any = None, caught_exception: Any = None, **_: Any) -> None:
+    """botocore `needs-retry`: note why this attempt failed, if it is a cause botocore retries."""
+    kind = None
+    if caught_exception is not None:
+        kind = "dropped"  # a connection reset or closed, a timeout
+    elif response is not None:
+        status, code = response[0].status_code, response[1].get("Error", {}).get("Code")
+        if status in (429, 503) or code in _THROTTLED:
+            kind = "throttled"
+        elif status >= 500:
+            kind = "server_errors"
+    if kind is not None:
+        request_dict["context"][_FAULT] = kind
+    return None  # the decision and the backoff stay botocore's
+
+
+def _on_request(request: Any, **_: Any) -> None:
+    """botocore `request-created`: a request made after a failed attempt is its retry."""
+    kind = getattr(request, "context", {}).pop(_FAULT, None)
+    if kind is not None:
+        _count_retry(kind)
+
+
+def _count_retry(kind: str) -> None:
+    tally = _tally(create=True)
+    if tally is None:
+        _retries[kind] += 1
+    else:
+        tally.add.remote(kind)
+
+
+def _tally(create: bool) -> Any:
+    """The Ray job's retry counter (an actor), or None outside Ray (or, without `create`, if none was made).
+    The contract layer loads no Ray: it uses the one the process has loaded (a Ray worker, a stage's driver)."""
+    ray = sys.modules.get("ray")
+    if ray is None or _forked[0] or not ray.is_initialized():
+        return None
+    name = f"storage-retries-{ray.get_runtime_context().get_job_id()}"
+    try:
+        return ray.get_actor(name, namespace="sigmaforge")
+    except ValueError:
+        if not create:
+            return None
+
+    class Tally:
+        def __init__(self) -> None:
+            self.counts = dict.fromkeys(RETRY_KINDS, 0)
+
+        def add(self, kind: str) -> None:
+            self.counts[kind] += 1
+
+        def take(self) -> dict[str, int]:
+            counts, self.counts = self.counts, dict.fromkeys(RETRY_KINDS, 0)
+            return counts
+
+    # detached: it outlives the worker that made it; the driver's take_retries removes it
+    actor = ray.remote(num_cpus=0)(Tally).options(
+        name=name, namespace="sigmaforge", lifetime="detached", get_if_exists=True
+    )
+    return actor.remote()
+
+
+def take_retries() -> dict[str, int]:
+    """The retries counted since the last call, by cause, in this process and (in a Ray job) its workers;
+    the counts start again from zero. A stage calls it at its start and puts its end's into its stats."""
+    counts = dict(_retries)
+    _retries.update(dict.fromkeys(RETRY_KINDS, 0))
+    tally = _tally(create=False)
+    if tally is not None:
+        ray = sys.modules["ray"]
+        for kind, n in ray.get(tally.take.remote()).items():
+            counts[kind] += n
+        ray.kill(tally)
+    return counts
+
+
+def retry_stats(out: Loc) -> dict[str, dict[str, int]]:
+    """A stage's stats entry `storage_retries` (`take_retries`): always for a bucket `out`, else only if
+    something was retried (an input in a bucket), so that a run on disk writes what it wrote before."""
+    counts = take_retries()
+    return {"storage_retries": counts} if any(counts.values()) or not out.is_local else {}
+
+
+def _count_retries_of_every_client() -> None:
+    """Register the two handlers with botocore's built-in ones: every S3 client made from now on has them."""
+    from botocore import handlers
+
+    for spec in (("needs-retry.s3", _on_attempt), ("request-created.s3", _on_request)):
+        if spec not in handlers.BUILTIN_HANDLERS:
+            handlers.BUILTIN_HANDLERS.append(spec)
 
 
 def fsspec_kwargs(scheme: str, options: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
@@ -127,6 +241,7 @@ def fsspec_kwargs(scheme: str, options: tuple[tuple[str, Any], ...]) -> dict[str
     o = dict(options)
     kw: dict[str, Any] = {"skip_instance_cache": True}
     if protocol == "s3":
+        _count_retries_of_every_client()
         # No listings cache: a marker's HEAD must see the store, not a listing made before it was written.
         kw.update(use_listings_cache=False, anon=bool(o.get("anon", False)))
         if o.get("endpoint_url"):
@@ -273,9 +388,7 @@ class Loc:
         if not self.scheme:
             st = os.stat(self.path)
             return {"size": st.st_size, "mtime": st.st_mtime_ns}
-        i = self.fs.info(self.path)
-        tag = i.get("ETag") or i.get("etag") or i.get("md5Hash") or i.get("generation") or i.get("mtime")
-        return {"size": int(i.get("size") or 0), "etag": str(tag).strip('"') if tag is not None else None}
+        return _size_and_tag(self.fs.info(self.path))
 
     def open(self, mode: str = "rb", **kwargs: Any) -> IO[Any]:
         """Open for reading (a bucket object streams with read-ahead), or for writing with `writer()`."""
@@ -380,6 +493,39 @@ class Loc:
         self.fs.pipe_file(self.path, data)
 
 
+def _size_and_tag(i: Mapping[str, Any]) -> dict[str, Any]:
+    """`Loc.info` of a bucket object from fsspec's details (a HEAD's or a listing's: the same ETag)."""
+    tag = i.get("ETag") or i.get("etag") or i.get("md5Hash") or i.get("generation") or i.get("mtime")
+    size = i.get("size", i.get("ContentLength"))
+    return {"size": int(size or 0), "etag": str(tag).strip('"') if tag is not None else None}
+
+
+def infos(locs: Iterable[Loc]) -> dict[Loc, dict[str, Any]]:
+    """`info()` of many files, missing ones left out. In a bucket one LIST per folder (its pages of 1000)
+    instead of a HEAD per object; an object the listing lacks (some stores list late) gets its HEAD."""
+    out: dict[Loc, dict[str, Any]] = {}
+    folders: dict[Loc, list[Loc]] = {}
+    for loc in locs:
+        folders.setdefault(loc.parent, []).append(loc)
+    for folder, group in folders.items():
+        listed: dict[str, Any] = {}
+        if not folder.is_local and len(group) > 1:
+            with contextlib.suppress(FileNotFoundError):
+                listed = {e["name"].rstrip("/"): e for e in folder.fs.ls(folder.path, detail=True)}
+        for loc in group:
+            entry = listed.get(loc.path)
+            if entry is not None and entry.get("type") == "file":
+                out[loc] = _size_and_tag(entry)
+            elif loc.is_local or BACKENDS[loc.scheme][0] != "s3":
+                with contextlib.suppress(FileNotFoundError):
+                    out[loc] = loc.info()
+            else:  # one HEAD (s3fs' info() lists the prefix too when the key is missing)
+                bucket, _, key = loc.path.partition("/")
+                with contextlib.suppress(FileNotFoundError):
+                    out[loc] = _size_and_tag(loc.fs.call_s3("head_object", Bucket=bucket, Key=key))
+    return out
+
+
 # --- faults as one line ----------------------------------------------------------------------------
 PROBE_TIMEOUT = 5  # seconds to connect in the up-front probe: an unreachable endpoint fails in seconds
 _UNREACHABLE = {
@@ -419,6 +565,47 @@ def failure(loc: Loc | str, e: BaseException) -> str | None:
     else:
         return None
     return _scrub(f"{loc}: {cause}")
+
+
+def fault_line(error: BaseException) -> str | None:
+    """The one line for a run that ended because the store stopped answering or took its credentials away
+    (the server gone, the network down: after botocore's retries), also when Ray wrapped the error; None
+    for anything else. It names the object the request was for (`s3://bucket/key`, read from the failed
+    request's URL) and the cause. Entry points print it instead of a traceback (common/cli.user_errors)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError
+        if isinstance(cause, BaseException):
+            e = cause
+            continue
+        name = type(e).__name__
+        if name in _UNREACHABLE or name in ("NoCredentialsError", "PartialCredentialsError"):
+            return failure(_object_url(str(e)), e)
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _object_url(message: str) -> str:
+    """`s3://bucket/key` of the request URL a botocore error quotes (path-style or virtual-hosted), else
+    "the object store"."""
+    from urllib.parse import urlsplit
+
+    m = re.search(r'"(https?://[^"\s]+)"', message)
+    if m is None:
+        return "the object store"
+    url = urlsplit(m.group(1))
+    host, path = url.hostname or "", url.path.strip("/")
+    if ".s3." in host or ".s3-" in host:  # virtual-hosted: bucket.s3.region.amazonaws.com/key
+        path = f"{host.split('.s3', 1)[0]}/{path}"
+    return f"s3://{path}" if path else url.geturl()
+
+
+def probe_all(texts: Iterable[str], options: Any = None) -> None:
+    """`probe` each user path (a brace pattern's first name; a glob as it is): one line before any work."""
+    for text in texts:
+        probe(resolve(split_braces(text)[0], options))
 
 
 def probe(loc: Loc) -> None:
@@ -535,26 +722,34 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
+def temp_file(name: str, folder: str | os.PathLike[str] | None = None, full: object = None) -> Iterator[Path]:
+    """A temp file `.NAME.*.tmp` in `folder` (None: TMPDIR), removed at the end whatever happens; a full disk
+    in the block is SigmaError naming `full` (default: the temp file). The one rule for local temp files."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise SigmaError(disk_full(full or tmp)) from None
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
 def local_temp(path: str | os.PathLike[str]) -> Iterator[Path]:
     """The disk's commit rule, defined once (shards/atomic.py and the writers below use it): yield a temp
     path beside `path`, fsynced and renamed onto it only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
+    with temp_file(path.name, path.parent, full=path) as tmp:
+        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others on a shared filesystem must read it
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in DISK_FULL:
-            raise SigmaError(disk_full(path)) from None
-        raise
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 # --- commit markers ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Stage-specific fixtures live in tests/<stage>/conftest.py.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,6 @@ def shard_models(tmp_path_factory) -> dict[str, Path]:
 # The endpoint and the test's credentials are set when this file is imported, before any Ray starts, so
 # every Ray worker inherits them exactly as a cluster node inherits its environment (or its role).
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -132,6 +131,10 @@ def bucket(s3_server, request):
     return f"s3://{name}"
 
 
+SLOWDOWN = b"""<?xml version="1.0" encoding="UTF-8"?>
+<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"""
+
+
 class CountingEndpoint:
     """moto's S3 server (its WSGI app, as ThreadedMotoServer serves it) on 127.0.0.1, recording each request."""
 
@@ -143,15 +146,32 @@ class CountingEndpoint:
 
         app = DomainDispatcherApplication(create_backend_app)
         self.requests: list[tuple[str, str, str]] = []  # (method, path, query), in arrival order
+        self.faults: list[tuple[str, str, str]] = []  # (method, path part, how): the next matching requests fail
 
         def counted(environ, start_response):
-            self.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ["QUERY_STRING"]))
-            return app(environ, start_response)
+            method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+            self.requests.append((method, path, environ["QUERY_STRING"]))
+            fault = next((f for f in self.faults if f[0] == method and f[1] in path), None)
+            if fault is None:
+                return app(environ, start_response)
+            self.faults.remove(fault)
+            environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))  # the body, as a server would
+            if fault[2] == "drop":  # the connection closed with no answer (a restarted load balancer)
+                environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
+                start_response("500 Dropped", [])  # written to a closed socket: nothing arrives
+                return []
+            start_response("503 Slow Down", [("Content-Type", "application/xml")])
+            return [SLOWDOWN]
 
         self._server = make_server("127.0.0.1", port or _free_port(), counted, True, request_handler=MotoRequestHandler)
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def fail(self, method: str, times: int, how: str = "slowdown", path: str = "") -> None:
+        """The next `times` requests of `method` (whose path contains `path`) fail: `slowdown` answers 503
+        SlowDown (S3's throttling), `drop` closes the connection unanswered."""
+        self.faults += [(method, path, how)] * times
 
     def count(self, method: str | None = None, path: str = "") -> int:
         """Requests (of one method) whose path contains `path`."""
@@ -171,4 +191,6 @@ def s3_counted(s3_server):
     (method, path, query), `.count(method, path)`, `.writes()`; `.url` is the endpoint."""
     server = _SERVER[0]
     server.requests.clear()
-    return server
+    server.faults.clear()
+    yield server
+    server.faults.clear()

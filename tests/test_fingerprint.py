@@ -333,3 +333,40 @@ def test_a_stage_run_holds_the_lock_for_its_own_duration_only(tmp_path):
 
     run()
     assert free()  # released when it returned: a later run (another process, or this one) may start
+
+
+def test_a_bucket_folder_is_leased_while_a_run_writes_into_it(bucket):
+    """FOLDER/.lock in a bucket: a lease taken by a conditional PUT; another run is refused while it is fresh;
+    a lease past its end, or left by a killed process of this machine, is taken over; released at the end."""
+    import socket
+    import subprocess
+    import time
+
+    from shards import atomic, storage
+
+    out = storage.resolve(bucket + "/out")
+    lease = out / fingerprint.LOCK
+
+    @fingerprint.releases_locks
+    def run():
+        fingerprint.check(out, {"urls": "abc"}, lease=True)
+        owner = json.loads(lease.read_text())
+        assert lease.has_file() and owner["expires"] > time.time()
+        with pytest.raises(SigmaError, match="another run is writing into it now"):
+            fingerprint.Lease(lease)  # a second run (another process, here or elsewhere) at the same time
+
+    run()
+    assert not lease.has_file()  # released: a later run may start
+    fingerprint.check(out / "train", {"urls": "abc"})  # without `lease` (training keeps its own): none taken
+    assert not (out / "train" / fingerprint.LOCK).has_file()
+
+    gone = subprocess.Popen(["sleep", "0"])  # a process of this machine that has ended
+    gone.wait()
+    here = {"host": socket.gethostname(), "pid": gone.pid, "expires": time.time() + 100}
+    for left in (here, {"host": "elsewhere", "pid": 1, "expires": 0}):
+        atomic.write_text(lease, json.dumps(left))  # killed here / expired elsewhere: taken over
+        fingerprint.Lease(lease).release()
+        assert not lease.has_file()
+    atomic.write_text(lease, json.dumps({"host": "elsewhere", "pid": 1, "expires": time.time() + 100}))
+    with pytest.raises(SigmaError, match=r"another run is writing into it now \(elsewhere, pid 1"):
+        fingerprint.Lease(lease)

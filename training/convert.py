@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
+from shards import storage
 from shards.errors import SigmaError
+from shards.storage import Loc
 
 # (our name, diffusers name) for every tensor that maps one to one; {i} is the block index.
 _RENAMES = [
@@ -155,11 +157,19 @@ def load_into(model: torch.nn.Module, state_dict: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path | Loc) -> dict:
     """Our state dict from: our `.safetensors`, a diffusers transformer/pipeline folder or weights
     file, or an official `.pth` (read with weights_only=True, never a full unpickle)."""
     from training.checkpoint import load_weights
 
+    if isinstance(path, Loc) or "://" in str(path):
+        loc = path if isinstance(path, Loc) else storage.resolve(path)
+        if not loc.is_local:  # a run's checkpoint on a store (a model folder there: the model cache's)
+            if loc.suffix != ".safetensors":
+                raise SigmaError(f"{loc}: only a .safetensors checkpoint is read from a store")
+            sd = load_weights(loc)
+            return from_diffusers(sd) if "adaln_single.linear.weight" in sd else sd
+        path = loc.path
     path = Path(path)
     if path.is_dir():
         folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path

@@ -10,7 +10,10 @@ ones the run's run.json records (`runs.resolve_models`; the config's for a bare 
 breaks if they move); `--transformer-only`
 writes just the transformer folder, to combine with a T5 and VAE the user already has. The folder
 is written beside OUT and renamed into place, so a failed export leaves nothing half-written; a
-non-empty OUT is refused unless `--force`. KV-compressed models are refused before anything is
+non-empty OUT is refused unless `--force`. OUT may be a bucket URL (`s3://...`): the folder is
+written to a local temp folder, then uploaded and committed by its marker object `_COMMITTED`,
+written last (shards/storage.py; a reader checks it before loading); `--encoders link` is refused
+there (a bucket has no links). KV-compressed models are refused before anything is
 written: diffusers' `PixArtTransformer2DModel` has no KV compression (sample them with
 training/sample instead).
 """
@@ -19,9 +22,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
+from shards import storage
 from shards.errors import SigmaError
+from shards.storage import Loc
 from training import runs
 from training.convert import diffusers_config, save_diffusers
 
@@ -29,7 +35,11 @@ PIPELINE = "PixArtSigmaPipeline"
 ENCODERS = ("copy", "link")  # --encoders choices
 
 
-def check_out(out: Path, force: bool) -> None:
+def check_out(out: Path | Loc, force: bool) -> None:
+    if isinstance(out, Loc):  # a bucket: anything under the prefix
+        if out.iterdir() and not force:
+            raise SigmaError(f"--diffusers {out}: not empty; pass --force to replace it")
+        return
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise SigmaError(f"--diffusers {out}: not empty; pass --force to replace it")
 
@@ -120,6 +130,18 @@ def export(
     tmp.rename(out)
 
 
+def upload(model, out: Loc, t5_path: str | None, vae_path: str | None, transformer_only: bool, force: bool) -> None:
+    """Export into a local temp folder, then upload it into bucket folder `out`, committed by its marker
+    written last (an existing OUT, with --force, is removed first)."""
+    with tempfile.TemporaryDirectory(prefix="sigmaforge-export-") as tmp:
+        local = Path(tmp) / "pipeline"
+        export(model, local, t5_path, vae_path, transformer_only, force=False)
+        check_out(out, force)  # again: another export may have filled it meanwhile
+        with storage.staging(out) as dest:
+            for f in sorted(p for p in local.rglob("*") if p.is_file()):
+                (dest / f.relative_to(local).as_posix()).upload(f)
+
+
 def main(argv=None) -> None:
     from common import cli
 
@@ -131,7 +153,9 @@ def main(argv=None) -> None:
     )
     runs.add_source_args(p)
     runs.add_model_args(p)
-    p.add_argument("--diffusers", required=True, metavar="OUTDIR", help="pipeline folder to write (must be empty)")
+    p.add_argument(
+        "--diffusers", required=True, metavar="OUTDIR", help="pipeline folder or bucket URL to write (must be empty)"
+    )
     p.add_argument(
         "--stage",
         help="stage whose resolution and pe_interpolation to record (default: the run's; "
@@ -148,7 +172,11 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     args = p.parse_args(argv)
     cfg = cli.load(args)
-    out = Path(args.diffusers)
+    try:
+        where = storage.resolve(args.diffusers, cfg.storage)
+    except SigmaError as e:
+        cli.fail(str(e))
+    out: Path | Loc = Path(args.diffusers) if where.is_local else where
     try:
         src = runs.resolve_source(args, cfg, args.stage, require_position=True)
     except SigmaError as e:
@@ -173,6 +201,8 @@ def main(argv=None) -> None:
         linking = args.encoders == "link"
         if linking and args.transformer_only:
             raise SigmaError("--encoders link: --transformer-only writes no T5 or VAE to link")
+        if linking and isinstance(out, Loc):
+            raise SigmaError(f"--encoders link: a bucket has no links (--diffusers {out}); use --encoders copy")
         models = None if args.transformer_only else runs.resolve_models(args, cfg, src)
         t5_path, vae_path = (models.t5, models.vae) if models else (None, None)
         links = link_targets(t5_path, vae_path) if models and linking else None
@@ -192,13 +222,16 @@ def main(argv=None) -> None:
             )
             return
         model = runs.load_model(src.checkpoint, src.size, **src.position)
-        export(model, out, t5_path, vae_path, args.transformer_only, args.force, links)
+        if isinstance(out, Loc):
+            upload(model, out, t5_path, vae_path, args.transformer_only, args.force)
+        else:
+            export(model, out, t5_path, vae_path, args.transformer_only, args.force, links)
     except SigmaError as e:
         cli.fail(str(e))
     print(summary(out, src, diffusers_config(model), models, args.encoders))
 
 
-def summary(out: Path, src: runs.Source, config: dict, models: runs.Models | None, encoders: str) -> str:
+def summary(out: Path | Loc, src: runs.Source, config: dict, models: runs.Models | None, encoders: str) -> str:
     """What export wrote, for the terminal: the folder, the weights, the positions, the encoders."""
     lines = [
         f"wrote {out}: {PIPELINE if models else 'transformer only'} from {src.checkpoint}",

@@ -29,7 +29,6 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from common import cli, progress
 from encoders import hub
 from shards import atomic, cache, encoded, fingerprint, loader
 from shards.errors import SigmaError
-from training import checkpoint, runs, sample, stages, summary
+from training import checkpoint, runfolder, runs, sample, stages, summary
 from training.diffusion import GaussianDiffusion
 from training.model import DiT_models
 from training.plan import Plan, check_models, position_warning, prepare, run_fingerprint
@@ -126,7 +125,7 @@ def build_state(cfg, plan: Plan, stage, d: Dist, say) -> State:
     if found is not None:
         model.load_state_dict(found[1])
     elif plan.init:
-        kv_fresh = stages.load_init(model, stages.read_weights(Path(plan.init)), plan.init)
+        kv_fresh = stages.load_init(model, stages.read_weights(plan.init), plan.init)
         say(
             f"initialised from {plan.init}"
             + (f" ({len(kv_fresh)} KV-compression tensors at their average init)" if kv_fresh else "")
@@ -204,25 +203,25 @@ class Streams:
 
 
 class Logger:
-    """Rank 0's outputs: log.txt, TensorBoard, sample grids; a no-op on the other ranks."""
+    """Rank 0's outputs: log.txt, TensorBoard, sample grids (on disk or a store: training/runfolder.py);
+    a no-op on the other ranks."""
 
     def __init__(self, cfg, plan: Plan, d: Dist):
         tc = cfg.training
-        self.master, self.rundir, self.writer, self.gen = d.master, Path(plan.rundir), None, None
+        self.master, self.rundir, self.writer, self.gen = d.master, plan.rundir, None, None
         self.prompts, self.steps, self.cfg_scale = tc.sample_prompts, tc.sample_steps, tc.cfg_scale
         if not self.master:
             return
         from torch.utils.tensorboard import SummaryWriter  # ~2 s: only where it is used
 
-        self.rundir.mkdir(parents=True, exist_ok=True)
+        self.folder = runfolder.RunFolder(self.rundir)  # on a store: takes the run's lease
         checkpoint.clean_partial(self.rundir)
         if plan.resume is None:
             atomic.write_text(self.rundir / runs.RUN_INFO, json.dumps(plan.record(), indent=2, default=str) + "\n")
-        self.log = open(self.rundir / summary.LOG, "a")
-        self.writer_for = lambda step: SummaryWriter(str(self.rundir / "tb"), purge_step=step + 1)
+        self.writer_for = lambda step: SummaryWriter(str(self.folder.tb_dir), purge_step=step + 1)
         if cfg.training.sample_every and self.prompts:
             e = cfg.encode
-            models = runs.models_for(cfg, Path(plan.rundir), plan.stage, named=set())  # the data's T5 and VAE
+            models = runs.models_for(cfg, plan.rundir, plan.stage, named=set())  # the data's T5 and VAE
             self.gen = sample.Generator(
                 None,
                 models.t5,
@@ -244,8 +243,7 @@ class Logger:
     def say(self, line: str) -> None:
         if self.master:
             progress.say(line)
-            self.log.write(line + "\n")
-            self.log.flush()
+            self.folder.write(line)
 
     def scalars(self, step: int, total: int, values: dict, captions: Counter | None = None) -> None:
         """One log line + TensorBoard; `captions`: how often each caption set was drawn in the window
@@ -274,15 +272,22 @@ class Logger:
         image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))  # [H, W, 3] uint8
         self.writer.add_image(f"samples/{plan.stage}", image, step, dataformats="HWC")
 
+    def sync(self) -> None:
+        """After a checkpoint: a store's log.txt and TensorBoard events uploaded (on disk: written as they go)."""
+        if self.master:
+            self.writer.flush()
+            self.folder.sync()
+
     def close(self) -> None:
         if self.master:
             self.writer.close()
-            self.log.close()
+            self.folder.close()
             summary.write_summary(self.rundir)  # RUNDIR/summary.html: loss curves and the latest grid
 
 
-def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int) -> Path | None:
-    """Every rank's RNG state gathered; rank 0 writes the checkpoint folder."""
+def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int, log: Logger):
+    """Every rank's RNG state gathered; rank 0 writes the checkpoint folder (on a store, if the run still
+    holds its lease), then the store's log and TensorBoard events. Returns the folder (rank 0)."""
     states = [checkpoint.rng_state()]
     if d.ddp:  # gathered as bytes (all_gather_object cannot carry tensors here)
         buf, blobs = io.BytesIO(), [None] * d.world
@@ -298,6 +303,7 @@ def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int) ->
             "data_epoch": state.step,
             "stage": plan.stage,
         }  # data position: streams restart here
+        log.folder.check_owner()
         path = checkpoint.save(
             plan.rundir,
             state.step,
@@ -306,6 +312,7 @@ def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int) ->
             state=trainer,
             keep=keep,
         )
+        log.sync()
     if d.ddp:
         dist.barrier()
     return path
@@ -424,7 +431,7 @@ def train(cfg, plan: Plan) -> None:
         if log.gen is not None and (step % tc.sample_every == 0 or step == total):
             log.grid(step, plan, state.ema if state.ema is not None else model, autocast)
         if step % tc.checkpoint_every == 0 or step == total:
-            path = save_checkpoint(state, plan, d, accum, tc.keep_checkpoints)
+            path = save_checkpoint(state, plan, d, accum, tc.keep_checkpoints, log)
             if path is not None:
                 log.say(f"saved {path}")
             if step < total:
@@ -467,7 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.dry_run:
             check_models(cfg, plan)
         master = int(os.environ.get("RANK", 0)) == 0
-        if master and not not_checked and (not args.dry_run or (Path(plan.rundir) / fingerprint.FILE).exists()):
+        if master and not not_checked and (not args.dry_run or (plan.rundir / fingerprint.FILE).exists()):
             # records it on a first start (a dry run only reads)
             fingerprint.check(plan.rundir, run_fingerprint(cfg, plan), dry_run=args.dry_run)
     except SigmaError as e:

@@ -26,7 +26,7 @@ class Plan:
     stage: str
     chain: list
     data: Loc | None  # ENCDIR: a local folder or a bucket URL (read through the cache, shards/cache.py)
-    rundir: str
+    rundir: Loc  # a local folder or a bucket URL (training/runfolder.py)
     resume: str | None
     init: str | None
     init_trained_at: str | None  # the starting weights' position setup, where known
@@ -116,7 +116,7 @@ def prepare(cfg, args, not_checked: list[str] | None = None) -> Plan:
         stage=name,
         chain=stages.chain(cfg, name),
         data=encdir,
-        rundir=str(rundir),
+        rundir=rundir,
         resume=str(resume) if resume else None,
         init=str(init) if init else None,
         init_trained_at=runs.position_text(trained_at) if trained_at else None,

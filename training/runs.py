@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from shards import encoded
+from shards import encoded, storage
 from shards.errors import SigmaError
+from shards.storage import Loc
 from training import checkpoint
 from training.convert import infer_arch, load_checkpoint, load_into, pipeline_sample_size
 from training.model import RELEASED_1024
@@ -41,8 +43,8 @@ ENCODERS = "encoders"  # run.json's record of the T5, tokenizer, VAE and null ca
 class Source:
     """The weights to use and the model they belong to."""
 
-    checkpoint: Path
-    run: Path | None  # the run folder the weights come from, if any
+    checkpoint: Path | Loc  # a Loc for a run on a store
+    run: Path | Loc | None  # the run folder the weights come from, if any
     size: str  # named DiT size (`models.dit`)
     position: dict  # input_size / pe_interpolation / multi_scale
     stage: str | None  # the run's stage name, or the --stage given
@@ -55,14 +57,24 @@ def add_source_args(p) -> None:
     src.add_argument("--ckpt", help="a checkpoint: our .safetensors, an official .pth, or a diffusers folder")
 
 
-def source_checkpoint(args) -> Path:
+def place(text: str | os.PathLike[str] | Loc, cfg=None) -> Path | Loc:
+    """A run folder or checkpoint as given: a Loc stays one, a bucket URL becomes its Loc (with the
+    config's `storage` options), a local path stays a Path (as typed: messages show it so)."""
+    if isinstance(text, Loc):
+        return text
+    loc = storage.resolve(text, cfg.storage if cfg is not None else None)
+    return Path(text) if loc.is_local else loc
+
+
+def source_checkpoint(args, cfg=None) -> Path | Loc:
     """The weights file or folder that `add_source_args`' flags name."""
-    return Path(args.ckpt) if args.ckpt else find_run_checkpoint(args.run)
+    return place(args.ckpt, cfg) if args.ckpt else find_run_checkpoint(place(args.run, cfg))
 
 
-def find_run_checkpoint(run: str | Path) -> Path:
-    """The newest complete checkpoint of a run folder (`checkpoint.latest`): its EMA weights if saved."""
-    run = Path(run)
+def find_run_checkpoint(run: str | os.PathLike[str] | Loc) -> Path | Loc:
+    """The newest complete checkpoint of a run folder (`checkpoint.latest`, on disk or a store): its EMA
+    weights if saved."""
+    run = place(run)
     if not run.is_dir():
         raise SigmaError(f"{run}: run folder not found")
     newest = checkpoint.latest(run)
@@ -72,31 +84,34 @@ def find_run_checkpoint(run: str | Path) -> Path:
     return ema if ema.exists() else newest / checkpoint.MODEL
 
 
-def run_of(ckpt: Path) -> Path | None:
+def run_of(ckpt: Path | Loc) -> Path | Loc | None:
     """The run folder holding checkpoint file `ckpt` (RUNDIR/checkpoints/step-*/x.safetensors), if any."""
-    parts = ckpt.resolve().parents
+    if isinstance(ckpt, Loc):
+        parts = [ckpt.parent, ckpt.parent.parent, ckpt.parent.parent.parent]
+    else:
+        parts = list(ckpt.resolve().parents)
     if len(parts) >= 3 and parts[1].name == "checkpoints" and (parts[2] / RUN_INFO).exists():
         return parts[2]
     return None
 
 
-def run_for(path: Path) -> Path | None:
+def run_for(path: str | os.PathLike[str] | Loc) -> Path | Loc | None:
     """The run folder of a run folder or of a checkpoint file inside one."""
-    path = Path(path)
+    path = place(path)
     return path if (path / RUN_INFO).exists() else run_of(path)
 
 
-def recorded(path: Path) -> tuple[str, dict] | None:
+def recorded(path: str | os.PathLike[str] | Loc) -> tuple[str, dict] | None:
     """(size, position setup) that the run of `path` (a run folder or a checkpoint in one) recorded."""
     run = run_for(path)
     model = run_model(run) if run else None
     return (model["size"], {k: model[k] for k in POSITION_KEYS}) if model else None
 
 
-def run_model(run: Path) -> dict | None:
+def run_model(run: Path | Loc) -> dict | None:
     """The `model` entry of RUNDIR/run.json (size + model settings), None for a run without one."""
     try:
-        info = json.loads((Path(run) / RUN_INFO).read_text())
+        info = json.loads((place(run) / RUN_INFO).read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
@@ -114,8 +129,8 @@ def resolve_source(args, cfg, stage_flag: str | None = None, require_position: b
     stages = cfg.training.stages
     if stage_flag is not None and stage_flag not in stages:
         raise SigmaError(f"--stage {stage_flag}: no such stage; choose one of {sorted(stages)}")
-    ckpt = source_checkpoint(args)
-    run = Path(args.run) if args.run else run_of(ckpt)
+    ckpt = source_checkpoint(args, cfg)
+    run = place(args.run, cfg) if args.run else run_of(ckpt)
     found = recorded(run) if run else None
     flagged = position_setup(stages[stage_flag]) if stage_flag else None
     if found is not None:
@@ -148,11 +163,11 @@ RELEASED = {
 }
 
 
-def known_position(weights: str | Path, stages: dict | None = None) -> dict | None:
+def known_position(weights: str | Path | Loc, stages: dict | None = None) -> dict | None:
     """The position setup starting weights were trained with: their run's run.json, a diffusers
     folder's transformer config (`diffusers_position`), a released checkpoint's name
     (PixArt-Sigma-XL-2-1024-MS.pth), else None (unknown)."""
-    weights = Path(weights)
+    weights = place(weights)
     found = recorded(weights)
     if found is not None:
         return found[1]
@@ -162,7 +177,7 @@ def known_position(weights: str | Path, stages: dict | None = None) -> dict | No
     return next((dict(p) for tag, p in RELEASED.items() if tag in weights.name), None)
 
 
-def diffusers_position(path: Path, stages: dict) -> dict | None:
+def diffusers_position(path: Path | Loc, stages: dict) -> dict | None:
     """The setup a diffusers transformer (or pipeline) folder states: `sample_size` (the latent side)
     and `interpolation_scale` (diffusers' default: sample_size // 64, at least 1). A folder that
     training/export wrote for one of `stages` maps back to that stage's own setup (the 4K stage's
@@ -212,7 +227,7 @@ def position_for_size(position: dict, height: int, width: int) -> dict:
     return dict(position)
 
 
-def load_model(path: str | Path, size: str, **position) -> torch.nn.Module:
+def load_model(path: str | Path | Loc, size: str, **position) -> torch.nn.Module:
     """A `PixArtSigma` shaped like the checkpoint's weights (num_heads from the named `size`)."""
     from training.model import DiT_models, PixArtSigma
 
@@ -279,10 +294,10 @@ def encoders_record(encdir: encoded.Place, t5: str, vae: str) -> dict:
     }
 
 
-def run_encoders(run: Path) -> dict | None:
+def run_encoders(run: Path | Loc) -> dict | None:
     """RUNDIR/run.json's `encoders`, None for a run recorded before runs knew their encoders."""
     try:
-        info = json.loads((Path(run) / RUN_INFO).read_text())
+        info = json.loads((place(run) / RUN_INFO).read_text())
     except (OSError, ValueError):
         return None
     record = info.get(ENCODERS) if isinstance(info, dict) else None
@@ -317,7 +332,7 @@ def resolve_models(args, cfg, src: Source) -> Models:
     return models_for(cfg, src.run, src.stage, config_names(args), getattr(args, "use_config_models", False))
 
 
-def models_for(cfg, run: Path | None, stage: str | None, named: set, use_config: bool = False) -> Models:
+def models_for(cfg, run: Path | Loc | None, stage: str | None, named: set, use_config: bool = False) -> Models:
     """A run's recorded T5 and VAE; the config's (`models.t5`, the stage's `vae` else `models.vae`)
     for a bare checkpoint, a run without the record, or `use_config`. A config model in `named`
     must be the recorded one (same `model_id` and hub revision: a moved folder is fine, changed
@@ -361,7 +376,7 @@ def same_model(path: str, entry: dict) -> bool:
     )
 
 
-def recorded_path(entry: dict, run: Path, key: str) -> str:
+def recorded_path(entry: dict, run: Path | Loc, key: str) -> str:
     """Where to load a recorded model from: its folder; for a hub id, the cached snapshot of the
     recorded revision if there is one (else the id: loading fetches it)."""
     path, revision = entry["path"], entry.get("revision")

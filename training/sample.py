@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from encoders import t5 as t5_mod
 from encoders import vae as vae_mod
+from shards import storage
 from shards.errors import SigmaError
 from training import diffusion
 
@@ -313,7 +314,7 @@ def main(argv=None) -> None:
         cli.fail(str(e))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    write_bytes(args.out, buf.getvalue())
+    write_bytes(storage.resolve(args.out, cfg.storage), buf.getvalue())  # a local file or a bucket object
     print(
         f"wrote {args.out} ({height}x{width} HxW, {args.steps} steps, cfg {args.cfg}, seed {args.seed}, "
         f"{src.checkpoint.name})"

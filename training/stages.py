@@ -26,6 +26,7 @@ from encoders import hub
 from shards import loader, storage
 from shards.buckets import TIER_TABLES
 from shards.errors import SigmaError
+from shards.storage import Loc
 from training import checkpoint
 from training.convert import NULL_CAPTION_KEY
 
@@ -75,9 +76,9 @@ def chain(cfg: Config, name: str) -> list[str]:
     return seen[::-1]
 
 
-def run_dir(cfg: Config, name: str, out: str | None = None) -> Path:
-    """RUNDIR: --out, else <training.out>/<stage>."""
-    return Path(out) if out else Path(cfg.training.out) / name
+def run_dir(cfg: Config, name: str, out: str | None = None) -> Loc:
+    """RUNDIR: --out, else <training.out>/<stage>; a local folder or a bucket URL (s3://...)."""
+    return storage.resolve(out, cfg.storage) if out else storage.resolve(cfg.training.out, cfg.storage) / name
 
 
 def resolution(stage: Stage) -> int:
@@ -100,10 +101,16 @@ def model_kwargs(stage: Stage, latent_channels: int, caption_channels: int, max_
     )
 
 
-def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
+def init_source(cfg: Config, name: str, init: str | None) -> Path | Loc | None:
     """Where a fresh run of `name` takes its starting weights (None: random init)."""
-    if init and hub.in_bucket(init) and not (storage.resolve(init, cfg.storage) / "checkpoints").is_dir():
-        return Path(bucket_weights(cfg, init, "--init"))  # a weights file or diffusers folder, not a run
+    if init and hub.in_bucket(init):
+        run = storage.resolve(init, cfg.storage)
+        if not checkpoint.folder(run).is_dir():
+            return Path(bucket_weights(cfg, init, "--init"))  # a weights file or diffusers folder, not a run
+        ckpt = checkpoint.latest(run)  # a run folder on the store: read from there
+        if ckpt is None:
+            raise SigmaError(f"--init {init}: run folder has no complete checkpoint")
+        return ckpt / checkpoint.MODEL
     if init:
         path = Path(init)
         if path.is_dir() and checkpoint.folder(path).is_dir():
@@ -117,7 +124,7 @@ def init_source(cfg: Config, name: str, init: str | None) -> Path | None:
     parent = cfg.training.stages[name].parent
     if parent is not None:
         parent_dir = run_dir(cfg, parent)
-        ckpt = checkpoint.latest(parent_dir)
+        ckpt = checkpoint.latest(parent_dir.local if parent_dir.is_local else parent_dir)  # a Loc on a store
         if ckpt is None:
             raise SigmaError(
                 f"--stage {name}: starts from its parent stage {parent}, but {parent_dir} has no "
@@ -145,7 +152,7 @@ def bucket_weights(cfg: Config, ref: str, key: str) -> str:
     return hub.require(str(loc), key, what="DiT weights")
 
 
-def read_weights(path: Path) -> dict:
+def read_weights(path: str | Path | Loc) -> dict:
     """A state dict from our safetensors, an official .pth or a diffusers folder (convert.py)."""
     from training import convert
 

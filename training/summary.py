@@ -6,17 +6,23 @@ reads the scalars from the TensorBoard events, or from `log.txt` when there are 
 one plot per scalar and the latest grid. Given the parent of several stage folders
 (`<training.out>`: runs/256, runs/512, ...) it shows every stage: one series per stage in each
 plot, and the latest grid per stage. Self-contained: opens from disk, copied off a cluster.
+RUNDIR may be on an object store (a `shards.storage.Loc` or an `s3://...` URL): its files are read
+through the storage layer, the event files downloaded into a temp folder to be parsed
+(training/runfolder.py says how a store run writes log.txt and tb/).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from pathlib import Path
 
 from common import pages
-from shards import atomic
+from shards import atomic, storage
 from shards.errors import SigmaError
+from shards.storage import Loc
 
 SUMMARY = "summary.html"
 # (tag, title, log-scale y): what finetune.py writes to TensorBoard
@@ -61,11 +67,19 @@ def parse_log_line(line: str) -> tuple[int, dict[str, float]] | None:
 STEP = re.compile(r"(\d+)")
 
 
-def is_run(folder: Path) -> bool:
+def _place(folder: str | os.PathLike[str] | Loc) -> Path | Loc:
+    """A Loc stays one, a bucket URL becomes its Loc, a local path stays a Path."""
+    if isinstance(folder, Loc):
+        return folder
+    loc = storage.resolve(folder)
+    return Path(folder) if loc.is_local else loc
+
+
+def is_run(folder: Path | Loc) -> bool:
     return any((folder / name).exists() for name in ("tb", "log.txt", "samples"))
 
 
-def stage_runs(rundir: Path) -> dict[str, Path]:
+def stage_runs(rundir: Path | Loc) -> dict[str, Path | Loc]:
     """{stage name: folder}: RUNDIR itself if it is a run, else its run subfolders in chain order."""
     folders = [rundir] if is_run(rundir) else [p for p in rundir.iterdir() if p.is_dir() and is_run(p)]
     infos = {p: run_info(p) for p in folders}
@@ -73,7 +87,7 @@ def stage_runs(rundir: Path) -> dict[str, Path]:
     return {str(infos[p].get("stage", p.name)): p for p in order}
 
 
-def run_info(folder: Path) -> dict:
+def run_info(folder: Path | Loc) -> dict:
     """The run's run.json (stage, chain, ...); {} when absent or unreadable."""
     try:
         info = json.loads((folder / "run.json").read_text())
@@ -82,15 +96,21 @@ def run_info(folder: Path) -> dict:
     return info if isinstance(info, dict) else {}
 
 
-def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+def read_scalars(folder: str | os.PathLike[str] | Loc) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value)]} from TensorBoard events under folder/tb, else from folder/log.txt."""
+    folder = _place(folder)
     tb = folder / "tb"
-    if tb.is_dir() and any(tb.rglob("events.out.tfevents.*")):
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every point
-        acc.Reload()
-        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    events = tb.glob("**/events.out.tfevents.*") if tb.is_dir() else []
+    if events:
+        with tempfile.TemporaryDirectory(prefix="sigmaforge-tb-") as tmp:
+            local = str(tb)
+            if isinstance(tb, Loc) and not tb.is_local:  # a store's event files, parsed from a local copy
+                local = tmp
+                for e in events:
+                    dest = Path(tmp) / e.relative_to(tb)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    e.download(dest)
+            return _event_scalars(local)
     out: dict[str, list[tuple[int, float]]] = {}
     log = folder / LOG
     for line in log.read_text().splitlines() if log.is_file() else []:
@@ -101,7 +121,15 @@ def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def latest_grid(folder: Path) -> tuple[int, Path] | None:
+def _event_scalars(tb: str) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(tb, size_guidance={"scalars": 0})  # 0: keep every point
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def latest_grid(folder: Path | Loc) -> tuple[int, Path | Loc] | None:
     """(step, path) of the newest sample grid: the highest step number in samples/*.png."""
     grids = [(int(m.group(1)), p) for p in (folder / "samples").glob("*.png") if (m := STEP.search(p.stem))]
     return max(grids) if grids else None
@@ -122,9 +150,9 @@ def _plot(tag: str, title: str, log_y: bool, series: dict[str, list[tuple[int, f
     return pages.plot(tag.replace("/", "-"), pages.figure_uri(fig), title)
 
 
-def build(rundir: str | Path) -> str:
-    """The summary's HTML for a stage RUNDIR or a folder of stage runs."""
-    rundir = Path(rundir)
+def build(rundir: str | os.PathLike[str] | Loc) -> str:
+    """The summary's HTML for a stage RUNDIR or a folder of stage runs (on disk or a store)."""
+    rundir = _place(rundir)
     runs = stage_runs(rundir)
     if not runs:
         raise SigmaError(f"{rundir}: no training run here (expected tb/, log.txt or samples/)")
@@ -166,7 +194,7 @@ def build(rundir: str | Path) -> str:
             f'src="{pages.data_uri(path.read_bytes(), "image/png")}"></section>'
         )
     body = [
-        f'<p class="muted">{pages.esc(rundir.resolve())}</p>',
+        f'<p class="muted">{pages.esc(rundir if isinstance(rundir, Loc) else rundir.resolve())}</p>',
         "<h2>Stages</h2>",
         pages.table(["stage", "last step", "last loss", "min loss", "mean samples/s"], rows, "stages"),
         "<h2>Curves</h2>",
@@ -177,8 +205,8 @@ def build(rundir: str | Path) -> str:
     return pages.page(f"Training summary: {rundir.name}", "\n".join(body))
 
 
-def write_summary(rundir: str | Path) -> Path:
-    """Write RUNDIR/summary.html atomically; returns its path."""
-    out = Path(rundir) / SUMMARY
+def write_summary(rundir: str | os.PathLike[str] | Loc) -> Path | Loc:
+    """Write RUNDIR/summary.html atomically (one PUT on a store); returns its path."""
+    out = _place(rundir) / SUMMARY
     atomic.write_text(out, build(rundir))
     return out

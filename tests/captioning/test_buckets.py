@@ -4,6 +4,7 @@ named `s3:`, and no credential in anything written."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,7 +38,7 @@ def secrets_in(bucket: str) -> list[str]:
 
 
 def test_original_captions_from_a_bucket_equal_disk_and_no_s3_folder_is_read(
-    ray_local, make_cfg, make_shards, bucket, tmp_path, monkeypatch
+    ray_local, make_cfg, make_shards, bucket, s3_counted, tmp_path, monkeypatch
 ):
     make_shards(tmp_path / "cur", 3, 4)
     upload(tmp_path / "cur", f"{bucket}/cur")
@@ -46,8 +47,11 @@ def test_original_captions_from_a_bucket_equal_disk_and_no_s3_folder_is_read(
     monkeypatch.chdir(tmp_path)
     cfg = make_cfg()
     disk = recaption.run(cfg, str(tmp_path / "cur" / "shards"), str(tmp_path / "caps"), "original")
+    s3_counted.fail("GET", 2, "slowdown", path="/cur/shards/")  # throttled reads of the tars, in Ray tasks
     got = recaption.run(cfg, f"{bucket}/cur/shards", f"{bucket}/caps", "original")
     assert disk["written"] == got["written"] == 3 and got["captions"] == disk["captions"] == 12
+    assert got["storage_retries"] == {"throttled": 2, "server_errors": 0, "dropped": 0}  # retried, counted
+    assert "storage_retries" not in disk  # a run on disk: its summary as before
     for i in range(3):
         a, b = table(tmp_path / "caps" / f"{i:05d}.parquet"), table(f"{bucket}/caps/{i:05d}.parquet")
         assert a.equals(b) and a.schema.metadata == b.schema.metadata  # rows, and the source size recorded
@@ -95,3 +99,57 @@ def test_bucket_to_bucket_resumes_after_kill(ray_local, cap_models, make_cfg, ma
         assert table(f"{capdir}/{i:05d}.parquet").num_rows == 4
     assert secrets_in(bucket) == [] and S3_SECRET.encode() not in log
     assert not list(tmp_path.glob("s3*")) and not (ROOT / "s3:").exists()
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    """recaption's entry point in this process: (exit code, stdout, stderr)."""
+    try:
+        recaption.main(["--profile", "demo", "--captioner", "original", *argv])
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    said = capsys.readouterr()
+    return code, said.out, said.err.strip()
+
+
+def test_store_faults_up_front_are_one_line_and_a_dry_run_writes_nothing(
+    make_shards, bucket, s3_counted, capsys, tmp_path
+):
+    """A missing bucket, an unreachable endpoint: one line naming the URL and the cause before any work (a dry
+    run too); a dry run into a bucket only reads."""
+    from tests.curation.test_buckets_in import _closed_port
+
+    make_shards(tmp_path / "cur", 2, 2)
+    upload(tmp_path / "cur", f"{bucket}/cur")
+    shards, caps = f"{bucket}/cur/shards", f"{bucket}/caps"
+    dead = ["--set", f"storage.s3.endpoint_url=http://127.0.0.1:{_closed_port()}"]
+    cases = [  # (argv, the URL the line names, its cause)
+        (["--shards", "s3://no-such-bucket-sf/cur/shards", "--out", caps], "s3://no-such-bucket-sf/cur", "bucket"),
+        (["--shards", shards, "--out", "s3://no-such-bucket-sf/caps"], "s3://no-such-bucket-sf/caps", "bucket"),
+        (["--shards", shards, "--out", caps, *dead], shards, "does not answer"),
+    ]
+    for argv, named, cause in cases:
+        for dry in ([], ["--dry-run"]):
+            code, said, err = _main(capsys, *argv, *dry)
+            assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), (argv, dry, err)
+            assert named in err and cause in err and S3_SECRET not in err + said, err
+    before = storage.resolve(bucket).files()
+    s3_counted.requests.clear()
+    code, said, err = _main(capsys, "--shards", shards, "--out", caps, "--dry-run")
+    assert code == 0 and json.loads(said)["todo"] == [f"{shards}/00000.tar", f"{shards}/00001.tar"], err
+    assert s3_counted.requests and not s3_counted.writes() and storage.resolve(bucket).files() == before
+
+
+def test_store_gone_mid_run_is_one_line(ray_local, make_shards, bucket, s3_counted, capsys, tmp_path):
+    """The store stops answering once the run has started (every read of a tar, in the Ray tasks, dropped):
+    after botocore's retries the run ends with one line naming the object and the cause, no traceback."""
+    make_shards(tmp_path / "cur", 2, 2)
+    upload(tmp_path / "cur", f"{bucket}/cur")
+    s3_counted.fail("GET", 1000, "drop", path="/cur/shards/")
+    code, said, err = _main(
+        capsys, "--shards", f"{bucket}/cur/shards", "--out", f"{bucket}/caps", "--set", "storage.s3.retries=1"
+    )
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    line = err.splitlines()[-1]
+    assert line.startswith(f"error: {bucket}/cur/shards/0000") and "does not answer" in line, line
+    assert S3_SECRET not in err + said

@@ -207,6 +207,18 @@ def test_missing_bucket_key_and_unreachable_endpoint_fail_in_one_line(bucket, ca
         assert f"{bucket}/urls.parquet" in err and "does not answer" in err and S3_SECRET not in err, err
 
 
+def test_store_gone_mid_run_is_one_line(bucket, s3_counted, capsys, tiny_models):
+    """The store stops answering once the run has started (every write under --out dropped): after botocore's
+    retries the run ends with one line naming the object and the cause, no traceback."""
+    put(f"{bucket}/urls.parquet", parquet_bytes(pa.table({"url": URLS})))
+    s3_counted.fail("PUT", 1000, "drop", path="/cur/")
+    argv = ["--urls", f"{bucket}/urls.parquet", "--out", f"{bucket}/cur", *SETTINGS, "--set", "storage.s3.retries=2"]
+    code, said, err, _ = run_main(capsys, *argv)
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    line = err.splitlines()[-1]
+    assert line.startswith(f"error: {bucket}/cur/") and "does not answer" in line and S3_SECRET not in err, line
+
+
 def _closed_port() -> int:
     import socket
 

@@ -140,7 +140,7 @@ def test_two_nodes_into_a_bucket_match_local_and_write_nowhere_else(curated, buc
     assert {p.name for p in ROOT.iterdir()} == before  # no ./s3: folder, nothing beside the checkout
 
 
-def test_kill_9_resumes_from_the_bucket(ray_local, tiny_models, image_dir, curated, bucket, tmp_path):
+def test_kill_9_resumes_from_the_bucket(ray_local, tiny_models, image_dir, curated, bucket, s3_counted, tmp_path):
     """(2) SIGKILL the driver once a shard is scored (the last download shard held); the rerun reads the
     bucket, redoes nothing finished and ends with the manifest rows and members of the run on disk."""
     from demo.serve import ImageServer
@@ -169,8 +169,10 @@ def test_kill_9_resumes_from_the_bucket(ray_local, tiny_models, image_dir, curat
         assert done and len(done) < 3, f"kill came too late to test resumption: {done}\n{said[-2000:]}"
         assert not (out / "manifest.parquet").has_file()
         srv.release()
+        s3_counted.fail("PUT", 3, "slowdown", path="/cur/shards/")  # throttled writes of curated shards (Ray tasks)
         r = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "stats.json").read_text())["storage_retries"]["throttled"] == 3  # retried, counted
     assert {p.name: p.info()["etag"] for p in scored.iterdir() if p.name in done} == done  # not redone
     ref = _manifest(storage.resolve(ref_out))
     ref = ref[ref["key"] < f"{len(ORDER):010d}"].reset_index(drop=True)  # without the faults: no null widths,

@@ -126,3 +126,32 @@ def test_missing_bucket_and_key(s3_server):
     assert not missing.exists()
     with pytest.raises(FileNotFoundError):
         missing.read_bytes()
+
+
+def test_throttling_and_dropped_connections_are_retried_and_counted(bucket, s3_counted):
+    """503 SlowDown and a connection closed unanswered: botocore retries them with backoff, and each retry
+    is counted by its cause (what a stage's stats report)."""
+    loc = storage.resolve(f"{bucket}/x.bin")
+    storage.take_retries()
+    s3_counted.fail("PUT", 3, "slowdown")
+    loc.write_object(b"abc")
+    assert storage.take_retries() == {"throttled": 3, "server_errors": 0, "dropped": 0}
+    assert s3_counted.count("PUT") == 4
+    s3_counted.fail("GET", 2, "drop")
+    assert loc.read_bytes() == b"abc"
+    # aiohttp itself resends a request once when a reused connection turns out closed: botocore sees 1 or 2
+    assert storage.take_retries()["dropped"] in (1, 2)
+    assert s3_counted.count("GET") == 3
+    assert storage.take_retries() == {"throttled": 0, "server_errors": 0, "dropped": 0}
+
+
+def test_infos_of_a_folder_cost_one_listing_not_a_head_each(bucket, s3_counted):
+    """fingerprint.listing's stats: sizes and ETags from one LIST, the same as each object's HEAD gives."""
+    locs = [storage.resolve(f"{bucket}/d/{i}.bin") for i in range(5)]
+    for i, loc in enumerate(locs):
+        loc.write_object(b"x" * i)
+    missing = storage.resolve(f"{bucket}/d/missing.bin")
+    s3_counted.requests.clear()
+    got = storage.infos([*locs, missing])
+    assert s3_counted.count("GET") == 1 and s3_counted.count("HEAD") == 1  # the listing; the missing one's HEAD
+    assert got == {loc: loc.info() for loc in locs}
