@@ -194,7 +194,10 @@ class Streams:
     def next(self, micro: int) -> dict:
         side = self.plan.resolution
         while True:
-            batch = next(self.its[micro])
+            try:
+                batch = next(self.its[micro])
+            except SigmaError as e:  # from a loader worker (a shard gone from the bucket): its one line
+                raise loader.worker_error(e) from None
             if self.stage.multi_scale or batch["bucket_hw"] == (side, side):
                 return batch  # a single-scale stage (256) trains on its square bucket only
 
