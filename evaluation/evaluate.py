@@ -24,7 +24,7 @@ import torch
 
 from evaluation import fid, results, stats
 from evaluation.scores import REWARD_COLUMNS, Scorer, score_columns, score_images
-from shards import evalset
+from shards import evalset, storage
 from shards.errors import SigmaError
 
 SCORES = "scores.parquet"
@@ -155,9 +155,6 @@ def fid_all(
 
 def main(argv=None) -> None:
     from common import cli
-    from evaluation import study
-    from evaluation.store import DB
-    from shards.atomic import write_parquet, write_text
 
     p = cli.parser(
         "evaluation/evaluate",
@@ -195,7 +192,24 @@ def main(argv=None) -> None:
     )
     args = p.parse_args(argv)
     cfg = cli.load(args)
-    evaldir = Path(args.evaldir)
+    try:
+        where = storage.resolve(args.evaldir, cfg.storage)
+    except SigmaError as e:
+        cli.fail(str(e))
+    if where.is_local:
+        evaluate_folder(args, cfg, Path(args.evaldir))
+        return
+    with evalset.working_copy(where) as local:  # a bucket: scored in a local copy, its outputs uploaded after
+        evaluate_folder(args, cfg, local, str(where))
+
+
+def evaluate_folder(args, cfg, evaldir: Path, shown: str | None = None) -> None:
+    """`evaluation/evaluate` on a local EVALDIR (`shown`: the bucket URL it is a copy of, for the last line)."""
+    from common import cli
+    from evaluation import study
+    from evaluation.store import DB
+    from shards.atomic import write_parquet, write_text
+
     if args.dry_run and not evaldir.is_dir():  # before training/sample has written it
         missing = cli.unchecked(f"{evaldir}: evaluation folder not found")
         cli.print_plan(
@@ -270,7 +284,7 @@ def main(argv=None) -> None:
     write_text(evaldir / SUMMARY, summary_markdown(metrics, summarize(df, runs), settings))
     if (evaldir / DB).exists():  # votes already cast stay in the summary
         study.write_summary(evaldir)
+    named = (lambda name: f"{shown}/{name}") if shown else (lambda name: evaldir / name)
     print(
-        f"wrote {evaldir / SCORES} ({len(df)} images of {len(runs)} models), {evaldir / results.METRICS} "
-        f"and {evaldir / SUMMARY}"
+        f"wrote {named(SCORES)} ({len(df)} images of {len(runs)} models), {named(results.METRICS)} and {named(SUMMARY)}"
     )

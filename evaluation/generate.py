@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from shards import evalset
+from shards import evalset, storage
 from shards.errors import SigmaError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -120,8 +120,9 @@ def main(argv=None) -> None:
     )
     p.add_argument("--out", required=True, help="the image folder: EVALDIR/images/NAME (NAME names the model)")
     args = p.parse_args(argv)
-    cli.load(args)
+    cfg = cli.load(args)
     try:
+        out = storage.resolve(args.out, cfg.storage)  # a local folder or a bucket URL
         height, width = parse_size(args.size)
         if args.steps < 1:
             raise SigmaError(f"--steps {args.steps}: must be at least 1")
@@ -168,7 +169,7 @@ def main(argv=None) -> None:
     }
     made = evalset.write_folder(
         maker(pipe, height, width, args.steps, args.cfg),
-        args.out,
+        out,
         prompts,
         seeds,
         settings,

@@ -150,6 +150,7 @@ CHOICE = {"A": "left", "B": "right", "tie": "tie", "invalid": "invalid"}  # as t
 
 def plan(evaldir: str | Path, model: str, judge: JudgeConfig) -> dict:
     """What a run will do; `--dry-run` prints it (nothing is written)."""
+    votes.require_local(evaldir)
     evaldir = Path(evaldir)
     if not evaldir.is_dir():
         raise SigmaError(f"{evaldir}: evaluation folder not found")
@@ -187,6 +188,7 @@ def run(cfg, model: str, evaldir: str | Path, log=print) -> dict:
 
     judge = cfg.evaluation.judge
     check(judge)
+    votes.require_local(evaldir)
     evaldir = Path(evaldir)
     plan(evaldir, model, judge)  # the one-line errors before Ray starts
     from encoders import hub

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from evaluation import page, results, stats, study
-from evaluation.store import DB, Store, digest, load_pairs, next_pair
+from evaluation.store import DB, Store, digest, load_pairs, next_pair, require_local
 from shards.errors import SigmaError
 
 RATER_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -130,6 +130,12 @@ def make_server(evaldir: str | Path, host: str = "127.0.0.1", port: int = 8008) 
 
 def serve(evaldir: str, host: str, port: int, dry_run: bool = False) -> None:
     """Serve until interrupted; prints the address first (the tests read that line)."""
+    from common import cli as cli_mod
+
+    try:
+        require_local(evaldir)
+    except SigmaError as e:
+        cli_mod.fail(str(e))
     if dry_run:  # no database written
         from common import cli
 

@@ -27,6 +27,20 @@ from shards import evalset
 DB = "preference.sqlite"
 
 
+def require_local(evaldir: str | Path) -> None:
+    """The votes are a SQLite file in EVALDIR, and SQLite needs a disk (locks, writes in place): an EVALDIR
+    given as a bucket URL is refused in one line (evaluate and generate work on a bucket; copy the folder
+    to disk to serve or judge it)."""
+    from shards import storage
+    from shards.errors import SigmaError
+
+    if not storage.resolve(evaldir).is_local:
+        raise SigmaError(
+            f"{evaldir}: the votes' database ({DB}, SQLite) lives on disk, not in a bucket; copy the "
+            "evaluation folder to a local disk to serve or judge it"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Pairs and votes
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ STALE = 600  # seconds without a write after which a temp file is a killed downl
 CHUNK = 32 << 20  # bytes per ranged GET of a streamed download: 32 GETs per GB
 TAIL = 1 << 20  # a streamed parquet file's last bytes, fetched first: its reader starts at the footer
 MANIFEST = "_COPIED.json"  # a model folder's listing, written into the temp folder before the rename
+THREAD = "sigmaforge-cache-download"  # the name of a streamed download's thread
 
 
 def version(info: dict[str, Any]) -> tuple[str | None, int]:
@@ -162,7 +163,9 @@ class ShardCache:
             return None
         self.misses += 1
         following = _Following(size)
-        threading.Thread(target=self._download, args=(loc, path, size, fd, following), daemon=True).start()
+        threading.Thread(
+            target=self._download, args=(loc, path, size, fd, following), name=f"{THREAD}-{path.name}", daemon=True
+        ).start()
         return io.BufferedReader(following.opened(), buffer_size=1 << 20)
 
     def _download(self, loc: storage.Loc, path: Path, size: int, lock_fd: int, following: _Following) -> None:

@@ -13,17 +13,27 @@ Prompt files as the field writes them: .txt (one per line), .jsonl ({"prompt", o
 "category"}), or MJHQ-30K's `meta_data.json` ({id: {"prompt": ..., "category": ...}}).
 Each (prompt, seed) image is drawn from `torch.Generator().manual_seed(seed)`, so every model
 of a study starts from the same noise where the latent shapes agree.
+
+EVALDIR may be a bucket URL: `write_folder` writes each image and sidecar as its own object (the
+sidecar last, as on disk), and `working_copy` gives evaluation/evaluate a local copy of the folder
+whose new and changed files are uploaded when it is done (scoring reads every image anyway). The
+votes' SQLite database (evaluation/store.py) stays on disk: a database cannot live in a bucket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from shards import storage
 from shards.errors import SigmaError
+from shards.storage import Loc
 
 IMAGES = "images"
 RECORD = "generation.json"
@@ -94,8 +104,16 @@ def parse_seeds(text: str) -> list[int]:
     return [int(p) for p in parts]
 
 
-def image_stem(folder: str | Path, prompt_idx: int, seed: int) -> Path:
-    return Path(folder) / f"{prompt_idx}-{seed}"
+def image_stem(folder: str | Path | Loc, prompt_idx: int, seed: int) -> Loc:
+    return _loc(folder) / f"{prompt_idx}-{seed}"
+
+
+def _loc(folder: str | Path | Loc) -> Loc:
+    return folder if isinstance(folder, Loc) else storage.resolve(folder)
+
+
+def _with(stem: Loc, suffix: str) -> Loc:
+    return stem.parent / (stem.name + suffix)
 
 
 def sidecar(name: str, prompt_idx: int, prompt: dict[str, Any], seed: int, settings: dict[str, Any]) -> dict[str, Any]:
@@ -110,10 +128,10 @@ def sidecar(name: str, prompt_idx: int, prompt: dict[str, Any], seed: int, setti
     }
 
 
-def done(stem: Path, meta: dict[str, Any]) -> bool:
+def done(stem: Loc, meta: dict[str, Any]) -> bool:
     """The image exists and its sidecar records exactly these settings."""
-    js = stem.with_suffix(".json")
-    if not (js.exists() and stem.with_suffix(".png").exists()):
+    js = _with(stem, ".json")
+    if not (js.has_file() and _with(stem, ".png").has_file()):
         return False
     try:
         return bool(json.loads(js.read_text()) == meta)
@@ -123,7 +141,7 @@ def done(stem: Path, meta: dict[str, Any]) -> bool:
 
 def write_folder(
     make: Callable[[str, int], Any],
-    folder: str | Path,
+    folder: str | Path | Loc,
     prompts: list[dict[str, Any]],
     seeds: list[int],
     settings: dict[str, Any],
@@ -134,7 +152,7 @@ def write_folder(
     `make(prompt text, seed) -> PIL image`. Writes generation.json first; returns how many were made."""
     from shards.atomic import write_bytes, write_text
 
-    folder = Path(folder)
+    folder = _loc(folder)
     name = folder.name
     write_text(
         folder / RECORD,
@@ -146,11 +164,11 @@ def write_folder(
             stem, meta = image_stem(folder, i, seed), sidecar(name, i, prompt, seed, settings)
             if done(stem, meta):
                 continue
-            stem.with_suffix(".json").unlink(missing_ok=True)  # a stale sidecar must not outlive its image
+            _with(stem, ".json").unlink()  # a stale sidecar must not outlive its image
             buf = io.BytesIO()
             make(prompt["prompt"], seed).save(buf, format="PNG")
-            write_bytes(stem.with_suffix(".png"), buf.getvalue())
-            write_text(stem.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")  # last: marks it done
+            write_bytes(_with(stem, ".png"), buf.getvalue())
+            write_text(_with(stem, ".json"), json.dumps(meta, indent=1) + "\n")  # last: marks it done
             made += 1
         log(f"{name}: prompt {i + 1}/{len(prompts)}")
     return made
@@ -173,3 +191,30 @@ def read_sidecars(evaldir: str | Path) -> list[dict[str, Any]]:
             continue  # not one of ours
         metas.append({**meta, "text": text, "png": png})
     return metas
+
+
+@contextlib.contextmanager
+def working_copy(evaldir: Loc, keep: Callable[[str], bool] = lambda name: True) -> Iterator[Path]:
+    """A local folder to read and write EVALDIR in: the folder itself on disk; for a bucket a temp copy
+    of its files (those whose relative path `keep` accepts), and after the block every file there that
+    is new or changed uploaded, each as one object (nothing is uploaded if the block raises)."""
+    if evaldir.is_local:
+        yield evaldir.local
+        return
+    with tempfile.TemporaryDirectory(prefix="sigmaforge-evaldir-") as tmp:
+        root = Path(tmp)
+        before: dict[str, tuple[int, int]] = {}
+        for f in evaldir.files():
+            rel = f.relative_to(evaldir)
+            if keep(rel):
+                dest = root / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                f.download(dest)
+                st = os.stat(dest)
+                before[rel] = (st.st_size, st.st_mtime_ns)
+        yield root
+        for local in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")):
+            rel = local.relative_to(root).as_posix()
+            st = local.stat()
+            if before.get(rel) != (st.st_size, st.st_mtime_ns):
+                (evaldir / rel).upload(local)

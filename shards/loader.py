@@ -38,6 +38,8 @@ One set present (or one candidate): no random number is drawn.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import random
 from collections.abc import Iterable, Iterator
@@ -329,6 +331,8 @@ class BucketShards:
         self.objects: dict[str, tuple[str | None, int] | None] = {
             f"{encdir.scheme}://{path}": cache_mod.version(info) for path, info in found.items()
         }
+        listing = json.dumps(sorted(self.objects.items())).encode()
+        self.listing = hashlib.sha256(listing).hexdigest()  # what the shards are now: the key of _ROWS
 
     def _object(self, loc: storage.Loc) -> tuple[str | None, int] | None:
         """(ETag, size) of an object, None if it does not exist."""
@@ -388,10 +392,19 @@ class BucketShards:
             for name, loc, (etag, size) in self._files(url, sets):
                 opened[name] = stack.enter_context(self.cache.open(loc, etag, size, stream=True))
             tar = opened.pop("")
-            files = tariterators.tar_file_expander(iter([{"url": url, "stream": tar}]), handler=wds.warn_and_continue)
-            raw = tariterators.group_by_keys(files, handler=wds.warn_and_continue)
+            files = tariterators.tar_file_expander(iter([{"url": url, "stream": tar}]), handler=_storage_faults_stop)
+            raw = tariterators.group_by_keys(files, handler=_storage_faults_stop)
             readers = {name: encoded.read_set(f) for name, f in opened.items()}
             yield from _with_sets(raw, readers, sets, dim)
+
+
+def _storage_faults_stop(e: Exception) -> bool:
+    """webdataset's handler for a tar read from the cache: a damaged tar is skipped with a warning, as on
+    disk, but a storage fault (SigmaError: the object gone, the endpoint down) stops the loader in one
+    line instead of skipping every shard drawn after it."""
+    if isinstance(e, SigmaError):
+        raise SigmaError(str(e.args[0])) from None  # webdataset appends the tar's stream and URL to its args
+    return bool(wds.warn_and_continue(e))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,7 +442,7 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
             self.remote = BucketShards(self.encdir, cache, read_ahead)
         self.info = encoded.read_info(self.encdir)
         self.rule = rule if rule is not None else caption_rule(real_prompt_ratio=real_prompt_ratio)
-        self.rows = encoded.committed_rows(self.encdir, self.rule.sets)
+        self.rows = _committed_rows(self.encdir, self.rule.sets, self.remote)
         self.shards, self.weights = _shard_weights(self.encdir, bucket_policy, self.rows)
         if not self.shards:
             raise SigmaError(f"{encdir}: no encoded shards (did encoding/encode keep any sample?)")
@@ -472,6 +485,23 @@ class BucketBatches(torch.utils.data.IterableDataset[dict[str, Any]]):
             ),
         )
         return iter(pipeline)
+
+
+_ROWS: dict[tuple[str, tuple[str, ...], str], Any] = {}  # a bucket ENCDIR's rows per (URL, sets, listing)
+
+
+def _committed_rows(encdir: storage.Loc, sets: list[str], remote: BucketShards | None) -> Any:
+    """encoded.committed_rows; for a bucket kept per process while its shards' listing is the same, so that
+    a loader restarted with the same data (training/finetune, at each checkpoint) reads no row file again
+    (a bucket ENCDIR costs a few requests per tar to read them)."""
+    if remote is None:
+        return encoded.committed_rows(encdir, sets)
+    key = (encdir.url, tuple(sets), remote.listing)
+    if key not in _ROWS:
+        if len(_ROWS) >= 4:
+            del _ROWS[next(iter(_ROWS))]
+        _ROWS[key] = encoded.committed_rows(encdir, sets)
+    return _ROWS[key]
 
 
 def check_sets(
@@ -557,6 +587,13 @@ def make_loader(
     return torch.utils.data.DataLoader(
         ds, batch_size=None, collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False
     )
+
+
+def worker_error(e: SigmaError) -> SigmaError:
+    """A SigmaError raised in a DataLoader worker (an object gone from the bucket mid-run) as its one line:
+    torch re-raises it in the main process with the worker's traceback in the message."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return SigmaError(lines[-1].removeprefix(f"{SigmaError.__module__}.{SigmaError.__name__}: ") if lines else str(e))
 
 
 def _as_is(batch: Any) -> Any:

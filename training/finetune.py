@@ -194,7 +194,10 @@ class Streams:
     def next(self, micro: int) -> dict:
         side = self.plan.resolution
         while True:
-            batch = next(self.its[micro])
+            try:
+                batch = next(self.its[micro])
+            except SigmaError as e:  # from a loader worker (a shard gone from the bucket): its one line
+                raise loader.worker_error(e) from None
             if self.stage.multi_scale or batch["bucket_hw"] == (side, side):
                 return batch  # a single-scale stage (256) trains on its square bucket only
 
@@ -270,7 +273,7 @@ class Logger:
         self.writer.add_image(f"samples/{plan.stage}", image, step, dataformats="HWC")
 
     def sync(self) -> None:
-        """After a checkpoint: a store's log.txt and TensorBoard events uploaded (on disk: written as they go)."""
+        """Before a checkpoint: a store's log.txt and TensorBoard events uploaded (on disk: written as they go)."""
         if self.master:
             self.writer.flush()
             self.folder.sync()
@@ -284,7 +287,7 @@ class Logger:
 
 def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int, log: Logger):
     """Every rank's RNG state gathered; rank 0 writes the checkpoint folder (on a store, if the run still
-    holds its lease), then the store's log and TensorBoard events. Returns the folder (rank 0)."""
+    holds its lease, after the store's log and TensorBoard events). Returns the folder (rank 0)."""
     states = [checkpoint.rng_state()]
     if d.ddp:  # gathered as bytes (all_gather_object cannot carry tensors here)
         buf, blobs = io.BytesIO(), [None] * d.world
@@ -301,6 +304,7 @@ def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int, lo
             "stage": plan.stage,
         }  # data position: streams restart here
         log.folder.check_owner()
+        log.sync()  # before the commit: a checkpoint on a store never outlives the log lines up to it
         path = checkpoint.save(
             plan.rundir,
             state.step,
@@ -309,7 +313,6 @@ def save_checkpoint(state: State, plan: Plan, d: Dist, accum: int, keep: int, lo
             state=trainer,
             keep=keep,
         )
-        log.sync()
     if d.ddp:
         dist.barrier()
     return path
@@ -400,7 +403,9 @@ def train(cfg, plan: Plan) -> None:
             stats /= d.world
         loss_val, norm_val = stats.tolist()  # the one host sync per step: check before the update
         if not (math.isfinite(loss_val) and math.isfinite(norm_val)):
-            raise non_finite(d, step, loss_sum, (loss_val, norm_val), keys, plan.rundir)
+            error = non_finite(d, step, loss_sum, (loss_val, norm_val), keys, plan.rundir)
+            log.sync()  # a store's log.txt and events up to this step, as on disk
+            raise error
         state.opt.step()
         state.opt.zero_grad(set_to_none=True)
         if state.ema is not None:

@@ -6,12 +6,13 @@ disk, one PUT on a store). What cannot be written whole as it happens:
 
 - `log.txt`: on disk appended and flushed line by line, as before. An object cannot be appended to,
   so on a store the log is kept in memory (what the store held at start + this run's lines) and
-  rewritten whole, one PUT, at each checkpoint and at the end. A `kill -9` loses the lines after the
-  last checkpoint; those steps are redone by the resumed run and logged again, so the store's log
-  reads like the disk's. Readers (training/summary.py) read one file in both cases.
+  rewritten whole, one PUT, just before each checkpoint is committed and at the end. A `kill -9`
+  loses the lines after the last upload; the steps after the last committed checkpoint are redone by
+  the resumed run and logged again (a step may then appear twice, as on disk: the later line is the
+  resumed run's). Readers (training/summary.py) read one file in both cases.
 - `tb/`: on disk SummaryWriter writes RUNDIR/tb. For a store it writes into a local temp folder
   whose event files are uploaded (each whole, one PUT; the files are small: scalars and one grid
-  per `sample_every`) at each checkpoint and at the end. A resumed run, on any machine, writes new
+  per `sample_every`) before each checkpoint and at the end. A resumed run, on any machine, writes new
   event files beside the old ones; its `purge_step` drops the redone steps when they are read.
 - Two writers: on disk the run holds RUNDIR/.lock (flock, shards/fingerprint.py). A store has no
   lock that a killed process releases, so a store run takes a lease instead: RUNDIR/lease.json names

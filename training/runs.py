@@ -79,7 +79,10 @@ def find_run_checkpoint(run: str | os.PathLike[str] | Loc) -> Path | Loc:
         raise SigmaError(f"{run}: run folder not found")
     newest = checkpoint.latest(run)
     if newest is None:
-        raise SigmaError(f"{run}: no checkpoint in the run folder (expected {checkpoint.folder(run).name}/step-*/)")
+        marker = f" with {storage.MARKER} written last" if isinstance(run, Loc) and not run.is_local else ""
+        raise SigmaError(
+            f"{run}: no checkpoint in the run folder (expected {checkpoint.folder(run).name}/step-*/{marker})"
+        )
     ema = newest / checkpoint.EMA
     return ema if ema.exists() else newest / checkpoint.MODEL
 

@@ -299,7 +299,7 @@ def main(argv=None) -> None:
             keep_null=src.run is not None,
         )
         if batch:
-            return write_batch(gen, args, src, position, *batch)
+            return write_batch(gen, args, src, position, *batch, storage.resolve(args.out, cfg.storage))
         image = gen(
             [args.prompt],
             height,
@@ -337,8 +337,9 @@ def batch_request(args) -> tuple[list[dict], list[int]] | None:
     return evalset.read_prompts(args.prompts), evalset.parse_seeds(args.seeds)
 
 
-def write_batch(gen, args, src, position: dict, prompts: list[dict], seeds: list[int]) -> None:
-    """Every (prompt, seed) image of this run into --out; a rerun skips those whose sidecar matches."""
+def write_batch(gen, args, src, position: dict, prompts: list[dict], seeds: list[int], out) -> None:
+    """Every (prompt, seed) image of this run into --out (`out`, a Loc: a folder or a bucket URL); a rerun
+    skips those whose sidecar matches."""
     from shards import evalset
 
     height, width = parse_size(args.size)
@@ -375,7 +376,7 @@ def write_batch(gen, args, src, position: dict, prompts: list[dict], seeds: list
         uncond=args.uncond,
         like_diffusers=args.like_diffusers,
     )[0]
-    made = evalset.write_folder(make, args.out, prompts, seeds, settings, record)
+    made = evalset.write_folder(make, out, prompts, seeds, settings, record)
     print(
         f"{Path(args.out).name}: {made} images generated, {len(prompts) * len(seeds) - made} already there ({args.out})"
     )

@@ -50,6 +50,15 @@ def same(a, b):
         assert x["bucket_hw"] == y["bucket_hw"]
 
 
+def _downloads_done():
+    """Wait for the streamed downloads an abandoned loader (num_workers=0: this process) left running."""
+    import threading
+
+    deadline = time.time() + 30
+    while any(t.name.startswith(cache.THREAD) for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def folder_bytes(folder):
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
@@ -85,6 +94,7 @@ def test_a_lost_cache_is_an_empty_cache(enc, tmp_path):
     local, remote = enc
     c = cache.ShardCache(tmp_path / "cache", 1 << 30)
     first = batches(remote, 6, cache=c)
+    _downloads_done()
     shutil.rmtree(tmp_path / "cache")  # the node's disk is gone
     same(batches(remote, 6, cache=c), first)
     same(first, batches(local, 6))
@@ -184,3 +194,28 @@ def test_a_streamed_download_that_fails_fails_its_reader_and_leaves_no_entry(tmp
     monkeypatch.setattr(cache, "_read_range", real)
     with c.open(loc, etag, size, stream=True) as f:
         assert f.read() == bytes(range(256)) * 40
+
+
+def test_a_restarted_loader_reads_no_row_file_again(enc, tmp_path, s3_counted):
+    _, remote = enc
+    c = cache.ShardCache(tmp_path / "cache", 1 << 30)
+    loader.make_loader(remote, batch_size=2, cache=c)
+    assert s3_counted.count("GET", ".parquet") > 0
+    s3_counted.requests.clear()
+    loader.make_loader(remote, batch_size=2, cache=c)  # the same listing: the rows read before
+    assert s3_counted.count("GET", ".parquet") == 0
+    (remote / "shards" / "64x64" / "note.txt").write_object(b"x")  # another listing: the rows are read again
+    s3_counted.requests.clear()
+    loader.make_loader(remote, batch_size=2, cache=c)
+    assert s3_counted.count("GET", ".parquet") > 0
+
+
+def test_a_shard_gone_mid_run_is_one_line(enc, tmp_path):
+    _, remote = enc
+    dl = loader.make_loader(remote, batch_size=2, num_workers=1, cache=cache.ShardCache(tmp_path / "c", 1 << 30))
+    for tar in remote.glob("shards/*/*.tar"):
+        tar.unlink()
+    with pytest.raises(SigmaError) as e:
+        next(iter(dl))
+    message = str(loader.worker_error(e.value))
+    assert message.startswith(str(remote)) and message.endswith(".tar: not found"), message

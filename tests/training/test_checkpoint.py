@@ -60,3 +60,25 @@ def test_a_half_written_checkpoint_is_never_picked(tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - safetensors raises its own types across versions; any will do
         checkpoint.save(tmp_path, 4, {"x": object()}, None, {}, keep=1)
     assert checkpoint.list_steps(tmp_path) == [2]
+
+
+def test_a_checkpoint_on_a_store_is_committed_by_its_marker(bucket):
+    from shards import storage
+
+    run = storage.resolve(f"{bucket}/run")
+    for step in (2, 4, 6):
+        checkpoint.save(run, step, _sd(step), _sd(-step), {"rng": [checkpoint.rng_state()]}, keep=2)
+    assert checkpoint.list_steps(run) == [4, 6]
+    last = checkpoint.latest(run)
+    assert last == run / "checkpoints" / "step-0000006" and (last / storage.MARKER).has_file()
+    assert not (run / "checkpoints" / "step-0000002").iterdir()  # pruned whole
+    assert torch.equal(checkpoint.load_weights(last / "model.safetensors")["a.weight"], torch.full((3, 2), 6.0))
+    assert checkpoint.load_state(last)["step"] == 6
+    assert runs.find_run_checkpoint(run) == last / "ema.safetensors"
+    # files without their marker: a killed upload, newer than the rest, never chosen, removed by clean_partial
+    (run / "checkpoints" / "step-0000008" / "model.safetensors").write_object(b"\0" * 10)
+    assert checkpoint.latest(run) == last and checkpoint.load_resumable(run, ema=True)[0] == last
+    assert checkpoint.clean_partial(run) and not (run / "checkpoints" / "step-0000008").iterdir()
+    # a marker removed first (as pruning does): that checkpoint no longer counts
+    (last / storage.MARKER).unlink()
+    assert checkpoint.list_steps(run) == [4]

@@ -132,7 +132,7 @@ def test_a_run_on_the_store_resumes_after_kill_9_and_matches_the_disk_run(enc, b
 
     # the same losses and weights as on disk
     a, b = losses((ref / "log.txt").read_text()), losses((loc / "log.txt").read_text())
-    assert sorted(b) == list(range(1, STEPS + 1))  # the store's log: rewritten whole, no step twice
+    assert sorted(b) == list(range(1, STEPS + 1))  # every step in the store's log (rewritten whole)
     for s in range(1, STEPS + 1):
         assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), s
     wa = checkpoint.load_weights(checkpoint.step_dir(ref, STEPS) / checkpoint.EMA)
@@ -199,6 +199,27 @@ def test_a_run_on_the_store_resumes_after_kill_9_and_matches_the_disk_run(enc, b
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+    # an evaluation folder in the bucket: images sampled from the bucket run, then scored there
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a fox\na house\n")
+    evaldir = f"{bucket}/eval"
+    r = run(
+        [sys.executable, "training/sample", "--run", url, "--prompts", str(prompts), "--seeds", "0,1"]
+        + ["--size", "64x64", "--steps", "2", "--profile", "demo", "--out", f"{evaldir}/images/512"],
+        tmp_path / "machine-4",
+    )
+    assert r.returncode == 0, r.stderr
+    r = run(
+        [sys.executable, "evaluation/evaluate", evaldir, "--device", "cpu", "--profile", "demo"], tmp_path / "machine-4"
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {evaldir}/scores.parquet (4 images of 1 models)" in r.stdout
+    ev = storage.resolve(evaldir)
+    assert {"scores.parquet", "metrics.json", "summary.md"} <= {p.name for p in ev.iterdir()}
+    assert len(storage.read_parquet(ev / "scores.parquet")) == 4
+    r = run([sys.executable, "evaluation/serve", evaldir, "--profile", "demo"], tmp_path / "machine-4")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "SQLite" in r.stderr, r.stderr
 
     # no secret anywhere: outputs, the bucket's objects, the local files
     assert S3_SECRET not in first_out + first_err + "".join(OUTPUTS)
