@@ -192,6 +192,9 @@ def main(argv=None) -> None:
     )
     args = p.parse_args(argv)
     cfg = cli.load(args)
+    from encoders import hub
+
+    hub.configure(cfg.storage)  # model folders given as bucket URLs: copied once into storage.cache.models
     try:
         where = storage.resolve(args.evaldir, cfg.storage)
     except SigmaError as e:

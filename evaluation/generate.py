@@ -121,6 +121,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="the image folder: EVALDIR/images/NAME (NAME names the model)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
+    from encoders import hub
+
+    hub.configure(cfg.storage)  # model folders given as bucket URLs: copied once into storage.cache.models
     try:
         out = storage.resolve(args.out, cfg.storage)  # a local folder or a bucket URL
         height, width = parse_size(args.size)

@@ -172,6 +172,9 @@ def main(argv=None) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty OUTDIR")
     args = p.parse_args(argv)
     cfg = cli.load(args)
+    from encoders import hub
+
+    hub.configure(cfg.storage)  # model folders given as bucket URLs: copied once into storage.cache.models
     try:
         where = storage.resolve(args.diffusers, cfg.storage)
     except SigmaError as e:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from encoders import hub
 from encoders import t5 as t5_mod
 from encoders import vae as vae_mod
 from shards import storage
@@ -229,6 +230,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="PNG file to write (batch mode: the image folder)")
     args = p.parse_args(argv)
     cfg = cli.load(args)
+    hub.configure(cfg.storage)  # model folders given as bucket URLs: copied once into storage.cache.models
     try:
         height, width = parse_size(args.size)
         check_request(height, width, args.steps)
