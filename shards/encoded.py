@@ -299,12 +299,20 @@ def write_set(
 
 def read_set(file: storage.Loc | IO[bytes], columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """A side file's rows in order, one row group in memory at a time (`file`: its place, or a local copy
-    opened for reading, which is closed at the end)."""
+    opened for reading, which is closed at the end). A row's `t5` is a zero-copy view of the row group's
+    bytes (`pyarrow.Buffer`; `bytes(...)` copies it), so the sets a training sample does not draw are never
+    copied: `set_features` copies the one it does."""
     import pyarrow.parquet as pq
 
     with file.open("rb") if isinstance(file, storage.Loc) else file as f:
         for batch in pq.ParquetFile(f).iter_batches(batch_size=SET_ROW_GROUP, columns=columns):
-            yield from batch.to_pylist()
+            if "t5" not in batch.schema.names:
+                yield from batch.to_pylist()
+                continue
+            t5 = batch.column("t5")
+            for i, row in enumerate(batch.drop_columns(["t5"]).to_pylist()):
+                row["t5"] = t5[i].as_buffer() if t5[i].is_valid else None
+                yield row
 
 
 def set_features(row: dict[str, Any], dim: int) -> torch.Tensor | None:

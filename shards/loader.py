@@ -42,7 +42,7 @@ import hashlib
 import json
 import math
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -244,9 +244,9 @@ def _samples(
 def _with_sets(
     samples: Iterable[dict[str, Any]], readers: dict[str, Iterator[dict[str, Any]]], sets: list[str], dim: int
 ) -> Iterator[dict[str, Any]]:
-    """One tar's raw samples -> {"__key__", "__url__", "meta", "vae", "t5": {set: [n, C]}, "caption": {set:
-    text}, "clip": {set: score}} with the rule's sets: inline ones from the tar, side files' rows (`readers`)
-    read in lockstep (one row group at a time). Samples with none of the sets are dropped."""
+    """One tar's raw samples -> {"__key__", "__url__", "meta", "vae", "t5": {set: [n, C] or what makes it},
+    "caption": {set: text}, "clip": {set: score}} with the rule's sets: inline ones from the tar, side files'
+    rows (`readers`) read in lockstep (one row group at a time). Samples with none of the sets are dropped."""
     for raw in samples:
         s = encoded.decode_sample(raw)
         meta, key = s["meta"], s["__key__"]
@@ -256,14 +256,18 @@ def _with_sets(
         for name, rows in readers.items():
             for row in rows:  # same order as the tar: skips only rows of samples the tar reader dropped
                 if row["key"] == key:
-                    feats = encoded.set_features(row, dim)
-                    if feats is not None:
-                        t5[name], texts[name] = feats, row["caption"]
+                    if row["t5"] is not None:  # features made a tensor only if the rule draws this set
+                        t5[name], texts[name] = partial(encoded.set_features, row, dim), row["caption"]
                         if row["clip_score"] is not None and not math.isnan(row["clip_score"]):
                             clip[name] = float(row["clip_score"])
                     break
         if t5:
             yield {**s, "t5": t5, "caption": texts, "clip": clip}
+
+
+def _tensor(features: torch.Tensor | Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A sample's features of one set: inline ones are tensors already, a side file's are made on demand."""
+    return features if isinstance(features, torch.Tensor) else features()
 
 
 def collate(
@@ -276,7 +280,7 @@ def collate(
 ) -> dict[str, Any]:
     """Samples of one bucket -> the trainer's batch (see the module docstring)."""
     sources = [choose(s, rule, rng) for s in samples]
-    feats = [s["t5"][src][:max_length] for s, src in zip(samples, sources)]  # [n_i, C] each
+    feats = [_tensor(s["t5"][src])[:max_length] for s, src in zip(samples, sources)]  # [n_i, C] each
     y = _shared_empty((len(samples), max_length, feats[0].shape[1]))  # [B, L, C]
     mask = torch.zeros(len(samples), max_length, dtype=torch.bool)  # [B, L]
     for i, f in enumerate(feats):
