@@ -34,7 +34,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def check_source(source: str) -> str:
-    """A pipeline folder (with model_index.json) or a hub id; anything else is a one-line error."""
+    """A pipeline folder (with model_index.json), a hub id, or a folder in a bucket (copied once into the
+    model cache when it loads: encoders/hub.py); anything else is a one-line error."""
+    from encoders import hub
+
+    if hub.in_bucket(source):
+        return source
     path = Path(source)
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -53,9 +58,11 @@ def load_pipeline(source: str, device: str, dtype: torch.dtype, revision: str | 
 
     from encoders import hub
 
-    hub.require(source, "--pipeline", revision, what="diffusers pipeline")
+    local = hub.require(source, "--pipeline", revision, what="diffusers pipeline")  # a bucket's: its local copy
+    if hub.in_bucket(source) and not (Path(local) / "model_index.json").is_file():
+        raise SigmaError(f"--pipeline {source}: not a diffusers pipeline folder (no model_index.json)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, revision=revision)
+        pipe = DiffusionPipeline.from_pretrained(local, torch_dtype=dtype, revision=revision)
     except (OSError, ValueError) as e:
         raise SigmaError(f"--pipeline {source}: cannot load ({str(e).splitlines()[0][:200]})") from None
     pipe.set_progress_bar_config(disable=True)
@@ -106,7 +113,7 @@ def main(argv=None) -> None:
         "evaluation/generate --pipeline PixArt-alpha/PixArt-Sigma-XL-2-1024-MS --prompts prompts.txt "
         "--out eval/images/pixart-sigma",
     )
-    p.add_argument("--pipeline", required=True, help="diffusers pipeline folder or hub id")
+    p.add_argument("--pipeline", required=True, help="diffusers pipeline folder (local or in a bucket) or hub id")
     p.add_argument("--revision", default=None, help="hub revision to load (a commit hash pins it)")
     p.add_argument("--prompts", required=True, help="prompt file: .txt, .jsonl, or MJHQ-30K's meta_data.json")
     p.add_argument("--seeds", default="0,1", help="initial-noise seeds (default 0,1)")

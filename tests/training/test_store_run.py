@@ -218,6 +218,13 @@ def test_a_run_on_the_store_resumes_after_kill_9_and_matches_the_disk_run(enc, b
     ev = storage.resolve(evaldir)
     assert {"scores.parquet", "metrics.json", "summary.md"} <= {p.name for p in ev.iterdir()}
     assert len(storage.read_parquet(ev / "scores.parquet")) == 4
+    r = run(  # the exported pipeline generates from the bucket into the bucket (copied once into the model cache)
+        [sys.executable, "evaluation/generate", "--pipeline", pipe_url, "--prompts", str(prompts), "--seeds", "0"]
+        + ["--size", "64x64", "--steps", "2", "--device", "cpu", "--profile", "demo", "--out", f"{evaldir}/images/exp"],
+        tmp_path / "machine-5",
+    )
+    assert r.returncode == 0, r.stderr
+    assert len([f for f in (ev / "images" / "exp").files() if f.suffix == ".png"]) == 2
     r = run([sys.executable, "evaluation/serve", evaldir, "--profile", "demo"], tmp_path / "machine-4")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "SQLite" in r.stderr, r.stderr
 
