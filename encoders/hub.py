@@ -158,7 +158,10 @@ def require(ref: str | None, key: str, revision: str | None = None, what: str = 
         return ref
     why = "HF_HUB_OFFLINE is set" if offline() else unreachable()
     if why:
-        raise SigmaError(f"{name}: not in the local Hugging Face cache and {why}; " + WAYS_OUT.format(key=key))
+        way = WAYS_OUT.format(key=key)
+        if key.startswith("--"):  # a flag, not a config key: the local path goes there
+            way = way.replace(f"--set {key}=/models/...", f"{key} /models/...")
+        raise SigmaError(f"{name}: not in the local Hugging Face cache and {why}; {way}")
     return ref
 
 

@@ -46,6 +46,9 @@ def test_offline_and_not_cached_is_one_line(fresh, monkeypatch):
     text = one_line(e)
     assert text.startswith("models.t5: T5 tokenizer google/t5-v1_1-xxl: not in the local Hugging Face cache")
     assert "HF_HUB_OFFLINE is set" in text and all(w in text for w in WAYS), text
+    with pytest.raises(SigmaError) as e:  # a flag names the model: the local path goes to the flag
+        hub.require("owner/pipe", "--pipeline", what="diffusers pipeline")
+    assert "(--pipeline /models/...)" in one_line(e) and "--set --pipeline" not in one_line(e)
 
 
 def test_an_unreachable_hub_is_one_line_within_seconds(fresh, monkeypatch):
