@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.curation_tars_bucket import CountingS3
+from benchmarks.curation_tars_bucket import BENCH_CREDENTIALS, CountingS3
 from benchmarks.rounds import spread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,12 +78,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.sizes, args.rounds = "tiny,S/2", 1
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        os.environ[k] = v
+    os.environ.update(BENCH_CREDENTIALS)
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # not a line per request

@@ -45,6 +45,10 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
+# moto accepts any credentials; the benchmarks set these so that no user's real ones are picked up
+BENCH_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 class CountingS3:
     """moto's S3 server on loopback, plus a second endpoint onto the same state that counts each request
     (method, path, query): the run is pointed at the second one (storage.s3.endpoint_url)."""

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.curation_tars_bucket import CountingS3
+from benchmarks.curation_tars_bucket import BENCH_CREDENTIALS, CountingS3
 from benchmarks.rounds import spread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,12 +124,7 @@ def main() -> None:
     if args.smoke:
         args.samples, args.side, args.tokens, args.t5_dim, args.shard_mb = 48, 8, 16, 64, 0.05
         args.batches, args.rounds = 12, 1
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        os.environ[k] = v
+    os.environ.update(BENCH_CREDENTIALS)
     s3 = CountingS3()
     ranges = record_ranges(s3)
     os.environ["AWS_ENDPOINT_URL"] = s3.url
