@@ -8,6 +8,9 @@ runs in a fraction of a second: the bucket labels are the only thing that is not
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -129,3 +132,16 @@ def args(stage: str, data: Path, runs: Path, *extra: str, batch: int = 2, steps:
         f"training.stages.{stage}.batch_size={batch}",
         *extra,
     ]
+
+
+def torchrun(argv: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """training/finetune under `torch.distributed.run --standalone` with `nproc` gloo ranks (one thread each)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        + ["training/finetune", *argv],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

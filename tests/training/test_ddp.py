@@ -7,10 +7,7 @@ split; see training/finetune.py).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,23 +32,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, capsys):
     capsys.readouterr()
 
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "training/finetune",
-            *encdata.args("512", enc, two, *common, steps=STEPS),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = encdata.torchrun(encdata.args("512", enc, two, *common, steps=STEPS))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 process(es) x batch 2 x accum 1 = 4 per step" in r.stdout
     assert r.stdout.count("saved ") == 1  # only rank 0 writes

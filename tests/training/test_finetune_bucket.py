@@ -3,10 +3,7 @@ two gloo ranks sharing one cache folder, and the one-line errors of a missing bu
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -60,21 +57,8 @@ def test_two_gloo_ranks_share_one_cache_folder(enc, tmp_path):
     one = tmp_path / "one"
     finetune.main(encdata.args("512", local, one, *COMMON, "--set", "training.stages.512.grad_accum=2", steps=STEPS))
     cache = tmp_path / "cache"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "training/finetune",
-            *encdata.args("512", url, tmp_path / "two", *COMMON, "--set", f"storage.cache.folder={cache}", steps=STEPS),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    r = encdata.torchrun(
+        encdata.args("512", url, tmp_path / "two", *COMMON, "--set", f"storage.cache.folder={cache}", steps=STEPS)
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert _losses(tmp_path / "two" / "512" / "log.txt") == pytest.approx(_losses(one / "512" / "log.txt"), rel=1e-4)
